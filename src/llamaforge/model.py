@@ -1,0 +1,317 @@
+"""The LLaMA transformer, as the paper and Meta's reference code define it.
+
+Pre-norm RMSNorm, SwiGLU feed-forward (hidden 2/3·4d rounded up to ``multiple_of``),
+rotary position embeddings on interleaved pairs, no biases, untied output layer, and
+grouped-query attention so LLaMA-2-style checkpoints load. Parameter names are Meta's,
+so a ``consolidated.00.pth`` state dict loads without renaming.
+
+Everything about *how* the model runs — parallelism, torch.compile, activation
+checkpointing, mixed precision — lives outside this file.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Keys of Meta's params.json that carry no architectural meaning for us.
+_IGNORED_PARAMS = {"max_batch_size"}
+
+
+@dataclass
+class ModelArgs:
+    """Architecture hyper-parameters, with the field names of Meta's ``params.json``."""
+
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None  # None: as many key/value heads as query heads (MHA)
+    vocab_size: int = -1  # -1: take it from the tokenizer, as Meta's params.json does
+    multiple_of: int = 256  # SwiGLU hidden size is rounded up to a multiple of this
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-6  # LLaMA-1 checkpoints use 1e-6, LLaMA-2 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    def validate(self) -> ModelArgs:
+        """Raise ``ValueError`` naming the field if the shapes cannot work."""
+        for name in ("dim", "n_layers", "n_heads", "multiple_of", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ModelArgs.{name} must be positive, got {getattr(self, name)}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"ModelArgs.dim={self.dim} is not divisible by n_heads={self.n_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.kv_heads <= 0 or self.n_heads % self.kv_heads:
+            raise ValueError(
+                f"ModelArgs.n_heads={self.n_heads} must be a multiple of n_kv_heads={self.kv_heads}"
+            )
+        if self.vocab_size <= 0:
+            raise ValueError(
+                f"ModelArgs.vocab_size={self.vocab_size}: set it, or take it from the tokenizer "
+                "(vocab_size=-1 in params.json means 'the tokenizer's size')"
+            )
+        if self.norm_eps <= 0 or self.rope_theta <= 0:
+            raise ValueError("ModelArgs.norm_eps and rope_theta must be positive")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Meta's params.json fields; optional ones only when set."""
+        d = asdict(self)
+        if d["n_kv_heads"] is None:
+            del d["n_kv_heads"]
+        if d["ffn_dim_multiplier"] is None:
+            del d["ffn_dim_multiplier"]
+        return d
+
+    @classmethod
+    def from_dict(cls, params: dict[str, Any], source: str = "params") -> ModelArgs:
+        """Build from a params.json-style dict. Unknown keys are an error naming ``source``."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(params) - known - _IGNORED_PARAMS - {"llamaforge"})
+        if unknown:
+            raise ValueError(
+                f"{source}: unknown model parameter(s) {unknown}; expected some of {sorted(known)}"
+            )
+        kwargs = {k: v for k, v in params.items() if k in known}
+        args = cls(**kwargs)
+        for f in fields(cls):
+            value = getattr(args, f.name)
+            if value is None:
+                continue
+            if f.name in ("ffn_dim_multiplier", "norm_eps", "rope_theta"):
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            else:
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            if not ok:
+                raise ValueError(f"{source}: {f.name}={value!r} has the wrong type")
+        return args
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in fp32 and cast back before the gain."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def rope_cos_sin(
+    head_dim: int, theta: float, start: int, length: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of pos·θ^(-2j/head_dim) for pos in [start, start+length), (length, head_dim/2).
+
+    The fp32 angles of Meta's ``precompute_freqs_cis``, computed per call: a few
+    kilobytes of work that no ``model.to(bfloat16)`` can degrade and no buffer has to carry.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    positions = torch.arange(start, start + length, device=device).float()
+    angles = torch.outer(positions, inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the interleaved pairs (2j, 2j+1) of x (batch, seq, heads, head_dim) in fp32.
+
+    The real-valued form of Meta's complex multiplication ``x * e^{iθ}``.
+    """
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class KVCache(nn.Module):
+    """Keys and values of past positions, (batch, kv_heads, max_seq_len, head_dim)."""
+
+    def __init__(self, batch: int, kv_heads: int, seq_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, kv_heads, seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Store k, v at [start_pos, start_pos+seq) and return everything up to there."""
+        bsz, end = k.shape[0], start_pos + k.shape[2]
+        self.k[:bsz, :, start_pos:end] = k
+        self.v[:bsz, :, start_pos:end] = v
+        return self.k[:bsz, :, :end], self.v[:bsz, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.cache: KVCache | None = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        start_pos: int,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
+        k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if self.cache is not None:
+            k, v = self.cache.update(start_pos, k, v)
+        if self.n_kv_heads != self.n_heads:  # grouped-query attention: share each kv head
+            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        # Causal within the chunk when there is no past; an explicit mask otherwise.
+        is_causal = mask is None and seqlen > 1 and k.shape[2] == seqlen
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x); w1 is the gate, w3 the up and w2 the down projection."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+
+    def forward(self, x, cos, sin, start_pos: int, mask: torch.Tensor | None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, start_pos, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args.validate()
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+
+    def forward(
+        self, tokens: torch.Tensor, start_pos: int = 0, *, last_only: bool = False
+    ) -> torch.Tensor:
+        """Logits (batch, seq, vocab) for ``tokens`` placed at positions ``start_pos…``.
+
+        With a KV cache (``setup_cache``) the chunk attends to everything cached before it.
+        ``last_only`` computes the output layer for the last position only (decoding).
+        """
+        bsz, seqlen = tokens.shape
+        if start_pos + seqlen > self.args.max_seq_len:
+            raise ValueError(
+                f"positions {start_pos}..{start_pos + seqlen - 1} exceed max_seq_len="
+                f"{self.args.max_seq_len}"
+            )
+        h = self.tok_embeddings(tokens)
+        cos, sin = rope_cos_sin(
+            self.args.head_dim, self.args.rope_theta, start_pos, seqlen, tokens.device
+        )
+        mask = None
+        if start_pos > 0 and seqlen > 1 and self.layers[0].attention.cache is not None:
+            # query i (position start_pos+i) sees keys 0..start_pos+i: right for any chunk.
+            keys = torch.arange(start_pos + seqlen, device=tokens.device)
+            queries = torch.arange(start_pos, start_pos + seqlen, device=tokens.device)
+            mask = keys[None, :] <= queries[:, None]
+        for layer in self.layers:
+            h = layer(h, cos, sin, start_pos, mask)
+        h = self.norm(h)
+        if last_only:
+            h = h[:, -1:, :]
+        return self.output(h)
+
+    # -- set-up helpers, outside the forward path ---------------------------------------
+
+    def setup_cache(self, batch_size: int, max_seq_len: int | None = None, dtype=None) -> None:
+        """Allocate a KV cache in every layer for incremental decoding."""
+        seq = max_seq_len or self.args.max_seq_len
+        weight = self.output.weight
+        for layer in self.layers:
+            layer.attention.cache = KVCache(
+                batch_size,
+                self.args.kv_heads,
+                seq,
+                self.args.head_dim,
+                dtype or weight.dtype,
+                weight.device,
+            )
+
+    def clear_cache(self) -> None:
+        for layer in self.layers:
+            layer.attention.cache = None
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """GPT-2 style init: N(0, std) everywhere, residual projections (wo, w2) scaled by
+        1/sqrt(2·n_layers), norms at one. Works after ``to_empty`` from the meta device."""
+        residual_std = std / math.sqrt(2 * self.args.n_layers)
+        for name, p in self.named_parameters():
+            if p.ndim == 1:
+                nn.init.ones_(p)
+            elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+                nn.init.normal_(p, mean=0.0, std=residual_std)
+            else:
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.tok_embeddings.weight.numel() if exclude_embedding else n
+
+
+def build_model(args: ModelArgs, device: str | torch.device = "cpu", dtype=None, init=True):
+    """Construct on the meta device (no memory), then materialise on ``device``."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    model = model.to_empty(device=device)
+    if dtype is not None:
+        model = model.to(dtype)
+    if init:
+        model.init_weights()
+    return model

@@ -1,0 +1,180 @@
+import json
+
+import pytest
+import torch
+
+from llamaforge.model import (
+    ModelArgs,
+    RMSNorm,
+    Transformer,
+    apply_rope,
+    build_model,
+    rope_cos_sin,
+)
+from llamaforge.presets import PRESETS, get_preset
+from llamaforge.train import build_optimizer, cross_entropy
+
+TINY = dict(dim=64, n_layers=2, n_heads=4, vocab_size=97, multiple_of=32, max_seq_len=64)
+
+# Exact parameter counts of Table 2's models with a 32000-piece vocabulary (SPEC §1.4).
+TABLE2 = {"7B": 6_738_415_616, "13B": 13_015_864_320, "33B": 32_528_943_616, "65B": 65_285_660_672}
+TABLE2_FFN = {"7B": 11008, "13B": 13824, "33B": 17920, "65B": 22016}
+
+
+@pytest.mark.parametrize("name", list(TABLE2))
+def test_table2_parameter_counts_on_meta_device(name):
+    with torch.device("meta"):
+        model = Transformer(get_preset(name))
+    assert model.num_params() == TABLE2[name]
+    assert all(p.is_meta for p in model.parameters())
+    assert get_preset(name).ffn_hidden_dim == TABLE2_FFN[name]
+    assert get_preset(name).head_dim == 128
+
+
+def test_small_presets_are_near_their_names():
+    for name, target in (("1M", 1e6), ("15M", 15e6), ("110M", 110e6), ("1B", 1e9)):
+        with torch.device("meta"):
+            n = Transformer(PRESETS[name]).num_params()
+        assert 0.8 * target < n < 1.2 * target, (name, n)
+
+
+def test_meta_state_dict_names():
+    with torch.device("meta"):
+        model = Transformer(ModelArgs(**TINY))
+    names = set(model.state_dict())
+    expected = {"tok_embeddings.weight", "norm.weight", "output.weight"}
+    for i in range(2):
+        expected |= {f"layers.{i}.attention.{w}.weight" for w in ("wq", "wk", "wv", "wo")}
+        expected |= {f"layers.{i}.feed_forward.{w}.weight" for w in ("w1", "w2", "w3")}
+        expected |= {f"layers.{i}.attention_norm.weight", f"layers.{i}.ffn_norm.weight"}
+    assert names == expected
+
+
+def test_params_json_roundtrip_and_errors():
+    meta_7b = {
+        "dim": 4096,
+        "multiple_of": 256,
+        "n_heads": 32,
+        "n_layers": 32,
+        "norm_eps": 1e-06,
+        "vocab_size": -1,
+    }
+    args = ModelArgs.from_dict(meta_7b)
+    assert args.norm_eps == 1e-6 and args.kv_heads == 32 and args.vocab_size == -1
+    assert json.loads(json.dumps(args.to_dict()))["dim"] == 4096
+    llama2_70b = {
+        "dim": 8192,
+        "multiple_of": 4096,
+        "ffn_dim_multiplier": 1.3,
+        "n_heads": 64,
+        "n_kv_heads": 8,
+        "n_layers": 80,
+        "norm_eps": 1e-05,
+        "vocab_size": -1,
+    }
+    args70 = ModelArgs.from_dict(llama2_70b)
+    assert args70.ffn_hidden_dim == 28672 and args70.kv_heads == 8
+    with pytest.raises(ValueError, match="use_scaled_rope"):
+        ModelArgs.from_dict({**meta_7b, "use_scaled_rope": True}, source="x/params.json")
+    with pytest.raises(ValueError, match="n_heads"):
+        ModelArgs(dim=100, n_heads=3, vocab_size=10).validate()
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        ModelArgs(dim=64, n_heads=4, n_kv_heads=3, vocab_size=10).validate()
+    with pytest.raises(ValueError, match="vocab_size"):
+        Transformer(ModelArgs(dim=64, n_heads=4))
+    with pytest.raises(ValueError, match="dim"):
+        ModelArgs.from_dict({"dim": "4096"})
+
+
+def test_rmsnorm_computes_in_fp32_and_casts_back():
+    x = torch.randn(3, 64, dtype=torch.bfloat16) * 100
+    norm = RMSNorm(64, eps=1e-6).to(torch.bfloat16)
+    ref = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16()
+    out = norm(x)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, ref * norm.weight)
+
+
+def test_rope_matches_meta_complex_formulation():
+    hd, seq, theta = 16, 40, 10000.0
+    x = torch.randn(2, seq, 3, hd)
+    # Meta's reference: complex multiplication on interleaved pairs (SPEC §2.3).
+    freqs = 1.0 / (theta ** (torch.arange(0, hd, 2)[: hd // 2].float() / hd))
+    freqs_cis = torch.polar(torch.ones(seq, hd // 2), torch.outer(torch.arange(seq).float(), freqs))
+    xc = torch.view_as_complex(x.reshape(2, seq, 3, -1, 2))
+    ref = torch.view_as_real(xc * freqs_cis[None, :, None, :]).flatten(3)
+    cos, sin = rope_cos_sin(hd, theta, 0, seq, x.device)
+    torch.testing.assert_close(apply_rope(x, cos, sin), ref, atol=1e-6, rtol=1e-6)
+    # an offset slice equals the same rows of the full table
+    cos5, sin5 = rope_cos_sin(hd, theta, 5, 10, x.device)
+    torch.testing.assert_close(cos5, cos[5:15])
+    torch.testing.assert_close(sin5, sin[5:15])
+
+
+def test_rope_tables_survive_bf16_cast():
+    model = build_model(ModelArgs(**TINY)).to(torch.bfloat16)
+    assert not list(model.buffers())  # nothing to be degraded by .to(dtype)
+
+
+@pytest.mark.parametrize("n_kv_heads", [None, 2, 1])
+def test_kv_cache_incremental_equals_full_forward(n_kv_heads):
+    torch.manual_seed(0)
+    model = build_model(ModelArgs(**TINY, n_kv_heads=n_kv_heads)).eval()
+    tokens = torch.randint(0, 97, (3, 30))
+    with torch.no_grad():
+        full = model(tokens)
+        model.setup_cache(3, 30)
+        # prefill 7, then chunks of various sizes starting at arbitrary positions, then 1s
+        pieces, pos = [7, 5, 1, 9, 1, 1, 6], 0
+        out = []
+        for n in pieces:
+            out.append(model(tokens[:, pos : pos + n], pos))
+            pos += n
+        model.clear_cache()
+    torch.testing.assert_close(torch.cat(out, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_last_only_and_context_limit():
+    model = build_model(ModelArgs(**TINY)).eval()
+    tokens = torch.randint(0, 97, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens, last_only=True), model(tokens)[:, -1:])
+        with pytest.raises(ValueError, match="max_seq_len=64"):
+            model(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_causality_future_tokens_do_not_change_past_logits():
+    model = build_model(ModelArgs(**TINY)).eval()
+    a = torch.randint(0, 97, (1, 20))
+    b = a.clone()
+    b[0, 12:] = (b[0, 12:] + 1) % 97
+    with torch.no_grad():
+        torch.testing.assert_close(model(a)[:, :12], model(b)[:, :12])
+        assert not torch.allclose(model(a)[:, 12:], model(b)[:, 12:])
+
+
+def test_init_statistics():
+    model = build_model(ModelArgs(**{**TINY, "n_layers": 8}))
+    assert torch.all(model.norm.weight == 1)
+    std = model.layers[0].attention.wq.weight.std().item()
+    residual = model.layers[0].attention.wo.weight.std().item()
+    assert abs(std - 0.02) < 0.003
+    assert abs(residual - 0.02 / 4) < 0.001  # 0.02 / sqrt(2 * 8)
+
+
+def test_a_few_steps_on_a_repeated_batch_drive_the_loss_down():
+    torch.manual_seed(0)
+    model = build_model(ModelArgs(**TINY)).train()
+    opt = build_optimizer(model, lr=3e-3, weight_decay=0.1)
+    batch = torch.randint(0, 97, (4, 33))
+    x, y = batch[:, :-1], batch[:, 1:]
+    losses = []
+    for _ in range(30):
+        loss, n = cross_entropy(model(x), y)
+        (loss / n).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        losses.append((loss / n).item())
+    assert losses[0] > 4.0  # about ln(97) at init
+    assert losses[-1] < 0.5 * losses[0]
