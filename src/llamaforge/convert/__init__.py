@@ -1,0 +1,1 @@
+"""Moving checkpoints between layouts: Meta, Hugging Face, GGUF, llama2.c and native."""
