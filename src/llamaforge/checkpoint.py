@@ -1,0 +1,235 @@
+"""The native checkpoint: a directory anyone can read without llamaforge.
+
+    params.json                    Meta's fields (dim, n_layers, …) plus a "llamaforge" block
+    model.safetensors              Meta's tensor names; or, above ``max_shard_size``,
+    model-00001-of-0000N.safetensors + model.safetensors.index.json (HF's index layout)
+    tokenizer.model                the SentencePiece model
+
+Saving writes everything into a hidden sibling directory and renames it into place, so a
+crash never leaves a directory that loads as if complete. Loading builds the model on the
+meta device and assigns tensors read one at a time from the memory-mapped files, so the
+weights are never held twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .model import ModelArgs, Transformer
+from .tokenizer import Tokenizer
+
+FORMAT_VERSION = 1
+PARAMS_FILE = "params.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_FILE = "tokenizer.model"
+DEFAULT_MAX_SHARD_SIZE = 5 * 1024**3
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be read or written; the message names the path."""
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[dtype.lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}") from None
+
+
+def read_params(ckpt_dir: str | os.PathLike) -> tuple[ModelArgs, dict[str, Any]]:
+    """ModelArgs and the extra "llamaforge" block from ``ckpt_dir/params.json``."""
+    path = Path(ckpt_dir) / PARAMS_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; a checkpoint directory needs {PARAMS_FILE}")
+    try:
+        params = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(params, dict):
+        raise CheckpointError(f"{path}: expected a JSON object of model parameters")
+    try:
+        args = ModelArgs.from_dict(params, source=str(path))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(str(e)) from None
+    return args, params.get("llamaforge", {})
+
+
+def _atomic_dir(out: Path, overwrite: bool) -> Path:
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out}: already exists; pass overwrite=True (--force) to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+
+
+def _commit_dir(tmp: Path, out: Path) -> None:
+    """Move a finished ``tmp`` to ``out``; an existing ``out`` is replaced only after."""
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save(
+    model: Transformer,
+    tokenizer: Tokenizer | None,
+    ckpt_dir: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype | None = None,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` (and ``tokenizer``) as a native checkpoint directory, atomically."""
+    out = Path(ckpt_dir)
+    target_dtype = parse_dtype(dtype)
+    state = {k: v for k, v in model.state_dict().items()}
+    for name, t in state.items():
+        if not torch.isfinite(t).all():
+            raise CheckpointError(f"{out}: refusing to save, tensor {name} has non-finite values")
+    tmp = _atomic_dir(out, overwrite)
+    try:
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for name, t in state.items():
+            t = t.detach().to("cpu", target_dtype or t.dtype).contiguous()
+            nbytes = t.numel() * t.element_size()
+            if shards[-1] and size + nbytes > max_shard_size:
+                shards.append({})
+                size = 0
+            shards[-1][name] = t
+            size += nbytes
+        meta = {"format": "pt", "producer": "llamaforge"}
+        if len(shards) == 1:
+            save_file(shards[0], tmp / WEIGHTS_FILE, metadata=meta)
+        else:
+            weight_map, total = {}, 0
+            for i, shard in enumerate(shards, 1):
+                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, tmp / fname, metadata=meta)
+                for name, t in shard.items():
+                    weight_map[name] = fname
+                    total += t.numel() * t.element_size()
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        params = model.args.to_dict()
+        first = next(iter(state.values()))
+        params["llamaforge"] = {
+            "format_version": FORMAT_VERSION,
+            "dtype": str(target_dtype or first.dtype).removeprefix("torch."),
+            **(extra or {}),
+        }
+        if tokenizer is not None:
+            tokenizer.save(tmp / TOKENIZER_FILE)
+            params["llamaforge"]["tokenizer_sha256"] = tokenizer.sha256()
+        (tmp / PARAMS_FILE).write_text(json.dumps(params, indent=2) + "\n")
+        _commit_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _weight_files(ckpt: Path) -> dict[str, list[str]]:
+    """File name -> tensor names stored in it."""
+    if (ckpt / INDEX_FILE).is_file():
+        try:
+            weight_map = json.loads((ckpt / INDEX_FILE).read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{ckpt / INDEX_FILE}: not a safetensors index ({e})") from None
+        files: dict[str, list[str]] = {}
+        for name, fname in weight_map.items():
+            files.setdefault(fname, []).append(name)
+        return files
+    if (ckpt / WEIGHTS_FILE).is_file():
+        return {WEIGHTS_FILE: []}  # every tensor in the file
+    raise CheckpointError(f"{ckpt}: no {WEIGHTS_FILE} or {INDEX_FILE}: not a native checkpoint")
+
+
+def load(
+    ckpt_dir: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    *,
+    tokenizer: str | os.PathLike | None = None,
+) -> tuple[Transformer, Tokenizer | None]:
+    """Load a native checkpoint: ``(model, tokenizer)`` with the model in eval mode.
+
+    ``dtype`` defaults to the stored one. ``tokenizer`` overrides ``ckpt_dir/tokenizer.model``.
+    """
+    ckpt = Path(ckpt_dir)
+    if not ckpt.is_dir():
+        raise CheckpointError(f"{ckpt}: no such checkpoint directory")
+    args, _extra = read_params(ckpt)
+    tok_path = Path(tokenizer) if tokenizer is not None else ckpt / TOKENIZER_FILE
+    tok = Tokenizer(tok_path) if tok_path.is_file() or tokenizer is not None else None
+    if args.vocab_size <= 0:
+        if tok is None:
+            raise CheckpointError(f"{ckpt}: params.json has vocab_size=-1 but no tokenizer.model")
+        args.vocab_size = tok.vocab_size
+    if tok is not None and tok.vocab_size > args.vocab_size:
+        raise CheckpointError(
+            f"{tok_path}: tokenizer has {tok.vocab_size} pieces but the model's vocab_size is "
+            f"{args.vocab_size}"
+        )
+    target_dtype = parse_dtype(dtype)
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    with torch.device("meta"):
+        model = Transformer(args)
+    expected = {k: v for k, v in model.state_dict().items()}
+    state: dict[str, torch.Tensor] = {}
+    for fname, names in _weight_files(ckpt).items():
+        path = ckpt / fname
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing shard listed in {INDEX_FILE}")
+        try:
+            with safe_open(str(path), framework="pt", device=str(dev)) as f:
+                for name in names or list(f.keys()):
+                    if name not in expected:
+                        raise CheckpointError(f"{path}: unexpected tensor {name!r} for this model")
+                    t = f.get_tensor(name)
+                    if t.shape != expected[name].shape:
+                        raise CheckpointError(
+                            f"{path}: tensor {name} has shape {tuple(t.shape)}, "
+                            f"params.json implies {tuple(expected[name].shape)}"
+                        )
+                    state[name] = t.to(target_dtype) if target_dtype is not None else t
+        except CheckpointError:
+            raise
+        except Exception as e:  # safetensors raises its own error types on corrupt files
+            raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from None
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        shown = ", ".join(missing[:5]) + (" …" if len(missing) > 5 else "")
+        raise CheckpointError(f"{ckpt}: missing {len(missing)} tensor(s): {shown}")
+    model.load_state_dict(state, assign=True)
+    return model.eval(), tok
