@@ -1,0 +1,143 @@
+"""Configs are dataclasses, read from TOML and adjusted with ``key=value`` overrides.
+
+Nested dataclasses map to TOML tables and to dotted keys (``model.dim=512``). Values in
+overrides are parsed as TOML literals (``lr=3e-4``, ``name="x"``, ``flag=true``) and fall
+back to plain strings (``out=runs/a``). Unknown keys and wrong types are errors that name
+the key and the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where}: {value!r} is not a valid {tp}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)[:1] or (Any,)
+        items = [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is Path and isinstance(value, str):
+        return Path(value)
+    if (
+        isinstance(tp, type)
+        and isinstance(value, tp)
+        and not (tp is int and isinstance(value, bool))
+    ):
+        return value
+    raise ConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
+    types_ = _field_types(cls)
+    unknown = sorted(set(data) - set(types_))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(types_)}")
+    kwargs = {k: _coerce(v, types_[k], f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(cfg: T, overrides: list[str]) -> T:
+    """A copy of ``cfg`` with each ``a.b=value`` applied."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        cfg = _set(cfg, key.strip().split("."), _parse_value(text.strip()), key)
+    return cfg
+
+
+def _set(obj: Any, path: list[str], value: Any, full: str) -> Any:
+    types_ = _field_types(type(obj))
+    name = path[0]
+    if name not in types_:
+        raise ConfigError(
+            f"override {full!r}: unknown key {name!r}; expected one of {sorted(types_)}"
+        )
+    if len(path) > 1:
+        child = getattr(obj, name)
+        if not dataclasses.is_dataclass(child):
+            raise ConfigError(f"override {full!r}: {name!r} is not a table")
+        return dataclasses.replace(obj, **{name: _set(child, path[1:], value, full)})
+    return dataclasses.replace(obj, **{name: _coerce(value, types_[name], f"override {full}")})
+
+
+def load_config(
+    cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None
+) -> T:
+    """``cls`` from the TOML file at ``path`` (or its defaults), then ``overrides``."""
+    cfg = cls()
+    if path is not None:
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{p}: config file not found") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: invalid TOML ({e})") from None
+        cfg = from_dict(cls, data, where=str(p))
+    return apply_overrides(cfg, overrides or [])
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    def clean(v: Any) -> Any:
+        if isinstance(v, Path):
+            return str(v)
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return clean(dataclasses.asdict(cfg))
