@@ -1,0 +1,1 @@
+"""Data: corpora, cleaning, tokenized shards and the mixture sampler."""

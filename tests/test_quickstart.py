@@ -1,0 +1,29 @@
+import json
+
+import pytest
+
+import llamaforge
+from llamaforge.quickstart import QuickstartConfig, run_quickstart
+
+
+@pytest.mark.slow
+def test_quickstart_learns_and_leaves_a_usable_checkpoint(tmp_path):
+    cfg = QuickstartConfig(
+        out=str(tmp_path / "run"),
+        code_mb=0.4,
+        vocab_size=1024,
+        steps=200,
+        warmup=20,
+        batch_size=16,
+        seq_len=128,
+        val_batches=4,
+        sample_tokens=16,
+        device="cpu",
+    )
+    summary = run_quickstart(cfg, log=lambda s: None)
+    assert summary["val_loss"] < summary["unigram_loss"] - 0.5
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 200 and lines[-1]["loss"] < lines[0]["loss"]
+    model, tok = llamaforge.load(summary["checkpoint"])
+    assert model.args.vocab_size == tok.vocab_size == 1024
+    assert len(summary["samples"]) == 3
