@@ -1,0 +1,289 @@
+"""The ``llamaforge`` command line: one subcommand per job."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import __version__
+
+
+def _cmd_quickstart(a: argparse.Namespace) -> int:
+    from .config import apply_overrides
+    from .quickstart import QuickstartConfig, run_quickstart
+
+    cfg = apply_overrides(QuickstartConfig(), a.overrides)
+    if a.out is not None:
+        cfg.out = a.out
+    summary = run_quickstart(cfg)
+    return 0 if summary["val_loss"] < summary["unigram_loss"] else 1
+
+
+def _model_args_for(a: argparse.Namespace):
+    from .checkpoint import read_params
+    from .presets import get_preset
+
+    if a.ckpt:
+        args, _ = read_params(a.ckpt)
+        return args, str(a.ckpt)
+    return get_preset(a.preset), f"preset {a.preset}"
+
+
+def _cmd_info(a: argparse.Namespace) -> int:
+    from .flops import count_params, flops_per_token, human_bytes, human_count, training_memory
+
+    args, what = _model_args_for(a)
+    if args.vocab_size <= 0:
+        args.vocab_size = a.vocab_size
+    seq = a.seq_len or args.max_seq_len
+    counts = count_params(args)
+    mem = training_memory(args)
+    info = {
+        "model": what,
+        "args": args.to_dict(),
+        "head_dim": args.head_dim,
+        "ffn_hidden_dim": args.ffn_hidden_dim,
+        "params": counts,
+        "seq_len": seq,
+        "flops_per_token": flops_per_token(args, seq),
+        "memory_bytes": {
+            "weights_bf16": 2 * counts["total"],
+            "weights_fp32": mem.weights,
+            "gradients_fp32": mem.gradients,
+            "adamw_states_fp32": mem.optimizer,
+            "training_total": mem.total,
+        },
+    }
+    if a.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(
+        f"{what}: dim {args.dim}, {args.n_layers} layers, {args.n_heads} heads "
+        f"({args.kv_heads} kv), head_dim {args.head_dim}, ffn {args.ffn_hidden_dim}, "
+        f"vocab {args.vocab_size}"
+    )
+    print(
+        f"parameters:       {counts['total']:,} ({human_count(counts['total'])}); "
+        f"non-embedding {counts['non_embedding']:,}"
+    )
+    print(f"FLOPs per token:  {info['flops_per_token']:.4g} (6N + 12·L·d·T, training, T={seq})")
+    print("memory for training (activations not included):")
+    for key, label in (
+        ("weights_fp32", "weights (fp32)"),
+        ("gradients_fp32", "gradients (fp32)"),
+        ("adamw_states_fp32", "AdamW states (fp32)"),
+        ("training_total", "total"),
+    ):
+        print(f"  {label:<20}{human_bytes(info['memory_bytes'][key]):>12}")
+    print(f"weights for inference (bf16): {human_bytes(info['memory_bytes']['weights_bf16'])}")
+    return 0
+
+
+def _cmd_init(a: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import save
+    from .config import apply_overrides
+    from .model import build_model
+    from .presets import get_preset
+    from .tokenizer import Tokenizer
+
+    tok = Tokenizer(a.tokenizer)
+    args = apply_overrides(get_preset(a.preset, vocab_size=tok.vocab_size), a.overrides)
+    torch.manual_seed(a.seed)
+    model = build_model(args)
+    out = save(model, tok, a.out, dtype=a.dtype, overwrite=a.force)
+    print(f"wrote {out}: {model.num_params():,} parameters, random init (seed {a.seed})")
+    return 0
+
+
+def _cmd_generate(a: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import load
+    from .generate import generate_completions
+
+    prompts = list(a.prompt or [])
+    if a.prompt_file:
+        prompts.append(Path(a.prompt_file).read_text(encoding="utf-8"))
+    if not prompts:
+        raise ValueError("give --prompt TEXT (repeatable) or --prompt-file FILE")
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tok = load(a.ckpt, device=device, dtype=a.dtype)
+    if tok is None:
+        raise ValueError(f"{a.ckpt}: no tokenizer.model in the checkpoint; pass --tokenizer")
+
+    def stream(row: int, delta: str) -> None:
+        if len(prompts) == 1:
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+
+    if len(prompts) == 1 and a.echo:
+        sys.stdout.write(prompts[0])
+    results = generate_completions(
+        model,
+        tok,
+        prompts,
+        max_new_tokens=a.max_new_tokens,
+        temperature=a.temperature,
+        top_p=a.top_p,
+        top_k=a.top_k,
+        stop=a.stop or (),
+        seed=a.seed,
+        truncate=a.truncate,
+        on_text=stream,
+    )
+    if len(prompts) == 1:
+        sys.stdout.write("\n")
+    else:
+        for p, r in zip(prompts, results):
+            print(f"=== {p!r} ({r.finish_reason})\n{(p if a.echo else '') + r.text}")
+    return 0
+
+
+def _cmd_tokenizer_train(a: argparse.Namespace) -> int:
+    from .tokenizer import train_tokenizer
+
+    tok = train_tokenizer(
+        [Path(p) for p in a.inputs], a.out, vocab_size=a.vocab_size, max_sentences=a.max_sentences
+    )
+    print(f"wrote {a.out}: {tok.vocab_size} pieces (BPE, digits split, byte fallback)")
+    return 0
+
+
+def _cmd_tokenizer_encode(a: argparse.Namespace) -> int:
+    from .tokenizer import Tokenizer
+
+    tok = Tokenizer(a.model)
+    text = a.text if a.text is not None else sys.stdin.read()
+    ids = tok.encode(text, bos=a.bos, eos=a.eos)
+    if a.pieces:
+        print(" ".join(f"{i}:{tok.id_to_piece(i)}" for i in ids))
+    else:
+        print(" ".join(map(str, ids)))
+    return 0
+
+
+def _cmd_tokenizer_decode(a: argparse.Namespace) -> int:
+    from .tokenizer import Tokenizer
+
+    tok = Tokenizer(a.model)
+    raw = a.ids if a.ids else sys.stdin.read().split()
+    try:
+        ids = [int(x) for x in raw]
+    except ValueError as e:
+        raise ValueError(f"token ids must be integers ({e})") from None
+    bad = [i for i in ids if i >= tok.vocab_size]
+    if bad:
+        raise ValueError(f"ids {bad[:5]} are outside the vocabulary (size {tok.vocab_size})")
+    print(tok.decode(ids))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="llamaforge",
+        description="LLaMA (Touvron et al. 2023) in PyTorch: tokenizer, model, generation.",
+    )
+    p.add_argument("--version", action="version", version=f"llamaforge {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    q = sub.add_parser(
+        "quickstart",
+        help="corpus → tokenizer → train a small LLaMA → checkpoint → samples, on this machine",
+        description="Build a corpus from the Python standard library, train a tokenizer and a "
+        "small LLaMA on it, report validation loss against the unigram baseline, save a "
+        "checkpoint and print samples. Settings are key=value overrides of QuickstartConfig "
+        "(e.g. steps=200 dim=96 device=cpu).",
+    )
+    q.add_argument("--out", help="run directory (default runs/quickstart)")
+    q.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    q.set_defaults(func=_cmd_quickstart)
+
+    i = sub.add_parser("info", help="parameters, FLOPs per token and training memory of a model")
+    src = i.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", help="1M, 15M, 110M, 1B, 7B, 13B, 33B or 65B")
+    src.add_argument("--ckpt", help="a checkpoint directory (reads its params.json)")
+    i.add_argument(
+        "--seq-len", type=int, help="context for the attention FLOPs (default max_seq_len)"
+    )
+    i.add_argument("--vocab-size", type=int, default=32000, help="when params.json says -1")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    i.set_defaults(func=_cmd_info)
+
+    n = sub.add_parser("init", help="write a randomly initialised checkpoint")
+    n.add_argument("--preset", required=True, help="model size (see `llamaforge info`)")
+    n.add_argument("--tokenizer", required=True, help="SentencePiece model; sets vocab_size")
+    n.add_argument("--out", required=True, help="checkpoint directory to create")
+    n.add_argument("--seed", type=int, default=0)
+    n.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    n.add_argument("--force", action="store_true", help="replace an existing --out")
+    n.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="ModelArgs overrides")
+    n.set_defaults(func=_cmd_init)
+
+    g = sub.add_parser("generate", help="generate text from a checkpoint, streamed to stdout")
+    g.add_argument("--ckpt", required=True, help="native checkpoint directory")
+    g.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
+    g.add_argument("--prompt-file", help="read one prompt from this file")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    g.add_argument("--top-p", type=float, default=0.95, help="nucleus mass (default 0.95)")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--echo", action="store_true", help="print the prompt too")
+    g.add_argument(
+        "--truncate",
+        action="store_true",
+        help="keep the last tokens of a prompt longer than the context",
+    )
+    g.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
+    g.add_argument("--dtype", help="float32, bfloat16, float16 (default: as stored)")
+    g.set_defaults(func=_cmd_generate)
+
+    t = sub.add_parser("tokenizer", help="train and inspect SentencePiece tokenizers")
+    tsub = t.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
+    tt = tsub.add_parser("train", help="train a BPE tokenizer the paper's way")
+    tt.add_argument("inputs", nargs="+", help="UTF-8 text files")
+    tt.add_argument("--out", required=True, help="path of the .model file to write")
+    tt.add_argument("--vocab-size", type=int, default=32000)
+    tt.add_argument(
+        "--max-sentences",
+        type=int,
+        default=2_000_000,
+        help="sample at most this many lines (default 2M)",
+    )
+    tt.set_defaults(func=_cmd_tokenizer_train)
+    te = tsub.add_parser("encode", help="text → ids (reads stdin without TEXT)")
+    te.add_argument("--model", required=True, help="tokenizer.model")
+    te.add_argument("text", nargs="?")
+    te.add_argument("--bos", action=argparse.BooleanOptionalAction, default=False)
+    te.add_argument("--eos", action=argparse.BooleanOptionalAction, default=False)
+    te.add_argument("--pieces", action="store_true", help="show id:piece pairs")
+    te.set_defaults(func=_cmd_tokenizer_encode)
+    td = tsub.add_parser("decode", help="ids → text (reads stdin without IDS)")
+    td.add_argument("--model", required=True, help="tokenizer.model")
+    td.add_argument("ids", nargs="*")
+    td.set_defaults(func=_cmd_tokenizer_decode)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    try:
+        return a.func(a)
+    except KeyboardInterrupt:
+        print("llamaforge: interrupted", file=sys.stderr)
+        return 130
+    except (
+        ValueError,
+        FileNotFoundError,
+        NotADirectoryError,
+        IsADirectoryError,
+        PermissionError,
+    ) as e:
+        print(f"llamaforge {a.command}: error: {e}", file=sys.stderr)
+        return 2
