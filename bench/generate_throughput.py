@@ -64,28 +64,44 @@ def main() -> None:
     hf = transformers.LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
     hf.load_state_dict(to_hf_state_dict(ours.state_dict(), args), strict=False)
     tok = _IdsOnly(args.vocab_size)
-    print(f"# {a.preset} ({ours.num_params() / 1e6:.1f}M params), {dtype}, device {device} "
-          f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
-          f"torch {torch.__version__}, transformers {transformers.__version__}")
+    print(
+        f"# {a.preset} ({ours.num_params() / 1e6:.1f}M params), {dtype}, device {device} "
+        f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
+        f"torch {torch.__version__}, transformers {transformers.__version__}"
+    )
     print("| batch | prompt | new tokens | llamaforge tok/s | HF tok/s | ratio |")
     print("|---|---|---|---|---|---|")
     for bsz in a.batch:
-        prompts = torch.randint(3, args.vocab_size, (bsz, a.prompt_len), generator=torch.Generator().manual_seed(bsz))
+        gen = torch.Generator().manual_seed(bsz)
+        prompts = torch.randint(3, args.vocab_size, (bsz, a.prompt_len), generator=gen)
 
-        def run_ours():
-            generate_completions(ours, tok, prompts.tolist(), max_new_tokens=a.new_tokens,
-                                 temperature=0.0, stop_at_eos=False)
+        def run_ours(prompts=prompts):
+            generate_completions(
+                ours,
+                tok,
+                prompts.tolist(),
+                max_new_tokens=a.new_tokens,
+                temperature=0.0,
+                stop_at_eos=False,
+            )
 
-        def run_hf():
+        def run_hf(prompts=prompts):
             with torch.inference_mode():
-                hf.generate(prompts.to(device), max_new_tokens=a.new_tokens,
-                            min_new_tokens=a.new_tokens, do_sample=False, eos_token_id=None,
-                            pad_token_id=0)
+                hf.generate(
+                    prompts.to(device),
+                    max_new_tokens=a.new_tokens,
+                    min_new_tokens=a.new_tokens,
+                    do_sample=False,
+                    eos_token_id=None,
+                    pad_token_id=0,
+                )
 
         t_ours, t_hf = _time(run_ours, a.repeats), _time(run_hf, a.repeats)
         n = bsz * a.new_tokens
-        print(f"| {bsz} | {a.prompt_len} | {a.new_tokens} | {n / t_ours:,.0f} | "
-              f"{n / t_hf:,.0f} | {t_hf / t_ours:.2f}x |")
+        print(
+            f"| {bsz} | {a.prompt_len} | {a.new_tokens} | {n / t_ours:,.0f} | "
+            f"{n / t_hf:,.0f} | {t_hf / t_ours:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

@@ -29,9 +29,8 @@ def meta_tokenizer_path() -> Path:
 @pytest.fixture(scope="session")
 def small_tokenizer_path(tmp_path_factory) -> Path:
     """A 512-piece BPE tokenizer trained on the standard library's documentation."""
-    from llamaforge.tokenizer import train_tokenizer
-
     from llamaforge.data.stdlib import docs_documents
+    from llamaforge.tokenizer import train_tokenizer
 
     out = tmp_path_factory.mktemp("tok") / "tokenizer.model"
     train_tokenizer(docs_documents(max_bytes=300_000), out, vocab_size=512)
