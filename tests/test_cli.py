@@ -112,3 +112,40 @@ def test_tokenizer_commands(tmp_path):
 def test_errors_exit_nonzero_with_a_clear_message(args, needle):
     r = run(*args, check=False)
     assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr
+
+
+def test_with_metas_tokenizer(tmp_path, meta_tokenizer_path):
+    ids = run("tokenizer", "encode", "--model", meta_tokenizer_path, "Hello world").stdout
+    assert ids.split() == ["15043", "3186"]
+    assert run("tokenizer", "decode", "--model", meta_tokenizer_path, "15043", "3186").stdout == (
+        "Hello world\n"
+    )
+    ckpt = tmp_path / "meta-vocab"
+    run(
+        "init",
+        "--preset",
+        "1M",
+        "--tokenizer",
+        meta_tokenizer_path,
+        "--out",
+        ckpt,
+        "max_seq_len=32",
+        "--dtype",
+        "bfloat16",
+    )
+    info = json.loads(run("info", "--ckpt", ckpt, "--json").stdout)
+    assert info["args"]["vocab_size"] == 32000
+    r = run(
+        "generate",
+        "--ckpt",
+        ckpt,
+        "--prompt",
+        "Hello",
+        "--prompt",
+        "The llama",
+        "--max-new-tokens",
+        "4",
+        "--seed",
+        "0",
+    )
+    assert r.stdout.count("=== ") == 2

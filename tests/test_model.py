@@ -178,3 +178,24 @@ def test_a_few_steps_on_a_repeated_batch_drive_the_loss_down():
         losses.append((loss / n).item())
     assert losses[0] > 4.0  # about ln(97) at init
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_decoding_a_batch_of_unequal_prompts_matches_full_forwards():
+    """Meta's batched decoding (prefill to the shortest prompt, then one position at a time
+    for every row) gives each row the logits of a full forward over that row alone."""
+    torch.manual_seed(0)
+    model = build_model(ModelArgs(**TINY, n_kv_heads=2)).eval()
+    lengths = [5, 11, 8]
+    total = 24
+    rows = [torch.randint(0, 97, (total,)) for _ in lengths]
+    tokens = torch.stack(rows)
+    with torch.no_grad():
+        model.setup_cache(len(rows), total)
+        steps = [model(tokens[:, : min(lengths)], 0)]
+        for pos in range(min(lengths), total):
+            steps.append(model(tokens[:, pos : pos + 1], pos))
+        model.clear_cache()
+        incremental = torch.cat(steps, dim=1)
+        for i, row in enumerate(rows):
+            alone = model(row[None, :])
+            torch.testing.assert_close(incremental[i : i + 1], alone, atol=1e-5, rtol=1e-5)

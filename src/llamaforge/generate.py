@@ -145,6 +145,7 @@ def generate_completions(
     finish: list[str | None] = [None] * bsz
     trackers = [_TextTracker(tokenizer, ids) for ids in encoded]
     texts = [""] * bsz
+    follow_text = bool(stop) or on_text is not None  # else decode once at the end
 
     model.setup_cache(bsz, total_len)
     try:
@@ -164,7 +165,8 @@ def generate_completions(
                 else:
                     generated[i].append(token)
                     logprobs[i].append(lp)
-                    texts[i] = trackers[i].text(generated[i])
+                    if follow_text:
+                        texts[i] = trackers[i].text(generated[i])
                     hit = min((texts[i].find(s) for s in stop if s in texts[i]), default=-1)
                     if hit >= 0:
                         texts[i], finish[i] = texts[i][:hit], "stop"
@@ -184,6 +186,8 @@ def generate_completions(
     out = []
     for i in range(bsz):
         reason = finish[i] or ("length" if len(generated[i]) >= max_new_tokens else "context")
+        if reason != "stop":
+            texts[i] = trackers[i].text(generated[i])
         text = trackers[i].prefix + texts[i] if echo else texts[i]
         toks = encoded[i] + generated[i] if echo else generated[i]
         out.append(Completion(text, toks, encoded[i], reason, logprobs[i]))

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+__all__ = ["MIN_VOCAB_SIZE", "Tokenizer", "TokenizerError", "train_tokenizer"]
+
 
 class TokenizerError(ValueError):
     """A tokenizer file or training input that cannot be used; the message names it."""
@@ -26,79 +28,103 @@ class TokenizerError(ValueError):
 class Tokenizer:
     """A SentencePiece model with Meta's interface: ``encode(text, bos, eos)``, ``decode``."""
 
+    path: Path | None
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+    pad_id: int
+    unk_id: int
+
     def __init__(self, path: str | os.PathLike) -> None:
         p = Path(path)
-        if not p.is_file():
+        if not p.exists():
             raise TokenizerError(f"{p}: tokenizer model not found")
-        self._init(p.read_bytes(), p)
+        if not p.is_file():
+            raise TokenizerError(f"{p}: is not a file (expected a SentencePiece .model file)")
+        self._load(p.read_bytes(), p)
 
     @classmethod
     def from_bytes(cls, data: bytes, path: str | os.PathLike | None = None) -> Tokenizer:
-        """A tokenizer from a serialized SentencePiece model proto."""
+        """A tokenizer from a serialized SentencePiece model proto (``path`` is for messages)."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"from_bytes expects bytes, got {type(data).__name__}")
         tok = cls.__new__(cls)
-        tok._init(data, Path(path) if path is not None else None)
+        tok._load(bytes(data), Path(path) if path is not None else None)
         return tok
 
-    def _init(self, data: bytes, path: Path | None) -> None:
+    def _load(self, data: bytes, path: Path | None) -> None:
         where = str(path) if path is not None else "<bytes>"
+        if not data:
+            raise TokenizerError(f"{where}: not a SentencePiece model (it is empty)")
         sp = spm.SentencePieceProcessor()
         try:
             sp.LoadFromSerializedProto(data)
-        except (RuntimeError, OSError, TypeError) as e:
+        except RuntimeError as e:
             raise TokenizerError(
-                f"{where}: not a SentencePiece model ({str(e).strip() or type(e).__name__})"
+                f"{where}: not a SentencePiece model ({_sentencepiece_reason(e)})"
             ) from None
         if sp.vocab_size() <= 0 or sp.vocab_size() != sp.get_piece_size():
-            raise TokenizerError(f"{where}: not a SentencePiece model (empty vocabulary)")
+            raise TokenizerError(f"{where}: not a SentencePiece model (no pieces)")
         self.path = path
         self._sp = sp
         self._data = data
-        self.vocab_size: int = sp.vocab_size()
-        self.bos_id: int = sp.bos_id()
-        self.eos_id: int = sp.eos_id()
-        self.pad_id: int = sp.pad_id()
-        self.unk_id: int = sp.unk_id()
+        self.vocab_size = sp.vocab_size()
+        self.bos_id = sp.bos_id()
+        self.eos_id = sp.eos_id()
+        self.pad_id = sp.pad_id()
+        self.unk_id = sp.unk_id()
 
     def __len__(self) -> int:
         return self.vocab_size
 
     def __repr__(self) -> str:
-        where = str(self.path) if self.path else "<bytes>"
+        where = str(self.path) if self.path is not None else "<bytes>"
         return f"Tokenizer({where!r}, vocab_size={self.vocab_size})"
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        """Token ids of ``text``, with ``bos`` before and ``eos`` after if asked."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects str, got {type(text).__name__}")
-        ids = self._sp.encode(text)
-        if bos:
-            ids = [self.bos_id, *ids]
-        if eos:
-            ids.append(self.eos_id)
-        return ids
+        ids: list[int] = self._sp.encode(text)
+        return self._wrap(ids, bos, eos)
 
     def encode_batch(
         self, texts: Sequence[str], bos: bool = True, eos: bool = False, num_threads: int = -1
     ) -> list[list[int]]:
-        """Encode many texts with SentencePiece's own thread pool."""
-        batch = self._sp.encode(list(texts), num_threads=num_threads)
-        pre = [self.bos_id] if bos else []
-        post = [self.eos_id] if eos else []
-        return [pre + ids + post for ids in batch]
+        """``encode`` for many texts at once, on SentencePiece's own thread pool."""
+        texts = list(texts)
+        bad = next((t for t in texts if not isinstance(t, str)), None)
+        if bad is not None:
+            raise TypeError(f"encode_batch expects str items, got {type(bad).__name__}")
+        batch: list[list[int]] = self._sp.encode(texts, num_threads=num_threads)
+        return [self._wrap(ids, bos, eos) for ids in batch]
+
+    def _wrap(self, ids: list[int], bos: bool, eos: bool) -> list[int]:
+        return [self.bos_id] * bos + ids + [self.eos_id] * eos
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Text for ``ids``; negative ids (padding) are dropped."""
-        return self._sp.decode([int(i) for i in ids if int(i) >= 0])
+        """Text of ``ids``; negative ids (padding) are dropped."""
+        kept = [i for i in map(int, ids) if i >= 0]
+        too_big = [i for i in kept if i >= self.vocab_size]
+        if too_big:
+            raise TokenizerError(
+                f"cannot decode ids {too_big[:5]}: the vocabulary has ids 0..{self.vocab_size - 1}"
+            )
+        return self._sp.decode(kept)
 
     def decode_batch(self, batch: Iterable[Iterable[int]]) -> list[str]:
+        """``decode`` for each sequence of ids."""
         return [self.decode(ids) for ids in batch]
 
     def id_to_piece(self, i: int) -> str:
         return self._sp.id_to_piece(int(i))
 
     def piece_to_id(self, piece: str) -> int:
+        """The id of ``piece``, or ``unk_id`` when the vocabulary lacks it."""
         return self._sp.piece_to_id(piece)
 
     def is_byte(self, i: int) -> bool:
+        """Whether ``i`` is a byte-fallback piece such as ``<0x0A>``."""
         return self._sp.is_byte(int(i))
 
     def serialized(self) -> bytes:
@@ -106,11 +132,22 @@ class Tokenizer:
         return self._data
 
     def sha256(self) -> str:
+        """Hex SHA-256 of the serialized model proto."""
         return hashlib.sha256(self._data).hexdigest()
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the model file atomically (temporary file, then rename)."""
+        """Write the model file atomically (temporary file, then rename) and return its path."""
         return _atomic_write(Path(path), self._data)
+
+
+def _sentencepiece_reason(e: RuntimeError) -> str:
+    """SentencePiece's error message without its ``INTERNAL: src/x.cc(12) [check]`` prefix."""
+    msg = str(e).strip()
+    if "ParseFromArray" in msg:
+        return "its bytes do not parse as a SentencePiece ModelProto"
+    msg = re.sub(r"^INTERNAL:\s*", "", msg)
+    msg = re.sub(r"^src/\S+\(\d+\) \[.*?\]\s*", "", msg)
+    return msg.rstrip(".") or "SentencePiece refused it"
 
 
 def _atomic_write(path: Path, data: bytes) -> Path:
@@ -128,27 +165,44 @@ def _atomic_write(path: Path, data: bytes) -> Path:
     return path
 
 
-# 3 special pieces + 256 byte pieces; BPE needs at least a few merges beyond these.
-MIN_VOCAB_SIZE = 3 + 256 + 1
+# unk, bos, eos + the 256 byte pieces + "▁" + at least one character of the corpus.
+MIN_VOCAB_SIZE = 3 + 256 + 2
+
+TrainingSource = Iterable[str] | str | os.PathLike | Sequence[str | os.PathLike]
 
 
-def _documents(source) -> Iterator[str]:
-    """Documents: the text of a file (a ``str`` or path), of a list of ``Path`` objects, or
-    the items of any other iterable of strings."""
+def _short(text: str, n: int = 60) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _documents(source: TrainingSource) -> Iterator[str]:
+    """The documents of ``source``: lines of its files or its items. Paths are checked now,
+    files are read later, lazily."""
     if isinstance(source, (str, os.PathLike)):
-        source = [Path(source)]
-    elif (
-        isinstance(source, (list, tuple))
-        and source
-        and all(isinstance(x, os.PathLike) for x in source)
-    ):
-        source = [Path(x) for x in source]
-    else:
-        yield from source
-        return
-    for p in source:
-        if not p.is_file():
-            raise TokenizerError(f"{p}: training file not found")
+        return _file_lines([_training_file(source)])
+    if isinstance(source, (list, tuple)):
+        return _file_lines([_training_file(item) for item in source])
+    return _checked_documents(source)
+
+
+def _training_file(item: object) -> Path:
+    if not isinstance(item, (str, os.PathLike)):
+        raise TokenizerError(
+            f"training files must be paths, got {type(item).__name__}; "
+            "pass documents as an iterator, e.g. iter(docs)"
+        )
+    p = Path(item)
+    if not p.is_file():
+        raise TokenizerError(
+            f"{_short(str(p))}: training file not found (a str, a path or a list of them "
+            "is read as text files; pass documents as an iterator, e.g. iter(docs))"
+        )
+    return p
+
+
+def _file_lines(files: list[Path]) -> Iterator[str]:
+    """The lines of each UTF-8 text file, read lazily."""
+    for p in files:
         with open(p, encoding="utf-8") as f:
             try:
                 yield from f
@@ -158,28 +212,59 @@ def _documents(source) -> Iterator[str]:
                 ) from None
 
 
-def _sentences(docs: Iterable[str], max_len: int, counter: list[int]) -> Iterator[str]:
-    """Non-empty lines of each document, long lines cut into pieces SentencePiece accepts."""
+def _checked_documents(docs: Iterable[str]) -> Iterator[str]:
     for doc in docs:
         if not isinstance(doc, str):
-            raise TokenizerError(f"training documents must be str, got {type(doc).__name__}")
-        for line in doc.splitlines():
+            raise TokenizerError(
+                f"training documents must be str, got {type(doc).__name__} "
+                "(pass text files as a list of paths)"
+            )
+        yield doc
+
+
+def _cut(line: str, max_bytes: int) -> Iterator[str]:
+    """``line`` in pieces of at most ``max_bytes`` UTF-8 bytes, cut at a space if there is
+    one (the space is dropped: the next piece's dummy prefix stands for it), else between
+    characters."""
+    data = line.encode("utf-8")
+    start = 0
+    while len(data) - start > max_bytes:
+        end = start + max_bytes
+        space = data.rfind(b" ", start + 1, end + 1)
+        if space > start:
+            yield data[start:space].decode("utf-8")
+            start = space + 1
+            continue
+        while data[end] & 0xC0 == 0x80:  # a UTF-8 continuation byte: back off to a start
+            end -= 1
+        yield data[start:end].decode("utf-8")
+        start = end
+    yield data[start:].decode("utf-8")
+
+
+def _sentences(docs: Iterable[str], max_bytes: int, count: list[int]) -> Iterator[str]:
+    """SentencePiece's unit: the non-blank lines of each document, over-long ones cut."""
+    for doc in docs:
+        for line in doc.split("\n"):
+            line = line.removesuffix("\r")
             if not line.strip():
                 continue
-            encoded = line.encode("utf-8")
-            if len(encoded) <= max_len:
-                counter[0] += 1
-                yield line
-                continue
-            for start in range(0, len(encoded), max_len):  # cut on bytes, keep characters whole
-                piece = encoded[start : start + max_len].decode("utf-8", errors="ignore")
+            # a character takes at most 4 bytes: only long lines need measuring
+            pieces = [line] if 4 * len(line) <= max_bytes else _cut(line, max_bytes)
+            for piece in pieces:
                 if piece.strip():
-                    counter[0] += 1
+                    count[0] += 1
                     yield piece
 
 
+def _cpu_count() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def train_tokenizer(
-    source: Iterable[str] | str | os.PathLike | Sequence[os.PathLike],
+    source: TrainingSource,
     output: str | os.PathLike,
     vocab_size: int = 32000,
     *,
@@ -189,62 +274,88 @@ def train_tokenizer(
     num_threads: int | None = None,
     seed: int = 0,
 ) -> Tokenizer:
-    """Train a SentencePiece BPE tokenizer the paper's way and write it to ``output``.
+    """Train a SentencePiece BPE tokenizer the paper's way, write it to ``output`` atomically.
 
-    ``source`` is a UTF-8 text file (``str`` or ``Path``), a list of ``Path`` objects, or
-    any other iterable of documents (strings). The
-    input is streamed line by line; SentencePiece samples at most ``max_sentences`` lines
-    and lines longer than ``max_sentence_length`` bytes are cut into pieces.
+    ``source`` is a text file (``str`` or path), a list or tuple of text files, or any other
+    iterable of documents (``str``), e.g. a generator or ``iter(list_of_docs)``. Files are
+    read as UTF-8, lazily. Documents are split into lines and streamed to SentencePiece,
+    which keeps a random sample of at most ``max_sentences`` of them; blank lines are
+    skipped and lines longer than ``max_sentence_length`` UTF-8 bytes are cut. ``seed``
+    fixes that sample. The settings are those of Meta's ``tokenizer.model``.
     """
     if vocab_size < MIN_VOCAB_SIZE:
         raise TokenizerError(
-            f"vocab_size={vocab_size} is too small: byte fallback needs 256 byte pieces and 3 "
-            f"special pieces, so use at least {MIN_VOCAB_SIZE}"
+            f"vocab_size={vocab_size} is too small: 3 special pieces, 256 byte pieces, '▁' and "
+            f"at least one character need vocab_size >= {MIN_VOCAB_SIZE}"
         )
-    counter = [0]
+    if max_sentences < 1:
+        raise TokenizerError(f"max_sentences={max_sentences}: expected at least 1")
+    if max_sentence_length < 16:
+        raise TokenizerError(f"max_sentence_length={max_sentence_length}: expected >= 16 bytes")
+    if not 0.0 < character_coverage <= 1.0:
+        raise TokenizerError(f"character_coverage={character_coverage}: expected in (0, 1]")
+    docs = _documents(source)
+    count = [0]  # lines handed to SentencePiece
     model = io.BytesIO()
-    trainer_args = dict(
-        sentence_iterator=_sentences(_documents(source), max_sentence_length, counter),
-        model_writer=model,
-        model_type="bpe",
-        vocab_size=vocab_size,
-        split_digits=True,
-        byte_fallback=True,
-        character_coverage=character_coverage,
-        normalization_rule_name="identity",
-        add_dummy_prefix=True,
-        remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True,
-        split_by_whitespace=True,
-        split_by_unicode_script=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        input_sentence_size=max_sentences,
-        shuffle_input_sentence=True,
-        max_sentence_length=max_sentence_length,
-        num_threads=num_threads or os.cpu_count() or 1,
-        hard_vocab_limit=True,
-        minloglevel=2,
-    )
-    spm.set_random_generator_seed(seed)  # the line sampling is reproducible
+    spm.set_random_generator_seed(seed)
     try:
-        spm.SentencePieceTrainer.train(**trainer_args)
-    except RuntimeError as e:
-        msg = str(e)
-        m = re.search(
-            r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", msg
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_sentences(docs, max_sentence_length, count),
+            model_writer=model,
+            # the paper: BPE, numbers split into digits, bytes for unknown characters
+            model_type="bpe",
+            split_digits=True,
+            byte_fallback=True,
+            # as in Meta's model: no normalisation, whitespace kept as it is
+            normalization_rule_name="identity",
+            add_dummy_prefix=True,
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            split_by_whitespace=True,
+            split_by_unicode_script=True,
+            split_by_number=True,
+            max_sentencepiece_length=16,
+            hard_vocab_limit=True,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
+            vocab_size=vocab_size,
+            character_coverage=character_coverage,
+            # a bounded random sample of the input
+            input_sentence_size=max_sentences,
+            shuffle_input_sentence=True,
+            max_sentence_length=max_sentence_length,
+            num_threads=num_threads or _cpu_count(),
+            minloglevel=2,
         )
-        if m:
-            raise TokenizerError(
-                f"vocab_size={m.group(1)} is more than this corpus supports (at most "
-                f"{m.group(2)} pieces); lower --vocab-size or give more text"
-            ) from None
-        if counter[0] == 0:
-            raise TokenizerError("the training corpus is empty (no non-blank lines)") from None
-        raise TokenizerError(f"SentencePiece training failed: {msg.strip()}") from None
-    if counter[0] == 0:
-        raise TokenizerError("the training corpus is empty (no non-blank lines)")
+    except RuntimeError as e:
+        raise _training_error(str(e), vocab_size, count[0]) from None
+    if count[0] == 0:
+        raise TokenizerError("the training corpus is empty (it has no non-blank lines)")
     out = _atomic_write(Path(output), model.getvalue())
-    return Tokenizer(out)
+    return Tokenizer.from_bytes(model.getvalue(), out)
+
+
+def _training_error(msg: str, vocab_size: int, lines: int) -> TokenizerError:
+    """A clear TokenizerError for a SentencePiece training failure."""
+    if lines == 0:
+        return TokenizerError("the training corpus is empty (it has no non-blank lines)")
+    too_high = re.search(
+        r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", msg
+    )
+    if too_high:
+        return TokenizerError(
+            f"vocab_size={too_high.group(1)} is more than this corpus supports: it yields at "
+            f"most {too_high.group(2)} pieces; lower vocab_size or train on more text"
+        )
+    too_low = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", msg)
+    if too_low:
+        return TokenizerError(
+            f"vocab_size={too_low.group(1)} is too small for this corpus: its characters "
+            f"(at character_coverage) and the 259 special and byte pieces need at least "
+            f"{too_low.group(2)}; raise vocab_size or lower character_coverage"
+        )
+    return TokenizerError(
+        f"SentencePiece training failed: {_sentencepiece_reason(RuntimeError(msg))}"
+    )
