@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +84,7 @@ def _atomic_dir(out: Path, overwrite: bool) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
 
 
-def _commit_dir(tmp: Path, out: Path) -> None:
+def commit_dir(tmp: Path, out: Path) -> None:
     """Move a finished ``tmp`` to ``out``; an existing ``out`` is replaced only after."""
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
@@ -97,6 +98,96 @@ def _commit_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def write_safetensors(
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    out_dir: Path,
+    *,
+    dtype: torch.dtype | None = None,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    where: str = "",
+) -> torch.dtype | None:
+    """Stream ``(name, tensor)`` pairs into ``model.safetensors``, or into
+    ``model-0000i-of-0000N.safetensors`` shards with HF's index once they exceed
+    ``max_shard_size``. Holds at most one shard in memory; refuses non-finite tensors.
+    Returns the dtype written (of the first tensor)."""
+    meta = {"format": "pt", "producer": "llamaforge"}
+    shard: dict[str, torch.Tensor] = {}
+    size, files, weight_map, total = 0, [], {}, 0
+    first_dtype = None
+
+    def flush() -> None:
+        nonlocal shard, size
+        name = out_dir / f"model-{len(files) + 1:05d}.safetensors.partial"
+        save_file(shard, name, metadata=meta)
+        files.append((name, list(shard)))
+        shard, size = {}, 0
+
+    for name, t in tensors:
+        t = t.detach().to("cpu", dtype or t.dtype).contiguous()
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"{where}: refusing to save, tensor {name} has non-finite values")
+        first_dtype = first_dtype or t.dtype
+        nbytes = t.numel() * t.element_size()
+        if shard and size + nbytes > max_shard_size:
+            flush()
+        shard[name] = t
+        size += nbytes
+        total += nbytes
+    if not files:
+        save_file(shard, out_dir / WEIGHTS_FILE, metadata=meta)
+        return first_dtype
+    if shard:
+        flush()
+    for i, (path, names) in enumerate(files, 1):
+        final = f"model-{i:05d}-of-{len(files):05d}.safetensors"
+        os.replace(path, out_dir / final)
+        weight_map.update(dict.fromkeys(names, final))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return first_dtype
+
+
+def save_state(
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    args: ModelArgs,
+    tokenizer: Tokenizer | None,
+    ckpt_dir: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype | None = None,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write a native checkpoint from a stream of Meta-named tensors, atomically: every
+    file goes to a hidden sibling directory that is renamed into place when complete."""
+    out = Path(ckpt_dir)
+    target_dtype = parse_dtype(dtype)
+    tmp = _atomic_dir(out, overwrite)
+    try:
+        written = write_safetensors(
+            checked(tensors, args, str(out)),
+            tmp,
+            dtype=target_dtype,
+            max_shard_size=max_shard_size,
+            where=str(out),
+        )
+        params = args.to_dict()
+        params["llamaforge"] = {
+            "format_version": FORMAT_VERSION,
+            "dtype": str(written).removeprefix("torch."),
+            **(extra or {}),
+        }
+        if tokenizer is not None:
+            tokenizer.save(tmp / TOKENIZER_FILE)
+            params["llamaforge"]["tokenizer_sha256"] = tokenizer.sha256()
+        (tmp / PARAMS_FILE).write_text(json.dumps(params, indent=2) + "\n")
+        commit_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
 def save(
     model: Transformer,
     tokenizer: Tokenizer | None,
@@ -108,53 +199,16 @@ def save(
     extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` (and ``tokenizer``) as a native checkpoint directory, atomically."""
-    out = Path(ckpt_dir)
-    target_dtype = parse_dtype(dtype)
-    state = {k: v for k, v in model.state_dict().items()}
-    for name, t in state.items():
-        if not torch.isfinite(t).all():
-            raise CheckpointError(f"{out}: refusing to save, tensor {name} has non-finite values")
-    tmp = _atomic_dir(out, overwrite)
-    try:
-        shards: list[dict[str, torch.Tensor]] = [{}]
-        size = 0
-        for name, t in state.items():
-            t = t.detach().to("cpu", target_dtype or t.dtype).contiguous()
-            nbytes = t.numel() * t.element_size()
-            if shards[-1] and size + nbytes > max_shard_size:
-                shards.append({})
-                size = 0
-            shards[-1][name] = t
-            size += nbytes
-        meta = {"format": "pt", "producer": "llamaforge"}
-        if len(shards) == 1:
-            save_file(shards[0], tmp / WEIGHTS_FILE, metadata=meta)
-        else:
-            weight_map, total = {}, 0
-            for i, shard in enumerate(shards, 1):
-                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, tmp / fname, metadata=meta)
-                for name, t in shard.items():
-                    weight_map[name] = fname
-                    total += t.numel() * t.element_size()
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        params = model.args.to_dict()
-        first = next(iter(state.values()))
-        params["llamaforge"] = {
-            "format_version": FORMAT_VERSION,
-            "dtype": str(target_dtype or first.dtype).removeprefix("torch."),
-            **(extra or {}),
-        }
-        if tokenizer is not None:
-            tokenizer.save(tmp / TOKENIZER_FILE)
-            params["llamaforge"]["tokenizer_sha256"] = tokenizer.sha256()
-        (tmp / PARAMS_FILE).write_text(json.dumps(params, indent=2) + "\n")
-        _commit_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return save_state(
+        model.state_dict().items(),
+        model.args,
+        tokenizer,
+        ckpt_dir,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        extra=extra,
+    )
 
 
 def _weight_files(ckpt: Path) -> dict[str, list[str]]:
@@ -233,3 +287,46 @@ def load(
         raise CheckpointError(f"{ckpt}: missing {len(missing)} tensor(s): {shown}")
     model.load_state_dict(state, assign=True)
     return model.eval(), tok
+
+
+def iter_tensors(ckpt_dir: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` of a native checkpoint, read lazily from the memory-mapped files
+    in the order they are stored (for conversions that never build the model)."""
+    ckpt = Path(ckpt_dir)
+    for fname, names in _weight_files(ckpt).items():
+        path = ckpt / fname
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing shard listed in {INDEX_FILE}")
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in names or list(f.keys()):
+                yield name, f.get_tensor(name)
+
+
+def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Tensor name → shape of a model with ``args`` (built on the meta device: free)."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def checked(
+    tensors: Iterable[tuple[str, torch.Tensor]], args: ModelArgs, where: str
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Pass ``tensors`` through, raising on an unknown name, a wrong shape or, at the end,
+    a missing tensor — each named, with the shape ``args`` implies."""
+    expected = expected_shapes(args)
+    seen = set()
+    for name, t in tensors:
+        if name not in expected:
+            raise CheckpointError(f"{where}: unexpected tensor {name!r} for this model")
+        if tuple(t.shape) != expected[name]:
+            raise CheckpointError(
+                f"{where}: tensor {name} has shape {tuple(t.shape)}, the model parameters "
+                f"imply {expected[name]}"
+            )
+        seen.add(name)
+        yield name, t
+    missing = sorted(set(expected) - seen)
+    if missing:
+        shown = ", ".join(missing[:5]) + (" …" if len(missing) > 5 else "")
+        raise CheckpointError(f"{where}: missing {len(missing)} tensor(s): {shown}")

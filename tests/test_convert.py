@@ -1,0 +1,214 @@
+"""Meta and Hugging Face conversions, against fairscale's split rules and real transformers."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import llamaforge
+from llamaforge.checkpoint import CheckpointError
+from llamaforge.convert import convert
+from llamaforge.model import ModelArgs, build_model
+
+transformers = pytest.importorskip("transformers")
+
+# fairscale's layouts, written out independently of llamaforge.convert.meta (SPEC §2.9)
+COLUMN = ("wq", "wk", "wv", "w1", "w3", "output")
+ROW = ("wo", "w2", "tok_embeddings")
+
+
+def fairscale_split(state, n):
+    shards = [{} for _ in range(n)]
+    for name, t in state.items():
+        kind = name.split(".")[-2]
+        for rank in range(n):
+            if t.ndim == 1:
+                piece = t
+            elif kind in COLUMN:
+                rows = t.shape[0] // n
+                piece = t[rank * rows : (rank + 1) * rows]
+            elif kind in ROW:
+                cols = t.shape[1] // n
+                piece = t[:, rank * cols : (rank + 1) * cols]
+            else:
+                raise AssertionError(name)
+            shards[rank][name] = piece.clone()
+    return shards
+
+
+def make_model(vocab, n_kv_heads=2, seed=0):
+    torch.manual_seed(seed)
+    args = ModelArgs(
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=n_kv_heads,
+        vocab_size=vocab,
+        multiple_of=32,
+        max_seq_len=64,
+        norm_eps=1e-6,
+    )
+    model = build_model(args).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def logits(model, vocab, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (2, 24), generator=g)
+    with torch.no_grad():
+        return model(tokens) if isinstance(model, llamaforge.Transformer) else model(tokens).logits
+
+
+def write_meta_download(root, model, tokenizer, n):
+    """Meta's download layout: root/tokenizer.model, root/7B/{params.json, consolidated.*}."""
+    size_dir = root / "7B"
+    size_dir.mkdir(parents=True)
+    tokenizer.save(root / "tokenizer.model")
+    a = model.args
+    params = {
+        "dim": a.dim,
+        "multiple_of": a.multiple_of,
+        "n_heads": a.n_heads,
+        "n_layers": a.n_layers,
+        "norm_eps": a.norm_eps,
+        "vocab_size": -1,
+    }
+    if a.n_kv_heads:
+        params["n_kv_heads"] = a.n_kv_heads
+    (size_dir / "params.json").write_text(json.dumps(params))
+    for rank, shard in enumerate(fairscale_split(model.state_dict(), n)):
+        shard["rope.freqs"] = torch.randn(a.head_dim // 2)  # present in real files, ignored
+        torch.save(shard, size_dir / f"consolidated.{rank:02d}.pth")
+    return size_dir
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_meta_shards_merge_to_identical_logits(tmp_path, small_tokenizer, n):
+    vocab = small_tokenizer.vocab_size
+    model = make_model(vocab, n_kv_heads=4 if n == 4 else 2)
+    src = write_meta_download(tmp_path / "dl", model, small_tokenizer, n)
+    out = convert(src, tmp_path / "native", source="meta", target="native", progress=False)
+    loaded, tok = llamaforge.load(out)
+    assert torch.equal(logits(loaded, vocab), logits(model, vocab))
+    assert tok.sha256() == small_tokenizer.sha256()
+    assert loaded.args.max_seq_len == 2048  # Meta's files do not store it; LLaMA-1's value
+
+
+def test_native_to_meta_matches_fairscale_and_round_trips(tmp_path, small_tokenizer):
+    vocab = small_tokenizer.vocab_size
+    model = make_model(vocab)
+    native = llamaforge.save(model, small_tokenizer, tmp_path / "native")
+    meta = convert(
+        native, tmp_path / "meta", source="native", target="meta", shards=2, progress=False
+    )
+    expected = fairscale_split(model.state_dict(), 2)
+    for rank in range(2):
+        got = torch.load(meta / f"consolidated.{rank:02d}.pth", weights_only=True)
+        assert set(got) == set(expected[rank])
+        assert all(torch.equal(got[k], expected[rank][k]) for k in got)
+    params = json.loads((meta / "params.json").read_text())
+    assert params["vocab_size"] == -1 and params["n_kv_heads"] == 2
+    back = convert(meta, tmp_path / "back", source="meta", target="native", progress=False)
+    assert torch.equal(logits(llamaforge.load(back)[0], vocab), logits(model, vocab))
+    with pytest.raises(CheckpointError, match="n_kv_heads=2 is not divisible by 4"):
+        convert(
+            native, tmp_path / "meta4", source="native", target="meta", shards=4, progress=False
+        )
+    assert not (tmp_path / "meta4").exists()
+
+
+@pytest.mark.parametrize("n_kv_heads", [None, 2])
+def test_hf_export_loads_in_transformers_with_our_logits_and_ids(
+    tmp_path, small_tokenizer, n_kv_heads
+):
+    vocab = small_tokenizer.vocab_size
+    model = make_model(vocab, n_kv_heads)
+    native = llamaforge.save(model, small_tokenizer, tmp_path / "native")
+    hf_dir = convert(native, tmp_path / "hf", source="native", target="hf", progress=False)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    assert (logits(hf, vocab) - logits(model, vocab)).abs().max().item() <= 1e-4
+    hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    for text in ["Hello world", "  two  spaces", " lead", "x = 2024\n\tdone", "snow ☃ 日本"]:
+        assert hf_tok(text)["input_ids"] == small_tokenizer.encode(text), text
+        assert hf_tok.decode(small_tokenizer.encode(text, bos=False)) == text
+
+
+def test_hf_tokenizer_json_reproduces_metas_ids(tmp_path, meta_tokenizer_path):
+    from tokenizers import Tokenizer as FastTokenizer
+
+    from llamaforge.convert.hf import hf_tokenizer_json
+
+    tok = llamaforge.Tokenizer(meta_tokenizer_path)
+    fast = FastTokenizer.from_str(hf_tokenizer_json(tok))
+    texts = [
+        "Hello world",
+        "  two  spaces",
+        " 7B\npreset 7B: dim 4096",
+        "a  b   c  ",
+        "Привет, 世界! 😀",
+        "def f(x):\n    return  x\t# 12345",
+        "e\u0301 \x00 \U0010fffd",
+    ]
+    for text in texts:
+        assert fast.encode(text).ids == tok.encode(text), text
+        assert fast.decode(tok.encode(text, bos=False)) == text
+
+
+def test_hf_checkpoint_saved_by_transformers_imports(tmp_path, small_tokenizer):
+    vocab = small_tokenizer.vocab_size
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    )
+    hf = transformers.LlamaForCausalLM(config).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    small_tokenizer.save(tmp_path / "hf" / "tokenizer.model")
+    out = convert(
+        tmp_path / "hf", tmp_path / "native", source="hf", target="native", progress=False
+    )
+    ours, _ = llamaforge.load(out)
+    assert ours.args.ffn_hidden_dim == 160 and ours.args.max_seq_len == 128
+    assert (logits(ours, vocab) - logits(hf, vocab)).abs().max().item() <= 1e-4
+
+
+def test_refusals_and_clear_errors(tmp_path, small_tokenizer):
+    model = make_model(small_tokenizer.vocab_size)
+    native = llamaforge.save(model, small_tokenizer, tmp_path / "native")
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(CheckpointError, match="taken: already exists"):
+        convert(native, tmp_path / "taken", source="native", target="hf", progress=False)
+    with pytest.raises(CheckpointError, match="no config.json"):
+        convert(native, tmp_path / "x", source="hf", target="native", progress=False)
+    with pytest.raises(CheckpointError, match="no consolidated"):
+        convert(native, tmp_path / "x", source="meta", target="native", progress=False)
+    bad = tmp_path / "bad"
+    shutil.copytree(native, bad)
+    params = json.loads((bad / "params.json").read_text())
+    (bad / "params.json").write_text(json.dumps({**params, "n_layers": 3}))
+    with pytest.raises(CheckpointError):
+        convert(bad, tmp_path / "meta", source="native", target="meta", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "native", "taken"]
+
+
+def test_llama_tokenizer_classes_load_the_export(tmp_path, small_tokenizer):
+    native = llamaforge.save(
+        make_model(small_tokenizer.vocab_size), small_tokenizer, tmp_path / "native"
+    )
+    hf_dir = convert(native, tmp_path / "hf", source="native", target="hf", progress=False)
+    for cls in (transformers.LlamaTokenizer, transformers.LlamaTokenizerFast):
+        tok = cls.from_pretrained(hf_dir)
+        assert tok("Hello world")["input_ids"] == small_tokenizer.encode("Hello world")
+        assert (tok.bos_token_id, tok.eos_token_id) == (1, 2)
