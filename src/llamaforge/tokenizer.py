@@ -100,7 +100,7 @@ class Tokenizer:
         return [self._wrap(ids, bos, eos) for ids in batch]
 
     def _wrap(self, ids: list[int], bos: bool, eos: bool) -> list[int]:
-        return [self.bos_id] * bos + ids + [self.eos_id] * eos
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ``ids``; negative ids (padding) are dropped."""
@@ -171,7 +171,7 @@ MIN_VOCAB_SIZE = 3 + 256 + 2
 TrainingSource = Iterable[str] | str | os.PathLike | Sequence[str | os.PathLike]
 
 
-def _short(text: str, n: int = 60) -> str:
+def _short(text: str, n: int = 200) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
@@ -272,7 +272,6 @@ def train_tokenizer(
     max_sentence_length: int = 16384,
     character_coverage: float = 0.99995,
     num_threads: int | None = None,
-    seed: int = 0,
 ) -> Tokenizer:
     """Train a SentencePiece BPE tokenizer the paper's way, write it to ``output`` atomically.
 
@@ -280,8 +279,10 @@ def train_tokenizer(
     iterable of documents (``str``), e.g. a generator or ``iter(list_of_docs)``. Files are
     read as UTF-8, lazily. Documents are split into lines and streamed to SentencePiece,
     which keeps a random sample of at most ``max_sentences`` of them; blank lines are
-    skipped and lines longer than ``max_sentence_length`` UTF-8 bytes are cut. ``seed``
-    fixes that sample. The settings are those of Meta's ``tokenizer.model``.
+    skipped and lines longer than ``max_sentence_length`` UTF-8 bytes are cut. Training is
+    deterministic unless there are more lines than ``max_sentences``: SentencePiece's
+    sample cannot be seeded (it ignores ``set_random_generator_seed``). The settings are
+    those of Meta's ``tokenizer.model``.
     """
     if vocab_size < MIN_VOCAB_SIZE:
         raise TokenizerError(
@@ -297,7 +298,6 @@ def train_tokenizer(
     docs = _documents(source)
     count = [0]  # lines handed to SentencePiece
     model = io.BytesIO()
-    spm.set_random_generator_seed(seed)
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=_sentences(docs, max_sentence_length, count),
