@@ -57,6 +57,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         (item,) = typing.get_args(tp)[:1] or (Any,)
         items = [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
         return items if origin is list else tuple(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        return dict(value)
     if tp is Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):

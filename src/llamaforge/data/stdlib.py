@@ -71,3 +71,19 @@ def docs_documents(max_bytes: int | None = None) -> Iterator[str]:
         total += len(text)
         if max_bytes is not None and total >= max_bytes:
             return
+
+
+def read_stdlib_docs(paths, options, stats) -> Iterator[str]:
+    """Source kind ``stdlib_docs``: the prose of ``docs_documents`` (``paths`` unused).
+    Option ``max_bytes`` caps it."""
+    from .base import DataError
+
+    unknown = set(options) - {"max_bytes"}
+    if unknown:
+        raise DataError(f"stdlib_docs: unknown option(s) {sorted(unknown)}; expected max_bytes")
+    for doc in docs_documents(options.get("max_bytes")):
+        stats.documents_in += 1
+        stats.bytes_in += len(doc.encode("utf-8"))
+        stats.documents_out += 1
+        stats.bytes_out += len(doc.encode("utf-8"))
+        yield doc

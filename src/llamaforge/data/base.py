@@ -1,0 +1,93 @@
+"""What every source kind shares: its spec in the data config, and the filter counts.
+
+A source kind is a function ``(paths, options, stats) -> Iterator[str]`` that reads the
+files of one source and yields cleaned documents; ``KINDS`` maps kind names to them. Each
+filter counts what it removed and why in ``stats``; a file that cannot be read is counted
+and reported by name, and the other files go on.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("llamaforge.data")
+
+
+class DataError(ValueError):
+    """Bad data configuration or input; the message names the file, field or value."""
+
+
+@dataclass
+class FilterStats:
+    """Counters of one source: documents read/kept, bytes in/out, removals by reason."""
+
+    documents_in: int = 0
+    documents_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    removed: Counter = field(default_factory=Counter)  # reason -> documents (or lines) removed
+    errors: list[str] = field(default_factory=list)  # "path: what went wrong"
+
+    def drop(self, reason: str, n: int = 1) -> None:
+        self.removed[reason] += n
+
+    def error(self, path: str | Path, message: str) -> None:
+        text = f"{path}: {message}"
+        self.errors.append(text)
+        self.removed["unreadable_file"] += 1
+        log.warning("skipping %s", text)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "documents_in": self.documents_in,
+            "documents_out": self.documents_out,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "removed": dict(sorted(self.removed.items())),
+            "errors": list(self.errors),
+        }
+
+
+SourceFn = Callable[[list[Path], dict[str, Any], FilterStats], Iterator[str]]
+
+
+def expand_paths(patterns: list[str], base: Path | None = None, suffixes=None) -> list[Path]:
+    """Files named by ``patterns`` (files, folders searched recursively, or globs), sorted
+    and de-duplicated. A pattern that matches nothing is a ``DataError`` naming it."""
+    out: dict[Path, None] = {}
+    for pattern in patterns:
+        p = Path(pattern).expanduser()
+        if base is not None and not p.is_absolute():
+            p = base / p
+        matches = [Path(m) for m in sorted(glob.glob(str(p), recursive=True))]
+        if not matches:
+            raise DataError(f"path {pattern!r} matches no file")
+        for m in matches:
+            files = sorted(x for x in m.rglob("*") if x.is_file()) if m.is_dir() else [m]
+            for f in files:
+                if suffixes is None or f.suffix.lower() in suffixes or m == f:
+                    out[f] = None
+    return list(out)
+
+
+def read_text(path: Path, stats: FilterStats) -> str | None:
+    """UTF-8 text of ``path``, or None (counted, reported) for binary or undecodable files."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        stats.error(path, f"cannot read ({e.strerror or e})")
+        return None
+    if b"\x00" in data[:8192]:
+        stats.error(path, "binary file (NUL bytes), expected UTF-8 text")
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        stats.error(path, f"invalid UTF-8 at byte {e.start}")
+        return None

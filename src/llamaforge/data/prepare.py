@@ -1,0 +1,325 @@
+"""``llamaforge data prepare CONFIG.toml``: raw sources → cleaned text → token shards.
+
+For each ``[[sources]]`` entry, in its own process:
+
+1. **clean**: the kind's reader/cleaner yields documents, written to
+   ``OUT/<name>/clean.jsonl`` (one ``{"text": …}`` a line) with the filter counts;
+2. **tokenize**: documents are encoded (``bos``/``eos`` as configured) and a held-out
+   fraction of them, chosen by a hash of the text, goes to the validation split; tokens are
+   appended to ``train-NNNNN.bin`` / ``val-NNNNN.bin`` (uint16 when the vocabulary fits,
+   else uint32), memory-mappable flat arrays;
+3. ``OUT/<name>/meta.json`` is written last, and names the tokenizer (sha256), dtype,
+   shards, token and document counts, bytes in and out and the filter counts.
+
+Every file is written under a temporary name and renamed when complete, so an
+interrupted run never leaves a file that looks finished. A re-run skips sources whose
+``meta.json`` matches the current config and tokenizer, and re-uses a finished
+``clean.jsonl``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sysconfig
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import ConfigError, load_config
+from ..tokenizer import Tokenizer
+from .base import DataError, FilterStats, expand_paths
+from .sources import KINDS, source_fn
+
+META_FILE = "meta.json"
+CLEAN_FILE = "clean.jsonl"
+
+
+@dataclass
+class SourceConfig:
+    name: str = ""
+    kind: str = ""
+    paths: list[str] = field(default_factory=list)
+    weight: float = 1.0  # sampling proportion (normalised over the sources)
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    tokenizer: str = ""  # SentencePiece model; relative paths are relative to the config file
+    output: str = "data/prepared"
+    sources: list[SourceConfig] = field(default_factory=list)
+    bos: bool = True
+    eos: bool = True
+    val_fraction: float = 0.005  # share of documents held out for validation
+    shard_tokens: int = 100_000_000  # tokens per shard file
+    workers: int = 0  # processes (0: one per source, at most the CPU count)
+    base_dir: str = ""  # set from the config file's folder
+
+
+def load_data_config(path: str | os.PathLike, overrides: list[str] | None = None) -> DataConfig:
+    cfg = load_config(DataConfig, path, overrides)
+    cfg.base_dir = str(Path(path).resolve().parent)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: DataConfig) -> None:
+    if not cfg.sources:
+        raise ConfigError("data config: no [[sources]]")
+    names = set()
+    for i, s in enumerate(cfg.sources):
+        where = f"sources[{i}] ({s.name or 'unnamed'})"
+        if not s.name or not s.name.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(f"{where}: name must be a non-empty [A-Za-z0-9_-] string")
+        if s.name in names:
+            raise ConfigError(f"{where}: duplicate source name {s.name!r}")
+        names.add(s.name)
+        if s.kind not in KINDS:
+            raise ConfigError(f"{where}: unknown kind {s.kind!r}; expected one of {sorted(KINDS)}")
+        if s.weight < 0:
+            raise ConfigError(f"{where}: weight must be >= 0, got {s.weight}")
+    if not 0 <= cfg.val_fraction < 1:
+        raise ConfigError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
+
+
+def resolve(cfg: DataConfig, path: str) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() or not cfg.base_dir else Path(cfg.base_dir) / p
+
+
+def source_paths(cfg: DataConfig, src: SourceConfig) -> list[Path]:
+    stdlib = sysconfig.get_paths()["stdlib"]
+    patterns = [p.replace("@stdlib", stdlib) for p in src.paths]
+    if not patterns:
+        return []
+    return expand_paths(patterns, Path(cfg.base_dir) if cfg.base_dir else None)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
+
+
+def _fingerprint(cfg: DataConfig, src: SourceConfig, tok_sha: str) -> str:
+    key = {
+        "source": asdict(src),
+        "bos": cfg.bos,
+        "eos": cfg.eos,
+        "val": cfg.val_fraction,
+        "shard_tokens": cfg.shard_tokens,
+        "tokenizer": tok_sha,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _atomic_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def read_meta(source_dir: Path) -> dict[str, Any] | None:
+    p = source_dir / META_FILE
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+class _ShardWriter:
+    """Appends token arrays to NNNNN shards of at most ``shard_tokens`` tokens."""
+
+    def __init__(self, directory: Path, split: str, dtype: np.dtype, shard_tokens: int) -> None:
+        self.dir, self.split, self.dtype, self.limit = directory, split, dtype, shard_tokens
+        self.shards: list[dict[str, Any]] = []
+        self.tokens = 0
+        self._f = None
+        self._n = 0
+
+    def _open(self) -> None:
+        name = f"{self.split}-{len(self.shards):05d}.bin"
+        self._path = self.dir / name
+        self._f = open(self.dir / f".{name}.partial", "wb")
+        self._n = 0
+
+    def _close(self) -> None:
+        if self._f is None:
+            return
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        os.replace(self.dir / f".{self._path.name}.partial", self._path)
+        self.shards.append({"file": self._path.name, "tokens": self._n})
+        self._f = None
+
+    def write(self, ids: np.ndarray) -> None:
+        while len(ids):
+            if self._f is None:
+                self._open()
+            room = self.limit - self._n
+            part, ids = ids[:room], ids[room:]
+            self._f.write(part.astype(self.dtype, copy=False).tobytes())
+            self._n += len(part)
+            self.tokens += len(part)
+            if self._n >= self.limit:
+                self._close()
+
+    def finish(self) -> list[dict[str, Any]]:
+        self._close()
+        return self.shards
+
+
+def _clean(cfg: DataConfig, src: SourceConfig, out: Path, progress: bool) -> dict[str, Any]:
+    """Stage 1: cleaned documents to clean.jsonl (skipped when it exists)."""
+    stats_path = out / "clean_stats.json"
+    if (out / CLEAN_FILE).is_file() and stats_path.is_file():
+        return json.loads(stats_path.read_text())
+    stats = FilterStats()
+    paths = source_paths(cfg, src)
+    docs = source_fn(src.kind, f"source {src.name}")(paths, dict(src.options), stats)
+    tmp = out / f".{CLEAN_FILE}.partial"
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(desc=f"{src.name}: clean", unit="doc", position=None, leave=False)
+    t0 = time.time()
+    with open(tmp, "w", encoding="utf-8") as f:
+        for doc in docs:
+            f.write(json.dumps({"text": doc}, ensure_ascii=False) + "\n")
+            if bar is not None:
+                bar.update()
+                mb = stats.bytes_in / 1e6 / max(time.time() - t0, 1e-9)
+                bar.set_postfix_str(f"{mb:.1f} MB/s in", refresh=False)
+    if bar is not None:
+        bar.close()
+    os.replace(tmp, out / CLEAN_FILE)
+    result = stats.to_dict()
+    result["files"] = len(paths)
+    _atomic_json(stats_path, result)
+    return result
+
+
+def _is_val(text: str, fraction: float) -> bool:
+    if fraction <= 0:
+        return False
+    h = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+    return h / 2**64 < fraction
+
+
+def prepare_source(
+    cfg: DataConfig, src: SourceConfig, tokenizer_path: str, progress: bool = True
+) -> dict[str, Any]:
+    """Clean and tokenize one source into ``OUT/<name>/``; returns its meta."""
+    tok = Tokenizer(tokenizer_path)
+    out = resolve(cfg, cfg.output) / src.name
+    out.mkdir(parents=True, exist_ok=True)
+    fingerprint = _fingerprint(cfg, src, tok.sha256())
+    meta = read_meta(out)
+    if meta and meta.get("fingerprint") == fingerprint and meta.get("complete"):
+        meta["skipped"] = True
+        return meta
+    (out / META_FILE).unlink(missing_ok=True)  # the old shards no longer describe the config
+    t0 = time.time()
+    clean = _clean(cfg, src, out, progress)
+    dtype = token_dtype(tok.vocab_size)
+    writers = {s: _ShardWriter(out, s, dtype, cfg.shard_tokens) for s in ("train", "val")}
+    docs = {"train": 0, "val": 0}
+    batch: list[str] = []
+
+    def flush() -> None:
+        for text, ids in zip(batch, tok.encode_batch(batch, bos=cfg.bos, eos=cfg.eos)):
+            split = "val" if _is_val(text, cfg.val_fraction) else "train"
+            writers[split].write(np.asarray(ids, dtype=np.int64))
+            docs[split] += 1
+        batch.clear()
+
+    for old in out.glob("*.bin"):
+        old.unlink()
+    with open(out / CLEAN_FILE, encoding="utf-8") as f:
+        for line in f:
+            batch.append(json.loads(line)["text"])
+            if len(batch) >= 512:
+                flush()
+    flush()
+    meta = {
+        "name": src.name,
+        "kind": src.kind,
+        "weight": src.weight,
+        "fingerprint": fingerprint,
+        "tokenizer": str(tokenizer_path),
+        "tokenizer_sha256": tok.sha256(),
+        "vocab_size": tok.vocab_size,
+        "dtype": dtype.name,
+        "bos": cfg.bos,
+        "eos": cfg.eos,
+        "bos_id": tok.bos_id,
+        "eos_id": tok.eos_id,
+        "splits": {
+            s: {"tokens": w.tokens, "documents": docs[s], "shards": w.finish()}
+            for s, w in writers.items()
+        },
+        "clean": clean,
+        "seconds": round(time.time() - t0, 2),
+        "complete": True,
+    }
+    _atomic_json(out / META_FILE, meta)
+    return meta
+
+
+def _prepare_one(args: tuple) -> dict[str, Any]:
+    cfg, src, tok, progress = args
+    try:
+        return prepare_source(cfg, src, tok, progress)
+    except (DataError, ValueError, OSError) as e:
+        return {"name": src.name, "error": str(e), "complete": False}
+
+
+def prepare(cfg: DataConfig, progress: bool = True, log=print) -> list[dict[str, Any]]:
+    """Prepare every source (in parallel processes); a failing source is reported and
+    does not stop the others. Writes ``OUT/mixture.json`` with the sources and weights."""
+    tok_path = str(resolve(cfg, cfg.tokenizer))
+    Tokenizer(tok_path)  # fail early, naming the file
+    out = resolve(cfg, cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    workers = cfg.workers or min(len(cfg.sources), os.cpu_count() or 1)
+    jobs = [(cfg, s, tok_path, progress) for s in cfg.sources]
+    results: dict[str, dict[str, Any]] = {}
+    if workers <= 1:
+        for job in jobs:
+            results[job[1].name] = _prepare_one(job)
+            _report(results[job[1].name], log)
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            futures = {pool.submit(_prepare_one, job): job[1].name for job in jobs}
+            for fut in as_completed(futures):
+                results[futures[fut]] = fut.result()
+                _report(results[futures[fut]], log)
+    ordered = [results[s.name] for s in cfg.sources]
+    good = [m for m in ordered if m.get("complete")]
+    _atomic_json(
+        out / "mixture.json",
+        {
+            "sources": [{"name": m["name"], "weight": m["weight"]} for m in good],
+            "tokenizer_sha256": good[0]["tokenizer_sha256"] if good else None,
+        },
+    )
+    return ordered
+
+
+def _report(meta: dict[str, Any], log) -> None:
+    if not meta.get("complete"):
+        log(f"  {meta['name']}: FAILED: {meta.get('error')}")
+        return
+    tr, va = meta["splits"]["train"], meta["splits"]["val"]
+    clean = meta["clean"]
+    removed = ", ".join(f"{k} {v}" for k, v in clean["removed"].items()) or "none"
+    note = " (up to date, skipped)" if meta.get("skipped") else f" in {meta['seconds']} s"
+    log(
+        f"  {meta['name']}: {tr['documents']:,} train / {va['documents']:,} val documents, "
+        f"{tr['tokens']:,} / {va['tokens']:,} tokens{note}; removed: {removed}"
+    )
+    for err in clean.get("errors", [])[:5]:
+        log(f"    skipped {err}")

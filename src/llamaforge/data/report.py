@@ -1,0 +1,98 @@
+"""What a prepared data folder holds: the paper's Table 1 for a run, and sample documents."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..tokenizer import Tokenizer
+from .base import DataError
+from .mixture import TokenSource, open_sources
+from .prepare import CLEAN_FILE
+
+
+def table1(data_dir: str | Path, run_tokens: int) -> list[dict[str, Any]]:
+    """Per source: sampling proportion, epochs (tokens drawn / available) for a run of
+    ``run_tokens`` tokens, disk size of the shards and of the cleaned text, tokens."""
+    root = Path(data_dir)
+    sources, weights = open_sources(root)
+    total = sum(weights)
+    rows = []
+    for s, w in zip(sources, weights):
+        shard_bytes = sum(
+            (root / s.name / sh["file"]).stat().st_size
+            for split in s.meta["splits"].values()
+            for sh in split["shards"]
+        )
+        clean = root / s.name / CLEAN_FILE
+        rows.append(
+            {
+                "source": s.name,
+                "kind": s.meta["kind"],
+                "proportion": w / total,
+                "epochs": (run_tokens * w / total) / s.tokens if s.tokens else float("inf"),
+                "text_bytes": s.meta["clean"]["bytes_out"],
+                "disk_bytes": shard_bytes + (clean.stat().st_size if clean.is_file() else 0),
+                "tokens": s.tokens,
+                "documents": s.meta["splits"]["train"]["documents"],
+            }
+        )
+    return rows
+
+
+def format_table1(rows: list[dict[str, Any]], run_tokens: int) -> str:
+    from ..flops import human_bytes, human_count
+
+    lines = [
+        f"Mixture for a run of {human_count(run_tokens)} tokens",
+        f"{'Dataset':<16}{'Sampling prop.':>16}{'Epochs':>9}{'Disk size':>12}{'Tokens':>12}",
+    ]
+    for r in rows:
+        lines.append(
+            f"{r['source']:<16}{r['proportion'] * 100:>15.1f}%{r['epochs']:>9.2f}"
+            f"{human_bytes(r['disk_bytes']):>12}{human_count(r['tokens']):>12}"
+        )
+    return "\n".join(lines)
+
+
+def first_documents(
+    data_dir: str | Path,
+    source: str,
+    n: int = 3,
+    tokenizer: str | Path | None = None,
+    split: str = "train",
+) -> list[str]:
+    """The first ``n`` documents of a source's shards, decoded back to text."""
+    root = Path(data_dir)
+    directory = root / source
+    if not directory.is_dir():
+        names = sorted(p.name for p in root.iterdir() if (p / "meta.json").is_file())
+        raise DataError(f"{root}: no source {source!r}; prepared sources: {names}")
+    src = TokenSource(directory, split)
+    tok = Tokenizer(tokenizer or src.meta["tokenizer"])
+    if tok.sha256() != src.meta["tokenizer_sha256"]:
+        raise DataError(f"{tok.path}: not the tokenizer these shards were built with")
+    marker = src.meta["bos_id"] if src.meta["bos"] else src.meta["eos_id"]
+    docs: list[str] = []
+    pos = 0
+    chunk = 1 << 16
+    current: list[int] = []
+    while len(docs) < n and pos < src.tokens:
+        ids = src.read(pos, min(chunk, src.tokens - pos))
+        pos += len(ids)
+        for t in ids.tolist():
+            boundary = t == marker
+            if boundary and src.meta["bos"]:
+                if current:
+                    docs.append(tok.decode(current))
+                current = []
+            elif boundary:
+                docs.append(tok.decode(current))
+                current = []
+            elif not (t == src.meta["eos_id"] and src.meta["eos"]):
+                current.append(t)
+            if len(docs) >= n:
+                break
+    if len(docs) < n and current:
+        docs.append(tok.decode(current))
+    return docs[:n]
