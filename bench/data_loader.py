@@ -82,13 +82,27 @@ def run(a) -> None:
             x, _ = next(loader)
             n += x.numel()
         dt = time.perf_counter() - t0
+        # peer: nanoGPT's get_batch (random offsets into one memmap, with replacement)
+        data = np.memmap(root / "web" / "train-00000.bin", dtype=np.uint16, mode="r")
+        m, t1 = 0, time.perf_counter()
+        while time.perf_counter() - t1 < a.seconds:
+            ix = torch.randint(len(data) - a.seq_len - 1, (a.batch,))
+            x = torch.stack(
+                [torch.from_numpy(data[i : i + a.seq_len].astype(np.int64)) for i in ix]
+            )
+            torch.stack(
+                [torch.from_numpy(data[i + 1 : i + 1 + a.seq_len].astype(np.int64)) for i in ix]
+            )
+            m += x.numel()
+        dt_peer = time.perf_counter() - t1
     print(
         f"# {platform.machine()}, 1 thread, torch {torch.__version__}, numpy {np.__version__}, "
-        f"pid {os.getpid()}"
+        f"{platform.processor() or 'cpu'}"
     )
     print(
         f"seq_len {a.seq_len}, batch {a.batch}: {n / dt / 1e6:.1f}M tokens/s "
-        f"({n / dt / a.seq_len / a.batch:.0f} batches/s)"
+        f"({n / dt / a.seq_len / a.batch:.0f} batches/s); nanoGPT get_batch "
+        f"{m / dt_peer / 1e6:.1f}M tokens/s; ratio {(n / dt) / (m / dt_peer):.2f}x"
     )
 
 
