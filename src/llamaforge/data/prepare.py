@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sysconfig
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
@@ -51,7 +50,9 @@ class SourceConfig:
 
 @dataclass
 class DataConfig:
-    tokenizer: str = ""  # SentencePiece model; relative paths are relative to the config file
+    tokenizer: str = ""  # SentencePiece model (relative paths: to the working directory)
+    # when the tokenizer file does not exist: train one of this size on the cleaned sources
+    tokenizer_vocab_size: int = 0
     output: str = "data/prepared"
     sources: list[SourceConfig] = field(default_factory=list)
     bos: bool = True
@@ -59,12 +60,10 @@ class DataConfig:
     val_fraction: float = 0.005  # share of documents held out for validation
     shard_tokens: int = 100_000_000  # tokens per shard file
     workers: int = 0  # processes (0: one per source, at most the CPU count)
-    base_dir: str = ""  # set from the config file's folder
 
 
 def load_data_config(path: str | os.PathLike, overrides: list[str] | None = None) -> DataConfig:
     cfg = load_config(DataConfig, path, overrides)
-    cfg.base_dir = str(Path(path).resolve().parent)
     validate(cfg)
     return cfg
 
@@ -89,16 +88,21 @@ def validate(cfg: DataConfig) -> None:
 
 
 def resolve(cfg: DataConfig, path: str) -> Path:
-    p = Path(path).expanduser()
-    return p if p.is_absolute() or not cfg.base_dir else Path(cfg.base_dir) / p
+    return Path(path).expanduser()
 
 
 def source_paths(cfg: DataConfig, src: SourceConfig) -> list[Path]:
-    stdlib = sysconfig.get_paths()["stdlib"]
-    patterns = [p.replace("@stdlib", stdlib) for p in src.paths]
-    if not patterns:
-        return []
-    return expand_paths(patterns, Path(cfg.base_dir) if cfg.base_dir else None)
+    """The files of a source. ``@stdlib`` is the running Python's standard library sources
+    (without site-packages, tests and demos)."""
+    from .stdlib import python_files, stdlib_dir
+
+    files: list[Path] = []
+    patterns = [p for p in src.paths if p != "@stdlib"]
+    if "@stdlib" in src.paths:
+        files += list(python_files(stdlib_dir()))
+    if patterns:
+        files += expand_paths(patterns)
+    return list(dict.fromkeys(files))
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -277,14 +281,66 @@ def _prepare_one(args: tuple) -> dict[str, Any]:
         return {"name": src.name, "error": str(e), "complete": False}
 
 
+def _clean_one(args: tuple) -> tuple[str, str | None]:
+    cfg, src, progress = args
+    out = resolve(cfg, cfg.output) / src.name
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        _clean(cfg, src, out, progress)
+        return src.name, None
+    except (DataError, ValueError, OSError) as e:
+        return src.name, str(e)
+
+
+def _run(fn, jobs: list, workers: int) -> list:
+    if workers <= 1:
+        return [fn(job) for job in jobs]
+    with ProcessPoolExecutor(workers) as pool:
+        return list(pool.map(fn, jobs))
+
+
+def _clean_documents(cfg: DataConfig, names: list[str]):
+    for name in names:
+        with open(resolve(cfg, cfg.output) / name / CLEAN_FILE, encoding="utf-8") as f:
+            for line in f:
+                yield json.loads(line)["text"]
+
+
+def train_data_tokenizer(
+    cfg: DataConfig, tok_path: Path, workers: int, progress: bool, log=print
+) -> None:
+    """Clean every source, then train the tokenizer on the cleaned text of all of them."""
+    from ..tokenizer import train_tokenizer
+
+    log(f"training a {cfg.tokenizer_vocab_size}-piece tokenizer on the cleaned sources")
+    results = _run(_clean_one, [(cfg, s, progress) for s in cfg.sources], workers)
+    failed = [f"{n}: {e}" for n, e in results if e]
+    if failed:
+        raise DataError("cannot train the tokenizer, sources failed to clean: " + "; ".join(failed))
+    train_tokenizer(
+        _clean_documents(cfg, [s.name for s in cfg.sources]),
+        tok_path,
+        vocab_size=cfg.tokenizer_vocab_size,
+    )
+    log(f"wrote {tok_path}")
+
+
 def prepare(cfg: DataConfig, progress: bool = True, log=print) -> list[dict[str, Any]]:
     """Prepare every source (in parallel processes); a failing source is reported and
     does not stop the others. Writes ``OUT/mixture.json`` with the sources and weights."""
-    tok_path = str(resolve(cfg, cfg.tokenizer))
-    Tokenizer(tok_path)  # fail early, naming the file
     out = resolve(cfg, cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     workers = cfg.workers or min(len(cfg.sources), os.cpu_count() or 1)
+    tok_file = resolve(cfg, cfg.tokenizer)
+    if not tok_file.is_file() and cfg.tokenizer_vocab_size > 0:
+        train_data_tokenizer(cfg, tok_file, workers, progress, log)
+    elif not tok_file.is_file():
+        raise DataError(
+            f"{tok_file}: tokenizer not found; give an existing SentencePiece model "
+            "or set tokenizer_vocab_size to train one on the cleaned sources"
+        )
+    tok_path = str(tok_file)
+    Tokenizer(tok_path)  # fail early, naming the file
     jobs = [(cfg, s, tok_path, progress) for s in cfg.sources]
     results: dict[str, dict[str, Any]] = {}
     if workers <= 1:

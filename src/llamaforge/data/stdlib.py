@@ -20,7 +20,7 @@ def stdlib_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def _python_files(root: Path) -> Iterator[Path]:
+def python_files(root: Path) -> Iterator[Path]:
     for path in sorted(root.rglob("*.py")):
         if not _SKIP_DIRS.intersection(path.relative_to(root).parts[:-1]):
             yield path
@@ -29,7 +29,7 @@ def _python_files(root: Path) -> Iterator[Path]:
 def code_documents(max_bytes: int | None = None) -> Iterator[str]:
     """The standard library's Python sources, one document per file."""
     total = 0
-    for path in _python_files(stdlib_dir()):
+    for path in python_files(stdlib_dir()):
         try:
             text = path.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):
@@ -52,7 +52,7 @@ def docs_documents(max_bytes: int | None = None) -> Iterator[str]:
     texts: Iterator[str] = (topics[k] for k in sorted(topics))
 
     def docstrings() -> Iterator[str]:
-        for path in _python_files(stdlib_dir()):
+        for path in python_files(stdlib_dir()):
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", SyntaxWarning)
