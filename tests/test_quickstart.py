@@ -10,7 +10,6 @@ from llamaforge.quickstart import QuickstartConfig, run_quickstart
 def test_quickstart_learns_and_leaves_a_usable_checkpoint(tmp_path):
     cfg = QuickstartConfig(
         out=str(tmp_path / "run"),
-        code_mb=0.4,
         vocab_size=1024,
         steps=200,
         warmup=20,
@@ -27,3 +26,8 @@ def test_quickstart_learns_and_leaves_a_usable_checkpoint(tmp_path):
     model, tok = llamaforge.load(summary["checkpoint"])
     assert model.args.vocab_size == tok.vocab_size == 1024
     assert len(summary["samples"]) == 3
+    # both sources of the mixture were drawn, in proportion
+    epochs = summary["epochs"]
+    assert set(epochs) == {"code", "docs"} and all(e > 0 for e in epochs.values())
+    meta = json.loads((tmp_path / "run" / "data" / "code" / "meta.json").read_text())
+    assert meta["clean"]["removed"]["duplicate_file"] >= 1  # the cleaners ran

@@ -1,16 +1,16 @@
 """``llamaforge quickstart``: the whole path on a machine with nothing but the package.
 
-Builds a corpus from the Python standard library (its docs as prose, its sources as
-code), trains a SentencePiece BPE tokenizer on it, tokenizes with a held-out validation
-split by document, trains a small LLaMA with the paper's optimiser recipe, reports the
-validation loss next to the unigram baseline, saves a native checkpoint and samples text.
+Prepares the embedded default corpus — the Python standard library's sources (code) and
+docs (prose) through the data pipeline's cleaners, a SentencePiece BPE tokenizer trained
+on them and token shards with a held-out split by document — then trains a small LLaMA on
+the two-source mixture with the paper's optimiser recipe, reports the validation loss
+next to the unigram baseline, saves a native checkpoint and samples text.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,18 +22,20 @@ from tqdm import tqdm
 
 from .checkpoint import save
 from .config import to_dict
-from .data.stdlib import code_documents, docs_documents
+from .data.mixture import MixtureLoader, MixtureSampler, open_sources, validation_batches
+from .data.prepare import DataConfig, SourceConfig, prepare
 from .generate import generate
 from .model import ModelArgs, build_model
-from .tokenizer import Tokenizer, train_tokenizer
+from .tokenizer import Tokenizer
 from .train import build_optimizer, evaluate_loss, lr_at, train_step
 
 
 @dataclass
 class QuickstartConfig:
     out: str = "runs/quickstart"
-    code_mb: float = 1.5  # megabytes of standard-library source (the docs are always used)
     vocab_size: int = 2048
+    code_weight: float = 0.7  # sampling proportions of the two sources (normalised)
+    docs_weight: float = 0.3
     dim: int = 128
     n_layers: int = 4
     n_heads: int = 4
@@ -42,12 +44,27 @@ class QuickstartConfig:
     steps: int = 400
     warmup: int = 40
     lr: float = 3e-3
-    val_every_n_docs: int = 20  # every n-th document goes to the validation split
+    val_fraction: float = 0.05  # documents held out for validation
     val_batches: int = 8
     samples: int = 3
     sample_tokens: int = 60
     seed: int = 0
     device: str = "auto"
+
+
+def data_config(cfg: QuickstartConfig) -> DataConfig:
+    """The embedded default corpus (configs/data/stdlib.toml) inside the run directory."""
+    data = Path(cfg.out) / "data"
+    return DataConfig(
+        tokenizer=str(data / "tokenizer.model"),
+        tokenizer_vocab_size=cfg.vocab_size,
+        output=str(data),
+        val_fraction=cfg.val_fraction,
+        sources=[
+            SourceConfig(name="code", kind="code", paths=["@stdlib"], weight=cfg.code_weight),
+            SourceConfig(name="docs", kind="stdlib_docs", weight=cfg.docs_weight),
+        ],
+    )
 
 
 def _device(name: str) -> torch.device:
@@ -64,12 +81,6 @@ def unigram_cross_entropy(train: np.ndarray, val: np.ndarray, vocab_size: int) -
     return float(-logp[val].mean())
 
 
-def _windows(tokens: np.ndarray, seq_len: int, starts: np.ndarray, device) -> tuple:
-    rows = np.stack([tokens[s : s + seq_len + 1] for s in starts]).astype(np.int64)
-    t = torch.from_numpy(rows).to(device)
-    return t[:, :-1], t[:, 1:]
-
-
 def run_quickstart(cfg: QuickstartConfig, log: Callable[[str], None] = print) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -77,26 +88,17 @@ def run_quickstart(cfg: QuickstartConfig, log: Callable[[str], None] = print) ->
     torch.manual_seed(cfg.seed)
     t0 = time.time()
 
-    log("1/5 corpus: the Python standard library's docs and sources")
-    docs = list(docs_documents()) + list(code_documents(max_bytes=int(cfg.code_mb * 1e6)))
-    random.Random(cfg.seed).shuffle(docs)
-    val_docs = docs[:: cfg.val_every_n_docs]
-    train_docs = [d for i, d in enumerate(docs) if i % cfg.val_every_n_docs]
-    log(
-        f"    {len(train_docs)} train / {len(val_docs)} validation documents, "
-        f"{sum(map(len, docs)) / 1e6:.1f} MB"
-    )
-
-    log(f"2/5 tokenizer: SentencePiece BPE, {cfg.vocab_size} pieces, digits split, byte fallback")
-    tok = train_tokenizer(iter(train_docs), out / "tokenizer.model", vocab_size=cfg.vocab_size)
-
-    log("3/5 tokenize")
-    train_ids = np.concatenate(
-        [np.asarray(ids, dtype=np.uint16) for ids in tok.encode_batch(train_docs, eos=True)]
-    )
-    val_ids = np.concatenate(
-        [np.asarray(ids, dtype=np.uint16) for ids in tok.encode_batch(val_docs, eos=True)]
-    )
+    log("1/4 data: the Python standard library's sources (code) and docs (prose)")
+    dcfg = data_config(cfg)
+    results = prepare(dcfg, progress=False, log=log)
+    failed = [r["name"] for r in results if not r.get("complete")]
+    if failed:
+        raise RuntimeError(f"data preparation failed for {failed}")
+    tok = Tokenizer(dcfg.tokenizer)
+    sources, weights = open_sources(dcfg.output, tokenizer_sha256=tok.sha256())
+    val_sources, _ = open_sources(dcfg.output, "val")
+    train_ids = np.concatenate([a for s in sources for a in s.arrays])
+    val_ids = np.concatenate([a for s in val_sources for a in s.arrays])
     unigram = unigram_cross_entropy(train_ids, val_ids, tok.vocab_size)
     log(
         f"    {len(train_ids):,} train / {len(val_ids):,} validation tokens; "
@@ -113,16 +115,16 @@ def run_quickstart(cfg: QuickstartConfig, log: Callable[[str], None] = print) ->
     )
     model = build_model(args, device=device)
     log(
-        f"4/5 train: {model.num_params() / 1e6:.2f}M-parameter LLaMA on {device}, "
-        f"{cfg.steps} steps of {cfg.batch_size}x{cfg.seq_len} tokens"
+        f"2/4 train: {model.num_params() / 1e6:.2f}M-parameter LLaMA on {device}, "
+        f"{cfg.steps} steps of {cfg.batch_size}x{cfg.seq_len} tokens from the mixture"
     )
     optimizer = build_optimizer(model, cfg.lr)
-    rng = np.random.default_rng(cfg.seed)
-    n_val = min(cfg.val_batches * cfg.batch_size, (len(val_ids) - 1) // cfg.seq_len)
-    val_starts = np.arange(n_val) * cfg.seq_len
+    loader = MixtureLoader(MixtureSampler(sources, weights, cfg.seq_len, cfg.seed), cfg.batch_size)
     val_batches = [
-        _windows(val_ids, cfg.seq_len, val_starts[i : i + cfg.batch_size], device)
-        for i in range(0, n_val, cfg.batch_size)
+        (x.to(device), y.to(device))
+        for x, y in validation_batches(
+            dcfg.output, cfg.seq_len, cfg.batch_size, cfg.val_batches, tok.sha256()
+        )
     ]
     metrics_path = out / "metrics.jsonl"
     model.train()
@@ -131,11 +133,9 @@ def run_quickstart(cfg: QuickstartConfig, log: Callable[[str], None] = print) ->
         tqdm(total=cfg.steps, desc="train", unit="step") as bar,
     ):
         for step in range(cfg.steps):
-            starts = rng.integers(0, len(train_ids) - cfg.seq_len - 1, cfg.batch_size)
             lr = lr_at(step, peak=cfg.lr, warmup=cfg.warmup, total=cfg.steps)
-            loss, gnorm = train_step(
-                model, optimizer, [_windows(train_ids, cfg.seq_len, starts, device)], lr
-            )
+            x, y = next(loader)
+            loss, gnorm = train_step(model, optimizer, [(x.to(device), y.to(device))], lr)
             if not math.isfinite(loss):
                 raise RuntimeError(f"non-finite loss at step {step}; lower lr (now {cfg.lr})")
             record = {
@@ -152,14 +152,15 @@ def run_quickstart(cfg: QuickstartConfig, log: Callable[[str], None] = print) ->
             bar.update()
     val_loss = evaluate_loss(model, val_batches)
 
-    log("5/5 save and sample")
+    log("3/4 save")
     ckpt = save(
         model.eval(), tok, out / "model", overwrite=True, extra={"quickstart": to_dict(cfg)}
     )
+    log("4/4 sample")
     prompts = ["The", "def ", "import "][: cfg.samples]
     samples = generate(
         model,
-        Tokenizer(out / "tokenizer.model"),
+        tok,
         prompts,
         max_new_tokens=cfg.sample_tokens,
         temperature=0.8,
@@ -172,6 +173,7 @@ def run_quickstart(cfg: QuickstartConfig, log: Callable[[str], None] = print) ->
         "val_perplexity": math.exp(val_loss),
         "checkpoint": str(ckpt),
         "metrics": str(metrics_path),
+        "epochs": loader.sampler.epochs(),
         "seconds": round(time.time() - t0, 1),
         "samples": [p + s for p, s in zip(prompts, samples)],
     }
