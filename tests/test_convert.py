@@ -212,3 +212,43 @@ def test_llama_tokenizer_classes_load_the_export(tmp_path, small_tokenizer):
         tok = cls.from_pretrained(hf_dir)
         assert tok("Hello world")["input_ids"] == small_tokenizer.encode("Hello world")
         assert (tok.bos_token_id, tok.eos_token_id) == (1, 2)
+
+
+def test_cli_convert_round_trip_and_errors(tmp_path, small_tokenizer):
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+
+    def run(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "llamaforge", "convert", *map(str, args)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
+
+    vocab = small_tokenizer.vocab_size
+    model = make_model(vocab)
+    native = llamaforge.save(model, small_tokenizer, tmp_path / "native")
+    steps = [
+        ("native", "hf", native, tmp_path / "hf"),
+        ("hf", "meta", tmp_path / "hf", tmp_path / "meta"),
+        ("meta", "native", tmp_path / "meta", tmp_path / "back"),
+        ("native", "gguf", tmp_path / "back", tmp_path / "m.gguf"),
+    ]
+    for src_fmt, dst_fmt, src, dst in steps:
+        r = run("--from", src_fmt, "--to", dst_fmt, src, dst, "--quiet", "--shards", "1")
+        assert r.returncode == 0, r.stderr
+    back, _ = llamaforge.load(tmp_path / "back")
+    assert (logits(back, vocab) - logits(model, vocab)).abs().max().item() <= 1e-5
+    assert (tmp_path / "m.gguf").stat().st_size > 0
+    again = run("--from", "native", "--to", "hf", native, tmp_path / "hf")
+    assert again.returncode == 2 and "already exists" in again.stderr
+    bad = run("--from", "meta", "--to", "native", native, tmp_path / "x")
+    assert bad.returncode == 2 and "no consolidated" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "x").exists()
