@@ -33,13 +33,13 @@ import hashlib
 import re
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .base import DataError, FilterStats, read_text
+from .base import DataError, FilterStats, parse_options, read_text
 
 _WORD = re.compile(r"\w+")
 
@@ -70,46 +70,6 @@ class BooksOptions:
     num_perm: int = 128
     shingle_size: int = 5
     dedup: bool = True
-
-
-def parse_options(cls: type, options: dict[str, Any] | None, kind: str) -> Any:
-    """Build options dataclass ``cls`` from a dict: unknown names and wrong types are
-    ``DataError``s naming the option and the allowed ones."""
-    options = dict(options or {})
-    allowed = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise DataError(
-            f"unknown option(s) {', '.join(map(repr, unknown))} for source kind {kind!r}; "
-            f"allowed: {', '.join(sorted(allowed))}"
-        )
-    defaults = cls()
-    for name, value in options.items():
-        default = getattr(defaults, name)
-        ok: bool
-        if isinstance(default, bool):
-            ok = isinstance(value, bool)
-        elif isinstance(default, int):
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        elif isinstance(default, float):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if ok:
-                options[name] = float(value)
-        elif isinstance(default, str):
-            ok = isinstance(value, str)
-        else:  # list or None-valued options
-            ok = value is None or (
-                isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
-            )
-            if ok and value is not None:
-                options[name] = list(value)
-        if not ok:
-            raise DataError(
-                f"option {name!r} of source kind {kind!r} must be of type "
-                f"{type(default).__name__ if default is not None else 'list[str]'}, "
-                f"got {value!r}"
-            )
-    return cls(**options)
 
 
 def strip_gutenberg(text: str) -> tuple[str, bool, bool]:

@@ -36,8 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .base import DataError, FilterStats, read_text
-from .generic import parse_options
+from .base import DataError, FilterStats, parse_options, read_text
 
 PERMISSIVE_DEFAULT = ["apache", "bsd", "mit", "psf"]
 

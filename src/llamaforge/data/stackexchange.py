@@ -29,8 +29,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
-from .base import FilterStats
-from .books import parse_options
+from .base import FilterStats, parse_options
 
 
 @dataclass

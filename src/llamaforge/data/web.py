@@ -59,8 +59,8 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any, Literal
 
-from .base import DataError, FilterStats, expand_paths, read_text
-from .generic import iter_json_file, parse_options, split_blocks
+from .base import DataError, FilterStats, expand_paths, parse_options, read_text
+from .generic import iter_json_file, split_blocks
 
 log = logging.getLogger("llamaforge.data")
 

@@ -28,8 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from .base import FilterStats, read_text
-from .books import parse_options
+from .base import FilterStats, parse_options, read_text
 
 PAPER_LANGUAGES = (
     "bg ca cs da de en es fr hr hu it nl pl pt ro ru sl sr sv uk".split()
