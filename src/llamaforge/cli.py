@@ -111,7 +111,7 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     if not prompts:
         raise ValueError("give --prompt TEXT (repeatable) or --prompt-file FILE")
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tok = load(a.ckpt, device=device, dtype=a.dtype)
+    model, tok = load(a.ckpt, device=device, dtype=a.dtype, tokenizer=a.tokenizer)
     if tok is None:
         raise ValueError(f"{a.ckpt}: no tokenizer.model in the checkpoint; pass --tokenizer")
 
@@ -289,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep the last tokens of a prompt longer than the context",
     )
+    g.add_argument("--tokenizer", help="tokenizer.model to use instead of the checkpoint's")
     g.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
     g.add_argument("--dtype", help="float32, bfloat16, float16 (default: as stored)")
     g.set_defaults(func=_cmd_generate)
