@@ -1,0 +1,1 @@
+"""Evaluation: the paper's benchmarks and protocols (see base.py for the contract)."""
