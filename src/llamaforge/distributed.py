@@ -1,0 +1,140 @@
+"""Process-group set-up and model wrapping for data-parallel pretraining.
+
+A run launched by ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` in the environment)
+joins a process group — NCCL on CUDA, Gloo on CPU; anything else is a single process with
+no group at all. With more than one process the model is wrapped with FSDP2
+(``fully_shard`` on every ``TransformerBlock``, then on the root) or with DDP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+PARALLEL_MODES = ("fsdp", "ddp")
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+
+def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
+    """``auto``: this rank's GPU when CUDA is available, else the CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank)
+    return dev
+
+
+def init(device: str = "auto") -> DistInfo:
+    """Join the torchrun process group if there is one; a single process otherwise."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        kwargs: dict[str, Any] = {"backend": backend}
+        if dev.type == "cuda":
+            kwargs["device_id"] = dev
+        dist.init_process_group(**kwargs)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks (a no-op in a single process); returns ``t``."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def print0(*args: Any, **kwargs: Any) -> None:
+    """``print`` on rank 0 only (to stderr unless ``file`` says otherwise)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        kwargs.setdefault("file", sys.stderr)
+        kwargs.setdefault("flush", True)
+        print(*args, **kwargs)
+
+
+def wrap_model(model: nn.Module, info: DistInfo, parallel: str = "fsdp") -> nn.Module:
+    """FSDP2 (each ``TransformerBlock``, then the root) or DDP when ``world_size > 1``."""
+    if parallel not in PARALLEL_MODES:
+        raise ValueError(f"parallel={parallel!r}: expected one of {PARALLEL_MODES}")
+    if info.world_size <= 1:
+        return model
+    if parallel == "ddp":
+        ids = [info.device.index] if info.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(info.device.type, (info.world_size,))
+    for block in model.layers:  # type: ignore[union-attr]
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DDP wrapper (FSDP2 keeps the module itself)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+@contextlib.contextmanager
+def grad_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce / reduce-scatter for a micro-batch that is not the
+    last of its step (gradient accumulation)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel) and not enabled:
+        with model.no_sync():
+            yield
+        return
+    setter = getattr(model, "set_requires_gradient_sync", None)  # FSDP2 modules
+    if setter is not None:
+        setter(enabled)
+    yield
+
+
+def grad_norm_value(norm: torch.Tensor) -> float:
+    """The clip_grad_norm_ result as a float (a DTensor under FSDP2)."""
+    full = getattr(norm, "full_tensor", None)
+    return float(full() if full is not None else norm)

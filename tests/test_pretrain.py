@@ -1,0 +1,231 @@
+"""`python -m llamaforge.pretrain` end to end on a tiny prepared corpus: data-parallel
+equivalence (real torchrun processes, Gloo), bitwise resume, crash recovery, the final
+native checkpoint and configuration errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import llamaforge
+from llamaforge.config import ConfigError, load_config
+from llamaforge.data.prepare import load_data_config, prepare
+from llamaforge.pretrain import PretrainConfig, list_checkpoints, main, run_pretrain
+
+from .conftest import REPO
+
+WORDS = "the fox ran to a green tree and the dog sat by the red door while birds sang".split()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """A small prepared corpus with its own 300-piece tokenizer."""
+    root = tmp_path_factory.mktemp("pretrain_data")
+    rows = []
+    for i in range(600):
+        words = [WORDS[(i * 7 + j * (i % 5 + 1)) % len(WORDS)] for j in range(12 + i % 9)]
+        rows.append({"text": f"Story {i}: " + " ".join(words) + "."})
+    (root / "stories.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    config = root / "data.toml"
+    config.write_text(f"""
+tokenizer = "{root / "out" / "tokenizer.model"}"
+tokenizer_vocab_size = 300
+output = "{root / "out"}"
+val_fraction = 0.1
+workers = 1
+[[sources]]
+name = "stories"
+kind = "generic"
+paths = ["{root / "stories.jsonl"}"]
+""")
+    prepare(load_data_config(config), progress=False, log=lambda s: None)
+    return root / "out"
+
+
+def overrides(corpus: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "model.preset=1M",
+        "model.dim=32",
+        "model.n_layers=2",
+        "model.n_heads=2",
+        "model.multiple_of=16",
+        f"data.dir={corpus}",
+        f"data.tokenizer={corpus / 'tokenizer.model'}",
+        "data.seq_len=32",
+        "batch_tokens=256",  # 8 sequences: 2 micro-batches of 4 in one process
+        "micro_batch=4",
+        "steps=10",
+        "optim.lr=1e-2",
+        "optim.warmup_steps=2",
+        "eval_every=5",
+        "eval_batches=2",
+        "checkpoint.every=5",
+        "checkpoint.keep=0",
+        "progress=false",
+        f"out={out}",
+        *extra,
+    ]
+
+
+def cfg_of(corpus: Path, out: Path, *extra: str) -> PretrainConfig:
+    return load_config(PretrainConfig, None, overrides(corpus, out, *extra))
+
+
+def command(corpus: Path, out: Path, *extra: str, nproc: int = 1) -> list[str]:
+    args = ["-m", "llamaforge.pretrain", *overrides(corpus, out, *extra)]
+    if nproc == 1:
+        return [sys.executable, *args]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+    return [*launcher, "--master_port", str(29500 + os.getpid() % 1000), *args]
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(REPO / "src") + os.pathsep + e.get("PYTHONPATH", "")
+    e["OMP_NUM_THREADS"] = "1"
+    return e
+
+
+def run(corpus: Path, out: Path, *extra: str, nproc: int = 1) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        command(corpus, out, *extra, nproc=nproc),
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def metrics(out: Path, key: str = "loss") -> dict[int, float]:
+    """step -> value; a replayed step (after a resume) keeps its last line."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r[key] for r in rows}
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_and_reshard_on_resume(corpus, tmp_path):
+    one = tmp_path / "one"
+    run(corpus, one)
+    ref = metrics(one)
+    assert sorted(ref) == list(range(1, 11))
+    for parallel in ("fsdp", "ddp"):
+        two = tmp_path / parallel
+        run(corpus, two, f"parallel={parallel}", nproc=2)
+        got = metrics(two)
+        assert sorted(got) == sorted(ref)
+        for step in ref:
+            assert abs(got[step] - ref[step]) < 1e-4, (parallel, step, got[step], ref[step])
+    # the FSDP run's step-5 checkpoint (sharded over 2 ranks) resumed in one process
+    resumed = tmp_path / "resharded"
+    proc = run(corpus, resumed, f"resume={tmp_path / 'fsdp' / 'checkpoints' / 'step-000005'}")
+    assert "at step 5" in proc.stderr
+    got = metrics(resumed)
+    assert sorted(got) == list(range(6, 11))
+    for step in got:
+        assert abs(got[step] - ref[step]) < 1e-4, (step, got[step], ref[step])
+
+
+def test_stop_and_resume_is_bitwise_identical_and_model_generates(corpus, tmp_path):
+    full = run_pretrain(cfg_of(corpus, tmp_path / "full"))
+    assert full["step"] == 10 and full["model"] is not None
+    ref, ref_norm = metrics(tmp_path / "full"), metrics(tmp_path / "full", "grad_norm")
+
+    part = tmp_path / "part"
+    first = run_pretrain(cfg_of(corpus, part, "stop_at=4"))
+    assert first["step"] == 4 and first["model"] is None
+    assert [s for s, _ in list_checkpoints(part / "checkpoints")] == [4]
+    second = run_pretrain(cfg_of(corpus, part))  # resume = "auto"
+    assert second["step"] == 10
+    assert metrics(part) == ref  # bitwise: same floats
+    assert metrics(part, "grad_norm") == ref_norm
+    assert second["val_loss"] == full["val_loss"]
+    assert [s for s, _ in list_checkpoints(part / "checkpoints")] == [4, 5, 10]
+
+    row = json.loads((tmp_path / "full" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["tokens"] == 10 * 256 and row["tokens_per_s"] > 0 and row["mfu"] is None
+    assert row["peak_mem_bytes"] > 0 and "val_loss" in row and row["lr"] > 0
+
+    # (d) the end-of-run native checkpoint loads and generates
+    model, tok = llamaforge.load(tmp_path / "full" / "model")
+    assert tok is not None and model.args.dim == 32 and model.args.vocab_size == 300
+    text = llamaforge.generate(model, tok, "Story 3:", max_new_tokens=8, seed=0)
+    assert isinstance(text, str)
+    ids = tok.encode("Story 3: the fox")
+    import torch
+
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([ids]))).all()
+
+
+@pytest.mark.slow
+def test_sigkill_resumes_from_last_complete_checkpoint(corpus, tmp_path):
+    extra = ("steps=300", "checkpoint.every=20", "eval_every=0", "eval_batches=0")
+    run(corpus, tmp_path / "ref", *extra)
+    ref = metrics(tmp_path / "ref")
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(
+        command(corpus, out, *extra),
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    log = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline:  # kill between two checkpoints, after the first
+            if log.is_file() and len(log.read_text().splitlines()) >= 30:
+                break
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    reached = max(metrics(out))
+    assert proc.returncode == -signal.SIGKILL and reached < 300
+    complete = [s for s, _ in list_checkpoints(out / "checkpoints")]
+    assert complete and complete[-1] <= reached
+    proc2 = run(corpus, out, *extra)
+    assert f"at step {complete[-1]}" in proc2.stderr
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    replayed = [r["step"] for r in lines[reached:]]
+    assert replayed == list(range(complete[-1] + 1, 301))
+    assert metrics(out) == ref  # replayed steps and the rest: the same losses, bitwise
+
+
+def test_sigterm_saves_and_exits_cleanly(corpus, tmp_path):
+    out = tmp_path / "term"
+    extra = ("steps=2000", "checkpoint.every=1000", "eval_every=0", "eval_batches=0")
+    proc = subprocess.Popen(
+        command(corpus, out, *extra), env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    log = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.is_file() and log.read_text().count("\n") >= 3):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    last = max(metrics(out))
+    assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [last] and last < 2000
+
+
+def test_indivisible_batch_tokens_is_a_clear_error(corpus, tmp_path, capsys):
+    with pytest.raises(ConfigError, match=r"batch_tokens=250 .*micro_batch \(4\).*seq_len \(32\)"):
+        run_pretrain(cfg_of(corpus, tmp_path / "bad", "batch_tokens=250"))
+    assert main(overrides(corpus, tmp_path / "bad", "batch_tokens=250")) == 2
+    assert "world_size (1) = 128" in capsys.readouterr().err
+    assert not (tmp_path / "bad" / "metrics.jsonl").exists()
+
+
+def test_tiny_cpu_config_parses():
+    cfg = load_config(PretrainConfig, REPO / "configs" / "pretrain" / "tiny-cpu.toml")
+    assert cfg.batch_tokens % (cfg.micro_batch * cfg.data.seq_len) == 0
+    assert cfg.data.dir == "data/stdlib"
