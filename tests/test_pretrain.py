@@ -17,7 +17,13 @@ import pytest
 import llamaforge
 from llamaforge.config import ConfigError, load_config
 from llamaforge.data.prepare import load_data_config, prepare
-from llamaforge.pretrain import PretrainConfig, list_checkpoints, main, run_pretrain
+from llamaforge.pretrain import (
+    PretrainConfig,
+    TrainingError,
+    list_checkpoints,
+    main,
+    run_pretrain,
+)
 
 from .conftest import REPO
 
@@ -229,3 +235,59 @@ def test_tiny_cpu_config_parses():
     cfg = load_config(PretrainConfig, REPO / "configs" / "pretrain" / "tiny-cpu.toml")
     assert cfg.batch_tokens % (cfg.micro_batch * cfg.data.seq_len) == 0
     assert cfg.data.dir == "data/stdlib"
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops(corpus, tmp_path):
+    # lr 1e30 blows the weights up after one step: every later gradient is NaN
+    out = tmp_path / "nan"
+    extra = ("optim.lr=1e30", "optim.warmup_steps=0", "checkpoint.every=1", "eval_batches=0")
+    with pytest.raises(TrainingError, match=r"not finite for 4 steps in a row.*step-000001"):
+        run_pretrain(cfg_of(corpus, out, *extra, "max_skipped_steps=3"))
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert [r.get("skipped", False) for r in rows] == [False, True, True, True, True]
+    # no checkpoint for a skipped step; the good one stays
+    assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [1]
+    assert main(overrides(corpus, tmp_path / "nan2", *extra, "max_skipped_steps=0")) == 1
+
+
+def test_summary_plot_and_carbon(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    summary = run_pretrain(cfg_of(corpus, out, "steps=4", "power_watts=400", "tensorboard=false"))
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["step"] == 4 and saved["tokens"] == 4 * 256 and saved["world_size"] == 1
+    c = summary["carbon"]
+    assert c["watts"] == 400 and c["gpu_hours"] == pytest.approx(summary["device_hours"])
+    assert c["mwh"] == pytest.approx(summary["device_hours"] * 400 * 1.1 / 1e6)
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "carbon (paper's formula, 400 W" in capsys.readouterr().err
+    assert not (out / "tensorboard").exists()
+    # on demand, from the CLI, to another path
+    from llamaforge.cli import main as cli_main
+
+    assert cli_main(["plot", str(out), "--out", str(tmp_path / "curve.png")]) == 0
+    assert (tmp_path / "curve.png").stat().st_size > 1000
+    assert cli_main(["plot", str(tmp_path / "nothing")]) == 2
+    assert "no metrics file" in capsys.readouterr().err
+
+
+def test_tensorboard_mirror(corpus, tmp_path):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "tb"
+    run_pretrain(cfg_of(corpus, out, "steps=2", "tensorboard=true", "plot=false"))
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert not (out / "loss.png").exists()
+
+
+def test_cli_pretrain_reports_bad_settings(corpus, tmp_path, capsys):
+    from llamaforge.cli import main as cli_main
+
+    assert (
+        cli_main(["pretrain", *overrides(corpus, tmp_path / "x", "activation_checkpointing=some")])
+        == 2
+    )
+    assert "activation_checkpointing='some'" in capsys.readouterr().err
+    assert cli_main(["pretrain", *overrides(corpus, tmp_path / "x", "optim.lrr=1")]) == 2
+    assert "lrr" in capsys.readouterr().err
+    assert cli_main(["pretrain", str(tmp_path / "missing.toml")]) == 2
+    assert "missing.toml" in capsys.readouterr().err

@@ -21,6 +21,44 @@ def _cmd_quickstart(a: argparse.Namespace) -> int:
     return 0 if summary["val_loss"] < summary["unigram_loss"] else 1
 
 
+def _cmd_pretrain(a: argparse.Namespace) -> int:
+    from .pretrain import main as pretrain_main
+
+    return pretrain_main(([a.config] if a.config else []) + a.overrides)
+
+
+def _cmd_plot(a: argparse.Namespace) -> int:
+    from .metrics import plot_run
+
+    print(plot_run(a.run_dir, a.out))
+    return 0
+
+
+def _pretrain_epilog() -> str:
+    from .config import describe
+    from .pretrain import PretrainConfig
+
+    keys = "\n".join("  " + line for line in describe(PretrainConfig()))
+    return (
+        "Many processes: torchrun --nproc_per_node N -m llamaforge pretrain CONFIG "
+        "[KEY=VALUE ...] (FSDP2 by default; parallel=ddp for DDP).\n\nSettings and "
+        f"defaults (TOML tables for the dotted ones; model.* null = the preset's value):\n{keys}"
+    )
+
+
+class _PretrainHelp(argparse.Action):
+    """``-h`` for pretrain: the settings list needs the config class, imported only here
+    (so other commands do not pay for importing the training stack)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="show this help and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        parser.epilog = _pretrain_epilog()
+        parser.print_help()
+        parser.exit()
+
+
 def _model_args_for(a: argparse.Namespace):
     from .checkpoint import read_params
     from .presets import get_preset
@@ -251,6 +289,26 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", help="run directory (default runs/quickstart)")
     q.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     q.set_defaults(func=_cmd_quickstart)
+
+    pt = sub.add_parser(
+        "pretrain",
+        help="train a LLaMA from scratch on prepared data (one process, or many via torchrun)",
+        description="Pretrain with the paper's recipe (AdamW 0.9/0.95, wd 0.1, clip 1.0, "
+        "warmup + cosine to 10 %) on shards from `llamaforge data prepare`. Writes "
+        "OUT/metrics.jsonl, OUT/checkpoints/step-N (resumable; resume=auto by default), "
+        "OUT/model (native checkpoint), OUT/loss.png and OUT/summary.json.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        add_help=False,
+    )
+    pt.add_argument("-h", "--help", action=_PretrainHelp)
+    pt.add_argument("config", nargs="?", help="a TOML file (configs/pretrain/*.toml)")
+    pt.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    pt.set_defaults(func=_cmd_pretrain)
+
+    pl = sub.add_parser("plot", help="loss curve (train and validation vs tokens) of a run")
+    pl.add_argument("run_dir", help="a run directory with metrics.jsonl")
+    pl.add_argument("--out", help="PNG path (default RUN_DIR/loss.png)")
+    pl.set_defaults(func=_cmd_plot)
 
     i = sub.add_parser("info", help="parameters, FLOPs per token and training memory of a model")
     src = i.add_mutually_exclusive_group(required=True)

@@ -9,6 +9,7 @@ the key and the file.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 import types
@@ -145,3 +146,17 @@ def to_dict(cfg: Any) -> dict[str, Any]:
         return v
 
     return clean(dataclasses.asdict(cfg))
+
+
+def describe(cfg: Any, prefix: str = "") -> list[str]:
+    """``key = value`` for every setting of a config dataclass instance (nested keys
+    dotted), for ``--help`` texts."""
+    lines = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            lines += describe(value, f"{prefix}{f.name}.")
+        else:
+            shown = str(value) if isinstance(value, Path) else value
+            lines.append(f"{prefix}{f.name} = {json.dumps(shown)}")
+    return lines

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,6 +88,15 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_gather_object(obj: Any) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, …]`` (``[obj]`` in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def print0(*args: Any, **kwargs: Any) -> None:
     """``print`` on rank 0 only (to stderr unless ``file`` says otherwise)."""
     if int(os.environ.get("RANK", "0")) == 0:
@@ -96,23 +105,97 @@ def print0(*args: Any, **kwargs: Any) -> None:
         print(*args, **kwargs)
 
 
-def wrap_model(model: nn.Module, info: DistInfo, parallel: str = "fsdp") -> nn.Module:
-    """FSDP2 (each ``TransformerBlock``, then the root) or DDP when ``world_size > 1``."""
+AC_MODES = ("none", "full", "selective")
+
+
+def _selective_policy() -> Callable[..., Any]:
+    """Keep what is expensive to recompute: the matmul outputs (every linear layer) and
+    the attention kernels' outputs; recompute the element-wise rest (norms, RoPE, SiLU,
+    products, residual adds) in the backward pass — the paper's policy (SPEC §1.6)."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    aten = torch.ops.aten
+    names = (
+        "mm",
+        "addmm",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+    )
+    save = {getattr(aten, n).default for n in names if hasattr(aten, n)}
+
+    def policy(ctx: Any, func: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+        return CheckpointPolicy.MUST_SAVE if func in save else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
+    """Wrap every ``TransformerBlock`` in place: ``full`` keeps only the block's input and
+    recomputes the whole block in the backward pass; ``selective`` keeps the linear and
+    attention outputs (see ``_selective_policy``); ``none`` keeps everything."""
+    if mode not in AC_MODES:
+        raise ValueError(f"activation_checkpointing={mode!r}: expected one of {AC_MODES}")
+    if mode == "none":
+        return
+    from functools import partial
+
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    kwargs: dict[str, Any] = {"preserve_rng_state": False}  # the model has no dropout
+    if mode == "selective":
+        kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, _selective_policy())
+    layers = model.layers  # type: ignore[union-attr]
+    for i, block in enumerate(layers):
+        # state_dict keys lose the wrapper's prefix in DCP's get_state_dict, so
+        # checkpoints are the same with and without activation checkpointing.
+        layers[i] = checkpoint_wrapper(block, **kwargs)
+
+
+def parallelize(
+    model: nn.Module,
+    info: DistInfo,
+    *,
+    parallel: str = "fsdp",
+    activation_checkpointing: str = "none",
+    compile: bool = False,
+    param_dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """Apply, in this order (as torchtitan does): activation checkpointing per block,
+    ``torch.compile`` per block, then FSDP2 (every block, then the root) or DDP when there
+    is more than one process. With FSDP2, ``param_dtype`` (bf16) is the
+    MixedPrecisionPolicy's compute dtype, with gradients reduced in fp32; the sharded
+    master weights and the optimizer states stay fp32."""
     if parallel not in PARALLEL_MODES:
         raise ValueError(f"parallel={parallel!r}: expected one of {PARALLEL_MODES}")
+    apply_activation_checkpointing(model, activation_checkpointing)
+    if compile:
+        for block in model.layers:  # type: ignore[union-attr]
+            block.compile()  # in place: parameter names do not change
     if info.world_size <= 1:
         return model
     if parallel == "ddp":
         ids = [info.device.index] if info.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(info.device.type, (info.world_size,))
-    for block in model.layers:  # type: ignore[union-attr]
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    layers = list(model.layers)  # type: ignore[union-attr]
+    for i, block in enumerate(layers):
+        # the last block's parameters are needed first in the backward pass: keep them
+        # gathered after the forward instead of freeing and re-gathering them.
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(layers) - 1)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
+
+
+def wrap_model(model: nn.Module, info: DistInfo, parallel: str = "fsdp") -> nn.Module:
+    """FSDP2 or DDP only (no checkpointing, no compile): ``parallelize`` with defaults."""
+    return parallelize(model, info, parallel=parallel)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -69,3 +69,61 @@ def human_count(n: float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.2f}{unit}"
     return str(int(n))
+
+
+# -- accelerators: peak dense bf16 FLOP/s (no sparsity) and board power --------------------
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    name: str  # matched as a substring of torch.cuda.get_device_name(), in table order
+    peak_flops: float  # dense bf16 tensor-core FLOP/s
+    watts: float  # board power (TDP), for the paper's carbon estimate
+
+
+# Vendor datasheet figures. More specific names come first ("H100 PCIe" before "H100").
+DEVICES: tuple[DeviceSpec, ...] = (
+    DeviceSpec("GB200", 2.5e15, 1200),
+    DeviceSpec("B200", 2.25e15, 1000),
+    DeviceSpec("H200", 989.5e12, 700),
+    DeviceSpec("H100 PCIe", 756e12, 350),
+    DeviceSpec("H100 NVL", 835e12, 400),
+    DeviceSpec("H100", 989.5e12, 700),
+    DeviceSpec("H800", 989.5e12, 700),
+    DeviceSpec("GH200", 989.5e12, 700),
+    DeviceSpec("A100-PCIE", 312e12, 300),
+    DeviceSpec("A100", 312e12, 400),  # SXM: the paper's 400 W A100-80GB
+    DeviceSpec("A800", 312e12, 400),
+    DeviceSpec("L40S", 362e12, 350),
+    DeviceSpec("L40", 181e12, 300),
+    DeviceSpec("L4", 121e12, 72),
+    DeviceSpec("A10G", 70e12, 300),
+    DeviceSpec("A10", 125e12, 150),
+    DeviceSpec("RTX 4090", 165e12, 450),
+    DeviceSpec("RTX 3090", 71e12, 350),
+    DeviceSpec("V100", 125e12, 300),  # fp16 tensor cores; no bf16
+)
+
+PUE = 1.1  # the paper's datacenter power usage effectiveness (SPEC §1.10)
+KG_CO2_PER_KWH = 0.385  # US national average used by the paper
+
+
+def device_spec(device_name: str) -> DeviceSpec | None:
+    """The table row whose name occurs in ``device_name`` (case-insensitive), if any."""
+    lowered = device_name.lower()
+    for spec in DEVICES:
+        if spec.name.lower() in lowered:
+            return spec
+    return None
+
+
+def carbon(gpu_hours: float, watts: float, pue: float = PUE) -> dict[str, float]:
+    """The paper's estimate: Wh = GPU-h × power × PUE; tCO2eq = MWh × 0.385."""
+    mwh = gpu_hours * watts * pue / 1e6
+    return {
+        "gpu_hours": gpu_hours,
+        "watts": watts,
+        "pue": pue,
+        "mwh": mwh,
+        "tco2eq": mwh * KG_CO2_PER_KWH,
+    }

@@ -35,32 +35,12 @@ from . import distributed as D
 from .checkpoint import save_state
 from .config import ConfigError, load_config, to_dict
 from .data.mixture import MixtureLoader, MixtureSampler, open_sources, validation_batches
-from .flops import flops_per_token
+from .flops import carbon, device_spec, flops_per_token
+from .metrics import MetricsWriter, plot_run
 from .model import ModelArgs, build_model
 from .presets import get_preset
 from .tokenizer import Tokenizer
 from .train import build_optimizer, cross_entropy, lr_at
-
-# bf16 dense peak FLOP/s per GPU (no sparsity), matched against the CUDA device name in order.
-PEAK_FLOPS: list[tuple[str, float]] = [
-    ("GB200", 2.5e15),
-    ("B200", 2.25e15),
-    ("H200", 989e12),
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),
-    ("H800", 989e12),
-    ("GH200", 989e12),
-    ("A100", 312e12),
-    ("A800", 312e12),
-    ("L40S", 362e12),
-    ("L40", 181e12),
-    ("L4", 121e12),
-    ("A10G", 70e12),
-    ("A10", 125e12),
-    ("RTX 4090", 165e12),
-    ("RTX 3090", 71e12),
-    ("V100", 125e12),  # fp16 tensor cores; no bf16
-]
 
 CKPT_RE = re.compile(r"^step-(\d{6,})$")
 STATE_FILE = "state.json"
@@ -126,9 +106,12 @@ class PretrainConfig:
     micro_batch: int = 8  # sequences per rank per forward pass
     steps: int = 1000  # length of the schedule
     stop_at: int = 0  # stop (with a checkpoint) after this step, e.g. for job time limits
-    dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU | fp32 | bf16
+    dtype: str = "auto"  # auto: bf16 on CUDA (fp32 master weights), fp32 on CPU | fp32 | bf16
     device: str = "auto"
     parallel: str = "fsdp"  # fsdp | ddp (used when world_size > 1)
+    activation_checkpointing: str = "none"  # none | full | selective (the paper's)
+    compile: bool | str = "auto"  # torch.compile per block: auto (on CUDA, off on CPU) | bool
+    max_skipped_steps: int = 5  # consecutive non-finite steps skipped before stopping
     eval_every: int = 0  # steps between validation losses (0: only at the end)
     eval_batches: int = 8
     out: str = "runs/pretrain"
@@ -136,8 +119,13 @@ class PretrainConfig:
     seed: int = 0
     log_every: int = 1  # steps between metrics.jsonl lines
     peak_flops: float = 0.0  # per-device peak FLOP/s for MFU (0: from the GPU table)
+    power_watts: float = 0.0  # per-device power for the carbon estimate (0: GPU table)
     progress: bool = True  # tqdm bar on rank 0
     save_model: bool = True  # write OUT/model at the end of the schedule
+    plot: bool = True  # write OUT/loss.png at the end
+    tensorboard: bool | str = "auto"  # auto (when installed) | true | false: OUT/tensorboard
+    wandb_project: str = ""  # log to Weights & Biases under this project
+    wandb_run: str = ""
 
 
 # -- helpers ----------------------------------------------------------------------------
@@ -199,6 +187,20 @@ def validate(cfg: PretrainConfig) -> None:
         raise ConfigError(f"steps={cfg.steps}: must be positive")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas={cfg.optim.betas}: expected two numbers")
+    if cfg.activation_checkpointing not in D.AC_MODES:
+        raise ConfigError(
+            f"activation_checkpointing={cfg.activation_checkpointing!r}: expected one of "
+            f"{', '.join(D.AC_MODES)}"
+        )
+    for key in ("compile", "tensorboard"):
+        if not isinstance(getattr(cfg, key), bool) and getattr(cfg, key) != "auto":
+            raise ConfigError(f"{key}={getattr(cfg, key)!r}: expected auto, true or false")
+    if cfg.max_skipped_steps < 0:
+        raise ConfigError(f"max_skipped_steps={cfg.max_skipped_steps}: must be >= 0")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss stayed non-finite); the message says why."""
 
 
 def autocast_dtype(cfg: PretrainConfig, device: torch.device) -> torch.dtype | None:
@@ -207,16 +209,31 @@ def autocast_dtype(cfg: PretrainConfig, device: torch.device) -> torch.dtype | N
     return None
 
 
+def use_compile(cfg: PretrainConfig, device: torch.device) -> bool:
+    return cfg.compile is True or (cfg.compile == "auto" and device.type == "cuda")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
 def device_peak_flops(cfg: PretrainConfig, device: torch.device) -> float | None:
+    """Per-device peak for MFU: ``peak_flops`` when set, else the GPU table (flops.py)."""
     if cfg.peak_flops > 0:
         return cfg.peak_flops
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, peak in PEAK_FLOPS:
-        if key in name:
-            return peak
-    return None
+    spec = device_spec(device_name(device)) if device.type == "cuda" else None
+    return spec.peak_flops if spec else None
+
+
+def device_watts(cfg: PretrainConfig, device: torch.device) -> float | None:
+    if cfg.power_watts > 0:
+        return cfg.power_watts
+    spec = device_spec(device_name(device)) if device.type == "cuda" else None
+    return spec.watts if spec else None
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -286,10 +303,21 @@ def save_checkpoint(
         tmp.mkdir()
     D.barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
+    bad = [k for k, v in model_sd.items() if not torch.isfinite(_local(v)).all()]
+    if D.all_reduce_max(torch.tensor([len(bad)], device=info.device))[0] > 0:
+        D.barrier()
+        if info.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise TrainingError(
+            f"step {step}: non-finite values in {bad[:3] or 'the weights'}: checkpoint "
+            f"{final} not written (the previous ones are kept)"
+        )
     with _quiet_single_process():
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    rngs = D.all_gather_object(_rng_state())
     if info.is_main:
-        (tmp / STATE_FILE).write_text(json.dumps({**meta, "rng": _rng_state()}) + "\n")
+        state = {**meta, "world_size": info.world_size, "rng": rngs}
+        (tmp / STATE_FILE).write_text(json.dumps(state) + "\n")
     D.barrier()
     if info.is_main:
         if final.exists():
@@ -302,8 +330,14 @@ def save_checkpoint(
     return final
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2), or the tensor itself."""
+    local = getattr(t, "to_local", None)
+    return local() if local is not None else t
+
+
 def load_checkpoint(
-    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, info: D.DistInfo
 ) -> dict[str, Any]:
     """Load the model and optimizer shards (resharded to this world size) and return the
     checkpoint's state.json (step, tokens, loader state, RNG)."""
@@ -318,7 +352,9 @@ def load_checkpoint(
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
     )
-    _set_rng_state(meta["rng"])
+    rngs = meta["rng"] if isinstance(meta["rng"], list) else [meta["rng"]]
+    # each rank gets its own generator state back; on another world size, rank 0's
+    _set_rng_state(rngs[info.rank] if len(rngs) == info.world_size else rngs[0])
     return meta
 
 
@@ -406,9 +442,11 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
 
 
 def _run(cfg: PretrainConfig, info: D.DistInfo, stop: StopFlag) -> dict[str, Any]:
+    t_start = time.perf_counter()
     accum = grad_accum_steps(cfg, info.world_size)
     device = info.device
     amp = autocast_dtype(cfg, device)
+    fsdp = cfg.parallel == "fsdp" and info.world_size > 1
     out = Path(cfg.out)
     tok = Tokenizer(cfg.data.tokenizer)
     args = model_args(cfg, tok.vocab_size)
@@ -433,7 +471,17 @@ def _run(cfg: PretrainConfig, info: D.DistInfo, stop: StopFlag) -> dict[str, Any
         torch.cuda.manual_seed(cfg.seed)
     model = build_model(args, device=device)  # fp32 master weights; same init on every rank
     n_params = model.num_params()
-    model = D.wrap_model(model, info, cfg.parallel)
+    compiled = use_compile(cfg, device)
+    model = D.parallelize(
+        model,
+        info,
+        parallel=cfg.parallel,
+        activation_checkpointing=cfg.activation_checkpointing,
+        compile=compiled,
+        param_dtype=amp if fsdp else None,
+    )
+    # FSDP2's MixedPrecisionPolicy casts parameters itself; otherwise autocast does.
+    autocast = None if fsdp else amp
     model.train()
     betas = (float(cfg.optim.betas[0]), float(cfg.optim.betas[1]))
     optimizer = build_optimizer(
@@ -443,7 +491,7 @@ def _run(cfg: PretrainConfig, info: D.DistInfo, stop: StopFlag) -> dict[str, Any
     step, tokens_seen = 0, 0
     resume_from = resolve_resume(cfg)
     if resume_from is not None:
-        meta = load_checkpoint(resume_from, model, optimizer)
+        meta = load_checkpoint(resume_from, model, optimizer, info)
         step, tokens_seen = int(meta["step"]), int(meta["tokens"])
         loader.load_state_dict(meta["loader"])
         D.print0(f"resumed from {resume_from} at step {step}")
@@ -451,17 +499,29 @@ def _run(cfg: PretrainConfig, info: D.DistInfo, stop: StopFlag) -> dict[str, Any
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    dev_name = device_name(device)
     D.print0(
         f"model {n_params / 1e6:.2f}M params, {args.n_layers} layers, dim {args.dim}, "
-        f"vocab {args.vocab_size}; {info.world_size} process(es) on {device}, "
+        f"vocab {args.vocab_size}; {info.world_size} process(es) on {dev_name}, "
         f"batch {cfg.batch_tokens} tokens = {accum} × {cfg.micro_batch} × {seq_len} × "
-        f"{info.world_size}, {'bf16 autocast' if amp else 'fp32'}"
+        f"{info.world_size}, {'bf16' if amp else 'fp32'}, activation checkpointing "
+        f"{cfg.activation_checkpointing}, compile {'on' if compiled else 'off'}"
     )
     fpt = flops_per_token(args, seq_len)
     peak = device_peak_flops(cfg, device)
     end = min(cfg.steps, cfg.stop_at) if cfg.stop_at > 0 else cfg.steps
     ckpt_root = checkpoint_root(cfg)
-    metrics = (out / "metrics.jsonl").open("a") if info.is_main else None
+    writer = (
+        MetricsWriter(
+            out,
+            tensorboard=str(cfg.tensorboard).lower(),
+            wandb_project=cfg.wandb_project,
+            wandb_run=cfg.wandb_run,
+            config=to_dict(cfg),
+        )
+        if info.is_main
+        else None
+    )
     bar = None
     if info.is_main and cfg.progress:
         from tqdm import tqdm
@@ -473,8 +533,12 @@ def _run(cfg: PretrainConfig, info: D.DistInfo, stop: StopFlag) -> dict[str, Any
 
     loss_v, norm_v, val_loss = float("nan"), float("nan"), None
     last_saved = step if resume_from is not None else -1
-    stopped = False
-    t_last = time.perf_counter()
+    stopped, skipped_in_a_row, skipped_total = False, 0, 0
+    first_step = step
+    t_train = time.perf_counter()
+    t_last = t_train
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     try:
         while step < end:
             lr = lr_at(
@@ -494,17 +558,29 @@ def _run(cfg: PretrainConfig, info: D.DistInfo, stop: StopFlag) -> dict[str, Any
             scale = info.world_size / max(1.0, count)
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             for i, (xm, ym) in enumerate(zip(xs, ys)):
-                with D.grad_sync(model, i == len(xs) - 1), _autocast(device, amp):
-                    loss, _ = cross_entropy(model(xm), ym)
+                with D.grad_sync(model, i == len(xs) - 1):
+                    with _autocast(device, autocast):
+                        loss, _ = cross_entropy(model(xm), ym)
                     (loss * scale).backward()
                 loss_sum += loss.detach().double()
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip)
-            optimizer.step()
+            loss_v = all_sum_scalar(loss_sum, device) / max(1.0, count)
+            norm_v = D.grad_norm_value(norm)  # the same on every rank (a global norm)
+            finite = _finite(loss_v, norm_v)
+            if finite:
+                optimizer.step()
+                skipped_in_a_row = 0
+            else:  # skip the update: the weights and Adam's moments stay as they were
+                skipped_in_a_row += 1
+                skipped_total += 1
+                D.print0(
+                    f"warning: step {step + 1}: loss {loss_v} / grad norm {norm_v} is not "
+                    f"finite, update skipped ({skipped_in_a_row} in a row, limit "
+                    f"{cfg.max_skipped_steps})"
+                )
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens_seen += cfg.batch_tokens
-            loss_v = all_sum_scalar(loss_sum, device) / max(1.0, count)
-            norm_v = D.grad_norm_value(norm)
             now = time.perf_counter()
             tok_s = cfg.batch_tokens / max(1e-9, now - t_last)
             t_last = now
@@ -516,30 +592,40 @@ def _run(cfg: PretrainConfig, info: D.DistInfo, stop: StopFlag) -> dict[str, Any
                 "grad_norm": norm_v,
                 "tokens": tokens_seen,
                 "tokens_per_s": tok_s,
+                "tokens_per_s_per_device": tok_s / info.world_size,
                 "mfu": fpt * tok_s / (peak * info.world_size) if peak else None,
                 "peak_mem_bytes": peak_memory_bytes(device),
             }
+            if not finite:
+                row["skipped"] = True
             if val and ((cfg.eval_every > 0 and step % cfg.eval_every == 0) or step == cfg.steps):
-                val_loss = _val_loss(model, val, device, amp)
+                val_loss = _val_loss(model, val, device, autocast)
                 row["val_loss"] = val_loss
             signalled = all_max_flag(stop.signum is not None, device)
-            if metrics is not None and (step % max(1, cfg.log_every) == 0 or step == end):
-                metrics.write(json.dumps(row) + "\n")
-                metrics.flush()
+            if writer is not None and (step % max(1, cfg.log_every) == 0 or step == end):
+                writer.write(row)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
+            if skipped_in_a_row > cfg.max_skipped_steps:
+                found = list_checkpoints(ckpt_root)
+                last = f"the last checkpoint is {found[-1][1]}" if found else "no checkpoint"
+                raise TrainingError(
+                    f"step {step}: the loss or gradient was not finite for {skipped_in_a_row} "
+                    f"steps in a row (max_skipped_steps={cfg.max_skipped_steps}); {last}. "
+                    f"Lower optim.lr (now {cfg.optim.lr}) or check the data."
+                )
 
             every = cfg.checkpoint.every
             want_save = (every > 0 and step % every == 0) or step == end or signalled
             if want_save and step != last_saved:
-                if _finite(loss_v, norm_v):
+                if finite:
                     save_checkpoint(
                         ckpt_root, step, model, optimizer, meta_now(), info, cfg.checkpoint.keep
                     )
                     last_saved = step
                 else:
-                    D.print0(f"step {step}: loss {loss_v} / grad norm {norm_v}: not saving")
+                    D.print0(f"step {step}: skipped (non-finite): no checkpoint written")
                 t_last = time.perf_counter()  # checkpoint time is not training throughput
             if signalled:
                 D.print0(f"signal received: stopped after step {step}")
@@ -548,9 +634,10 @@ def _run(cfg: PretrainConfig, info: D.DistInfo, stop: StopFlag) -> dict[str, Any
     finally:
         if bar is not None:
             bar.close()
-        if metrics is not None:
-            metrics.close()
+        if writer is not None:
+            writer.close()
 
+    train_seconds = time.perf_counter() - t_train
     model_dir = None
     if step >= cfg.steps and cfg.save_model:
         model_dir = out / "model"
@@ -572,15 +659,63 @@ def _run(cfg: PretrainConfig, info: D.DistInfo, stop: StopFlag) -> dict[str, Any
                 extra={"pretrain": {"step": step, "tokens": tokens_seen}},
             )
         D.barrier()
-    return {
+    plot = None
+    if info.is_main and cfg.plot and step > 0:
+        try:
+            plot = str(plot_run(out))
+        except (ImportError, ValueError) as e:  # matplotlib missing, nothing finite yet
+            D.print0(f"no loss plot: {e}")
+    wall = time.perf_counter() - t_start
+    device_hours = wall * info.world_size / 3600
+    watts = device_watts(cfg, device)
+    summary: dict[str, Any] = {
         "step": step,
         "loss": loss_v,
         "grad_norm": norm_v,
         "val_loss": val_loss,
         "stopped": stopped,
+        "skipped_steps": skipped_total,
+        "tokens": tokens_seen,
+        "epochs": loader.sampler.epochs(),
+        "steps_this_run": step - first_step,
+        "train_seconds": train_seconds,
+        "wall_seconds": wall,
+        "device": dev_name,
+        "world_size": info.world_size,
+        "device_hours": device_hours,
+        "carbon": carbon(device_hours, watts) if watts else None,
         "model": str(model_dir) if model_dir else None,
         "checkpoints": str(ckpt_root),
+        "plot": plot,
     }
+    if info.is_main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        D.print0(format_summary(summary))
+    return summary
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    kind = "GPU" if s["carbon"] is not None or "CPU" not in s["device"] else "device"
+    lines = [
+        f"step {s['step']}: loss {s['loss']:.4f}"
+        + (f", validation loss {s['val_loss']:.4f}" if s["val_loss"] is not None else "")
+        + (f", {s['skipped_steps']} skipped step(s)" if s["skipped_steps"] else ""),
+        f"{s['world_size']} × {s['device']}: {s['wall_seconds']:.1f} s wall, "
+        f"{s['device_hours']:.4f} {kind}-hours",
+    ]
+    c = s["carbon"]
+    if c is not None:
+        lines.append(
+            f"carbon (paper's formula, {c['watts']:.0f} W × PUE {c['pue']}): "
+            f"{c['mwh'] * 1e3:.4f} kWh, {c['tco2eq'] * 1e3:.4f} kg CO2eq"
+        )
+    else:
+        lines.append("carbon: no power figure for this device (set power_watts=...)")
+    if s["model"]:
+        lines.append(f"model: {s['model']}  (llamaforge generate --ckpt {s['model']})")
+    if s["plot"]:
+        lines.append(f"loss curve: {s['plot']}")
+    return "\n".join(lines)
 
 
 def all_sum_scalar(t: torch.Tensor, device: torch.device) -> float:
@@ -601,7 +736,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(PretrainConfig, path, argv)
         summary = run_pretrain(cfg)
-    except ConfigError as e:
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     D.print0(json.dumps(summary))

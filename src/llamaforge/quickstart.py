@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,16 +19,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from .checkpoint import save
-from .config import to_dict
-from .data.mixture import MixtureLoader, MixtureSampler, open_sources, validation_batches
+from .checkpoint import load
+from .data.mixture import open_sources
 from .data.prepare import DataConfig, SourceConfig, prepare
 from .generate import generate
-from .model import ModelArgs, build_model
+from .pretrain import (
+    CheckpointSection,
+    DataSection,
+    ModelSection,
+    OptimSection,
+    PretrainConfig,
+    run_pretrain,
+)
 from .tokenizer import Tokenizer
-from .train import build_optimizer, evaluate_loss, lr_at, train_step
 
 
 @dataclass
@@ -67,6 +72,33 @@ def data_config(cfg: QuickstartConfig) -> DataConfig:
     )
 
 
+def pretrain_config(cfg: QuickstartConfig, data_dir: str, tokenizer: str) -> PretrainConfig:
+    """The quickstart's training run as a ``llamaforge pretrain`` configuration."""
+    return PretrainConfig(
+        model=ModelSection(
+            preset="1M",
+            dim=cfg.dim,
+            n_layers=cfg.n_layers,
+            n_heads=cfg.n_heads,
+            multiple_of=32,
+            max_seq_len=cfg.seq_len,
+        ),
+        data=DataSection(dir=data_dir, tokenizer=tokenizer, seq_len=cfg.seq_len, seed=cfg.seed),
+        optim=OptimSection(lr=cfg.lr, warmup_steps=cfg.warmup),
+        checkpoint=CheckpointSection(every=0, keep=1),
+        batch_tokens=cfg.batch_size * cfg.seq_len,
+        micro_batch=cfg.batch_size,
+        steps=cfg.steps,
+        device=cfg.device,
+        eval_every=100,
+        eval_batches=cfg.val_batches,
+        out=cfg.out,
+        resume="none",
+        seed=cfg.seed,
+        tensorboard=False,
+    )
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -84,7 +116,6 @@ def unigram_cross_entropy(train: np.ndarray, val: np.ndarray, vocab_size: int) -
 def run_quickstart(cfg: QuickstartConfig, log: Callable[[str], None] = print) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = _device(cfg.device)
     torch.manual_seed(cfg.seed)
     t0 = time.time()
 
@@ -105,57 +136,20 @@ def run_quickstart(cfg: QuickstartConfig, log: Callable[[str], None] = print) ->
         f"unigram baseline {unigram:.3f} nats/token"
     )
 
-    args = ModelArgs(
-        dim=cfg.dim,
-        n_layers=cfg.n_layers,
-        n_heads=cfg.n_heads,
-        vocab_size=tok.vocab_size,
-        multiple_of=32,
-        max_seq_len=cfg.seq_len,
-    )
-    model = build_model(args, device=device)
+    pcfg = pretrain_config(cfg, dcfg.output, dcfg.tokenizer)
     log(
-        f"2/4 train: {model.num_params() / 1e6:.2f}M-parameter LLaMA on {device}, "
-        f"{cfg.steps} steps of {cfg.batch_size}x{cfg.seq_len} tokens from the mixture"
+        f"2/4 train: a {cfg.dim}-dim, {cfg.n_layers}-layer LLaMA, {cfg.steps} steps of "
+        f"{cfg.batch_size}x{cfg.seq_len} tokens from the mixture (llamaforge pretrain)"
     )
-    optimizer = build_optimizer(model, cfg.lr)
-    loader = MixtureLoader(MixtureSampler(sources, weights, cfg.seq_len, cfg.seed), cfg.batch_size)
-    val_batches = [
-        (x.to(device), y.to(device))
-        for x, y in validation_batches(
-            dcfg.output, cfg.seq_len, cfg.batch_size, cfg.val_batches, tok.sha256()
-        )
-    ]
+    for stale in ("metrics.jsonl", "summary.json", "loss.png"):  # a fresh run each time
+        (out / stale).unlink(missing_ok=True)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    result = run_pretrain(pcfg)
+    val_loss = float(result["val_loss"])
+    log("3/4 saved")
+    ckpt = Path(result["model"])
+    model, tok = load(ckpt, device=_device(cfg.device))
     metrics_path = out / "metrics.jsonl"
-    model.train()
-    with (
-        open(metrics_path, "w") as metrics,
-        tqdm(total=cfg.steps, desc="train", unit="step") as bar,
-    ):
-        for step in range(cfg.steps):
-            lr = lr_at(step, peak=cfg.lr, warmup=cfg.warmup, total=cfg.steps)
-            x, y = next(loader)
-            loss, gnorm = train_step(model, optimizer, [(x.to(device), y.to(device))], lr)
-            if not math.isfinite(loss):
-                raise RuntimeError(f"non-finite loss at step {step}; lower lr (now {cfg.lr})")
-            record = {
-                "step": step + 1,
-                "loss": loss,
-                "lr": lr,
-                "grad_norm": gnorm,
-                "tokens": (step + 1) * cfg.batch_size * cfg.seq_len,
-            }
-            if (step + 1) % 100 == 0 or step + 1 == cfg.steps:
-                record["val_loss"] = evaluate_loss(model, val_batches)
-            metrics.write(json.dumps(record) + "\n")
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
-            bar.update()
-    val_loss = evaluate_loss(model, val_batches)
-
-    log("3/4 save")
-    ckpt = save(
-        model.eval(), tok, out / "model", overwrite=True, extra={"quickstart": to_dict(cfg)}
-    )
     log("4/4 sample")
     prompts = ["The", "def ", "import "][: cfg.samples]
     samples = generate(
@@ -173,7 +167,9 @@ def run_quickstart(cfg: QuickstartConfig, log: Callable[[str], None] = print) ->
         "val_perplexity": math.exp(val_loss),
         "checkpoint": str(ckpt),
         "metrics": str(metrics_path),
-        "epochs": loader.sampler.epochs(),
+        "epochs": result["epochs"],
+        "loss_curve": result["plot"],
+        "pretrain": result,
         "seconds": round(time.time() - t0, 1),
         "samples": [p + s for p, s in zip(prompts, samples)],
     }
@@ -183,6 +179,7 @@ def run_quickstart(cfg: QuickstartConfig, log: Callable[[str], None] = print) ->
         f"vs unigram baseline {unigram:.3f}"
     )
     log(f"checkpoint: {ckpt}   metrics: {metrics_path}   ({summary['seconds']} s)")
+    log(f"loss curve: {result['plot']}")
     for text in summary["samples"]:
         log("--- sample ---\n" + text)
     log(f"\nnext: llamaforge generate --ckpt {ckpt} --prompt 'def '")

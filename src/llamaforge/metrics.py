@@ -1,0 +1,144 @@
+"""Training metrics: one JSON line per step in RUN/metrics.jsonl (always), mirrored to
+TensorBoard when it is installed and to Weights & Biases when a project is configured;
+and the loss-curve plot (``llamaforge plot RUN_DIR``)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+
+
+class MetricsWriter:
+    """Appends rows to ``metrics.jsonl``; ``tensorboard`` is ``auto`` (when the package is
+    installed), ``true`` (an error if it is not) or ``false``; ``wandb_project`` non-empty
+    logs to W&B (an error if wandb is not installed)."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        tensorboard: str = "auto",
+        wandb_project: str = "",
+        wandb_run: str = "",
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        self.path = Path(run_dir) / METRICS_FILE
+        self._file = self.path.open("a")
+        self._tb: Any = None
+        self._wandb: Any = None
+        if tensorboard not in ("auto", "true", "false"):
+            raise ValueError(f"tensorboard={tensorboard!r}: expected auto, true or false")
+        if tensorboard != "false":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:  # torch's writer needs the tensorboard package
+                if tensorboard == "true":
+                    raise ValueError(
+                        "tensorboard=true but the tensorboard package is not installed "
+                        "(pip install tensorboard)"
+                    ) from e
+            else:
+                self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError as e:
+                raise ValueError(
+                    f"wandb_project={wandb_project!r} but wandb is not installed (pip install "
+                    "wandb), or leave wandb_project empty"
+                ) from e
+            self._wandb = wandb.init(
+                project=wandb_project, name=wandb_run or None, config=config, resume="allow"
+            )
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        step = int(row["step"])
+        scalars = {
+            k: v
+            for k, v in row.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of RUN_DIR/metrics.jsonl; a step logged twice (replayed after a resume)
+    keeps its last row; a torn last line (a crash mid-write) is ignored."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no metrics file (is {run_dir} a training run dir?)")
+    by_step: dict[int, dict[str, Any]] = {}
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}:{i + 1}: not a JSON line ({e})") from e
+        by_step[int(row["step"])] = row
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Train loss (raw and smoothed) and validation loss against tokens seen, as a PNG
+    (default RUN_DIR/loss.png)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(run_dir)
+    train = [(r["tokens"], r["loss"]) for r in rows if _finite(r.get("loss"))]
+    val = [(r["tokens"], r["val_loss"]) for r in rows if _finite(r.get("val_loss"))]
+    if not train:
+        raise ValueError(f"{Path(run_dir) / METRICS_FILE}: no finite training loss to plot")
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
+    xs, ys = zip(*train)
+    ax.plot(xs, ys, color="tab:blue", alpha=0.3, linewidth=0.8, label="train")
+    ax.plot(xs, _ema(list(ys)), color="tab:blue", linewidth=1.6, label="train (smoothed)")
+    if val:
+        vx, vy = zip(*val)
+        ax.plot(vx, vy, "o-", color="tab:orange", linewidth=1.6, label="validation")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(f"{Path(run_dir).resolve().name}: {len(rows)} steps")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    target = Path(out) if out is not None else Path(run_dir) / PLOT_FILE
+    tmp = target.with_name(f".{target.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(target)
+    return target
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _ema(values: list[float], alpha: float = 0.1) -> list[float]:
+    out, acc = [], values[0]
+    for v in values:
+        acc = alpha * v + (1 - alpha) * acc
+        out.append(acc)
+    return out
