@@ -1,0 +1,64 @@
+"""The task registry: `TASKS` (name -> Task subclass) and `get_task(name, **options)`.
+
+Tasks read their files from a data folder laid out like ``shared/data/eval`` (``boolq/``,
+``arc/``, ``mmlu/test`` ...); every task also takes ``path=`` to point at another file in a
+standard public format (see each class's ``fmt``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llamaforge.eval.base import EvalError, Task
+from llamaforge.eval.tasks.bias import CrowSPairs, RealToxicityPrompts, TruthfulQAMC, WinoGender
+from llamaforge.eval.tasks.code import MBPP, HumanEval
+from llamaforge.eval.tasks.mathematics import GSM8K, MATH
+from llamaforge.eval.tasks.mmlu import MMLU
+from llamaforge.eval.tasks.multiple_choice import (
+    PIQA,
+    RACE,
+    SIQA,
+    ARCChallenge,
+    ARCEasy,
+    BoolQ,
+    HellaSwag,
+    OpenBookQA,
+    WinoGrande,
+)
+from llamaforge.eval.tasks.qa import Lambada, NaturalQuestions, TriviaQA
+
+_CLASSES: tuple[type[Task], ...] = (
+    BoolQ,
+    PIQA,
+    SIQA,
+    HellaSwag,
+    WinoGrande,
+    ARCEasy,
+    ARCChallenge,
+    OpenBookQA,
+    RACE,
+    NaturalQuestions,
+    TriviaQA,
+    Lambada,
+    GSM8K,
+    MATH,
+    HumanEval,
+    MBPP,
+    MMLU,
+    CrowSPairs,
+    WinoGender,
+    TruthfulQAMC,
+    RealToxicityPrompts,
+)
+
+TASKS: dict[str, type[Task]] = {cls.info.name: cls for cls in _CLASSES}
+
+
+def get_task(name: str, **options: Any) -> Task:
+    """A configured task; unknown names or options raise EvalError."""
+    if name not in TASKS:
+        raise EvalError(f"unknown task {name!r} (known: {', '.join(sorted(TASKS))})")
+    return TASKS[name](options=dict(options))
+
+
+__all__ = ["TASKS", "get_task"]
