@@ -231,10 +231,30 @@ def test_indivisible_batch_tokens_is_a_clear_error(corpus, tmp_path, capsys):
     assert not (tmp_path / "bad" / "metrics.jsonl").exists()
 
 
-def test_tiny_cpu_config_parses():
-    cfg = load_config(PretrainConfig, REPO / "configs" / "pretrain" / "tiny-cpu.toml")
-    assert cfg.batch_tokens % (cfg.micro_batch * cfg.data.seq_len) == 0
-    assert cfg.data.dir == "data/stdlib"
+TABLE2 = {"7B": 6_738_415_616, "13B": 13_015_864_320, "33B": 32_528_943_616, "65B": 65_285_660_672}
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "pretrain").glob("*.toml")), ids=str)
+def test_shipped_configs_are_valid(path):
+    from llamaforge.flops import count_params
+    from llamaforge.pretrain import grad_accum_steps, model_args, validate
+
+    cfg = load_config(PretrainConfig, path)
+    validate(cfg)
+    args = model_args(cfg, 32000 if "shared" in cfg.data.dir else 2048)
+    assert args.max_seq_len >= cfg.data.seq_len
+    size = path.stem.removeprefix("llama-")
+    if size in TABLE2:  # the paper's recipes: Table 2 sizes, 4M-token batches, its lr
+        assert count_params(args)["total"] == TABLE2[size]
+        assert cfg.batch_tokens == 4 * 2**20 and cfg.data.seq_len == 2048
+        assert cfg.optim.lr == (3e-4 if size in ("7B", "13B") else 1.5e-4)
+        tokens = 1.0e12 if size in ("7B", "13B") else 1.4e12
+        assert abs(cfg.steps * cfg.batch_tokens - tokens) < cfg.batch_tokens
+        assert cfg.optim.warmup_steps == 2000 and cfg.activation_checkpointing == "selective"
+        for world in (8, 64, 256, 2048):
+            assert grad_accum_steps(cfg, world) >= 1
+    else:
+        assert grad_accum_steps(cfg, 1) >= 1
 
 
 def test_non_finite_steps_are_skipped_then_the_run_stops(corpus, tmp_path):
