@@ -27,6 +27,12 @@ def _cmd_pretrain(a: argparse.Namespace) -> int:
     return pretrain_main(([a.config] if a.config else []) + a.overrides)
 
 
+def _cmd_eval(a: argparse.Namespace) -> int:
+    from .eval.cli import main as eval_main
+
+    return eval_main(a.args)
+
+
 def _cmd_plot(a: argparse.Namespace) -> int:
     from .metrics import plot_run
 
@@ -305,6 +311,14 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     pt.set_defaults(func=_cmd_pretrain)
 
+    ev = sub.add_parser(
+        "eval",
+        help="the paper's benchmarks on a checkpoint (llamaforge eval --help)",
+        add_help=False,
+    )
+    ev.add_argument("args", nargs=argparse.REMAINDER)
+    ev.set_defaults(func=_cmd_eval)
+
     pl = sub.add_parser("plot", help="loss curve (train and validation vs tokens) of a run")
     pl.add_argument("run_dir", help="a run directory with metrics.jsonl")
     pl.add_argument("--out", help="PNG path (default RUN_DIR/loss.png)")
@@ -432,6 +446,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["eval"]:  # its own parser: argparse cannot forward leading options
+        from .eval.cli import main as eval_main
+
+        return eval_main(argv[1:])
     parser = build_parser()
     a = parser.parse_args(argv)
     try:

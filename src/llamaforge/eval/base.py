@@ -38,9 +38,11 @@ class EvalError(ValueError):
 class Loglikelihood:
     """log P(continuation | context), summed over the continuation's tokens.
 
-    Tokenisation follows lm-eval: context and continuation are encoded separately
-    (the context with BOS, the continuation without), so the continuation's tokens do not
-    depend on the context. Leading spaces belong to the continuation (" Paris").
+    Tokenisation follows lm-eval's causal-model rule (`LlamaforgeLM.encode_pair`): trailing
+    whitespace of the context moves to the continuation, the whole string is encoded (with
+    BOS) and the continuation's tokens are what it adds after the context's own tokens —
+    encoding " Paris" alone with SentencePiece would give an extra "▁" token. Leading spaces
+    belong to the continuation (" Paris").
     """
 
     context: str

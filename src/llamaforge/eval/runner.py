@@ -1,0 +1,372 @@
+"""`evaluate`: tasks in, a JSON-ready results dict out, with a results cache.
+
+For each task the runner loads the docs, draws each doc's few-shot examples (a
+``random.Random`` seeded from (seed, task name, doc index), so a doc's prompt does not depend
+on ``limit`` or on the other docs), builds every request of every doc, groups them by type,
+deduplicates them and hands each type to the model in one call, then scores and aggregates.
+
+Results are cached per (checkpoint sha256, task, task options, shots, limit, seed, sha256 of
+the task's data files) as one JSON file under ``cache_dir`` (default
+``$LLAMAFORGE_CACHE/eval``, else ``~/.cache/llamaforge/eval``), written atomically, so
+rerunning an evaluation is instant and any change of model, data or setting misses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .base import (
+    EvalError,
+    Generate,
+    LanguageModel,
+    Loglikelihood,
+    LoglikelihoodResult,
+    Metric,
+    Request,
+    Result,
+    Rolling,
+    Task,
+)
+
+CACHE_FORMAT = 1
+_HASH_CHUNK = 1 << 20
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("LLAMAFORGE_CACHE")
+    if root:
+        return Path(root) / "eval"
+    return Path.home() / ".cache" / "llamaforge" / "eval"
+
+
+# ----------------------------------------------------------------------------- hashing
+
+_memo: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: Path, memo_file: Path | None = None) -> str:
+    """sha256 of a file's bytes, remembered by (path, size, mtime) in memory and, when
+    ``memo_file`` is given, in that JSON file across processes."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key in _memo:
+        return _memo[key]
+    disk: dict[str, str] = {}
+    skey = json.dumps(key)
+    if memo_file is not None and memo_file.is_file():
+        try:
+            disk = json.loads(memo_file.read_text())
+        except (OSError, ValueError):
+            disk = {}
+        if isinstance(disk, dict) and isinstance(disk.get(skey), str):
+            _memo[key] = disk[skey]
+            return disk[skey]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    digest = h.hexdigest()
+    _memo[key] = digest
+    if memo_file is not None:
+        disk = disk if isinstance(disk, dict) else {}
+        disk[skey] = digest
+        try:
+            atomic_write_text(memo_file, json.dumps(disk, indent=0))
+        except OSError:
+            pass
+    return digest
+
+
+def _files_under(path: Path) -> list[Path]:
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file())
+    return [path]
+
+
+def checkpoint_sha256(ckpt_dir: str | os.PathLike, memo_file: Path | None = None) -> str:
+    """sha256 over params.json, the weight files and tokenizer.model (names and hashes)."""
+    ckpt = Path(ckpt_dir)
+    names = ["params.json", "tokenizer.model", "model.safetensors.index.json"]
+    names += sorted(p.name for p in ckpt.glob("*.safetensors"))
+    h = hashlib.sha256()
+    found = False
+    for name in names:
+        p = ckpt / name
+        if p.is_file():
+            found = True
+            h.update(f"{name}\0{file_sha256(p, memo_file)}\n".encode())
+    if not found:
+        raise EvalError(f"{ckpt}: no checkpoint files to hash (params.json, *.safetensors)")
+    return h.hexdigest()
+
+
+def data_sha256(data_dir: Path, files: Sequence[str], memo_file: Path | None = None) -> str:
+    """sha256 over the task's data files (relative name and content hash); missing files count
+    as missing, so adding them later changes the hash."""
+    h = hashlib.sha256()
+    for rel in sorted(files):
+        p = data_dir / rel
+        if not p.exists():
+            h.update(f"{rel}\0missing\n".encode())
+            continue
+        for f in _files_under(p):
+            name = f.relative_to(data_dir).as_posix()
+            h.update(f"{name}\0{file_sha256(f, memo_file)}\n".encode())
+    return h.hexdigest()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _jsonable(x: Any) -> Any:
+    """Options and results as JSON (tuples → lists, NaN → None, unknown → str)."""
+    if isinstance(x, float):
+        return None if math.isnan(x) or math.isinf(x) else x
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, LoglikelihoodResult):
+        return {"logprob": _jsonable(x.logprob), "is_greedy": x.is_greedy, "n": x.num_tokens}
+    if x is None or isinstance(x, (str, int, bool)):
+        return x
+    return str(x)
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def _run_requests(lm: LanguageModel, requests: Sequence[Request]) -> dict[Request, Result]:
+    """Every distinct request answered, one model call per request type."""
+    unique = list(dict.fromkeys(requests))
+    out: dict[Request, Result] = {}
+    ll = [r for r in unique if isinstance(r, Loglikelihood)]
+    roll = [r for r in unique if isinstance(r, Rolling)]
+    gen = [r for r in unique if isinstance(r, Generate)]
+    other = [r for r in unique if not isinstance(r, (Loglikelihood, Rolling, Generate))]
+    if other:
+        raise EvalError(f"unknown request type {type(other[0]).__name__}")
+    if ll:
+        out.update(zip(ll, lm.loglikelihood(ll)))
+    if roll:
+        out.update(zip(roll, lm.loglikelihood_rolling(roll)))
+    if gen:
+        out.update(zip(gen, lm.generate(gen)))
+    return out
+
+
+def _metrics_json(metrics: Mapping[str, Metric]) -> dict[str, dict[str, Any]]:
+    return {
+        k: {"value": _jsonable(float(m.value)), "stderr": _jsonable(m.stderr), "n": m.n}
+        for k, m in metrics.items()
+    }
+
+
+def run_task(
+    lm: LanguageModel,
+    task: Task,
+    data_dir: Path,
+    shots: int | None,
+    limit: int | None,
+    seed: int = 1234,
+    log_samples: bool = False,
+) -> dict[str, Any]:
+    """Evaluate one task (no cache): the per-task entry of ``evaluate``'s output."""
+    t0 = time.perf_counter()
+    name = task.info.name
+    k = task.info.default_shots if shots is None else shots
+    if k < 0:
+        raise EvalError(f"{name}: shots must be >= 0, got {k}")
+    docs = task.load(data_dir, limit)
+    pool = task.fewshot_docs(data_dir) if k > 0 else []
+    per_doc: list[list[Request]] = []
+    for i, doc in enumerate(docs):
+        rng = random.Random(f"{seed}/{name}/{i}")
+        chosen = task.choose_shots(doc, pool, k, rng) if k > 0 else []
+        per_doc.append(task.requests(doc, chosen))
+    answers = _run_requests(lm, [r for reqs in per_doc for r in reqs])
+    scores = []
+    samples = []
+    for i, (doc, reqs) in enumerate(zip(docs, per_doc)):
+        results = [answers[r] for r in reqs]
+        s = task.score(doc, results)
+        scores.append(s)
+        if log_samples:
+            samples.append({"doc_index": i, "scores": s, "results": results})
+    metrics = task.aggregate(docs, scores)
+    main = task.info.main_metric
+    entry: dict[str, Any] = {
+        "metrics": _metrics_json(metrics),
+        "main_metric": main,
+        "table": task.info.table,
+        "shots": k,
+        "limit": limit,
+        "n_docs": len(docs),
+        "n_requests": sum(len(r) for r in per_doc),
+        "n_unique_requests": len(answers),
+        "options": _jsonable(task.options),
+        "note": task.info.note,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    if log_samples:
+        entry["samples"] = _jsonable(samples)
+    return entry
+
+
+def _as_tasks(
+    tasks: Sequence[Task | str] | str, task_options: Mapping[str, Mapping[str, Any]] | None
+) -> list[Task]:
+    if isinstance(tasks, str):
+        tasks = [t for t in tasks.split(",") if t]
+    out: list[Task] = []
+    options = dict(task_options or {})
+    for t in tasks:
+        if isinstance(t, Task):
+            out.append(t)
+            continue
+        from .tasks import get_task  # the registry, imported only when names are given
+
+        out.append(get_task(t, **dict(options.pop(t, {}))))
+    if options:
+        raise EvalError(f"--task-option given for task(s) not evaluated: {sorted(options)}")
+    if not out:
+        raise EvalError("no tasks to evaluate")
+    return out
+
+
+def cache_key(
+    ckpt_hash: str,
+    task: Task,
+    shots: int,
+    limit: int | None,
+    seed: int,
+    data_hash: str,
+    lm_settings: Mapping[str, Any] | None = None,
+) -> str:
+    blob = json.dumps(
+        {
+            "format": CACHE_FORMAT,
+            "checkpoint": ckpt_hash,
+            "task": task.info.name,
+            "task_class": f"{type(task).__module__}.{type(task).__qualname__}",
+            "options": _jsonable(task.options),
+            "shots": shots,
+            "limit": limit,
+            "seed": seed,
+            "data": data_hash,
+            "lm": _jsonable(dict(lm_settings or {})),
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def evaluate(
+    lm: LanguageModel,
+    tasks: Sequence[Task | str] | str,
+    data_dir: str | os.PathLike,
+    shots: int | None = None,
+    limit: int | None = None,
+    seed: int = 1234,
+    cache_dir: str | os.PathLike | None = None,
+    ckpt_hash: str | None = None,
+    progress: bool = True,
+    *,
+    use_cache: bool = True,
+    task_options: Mapping[str, Mapping[str, Any]] | None = None,
+    log_samples: bool = False,
+    on_task: Callable[[str, dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``lm`` on ``tasks`` (Task objects or registry names); see the module doc.
+
+    ``shots=None`` uses each task's paper setting. The cache is used when the checkpoint is
+    known: ``ckpt_hash`` or, for a ``LlamaforgeLM`` loaded from a directory, its files' hash.
+    Cache keys also hold the model's evaluation settings that can change results
+    (``lm.describe()``: dtype, device, context length), not its batch size.
+    """
+    from .. import __version__
+
+    data = Path(data_dir)
+    if not data.is_dir():
+        raise EvalError(f"{data}: no such data directory (pass --data-dir)")
+    if limit is not None and limit < 1:
+        raise EvalError(f"limit must be at least 1, got {limit}")
+    task_list = _as_tasks(tasks, task_options)
+    names = [t.info.name for t in task_list]
+    if len(set(names)) != len(names):
+        raise EvalError(f"task given twice: {names}")
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    memo_file = cache / "file_hashes.json" if use_cache else None
+    ckpt_dir = getattr(lm, "ckpt_dir", None)
+    if ckpt_hash is None and ckpt_dir is not None and use_cache:
+        ckpt_hash = checkpoint_sha256(ckpt_dir, memo_file)
+    describe = getattr(lm, "describe", None)
+    settings = dict(describe()) if callable(describe) else {}
+    key_settings = {k: settings[k] for k in ("dtype", "device", "max_length") if k in settings}
+    if isinstance(key_settings.get("device"), str):
+        key_settings["device"] = key_settings["device"].split(":")[0]
+    out: dict[str, Any] = {
+        "llamaforge_version": __version__,
+        "checkpoint": {"path": str(ckpt_dir) if ckpt_dir else None, "sha256": ckpt_hash},
+        "settings": {
+            "shots": shots,
+            "limit": limit,
+            "seed": seed,
+            "data_dir": str(data),
+            "cache": str(cache) if use_cache and ckpt_hash else None,
+            **settings,
+        },
+        "tasks": {},
+    }
+    if log_samples:
+        out["samples"] = {}
+    if hasattr(lm, "progress"):
+        lm.progress = progress  # type: ignore[attr-defined]
+    for task in task_list:
+        name = task.info.name
+        k = task.info.default_shots if shots is None else shots
+        dhash = data_sha256(data, task.info.files, memo_file)
+        path = None
+        entry = None
+        if use_cache and ckpt_hash:
+            key = cache_key(ckpt_hash, task, k, limit, seed, dhash, key_settings)
+            path = cache / "results" / f"{name}-{key[:32]}.json"
+            if path.is_file() and not log_samples:
+                try:
+                    entry = json.loads(path.read_text())
+                    entry["cached"] = True
+                except (OSError, ValueError):
+                    entry = None
+        if entry is None:
+            entry = run_task(lm, task, data, shots, limit, seed, log_samples)
+            entry["data_sha256"] = dhash
+            entry["cached"] = False
+            samples = entry.pop("samples", None)
+            if samples is not None:
+                out["samples"][name] = samples
+            if path is not None:
+                atomic_write_text(path, json.dumps(entry, indent=1, sort_keys=True) + "\n")
+        out["tasks"][name] = entry
+        if on_task is not None:
+            on_task(name, entry)
+    return out
