@@ -24,7 +24,8 @@ def _cmd_quickstart(a: argparse.Namespace) -> int:
 def _cmd_pretrain(a: argparse.Namespace) -> int:
     from .pretrain import main as pretrain_main
 
-    return pretrain_main(([a.config] if a.config else []) + a.overrides)
+    extra = [f"{k}={v}" for k, v in (("resume", a.resume), ("out", a.out)) if v is not None]
+    return pretrain_main(([a.config] if a.config else []) + a.overrides + extra)
 
 
 def _cmd_eval(a: argparse.Namespace) -> int:
@@ -309,6 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("-h", "--help", action=_PretrainHelp)
     pt.add_argument("config", nargs="?", help="a TOML file (configs/pretrain/*.toml)")
     pt.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    pt.add_argument(
+        "--resume", help="auto (newest complete checkpoint; the default), none, or a step-N dir"
+    )
+    pt.add_argument("--out", help="run directory (same as out=...)")
     pt.set_defaults(func=_cmd_pretrain)
 
     ev = sub.add_parser(
@@ -452,7 +457,12 @@ def main(argv: list[str] | None = None) -> int:
 
         return eval_main(argv[1:])
     parser = build_parser()
-    a = parser.parse_args(argv)
+    a, unknown = parser.parse_known_args(argv)
+    # KEY=VALUE overrides may come after --flags (argparse stops a positional list at them)
+    if unknown and hasattr(a, "overrides") and all("=" in u and u[0] != "-" for u in unknown):
+        a.overrides += unknown
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return a.func(a)
     except KeyboardInterrupt:

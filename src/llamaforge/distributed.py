@@ -193,6 +193,43 @@ def parallelize(
     return model
 
 
+@torch.no_grad()
+def init_params(model: nn.Module, seed: int) -> None:
+    """Initialise ``model`` (per its ``init_std``) so that the values do not depend on how
+    the parameters are sharded: parameter i draws its full tensor from its own generator,
+    seeded by (seed, i), on its device, and each rank keeps its FSDP2 shard of it. One
+    process and N processes start from the same weights; no rank ever holds more than one
+    full parameter (the largest is the embedding table)."""
+    for i, (name, p) in enumerate(model.named_parameters()):
+        std = model.init_std(name)  # type: ignore[operator]
+        local = p.to_local() if hasattr(p, "to_local") else p
+        if std is None:
+            local.fill_(1.0)
+            continue
+        gen = torch.Generator(device=local.device).manual_seed(seed * 1_000_003 + i)
+        full = torch.empty(p.shape, dtype=local.dtype, device=local.device)
+        full.normal_(0.0, std, generator=gen)
+        if local is p:
+            p.copy_(full)
+        else:
+            local.copy_(_shard_of(full, p))
+
+
+def _shard_of(full: torch.Tensor, p: Any) -> torch.Tensor:
+    """This rank's part of ``full`` laid out like the DTensor ``p``."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh, placements = p.device_mesh, p.placements
+    if mesh.ndim == 1 and isinstance(placements[0], Shard):  # FSDP2: torch.chunk on one dim
+        dim = placements[0].dim
+        chunks = torch.chunk(full, mesh.size(), dim=dim)
+        rank = mesh.get_local_rank()
+        piece = chunks[rank] if rank < len(chunks) else full.narrow(dim, 0, 0)
+        if piece.shape == p.to_local().shape:
+            return piece
+    return distribute_tensor(full, mesh, placements).to_local()  # (broadcasts from rank 0)
+
+
 def wrap_model(model: nn.Module, info: DistInfo, parallel: str = "fsdp") -> nn.Module:
     """FSDP2 or DDP only (no checkpointing, no compile): ``parallelize`` with defaults."""
     return parallelize(model, info, parallel=parallel)

@@ -287,18 +287,26 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.cache = None
 
+    def init_std(self, name: str, std: float = 0.02) -> float | None:
+        """How parameter ``name`` starts (GPT-2 style): None for the norm gains (ones), else
+        the std of a zero-mean normal — ``std``, scaled by 1/sqrt(2·n_layers) for the
+        residual projections (wo, w2)."""
+        if name.endswith("norm.weight"):
+            return None
+        if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+            return std / math.sqrt(2 * self.args.n_layers)
+        return std
+
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:
-        """GPT-2 style init: N(0, std) everywhere, residual projections (wo, w2) scaled by
-        1/sqrt(2·n_layers), norms at one. Works after ``to_empty`` from the meta device."""
-        residual_std = std / math.sqrt(2 * self.args.n_layers)
+        """Initialise every parameter per ``init_std`` from the global RNG. Works after
+        ``to_empty`` from the meta device."""
         for name, p in self.named_parameters():
-            if p.ndim == 1:
+            p_std = self.init_std(name, std)
+            if p_std is None:
                 nn.init.ones_(p)
-            elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
-                nn.init.normal_(p, mean=0.0, std=residual_std)
             else:
-                nn.init.normal_(p, mean=0.0, std=std)
+                nn.init.normal_(p, mean=0.0, std=p_std)
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

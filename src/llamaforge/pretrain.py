@@ -469,9 +469,14 @@ def _run(cfg: PretrainConfig, info: D.DistInfo, stop: StopFlag) -> dict[str, Any
     torch.manual_seed(cfg.seed)
     if device.type == "cuda":
         torch.cuda.manual_seed(cfg.seed)
-    model = build_model(args, device=device)  # fp32 master weights; same init on every rank
+    # Built on the meta device (no memory); FSDP2 shards it there, then every rank
+    # materialises only its shards. fp32 master weights; the same values on any world size.
+    model = build_model(args, device="meta", init=False)
     n_params = model.num_params()
     compiled = use_compile(cfg, device)
+    if not fsdp:  # DDP broadcasts rank 0's weights when it wraps: materialise first
+        model = model.to_empty(device=device)
+        D.init_params(model, cfg.seed)
     model = D.parallelize(
         model,
         info,
@@ -480,6 +485,9 @@ def _run(cfg: PretrainConfig, info: D.DistInfo, stop: StopFlag) -> dict[str, Any
         compile=compiled,
         param_dtype=amp if fsdp else None,
     )
+    if fsdp:
+        model = model.to_empty(device=device)
+        D.init_params(model, cfg.seed)
     # FSDP2's MixedPrecisionPolicy casts parameters itself; otherwise autocast does.
     autocast = None if fsdp else amp
     model.train()
@@ -696,6 +704,10 @@ def _run(cfg: PretrainConfig, info: D.DistInfo, stop: StopFlag) -> dict[str, Any
 
 def format_summary(s: dict[str, Any]) -> str:
     kind = "GPU" if s["carbon"] is not None or "CPU" not in s["device"] else "device"
+    if s["steps_this_run"] == 0:
+        return f"nothing to train: the run is already at step {s['step']}" + (
+            f"; model: {s['model']}" if s["model"] else ""
+        )
     lines = [
         f"step {s['step']}: loss {s['loss']:.4f}"
         + (f", validation loss {s['val_loss']:.4f}" if s["val_loss"] is not None else "")
@@ -735,14 +747,13 @@ def main(argv: list[str] | None = None) -> int:
     path = argv.pop(0) if argv and "=" not in argv[0] else None
     try:
         cfg = load_config(PretrainConfig, path, argv)
-        summary = run_pretrain(cfg)
+        run_pretrain(cfg)
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    D.print0(json.dumps(summary))
     return 0
 
 
