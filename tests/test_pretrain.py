@@ -311,3 +311,20 @@ def test_cli_pretrain_reports_bad_settings(corpus, tmp_path, capsys):
     assert "lrr" in capsys.readouterr().err
     assert cli_main(["pretrain", str(tmp_path / "missing.toml")]) == 2
     assert "missing.toml" in capsys.readouterr().err
+
+
+def test_metrics_reader_and_wandb_without_the_package(corpus, tmp_path, capsys):
+    from llamaforge.metrics import read_metrics
+
+    run = tmp_path / "m"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(
+        '{"step": 1, "loss": 3.0, "tokens": 8}\n{"step": 2, "loss": 2.0, "tokens": 16}\n'
+        '{"step": 2, "loss": 2.5, "tokens": 16}\n{"step": 3, "lo'  # replayed step, torn line
+    )
+    assert [(r["step"], r["loss"]) for r in read_metrics(run)] == [(1, 3.0), (2, 2.5)]
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        assert main(overrides(corpus, tmp_path / "w", "wandb_project=proj")) == 2
+        assert "wandb_project='proj' but wandb is not installed" in capsys.readouterr().err
