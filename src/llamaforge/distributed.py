@@ -190,6 +190,13 @@ def parallelize(
         # gathered after the forward instead of freeing and re-gathering them.
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(layers) - 1)
     fully_shard(model, mesh=mesh, mp_policy=mp)
+    # Explicit prefetching: while block i computes, block i+1's all-gather (forward) or
+    # block i-1's (backward) is already in flight, overlapping communication with compute.
+    for i, block in enumerate(layers):
+        if hasattr(block, "set_modules_to_forward_prefetch") and i + 1 < len(layers):
+            block.set_modules_to_forward_prefetch([layers[i + 1]])
+        if hasattr(block, "set_modules_to_backward_prefetch") and i > 0:
+            block.set_modules_to_backward_prefetch([layers[i - 1]])
     return model
 
 
