@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Every GPU check and benchmark of the pretraining issue in one call, for a session that is
+# lent a GPU machine (15 minutes of device time, 10 minutes per command): run it from the
+# repository root, e.g. `bash bench/gpu_suite.sh` with OUT set to a folder that comes back.
+# Steps are independent; each has its own time limit and its log lands in $OUT.
+#   1. environment (GPU, torch, transformers)
+#   2. the stdlib corpus, then `llamaforge pretrain` for 30 steps on CUDA in bf16 with
+#      per-block compile, for each activation-checkpointing mode (metrics.jsonl: MFU, memory)
+#   3. bench/train_throughput.py: 1B preset, seq 2048 x micro-batch 8, bf16, against HF
+#      eager and HF compiled
+#   4. bench/train_throughput.py: LLaMA-7B, 1 x 2048, selective checkpointing against HF
+#      gradient checkpointing (memory and speed)
+set -uo pipefail
+OUT="${OUT:-gpu-out}"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+PY="${PYTHON:-python3}"
+
+step() {  # step NAME SECONDS COMMAND...
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (limit ${limit}s)" | tee -a "$OUT/summary.txt"
+    local t0=$SECONDS
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "   rc=$rc in $((SECONDS - t0)) s" | tee -a "$OUT/summary.txt"
+    tail -n 25 "$OUT/$name.log" >>"$OUT/summary.txt"
+}
+
+step env 60 "$PY" -c "
+import torch, platform
+print(platform.python_version(), torch.__version__, torch.cuda.get_device_name(0))
+try:
+    import transformers; print('transformers', transformers.__version__)
+except ImportError as e: print('no transformers:', e)
+"
+
+step data 120 "$PY" -m llamaforge data prepare configs/data/stdlib.toml
+for ac in none selective full; do
+    step "pretrain-$ac" 150 "$PY" -m llamaforge pretrain configs/pretrain/tiny-cpu.toml \
+        device=cuda dtype=bf16 compile=true activation_checkpointing=$ac steps=30 \
+        eval_every=0 checkpoint.every=0 progress=false model.preset=110M model.dim=768 \
+        model.n_layers=12 model.n_heads=12 model.multiple_of=256 micro_batch=8 \
+        data.seq_len=1024 batch_tokens=32768 out="$OUT/run-$ac"
+    cp "$OUT/run-$ac/metrics.jsonl" "$OUT/metrics-$ac.jsonl" 2>/dev/null
+    rm -rf "$OUT/run-$ac"
+done
+
+step train-1B 420 "$PY" bench/train_throughput.py --device cuda --preset 1B --vocab-size 32000 \
+    --seq-len 2048 --micro-batch 8 --rounds 2 --steps 5 \
+    --variants ours-compile ours hf hf-compile --json "$OUT/train-1B.json"
+
+step train-7B 420 "$PY" bench/train_throughput.py --device cuda --preset 7B --vocab-size 32000 \
+    --seq-len 2048 --micro-batch 1 --rounds 1 --steps 5 --warmup 2 \
+    --variants ours-selective-compile hf-gc --json "$OUT/train-7B.json"
