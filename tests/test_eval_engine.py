@@ -15,7 +15,6 @@ import torch
 from llamaforge.checkpoint import save
 from llamaforge.eval.base import (
     Doc,
-    EvalError,
     Generate,
     Loglikelihood,
     Request,
@@ -267,8 +266,17 @@ def test_left_truncation_at_max_seq_len(tiny_model, small_tokenizer):
     (res,) = lm.loglikelihood([req])
     lp, greedy, n = reference_logprob(tiny_model, small_tokenizer, lm, req)
     assert res.logprob == pytest.approx(lp, abs=1e-5, rel=1e-5) and res.num_tokens == n
-    with pytest.raises(EvalError, match="does not fit"):
-        lm.loglikelihood([Loglikelihood("x", " y" * (MAX_LEN + 5))])
+    # a continuation longer than the context is scored in windows of MAX_LEN // 2
+    ctx, cont = lm.encode_pair("x", " y" * (MAX_LEN + 5))
+    assert len(cont) > MAX_LEN
+    (long,) = lm.loglikelihood([Loglikelihood("x", " y" * (MAX_LEN + 5))])
+    half = MAX_LEN // 2
+    pieces = lm.loglikelihood_tokens(
+        [(ctx + cont[:a], cont[a : a + half]) for a in range(0, len(cont), half)]
+    )
+    assert long.num_tokens == len(cont)
+    assert long.logprob == pytest.approx(sum(lp for lp, _ in pieces), rel=1e-9)
+    assert long.is_greedy == all(g for _, g in pieces)
 
 
 def test_rolling_sums_windows_over_a_long_text(tiny_model, small_tokenizer):

@@ -213,6 +213,32 @@ class LlamaforgeLM:
     ) -> list[tuple[float, bool]]:
         """(sum log-prob, is_greedy) of each continuation given its context, on token ids.
 
+        A continuation longer than the model's context (a long PIQA solution on a small
+        model) is scored in windows, as rolling log-likelihoods are: chunks of half the
+        context, each predicted from the tokens just before it, the log-probs summed.
+        """
+        length = self.max_length
+        chunk = max(1, length // 2)
+        flat: list[TokenPair] = []
+        parts: list[range] = []
+        for ctx, cont in pairs:
+            start = len(flat)
+            if len(cont) <= length:
+                flat.append((ctx, cont))
+            else:
+                for a in range(0, len(cont), chunk):
+                    flat.append((ctx + cont[:a], cont[a : a + chunk]))
+            parts.append(range(start, len(flat)))
+        scored = self._loglikelihood_windows(flat, desc)
+        return [
+            (sum(scored[i][0] for i in part), all(scored[i][1] for i in part)) for part in parts
+        ]
+
+    def _loglikelihood_windows(
+        self, pairs: Sequence[TokenPair], desc: str
+    ) -> list[tuple[float, bool]]:
+        """``loglikelihood_tokens`` for continuations that fit the context.
+
         Each request's input ``(context + continuation)[:-1]`` (cut from the left to
         ``max_length``) is split into a prefix, up to the position that predicts the first
         continuation token, and the rest. Requests with the same prefix (the choices of a

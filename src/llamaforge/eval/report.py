@@ -203,7 +203,11 @@ def render(
     notes: list[str] = []
     for table in sorted(groups, key=_table_rank):
         title_, layout = TABLES.get(
-            table, (f"Table {table}" if table else "Other tasks", "metrics")
+            table,
+            (
+                f"Table {table}" if table not in ("", "-") else "Not in the paper's tables",
+                "metrics",
+            ),
         )
         fraction = table in FRACTION_TABLES
         lines += [f"## {title_}", ""]
