@@ -65,6 +65,26 @@ class BoolQ(MultipleChoiceTask):
         return {"query": query + "\nAnswer:", "choices": [" no", " yes"], "gold": gold}
 
 
+def _with_labels(
+    task: MultipleChoiceTask, data_dir: Path, path: Path, rows: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Original-format rows (no "label", not converted) get their labels, one per line, from
+    ``<name>-labels.lst`` beside the data file or the file of option ``labels_path``."""
+    if not rows or "query" in rows[0] or "label" in rows[0]:
+        return rows
+    lpath = (
+        task.data_path(data_dir, "labels_path")
+        if task.opt.get("labels_path")
+        else path.with_name(path.name.split(".")[0] + "-labels.lst")
+    )
+    if not lpath.is_file():
+        raise EvalError(f"{lpath}: labels file not found; {task.fmt}")
+    labels = [ln.strip() for ln in lpath.read_text().splitlines() if ln.strip()]
+    if len(labels) != len(rows):
+        raise EvalError(f"{lpath}: {len(labels)} labels for {len(rows)} items in {path}")
+    return [{**r, "label": lab} for r, lab in zip(rows, labels)]
+
+
 # ============================================================================ PIQA
 
 
@@ -88,19 +108,7 @@ class PIQA(MultipleChoiceTask):
 
     def load(self, data_dir: Path, limit: int | None) -> list[Doc]:
         path = self.data_path(data_dir)
-        rows = read_records(path, self.fmt)
-        if rows and "query" not in rows[0] and "label" not in rows[0]:
-            lpath = (
-                self.data_path(data_dir, "labels_path")
-                if self.opt.get("labels_path")
-                else path.with_name(path.name.split(".")[0] + "-labels.lst")
-            )
-            if not lpath.is_file():
-                raise EvalError(f"{lpath}: labels file not found; {self.fmt}")
-            labels = [ln.strip() for ln in lpath.read_text().splitlines() if ln.strip()]
-            if len(labels) != len(rows):
-                raise EvalError(f"{lpath}: {len(labels)} labels for {len(rows)} items in {path}")
-            rows = [{**r, "label": int(lab)} for r, lab in zip(rows, labels)]
+        rows = _with_labels(self, data_dir, path, read_records(path, self.fmt))
         docs = [self.parse(row, path, i) for i, row in enumerate(rows, 1)]
         return self.take(docs, limit)
 
@@ -149,19 +157,7 @@ class SIQA(MultipleChoiceTask):
 
     def load(self, data_dir: Path, limit: int | None) -> list[Doc]:
         path = self.data_path(data_dir)
-        rows = read_records(path, self.fmt)
-        if rows and "query" not in rows[0] and "label" not in rows[0]:
-            lpath = (
-                self.data_path(data_dir, "labels_path")
-                if self.opt.get("labels_path")
-                else path.with_name(path.name.split(".")[0] + "-labels.lst")
-            )
-            if not lpath.is_file():
-                raise EvalError(f"{lpath}: labels file not found; {self.fmt}")
-            labels = [ln.strip() for ln in lpath.read_text().splitlines() if ln.strip()]
-            if len(labels) != len(rows):
-                raise EvalError(f"{lpath}: {len(labels)} labels for {len(rows)} items in {path}")
-            rows = [{**r, "label": lab} for r, lab in zip(rows, labels)]
+        rows = _with_labels(self, data_dir, path, read_records(path, self.fmt))
         docs = [self.parse(row, path, i) for i, row in enumerate(rows, 1)]
         return self.take(docs, limit)
 
