@@ -117,3 +117,56 @@ def test_device_table_and_the_papers_carbon_formula():
     seven, big = carbon(82_432, 400), carbon(1_022_362, 400)
     assert round(seven["mwh"]) == 36 and round(seven["tco2eq"]) == 14
     assert int(big["mwh"]) == 449 and round(big["tco2eq"]) == 173
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of the tensors created inside the mode that are still alive."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self.seen: set[int] = set()
+
+    def _free(self, key: int, n: int) -> None:
+        self.live -= n
+        self.seen.discard(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        import weakref
+
+        from torch.utils._pytree import tree_flatten
+
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                key, n = st.data_ptr(), st.nbytes()
+                if n and key not in self.seen:
+                    self.seen.add(key)
+                    self.live += n
+                    weakref.finalize(st, self._free, key, n)
+        self.peak = max(self.peak, self.live)
+        return out
+
+
+def test_activation_memory_estimate_matches_what_a_step_keeps():
+    from llamaforge.flops import activation_memory
+
+    args = ModelArgs(
+        dim=128, n_layers=4, n_heads=4, vocab_size=256, multiple_of=32, max_seq_len=128
+    )
+    torch.manual_seed(0)
+    base = build_model(args)
+    x = torch.randint(0, 256, (4, 128))
+    grads = sum(p.numel() * 4 for p in base.parameters())
+    measured = {}
+    for mode in ("none", "selective", "full"):
+        model = copy.deepcopy(base)
+        apply_activation_checkpointing(model, mode)
+        with LiveBytes() as tracker:
+            loss, n = cross_entropy(model(x), x)
+            (loss / n).backward()
+        measured[mode] = tracker.peak - grads  # what is left besides the gradients
+        estimate = activation_memory(args, x.numel(), mode, act_bytes=4)
+        assert 0.75 < estimate / measured[mode] < 1.33, (mode, estimate, measured[mode])
+    assert measured["none"] > measured["selective"] > measured["full"]

@@ -77,7 +77,14 @@ def _model_args_for(a: argparse.Namespace):
 
 
 def _cmd_info(a: argparse.Namespace) -> int:
-    from .flops import count_params, flops_per_token, human_bytes, human_count, training_memory
+    from .flops import (
+        activation_memory,
+        count_params,
+        flops_per_token,
+        human_bytes,
+        human_count,
+        training_memory,
+    )
 
     args, what = _model_args_for(a)
     if args.vocab_size <= 0:
@@ -100,6 +107,10 @@ def _cmd_info(a: argparse.Namespace) -> int:
             "adamw_states_fp32": mem.optimizer,
             "training_total": mem.total,
         },
+        "activation_bytes": {
+            mode: activation_memory(args, a.micro_batch * seq, mode)
+            for mode in ("none", "selective", "full")
+        },
     }
     if a.json:
         print(json.dumps(info, indent=2))
@@ -114,7 +125,7 @@ def _cmd_info(a: argparse.Namespace) -> int:
         f"non-embedding {counts['non_embedding']:,}"
     )
     print(f"FLOPs per token:  {info['flops_per_token']:.4g} (6N + 12·L·d·T, training, T={seq})")
-    print("memory for training (activations not included):")
+    print("memory for training (bf16 compute, fp32 master weights):")
     for key, label in (
         ("weights_fp32", "weights (fp32)"),
         ("gradients_fp32", "gradients (fp32)"),
@@ -122,6 +133,10 @@ def _cmd_info(a: argparse.Namespace) -> int:
         ("training_total", "total"),
     ):
         print(f"  {label:<20}{human_bytes(info['memory_bytes'][key]):>12}")
+    print(f"  + activations for {a.micro_batch} x {seq} tokens (estimated), by checkpointing:")
+    for mode, n in info["activation_bytes"].items():
+        total = human_bytes(n + mem.total)
+        print(f"    {mode:<18}{human_bytes(n):>12}   (step total {total})")
     print(f"weights for inference (bf16): {human_bytes(info['memory_bytes']['weights_bf16'])}")
     return 0
 
@@ -337,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--seq-len", type=int, help="context for the attention FLOPs (default max_seq_len)"
     )
     i.add_argument("--vocab-size", type=int, default=32000, help="when params.json says -1")
+    i.add_argument(
+        "--micro-batch", type=int, default=1, help="sequences per step for the activations"
+    )
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(func=_cmd_info)
 
