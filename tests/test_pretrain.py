@@ -112,27 +112,34 @@ def run(corpus: Path, out: Path, *extra: str, nproc: int = 1) -> subprocess.Comp
 
 
 def metrics(out: Path, key: str = "loss") -> dict[int, float]:
-    """step -> value; a replayed step (after a resume) keeps its last line."""
+    """step -> value (None where the row has no such key); a replayed step (after a
+    resume) keeps its last line."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r[key] for r in rows}
+    return {r["step"]: r.get(key) for r in rows}
 
 
 @pytest.mark.slow
 def test_two_processes_match_one_and_reshard_on_resume(corpus, tmp_path):
     one = tmp_path / "one"
-    run(corpus, one)
-    ref = metrics(one)
+    val3 = "eval_batches=3"  # validation split over 2 ranks: one of them repeats uncounted
+    run(corpus, one, val3)
+    ref, ref_val = metrics(one), metrics(one, "val_loss")
     assert sorted(ref) == list(range(1, 11))
     for parallel in ("fsdp", "ddp"):
         two = tmp_path / parallel
-        run(corpus, two, f"parallel={parallel}", nproc=2)
+        run(corpus, two, f"parallel={parallel}", val3, nproc=2)
         got = metrics(two)
         assert sorted(got) == sorted(ref)
         for step in ref:
             assert abs(got[step] - ref[step]) < 1e-4, (parallel, step, got[step], ref[step])
+        got_val = {s: v for s, v in metrics(two, "val_loss").items() if v is not None}
+        assert sorted(got_val) == [5, 10]
+        for step, v in got_val.items():
+            assert abs(v - ref_val[step]) < 1e-4, (parallel, step, v, ref_val[step])
     # the FSDP run's step-5 checkpoint (sharded over 2 ranks) resumed in one process
     resumed = tmp_path / "resharded"
-    proc = run(corpus, resumed, f"resume={tmp_path / 'fsdp' / 'checkpoints' / 'step-000005'}")
+    ckpt = tmp_path / "fsdp" / "checkpoints" / "step-000005"
+    proc = run(corpus, resumed, f"resume={ckpt}", val3)
     assert "at step 5" in proc.stderr
     got = metrics(resumed)
     assert sorted(got) == list(range(6, 11))

@@ -403,18 +403,25 @@ def _val_loss(
     batches: list[tuple[torch.Tensor, torch.Tensor]],
     device: torch.device,
     amp: torch.dtype | None,
+    info: D.DistInfo,
 ) -> float:
-    """Mean next-token loss over ``batches``; every rank runs every batch (FSDP needs all
-    ranks in each forward), so the result is the same everywhere."""
+    """Mean next-token loss over ``batches``, split across ranks (rank r takes batches r,
+    r + world, …) and summed. Every rank runs the same number of forward passes — FSDP2
+    gathers parameters inside each — so a rank past the end repeats a batch uncounted."""
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
-    for x, y in batches:
+    rounds = -(-len(batches) // info.world_size)
+    for k in range(rounds):
+        i = k * info.world_size + info.rank
+        x, y = batches[min(i, len(batches) - 1)]
         x, y = x.to(device), y.to(device)
         with _autocast(device, amp):
             loss, n = cross_entropy(model(x), y)
-        total[0] += loss.double()
-        total[1] += n
+        if i < len(batches):
+            total[0] += loss.double()
+            total[1] += n
+    D.all_reduce_sum(total)
     model.train(was_training)
     return float(total[0] / total[1].clamp(min=1))
 
@@ -607,7 +614,7 @@ def _run(cfg: PretrainConfig, info: D.DistInfo, stop: StopFlag) -> dict[str, Any
             if not finite:
                 row["skipped"] = True
             if val and ((cfg.eval_every > 0 and step % cfg.eval_every == 0) or step == cfg.steps):
-                val_loss = _val_loss(model, val, device, autocast)
+                val_loss = _val_loss(model, val, device, autocast, info)
                 row["val_loss"] = val_loss
             signalled = all_max_flag(stop.signum is not None, device)
             if writer is not None and (step % max(1, cfg.log_every) == 0 or step == end):
