@@ -593,3 +593,26 @@ def test_code_tasks_score_through_the_sandbox():
     doc = {"setup": "", "test_list": ["assert f(2) == 4"]}
     assert mbpp.score(doc, [["def f(x):\n    return x * 2\n"]]) == {"pass@1": 1.0}
     assert mbpp.score(doc, [["def f(x):\n    return x\n"]]) == {"pass@1": 0.0}
+
+
+def test_original_piqa_reads_its_labels_file_and_names_what_is_wrong(tmp_path):
+    rows = [{"goal": "Open a jar", "sol1": "twist the lid", "sol2": "bite the jar"}] * 2
+    (tmp_path / "piqa").mkdir()
+    data = tmp_path / "piqa" / "valid.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = get_task("piqa")
+    with pytest.raises(EvalError, match=r"valid-labels.lst: labels file not found"):
+        task.load(tmp_path, None)
+    (tmp_path / "piqa" / "valid-labels.lst").write_text("0\n")
+    with pytest.raises(EvalError, match=r"1 labels for 2 items"):
+        task.load(tmp_path, None)
+    (tmp_path / "piqa" / "valid-labels.lst").write_text("0\n1\n")
+    docs = task.load(tmp_path, None)
+    assert [d["gold"] for d in docs] == [0, 1]
+    assert docs[0]["choices"] == [" twist the lid", " bite the jar"]
+    other = tmp_path / "mine.lst"
+    other.write_text("1\n1\n")
+    assert [d["gold"] for d in get_task("piqa", labels_path=str(other)).load(tmp_path, None)] == [
+        1,
+        1,
+    ]

@@ -186,14 +186,38 @@ class MultipleChoiceTask(BaseTask):
 
     unconditional: ClassVar[bool] = False
     fmt: ClassVar[str] = ""
+    # original-format rows carry no label: it is in <name>-labels.lst (PIQA, SIQA)
+    labels_file: ClassVar[bool] = False
 
     def load(self, data_dir: Path, limit: int | None) -> list[Doc]:
         path = self.data_path(data_dir)
         rows = read_records(path, self.fmt)
+        if self.labels_file:
+            rows = self.with_labels(data_dir, path, rows)
         docs = [self.parse(row, path, i) for i, row in enumerate(rows, 1)]
         if not docs:
             raise EvalError(f"{path}: no records; expected {self.fmt}")
         return self.take(docs, limit)
+
+    def with_labels(
+        self, data_dir: Path, path: Path, rows: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
+        """Original-format rows (no "label", not converted) get their labels, one per line,
+        from ``<name>-labels.lst`` beside the data file or the file of option
+        ``labels_path``."""
+        if not rows or "query" in rows[0] or "label" in rows[0]:
+            return rows
+        lpath = (
+            self.data_path(data_dir, "labels_path")
+            if self.opt.get("labels_path")
+            else path.with_name(path.name.split(".")[0] + "-labels.lst")
+        )
+        if not lpath.is_file():
+            raise EvalError(f"{lpath}: labels file not found; {self.fmt}")
+        labels = [ln.strip() for ln in lpath.read_text().splitlines() if ln.strip()]
+        if len(labels) != len(rows):
+            raise EvalError(f"{lpath}: {len(labels)} labels for {len(rows)} items in {path}")
+        return [{**r, "label": lab} for r, lab in zip(rows, labels)]
 
     def parse(self, row: dict[str, Any], path: Path, i: int) -> Doc:
         raise NotImplementedError

@@ -65,26 +65,6 @@ class BoolQ(MultipleChoiceTask):
         return {"query": query + "\nAnswer:", "choices": [" no", " yes"], "gold": gold}
 
 
-def _with_labels(
-    task: MultipleChoiceTask, data_dir: Path, path: Path, rows: list[dict[str, Any]]
-) -> list[dict[str, Any]]:
-    """Original-format rows (no "label", not converted) get their labels, one per line, from
-    ``<name>-labels.lst`` beside the data file or the file of option ``labels_path``."""
-    if not rows or "query" in rows[0] or "label" in rows[0]:
-        return rows
-    lpath = (
-        task.data_path(data_dir, "labels_path")
-        if task.opt.get("labels_path")
-        else path.with_name(path.name.split(".")[0] + "-labels.lst")
-    )
-    if not lpath.is_file():
-        raise EvalError(f"{lpath}: labels file not found; {task.fmt}")
-    labels = [ln.strip() for ln in lpath.read_text().splitlines() if ln.strip()]
-    if len(labels) != len(rows):
-        raise EvalError(f"{lpath}: {len(labels)} labels for {len(rows)} items in {path}")
-    return [{**r, "label": lab} for r, lab in zip(rows, labels)]
-
-
 # ============================================================================ PIQA
 
 
@@ -100,17 +80,12 @@ class PIQA(MultipleChoiceTask):
         note="PIQA validation (1838)",
     )
     defaults = {"labels_path": None}
+    labels_file = True
     fmt = (
         "PIQA: original valid.jsonl {goal, sol1, sol2} with a labels file (<name>-labels.lst, "
         "option labels_path), or JSONL with {goal, sol1, sol2, label} (HF), or the converted "
         "{query, choices, gold}"
     )
-
-    def load(self, data_dir: Path, limit: int | None) -> list[Doc]:
-        path = self.data_path(data_dir)
-        rows = _with_labels(self, data_dir, path, read_records(path, self.fmt))
-        docs = [self.parse(row, path, i) for i, row in enumerate(rows, 1)]
-        return self.take(docs, limit)
 
     def parse(self, row: dict[str, Any], path: Path, i: int) -> Doc:
         if "query" in row:
@@ -149,17 +124,12 @@ class SIQA(MultipleChoiceTask):
         ),
     )
     defaults = {"labels_path": None}
+    labels_file = True
     fmt = (
         "SIQA: original dev.jsonl {context, question, answerA, answerB, answerC} with "
         "dev-labels.lst (1-3), or JSONL with those fields and label (HF), or the converted "
         "{query, choices, gold}"
     )
-
-    def load(self, data_dir: Path, limit: int | None) -> list[Doc]:
-        path = self.data_path(data_dir)
-        rows = _with_labels(self, data_dir, path, read_records(path, self.fmt))
-        docs = [self.parse(row, path, i) for i, row in enumerate(rows, 1)]
-        return self.take(docs, limit)
 
     def parse(self, row: dict[str, Any], path: Path, i: int) -> Doc:
         if "query" in row:
