@@ -335,3 +335,17 @@ def test_metrics_reader_and_wandb_without_the_package(corpus, tmp_path, capsys):
     except ImportError:
         assert main(overrides(corpus, tmp_path / "w", "wandb_project=proj")) == 2
         assert "wandb_project='proj' but wandb is not installed" in capsys.readouterr().err
+
+
+def test_learning_rate_schedule_is_warmup_then_cosine_to_ten_percent():
+    from llamaforge.train import lr_at
+
+    def lr(step: int) -> float:
+        return lr_at(step, peak=3e-4, warmup=2000, total=10_000)
+
+    assert lr(0) == pytest.approx(3e-4 / 2000) and lr(999) == pytest.approx(1.5e-4)
+    assert lr(1999) == pytest.approx(3e-4) and lr(2000) == pytest.approx(3e-4)
+    assert lr(6000) == pytest.approx(3e-4 * (0.1 + 0.9 * 0.5))  # half-way down the cosine
+    assert lr(10_000) == pytest.approx(3e-5) and lr(50_000) == pytest.approx(3e-5)
+    steps = [lr(s) for s in range(2000, 10_001, 500)]
+    assert all(a > b for a, b in zip(steps, steps[1:]))

@@ -237,16 +237,6 @@ def _shard_of(full: torch.Tensor, p: Any) -> torch.Tensor:
     return distribute_tensor(full, mesh, placements).to_local()  # (broadcasts from rank 0)
 
 
-def wrap_model(model: nn.Module, info: DistInfo, parallel: str = "fsdp") -> nn.Module:
-    """FSDP2 or DDP only (no checkpointing, no compile): ``parallelize`` with defaults."""
-    return parallelize(model, info, parallel=parallel)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DDP wrapper (FSDP2 keeps the module itself)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 @contextlib.contextmanager
 def grad_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
     """Skip the gradient all-reduce / reduce-scatter for a micro-batch that is not the

@@ -28,7 +28,6 @@ class MetricsWriter:
         config: dict[str, Any] | None = None,
     ) -> None:
         self.path = Path(run_dir) / METRICS_FILE
-        self._file = self.path.open("a")
         self._tb: Any = None
         self._wandb: Any = None
         if tensorboard not in ("auto", "true", "false"):
@@ -55,6 +54,7 @@ class MetricsWriter:
             self._wandb = wandb.init(
                 project=wandb_project, name=wandb_run or None, config=config, resume="allow"
             )
+        self._file = self.path.open("a")  # last: a failed integration leaves nothing open
 
     def write(self, row: dict[str, Any]) -> None:
         self._file.write(json.dumps(row) + "\n")

@@ -710,7 +710,7 @@ def _run(cfg: PretrainConfig, info: D.DistInfo, stop: StopFlag) -> dict[str, Any
 
 
 def format_summary(s: dict[str, Any]) -> str:
-    kind = "GPU" if s["carbon"] is not None or "CPU" not in s["device"] else "device"
+    kind = "device" if s["device"].startswith("CPU") else "GPU"
     if s["steps_this_run"] == 0:
         return f"nothing to train: the run is already at step {s['step']}" + (
             f"; model: {s['model']}" if s["model"] else ""

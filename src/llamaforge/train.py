@@ -1,6 +1,7 @@
 """The paper's optimisation recipe (SPEC §1.5): AdamW (0.9, 0.95), weight decay 0.1 on
 weight matrices, gradient clipping 1.0, linear warmup then cosine decay to 10 % of the peak
-learning rate — and a single-process training step built on it."""
+learning rate, and the loss a step divides by the global target count. The training loop
+that uses them is ``pretrain.py``."""
 
 from __future__ import annotations
 
@@ -8,8 +9,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-
-from .model import Transformer
 
 
 def lr_at(step: int, *, peak: float, warmup: int, total: int, final_ratio: float = 0.1) -> float:
@@ -49,41 +48,3 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
         logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index, reduction="sum"
     )
     return loss, (targets != ignore_index).sum()
-
-
-def train_step(
-    model: Transformer,
-    optimizer: torch.optim.Optimizer,
-    micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
-    lr: float,
-    clip: float = 1.0,
-) -> tuple[float, float]:
-    """One optimizer step over ``micro_batches`` of (inputs, targets), with the loss
-    normalised by the total number of target tokens (not a mean of means).
-    Returns (mean loss, gradient norm before clipping)."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    total_targets = sum(int((y != -100).sum()) for _, y in micro_batches)
-    total_loss = 0.0
-    for x, y in micro_batches:
-        loss, _ = cross_entropy(model(x), y)
-        (loss / total_targets).backward()
-        total_loss += loss.item()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return total_loss / total_targets, float(grad_norm)
-
-
-@torch.no_grad()
-def evaluate_loss(model: Transformer, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Mean next-token loss (nats) over ``batches``."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for x, y in batches:
-        loss, n = cross_entropy(model(x), y)
-        total += loss.item()
-        count += int(n)
-    model.train(was_training)
-    return total / max(1, count)
