@@ -29,6 +29,22 @@ class ConfigError(ValueError):
     pass
 
 
+def setting(default: Any = dataclasses.MISSING, doc: str = "", *, factory: Any = None) -> Any:
+    """A config field with its documentation (shown by ``--help``)::
+
+        lr: float = setting(3e-4, "peak learning rate")
+        betas: list[float] = setting(doc="AdamW betas", factory=lambda: [0.9, 0.95])
+    """
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata={"doc": doc})
+    return dataclasses.field(default=default, metadata={"doc": doc})
+
+
+def field_doc(f: dataclasses.Field) -> str:
+    """The documentation given to ``setting`` (empty when none)."""
+    return str(f.metadata.get("doc", ""))
+
+
 def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
