@@ -35,8 +35,8 @@ from llamaforge.convert.hf import hf_config
 from llamaforge.distributed import DistInfo, parallelize
 from llamaforge.flops import device_spec, flops_per_token, human_bytes
 from llamaforge.model import build_model
+from llamaforge.optim import build_optimizer, cross_entropy
 from llamaforge.presets import get_preset
-from llamaforge.train import build_optimizer, cross_entropy
 
 VARIANTS = {
     # name: (implementation, activation checkpointing / HF gradient checkpointing, compile)

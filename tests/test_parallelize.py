@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from llamaforge.distributed import DistInfo, apply_activation_checkpointing, parallelize
 from llamaforge.model import ModelArgs, build_model
-from llamaforge.train import cross_entropy
+from llamaforge.optim import cross_entropy
 
 ARGS = ModelArgs(
     dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=16, max_seq_len=64

@@ -15,15 +15,12 @@ from pathlib import Path
 import pytest
 
 import llamaforge
+from llamaforge.checkpointer import list_checkpoints
+from llamaforge.cli import main as cli_main
 from llamaforge.config import ConfigError, load_config
 from llamaforge.data.prepare import load_data_config, prepare
-from llamaforge.pretrain import (
-    PretrainConfig,
-    TrainingError,
-    list_checkpoints,
-    main,
-    run_pretrain,
-)
+from llamaforge.pretrain import PretrainConfig, run_pretrain
+from llamaforge.trainer import TrainingError
 
 from .conftest import REPO
 
@@ -233,7 +230,7 @@ def test_sigterm_saves_and_exits_cleanly(corpus, tmp_path):
 def test_indivisible_batch_tokens_is_a_clear_error(corpus, tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"batch_tokens=250 .*micro_batch \(4\).*seq_len \(32\)"):
         run_pretrain(cfg_of(corpus, tmp_path / "bad", "batch_tokens=250"))
-    assert main(overrides(corpus, tmp_path / "bad", "batch_tokens=250")) == 2
+    assert cli_main(["pretrain", *overrides(corpus, tmp_path / "bad", "batch_tokens=250")]) == 2
     assert "world_size (1) = 128" in capsys.readouterr().err
     assert not (tmp_path / "bad" / "metrics.jsonl").exists()
 
@@ -244,11 +241,12 @@ TABLE2 = {"7B": 6_738_415_616, "13B": 13_015_864_320, "33B": 32_528_943_616, "65
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "pretrain").glob("*.toml")), ids=str)
 def test_shipped_configs_are_valid(path):
     from llamaforge.flops import count_params
-    from llamaforge.pretrain import grad_accum_steps, model_args, validate
+    from llamaforge.trainer import check_config, grad_accum_steps, model_args
 
     cfg = load_config(PretrainConfig, path)
-    validate(cfg)
-    args = model_args(cfg, 32000 if "shared" in cfg.data.dir else 2048)
+    check_config(cfg)
+    seq = cfg.data.seq_len
+    args = model_args(cfg, 32000 if "shared" in cfg.data.dir else 2048, seq)
     assert args.max_seq_len >= cfg.data.seq_len
     size = path.stem.removeprefix("llama-")
     if size in TABLE2:  # the paper's recipes: Table 2 sizes, 4M-token batches, its lr
@@ -259,9 +257,9 @@ def test_shipped_configs_are_valid(path):
         assert abs(cfg.steps * cfg.batch_tokens - tokens) < cfg.batch_tokens
         assert cfg.optim.warmup_steps == 2000 and cfg.activation_checkpointing == "selective"
         for world in (8, 64, 256, 2048):
-            assert grad_accum_steps(cfg, world) >= 1
+            assert grad_accum_steps(cfg, seq, world) >= 1
     else:
-        assert grad_accum_steps(cfg, 1) >= 1
+        assert grad_accum_steps(cfg, seq, 1) >= 1
 
 
 def test_non_finite_steps_are_skipped_then_the_run_stops(corpus, tmp_path):
@@ -275,7 +273,10 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(corpus, tmp_path):
     assert [r.get("skipped", False) for r in rows] == [False, True, True, True, True]
     # no checkpoint for a skipped step; the good one stays
     assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [1]
-    assert main(overrides(corpus, tmp_path / "nan2", *extra, "max_skipped_steps=0")) == 1
+    assert (
+        cli_main(["pretrain", *overrides(corpus, tmp_path / "nan2", *extra, "max_skipped_steps=0")])
+        == 1
+    )
 
 
 def test_summary_plot_and_carbon(corpus, tmp_path, capsys):
@@ -333,12 +334,12 @@ def test_metrics_reader_and_wandb_without_the_package(corpus, tmp_path, capsys):
     try:
         import wandb  # noqa: F401
     except ImportError:
-        assert main(overrides(corpus, tmp_path / "w", "wandb_project=proj")) == 2
+        assert cli_main(["pretrain", *overrides(corpus, tmp_path / "w", "wandb_project=proj")]) == 2
         assert "wandb_project='proj' but wandb is not installed" in capsys.readouterr().err
 
 
 def test_learning_rate_schedule_is_warmup_then_cosine_to_ten_percent():
-    from llamaforge.train import lr_at
+    from llamaforge.optim import lr_at
 
     def lr(step: int) -> float:
         return lr_at(step, peak=3e-4, warmup=2000, total=10_000)

@@ -3,22 +3,26 @@ import json
 import pytest
 
 import llamaforge
-from llamaforge.quickstart import QuickstartConfig, run_quickstart
+from llamaforge.quickstart import quickstart_config, run_quickstart
 
 
 @pytest.mark.slow
 def test_quickstart_learns_and_leaves_a_usable_checkpoint(tmp_path):
-    cfg = QuickstartConfig(
-        out=str(tmp_path / "run"),
-        vocab_size=1024,
-        steps=200,
-        warmup=20,
-        batch_size=16,
-        seq_len=128,
-        val_batches=4,
-        sample_tokens=16,
-        device="cpu",
+    cfg = quickstart_config(
+        [
+            f"out={tmp_path / 'run'}",
+            "corpus.vocab_size=1024",
+            "steps=200",
+            "optim.warmup_steps=20",
+            "batch_tokens=2048",  # 16 × 128
+            "data.seq_len=128",
+            "model.max_seq_len=128",
+            "eval_batches=4",
+            "sample_tokens=16",
+            "device=cpu",
+        ]
     )
+    assert cfg.data.dir == str(tmp_path / "run" / "data")
     summary = run_quickstart(cfg, log=lambda s: None)
     assert summary["val_loss"] < summary["unigram_loss"] - 0.5
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

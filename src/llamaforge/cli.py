@@ -11,14 +11,9 @@ from . import __version__
 
 
 def _cmd_quickstart(a: argparse.Namespace) -> int:
-    from .config import apply_overrides
-    from .quickstart import QuickstartConfig, run_quickstart
+    from .quickstart import main as quickstart_main
 
-    cfg = apply_overrides(QuickstartConfig(), a.overrides)
-    if a.out is not None:
-        cfg.out = a.out
-    summary = run_quickstart(cfg)
-    return 0 if summary["val_loss"] < summary["unigram_loss"] else 1
+    return quickstart_main(a.overrides, a.out)
 
 
 def _cmd_pretrain(a: argparse.Namespace) -> int:
@@ -495,3 +490,9 @@ def main(argv: list[str] | None = None) -> int:
     ) as e:
         print(f"llamaforge {a.command}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        code = getattr(e, "exit_code", None)
+        if not isinstance(code, int):
+            raise
+        print(f"llamaforge {a.command}: error: {e}", file=sys.stderr)
+        return code

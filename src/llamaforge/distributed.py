@@ -97,6 +97,16 @@ def all_gather_object(obj: Any) -> list[Any]:
     return out
 
 
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks of a copy of ``t`` (asynchronous on the device: no host sync)."""
+    return all_reduce_sum(t.clone())
+
+
+def all_max_flag(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` is set on any rank (a host synchronisation: call it rarely)."""
+    return bool(all_reduce_max(torch.tensor([int(flag)], device=device))[0])
+
+
 def print0(*args: Any, **kwargs: Any) -> None:
     """``print`` on rank 0 only (to stderr unless ``file`` says otherwise)."""
     if int(os.environ.get("RANK", "0")) == 0:
@@ -185,6 +195,9 @@ def parallelize(
     mesh = init_device_mesh(info.device.type, (info.world_size,))
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     layers = list(model.layers)  # type: ignore[union-attr]
+    # The token embedding is its own unit (as in torchtitan): a 32000 × 8192 table is
+    # gathered only around the lookup, not for the whole forward pass with the root.
+    fully_shard(model.tok_embeddings, mesh=mesh, mp_policy=mp)  # type: ignore[arg-type]
     for i, block in enumerate(layers):
         # the last block's parameters are needed first in the backward pass: keep them
         # gathered after the forward instead of freeing and re-gathering them.
@@ -239,19 +252,21 @@ def _shard_of(full: torch.Tensor, p: Any) -> torch.Tensor:
 
 @contextlib.contextmanager
 def grad_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
-    """Skip the gradient all-reduce / reduce-scatter for a micro-batch that is not the
-    last of its step (gradient accumulation)."""
+    """Under DDP, skip the gradient all-reduce for a micro-batch that is not the last of
+    its step (gradient accumulation): DDP keeps a full gradient per rank either way.
+
+    FSDP2 reduce-scatters after every micro-batch and accumulates into the sharded
+    gradient, as torchtitan does: turning its sync off would keep an unsharded fp32
+    gradient of the whole model on every rank until the last micro-batch (4 bytes per
+    parameter: 27 GB for 7B), which defeats the sharding. So this is a no-op for FSDP2."""
     if isinstance(model, nn.parallel.DistributedDataParallel) and not enabled:
         with model.no_sync():
             yield
         return
-    setter = getattr(model, "set_requires_gradient_sync", None)  # FSDP2 modules
-    if setter is not None:
-        setter(enabled)
     yield
 
 
-def grad_norm_value(norm: torch.Tensor) -> float:
-    """The clip_grad_norm_ result as a float (a DTensor under FSDP2)."""
-    full = getattr(norm, "full_tensor", None)
-    return float(full() if full is not None else norm)
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole value of a DTensor (e.g. FSDP2's gradient norm), or ``t`` itself."""
+    full = getattr(t, "full_tensor", None)
+    return full() if full is not None else t

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import platform
+import resource
+import sys
 from dataclasses import dataclass
+
+import torch
 
 from .model import ModelArgs
 
@@ -158,3 +164,34 @@ def carbon(gpu_hours: float, watts: float, pue: float = PUE) -> dict[str, float]
         "mwh": mwh,
         "tco2eq": mwh * KG_CO2_PER_KWH,
     }
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's with its core count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def device_peak_flops(device: torch.device, override: float = 0.0) -> float | None:
+    """Per-device peak for MFU: ``override`` when set, else the GPU table (None: unknown)."""
+    if override > 0:
+        return override
+    spec = device_spec(device_name(device)) if device.type == "cuda" else None
+    return spec.peak_flops if spec else None
+
+
+def device_watts(device: torch.device, override: float = 0.0) -> float | None:
+    """Per-device power for the carbon estimate: ``override``, else the GPU table."""
+    if override > 0:
+        return override
+    spec = device_spec(device_name(device)) if device.type == "cuda" else None
+    return spec.watts if spec else None
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """CUDA max_memory_allocated, else this process's peak resident set size."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss) * (1 if sys.platform == "darwin" else 1024)

@@ -14,88 +14,67 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .checkpoint import load
+from .config import load_config, setting
 from .data.mixture import open_sources
 from .data.prepare import DataConfig, SourceConfig, prepare
 from .generate import generate
-from .pretrain import (
-    CheckpointSection,
-    DataSection,
-    ModelSection,
-    OptimSection,
-    PretrainConfig,
-    run_pretrain,
-)
+from .pretrain import PretrainConfig, run_pretrain
 from .tokenizer import Tokenizer
+
+# The quickstart's settings: a pretrain config (model, optim, batch …) shipped with the
+# package, plus the corpus it prepares and the samples it prints.
+CONFIG_FILE = Path(__file__).with_name("quickstart.toml")
 
 
 @dataclass
-class QuickstartConfig:
-    out: str = "runs/quickstart"
-    vocab_size: int = 2048
-    code_weight: float = 0.7  # sampling proportions of the two sources (normalised)
-    docs_weight: float = 0.3
-    dim: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    seq_len: int = 256
-    batch_size: int = 16
-    steps: int = 400
-    warmup: int = 40
-    lr: float = 3e-3
-    val_fraction: float = 0.05  # documents held out for validation
-    val_batches: int = 8
-    samples: int = 3
-    sample_tokens: int = 60
-    seed: int = 0
-    device: str = "auto"
+class CorpusSection:
+    vocab_size: int = setting(2048, "SentencePiece BPE pieces trained on the corpus")
+    code_weight: float = setting(0.7, "sampling proportion of the stdlib sources (code)")
+    docs_weight: float = setting(0.3, "sampling proportion of the stdlib docs (prose)")
+    val_fraction: float = setting(0.05, "documents held out for validation")
+
+
+@dataclass
+class QuickstartConfig(PretrainConfig):
+    """``llamaforge pretrain``'s settings (defaults in quickstart.toml) plus the corpus and
+    the samples; ``data.dir``/``data.tokenizer`` empty: OUT/data."""
+
+    corpus: CorpusSection = field(default_factory=CorpusSection)
+    samples: int = setting(3, "samples printed at the end")
+    sample_tokens: int = setting(60, "tokens per sample")
+    out: str = setting("runs/quickstart", "run directory")
+
+
+def quickstart_config(overrides: list[str] | None = None) -> QuickstartConfig:
+    """quickstart.toml with ``key=value`` overrides (``steps=200 model.dim=96``)."""
+    cfg = load_config(QuickstartConfig, CONFIG_FILE, overrides or [])
+    data_dir = Path(cfg.out) / "data"
+    if not cfg.data.dir:
+        cfg.data.dir = str(data_dir)
+    if not cfg.data.tokenizer:
+        cfg.data.tokenizer = str(Path(cfg.data.dir) / "tokenizer.model")
+    return cfg
 
 
 def data_config(cfg: QuickstartConfig) -> DataConfig:
     """The embedded default corpus (configs/data/stdlib.toml) inside the run directory."""
-    data = Path(cfg.out) / "data"
+    c = cfg.corpus
     return DataConfig(
-        tokenizer=str(data / "tokenizer.model"),
-        tokenizer_vocab_size=cfg.vocab_size,
-        output=str(data),
-        val_fraction=cfg.val_fraction,
+        tokenizer=cfg.data.tokenizer,
+        tokenizer_vocab_size=c.vocab_size,
+        output=cfg.data.dir,
+        val_fraction=c.val_fraction,
         sources=[
-            SourceConfig(name="code", kind="code", paths=["@stdlib"], weight=cfg.code_weight),
-            SourceConfig(name="docs", kind="stdlib_docs", weight=cfg.docs_weight),
+            SourceConfig(name="code", kind="code", paths=["@stdlib"], weight=c.code_weight),
+            SourceConfig(name="docs", kind="stdlib_docs", weight=c.docs_weight),
         ],
-    )
-
-
-def pretrain_config(cfg: QuickstartConfig, data_dir: str, tokenizer: str) -> PretrainConfig:
-    """The quickstart's training run as a ``llamaforge pretrain`` configuration."""
-    return PretrainConfig(
-        model=ModelSection(
-            preset="1M",
-            dim=cfg.dim,
-            n_layers=cfg.n_layers,
-            n_heads=cfg.n_heads,
-            multiple_of=32,
-            max_seq_len=cfg.seq_len,
-        ),
-        data=DataSection(dir=data_dir, tokenizer=tokenizer, seq_len=cfg.seq_len, seed=cfg.seed),
-        optim=OptimSection(lr=cfg.lr, warmup_steps=cfg.warmup),
-        checkpoint=CheckpointSection(every=0, keep=1),
-        batch_tokens=cfg.batch_size * cfg.seq_len,
-        micro_batch=cfg.batch_size,
-        steps=cfg.steps,
-        device=cfg.device,
-        eval_every=100,
-        eval_batches=cfg.val_batches,
-        out=cfg.out,
-        resume="none",
-        seed=cfg.seed,
-        tensorboard=False,
     )
 
 
@@ -136,15 +115,14 @@ def run_quickstart(cfg: QuickstartConfig, log: Callable[[str], None] = print) ->
         f"unigram baseline {unigram:.3f} nats/token"
     )
 
-    pcfg = pretrain_config(cfg, dcfg.output, dcfg.tokenizer)
     log(
-        f"2/4 train: a {cfg.dim}-dim, {cfg.n_layers}-layer LLaMA, {cfg.steps} steps of "
-        f"{cfg.batch_size}x{cfg.seq_len} tokens from the mixture (llamaforge pretrain)"
+        f"2/4 train: a {cfg.model.dim}-dim, {cfg.model.n_layers}-layer LLaMA, {cfg.steps} "
+        f"steps of {cfg.batch_tokens} tokens from the mixture (llamaforge pretrain)"
     )
     for stale in ("metrics.jsonl", "summary.json", "loss.png"):  # a fresh run each time
         (out / stale).unlink(missing_ok=True)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    result = run_pretrain(pcfg)
+    result = run_pretrain(cfg)
     val_loss = float(result["val_loss"])
     log("3/4 saved")
     ckpt = Path(result["model"])
@@ -184,3 +162,11 @@ def run_quickstart(cfg: QuickstartConfig, log: Callable[[str], None] = print) ->
         log("--- sample ---\n" + text)
     log(f"\nnext: llamaforge generate --ckpt {ckpt} --prompt 'def '")
     return summary
+
+
+def main(overrides: list[str], out: str | None = None) -> int:
+    """``llamaforge quickstart [--out DIR] [key=value ...]``: exit 0 when the model beats
+    the unigram baseline."""
+    cfg = quickstart_config([*overrides, *([f"out={out}"] if out is not None else [])])
+    summary = run_quickstart(cfg)
+    return 0 if summary["val_loss"] < summary["unigram_loss"] else 1

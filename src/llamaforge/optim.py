@@ -1,7 +1,7 @@
 """The paper's optimisation recipe (SPEC §1.5): AdamW (0.9, 0.95), weight decay 0.1 on
 weight matrices, gradient clipping 1.0, linear warmup then cosine decay to 10 % of the peak
-learning rate, and the loss a step divides by the global target count. The training loop
-that uses them is ``pretrain.py``."""
+learning rate, and the summed next-token loss that a step divides by the global target
+count. The training loop that uses them is ``trainer.py``."""
 
 from __future__ import annotations
 
