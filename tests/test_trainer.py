@@ -159,3 +159,28 @@ def test_fsdp2_accumulation_keeps_gradients_sharded():
         # … where FSDP2 without gradient sync holds the whole model's gradient
         assert r["held_bytes_without_sync"] >= r["full_fp32_grad_bytes"], r
         assert r["embedding_is_own_unit"]
+
+
+def test_init_starts_from_a_native_checkpoint_and_hooks_run(tmp_path, small_tokenizer):
+    from llamaforge.checkpoint import save
+    from llamaforge.model import build_model
+
+    torch.manual_seed(1)
+    t0 = trainer(tmp_path / "a")
+    base = build_model(t0.args)
+    save(base, small_tokenizer, tmp_path / "base")
+    seen: list[str] = []
+    t = trainer(
+        tmp_path / "b",
+        f"init={tmp_path / 'base'}",
+        prepare_model=lambda m: seen.append(str(next(m.parameters()).device)),
+        after_init=lambda m: seen.append("after"),
+    )
+    assert seen == ["meta", "after"]
+    for (name, p), q in zip(t.model.named_parameters(), base.parameters()):
+        assert torch.equal(p, q), name
+    # the model comes from the checkpoint: a conflicting model.* setting is an error
+    from llamaforge.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.dim=48.*init="):
+        trainer(tmp_path / "c", f"init={tmp_path / 'base'}", "model.dim=48")

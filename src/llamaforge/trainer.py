@@ -102,6 +102,7 @@ class TrainConfig:
     eval_batches: int = setting(8, "validation batches of micro_batch sequences")
     out: str = setting("runs/train", "run directory")
     resume: str = setting("auto", "auto (newest complete checkpoint) | none | a step-N path")
+    init: str = setting("", "start from this native checkpoint's weights (empty: random init)")
     seed: int = setting(0, "initialisation seed")
     log_every: int = setting(1, "steps between metrics.jsonl rows (host syncs happen there)")
     sync_every: int = setting(10, "at most this many steps between host syncs (signal checks)")
@@ -149,19 +150,32 @@ def check_config(cfg: TrainConfig) -> None:
 
 
 def model_args(cfg: TrainConfig, vocab_size: int, seq_len: int) -> ModelArgs:
-    """The preset with the config's overrides; vocab_size None: the tokenizer's size,
-    max_seq_len None: at least ``seq_len``."""
+    """The preset with the config's overrides (or, with ``init``, the checkpoint's own
+    params.json: then only ``model.max_seq_len`` may change); vocab_size None: the
+    tokenizer's size, max_seq_len None: at least ``seq_len``."""
     m = cfg.model
     overrides: dict[str, Any] = {
         f.name: getattr(m, f.name)
         for f in dataclasses.fields(ModelArgs)
         if getattr(m, f.name) is not None
     }
-    overrides.setdefault("vocab_size", vocab_size)
-    try:
-        args = get_preset(m.preset, **overrides)
-    except (KeyError, TypeError) as e:
-        raise ConfigError(f"model: {e}") from None
+    if cfg.init:
+        from .checkpoint import read_params
+
+        args, _ = read_params(cfg.init)
+        clash = {k: v for k, v in overrides.items() if k != "max_seq_len" and getattr(args, k) != v}
+        if clash:
+            raise ConfigError(
+                f"model.{next(iter(clash))}={next(iter(clash.values()))}: the model comes from "
+                f"init={cfg.init!r}, whose params.json says otherwise; leave model.* unset"
+            )
+        args = dataclasses.replace(args, **overrides)
+    else:
+        overrides.setdefault("vocab_size", vocab_size)
+        try:
+            args = get_preset(m.preset, **overrides)
+        except (KeyError, TypeError) as e:
+            raise ConfigError(f"model: {e}") from None
     if m.max_seq_len is None and args.max_seq_len < seq_len:
         args = dataclasses.replace(args, max_seq_len=seq_len)
     if args.max_seq_len < seq_len:
@@ -200,11 +214,44 @@ class TrainingError(RuntimeError):
 
 
 class Loader(Protocol):
-    """This rank's batches: (inputs, targets) of micro_batch × accumulation rows each."""
+    """This rank's batches of micro_batch × accumulation rows each: (inputs, targets) or
+    (inputs, targets, extras), extras being model keyword arguments (one row per row)."""
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def __next__(self) -> Any: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def _unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    x, y, *rest = batch
+    return x, y, (rest[0] if rest else {})
+
+
+def _split_extras(
+    extras: dict[str, torch.Tensor] | None, rows: int, parts: int
+) -> list[dict[str, torch.Tensor]]:
+    """Per micro-batch keyword arguments: each extra split by rows like the inputs."""
+    if not extras:
+        return [{}] * parts
+    split = {k: v.split(rows) for k, v in extras.items()}
+    return [{k: v[i] for k, v in split.items()} for i in range(parts)]
+
+
+def load_native_weights(
+    model: torch.nn.Module, ckpt_dir: str, args: ModelArgs, info: D.DistInfo
+) -> None:
+    """Copy a native checkpoint's weights into ``model`` (sharded or not, with adapters or
+    not). Under FSDP2 rank 0 reads the files and the shards are scattered from it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from .checkpoint import checked, iter_tensors
+
+    broadcast = info.world_size > 1
+    state: dict[str, torch.Tensor] = {}
+    if info.is_main or not broadcast:
+        state = dict(checked(iter_tensors(ckpt_dir), args, str(ckpt_dir)))
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast, strict=False)
+    set_model_state_dict(model, state, options=options)
 
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -248,7 +295,11 @@ class StepResult:
 
 class Trainer:
     """One training run. ``all_targets_count``: every target of every batch counts (no
-    ignore_index), so the global target count is known without a collective."""
+    ignore_index), so the global target count is known without a collective.
+    ``prepare_model`` changes the model on the meta device before it is parallelised (e.g.
+    adds LoRA adapters); ``after_init`` runs once the weights are initialised or loaded
+    from ``init``. A batch is ``(inputs, targets)`` or ``(inputs, targets, extras)`` with
+    ``extras`` model keyword arguments split with the rows (packing's positions, mask)."""
 
     def __init__(
         self,
@@ -258,17 +309,20 @@ class Trainer:
         args: ModelArgs,
         seq_len: int,
         loader: Loader,
-        val_batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        val_batches: list[Any] | None = None,
         loss_fn: LossFn = cross_entropy,
         all_targets_count: bool = True,
         name: str = "train",
         stop: StopFlag | None = None,
+        prepare_model: Callable[[torch.nn.Module], None] | None = None,
+        after_init: Callable[[torch.nn.Module], None] | None = None,
     ) -> None:
         check_config(cfg)
         self.cfg, self.info, self.args, self.seq_len = cfg, info, args, seq_len
         self.loader, self.val = loader, list(val_batches or [])
         self.loss_fn, self.all_targets_count, self.name = loss_fn, all_targets_count, name
         self.stop_flag = stop or StopFlag()
+        self.prepare_model, self.after_init = prepare_model, after_init
         self.accum = grad_accum_steps(cfg, seq_len, info.world_size)
         self.device = info.device
         self.amp = (
@@ -305,9 +359,11 @@ class Trainer:
             torch.cuda.manual_seed(cfg.seed)
         model: torch.nn.Module = build_model(self.args, device="meta", init=False)
         self.n_params = model.num_params()  # type: ignore[operator]
+        if self.prepare_model is not None:
+            self.prepare_model(model)
         if not self.fsdp:  # DDP broadcasts rank 0's weights when it wraps: materialise first
             model = model.to_empty(device=self.device)
-            D.init_params(model, cfg.seed)
+            self._init_weights(model)
         model = D.parallelize(
             model,
             info,
@@ -318,7 +374,7 @@ class Trainer:
         )
         if self.fsdp:
             model = model.to_empty(device=self.device)
-            D.init_params(model, cfg.seed)
+            self._init_weights(model)
         model.train()
         self.model = model
         betas = (float(cfg.optim.betas[0]), float(cfg.optim.betas[1]))
@@ -328,6 +384,14 @@ class Trainer:
         # FSDP2's MixedPrecisionPolicy casts the parameters itself; otherwise autocast does
         self.autocast = None if self.fsdp else self.amp
         return self
+
+    def _init_weights(self, model: torch.nn.Module) -> None:
+        """Random init (sharding-independent), then ``init``'s weights when given."""
+        D.init_params(model, self.cfg.seed)
+        if self.cfg.init:
+            load_native_weights(model, self.cfg.init, self.args, self.info)
+        if self.after_init is not None:
+            self.after_init(model)
 
     def resume(self) -> Path | None:
         """Load ``cfg.resume`` (auto: the newest complete checkpoint); returns its path."""
@@ -367,7 +431,13 @@ class Trainer:
             final_ratio=o.final_lr_ratio,
         )
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float | None = None) -> StepResult:
+    def train_step(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        lr: float | None = None,
+        extras: dict[str, torch.Tensor] | None = None,
+    ) -> StepResult:
         """Forward and backward over this rank's micro-batches, clip, and the AdamW update
         unless the loss or gradient norm is non-finite. Nothing here waits for the device.
 
@@ -384,9 +454,10 @@ class Trainer:
         scale = info.world_size / count
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         xs, ys = x.split(cfg.micro_batch), y.split(cfg.micro_batch)
-        for i, (xm, ym) in enumerate(zip(xs, ys)):
+        kws = _split_extras(extras, cfg.micro_batch, len(xs))
+        for i, (xm, ym, kw) in enumerate(zip(xs, ys, kws)):
             with D.grad_sync(model, i == len(xs) - 1), self._autocast():
-                loss, _ = self.loss_fn(model(xm), ym)
+                loss, _ = self.loss_fn(model(xm, **kw), ym)
             (loss * scale).backward()
             loss_sum += loss.detach().double()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip)
@@ -422,10 +493,11 @@ class Trainer:
         rounds = -(-len(self.val) // info.world_size)
         for k in range(rounds):
             i = k * info.world_size + info.rank
-            x, y = self.val[min(i, len(self.val) - 1)]
+            x, y, kw = _unpack(self.val[min(i, len(self.val) - 1)])
             x, y = x.to(self.device), y.to(self.device)
+            kw = {k: v.to(self.device) for k, v in kw.items()}
             with self._autocast():
-                loss, n = self.loss_fn(model(x), y)
+                loss, n = self.loss_fn(model(x, **kw), y)
             if i < len(self.val):
                 total[0] += loss.double()
                 total[1] += n
@@ -482,8 +554,8 @@ class Trainer:
         try:
             while self.step < end:
                 lr = self.lr_at(self.step)
-                x, y = next(self.loader)
-                r = self.train_step(x, y, lr)
+                x, y, extras = _unpack(next(self.loader))
+                r = self.train_step(x, y, lr, extras)
                 skipped_run = (skipped_run + 1) * (~r.finite)
                 skipped_count = skipped_count + (~r.finite)
                 self.step += 1
