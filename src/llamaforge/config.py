@@ -8,12 +8,14 @@ the key and the file.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
 import sys
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -129,7 +131,9 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
     return cls(**kwargs)
 
 
-def _parse_value(text: str) -> Any:
+def parse_value(text: str) -> Any:
+    """An override's value: a TOML literal (``3e-4``, ``true``, ``[1, 2]``, ``"x"``), else
+    the text itself as a string (``runs/a``, ``pass@100``)."""
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
@@ -142,7 +146,7 @@ def apply_overrides(cfg: T, overrides: list[str]) -> T:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key=value")
-        cfg = _set(cfg, key.strip().split("."), _parse_value(text.strip()), key)
+        cfg = _set(cfg, key.strip().split("."), parse_value(text.strip()), key)
     return cfg
 
 
@@ -222,6 +226,35 @@ def describe(cfg: Any, prefix: str = "") -> list[str]:
 
 def help_text(cls: type, intro: str = "", indent: str = "  ") -> str:
     """The ``--help`` epilog of a config-driven command: ``intro``, then every setting of
-    ``cls`` with its default and documentation (use with RawDescriptionHelpFormatter)."""
+    ``cls`` with its default and documentation (for ``add_config_help``, or an argparse
+    parser with a formatter that keeps line breaks)."""
     head = intro or "Settings (KEY=VALUE; dotted keys are TOML tables), defaults and meaning:"
     return head + "\n" + "\n".join(indent + line for line in describe(cls))
+
+
+class SettingsHelpFormatter(argparse.HelpFormatter):
+    """Wraps one-paragraph descriptions as usual; keeps texts with line breaks (the
+    settings list of ``help_text``) as they are."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+def add_config_help(
+    parser: argparse.ArgumentParser, config_class: Callable[[], type], intro: str = ""
+) -> None:
+    """Give ``parser`` (made with ``add_help=False``) a ``-h/--help`` whose epilog is
+    ``help_text`` of the config class that ``config_class()`` returns: the class is imported
+    only when help is asked for, so listing commands stays cheap."""
+
+    class _Help(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None) -> None:  # type: ignore[override]
+            text = help_text(config_class(), intro)
+            parser.epilog = f"{parser.epilog}\n\n{text}" if parser.epilog else text
+            parser.formatter_class = SettingsHelpFormatter
+            parser.print_help()
+            parser.exit()
+
+    parser.add_argument("-h", "--help", action=_Help, nargs=0, help="show this help and exit")
