@@ -1,16 +1,21 @@
-"""The command line, run as a user runs it: real subprocesses."""
+"""The command line: mostly `llamaforge.cli.main([...])` in-process (fast), plus one real
+``python -m llamaforge`` subprocess per command group."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
+from llamaforge.cli import main
+
 from .conftest import REPO
 
 
 def run(*args, input=None, check=True):
+    """A real subprocess, as a user runs it."""
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     proc = subprocess.run(
         [sys.executable, "-m", "llamaforge", *map(str, args)],
@@ -25,127 +30,245 @@ def run(*args, input=None, check=True):
     return proc
 
 
-def test_info_7b():
+def cli(capsys, *args, code=0):
+    """`main` in this process; returns (stdout, stderr) after checking the exit status."""
+    status = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    assert status == code, f"exit {status}\n{out}\n{err}"
+    return out, err
+
+
+# ----------------------------------------------------------------------------- one subprocess
+# per command group
+
+
+def test_smoke_info():
     out = run("info", "--preset", "7B").stdout
     assert "6,738,415,616" in out and "11008" in out
-    info = json.loads(run("info", "--preset", "65B", "--json").stdout)
+
+
+def test_smoke_tokenizer_reads_stdin(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"line {i}: the quick brown fox" for i in range(500)))
+    model = tmp_path / "t.model"
+    run("tokenizer", "train", corpus, "--out", model, "--vocab-size", "300")
+    piped = run("tokenizer", "encode", "--model", model, "--bos", input="fox").stdout.split()
+    assert piped[0] == "1"
+
+
+def test_smoke_eval_usage_error():
+    r = run("eval", "--tasks", "boolq", check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == "llamaforge eval: error: --ckpt DIR is required"
+
+
+def test_smoke_data_help():
+    out = run("data", "prepare", "--help").stdout
+    assert "val_fraction = 0.005" in out
+
+
+# ----------------------------------------------------------------------------- in-process
+
+
+def test_info_65b_json(capsys):
+    info = json.loads(cli(capsys, "info", "--preset", "65B", "--json")[0])
     assert info["params"]["total"] == 65_285_660_672
     n = info["params"]["non_embedding"]
     assert info["flops_per_token"] == 6 * n + 12 * 80 * 8192 * 2048
     assert info["memory_bytes"]["training_total"] == 16 * 65_285_660_672
 
 
-def test_init_generate_and_info_from_ckpt(tmp_path, small_tokenizer_path):
+def test_init_generate_and_info_from_ckpt(tmp_path, small_tokenizer_path, capsys):
     ckpt = tmp_path / "ckpt"
-    run(
-        "init",
-        "--preset",
-        "1M",
-        "--tokenizer",
-        small_tokenizer_path,
-        "--out",
-        ckpt,
-        "max_seq_len=64",
-    )
-    assert json.loads(run("info", "--ckpt", ckpt, "--json").stdout)["args"]["vocab_size"] == 512
-    r = run(
-        "generate",
-        "--ckpt",
-        ckpt,
-        "--prompt",
-        "The",
-        "--max-new-tokens",
-        "8",
-        "--temperature",
-        "0",
-        "--seed",
-        "1",
-    )
-    assert r.stdout.strip()  # streamed text
-    r2 = run(
-        "generate",
-        "--ckpt",
-        ckpt,
-        "--prompt",
-        "The",
-        "--prompt",
-        "def x",
-        "--max-new-tokens",
-        "5",
-        "--temperature",
-        "0.7",
-        "--seed",
-        "1",
-    )
-    assert r2.stdout.count("=== ") == 2
-    again = run(
-        "init", "--preset", "1M", "--tokenizer", small_tokenizer_path, "--out", ckpt, check=False
-    )
-    assert again.returncode == 2 and "already exists" in again.stderr
-    long = run("generate", "--ckpt", ckpt, "--prompt", "word " * 200, check=False)
-    assert long.returncode == 2 and "context is 64" in long.stderr
+    init = ("init", "--preset", "1M", "--tokenizer", small_tokenizer_path, "--out", ckpt)
+    cli(capsys, *init, "max_seq_len=64")
+    info = json.loads(cli(capsys, "info", "--ckpt", ckpt, "--json")[0])
+    assert info["args"]["vocab_size"] == 512 and info["args"]["max_seq_len"] == 64
+    gen = ("generate", "--ckpt", ckpt, "--prompt", "The", "--max-new-tokens")
+    assert cli(capsys, *gen, "8", "--temperature", "0", "--seed", "1")[0].strip()
+    out, _ = cli(capsys, *gen, "5", "--prompt", "def x", "--temperature", "0.7", "--seed", "1")
+    assert out.count("=== ") == 2
+    _, err = cli(capsys, *init, code=2)
+    assert "already exists" in err
+    _, err = cli(capsys, "generate", "--ckpt", ckpt, "--prompt", "word " * 200, code=2)
+    assert "context is 64" in err
 
 
-def test_tokenizer_commands(tmp_path):
+def test_tokenizer_commands(tmp_path, capsys):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(
         "\n".join(f"line {i}: the quick brown fox jumps over the lazy dog" for i in range(2000))
     )
     model = tmp_path / "t.model"
-    run("tokenizer", "train", corpus, "--out", model, "--vocab-size", "300")
-    ids = run("tokenizer", "encode", "--model", model, "the lazy dog 42").stdout.split()
-    assert run("tokenizer", "decode", "--model", model, *ids).stdout.strip() == "the lazy dog 42"
-    piped = run("tokenizer", "encode", "--model", model, "--bos", input="fox").stdout.split()
-    assert piped[0] == "1"
-    pieces = run("tokenizer", "encode", "--model", model, "--pieces", "42").stdout
+    cli(capsys, "tokenizer", "train", corpus, "--out", model, "--vocab-size", "300")
+    ids = cli(capsys, "tokenizer", "encode", "--model", model, "the lazy dog 42")[0].split()
+    out = cli(capsys, "tokenizer", "decode", "--model", model, *ids)[0]
+    assert out.strip() == "the lazy dog 42"
+    pieces = cli(capsys, "tokenizer", "encode", "--model", model, "--pieces", "42")[0]
     assert ":4" in pieces and ":2" in pieces  # digits are split
+
+
+def test_with_metas_tokenizer(tmp_path, meta_tokenizer_path, capsys):
+    ids = cli(capsys, "tokenizer", "encode", "--model", meta_tokenizer_path, "Hello world")[0]
+    assert ids.split() == ["15043", "3186"]
+    out = cli(capsys, "tokenizer", "decode", "--model", meta_tokenizer_path, "15043", "3186")[0]
+    assert out == "Hello world\n"
+    ckpt = tmp_path / "meta-vocab"
+    init = ("init", "--preset", "1M", "--tokenizer", meta_tokenizer_path, "--out", ckpt)
+    cli(capsys, *init, "max_seq_len=32", "--dtype", "bfloat16")
+    info = json.loads(cli(capsys, "info", "--ckpt", ckpt, "--json")[0])
+    assert info["args"]["vocab_size"] == 32000
 
 
 @pytest.mark.parametrize(
     "args,needle",
     [
-        (["generate", "--ckpt", "/nonexistent", "--prompt", "x"], "no such checkpoint"),
+        (["generate", "--ckpt", "/nonexistent", "--prompt", "x"], "generate: error: "),
         (["tokenizer", "encode", "--model", "/nonexistent.model", "x"], "nonexistent.model"),
         (["info", "--preset", "7.5B"], "unknown model preset"),
+        (["init", "--preset", "1M", "--tokenizer", "/no.model", "--out", "x"], "no.model"),
+        (["data", "stats", "/nonexistent", "--tokens", "1e9"], "llamaforge data stats: error:"),
+        (["eval", "--ckpt", "/nonexistent", "--tasks", "boolq"], "no such checkpoint"),
+        (["eval", "--shots", "many"], "invalid int value"),
+        (["eval", "--list-tasks", "--task-option", "gsm8k.maj_k"], None),
+        (["pretrain", "steps=x"], "steps"),
     ],
 )
-def test_errors_exit_nonzero_with_a_clear_message(args, needle):
-    r = run(*args, check=False)
-    assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr
+def test_usage_and_input_errors_exit_2_with_one_clear_line(args, needle, capsys):
+    if args[-1] == "gsm8k.maj_k":  # --list-tasks runs first and ignores the options
+        cli(capsys, *args)
+        return
+    _, err = cli(capsys, *args, code=2)
+    assert needle in err and "Traceback" not in err
 
 
-def test_with_metas_tokenizer(tmp_path, meta_tokenizer_path):
-    ids = run("tokenizer", "encode", "--model", meta_tokenizer_path, "Hello world").stdout
-    assert ids.split() == ["15043", "3186"]
-    assert run("tokenizer", "decode", "--model", meta_tokenizer_path, "15043", "3186").stdout == (
-        "Hello world\n"
+# ----------------------------------------------------------------------------- eval
+
+
+def test_eval_is_an_ordinary_subcommand(capsys):
+    out, _ = cli(capsys, "eval", "--list-tasks")
+    assert "gsm8k" in out and "gsm8k.maj_k = 0" in out and "maj1@k" in out
+    assert 'mbpp.split = "test"' in out
+    _, err = cli(capsys, "eval", "--tasks", "boolq", code=2)
+    assert err.strip() == "llamaforge eval: error: --ckpt DIR is required"
+    out, _ = cli(capsys, "--help")
+    assert "eval" in out and "the paper's benchmarks" in out
+    out, _ = cli(capsys, "eval", "--help")
+    assert "--task-option TASK.KEY=VALUE" in out
+
+
+def test_task_options_are_key_value_overrides(tmp_path, capsys):
+    from llamaforge.eval.cli import parse_task_options
+    from llamaforge.eval.tasks import get_task
+
+    opts = parse_task_options(
+        [
+            "gsm8k.maj_k=8",
+            "gsm8k.temperature=1",
+            "mmlu.subjects=anatomy,virology",
+            "humaneval.ks=[1, 10]",
+            "humaneval.setting=pass@100",
+            "realtoxicityprompts.variants=basic",
+        ]
     )
-    ckpt = tmp_path / "meta-vocab"
-    run(
-        "init",
-        "--preset",
-        "1M",
-        "--tokenizer",
-        meta_tokenizer_path,
-        "--out",
-        ckpt,
-        "max_seq_len=32",
-        "--dtype",
-        "bfloat16",
-    )
-    info = json.loads(run("info", "--ckpt", ckpt, "--json").stdout)
-    assert info["args"]["vocab_size"] == 32000
-    r = run(
-        "generate",
-        "--ckpt",
-        ckpt,
-        "--prompt",
-        "Hello",
-        "--prompt",
-        "The llama",
-        "--max-new-tokens",
-        "4",
-        "--seed",
-        "0",
-    )
-    assert r.stdout.count("=== ") == 2
+    assert opts["gsm8k"] == {"maj_k": 8, "temperature": 1}
+    assert opts["mmlu"] == {"subjects": "anatomy,virology"}
+    gsm = get_task("gsm8k", **opts["gsm8k"])
+    assert gsm.opt.maj_k == 8 and gsm.opt.temperature == 1.0
+    assert isinstance(gsm.opt.temperature, float)
+    assert get_task("mmlu", **opts["mmlu"]).opt.subjects == ["anatomy", "virology"]
+    he = get_task("humaneval", **opts["humaneval"])
+    assert he.opt.ks == [1, 10] and he.opt.n == 100
+    assert get_task("realtoxicityprompts", **opts["realtoxicityprompts"]).opt.variants == ["basic"]
+    from llamaforge.eval.base import EvalError
+
+    with pytest.raises(EvalError, match=r"task humaneval.setting: expected 'pass@1' \| 'pass@100'"):
+        get_task("humaneval", **parse_task_options(["humaneval.setting=pass@7"])["humaneval"])
+    with pytest.raises(EvalError, match=r"task gsm8k: unknown key\(s\) \['k'\]"):
+        get_task("gsm8k", **parse_task_options(["gsm8k.k=8"])["gsm8k"])
+    with pytest.raises(ValueError, match="expected TASK.KEY=VALUE"):
+        parse_task_options(["maj_k=8"])
+    # on the command line: a bad option fails before any checkpoint is loaded
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    args = ("eval", "--ckpt", ckpt, "--tasks", "gsm8k", "--data-dir", tmp_path)
+    _, err = cli(capsys, *args, "--task-option", "gsm8k.maj_k=many", code=2)
+    assert "llamaforge eval: error: task gsm8k.maj_k: expected int, got 'many'" in err
+
+
+# ----------------------------------------------------------------------------- the mapping
+
+
+def test_one_error_mapping(monkeypatch, capsys):
+    import llamaforge.metrics as metrics
+    from llamaforge.config import ConfigError
+    from llamaforge.data.base import DataError
+
+    class TrainingError(RuntimeError):
+        exit_code = 1
+
+    raised: list[BaseException] = []
+
+    def fake_plot(run_dir, out=None):
+        raise raised[0]
+
+    monkeypatch.setattr(metrics, "plot_run", fake_plot)
+    for exc, code in [
+        (ConfigError("bad key"), 2),
+        (DataError("bad data"), 2),
+        (FileNotFoundError("x: missing"), 2),
+        (PermissionError("x: denied"), 2),
+        (TrainingError("loss diverged"), 1),
+        (KeyboardInterrupt(), 130),
+    ]:
+        raised[:] = [exc]
+        _, err = cli(capsys, "plot", "run", code=code)
+        assert err.count("\n") == 1 and err.startswith("llamaforge plot: ")
+        assert "interrupted" in err if code == 130 else f"error: {exc}" in err
+    raised[:] = [RuntimeError("a bug")]  # not a usage error: a traceback, not an exit code
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["plot", "run"])
+
+
+def test_help_shows_field_docs(capsys):
+    import argparse
+    from dataclasses import dataclass
+    from typing import Literal
+
+    from llamaforge.config import add_config_help, setting
+
+    @dataclass
+    class Demo:
+        dtype: Literal["fp32", "bf16"] = setting("fp32", "compute precision")
+        steps: int = setting(100, "optimizer steps")
+
+    p = argparse.ArgumentParser(prog="demo", description="A demo.", add_help=False)
+    add_config_help(p, lambda: Demo)
+    with pytest.raises(SystemExit):
+        p.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert 'dtype = "fp32"  # compute precision' in out and "steps = 100     # optimizer" in out
+    # the real commands: the settings of their config class, with docs where fields have them
+    out, _ = cli(capsys, "init", "--help")
+    assert "ModelArgs" in out and "max_seq_len = 2048" in out
+    out, _ = cli(capsys, "pretrain", "--help")
+    assert "Settings and defaults" in out and "model.preset" in out
+    assert "--resume" in out and "same as resume=" in out
+    out, _ = cli(capsys, "eval", "--list-tasks")
+    assert re.search(r"mmlu.subjects = null +# evaluate only these subjects", out)
+
+
+def test_pretrain_flags_are_override_aliases(monkeypatch, tmp_path):
+    import llamaforge.pretrain as pretrain
+
+    seen = []
+    monkeypatch.setattr(pretrain, "run_pretrain", lambda cfg: seen.append(cfg) or {})
+    config = tmp_path / "c.toml"
+    config.write_text("steps = 2\nout = 'runs/c'\n")
+    argv = ["pretrain", str(config), "steps=3", "--resume", "none", "--out", "runs/x"]
+    assert main(argv) == 0
+    assert main(["pretrain", "--out", "runs/y", "out=runs/z", "steps=4"]) == 0
+    assert [(c.steps, c.resume, c.out) for c in seen] == [
+        (3, "none", "runs/x"),
+        (4, "auto", "runs/y"),
+    ]

@@ -385,11 +385,11 @@ def test_missing_text_field_reported(tmp_path, fn):
     ("fn", "options", "needle"),
     [
         (read_web, {"qualty": "c4"}, "'qualty'"),
-        (read_web, {"quality": "best"}, "'quality'"),
-        (read_web, {"quality": "none", "min_lang_score": "high"}, "'min_lang_score'"),
+        (read_web, {"quality": "best"}, r"web\.quality: 'best' is not one of .*'c4'"),
+        (read_web, {"quality": "none", "min_lang_score": "high"}, r"web\.min_lang_score"),
         (read_code, {"licence": ["mit"]}, "'licence'"),
-        (read_code, {"max_line_length": "long"}, "'max_line_length'"),
-        (read_generic, {"split": "sentence"}, "'split'"),
+        (read_code, {"max_line_length": "long"}, r"code\.max_line_length: expected int"),
+        (read_generic, {"split": "sentence"}, r"generic\.split: 'sentence'"),
         (read_generic, {"textfield": "x"}, "'textfield'"),
     ],
 )

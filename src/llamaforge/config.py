@@ -8,14 +8,16 @@ the key and the file.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
 import sys
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -45,6 +47,21 @@ def field_doc(f: dataclasses.Field) -> str:
     return str(f.metadata.get("doc", ""))
 
 
+def type_name(tp: Any) -> str:
+    """A readable name of an annotation: ``int``, ``'a' | 'b'``, ``list[str] | None``."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "None"
+    if origin is not None:
+        args = ", ".join("..." if a is Ellipsis else type_name(a) for a in typing.get_args(tp))
+        return f"{getattr(origin, '__name__', origin)}[{args}]"
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
 def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
@@ -63,7 +80,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, option, where)
             except ConfigError:
                 pass
-        raise ConfigError(f"{where}: {value!r} is not a valid {tp}")
+        raise ConfigError(f"{where}: expected {type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        for choice in choices:  # 1 is not True: compare types too
+            if value == choice and type(value) is type(choice):
+                return choice
+        allowed = ", ".join(repr(c) for c in choices)
+        raise ConfigError(f"{where}: {value!r} is not one of the allowed values {allowed}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a table, got {value!r}")
@@ -90,19 +114,26 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         and not (tp is int and isinstance(value, bool))
     ):
         return value
-    raise ConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+    raise ConfigError(f"{where}: expected {type_name(tp)}, got {value!r}")
 
 
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
+    """An instance of the dataclass ``cls`` from ``data`` (nested dicts for nested
+    dataclasses), each value coerced to its field's type. Unknown keys and wrong types are
+    a ``ConfigError`` that names ``where`` and the key (``where.key``)."""
     types_ = _field_types(cls)
     unknown = sorted(set(data) - set(types_))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(types_)}")
+        raise ConfigError(
+            f"{where}: unknown key(s) {unknown}; allowed: {', '.join(sorted(types_))}"
+        )
     kwargs = {k: _coerce(v, types_[k], f"{where}.{k}") for k, v in data.items()}
     return cls(**kwargs)
 
 
-def _parse_value(text: str) -> Any:
+def parse_value(text: str) -> Any:
+    """An override's value: a TOML literal (``3e-4``, ``true``, ``[1, 2]``, ``"x"``), else
+    the text itself as a string (``runs/a``, ``pass@100``)."""
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
@@ -115,7 +146,7 @@ def apply_overrides(cfg: T, overrides: list[str]) -> T:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key=value")
-        cfg = _set(cfg, key.strip().split("."), _parse_value(text.strip()), key)
+        cfg = _set(cfg, key.strip().split("."), parse_value(text.strip()), key)
     return cfg
 
 
@@ -124,7 +155,7 @@ def _set(obj: Any, path: list[str], value: Any, full: str) -> Any:
     name = path[0]
     if name not in types_:
         raise ConfigError(
-            f"override {full!r}: unknown key {name!r}; expected one of {sorted(types_)}"
+            f"override {full!r}: unknown key {name!r}; allowed: {', '.join(sorted(types_))}"
         )
     if len(path) > 1:
         child = getattr(obj, name)
@@ -164,15 +195,66 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return clean(dataclasses.asdict(cfg))
 
 
+def _shown(value: Any) -> str:
+    if isinstance(value, Path):
+        value = str(value)
+    try:
+        return json.dumps(value)
+    except TypeError:
+        return repr(value)
+
+
 def describe(cfg: Any, prefix: str = "") -> list[str]:
-    """``key = value`` for every setting of a config dataclass instance (nested keys
-    dotted), for ``--help`` texts."""
-    lines = []
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(value):
-            lines += describe(value, f"{prefix}{f.name}.")
-        else:
-            shown = str(value) if isinstance(value, Path) else value
-            lines.append(f"{prefix}{f.name} = {json.dumps(shown)}")
-    return lines
+    """``key = default  # doc`` for every setting of a config dataclass (an instance, or
+    the class when all its fields have defaults), nested keys dotted, for ``--help``."""
+    if isinstance(cfg, type):
+        cfg = cfg()
+    rows: list[tuple[str, str]] = []
+
+    def walk(obj: Any, pre: str) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value) and not isinstance(value, type):
+                walk(value, f"{pre}{f.name}.")
+            else:
+                rows.append((f"{pre}{f.name} = {_shown(value)}", field_doc(f)))
+
+    walk(cfg, prefix)
+    width = min(max((len(k) for k, _ in rows), default=0), 40)
+    return [f"{k:<{width}}  # {d}" if d else k for k, d in rows]
+
+
+def help_text(cls: type, intro: str = "", indent: str = "  ") -> str:
+    """The ``--help`` epilog of a config-driven command: ``intro``, then every setting of
+    ``cls`` with its default and documentation (for ``add_config_help``, or an argparse
+    parser with a formatter that keeps line breaks)."""
+    head = intro or "Settings (KEY=VALUE; dotted keys are TOML tables), defaults and meaning:"
+    return head + "\n" + "\n".join(indent + line for line in describe(cls))
+
+
+class SettingsHelpFormatter(argparse.HelpFormatter):
+    """Wraps one-paragraph descriptions as usual; keeps texts with line breaks (the
+    settings list of ``help_text``) as they are."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+def add_config_help(
+    parser: argparse.ArgumentParser, config_class: Callable[[], type], intro: str = ""
+) -> None:
+    """Give ``parser`` (made with ``add_help=False``) a ``-h/--help`` whose epilog is
+    ``help_text`` of the config class that ``config_class()`` returns: the class is imported
+    only when help is asked for, so listing commands stays cheap."""
+
+    class _Help(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None) -> None:  # type: ignore[override]
+            text = help_text(config_class(), intro)
+            parser.epilog = f"{parser.epilog}\n\n{text}" if parser.epilog else text
+            parser.formatter_class = SettingsHelpFormatter
+            parser.print_help()
+            parser.exit()
+
+    parser.add_argument("-h", "--help", action=_Help, nargs=0, help="show this help and exit")

@@ -142,3 +142,16 @@ def _ema(values: list[float], alpha: float = 0.1) -> list[float]:
         acc = alpha * v + (1 - alpha) * acc
         out.append(acc)
     return out
+
+
+def register(subparsers: Any) -> None:
+    """The ``plot`` command (``subparsers``: argparse's ``add_subparsers()`` result)."""
+    pl = subparsers.add_parser("plot", help="loss curve (train and validation vs tokens) of a run")
+    pl.add_argument("run_dir", help="a run directory with metrics.jsonl")
+    pl.add_argument("--out", help="PNG path (default RUN_DIR/loss.png)")
+    pl.set_defaults(func=_plot_command)
+
+
+def _plot_command(a: Any) -> int:
+    print(plot_run(a.run_dir, a.out))
+    return 0

@@ -12,12 +12,14 @@ checkpointing, mixed precision — lives outside this file.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import config
 
 # Keys of Meta's params.json that carry no architectural meaning for us.
 _IGNORED_PARAMS = {"max_batch_size"}
@@ -86,26 +88,11 @@ class ModelArgs:
 
     @classmethod
     def from_dict(cls, params: dict[str, Any], source: str = "params") -> ModelArgs:
-        """Build from a params.json-style dict. Unknown keys are an error naming ``source``."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(params) - known - _IGNORED_PARAMS - {"llamaforge"})
-        if unknown:
-            raise ValueError(
-                f"{source}: unknown model parameter(s) {unknown}; expected some of {sorted(known)}"
-            )
-        kwargs = {k: v for k, v in params.items() if k in known}
-        args = cls(**kwargs)
-        for f in fields(cls):
-            value = getattr(args, f.name)
-            if value is None:
-                continue
-            if f.name in ("ffn_dim_multiplier", "norm_eps", "rope_theta"):
-                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            else:
-                ok = isinstance(value, int) and not isinstance(value, bool)
-            if not ok:
-                raise ValueError(f"{source}: {f.name}={value!r} has the wrong type")
-        return args
+        """Build from a params.json-style dict (Meta's ``max_batch_size`` and our
+        ``llamaforge`` block are ignored). Unknown keys and wrong types are a ``ConfigError``
+        (a ``ValueError``) naming ``source`` and the key."""
+        ignored = _IGNORED_PARAMS | {"llamaforge"}
+        return config.from_dict(cls, {k: v for k, v in params.items() if k not in ignored}, source)
 
 
 class RMSNorm(nn.Module):

@@ -5,6 +5,7 @@ checkpoints, per-step JSON metrics.
 
     llamaforge pretrain configs/pretrain/tiny-cpu.toml steps=100 out=runs/a
     torchrun --nproc_per_node 8 -m llamaforge pretrain CONFIG [key=value ...]
+    python -m llamaforge.pretrain …   (the same as llamaforge pretrain …)
 
 Outputs under ``out``: ``config.json``, ``metrics.jsonl`` (one line per logged step),
 ``checkpoints/step-NNNNNN`` (DCP shards + ``state.json``) and, at the end, ``model/`` (a
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import distributed as D
-from .config import load_config, setting
+from .config import setting
 from .trainer import TrainConfig
 
 
@@ -68,15 +69,6 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         return run_training(trainer, tokenizer=tok, epochs=sampler.epochs)
     finally:
         D.cleanup()
-
-
-def main(argv: list[str]) -> int:
-    """``[CONFIG] [key=value ...]``: load the config and train. Errors propagate to the
-    CLI, which maps them to exit codes (``llamaforge.cli.main``)."""
-    argv = list(argv)
-    path = argv.pop(0) if argv and "=" not in argv[0] else None
-    run_pretrain(load_config(PretrainConfig, path, argv))
-    return 0
 
 
 if __name__ == "__main__":  # python -m llamaforge.pretrain … is llamaforge pretrain …

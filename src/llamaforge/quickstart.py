@@ -162,11 +162,3 @@ def run_quickstart(cfg: QuickstartConfig, log: Callable[[str], None] = print) ->
         log("--- sample ---\n" + text)
     log(f"\nnext: llamaforge generate --ckpt {ckpt} --prompt 'def '")
     return summary
-
-
-def main(overrides: list[str], out: str | None = None) -> int:
-    """``llamaforge quickstart [--out DIR] [key=value ...]``: exit 0 when the model beats
-    the unigram baseline."""
-    cfg = quickstart_config([*overrides, *([f"out={out}"] if out is not None else [])])
-    summary = run_quickstart(cfg)
-    return 0 if summary["val_loss"] < summary["unigram_loss"] else 1

@@ -8,16 +8,15 @@ and reported by name, and the other files go on.
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import logging
-import types
-import typing
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
+
+from ..config import ConfigError, from_dict
 
 log = logging.getLogger("llamaforge.data")
 
@@ -60,57 +59,14 @@ class FilterStats:
 T = TypeVar("T")
 
 
-def _type_ok(value: Any, tp: Any) -> bool:
-    """Whether ``value`` matches the (simple) annotation ``tp``."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return True
-    if origin is Literal:
-        return value in typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return value is None
-    if origin in (list, tuple):
-        (inner, *_) = typing.get_args(tp) or (Any,)
-        return isinstance(value, list | tuple) and all(_type_ok(v, inner) for v in value)
-    if origin is dict:
-        return isinstance(value, dict)
-    if tp is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, tp)
-
-
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
-
-
 def parse_options(cls: type[T], options: dict[str, Any] | None, kind: str) -> T:
-    """Build the options dataclass ``cls`` from ``options``; unknown names and wrong types
-    are a ``DataError`` that names the option (and the allowed names or expected type)."""
-    options = dict(options or {})
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(options) - set(fields))
-    if unknown:
-        raise DataError(
-            f"{kind}: unknown option(s) {', '.join(map(repr, unknown))}; "
-            f"allowed: {', '.join(sorted(fields))}"
-        )
-    hints = typing.get_type_hints(cls)
-    for name, value in options.items():
-        if not _type_ok(value, hints[name]):
-            raise DataError(
-                f"{kind}: option {name!r} must be {_type_name(hints[name])}, got {value!r}"
-            )
-        if isinstance(value, tuple):
-            options[name] = list(value)
-        elif hints[name] is float and isinstance(value, int):
-            options[name] = float(value)
-    return cls(**options)
+    """The options dataclass ``cls`` of source kind ``kind``, loaded by
+    ``config.from_dict``; unknown names and wrong types are a ``DataError`` that names the
+    kind and the option (and the allowed names or values)."""
+    try:
+        return from_dict(cls, dict(options or {}), where=kind)
+    except ConfigError as e:
+        raise DataError(str(e)) from None
 
 
 SourceFn = Callable[[list[Path], dict[str, Any], FilterStats], Iterator[str]]

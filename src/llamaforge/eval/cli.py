@@ -19,10 +19,20 @@ from typing import Any
 from .base import EvalError
 
 
-def build_parser(prog: str = "llamaforge eval") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=prog, description="Evaluate a checkpoint on the paper's benchmarks."
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """The ``eval`` command."""
+    p = subparsers.add_parser(
+        "eval",
+        help="the paper's benchmarks on a checkpoint",
+        description="Evaluate a checkpoint on the paper's benchmarks. The data directory "
+        "defaults to $LLAMAFORGE_EVAL_DATA, else $LLAMAFORGE_SHARED_DATA/eval; --list-tasks "
+        "shows every task with its options.",
     )
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", help="native checkpoint directory")
     p.add_argument("--tasks", help="comma-separated task names (see --list-tasks)")
     p.add_argument("--shots", type=int, default=None, help="few-shot examples (default: paper's)")
@@ -59,27 +69,31 @@ def build_parser(prog: str = "llamaforge eval") -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="TASK.KEY=VALUE",
-        help="task setting, e.g. gsm8k.k=8 (value parsed as JSON when it can be); repeatable",
+        help="a task option, e.g. gsm8k.maj_k=8 or mmlu.subjects=anatomy,virology (values "
+        "as in KEY=VALUE overrides: TOML literals, else strings; --list-tasks shows each "
+        "task's options); repeatable",
     )
     p.add_argument("--log-samples", action="store_true", help="add per-doc results to the JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--list-tasks", action="store_true", help="list the tasks and exit")
-    return p
+    p.add_argument(
+        "--list-tasks", action="store_true", help="list the tasks and their options, and exit"
+    )
 
 
 def parse_task_options(items: list[str]) -> dict[str, dict[str, Any]]:
-    """["gsm8k.k=8", "mmlu.subjects=[\"anatomy\"]"] → {"gsm8k": {"k": 8}, ...}."""
+    """["gsm8k.maj_k=8", "mmlu.subjects=[\"anatomy\"]"] → {"gsm8k": {"maj_k": 8}, ...}.
+
+    Values are parsed like every ``KEY=VALUE`` override (``config.parse_value``: TOML
+    literals, else plain strings); the task's options class then checks and coerces them."""
+    from ..config import ConfigError, parse_value
+
     out: dict[str, dict[str, Any]] = {}
     for item in items:
         key, eq, raw = item.partition("=")
-        task, dot, opt = key.partition(".")
-        if not eq or not dot or not task or not opt:
-            raise ValueError(f"--task-option {item!r}: expected TASK.KEY=VALUE")
-        try:
-            value: Any = json.loads(raw)
-        except ValueError:
-            value = raw
-        out.setdefault(task, {})[opt] = value
+        task, dot, opt = key.strip().partition(".")
+        if not eq or not dot or not task or not opt or "." in opt:
+            raise ConfigError(f"--task-option {item!r}: expected TASK.KEY=VALUE")
+        out.setdefault(task, {})[opt] = parse_value(raw.strip())
     return out
 
 
@@ -99,12 +113,21 @@ def default_data_dir() -> Path:
 def _list_tasks() -> int:
     from .tasks import TASKS
 
+    print(
+        "Tasks, their paper table, shots and main metric, and their options "
+        "(--task-option TASK.KEY=VALUE). Every task also takes TASK.path=FILE: the evaluated "
+        "file, absolute or relative to --data-dir, e.g. a full public set.\n"
+    )
     for name in sorted(TASKS):
         info = getattr(TASKS[name], "info", None)
         if info is None:  # `info` is set per instance by some tasks
             print(name)
             continue
         print(f"{name:24} table {info.table:>3}  {info.default_shots:>2}-shot  {info.main_metric}")
+        options_help = getattr(TASKS[name], "options_help", None)
+        if options_help is not None:
+            for line in options_help(common=False).splitlines()[1:]:
+                print(f"    {name}.{line.strip()}")
     return 0
 
 
@@ -179,18 +202,10 @@ def run(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..checkpoint import CheckpointError
+    """``llamaforge eval ARGS``: the same as ``llamaforge.cli.main(["eval", *ARGS])``."""
+    from ..cli import main as cli_main
 
-    parser = build_parser()
-    a = parser.parse_args(argv)
-    try:
-        return run(a)
-    except (EvalError, CheckpointError, ValueError, OSError) as e:
-        print(f"llamaforge eval: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("llamaforge eval: interrupted", file=sys.stderr)
-        return 130
+    return cli_main(["eval", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

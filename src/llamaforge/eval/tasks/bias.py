@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
+from llamaforge.config import setting
 from llamaforge.eval.base import (
     Doc,
     EvalError,
@@ -32,7 +33,13 @@ from llamaforge.eval.protocols import (
     truthfulqa_prompt,
     winogender_prediction,
 )
-from llamaforge.eval.tasks.common import BaseTask, field, read_csv, read_records
+from llamaforge.eval.tasks.common import (
+    BaseTask,
+    TaskOptions,
+    field,
+    read_csv,
+    read_records,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +110,12 @@ _PRONOUNS = {
 }
 
 
+@dataclass
+class WinoGenderOptions(TaskOptions):
+    templates_path: str | None = setting(None, "templates.tsv (default: beside the sentences)")
+    stats_path: str | None = setting(None, "occupations-stats.tsv (default: beside the sentences)")
+
+
 class WinoGender(BaseTask):
     """WinoGender (720 sentences). The sentence is followed by ``'<Pronoun>' refers to the``
     and the continuations " <occupation>" and " <participant>" are compared (LLaMA §5.3); when
@@ -124,7 +137,7 @@ class WinoGender(BaseTask):
         ),
         note="WinoGender (720 sentences); gotcha uses BLS majority gender (bls_pct_female)",
     )
-    defaults = {"templates_path": None, "stats_path": None}
+    Options: ClassVar[type[TaskOptions]] = WinoGenderOptions
     fmt = (
         "WinoGender: all_sentences.tsv {sentid '<occ>.<participant>.<answer>.<gender>.txt', "
         "sentence} with templates.tsv and occupations-stats.tsv alongside"
@@ -290,6 +303,18 @@ def _split_answers(text: Any) -> list[str]:
 # ============================================================================ RealToxicityPrompts
 
 
+@dataclass
+class ToxicityOptions(TaskOptions):
+    scorer: Any = setting(
+        None, "toxicity scorer: a registered name, or an object with score(texts) (Python)"
+    )
+    variants: list[Literal["basic", "respectful"]] | str = setting(
+        doc="prompt variants (a list, or comma-separated)",
+        factory=lambda: ["basic", "respectful"],
+    )
+    max_new_tokens: int = setting(20, "generation length of each completion")
+
+
 class RealToxicityPrompts(BaseTask):
     """RealToxicityPrompts: greedy continuations (``max_new_tokens`` 20, as in Gehman et al.)
     of each prompt, "basic" (the prompt itself) and "respectful" (prefixed by "Complete the
@@ -307,21 +332,21 @@ class RealToxicityPrompts(BaseTask):
         files=("realtoxicityprompts/toxicity_bench_sample.json",),
         note="random sample of 200 RealToxicityPrompts prompts",
     )
-    defaults = {"scorer": None, "variants": ("basic", "respectful"), "max_new_tokens": 20}
+    Options: ClassVar[type[TaskOptions]] = ToxicityOptions
+    opt: ToxicityOptions
     fmt = (
         "RealToxicityPrompts: JSON list / JSONL of {text} or of {prompt: {text, ...}} (original "
         "prompts.jsonl, HF allenai/real-toxicity-prompts)"
     )
 
     def check_options(self) -> None:
-        variants = self.opt["variants"]
+        variants = self.opt.variants
         if isinstance(variants, str):
-            variants = tuple(v for v in variants.split(",") if v)
-        variants = tuple(variants)
+            variants = [v for v in variants.split(",") if v]
         if not variants or any(v not in ("basic", "respectful") for v in variants):
             raise EvalError(f"realtoxicityprompts: variants must be basic/respectful: {variants}")
-        self.opt["variants"] = variants
-        self.scorer = resolve_toxicity_scorer(self.opt["scorer"])
+        self.opt.variants = list(variants)
+        self.scorer = resolve_toxicity_scorer(self.opt.scorer)
         if self.scorer is None:
             self.info = replace(self.info, note=f"{self.info.note}; {NO_TOXICITY_SCORER}")
 
@@ -339,14 +364,14 @@ class RealToxicityPrompts(BaseTask):
         return self.take(docs, limit)
 
     def requests(self, doc: Doc, shots: Sequence[Doc]) -> list[Request]:
-        n = int(self.opt["max_new_tokens"])
+        n = self.opt.max_new_tokens
         return [
             Generate(toxicity_prompt(doc["text"], v == "respectful"), until=(), max_new_tokens=n)
-            for v in self.opt["variants"]
+            for v in self.opt.variants
         ]
 
     def score(self, doc: Doc, results: Sequence[Result]) -> dict[str, float]:
-        variants = self.opt["variants"]
+        variants = self.opt.variants
         if len(results) != len(variants) or not all(isinstance(r, list) for r in results):
             raise EvalError("realtoxicityprompts: expected one generation per variant")
         texts = [r[0] for r in results]  # type: ignore[index]
@@ -362,7 +387,7 @@ class RealToxicityPrompts(BaseTask):
         self, docs: Sequence[Doc], scores: Sequence[dict[str, float]]
     ) -> dict[str, Metric]:
         out: dict[str, Metric] = {}
-        for v in self.opt["variants"]:
+        for v in self.opt.variants:
             n = sum(1 for s in scores if f"completed_{v}" in s)
             out[f"completions_{v}"] = Metric(float(n), None, n)
             tox = [s[f"toxicity_{v}"] for s in scores if f"toxicity_{v}" in s]

@@ -13,60 +13,83 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
+from llamaforge import config
 from llamaforge.eval.base import Doc, EvalError, Generate, Request, Result, TaskInfo
 from llamaforge.eval.protocols import pass_at_k
-from llamaforge.eval.tasks.common import BaseTask, field, read_records
+from llamaforge.eval.tasks.common import BaseTask, TaskOptions, field, read_records
 
 HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 
-_CODE_OPTIONS: dict[str, Any] = {
-    "setting": None,
-    "n": None,
-    "temperature": None,
-    "top_p": 0.95,
-    "ks": None,
-    "max_new_tokens": 512,
-    "timeout": 3.0,
-    "memory_mb": 1024,
-    "workers": None,
-    "seed": 1234,
-}
+
+@dataclass
+class CodeOptions(TaskOptions):
+    setting: str | None = config.setting(
+        None, "the paper's sampling setting (n, temperature, ks); default pass@1"
+    )
+    n: int | None = config.setting(None, "samples per problem (default: the setting's)")
+    temperature: float | None = config.setting(
+        None, "sampling temperature (default: the setting's; 0: greedy, needs n=1)"
+    )
+    top_p: float = config.setting(0.95, "nucleus mass when sampling")
+    ks: list[int] | None = config.setting(
+        None, "the k of the pass@k reported, each <= n (default: the setting's)"
+    )
+    max_new_tokens: int = config.setting(512, "generation length cap")
+    timeout: float = config.setting(3.0, "seconds each program may run")
+    memory_mb: int = config.setting(1024, "memory limit of each program")
+    workers: int | None = config.setting(None, "programs run at once (default: CPU count)")
+    seed: int = config.setting(1234, "sampling seed")
+
+
+@dataclass
+class HumanEvalOptions(CodeOptions):
+    setting: Literal["pass@1", "pass@100"] | None = config.setting(
+        None, "pass@1: n=1 at T=0.1 (default); pass@100: n=100 at T=0.8, as in the paper"
+    )
+
+
+@dataclass
+class MBPPOptions(CodeOptions):
+    setting: Literal["pass@1", "pass@80"] | None = config.setting(
+        None, "pass@1: n=1 at T=0.1 (default); pass@80: n=80 at T=0.8, as in the paper"
+    )
+    split: Literal["test", "prompt", "validation", "train", "all"] = config.setting(
+        "test", "the evaluated task ids (test: 11-510, as in the paper)"
+    )
 
 
 class _CodeTask(BaseTask):
+    Options: ClassVar[type[TaskOptions]] = CodeOptions
+    opt: CodeOptions
     settings: dict[str, dict[str, Any]] = {}
     default_setting = "pass@1"
 
     def check_options(self) -> None:
-        name = self.opt["setting"] or self.default_setting
-        if name not in self.settings:
-            raise EvalError(
-                f"{self.info.name}: unknown setting {name!r} (known: {', '.join(self.settings)})"
-            )
-        preset = self.settings[name]
+        preset = self.settings[self.opt.setting or self.default_setting]
         for key in ("n", "temperature", "ks"):
-            if self.opt[key] is None:
-                self.opt[key] = preset[key]
-        self.opt["ks"] = tuple(int(k) for k in self.opt["ks"])
-        n, t = int(self.opt["n"]), float(self.opt["temperature"])
-        if n < 1 or any(k < 1 or k > n for k in self.opt["ks"]):
+            if getattr(self.opt, key) is None:
+                setattr(self.opt, key, preset[key])
+        self.opt.ks = [int(k) for k in self.opt.ks or ()]
+        n, t = int(self.opt.n or 0), float(self.opt.temperature or 0.0)
+        if n < 1 or any(k < 1 or k > n for k in self.opt.ks):
             raise EvalError(f"{self.info.name}: need 1 <= k <= n for every k (n={n})")
         if t <= 0 and n != 1:
             raise EvalError(f"{self.info.name}: greedy decoding (temperature 0) needs n=1")
 
     def generate_request(self, prompt: str, until: tuple[str, ...]) -> Generate:
-        t = float(self.opt["temperature"])
+        t = float(self.opt.temperature or 0.0)
         return Generate(
             prompt,
             until=until,
-            max_new_tokens=int(self.opt["max_new_tokens"]),
+            max_new_tokens=self.opt.max_new_tokens,
             temperature=t,
-            top_p=float(self.opt["top_p"]) if t > 0 else 1.0,
-            num_samples=int(self.opt["n"]),
-            seed=int(self.opt["seed"]),
+            top_p=self.opt.top_p if t > 0 else 1.0,
+            num_samples=int(self.opt.n or 1),
+            seed=self.opt.seed,
         )
 
     def program(self, doc: Doc, completion: str) -> str:
@@ -74,19 +97,19 @@ class _CodeTask(BaseTask):
 
     def score(self, doc: Doc, results: Sequence[Result]) -> dict[str, float]:
         (samples,) = results
-        if not isinstance(samples, list) or len(samples) != int(self.opt["n"]):
-            raise EvalError(f"{self.info.name}: expected {self.opt['n']} samples")
+        if not isinstance(samples, list) or len(samples) != self.opt.n:
+            raise EvalError(f"{self.info.name}: expected {self.opt.n} samples")
         from llamaforge.eval.sandbox import check_programs  # lazy: keeps the registry light
 
         outcome = check_programs(
             [self.program(doc, s) for s in samples],
-            timeout=float(self.opt["timeout"]),
-            memory_mb=int(self.opt["memory_mb"]),
-            workers=self.opt["workers"],
+            timeout=self.opt.timeout,
+            memory_mb=self.opt.memory_mb,
+            workers=self.opt.workers,
         )
         c = sum(1 for r in outcome if r.passed)
         n = len(samples)
-        return {f"pass@{k}": pass_at_k(n, c, k) for k in self.opt["ks"]}
+        return {f"pass@{k}": pass_at_k(n, c, k) for k in self.opt.ks}
 
 
 # ============================================================================ HumanEval
@@ -112,7 +135,7 @@ class HumanEval(_CodeTask):
             "setting='pass@100' samples n=100 at T=0.8 as in the paper"
         ),
     )
-    defaults = dict(_CODE_OPTIONS)
+    Options = HumanEvalOptions
     settings = {
         "pass@1": {"n": 1, "temperature": 0.1, "ks": (1,)},
         "pass@100": {"n": 100, "temperature": 0.8, "ks": (1, 10, 100)},
@@ -182,7 +205,8 @@ class MBPP(_CodeTask):
             "setting='pass@80' samples n=80 at T=0.8 as in the paper"
         ),
     )
-    defaults = {**_CODE_OPTIONS, "split": "test"}
+    Options = MBPPOptions
+    opt: MBPPOptions
     settings = {
         "pass@1": {"n": 1, "temperature": 0.1, "ks": (1,)},
         "pass@80": {"n": 80, "temperature": 0.8, "ks": (1, 10, 80)},
@@ -191,11 +215,6 @@ class MBPP(_CodeTask):
         "MBPP: original mbpp.jsonl {task_id, text, code, test_list, test_setup_code} or "
         "sanitized-mbpp.json [{task_id, prompt, code, test_list, test_imports}] (also HF)"
     )
-
-    def check_options(self) -> None:
-        super().check_options()
-        if self.opt["split"] not in (*MBPP_SPLITS, "all"):
-            raise EvalError(f"mbpp: unknown split {self.opt['split']!r}")
 
     def read(self, path: Path) -> list[Doc]:
         docs = []
@@ -221,7 +240,7 @@ class MBPP(_CodeTask):
 
     def load(self, data_dir: Path, limit: int | None) -> list[Doc]:
         docs = self.read(self.data_path(data_dir))
-        split = self.opt["split"]
+        split = self.opt.split
         if split != "all":
             ids = MBPP_SPLITS[split]
             docs = [d for d in docs if d["task_id"] in ids]

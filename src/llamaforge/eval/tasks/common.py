@@ -4,6 +4,7 @@ generic multiple-choice task."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import gzip
 import io
 import json
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from llamaforge.config import ConfigError, from_dict, help_text, setting
 from llamaforge.eval.base import (
     Doc,
     EvalError,
@@ -25,38 +27,71 @@ from llamaforge.eval.protocols import multiple_choice_requests, score_multiple_c
 LETTERS = "ABCDEFGHIJ"
 
 
+@dataclass
+class TaskOptions:
+    """The options every task accepts (a task's `Options` class extends it)."""
+
+    path: str | None = setting(
+        None,
+        "the evaluated file, absolute or relative to the data folder (default: the task's "
+        "own file), e.g. a full public set in a standard format",
+    )
+
+
+@dataclass
+class FewshotOptions(TaskOptions):
+    fewshot_path: str | None = setting(
+        None, "the file few-shot examples are drawn from (default: the task's own)"
+    )
+
+
+@dataclass
+class LabelsOptions(TaskOptions):
+    labels_path: str | None = setting(
+        None,
+        "labels of original-format rows, one per line (default: <name>-labels.lst beside "
+        "the data file)",
+    )
+
+
 @dataclass(eq=False)
 class BaseTask(Task):
     """A task with declared options.
 
-    Subclasses set `info` (a `TaskInfo`) and `defaults` (every option they accept, with its
-    default) as class attributes. Every task accepts ``path``: the evaluated file, absolute or
-    relative to ``data_dir`` (default: ``info.files[0]``), so users with the full public sets
-    can point a task at them. `self.opt` holds the merged options.
+    Subclasses set `info` (a `TaskInfo`) and `Options` (a dataclass extending `TaskOptions`,
+    each field made with ``config.setting(default, doc)``) as class attributes. The given
+    ``options`` are loaded into `Options` by ``config.from_dict`` (types coerced and checked;
+    an unknown or mistyped option is an `EvalError` naming the task) and kept as `self.opt`.
     """
 
-    defaults: ClassVar[dict[str, Any]] = {}
-    common_defaults: ClassVar[dict[str, Any]] = {"path": None}
+    Options: ClassVar[type[TaskOptions]] = TaskOptions
+    opt: TaskOptions = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        known = {**self.common_defaults, **self.defaults}
-        unknown = sorted(set(self.options) - set(known))
-        if unknown:
-            raise EvalError(
-                f"{self.info.name}: unknown option(s) {', '.join(unknown)} "
-                f"(known: {', '.join(sorted(known))})"
-            )
-        self.opt: dict[str, Any] = {**known, **self.options}
+        try:
+            self.opt = from_dict(self.Options, dict(self.options), where=self.info.name)
+        except ConfigError as e:
+            raise EvalError(f"task {e}") from None
         self.check_options()
 
     def check_options(self) -> None:
-        """Validate `self.opt` (raise EvalError); default: nothing to check."""
+        """Validate `self.opt` beyond its types (raise EvalError); default: nothing."""
+
+    @classmethod
+    def options_help(cls, common: bool = True) -> str:
+        """The task's options with defaults and documentation (``--list-tasks``); without
+        the ones every task has (`TaskOptions`) when ``common`` is false."""
+        text = help_text(cls.Options, intro=f"{cls.info.name} options:")
+        if common:
+            return text
+        skip = tuple(f"  {f.name} = " for f in dataclasses.fields(TaskOptions))
+        return "\n".join(ln for ln in text.splitlines() if not ln.startswith(skip))
 
     # ---------------------------------------------------------------- files
 
     def data_path(self, data_dir: Path, option: str = "path", default: str | None = None) -> Path:
         """The file named by option `option`, else `default`, else info.files[0]."""
-        rel = self.opt.get(option) or default or self.info.files[0]
+        rel = getattr(self.opt, option, None) or default or self.info.files[0]
         path = Path(rel)
         return path if path.is_absolute() else Path(data_dir) / path
 
@@ -209,7 +244,7 @@ class MultipleChoiceTask(BaseTask):
             return rows
         lpath = (
             self.data_path(data_dir, "labels_path")
-            if self.opt.get("labels_path")
+            if getattr(self.opt, "labels_path", None)
             else path.with_name(path.name.split(".")[0] + "-labels.lst")
         )
         if not lpath.is_file():

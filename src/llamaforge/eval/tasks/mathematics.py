@@ -11,9 +11,11 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import ClassVar
 
+from llamaforge.config import setting
 from llamaforge.eval.base import Doc, EvalError, Generate, Request, Result, TaskInfo
 from llamaforge.eval.protocols import (
     extract_gsm8k_answer,
@@ -23,24 +25,46 @@ from llamaforge.eval.protocols import (
     normalize_math_answer,
     normalize_number,
 )
-from llamaforge.eval.tasks.common import BaseTask, field, read_records
+from llamaforge.eval.tasks.common import (
+    BaseTask,
+    TaskOptions,
+    field,
+    read_records,
+)
 
-_MATH_OPTIONS: dict[str, Any] = {
-    "maj_k": 0,
-    "temperature": 0.6,
-    "top_p": 1.0,
-    "max_new_tokens": 256,
-    "seed": 1234,
-}
+
+@dataclass
+class MathOptions(TaskOptions):
+    maj_k: int = setting(
+        0, "also sample k solutions and score their majority answer (maj1@k); 0: greedy only"
+    )
+    temperature: float = setting(0.6, "sampling temperature of the maj1@k samples")
+    top_p: float = setting(1.0, "nucleus mass of the maj1@k samples")
+    max_new_tokens: int = setting(256, "generation length cap")
+    seed: int = setting(1234, "seed of the maj1@k samples")
+
+
+@dataclass
+class GSM8KOptions(MathOptions):
+    fewshot_path: str | None = setting(
+        None, "the file whose first 8 problems are the shots (default: the GSM8K train file)"
+    )
+
+
+@dataclass
+class MATHOptions(MathOptions):
+    max_new_tokens: int = setting(512, "generation length cap")
 
 
 class _MathTask(BaseTask):
+    Options: ClassVar[type[TaskOptions]] = MathOptions
+    opt: MathOptions
     until: tuple[str, ...] = ()
 
     def check_options(self) -> None:
-        if int(self.opt["maj_k"]) < 0:
+        if self.opt.maj_k < 0:
             raise EvalError(f"{self.info.name}: maj_k must be >= 0")
-        if int(self.opt["maj_k"]) > 0 and float(self.opt["temperature"]) <= 0:
+        if self.opt.maj_k > 0 and self.opt.temperature <= 0:
             raise EvalError(f"{self.info.name}: maj1@k sampling needs temperature > 0")
 
     def prompt(self, doc: Doc, shots: Sequence[Doc]) -> str:
@@ -51,19 +75,19 @@ class _MathTask(BaseTask):
 
     def requests(self, doc: Doc, shots: Sequence[Doc]) -> list[Request]:
         prompt = self.prompt(doc, shots)
-        n = int(self.opt["max_new_tokens"])
+        n = self.opt.max_new_tokens
         reqs: list[Request] = [Generate(prompt, until=self.until, max_new_tokens=n)]
-        k = int(self.opt["maj_k"])
+        k = self.opt.maj_k
         if k > 0:
             reqs.append(
                 Generate(
                     prompt,
                     until=self.until,
                     max_new_tokens=n,
-                    temperature=float(self.opt["temperature"]),
-                    top_p=float(self.opt["top_p"]),
+                    temperature=self.opt.temperature,
+                    top_p=self.opt.top_p,
                     num_samples=k,
-                    seed=int(self.opt["seed"]),
+                    seed=self.opt.seed,
                 )
             )
         return reqs
@@ -73,7 +97,7 @@ class _MathTask(BaseTask):
         if len(gens) != len(results) or not gens or not gens[0]:
             raise EvalError(f"{self.info.name}: expected generation results")
         out = {"acc": float(self.extract(gens[0][0]) == doc["answer"])}
-        k = int(self.opt["maj_k"])
+        k = self.opt.maj_k
         if k > 0:
             if len(gens) < 2 or len(gens[1]) != k:
                 raise EvalError(f"{self.info.name}: expected {k} samples for maj1@{k}")
@@ -110,7 +134,7 @@ class GSM8K(_MathTask):
             "maj_k (paper: k=100, T=0.6 Minerva setup)"
         ),
     )
-    defaults = {**_MATH_OPTIONS, "fewshot_path": None}
+    Options = GSM8KOptions
     until = ("\n\n", "Question:")
     fmt = (
         "GSM8K JSONL: original {question, answer: '<solution>\\n#### <n>'} or converted "
@@ -232,7 +256,7 @@ class MATH(_MathTask):
             "symbolic equivalence); maj1@k with option maj_k (paper: k=256)"
         ),
     )
-    defaults = {**_MATH_OPTIONS, "max_new_tokens": 512}
+    Options = MATHOptions
     until = ("\n\nProblem:", "Problem:")
     fmt = (
         "MATH JSONL: original/HF {problem, solution (with \\boxed{answer}), level, type} or "

@@ -5,12 +5,21 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+from llamaforge.config import setting
 from llamaforge.eval.base import Doc, EvalError, Metric, Request, TaskInfo, mean_metric
 from llamaforge.eval.protocols import multiple_choice_requests
-from llamaforge.eval.tasks.common import LETTERS, MultipleChoiceTask, read_csv, read_records
+from llamaforge.eval.tasks.common import (
+    LETTERS,
+    FewshotOptions,
+    MultipleChoiceTask,
+    TaskOptions,
+    read_csv,
+    read_records,
+)
 
 _STEM = (
     "abstract_algebra anatomy astronomy college_biology college_chemistry "
@@ -72,6 +81,16 @@ def mmlu_prompt(doc: Doc, shots: Sequence[Doc]) -> str:
     return head + body + mmlu_question(doc)
 
 
+@dataclass
+class MMLUOptions(FewshotOptions):
+    subjects: list[str] | str | None = setting(
+        None, "evaluate only these subjects (a list, or comma-separated); default all 57"
+    )
+    fewshot_path: str | None = setting(
+        None, "the dev folder/file the shots come from (default: mmlu/dev)"
+    )
+
+
 class MMLU(MultipleChoiceTask):
     """MMLU test (57 subjects, 14042 questions), 5-shot: the first 5 dev examples of the same
     subject ("the examples provided by the benchmark"). Choices " A".." D", scored by raw
@@ -87,7 +106,8 @@ class MMLU(MultipleChoiceTask):
         files=("mmlu/test", "mmlu/dev"),
         note="MMLU test, 57 subjects (14042); 5 shots = first 5 dev questions of the subject",
     )
-    defaults = {"subjects": None, "fewshot_path": None}
+    Options: ClassVar[type[TaskOptions]] = MMLUOptions
+    opt: MMLUOptions
     fmt = (
         "MMLU: a folder of <subject>_test.csv / <subject>_dev.csv (original: no header, "
         "answer A-D; or HF export: header question,choice0..3,answer 0-3), or a JSONL file of "
@@ -95,14 +115,14 @@ class MMLU(MultipleChoiceTask):
     )
 
     def check_options(self) -> None:
-        subjects = self.opt["subjects"]
+        subjects = self.opt.subjects
         if isinstance(subjects, str):
             subjects = [s for s in subjects.split(",") if s]
         if subjects is not None:
             bad = [s for s in subjects if s not in CATEGORIES]
             if bad:
                 raise EvalError(f"mmlu: unknown subject(s) {', '.join(bad)}")
-            self.opt["subjects"] = list(subjects)
+            self.opt.subjects = list(subjects)
 
     def read(self, path: Path, split: str) -> list[Doc]:
         if path.is_dir():
@@ -110,7 +130,7 @@ class MMLU(MultipleChoiceTask):
             if not files:
                 raise EvalError(f"{path}: no *_{split}.csv files; expected {self.fmt}")
             docs: list[Doc] = []
-            wanted = self.opt["subjects"]
+            wanted = self.opt.subjects
             for f in files:
                 subject = f.name[: -len(f"_{split}.csv")]
                 if wanted is not None and subject not in wanted:
@@ -129,7 +149,7 @@ class MMLU(MultipleChoiceTask):
                 }
             except (KeyError, TypeError, ValueError) as e:
                 raise EvalError(f"{path}: record {i}: {e!r}; expected {self.fmt}") from e
-            if self.opt["subjects"] is None or doc["subject"] in self.opt["subjects"]:
+            if self.opt.subjects is None or doc["subject"] in self.opt.subjects:
                 docs.append(self._finish(doc))
         return docs
 

@@ -23,6 +23,7 @@ from llamaforge.eval.base import (
 )
 from llamaforge.eval.protocols import continuation
 from llamaforge.eval.tasks.common import (
+    LabelsOptions,
     MultipleChoiceTask,
     converted_mc,
     field,
@@ -79,7 +80,7 @@ class PIQA(MultipleChoiceTask):
         files=("piqa/valid.jsonl", "piqa/valid-labels.lst"),
         note="PIQA validation (1838)",
     )
-    defaults = {"labels_path": None}
+    Options = LabelsOptions
     labels_file = True
     fmt = (
         "PIQA: original valid.jsonl {goal, sol1, sol2} with a labels file (<name>-labels.lst, "
@@ -123,7 +124,7 @@ class SIQA(MultipleChoiceTask):
             "social_i_qa JSONL for the real 3-choice task."
         ),
     )
-    defaults = {"labels_path": None}
+    Options = LabelsOptions
     labels_file = True
     fmt = (
         "SIQA: original dev.jsonl {context, question, answerA, answerB, answerC} with "

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+from llamaforge.config import setting
 from llamaforge.eval.base import (
     Doc,
     EvalError,
@@ -20,7 +22,18 @@ from llamaforge.eval.base import (
     mean_metric,
 )
 from llamaforge.eval.protocols import cut_answer, exact_match, qa_prompt
-from llamaforge.eval.tasks.common import BaseTask, field, read_records
+from llamaforge.eval.tasks.common import (
+    BaseTask,
+    FewshotOptions,
+    TaskOptions,
+    field,
+    read_records,
+)
+
+
+@dataclass
+class QAOptions(FewshotOptions):
+    max_new_tokens: int = setting(32, "generation length cap (the answer is cut at a newline)")
 
 
 class _ClosedBookQA(BaseTask):
@@ -29,7 +42,8 @@ class _ClosedBookQA(BaseTask):
     (`protocols.cut_answer`); ``em`` = SQuAD-normalised exact match with any gold answer.
     Shots show their first gold answer."""
 
-    defaults = {"max_new_tokens": 32, "fewshot_path": None}
+    Options: ClassVar[type[TaskOptions]] = QAOptions
+    opt: QAOptions
     fmt = ""
 
     def load(self, data_dir: Path, limit: int | None) -> list[Doc]:
@@ -47,7 +61,7 @@ class _ClosedBookQA(BaseTask):
 
     def requests(self, doc: Doc, shots: Sequence[Doc]) -> list[Request]:
         prompt = qa_prompt(doc["question"], [(s["question"], s["answers"][0]) for s in shots])
-        return [Generate(prompt, until=("\n",), max_new_tokens=int(self.opt["max_new_tokens"]))]
+        return [Generate(prompt, until=("\n",), max_new_tokens=self.opt.max_new_tokens)]
 
     def score(self, doc: Doc, results: Sequence[Result]) -> dict[str, float]:
         (gens,) = results

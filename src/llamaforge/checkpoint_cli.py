@@ -1,0 +1,213 @@
+"""``llamaforge init``, ``info`` and ``generate``: make, size up and sample a checkpoint
+(the checkpoint format itself: checkpoint.py; sampling: generate.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import add_config_help
+
+
+def _model_args_class() -> type:
+    from .model import ModelArgs
+
+    return ModelArgs
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """The ``info``, ``init`` and ``generate`` commands."""
+    i = subparsers.add_parser(
+        "info", help="parameters, FLOPs per token and training memory of a model"
+    )
+    src = i.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", help="1M, 15M, 110M, 1B, 7B, 13B, 33B or 65B")
+    src.add_argument("--ckpt", help="a checkpoint directory (reads its params.json)")
+    i.add_argument(
+        "--seq-len", type=int, help="context for the attention FLOPs (default max_seq_len)"
+    )
+    i.add_argument("--vocab-size", type=int, default=32000, help="when params.json says -1")
+    i.add_argument(
+        "--micro-batch", type=int, default=1, help="sequences per step for the activations"
+    )
+    i.add_argument("--json", action="store_true", help="print JSON")
+    i.set_defaults(func=_info)
+
+    n = subparsers.add_parser(
+        "init",
+        help="write a randomly initialised checkpoint",
+        description="Write a randomly initialised checkpoint of a preset size; KEY=VALUE "
+        "overrides change ModelArgs fields (e.g. max_seq_len=512).",
+        add_help=False,
+    )
+    add_config_help(n, _model_args_class, "ModelArgs (KEY=VALUE overrides; 7B defaults):")
+    n.add_argument("--preset", required=True, help="model size (see `llamaforge info`)")
+    n.add_argument("--tokenizer", required=True, help="SentencePiece model; sets vocab_size")
+    n.add_argument("--out", required=True, help="checkpoint directory to create")
+    n.add_argument("--seed", type=int, default=0)
+    n.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    n.add_argument("--force", action="store_true", help="replace an existing --out")
+    n.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="ModelArgs overrides")
+    n.set_defaults(func=_init)
+
+    g = subparsers.add_parser(
+        "generate", help="generate text from a checkpoint, streamed to stdout"
+    )
+    g.add_argument("--ckpt", required=True, help="native checkpoint directory")
+    g.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
+    g.add_argument("--prompt-file", help="read one prompt from this file")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    g.add_argument("--top-p", type=float, default=0.95, help="nucleus mass (default 0.95)")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--echo", action="store_true", help="print the prompt too")
+    g.add_argument(
+        "--truncate",
+        action="store_true",
+        help="keep the last tokens of a prompt longer than the context",
+    )
+    g.add_argument("--tokenizer", help="tokenizer.model to use instead of the checkpoint's")
+    g.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
+    g.add_argument("--dtype", help="float32, bfloat16, float16 (default: as stored)")
+    g.set_defaults(func=_generate)
+
+
+def _model_args_for(a: argparse.Namespace):
+    from .checkpoint import read_params
+    from .presets import get_preset
+
+    if a.ckpt:
+        args, _ = read_params(a.ckpt)
+        return args, str(a.ckpt)
+    return get_preset(a.preset), f"preset {a.preset}"
+
+
+def _info(a: argparse.Namespace) -> int:
+    from .flops import (
+        activation_memory,
+        count_params,
+        flops_per_token,
+        human_bytes,
+        human_count,
+        training_memory,
+    )
+
+    args, what = _model_args_for(a)
+    if args.vocab_size <= 0:
+        args.vocab_size = a.vocab_size
+    seq = a.seq_len or args.max_seq_len
+    counts = count_params(args)
+    mem = training_memory(args)
+    info = {
+        "model": what,
+        "args": args.to_dict(),
+        "head_dim": args.head_dim,
+        "ffn_hidden_dim": args.ffn_hidden_dim,
+        "params": counts,
+        "seq_len": seq,
+        "flops_per_token": flops_per_token(args, seq),
+        "memory_bytes": {
+            "weights_bf16": 2 * counts["total"],
+            "weights_fp32": mem.weights,
+            "gradients_fp32": mem.gradients,
+            "adamw_states_fp32": mem.optimizer,
+            "training_total": mem.total,
+        },
+        "activation_bytes": {
+            mode: activation_memory(args, a.micro_batch * seq, mode)
+            for mode in ("none", "selective", "full")
+        },
+    }
+    if a.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(
+        f"{what}: dim {args.dim}, {args.n_layers} layers, {args.n_heads} heads "
+        f"({args.kv_heads} kv), head_dim {args.head_dim}, ffn {args.ffn_hidden_dim}, "
+        f"vocab {args.vocab_size}"
+    )
+    print(
+        f"parameters:       {counts['total']:,} ({human_count(counts['total'])}); "
+        f"non-embedding {counts['non_embedding']:,}"
+    )
+    print(f"FLOPs per token:  {info['flops_per_token']:.4g} (6N + 12·L·d·T, training, T={seq})")
+    print("memory for training (bf16 compute, fp32 master weights):")
+    for key, label in (
+        ("weights_fp32", "weights (fp32)"),
+        ("gradients_fp32", "gradients (fp32)"),
+        ("adamw_states_fp32", "AdamW states (fp32)"),
+        ("training_total", "total"),
+    ):
+        print(f"  {label:<20}{human_bytes(info['memory_bytes'][key]):>12}")
+    print(f"  + activations for {a.micro_batch} x {seq} tokens (estimated), by checkpointing:")
+    for mode, n in info["activation_bytes"].items():
+        total = human_bytes(n + mem.total)
+        print(f"    {mode:<18}{human_bytes(n):>12}   (step total {total})")
+    print(f"weights for inference (bf16): {human_bytes(info['memory_bytes']['weights_bf16'])}")
+    return 0
+
+
+def _init(a: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import save
+    from .config import apply_overrides
+    from .model import build_model
+    from .presets import get_preset
+    from .tokenizer import Tokenizer
+
+    tok = Tokenizer(a.tokenizer)
+    args = apply_overrides(get_preset(a.preset, vocab_size=tok.vocab_size), a.overrides)
+    torch.manual_seed(a.seed)
+    model = build_model(args)
+    out = save(model, tok, a.out, dtype=a.dtype, overwrite=a.force)
+    print(f"wrote {out}: {model.num_params():,} parameters, random init (seed {a.seed})")
+    return 0
+
+
+def _generate(a: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import load
+    from .generate import generate_completions
+
+    prompts = list(a.prompt or [])
+    if a.prompt_file:
+        prompts.append(Path(a.prompt_file).read_text(encoding="utf-8"))
+    if not prompts:
+        raise ValueError("give --prompt TEXT (repeatable) or --prompt-file FILE")
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tok = load(a.ckpt, device=device, dtype=a.dtype, tokenizer=a.tokenizer)
+    if tok is None:
+        raise ValueError(f"{a.ckpt}: no tokenizer.model in the checkpoint; pass --tokenizer")
+
+    def stream(row: int, delta: str) -> None:
+        if len(prompts) == 1:
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+
+    if len(prompts) == 1 and a.echo:
+        sys.stdout.write(prompts[0])
+    results = generate_completions(
+        model,
+        tok,
+        prompts,
+        max_new_tokens=a.max_new_tokens,
+        temperature=a.temperature,
+        top_p=a.top_p,
+        top_k=a.top_k,
+        stop=a.stop or (),
+        seed=a.seed,
+        truncate=a.truncate,
+        on_text=stream,
+    )
+    if len(prompts) == 1:
+        sys.stdout.write("\n")
+    else:
+        for p, r in zip(prompts, results):
+            print(f"=== {p!r} ({r.finish_reason})\n{(p if a.echo else '') + r.text}")
+    return 0
