@@ -75,7 +75,7 @@ def test_prepare_writes_shards_meta_and_mixture(tmp_path):
     src = TokenSource(out / "stories")
     tokens = np.concatenate(src.arrays)
     assert tokens[0] == meta["bos_id"] and (tokens == meta["eos_id"]).sum() == train["documents"]
-    assert not list(out.rglob(".*partial"))  # nothing half-written left
+    assert not list(out.rglob(".*"))  # nothing half-written (hidden temporaries) left
     first = first_documents(out, "stories", n=2)
     assert len(first) == 2 and all(d.split(" Story number")[0] in STORIES for d in first)
     rows = table1(out, 1_000_000)

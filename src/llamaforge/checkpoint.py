@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .files import atomic_dir
 from .model import ModelArgs, Transformer
 from .tokenizer import Tokenizer
 
@@ -75,27 +74,6 @@ def read_params(ckpt_dir: str | os.PathLike) -> tuple[ModelArgs, dict[str, Any]]
     except (TypeError, ValueError) as e:
         raise CheckpointError(str(e)) from None
     return args, params.get("llamaforge", {})
-
-
-def _atomic_dir(out: Path, overwrite: bool) -> Path:
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"{out}: already exists; pass overwrite=True (--force) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-
-
-def commit_dir(tmp: Path, out: Path) -> None:
-    """Move a finished ``tmp`` to ``out``; an existing ``out`` is replaced only after."""
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_safetensors(
@@ -162,8 +140,9 @@ def save_state(
     file goes to a hidden sibling directory that is renamed into place when complete."""
     out = Path(ckpt_dir)
     target_dtype = parse_dtype(dtype)
-    tmp = _atomic_dir(out, overwrite)
-    try:
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out}: already exists; pass overwrite=True (--force) to replace it")
+    with atomic_dir(out, overwrite=overwrite) as tmp:
         written = write_safetensors(
             checked(tensors, args, str(out)),
             tmp,
@@ -181,10 +160,6 @@ def save_state(
             tokenizer.save(tmp / TOKENIZER_FILE)
             params["llamaforge"]["tokenizer_sha256"] = tokenizer.sha256()
         (tmp / PARAMS_FILE).write_text(json.dumps(params, indent=2) + "\n")
-        commit_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -21,14 +21,13 @@ Requires the ``gguf`` package (``pip install gguf``).
 from __future__ import annotations
 
 import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from ..files import atomic_path
 
 __all__ = ["GGUF_TYPES", "ConvertError", "export_gguf", "gguf_tensor_name", "read_gguf_summary"]
 
@@ -150,28 +149,11 @@ def _add_dummy_prefix(tok: Any) -> bool | None:
         return None
 
 
-@contextmanager
-def _atomic_file(dst: Path, force: bool) -> Iterator[Path]:
-    """A temporary path next to ``dst``, renamed onto it if the block succeeds, removed if not."""
+def _check_target(dst: Path, force: bool) -> None:
     if dst.is_dir():
         raise ConvertError(f"{dst}: is a directory; give the path of the .gguf file to write")
     if dst.exists() and not force:
         raise ConvertError(f"{dst}: already exists; pass force=True (--force) to replace it")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a model file is for sharing
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def export_gguf(
@@ -205,7 +187,8 @@ def export_gguf(
         "f16": gguf.LlamaFileType.MOSTLY_F16,
         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
     }[outtype]
-    with _atomic_file(dst_path, force) as tmp:
+    _check_target(dst_path, force)
+    with atomic_path(dst_path) as tmp:
         model, tok = load(src_path)
         if tok is None:
             raise ConvertError(

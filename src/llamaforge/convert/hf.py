@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,11 +21,11 @@ from safetensors import safe_open
 from ..checkpoint import (
     CheckpointError,
     checked,
-    commit_dir,
     iter_tensors,
     read_params,
     write_safetensors,
 )
+from ..files import atomic_dir
 from ..model import ModelArgs
 from ..tokenizer import Tokenizer
 
@@ -320,9 +318,7 @@ def write_hf(
         args.vocab_size = tok.vocab_size
     if dst.exists() and not force:
         raise CheckpointError(f"{dst}: already exists; pass --force to replace it")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
-    try:
+    with atomic_dir(dst, overwrite=force) as tmp:
         stream = checked(iter_tensors(src), args, str(src))
         if progress:
             stream = progress(stream)
@@ -352,10 +348,6 @@ def write_hf(
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         if tok is not None:
             _write_hf_tokenizer(tok, tmp, args.max_seq_len)
-        commit_dir(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
 
 

@@ -24,13 +24,15 @@ import json
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
 from ..config import ConfigError, load_config
+from ..files import atomic_open, atomic_write
 from ..tokenizer import Tokenizer
 from .base import DataError, FilterStats, expand_paths
 from .sources import KINDS, source_fn
@@ -122,9 +124,7 @@ def _fingerprint(cfg: DataConfig, src: SourceConfig, tok_sha: str) -> str:
 
 
 def _atomic_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=2) + "\n")
 
 
 def read_meta(source_dir: Path) -> dict[str, Any] | None:
@@ -139,23 +139,21 @@ class _ShardWriter:
         self.dir, self.split, self.dtype, self.limit = directory, split, dtype, shard_tokens
         self.shards: list[dict[str, Any]] = []
         self.tokens = 0
-        self._f = None
+        self._f: IO[bytes] | None = None
+        self._file = ExitStack()  # the open shard's atomic_open
         self._n = 0
 
     def _open(self) -> None:
-        name = f"{self.split}-{len(self.shards):05d}.bin"
-        self._path = self.dir / name
-        self._f = open(self.dir / f".{name}.partial", "wb")
+        self._name = f"{self.split}-{len(self.shards):05d}.bin"
+        self._file = ExitStack()
+        self._f = self._file.enter_context(atomic_open(self.dir / self._name, "wb"))
         self._n = 0
 
     def _close(self) -> None:
         if self._f is None:
             return
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
-        os.replace(self.dir / f".{self._path.name}.partial", self._path)
-        self.shards.append({"file": self._path.name, "tokens": self._n})
+        self._file.close()  # fsync, rename into place
+        self.shards.append({"file": self._name, "tokens": self._n})
         self._f = None
 
     def write(self, ids: np.ndarray) -> None:
@@ -183,14 +181,13 @@ def _clean(cfg: DataConfig, src: SourceConfig, out: Path, progress: bool) -> dic
     stats = FilterStats()
     paths = source_paths(cfg, src)
     docs = source_fn(src.kind, f"source {src.name}")(paths, dict(src.options), stats)
-    tmp = out / f".{CLEAN_FILE}.partial"
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(desc=f"{src.name}: clean", unit="doc", position=None, leave=False)
     t0 = time.time()
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(out / CLEAN_FILE, "w", encoding="utf-8") as f:
         for doc in docs:
             f.write(json.dumps({"text": doc}, ensure_ascii=False) + "\n")
             if bar is not None:
@@ -199,7 +196,6 @@ def _clean(cfg: DataConfig, src: SourceConfig, out: Path, progress: bool) -> dic
                 bar.set_postfix_str(f"{mb:.1f} MB/s in", refresh=False)
     if bar is not None:
         bar.close()
-    os.replace(tmp, out / CLEAN_FILE)
     result = stats.to_dict()
     result["files"] = len(paths)
     _atomic_json(stats_path, result)
