@@ -7,7 +7,7 @@ For each ``[[sources]]`` entry, in its own process:
 2. **tokenize**: documents are encoded (``bos``/``eos`` as configured) and a held-out
    fraction of them, chosen by a hash of the text, goes to the validation split; tokens are
    appended to ``train-NNNNN.bin`` / ``val-NNNNN.bin`` (uint16 when the vocabulary fits,
-   else uint32), memory-mappable flat arrays;
+   else uint32), memory-mappable flat arrays (the format: data/shards.py);
 3. ``OUT/<name>/meta.json`` is written last, and names the tokenizer (sha256), dtype,
    shards, token and document counts, bytes in and out and the filter counts.
 
@@ -35,9 +35,18 @@ from ..config import ConfigError, load_config
 from ..files import atomic_open, atomic_write
 from ..tokenizer import Tokenizer
 from .base import DataError, FilterStats, expand_paths
+from .shards import (
+    FORMAT_VERSION,
+    META_FILE,
+    MIXTURE_FILE,
+    SHARD_GLOB,
+    SPLITS,
+    read_meta,
+    shard_name,
+    token_dtype,
+)
 from .sources import KINDS, source_fn
 
-META_FILE = "meta.json"
 CLEAN_FILE = "clean.jsonl"
 
 
@@ -107,10 +116,6 @@ def source_paths(cfg: DataConfig, src: SourceConfig) -> list[Path]:
     return list(dict.fromkeys(files))
 
 
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
-
-
 def _fingerprint(cfg: DataConfig, src: SourceConfig, tok_sha: str) -> str:
     key = {
         "source": asdict(src),
@@ -127,11 +132,6 @@ def _atomic_json(path: Path, data: Any) -> None:
     atomic_write(path, json.dumps(data, indent=2) + "\n")
 
 
-def read_meta(source_dir: Path) -> dict[str, Any] | None:
-    p = source_dir / META_FILE
-    return json.loads(p.read_text()) if p.is_file() else None
-
-
 class _ShardWriter:
     """Appends token arrays to NNNNN shards of at most ``shard_tokens`` tokens."""
 
@@ -144,7 +144,7 @@ class _ShardWriter:
         self._n = 0
 
     def _open(self) -> None:
-        self._name = f"{self.split}-{len(self.shards):05d}.bin"
+        self._name = shard_name(self.split, len(self.shards))
         self._file = ExitStack()
         self._f = self._file.enter_context(atomic_open(self.dir / self._name, "wb"))
         self._n = 0
@@ -225,7 +225,7 @@ def prepare_source(
     t0 = time.time()
     clean = _clean(cfg, src, out, progress)
     dtype = token_dtype(tok.vocab_size)
-    writers = {s: _ShardWriter(out, s, dtype, cfg.shard_tokens) for s in ("train", "val")}
+    writers = {s: _ShardWriter(out, s, dtype, cfg.shard_tokens) for s in SPLITS}
     docs = {"train": 0, "val": 0}
     batch: list[str] = []
 
@@ -236,7 +236,7 @@ def prepare_source(
             docs[split] += 1
         batch.clear()
 
-    for old in out.glob("*.bin"):
+    for old in out.glob(SHARD_GLOB):
         old.unlink()
     with open(out / CLEAN_FILE, encoding="utf-8") as f:
         for line in f:
@@ -245,6 +245,7 @@ def prepare_source(
                 flush()
     flush()
     meta = {
+        "format_version": FORMAT_VERSION,
         "name": src.name,
         "kind": src.kind,
         "weight": src.weight,
@@ -352,7 +353,7 @@ def prepare(cfg: DataConfig, progress: bool = True, log=print) -> list[dict[str,
     ordered = [results[s.name] for s in cfg.sources]
     good = [m for m in ordered if m.get("complete")]
     _atomic_json(
-        out / "mixture.json",
+        out / MIXTURE_FILE,
         {
             "sources": [{"name": m["name"], "weight": m["weight"]} for m in good],
             "tokenizer_sha256": good[0]["tokenizer_sha256"] if good else None,
