@@ -124,9 +124,25 @@ class Tokenizer:
         """The id of ``piece``, or ``unk_id`` when the vocabulary lacks it."""
         return self._sp.piece_to_id(piece)
 
+    def piece_score(self, i: int) -> float:
+        """The score of piece ``i`` (for BPE: the merge priority, higher merges first)."""
+        return float(self._sp.get_score(int(i)))
+
     def is_byte(self, i: int) -> bool:
         """Whether ``i`` is a byte-fallback piece such as ``<0x0A>``."""
         return self._sp.is_byte(int(i))
+
+    def is_control(self, i: int) -> bool:
+        """Whether ``i`` is a control piece (``<s>``, ``</s>``): never produced by encoding."""
+        return self._sp.is_control(int(i))
+
+    def is_unknown(self, i: int) -> bool:
+        """Whether ``i`` is the unknown piece (``<unk>``)."""
+        return self._sp.is_unknown(int(i))
+
+    def is_unused(self, i: int) -> bool:
+        """Whether ``i`` is an unused piece (kept in the vocabulary, never produced)."""
+        return self._sp.is_unused(int(i))
 
     def serialized(self) -> bytes:
         """The model proto: exactly the bytes of a ``tokenizer.model`` file."""

@@ -22,12 +22,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from ..files import atomic_path
+
+if TYPE_CHECKING:
+    from ..tokenizer import Tokenizer
 
 __all__ = ["GGUF_TYPES", "ConvertError", "export_gguf", "gguf_tensor_name", "read_gguf_summary"]
 
@@ -101,10 +104,9 @@ def _convert(t: torch.Tensor, qtype: Any, gguf: Any) -> np.ndarray:
     return gguf.quants.quantize(arr, qtype)
 
 
-def _vocab(tok: Any, vocab_size: int, gguf: Any) -> tuple[list[str], list[float], list[int]]:
+def _vocab(tok: Tokenizer, vocab_size: int, gguf: Any) -> tuple[list[str], list[float], list[int]]:
     """Pieces, scores and GGUF token types of ``tok``, padded to ``vocab_size``."""
     TT = gguf.TokenType
-    sp = tok._sp
     user_defined: set[int] = set()
     try:  # the proto knows USER_DEFINED pieces, which SentencePieceProcessor cannot report
         from sentencepiece import sentencepiece_model_pb2
@@ -117,15 +119,15 @@ def _vocab(tok: Any, vocab_size: int, gguf: Any) -> tuple[list[str], list[float]
         pass
     tokens, scores, types = [], [], []
     for i in range(tok.vocab_size):
-        tokens.append(sp.id_to_piece(i))
-        scores.append(float(sp.get_score(i)))
-        if sp.is_unknown(i):
+        tokens.append(tok.id_to_piece(i))
+        scores.append(tok.piece_score(i))
+        if tok.is_unknown(i):
             types.append(TT.UNKNOWN)
-        elif sp.is_control(i):
+        elif tok.is_control(i):
             types.append(TT.CONTROL)
-        elif sp.is_byte(i):
+        elif tok.is_byte(i):
             types.append(TT.BYTE)
-        elif sp.is_unused(i):
+        elif tok.is_unused(i):
             types.append(TT.UNUSED)
         elif i in user_defined:
             types.append(TT.USER_DEFINED)
@@ -138,7 +140,7 @@ def _vocab(tok: Any, vocab_size: int, gguf: Any) -> tuple[list[str], list[float]
     return tokens, scores, [int(t) for t in types]
 
 
-def _add_dummy_prefix(tok: Any) -> bool | None:
+def _add_dummy_prefix(tok: Tokenizer) -> bool | None:
     try:
         from sentencepiece import sentencepiece_model_pb2
 

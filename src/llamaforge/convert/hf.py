@@ -255,21 +255,20 @@ def hf_tokenizer_json(tok: Tokenizer) -> str | None:
         from tokenizers import Tokenizer as FastTokenizer
     except ImportError:
         return None
-    sp = tok._sp
-    vocab = {sp.id_to_piece(i): i for i in range(tok.vocab_size)}
+    vocab = {tok.id_to_piece(i): i for i in range(tok.vocab_size)}
     merges = []
     for piece, i in vocab.items():
-        if sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+        if tok.is_byte(i) or tok.is_control(i) or tok.is_unknown(i) or tok.is_unused(i):
             continue
         for k in range(1, len(piece)):
             a, b = piece[:k], piece[k:]
             if a in vocab and b in vocab:
-                merges.append((-sp.get_score(i), i, vocab[a], a, b))
+                merges.append((-tok.piece_score(i), i, vocab[a], a, b))
     merges.sort()
     bpe = models.BPE(
         vocab=vocab,
         merges=[(a, b) for *_, a, b in merges],
-        unk_token=sp.id_to_piece(tok.unk_id),
+        unk_token=tok.id_to_piece(tok.unk_id),
         fuse_unk=True,
         byte_fallback=True,
     )
@@ -286,11 +285,11 @@ def hf_tokenizer_json(tok: Tokenizer) -> str | None:
             decoders.Strip(" ", 1, 0),
         ]
     )
-    specials = [i for i in range(tok.vocab_size) if sp.is_control(i) or sp.is_unknown(i)]
+    specials = [i for i in range(tok.vocab_size) if tok.is_control(i) or tok.is_unknown(i)]
     fast.add_special_tokens(
-        [AddedToken(sp.id_to_piece(i), special=True, normalized=False) for i in specials]
+        [AddedToken(tok.id_to_piece(i), special=True, normalized=False) for i in specials]
     )
-    bos = sp.id_to_piece(tok.bos_id)
+    bos = tok.id_to_piece(tok.bos_id)
     fast.post_processor = processors.TemplateProcessing(
         single=f"{bos}:0 $A:0",
         pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
@@ -352,11 +351,10 @@ def write_hf(
 
 
 def _write_hf_tokenizer(tok: Tokenizer, out: Path, max_len: int) -> None:
-    sp = tok._sp
     pieces = {
-        "bos_token": sp.id_to_piece(tok.bos_id),
-        "eos_token": sp.id_to_piece(tok.eos_id),
-        "unk_token": sp.id_to_piece(tok.unk_id),
+        "bos_token": tok.id_to_piece(tok.bos_id),
+        "eos_token": tok.id_to_piece(tok.eos_id),
+        "unk_token": tok.id_to_piece(tok.unk_id),
     }
     tok.save(out / "tokenizer.model")
     fast = hf_tokenizer_json(tok)
