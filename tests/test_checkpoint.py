@@ -102,8 +102,15 @@ def test_load_errors_name_the_problem(tmp_path, model, small_tokenizer):
     (out / "params.json").write_text(json.dumps({**params, "dim": 128}))
     with pytest.raises(
         CheckpointError,
-        match=r"tensor layers\.0\.attention\.\w+\.weight has shape .* params.json implies",
+        match=r"tensor layers\.0\.attention\.\w+\.weight has shape .* implied by .*params\.json",
     ):
+        load(out)
+    n = params["n_layers"]
+    (out / "params.json").write_text(json.dumps({**params, "n_layers": n - 1}))
+    with pytest.raises(CheckpointError, match=rf"ckpt: unexpected tensor 'layers\.{n - 1}\."):
+        load(out)
+    (out / "params.json").write_text(json.dumps({**params, "n_layers": n + 1}))
+    with pytest.raises(CheckpointError, match=rf"ckpt: missing \d+ tensor\(s\): layers\.{n}\."):
         load(out)
     (out / "params.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):

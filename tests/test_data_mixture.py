@@ -14,6 +14,7 @@ from llamaforge.data.mixture import (
     permute,
     validation_batches,
 )
+from llamaforge.data.shards import FORMAT_VERSION, META_FILE
 
 
 def make_prepared(root, sources, sha="abc", shard_tokens=1000):
@@ -138,6 +139,14 @@ def test_errors_name_the_problem(data, tmp_path):
     (data / "books" / "train-00001.bin").unlink()
     with pytest.raises(DataError, match="train-00001.bin: missing"):
         open_sources(data)
+    newer = make_prepared(tmp_path / "v", [("a", 5000, 1.0)])
+    meta = json.loads((newer / "a" / META_FILE).read_text())
+    (newer / "a" / META_FILE).write_text(json.dumps({**meta, "format_version": FORMAT_VERSION + 1}))
+    with pytest.raises(DataError, match=f"format_version {FORMAT_VERSION + 1} is newer"):
+        open_sources(newer)
+    (newer / "a" / META_FILE).write_text(json.dumps({**meta, "complete": False}))
+    with pytest.raises(DataError, match="did not complete"):
+        open_sources(newer)
     s = sampler(make_prepared(tmp_path / "e", [("a", 5000, 1.0)]))
     with pytest.raises(DataError, match="seq_len or seed"):
         MixtureSampler(s.sources, [1.0], 32, 0).load_state_dict(s.state_dict())

@@ -13,6 +13,7 @@ from llamaforge.data.base import DataError
 from llamaforge.data.mixture import TokenSource
 from llamaforge.data.prepare import load_data_config, prepare
 from llamaforge.data.report import first_documents, table1
+from llamaforge.data.shards import FORMAT_VERSION
 
 from .conftest import REPO
 
@@ -68,6 +69,7 @@ def test_prepare_writes_shards_meta_and_mixture(tmp_path):
     ]
     meta = json.loads((out / "stories" / "meta.json").read_text())
     assert meta["dtype"] == "uint16" and meta["vocab_size"] == 400
+    assert meta["format_version"] == FORMAT_VERSION
     train, val = meta["splits"]["train"], meta["splits"]["val"]
     assert train["documents"] + val["documents"] == 600
     assert 0 < val["documents"] < 120  # about 10 % held out, by document
@@ -75,7 +77,7 @@ def test_prepare_writes_shards_meta_and_mixture(tmp_path):
     src = TokenSource(out / "stories")
     tokens = np.concatenate(src.arrays)
     assert tokens[0] == meta["bos_id"] and (tokens == meta["eos_id"]).sum() == train["documents"]
-    assert not list(out.rglob(".*partial"))  # nothing half-written left
+    assert not list(out.rglob(".*"))  # nothing half-written (hidden temporaries) left
     first = first_documents(out, "stories", n=2)
     assert len(first) == 2 and all(d.split(" Story number")[0] in STORIES for d in first)
     rows = table1(out, 1_000_000)

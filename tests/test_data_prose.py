@@ -19,6 +19,7 @@ from llamaforge.data.books import (
     strip_gutenberg,
     word_overlap,
 )
+from llamaforge.data.html import html_to_text as page_or_post
 from llamaforge.data.stackexchange import html_to_text, read_stackexchange
 from llamaforge.data.wiki import detokenize, read_wikipedia, strip_wikitext
 
@@ -474,6 +475,15 @@ def test_stackexchange_inline(tmp_path):
 def test_html_to_text():
     html = "<h2>T</h2><ul><li>a &gt; b</li><li>c</li></ul><blockquote>q</blockquote>"
     assert html_to_text(html) == "T\n\n- a > b\n\n- c\n\nq"
+    # the one extractor (data/html.py) in its post style: implied </p> ends a paragraph,
+    # code keeps its indentation, images their alt text, cells are spaced; nothing dropped
+    html = (
+        "<p>one\n<p>two <img src=x alt=[diagram]></p><pre><code>def f():\n    return 1\n"
+        "</code></pre><table><tr><td>a</td><td>b</td></tr></table><nav>kept</nav>"
+    )
+    assert html_to_text(html) == "one\n\ntwo [diagram]\n\ndef f():\n    return 1\n\na b\n\nkept"
+    assert html_to_text(html) == page_or_post(html, style="post")
+    assert page_or_post(html) == "one\ntwo\ndef f():\nreturn 1\na b"  # the web page style
 
 
 def test_stackexchange_real_beer():

@@ -15,7 +15,13 @@ import pytest
 from llamaforge.data.base import DataError, FilterStats
 from llamaforge.data.code import classify_license, read_code, strip_license_header
 from llamaforge.data.generic import read_generic
-from llamaforge.data.web import html_to_text, normalize_line, read_web, reference_model
+from llamaforge.data.web import (
+    html_to_text,
+    identify_language,
+    normalize_line,
+    read_web,
+    reference_model,
+)
 
 from .conftest import shared_file
 
@@ -122,6 +128,31 @@ def test_line_dedup_across_documents(tmp_path):
     assert len(docs[1].split("\n")) == 2 and "duplicate_line" not in stats.removed
 
 
+def test_line_dedup_counts_every_repeat_within_and_across_documents(tmp_path):
+    a = write(
+        tmp_path / "a.txt",
+        "The first line of the first page.\n"
+        "A repeated line, seen 3 times.\n"
+        "a REPEATED line seen 4 times!\n"  # same normalised form: removed
+        "---\n"  # punctuation only: no identity, kept
+        "---\n"
+        "The last line of the first page.\n",
+    )
+    b = write(
+        tmp_path / "b.txt",
+        "A repeated line, seen 5 times.\n"  # seen in a.txt: removed
+        "The first line of the first page.\n"  # removed
+        "Only in the second page.\n",
+    )
+    docs, stats = run(read_web, [a, b], {"quality": "none", "languages": []})
+    assert docs == [
+        "The first line of the first page.\nA repeated line, seen 3 times.\n---\n---\n"
+        "The last line of the first page.",
+        "Only in the second page.",
+    ]
+    assert stats.removed["duplicate_line"] == 3
+
+
 def test_langid_keeps_english_drops_french_and_german(tmp_path):
     en = write(tmp_path / "en.html", f"<html><body><p>{GOOD}</p></body></html>")
     fr = write(
@@ -146,7 +177,16 @@ def test_real_web_text_sample_is_english():
     corpus = shared_file("pretrain/web/cs336/corpus.en")
     docs, stats = run(read_web, [corpus], {"quality": "none"})
     assert len(docs) == 1 and stats.documents_in == 1  # no blank lines: one document
-    assert stats.removed["duplicate_line"] >= 0 and not stats.errors
+    assert "language" not in stats.removed and not stats.errors  # kept as English
+    assert identify_language(docs[0])[0] == "en"
+    # the exact number of repeated lines (by normalised form) in the file
+    seen: set[str] = set()
+    repeats = 0
+    for line in corpus.read_text(encoding="utf-8").split("\n"):
+        norm = normalize_line(line)
+        repeats += bool(norm) and norm in seen
+        seen.add(norm)
+    assert repeats > 0 and stats.removed["duplicate_line"] == repeats
     docs, stats = run(read_web, [corpus], {"quality": "none", "txt_split": "line", "languages": []})
     assert stats.documents_in > 1000 and len(docs) > 800
 

@@ -319,3 +319,19 @@ def test_bad_arguments_raise() -> None:
         run_program("pass", memory_mb=0)
     with pytest.raises(ValueError):
         check_programs(["pass"], workers=0)
+
+
+def test_child_is_a_script_run_by_path_without_the_package():
+    import llamaforge.eval.sandbox as sandbox
+
+    assert sandbox._CHILD.is_file() and sandbox._CHILD.parent == Path(sandbox.__file__).parent
+    with pytest.raises(ImportError, match="run by sandbox.py"):
+        import llamaforge.eval._sandbox_child  # noqa: F401
+    program = (
+        "import sys\n"
+        "assert not [m for m in sys.modules if m.startswith('llamaforge')], sorted(sys.modules)\n"
+        f"assert {str(sandbox._CHILD.parent)!r} not in sys.path, sys.path\n"
+        "assert sys.argv == [__file__] and __name__ == '__main__'\n"
+    )
+    result = run_program(program, timeout=10)
+    assert result.passed, result

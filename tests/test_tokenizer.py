@@ -185,6 +185,16 @@ def test_meta_known_ids_and_specials(meta):
     assert tok.path == META_MODEL
 
 
+def test_meta_piece_accessors_match_sentencepiece(meta):
+    tok, sp = meta
+    assert tok.is_unknown(0) and tok.is_control(1) and tok.is_control(2)
+    assert not (tok.is_control(3) or tok.is_unknown(3) or tok.is_unused(3))
+    for i in (0, 1, 2, 3, 258, 259, 15043, 31999):
+        assert tok.piece_score(i) == sp.get_score(i) and isinstance(tok.piece_score(i), float)
+        kinds = (tok.is_byte(i), tok.is_control(i), tok.is_unknown(i), tok.is_unused(i))
+        assert kinds == (sp.is_byte(i), sp.is_control(i), sp.is_unknown(i), sp.is_unused(i))
+
+
 def test_meta_trainer_spec_is_the_papers(meta):
     tok, _ = meta
     assert model_spec(tok.serialized()) == PAPER_SPEC

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .files import atomic_dir
 from .model import ModelArgs, Transformer
 from .tokenizer import Tokenizer
 
@@ -75,27 +74,6 @@ def read_params(ckpt_dir: str | os.PathLike) -> tuple[ModelArgs, dict[str, Any]]
     except (TypeError, ValueError) as e:
         raise CheckpointError(str(e)) from None
     return args, params.get("llamaforge", {})
-
-
-def _atomic_dir(out: Path, overwrite: bool) -> Path:
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"{out}: already exists; pass overwrite=True (--force) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-
-
-def commit_dir(tmp: Path, out: Path) -> None:
-    """Move a finished ``tmp`` to ``out``; an existing ``out`` is replaced only after."""
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_safetensors(
@@ -162,8 +140,9 @@ def save_state(
     file goes to a hidden sibling directory that is renamed into place when complete."""
     out = Path(ckpt_dir)
     target_dtype = parse_dtype(dtype)
-    tmp = _atomic_dir(out, overwrite)
-    try:
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out}: already exists; pass overwrite=True (--force) to replace it")
+    with atomic_dir(out, overwrite=overwrite) as tmp:
         written = write_safetensors(
             checked(tensors, args, str(out)),
             tmp,
@@ -181,10 +160,6 @@ def save_state(
             tokenizer.save(tmp / TOKENIZER_FILE)
             params["llamaforge"]["tokenizer_sha256"] = tokenizer.sha256()
         (tmp / PARAMS_FILE).write_text(json.dumps(params, indent=2) + "\n")
-        commit_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -227,6 +202,26 @@ def _weight_files(ckpt: Path) -> dict[str, list[str]]:
     raise CheckpointError(f"{ckpt}: no {WEIGHTS_FILE} or {INDEX_FILE}: not a native checkpoint")
 
 
+def _stored(ckpt: Path, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` of every stored tensor, read one at a time onto ``device``; a
+    missing or unreadable file is a CheckpointError naming it."""
+    for fname, names in _weight_files(ckpt).items():
+        path = ckpt / fname
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing shard listed in {INDEX_FILE}")
+        try:
+            handle = safe_open(str(path), framework="pt", device=str(device))
+        except Exception as e:  # safetensors raises its own error types on corrupt files
+            raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from None
+        with handle as f:
+            for name in names or list(f.keys()):
+                try:
+                    t = f.get_tensor(name)
+                except Exception as e:
+                    raise CheckpointError(f"{path}: cannot read tensor {name} ({e})") from None
+                yield name, t
+
+
 def load(
     ckpt_dir: str | os.PathLike,
     device: str | torch.device = "cpu",
@@ -257,34 +252,11 @@ def load(
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
+    state: dict[str, torch.Tensor] = {}
+    for name, t in checked(_stored(ckpt, dev), args, str(ckpt), params=str(ckpt / PARAMS_FILE)):
+        state[name] = t.to(target_dtype) if target_dtype is not None else t
     with torch.device("meta"):
         model = Transformer(args)
-    expected = {k: v for k, v in model.state_dict().items()}
-    state: dict[str, torch.Tensor] = {}
-    for fname, names in _weight_files(ckpt).items():
-        path = ckpt / fname
-        if not path.is_file():
-            raise CheckpointError(f"{path}: missing shard listed in {INDEX_FILE}")
-        try:
-            with safe_open(str(path), framework="pt", device=str(dev)) as f:
-                for name in names or list(f.keys()):
-                    if name not in expected:
-                        raise CheckpointError(f"{path}: unexpected tensor {name!r} for this model")
-                    t = f.get_tensor(name)
-                    if t.shape != expected[name].shape:
-                        raise CheckpointError(
-                            f"{path}: tensor {name} has shape {tuple(t.shape)}, "
-                            f"params.json implies {tuple(expected[name].shape)}"
-                        )
-                    state[name] = t.to(target_dtype) if target_dtype is not None else t
-        except CheckpointError:
-            raise
-        except Exception as e:  # safetensors raises its own error types on corrupt files
-            raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from None
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        shown = ", ".join(missing[:5]) + (" …" if len(missing) > 5 else "")
-        raise CheckpointError(f"{ckpt}: missing {len(missing)} tensor(s): {shown}")
     model.load_state_dict(state, assign=True)
     return model.eval(), tok
 
@@ -292,14 +264,7 @@ def load(
 def iter_tensors(ckpt_dir: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
     """``(name, tensor)`` of a native checkpoint, read lazily from the memory-mapped files
     in the order they are stored (for conversions that never build the model)."""
-    ckpt = Path(ckpt_dir)
-    for fname, names in _weight_files(ckpt).items():
-        path = ckpt / fname
-        if not path.is_file():
-            raise CheckpointError(f"{path}: missing shard listed in {INDEX_FILE}")
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for name in names or list(f.keys()):
-                yield name, f.get_tensor(name)
+    yield from _stored(Path(ckpt_dir), torch.device("cpu"))
 
 
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
@@ -310,10 +275,15 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
 
 
 def checked(
-    tensors: Iterable[tuple[str, torch.Tensor]], args: ModelArgs, where: str
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    args: ModelArgs,
+    where: str,
+    *,
+    params: str = "the model parameters",
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Pass ``tensors`` through, raising on an unknown name, a wrong shape or, at the end,
-    a missing tensor — each named, with the shape ``args`` implies."""
+    a missing tensor — each named, with the shape ``args`` (read from ``params``) implies.
+    The one validation of a tensor stream: ``load``, ``save_state`` and the converters."""
     expected = expected_shapes(args)
     seen = set()
     for name, t in tensors:
@@ -321,8 +291,8 @@ def checked(
             raise CheckpointError(f"{where}: unexpected tensor {name!r} for this model")
         if tuple(t.shape) != expected[name]:
             raise CheckpointError(
-                f"{where}: tensor {name} has shape {tuple(t.shape)}, the model parameters "
-                f"imply {expected[name]}"
+                f"{where}: tensor {name} has shape {tuple(t.shape)}, but the shape implied "
+                f"by {params} is {expected[name]}"
             )
         seen.add(name)
         yield name, t

@@ -1,4 +1,5 @@
-"""Parameter, FLOP and memory arithmetic for a ModelArgs (no model needs to exist)."""
+"""Parameter, FLOP and memory arithmetic for a ModelArgs (no model needs to exist), and the
+hardware facts: the accelerator table and ``resolve_device``."""
 
 from __future__ import annotations
 
@@ -152,6 +153,35 @@ def device_spec(device_name: str) -> DeviceSpec | None:
         if spec.name.lower() in lowered:
             return spec
     return None
+
+
+def resolve_device(
+    device: str | torch.device | None = "auto", local_rank: int | None = None
+) -> torch.device:
+    """The torch device for a ``--device`` value: ``auto`` (or None) is CUDA when it is
+    available, else the CPU. A bare ``cuda`` gets index ``local_rank`` when one is given
+    (this process's GPU under torchrun). A device this machine lacks is a ValueError that
+    names the option value."""
+    name = "auto" if device is None else str(device)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(
+            f"--device {name}: not a device (expected auto, cpu, cuda, cuda:N or mps)"
+        ) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available on this machine")
+        if dev.index is None and local_rank is not None:
+            dev = torch.device("cuda", local_rank)
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"--device {dev}: this machine has {count} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available on this machine")
+    return dev
 
 
 def carbon(gpu_hours: float, watts: float, pue: float = PUE) -> dict[str, float]:

@@ -9,6 +9,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .files import atomic_path
+
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 
@@ -125,10 +127,11 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     ax.legend()
     fig.tight_layout()
     target = Path(out) if out is not None else Path(run_dir) / PLOT_FILE
-    tmp = target.with_name(f".{target.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(target)
+    try:
+        with atomic_path(target) as tmp:  # the format from the target's suffix, not tmp's
+            fig.savefig(tmp, format=target.suffix.lstrip(".").lower() or "png")
+    finally:
+        plt.close(fig)
     return target
 
 

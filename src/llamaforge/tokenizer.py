@@ -12,11 +12,12 @@ import hashlib
 import io
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import sentencepiece as spm
+
+from .files import atomic_write
 
 __all__ = ["MIN_VOCAB_SIZE", "Tokenizer", "TokenizerError", "train_tokenizer"]
 
@@ -123,9 +124,25 @@ class Tokenizer:
         """The id of ``piece``, or ``unk_id`` when the vocabulary lacks it."""
         return self._sp.piece_to_id(piece)
 
+    def piece_score(self, i: int) -> float:
+        """The score of piece ``i`` (for BPE: the merge priority, higher merges first)."""
+        return float(self._sp.get_score(int(i)))
+
     def is_byte(self, i: int) -> bool:
         """Whether ``i`` is a byte-fallback piece such as ``<0x0A>``."""
         return self._sp.is_byte(int(i))
+
+    def is_control(self, i: int) -> bool:
+        """Whether ``i`` is a control piece (``<s>``, ``</s>``): never produced by encoding."""
+        return self._sp.is_control(int(i))
+
+    def is_unknown(self, i: int) -> bool:
+        """Whether ``i`` is the unknown piece (``<unk>``)."""
+        return self._sp.is_unknown(int(i))
+
+    def is_unused(self, i: int) -> bool:
+        """Whether ``i`` is an unused piece (kept in the vocabulary, never produced)."""
+        return self._sp.is_unused(int(i))
 
     def serialized(self) -> bytes:
         """The model proto: exactly the bytes of a ``tokenizer.model`` file."""
@@ -137,7 +154,7 @@ class Tokenizer:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the model file atomically (temporary file, then rename) and return its path."""
-        return _atomic_write(Path(path), self._data)
+        return atomic_write(path, self._data)
 
 
 def _sentencepiece_reason(e: RuntimeError) -> str:
@@ -148,21 +165,6 @@ def _sentencepiece_reason(e: RuntimeError) -> str:
     msg = re.sub(r"^INTERNAL:\s*", "", msg)
     msg = re.sub(r"^src/\S+\(\d+\) \[.*?\]\s*", "", msg)
     return msg.rstrip(".") or "SentencePiece refused it"
-
-
-def _atomic_write(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 # unk, bos, eos + the 256 byte pieces + "▁" + at least one character of the corpus.
@@ -333,7 +335,7 @@ def train_tokenizer(
         raise _training_error(str(e), vocab_size, count[0]) from None
     if count[0] == 0:
         raise TokenizerError("the training corpus is empty (it has no non-blank lines)")
-    out = _atomic_write(Path(output), model.getvalue())
+    out = atomic_write(output, model.getvalue())
     return Tokenizer.from_bytes(model.getvalue(), out)
 
 

@@ -21,14 +21,16 @@ Requires the ``gguf`` package (``pip install gguf``).
 from __future__ import annotations
 
 import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+from ..files import atomic_path
+
+if TYPE_CHECKING:
+    from ..tokenizer import Tokenizer
 
 __all__ = ["GGUF_TYPES", "ConvertError", "export_gguf", "gguf_tensor_name", "read_gguf_summary"]
 
@@ -102,10 +104,9 @@ def _convert(t: torch.Tensor, qtype: Any, gguf: Any) -> np.ndarray:
     return gguf.quants.quantize(arr, qtype)
 
 
-def _vocab(tok: Any, vocab_size: int, gguf: Any) -> tuple[list[str], list[float], list[int]]:
+def _vocab(tok: Tokenizer, vocab_size: int, gguf: Any) -> tuple[list[str], list[float], list[int]]:
     """Pieces, scores and GGUF token types of ``tok``, padded to ``vocab_size``."""
     TT = gguf.TokenType
-    sp = tok._sp
     user_defined: set[int] = set()
     try:  # the proto knows USER_DEFINED pieces, which SentencePieceProcessor cannot report
         from sentencepiece import sentencepiece_model_pb2
@@ -118,15 +119,15 @@ def _vocab(tok: Any, vocab_size: int, gguf: Any) -> tuple[list[str], list[float]
         pass
     tokens, scores, types = [], [], []
     for i in range(tok.vocab_size):
-        tokens.append(sp.id_to_piece(i))
-        scores.append(float(sp.get_score(i)))
-        if sp.is_unknown(i):
+        tokens.append(tok.id_to_piece(i))
+        scores.append(tok.piece_score(i))
+        if tok.is_unknown(i):
             types.append(TT.UNKNOWN)
-        elif sp.is_control(i):
+        elif tok.is_control(i):
             types.append(TT.CONTROL)
-        elif sp.is_byte(i):
+        elif tok.is_byte(i):
             types.append(TT.BYTE)
-        elif sp.is_unused(i):
+        elif tok.is_unused(i):
             types.append(TT.UNUSED)
         elif i in user_defined:
             types.append(TT.USER_DEFINED)
@@ -139,7 +140,7 @@ def _vocab(tok: Any, vocab_size: int, gguf: Any) -> tuple[list[str], list[float]
     return tokens, scores, [int(t) for t in types]
 
 
-def _add_dummy_prefix(tok: Any) -> bool | None:
+def _add_dummy_prefix(tok: Tokenizer) -> bool | None:
     try:
         from sentencepiece import sentencepiece_model_pb2
 
@@ -150,28 +151,11 @@ def _add_dummy_prefix(tok: Any) -> bool | None:
         return None
 
 
-@contextmanager
-def _atomic_file(dst: Path, force: bool) -> Iterator[Path]:
-    """A temporary path next to ``dst``, renamed onto it if the block succeeds, removed if not."""
+def _check_target(dst: Path, force: bool) -> None:
     if dst.is_dir():
         raise ConvertError(f"{dst}: is a directory; give the path of the .gguf file to write")
     if dst.exists() and not force:
         raise ConvertError(f"{dst}: already exists; pass force=True (--force) to replace it")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a model file is for sharing
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def export_gguf(
@@ -205,7 +189,8 @@ def export_gguf(
         "f16": gguf.LlamaFileType.MOSTLY_F16,
         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
     }[outtype]
-    with _atomic_file(dst_path, force) as tmp:
+    _check_target(dst_path, force)
+    with atomic_path(dst_path) as tmp:
         model, tok = load(src_path)
         if tok is None:
             raise ConvertError(

@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,11 +21,11 @@ from safetensors import safe_open
 from ..checkpoint import (
     CheckpointError,
     checked,
-    commit_dir,
     iter_tensors,
     read_params,
     write_safetensors,
 )
+from ..files import atomic_dir
 from ..model import ModelArgs
 from ..tokenizer import Tokenizer
 
@@ -257,21 +255,20 @@ def hf_tokenizer_json(tok: Tokenizer) -> str | None:
         from tokenizers import Tokenizer as FastTokenizer
     except ImportError:
         return None
-    sp = tok._sp
-    vocab = {sp.id_to_piece(i): i for i in range(tok.vocab_size)}
+    vocab = {tok.id_to_piece(i): i for i in range(tok.vocab_size)}
     merges = []
     for piece, i in vocab.items():
-        if sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+        if tok.is_byte(i) or tok.is_control(i) or tok.is_unknown(i) or tok.is_unused(i):
             continue
         for k in range(1, len(piece)):
             a, b = piece[:k], piece[k:]
             if a in vocab and b in vocab:
-                merges.append((-sp.get_score(i), i, vocab[a], a, b))
+                merges.append((-tok.piece_score(i), i, vocab[a], a, b))
     merges.sort()
     bpe = models.BPE(
         vocab=vocab,
         merges=[(a, b) for *_, a, b in merges],
-        unk_token=sp.id_to_piece(tok.unk_id),
+        unk_token=tok.id_to_piece(tok.unk_id),
         fuse_unk=True,
         byte_fallback=True,
     )
@@ -288,11 +285,11 @@ def hf_tokenizer_json(tok: Tokenizer) -> str | None:
             decoders.Strip(" ", 1, 0),
         ]
     )
-    specials = [i for i in range(tok.vocab_size) if sp.is_control(i) or sp.is_unknown(i)]
+    specials = [i for i in range(tok.vocab_size) if tok.is_control(i) or tok.is_unknown(i)]
     fast.add_special_tokens(
-        [AddedToken(sp.id_to_piece(i), special=True, normalized=False) for i in specials]
+        [AddedToken(tok.id_to_piece(i), special=True, normalized=False) for i in specials]
     )
-    bos = sp.id_to_piece(tok.bos_id)
+    bos = tok.id_to_piece(tok.bos_id)
     fast.post_processor = processors.TemplateProcessing(
         single=f"{bos}:0 $A:0",
         pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
@@ -320,9 +317,7 @@ def write_hf(
         args.vocab_size = tok.vocab_size
     if dst.exists() and not force:
         raise CheckpointError(f"{dst}: already exists; pass --force to replace it")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
-    try:
+    with atomic_dir(dst, overwrite=force) as tmp:
         stream = checked(iter_tensors(src), args, str(src))
         if progress:
             stream = progress(stream)
@@ -352,19 +347,14 @@ def write_hf(
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         if tok is not None:
             _write_hf_tokenizer(tok, tmp, args.max_seq_len)
-        commit_dir(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
 
 
 def _write_hf_tokenizer(tok: Tokenizer, out: Path, max_len: int) -> None:
-    sp = tok._sp
     pieces = {
-        "bos_token": sp.id_to_piece(tok.bos_id),
-        "eos_token": sp.id_to_piece(tok.eos_id),
-        "unk_token": sp.id_to_piece(tok.unk_id),
+        "bos_token": tok.id_to_piece(tok.bos_id),
+        "eos_token": tok.id_to_piece(tok.eos_id),
+        "unk_token": tok.id_to_piece(tok.unk_id),
     }
     tok.save(out / "tokenizer.model")
     fast = hf_tokenizer_json(tok)

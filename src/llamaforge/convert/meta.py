@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from ..checkpoint import CheckpointError, checked, commit_dir, iter_tensors, read_params
+from ..checkpoint import CheckpointError, checked, iter_tensors, read_params
+from ..files import atomic_dir
 from ..model import ModelArgs
 from ..tokenizer import Tokenizer
 
@@ -153,9 +153,7 @@ def write_meta(
     check_shardable(args, shards)
     if dst.exists() and not force:
         raise CheckpointError(f"{dst}: already exists; pass --force to replace it")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
-    try:
+    with atomic_dir(dst, overwrite=force) as tmp:
         ranks = range(shards)
         for rank in progress(ranks) if progress else ranks:  # one rank's slice in memory
             part = {}
@@ -169,8 +167,4 @@ def write_meta(
         (tmp / "params.json").write_text(json.dumps(meta_params(args)) + "\n")
         if tok_path.is_file():
             shutil.copyfile(tok_path, tmp / "tokenizer.model")
-        commit_dir(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .base import DataError
-from .prepare import META_FILE
+from .shards import META_FILE, MIXTURE_FILE, check_meta, read_meta
 
 _MASK64 = (1 << 64) - 1
 
@@ -96,12 +96,11 @@ class TokenSource:
     """One source's split as a single memory-mapped token array."""
 
     def __init__(self, directory: Path, split: str = "train") -> None:
-        meta_path = directory / META_FILE
-        if not meta_path.is_file():
+        meta = read_meta(directory)
+        if meta is None:
             raise DataError(f"{directory}: no {META_FILE}; run `llamaforge data prepare` first")
-        self.meta = json.loads(meta_path.read_text())
-        if not self.meta.get("complete"):
-            raise DataError(f"{meta_path}: source preparation did not complete")
+        check_meta(meta, directory / META_FILE)
+        self.meta = meta
         self.name = self.meta["name"]
         dtype = np.dtype(self.meta["dtype"])
         self.arrays = []
@@ -148,9 +147,9 @@ def open_sources(
     """The sources of a prepared folder (its mixture.json), with their weights; a
     tokenizer other than the one the shards were built with is an error."""
     root = Path(data_dir)
-    mixture = root / "mixture.json"
+    mixture = root / MIXTURE_FILE
     if not mixture.is_file():
-        raise DataError(f"{root}: no mixture.json; run `llamaforge data prepare` first")
+        raise DataError(f"{root}: no {MIXTURE_FILE}; run `llamaforge data prepare` first")
     entries = json.loads(mixture.read_text())["sources"]
     if names is not None:
         entries = [e for e in entries if e["name"] in names]

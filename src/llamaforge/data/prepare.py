@@ -7,7 +7,7 @@ For each ``[[sources]]`` entry, in its own process:
 2. **tokenize**: documents are encoded (``bos``/``eos`` as configured) and a held-out
    fraction of them, chosen by a hash of the text, goes to the validation split; tokens are
    appended to ``train-NNNNN.bin`` / ``val-NNNNN.bin`` (uint16 when the vocabulary fits,
-   else uint32), memory-mappable flat arrays;
+   else uint32), memory-mappable flat arrays (the format: data/shards.py);
 3. ``OUT/<name>/meta.json`` is written last, and names the tokenizer (sha256), dtype,
    shards, token and document counts, bytes in and out and the filter counts.
 
@@ -24,18 +24,29 @@ import json
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
 from ..config import ConfigError, load_config
+from ..files import atomic_open, atomic_write
 from ..tokenizer import Tokenizer
 from .base import DataError, FilterStats, expand_paths
+from .shards import (
+    FORMAT_VERSION,
+    META_FILE,
+    MIXTURE_FILE,
+    SHARD_GLOB,
+    SPLITS,
+    read_meta,
+    shard_name,
+    token_dtype,
+)
 from .sources import KINDS, source_fn
 
-META_FILE = "meta.json"
 CLEAN_FILE = "clean.jsonl"
 
 
@@ -105,10 +116,6 @@ def source_paths(cfg: DataConfig, src: SourceConfig) -> list[Path]:
     return list(dict.fromkeys(files))
 
 
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
-
-
 def _fingerprint(cfg: DataConfig, src: SourceConfig, tok_sha: str) -> str:
     key = {
         "source": asdict(src),
@@ -122,14 +129,7 @@ def _fingerprint(cfg: DataConfig, src: SourceConfig, tok_sha: str) -> str:
 
 
 def _atomic_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def read_meta(source_dir: Path) -> dict[str, Any] | None:
-    p = source_dir / META_FILE
-    return json.loads(p.read_text()) if p.is_file() else None
+    atomic_write(path, json.dumps(data, indent=2) + "\n")
 
 
 class _ShardWriter:
@@ -139,23 +139,21 @@ class _ShardWriter:
         self.dir, self.split, self.dtype, self.limit = directory, split, dtype, shard_tokens
         self.shards: list[dict[str, Any]] = []
         self.tokens = 0
-        self._f = None
+        self._f: IO[bytes] | None = None
+        self._file = ExitStack()  # the open shard's atomic_open
         self._n = 0
 
     def _open(self) -> None:
-        name = f"{self.split}-{len(self.shards):05d}.bin"
-        self._path = self.dir / name
-        self._f = open(self.dir / f".{name}.partial", "wb")
+        self._name = shard_name(self.split, len(self.shards))
+        self._file = ExitStack()
+        self._f = self._file.enter_context(atomic_open(self.dir / self._name, "wb"))
         self._n = 0
 
     def _close(self) -> None:
         if self._f is None:
             return
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
-        os.replace(self.dir / f".{self._path.name}.partial", self._path)
-        self.shards.append({"file": self._path.name, "tokens": self._n})
+        self._file.close()  # fsync, rename into place
+        self.shards.append({"file": self._name, "tokens": self._n})
         self._f = None
 
     def write(self, ids: np.ndarray) -> None:
@@ -183,14 +181,13 @@ def _clean(cfg: DataConfig, src: SourceConfig, out: Path, progress: bool) -> dic
     stats = FilterStats()
     paths = source_paths(cfg, src)
     docs = source_fn(src.kind, f"source {src.name}")(paths, dict(src.options), stats)
-    tmp = out / f".{CLEAN_FILE}.partial"
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(desc=f"{src.name}: clean", unit="doc", position=None, leave=False)
     t0 = time.time()
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(out / CLEAN_FILE, "w", encoding="utf-8") as f:
         for doc in docs:
             f.write(json.dumps({"text": doc}, ensure_ascii=False) + "\n")
             if bar is not None:
@@ -199,7 +196,6 @@ def _clean(cfg: DataConfig, src: SourceConfig, out: Path, progress: bool) -> dic
                 bar.set_postfix_str(f"{mb:.1f} MB/s in", refresh=False)
     if bar is not None:
         bar.close()
-    os.replace(tmp, out / CLEAN_FILE)
     result = stats.to_dict()
     result["files"] = len(paths)
     _atomic_json(stats_path, result)
@@ -229,7 +225,7 @@ def prepare_source(
     t0 = time.time()
     clean = _clean(cfg, src, out, progress)
     dtype = token_dtype(tok.vocab_size)
-    writers = {s: _ShardWriter(out, s, dtype, cfg.shard_tokens) for s in ("train", "val")}
+    writers = {s: _ShardWriter(out, s, dtype, cfg.shard_tokens) for s in SPLITS}
     docs = {"train": 0, "val": 0}
     batch: list[str] = []
 
@@ -240,7 +236,7 @@ def prepare_source(
             docs[split] += 1
         batch.clear()
 
-    for old in out.glob("*.bin"):
+    for old in out.glob(SHARD_GLOB):
         old.unlink()
     with open(out / CLEAN_FILE, encoding="utf-8") as f:
         for line in f:
@@ -249,6 +245,7 @@ def prepare_source(
                 flush()
     flush()
     meta = {
+        "format_version": FORMAT_VERSION,
         "name": src.name,
         "kind": src.kind,
         "weight": src.weight,
@@ -356,7 +353,7 @@ def prepare(cfg: DataConfig, progress: bool = True, log=print) -> list[dict[str,
     ordered = [results[s.name] for s in cfg.sources]
     good = [m for m in ordered if m.get("complete")]
     _atomic_json(
-        out / "mixture.json",
+        out / MIXTURE_FILE,
         {
             "sources": [{"name": m["name"], "weight": m["weight"]} for m in good],
             "tokenizer_sha256": good[0]["tokenizer_sha256"] if good else None,

@@ -21,15 +21,14 @@ dump set a threshold that keeps 28 sites does the same (default 0: keep every fi
 
 from __future__ import annotations
 
-import re
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass
-from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
 from .base import FilterStats, parse_options
+from .html import html_to_text as _html_to_text
 
 
 @dataclass
@@ -38,57 +37,10 @@ class StackExchangeOptions:
     min_chars: int = 0
 
 
-_BLOCK = {
-    "p", "div", "br", "li", "ul", "ol", "pre", "blockquote", "h1", "h2", "h3", "h4", "h5",
-    "h6", "hr", "table", "tr", "dl", "dt", "dd",
-}  # fmt: skip
-
-
-class _TextExtractor(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.parts: list[str] = []
-        self.pre = 0
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag in _BLOCK:
-            self.parts.append("\n")
-        if tag == "li":
-            self.parts.append("- ")
-        if tag == "pre":
-            self.pre += 1
-        if tag == "img":
-            alt = dict(attrs).get("alt")
-            if alt:
-                self.parts.append(alt)
-
-    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag in _BLOCK:
-            self.parts.append("\n")
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag == "pre":
-            self.pre = max(0, self.pre - 1)
-        if tag in _BLOCK:
-            self.parts.append("\n")
-
-    def handle_data(self, data: str) -> None:
-        if self.pre:
-            self.parts.append("\x00" + data.replace("\n", "\x01") + "\x00")
-        else:
-            self.parts.append(re.sub(r"\s+", " ", data))
-
-
 def html_to_text(body: str) -> str:
-    """Plain text of an HTML post body: tags removed, entities decoded, code kept."""
-    parser = _TextExtractor()
-    parser.feed(body)
-    parser.close()
-    text = "".join(parser.parts)
-    lines = [ln.strip() if "\x00" not in ln else ln.rstrip() for ln in text.split("\n")]
-    text = "\n".join(lines)
-    text = text.replace("\x00", "").replace("\x01", "\n")
-    return re.sub(r"\n{3,}", "\n\n", text).strip()
+    """Plain text of an HTML post body: tags removed, entities decoded, code kept
+    (data/html.py's extractor, ``style="post"``)."""
+    return _html_to_text(body, style="post")
 
 
 def _rows(path: Path) -> Iterator[dict[str, str]]:

@@ -3,12 +3,13 @@
 Kind ``web`` reads ``.html``/``.htm`` files (one page each), ``.txt`` files (documents split
 by ``txt_split``: blank-line blocks by default, so a file without blank lines, such as a
 one-sentence-per-line sample, is one document) and ``.jsonl``/``.json`` files (field
-``text_field`` of each line). HTML is turned into text with the standard library's
-``html.parser``: ``<script>``, ``<style>``, ``<noscript>``, ``<nav>``, ``<header>``,
-``<footer>``, ``<aside>``, ``<form>`` (and ``<head>``, ``<template>``, ``<svg>``) are dropped,
-and so is any element whose ``class``/``id`` looks like navigation (``nav*``, ``*menu``,
-``sidebar``, ``cookie*``, ``*footer``, ``breadcrumb``, ``toc``...) or whose ``role`` is
-``navigation``/``banner``/``contentinfo``; block elements become line breaks.
+``text_field`` of each line). HTML is turned into text by data/html.py (``style="page"``,
+on the standard library's ``html.parser``): ``<script>``, ``<style>``, ``<noscript>``,
+``<nav>``, ``<header>``, ``<footer>``, ``<aside>``, ``<form>`` (and ``<head>``,
+``<template>``, ``<svg>``) are dropped, and so is any element whose ``class``/``id`` looks
+like navigation (``nav*``, ``*menu``, ``sidebar``, ``cookie*``, ``*footer``, ``breadcrumb``,
+``toc``...) or whose ``role`` is ``navigation``/``banner``/``contentinfo``; block elements
+become line breaks.
 
 Then, in the CCNet order, each step optional and counted in ``stats.removed``:
 
@@ -55,117 +56,14 @@ import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any, Literal
 
 from .base import DataError, FilterStats, expand_paths, parse_options, read_text
 from .generic import iter_json_file, split_blocks
+from .html import html_to_text
 
 log = logging.getLogger("llamaforge.data")
-
-# ----------------------------------------------------------------------------- HTML → text
-
-SKIP_TAGS = frozenset(
-    "script style noscript nav header footer aside form head template svg iframe".split()
-)
-VOID_TAGS = frozenset(
-    "area base br col embed hr img input link meta param source track wbr".split()
-)
-BLOCK_TAGS = frozenset(
-    """address article blockquote body caption dd details dialog div dl dt fieldset
-    figcaption figure h1 h2 h3 h4 h5 h6 hr li main ol p pre section summary table tbody
-    thead tfoot tr ul br title""".split()
-)
-CELL_TAGS = frozenset(["td", "th"])
-_NAV_AFFIXES = ("nav", "menu", "sidebar", "cookie", "footer", "breadcrumb", "masthead")
-_NAV_WORDS = frozenset(["toc", "skiplink", "pagination", "share", "social", "consent"])
-_NAV_ROLES = frozenset(["navigation", "banner", "contentinfo", "menu", "menubar", "search"])
-
-
-def looks_like_navigation(attrs: list[tuple[str, str | None]]) -> bool:
-    """Whether an element's class/id/role marks it as navigation or page chrome."""
-    for name, value in attrs:
-        if not value:
-            continue
-        value = value.lower()
-        if name == "role" and value in _NAV_ROLES:
-            return True
-        if name in ("class", "id"):
-            for word in re.split(r"[^a-z0-9]+", value):
-                if not word:
-                    continue
-                if word in _NAV_WORDS:
-                    return True
-                if any(word.startswith(a) or word.endswith(a) for a in _NAV_AFFIXES):
-                    return True
-    return False
-
-
-class _TextExtractor(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.stack: list[tuple[str, bool]] = []  # (tag, skipped)
-        self.skipping = 0
-        self.in_pre = 0
-        self.parts: list[str] = []
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag in VOID_TAGS:
-            self.handle_startendtag(tag, attrs)
-            return
-        if tag == "p" and self.stack and self.stack[-1][0] == "p":  # implied </p>
-            self.handle_endtag("p")
-        skip = tag in SKIP_TAGS or looks_like_navigation(attrs)
-        self.stack.append((tag, skip))
-        self.skipping += skip
-        if tag == "pre":
-            self.in_pre += 1
-        self._break(tag)
-
-    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        self._break(tag)
-
-    def handle_endtag(self, tag: str) -> None:
-        if not any(t == tag for t, _ in self.stack):
-            return
-        while self.stack:
-            t, skip = self.stack.pop()
-            self.skipping -= skip
-            if t == "pre":
-                self.in_pre -= 1
-            if t == tag:
-                break
-        self._break(tag)
-
-    def _break(self, tag: str) -> None:
-        if self.skipping:
-            return
-        if tag in BLOCK_TAGS:
-            self.parts.append("\n")
-        elif tag in CELL_TAGS:
-            self.parts.append(" ")
-
-    def handle_data(self, data: str) -> None:
-        if self.skipping:
-            return
-        if self.in_pre:
-            self.parts.append(data)
-        else:
-            self.parts.append(re.sub(r"\s+", " ", data))
-
-    def text(self) -> str:
-        lines = (re.sub(r"[ \t\r\f\v]+", " ", ln).strip() for ln in "".join(self.parts).split("\n"))
-        return "\n".join(ln for ln in lines if ln)
-
-
-def html_to_text(html: str) -> str:
-    """Visible main text of an HTML page, one block element per line (see module doc)."""
-    parser = _TextExtractor()
-    parser.feed(html)
-    parser.close()
-    return parser.text()
-
 
 # ----------------------------------------------------------------------------- line dedup
 

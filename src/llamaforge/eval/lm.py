@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from ..flops import resolve_device
 from ..generate import generate_completions
 from ..model import Transformer, rope_cos_sin
 from ..tokenizer import Tokenizer
@@ -40,13 +41,6 @@ DEFAULT_BATCH_TOKENS_CPU = 8192
 DEFAULT_BATCH_TOKENS_GPU = 65536
 DEFAULT_GEN_BATCH_CPU = 16
 DEFAULT_GEN_BATCH_GPU = 64
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """ "auto" (or None) is CUDA when available, else CPU."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def derive_seed(*parts: object) -> int:

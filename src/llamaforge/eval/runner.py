@@ -18,12 +18,12 @@ import json
 import math
 import os
 import random
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..files import atomic_write
 from .base import (
     EvalError,
     Generate,
@@ -125,17 +125,8 @@ def data_sha256(data_dir: Path, files: Sequence[str], memo_file: Path | None = N
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``files.atomic_write`` for text (kept for eval/cli.py's import)."""
+    atomic_write(path, text)
 
 
 def _jsonable(x: Any) -> Any:

@@ -1,0 +1,62 @@
+"""The prepared-data format, shared by its writer (prepare.py) and its reader (mixture.py).
+
+A prepared folder ``OUT/`` holds ``mixture.json`` and one directory per source::
+
+    OUT/mixture.json        {"sources": [{"name", "weight"}...], "tokenizer_sha256"}
+    OUT/<name>/meta.json    the source's description (below), written last
+    OUT/<name>/train-NNNNN.bin, val-NNNNN.bin
+                            flat arrays of token ids, native byte order, ``dtype`` of
+                            meta.json: uint16 when the vocabulary fits, else uint32
+
+meta.json fields: ``format_version``, ``name``, ``kind``, ``weight``, ``fingerprint`` (of
+the config and tokenizer), ``tokenizer``, ``tokenizer_sha256``, ``vocab_size``, ``dtype``,
+``bos``, ``eos``, ``bos_id``, ``eos_id``, ``splits`` (``{"train"|"val": {"tokens",
+"documents", "shards": [{"file", "tokens"}...]}}``), ``clean`` (filter counts),
+``seconds`` and ``complete`` (true once everything above exists). A meta.json without
+``format_version`` is version 1 (written before the field existed).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .base import DataError
+
+FORMAT_VERSION = 1
+META_FILE = "meta.json"
+MIXTURE_FILE = "mixture.json"
+SPLITS = ("train", "val")
+SHARD_GLOB = "*.bin"
+
+
+def shard_name(split: str, index: int) -> str:
+    """File name of shard ``index`` (from 0) of ``split``: ``train-00000.bin``."""
+    return f"{split}-{index:05d}.bin"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest unsigned type that holds every token id of the vocabulary."""
+    return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
+
+
+def read_meta(source_dir: Path) -> dict[str, Any] | None:
+    """A source's meta.json, or None when there is none."""
+    p = Path(source_dir) / META_FILE
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def check_meta(meta: dict[str, Any], where: Path) -> None:
+    """Raise unless ``meta`` (read from ``where``) describes a complete source of a format
+    version this code reads."""
+    version = meta.get("format_version", 1)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise DataError(
+            f"{where}: format_version {version!r} is newer than this llamaforge reads "
+            f"({FORMAT_VERSION}); update llamaforge or prepare the data again"
+        )
+    if not meta.get("complete"):
+        raise DataError(f"{where}: source preparation did not complete")
