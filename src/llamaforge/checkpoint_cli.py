@@ -170,9 +170,8 @@ def _init(a: argparse.Namespace) -> int:
 
 
 def _generate(a: argparse.Namespace) -> int:
-    import torch
-
     from .checkpoint import load
+    from .flops import resolve_device
     from .generate import generate_completions
 
     prompts = list(a.prompt or [])
@@ -180,7 +179,7 @@ def _generate(a: argparse.Namespace) -> int:
         prompts.append(Path(a.prompt_file).read_text(encoding="utf-8"))
     if not prompts:
         raise ValueError("give --prompt TEXT (repeatable) or --prompt-file FILE")
-    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(a.device or "auto")
     model, tok = load(a.ckpt, device=device, dtype=a.dtype, tokenizer=a.tokenizer)
     if tok is None:
         raise ValueError(f"{a.ckpt}: no tokenizer.model in the checkpoint; pass --tokenizer")

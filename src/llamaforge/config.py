@@ -34,8 +34,8 @@ class ConfigError(ValueError):
 def setting(default: Any = dataclasses.MISSING, doc: str = "", *, factory: Any = None) -> Any:
     """A config field with its documentation (shown by ``--help``)::
 
-        lr: float = setting(3e-4, "peak learning rate")
-        betas: list[float] = setting(doc="AdamW betas", factory=lambda: [0.9, 0.95])
+    lr: float = setting(3e-4, "peak learning rate")
+    betas: list[float] = setting(doc="AdamW betas", factory=lambda: [0.9, 0.95])
     """
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata={"doc": doc})

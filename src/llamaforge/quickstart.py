@@ -24,6 +24,7 @@ from .checkpoint import load
 from .config import load_config, setting
 from .data.mixture import open_sources
 from .data.prepare import DataConfig, SourceConfig, prepare
+from .files import atomic_write
 from .generate import generate
 from .pretrain import PretrainConfig, run_pretrain
 from .tokenizer import Tokenizer
@@ -151,7 +152,7 @@ def run_quickstart(cfg: QuickstartConfig, log: Callable[[str], None] = print) ->
         "seconds": round(time.time() - t0, 1),
         "samples": [p + s for p, s in zip(prompts, samples)],
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     log(
         f"\nvalidation loss {val_loss:.3f} nats/token (perplexity {math.exp(val_loss):.1f}) "
         f"vs unigram baseline {unigram:.3f}"

@@ -36,6 +36,7 @@ import torch
 from . import distributed as D
 from .checkpointer import Checkpointer, CheckpointerError
 from .config import ConfigError, setting, to_dict
+from .files import atomic_write
 from .flops import carbon, device_name, device_peak_flops, device_watts, flops_per_token
 from .flops import peak_memory_bytes as _peak_memory
 from .metrics import MetricsWriter, plot_run
@@ -680,7 +681,7 @@ class Trainer:
             "plot": plot,
         }
         if info.is_main:
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            atomic_write(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
             D.print0(format_summary(summary))
         return summary
 
@@ -734,9 +735,8 @@ def run_training(trainer: Trainer, *, tokenizer: Any, epochs: Callable[[], Any])
         trainer.resume()
         if trainer.info.is_main:
             trainer.out.mkdir(parents=True, exist_ok=True)
-            (trainer.out / "config.json").write_text(
-                json.dumps(to_dict(trainer.cfg), indent=2) + "\n"
-            )
+            config = json.dumps(to_dict(trainer.cfg), indent=2) + "\n"
+            atomic_write(trainer.out / "config.json", config)
         D.print0(trainer.describe())
         results = trainer.fit()
         return trainer.finalize(results, tokenizer=tokenizer, t_start=t_start, epochs=epochs())

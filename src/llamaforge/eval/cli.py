@@ -190,13 +190,13 @@ def run(a: argparse.Namespace) -> int:
         log_samples=a.log_samples,
         on_task=done,
     )
-    from .runner import atomic_write_text
+    from ..files import atomic_write
 
     if a.output:
-        atomic_write_text(Path(a.output), json.dumps(results, indent=2) + "\n")
+        atomic_write(Path(a.output), json.dumps(results, indent=2) + "\n")
     report = render(results, title=f"Evaluation of {a.ckpt}")
     if a.report:
-        atomic_write_text(Path(a.report), report)
+        atomic_write(Path(a.report), report)
     print(report, end="")
     return 0
 

@@ -80,7 +80,7 @@ def file_sha256(path: Path, memo_file: Path | None = None) -> str:
         disk = disk if isinstance(disk, dict) else {}
         disk[skey] = digest
         try:
-            atomic_write_text(memo_file, json.dumps(disk, indent=0))
+            atomic_write(memo_file, json.dumps(disk, indent=0))
         except OSError:
             pass
     return digest
@@ -122,11 +122,6 @@ def data_sha256(data_dir: Path, files: Sequence[str], memo_file: Path | None = N
             name = f.relative_to(data_dir).as_posix()
             h.update(f"{name}\0{file_sha256(f, memo_file)}\n".encode())
     return h.hexdigest()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """``files.atomic_write`` for text (kept for eval/cli.py's import)."""
-    atomic_write(path, text)
 
 
 def _jsonable(x: Any) -> Any:
@@ -356,7 +351,7 @@ def evaluate(
             if samples is not None:
                 out["samples"][name] = samples
             if path is not None:
-                atomic_write_text(path, json.dumps(entry, indent=1, sort_keys=True) + "\n")
+                atomic_write(path, json.dumps(entry, indent=1, sort_keys=True) + "\n")
         out["tasks"][name] = entry
         if on_task is not None:
             on_task(name, entry)
