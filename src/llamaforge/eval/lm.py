@@ -228,8 +228,8 @@ class LlamaforgeLM:
         ``max_length``) is split into a prefix, up to the position that predicts the first
         continuation token, and the rest. Requests with the same prefix (the choices of a
         multiple-choice question) form a group: its prefix runs once, its rows continue from
-        a copy of the prefix's KV cache. Prefixes are left-padded and masked (rotary
-        embeddings only see relative positions, so padding on the left changes nothing).
+        a copy of the prefix's KV cache (``KVCache.reorder``). Prefixes are left-padded and
+        masked, and every row runs at its true positions (the padding's are negative).
         """
         unique = list(dict.fromkeys(pairs))
         where = {p: i for i, p in enumerate(unique)}
