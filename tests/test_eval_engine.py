@@ -380,8 +380,15 @@ def test_runner_end_to_end_json_and_cache(tiny_ckpt, data_dir, tmp_path):
     assert lm.n > n3
 
     md = render(res)
-    assert "Table 3" in md and "| tiny_mc |" in md or "tiny_mc" in md
-    assert "±" in md
+    # Table 3's layout: one column per benchmark, its value (± stderr) row, then its metric row
+    table3 = md.split("## Table 3", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in table3.splitlines() if line.startswith("|")]
+    assert rows[0] == "|  | tiny_mc |", rows
+    assert rows[2].startswith("| value | ") and " ± " in rows[2], rows
+    assert rows[3] == "| metric | acc |", rows
+    # Table 4's layout (benchmark x shots): tiny_gen ran with 1 shot
+    table4 = md.split("## Table 4", 1)[1]
+    assert "|  | 1-shot |" in table4 and "| tiny_gen | " in table4
 
 
 def test_runner_shots_are_per_doc_and_deterministic(tiny_model, small_tokenizer, data_dir):

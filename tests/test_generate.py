@@ -47,6 +47,7 @@ def test_batched_unequal_prompts_equal_one_at_a_time(model, small_tokenizer):
         assert single.tokens == b.tokens and single.text == b.text
         assert len(b.tokens) == 12 and b.finish_reason == "length"
     assert isinstance(generate(model, small_tokenizer, "a", **kw), str)
+    assert model.cache is None  # generation drops the KV cache it set up
 
 
 def test_seeded_sampling_is_reproducible(model, small_tokenizer):

@@ -2,8 +2,10 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from llamaforge.model import (
+    KVCache,
     ModelArgs,
     RMSNorm,
     Transformer,
@@ -103,10 +105,10 @@ def test_rope_matches_meta_complex_formulation():
     freqs_cis = torch.polar(torch.ones(seq, hd // 2), torch.outer(torch.arange(seq).float(), freqs))
     xc = torch.view_as_complex(x.reshape(2, seq, 3, -1, 2))
     ref = torch.view_as_real(xc * freqs_cis[None, :, None, :]).flatten(3)
-    cos, sin = rope_cos_sin(hd, theta, 0, seq, x.device)
+    cos, sin = rope_cos_sin(hd, theta, torch.arange(seq))
     torch.testing.assert_close(apply_rope(x, cos, sin), ref, atol=1e-6, rtol=1e-6)
     # an offset slice equals the same rows of the full table
-    cos5, sin5 = rope_cos_sin(hd, theta, 5, 10, x.device)
+    cos5, sin5 = rope_cos_sin(hd, theta, torch.arange(5, 15))
     torch.testing.assert_close(cos5, cos[5:15])
     torch.testing.assert_close(sin5, sin[5:15])
 
@@ -181,21 +183,123 @@ def test_a_few_steps_on_a_repeated_batch_drive_the_loss_down():
 
 
 def test_decoding_a_batch_of_unequal_prompts_matches_full_forwards():
-    """Meta's batched decoding (prefill to the shortest prompt, then one position at a time
-    for every row) gives each row the logits of a full forward over that row alone."""
+    """Meta's batched decoding of prompts of different lengths (prefill to the shortest
+    prompt, then one position at a time for every row, rows still inside their prompt
+    keeping their own tokens) gives each row the logits of a full forward over that row
+    alone, at every position it predicts."""
     torch.manual_seed(0)
     model = build_model(ModelArgs(**TINY, n_kv_heads=2)).eval()
-    lengths = [5, 11, 8]
-    total = 24
-    rows = [torch.randint(0, 97, (total,)) for _ in lengths]
-    tokens = torch.stack(rows)
+    prompts = [torch.randint(0, 97, (n,)) for n in (5, 11, 8)]
+    lengths, total = [len(p) for p in prompts], 24
+    tokens = torch.zeros((len(prompts), total), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = p
+    steps = {}
     with torch.no_grad():
-        model.setup_cache(len(rows), total)
-        steps = [model(tokens[:, : min(lengths)], 0)]
-        for pos in range(min(lengths), total):
-            steps.append(model(tokens[:, pos : pos + 1], pos))
+        cache = KVCache(model.args, len(prompts), total, torch.float32, torch.device("cpu"))
+        prev = 0
+        for cur in range(min(lengths), total):
+            logits = model(tokens[:, prev:cur], prev, cache=cache, last_only=True)[:, -1]
+            steps[cur - 1] = logits  # the prediction for position cur
+            greedy = logits.argmax(-1)
+            inside = torch.tensor([cur < n for n in lengths])
+            tokens[:, cur] = torch.where(inside, tokens[:, cur], greedy)
+            prev = cur
+        for i, p in enumerate(prompts):
+            assert torch.equal(tokens[i, : len(p)], p)  # the prompt was kept, then generated
+            alone = model(tokens[i : i + 1, :-1])[0]
+            for pos, logits in steps.items():
+                torch.testing.assert_close(logits[i], alone[pos], atol=1e-5, rtol=1e-5)
+            assert torch.equal(tokens[i, len(p) :], alone[len(p) - 1 :].argmax(-1))
+
+
+def test_packed_examples_equal_each_example_alone():
+    """Examples packed into one row, with a block-diagonal causal mask and positions that
+    restart at each example, get the logits each example gets alone."""
+    torch.manual_seed(0)
+    model = build_model(ModelArgs(**TINY, n_kv_heads=2)).eval()
+    a, b, c = (torch.randint(0, 97, (n,)) for n in (7, 12, 19))
+    rows = [[a, b], [b, a], [c]]  # per-row packings: (batch, seq) positions and masks
+    tokens = torch.stack([torch.cat(r) for r in rows])
+    doc = torch.stack(
+        [torch.cat([torch.full((len(x),), j) for j, x in enumerate(r)]) for r in rows]
+    )
+    positions = torch.stack([torch.cat([torch.arange(len(x)) for x in r]) for r in rows])
+    causal = torch.ones(19, 19, dtype=torch.bool).tril()
+    mask = causal & (doc[:, :, None] == doc[:, None, :])  # (batch, queries, keys)
+    with torch.no_grad():
+        packed = model(tokens, mask=mask[:, None], positions=positions)
+        for i, r in enumerate(rows):
+            start = 0
+            for x in r:
+                alone = model(x[None])[0]
+                got = packed[i, start : start + len(x)]
+                torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-5)
+                start += len(x)
+        # (seq,) positions are shared by the batch, (batch, seq) ones apply to their own row
+        # (rotary attention only sees differences: a different spacing changes the logits)
+        spaced = torch.stack([torch.arange(19), 2 * torch.arange(19)])
+        two = model(torch.stack([c, c]), positions=spaced)
+        torch.testing.assert_close(two[:1], model(c[None]))
+        torch.testing.assert_close(two[1:], model(c[None], positions=spaced[1]))
+        assert not torch.allclose(two[0], two[1], atol=1e-3)
+
+
+def test_return_hidden_then_output_layer_equals_logits():
+    model = build_model(ModelArgs(**TINY)).eval()
+    tokens = torch.randint(0, 97, (2, 10))
+    with torch.no_grad():
+        hidden = model(tokens, return_hidden=True)
+        assert hidden.shape == (2, 10, 64)
+        torch.testing.assert_close(model.output(hidden), model(tokens))
+        last = model(tokens, return_hidden=True, last_only=True)
+        torch.testing.assert_close(last, hidden[:, -1:])
+
+
+@pytest.mark.parametrize("n_kv_heads", [None, 2])
+def test_cache_reorder_equals_running_the_reordered_rows(n_kv_heads):
+    """reorder(rows) keeps, repeats and permutes cached rows: what follows is scored as if
+    the reordered rows had been run from scratch."""
+    torch.manual_seed(0)
+    model = build_model(ModelArgs(**TINY, n_kv_heads=n_kv_heads)).eval()
+    tokens = torch.randint(0, 97, (3, 10))
+    rows = torch.tensor([2, 0, 2, 1])  # a row repeated, the order changed
+    more = torch.randint(0, 97, (4, 4))
+    with torch.no_grad():
+        cache = model.setup_cache(3, 14)
+        model(tokens)
+        cache.reorder(rows)
+        chunk = model(more[:, :3], 10)  # a chunk, then one next token
+        step = model(more[:, 3:], 13)
         model.clear_cache()
-        incremental = torch.cat(steps, dim=1)
-        for i, row in enumerate(rows):
-            alone = model(row[None, :])
-            torch.testing.assert_close(incremental[i : i + 1], alone, atol=1e-5, rtol=1e-5)
+        ref = model(torch.cat([tokens[rows], more], dim=1))
+    torch.testing.assert_close(chunk, ref[:, 10:13], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(step, ref[:, 13:], atol=1e-5, rtol=1e-5)
+    assert model.cache is None
+
+
+def test_gqa_through_enable_gqa_equals_repeating_kv_heads():
+    """SDPA's enable_gqa gives what repeat_interleave of the kv heads gave, with the causal
+    mask, an explicit mask and a cache."""
+    torch.manual_seed(0)
+    model = build_model(ModelArgs(**TINY, n_kv_heads=2)).eval()
+    attn = model.layers[0].attention
+    bsz, seq, hd = 2, 9, model.args.head_dim
+    x = torch.randn(bsz, seq, 64)
+    cos, sin = rope_cos_sin(hd, model.args.rope_theta, torch.arange(seq))
+
+    def repeated_kv(mask):  # the former path, written out
+        q = apply_rope(attn.wq(x).view(bsz, seq, 4, hd), cos, sin).transpose(1, 2)
+        k = apply_rope(attn.wk(x).view(bsz, seq, 2, hd), cos, sin).transpose(1, 2)
+        v = attn.wv(x).view(bsz, seq, 2, hd).transpose(1, 2)
+        k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return attn.wo(out.transpose(1, 2).reshape(bsz, seq, -1))
+
+    mask = torch.rand(bsz, 1, seq, seq) > 0.5
+    mask |= torch.eye(seq, dtype=torch.bool)  # every query sees at least itself
+    with torch.no_grad():
+        for m in (None, mask):
+            torch.testing.assert_close(attn(x, cos, sin, m), repeated_kv(m))
+            cache = KVCache(model.args, bsz, seq, torch.float32, torch.device("cpu"))
+            torch.testing.assert_close(attn(x, cos, sin, m, cache, 0), repeated_kv(m))

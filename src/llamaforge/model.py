@@ -110,65 +110,78 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(
-    head_dim: int, theta: float, start: int, length: int, device: torch.device
+    head_dim: int, theta: float, positions: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of pos·θ^(-2j/head_dim) for pos in [start, start+length), (length, head_dim/2).
+    """cos and sin of pos·θ^(-2j/head_dim) for integer ``positions``, shape (..., head_dim/2).
 
     The fp32 angles of Meta's ``precompute_freqs_cis``, computed per call: a few
     kilobytes of work that no ``model.to(bfloat16)`` can degrade and no buffer has to carry.
     """
+    device = positions.device
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
-    positions = torch.arange(start, start + length, device=device).float()
-    angles = torch.outer(positions, inv_freq)
+    angles = positions.float()[..., None] * inv_freq
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the interleaved pairs (2j, 2j+1) of x (batch, seq, heads, head_dim) in fp32.
+    """Rotate the interleaved pairs (2j, 2j+1) of x (batch, seq, heads, head_dim) in fp32,
+    by angles (seq, head_dim/2) shared by the batch or (batch, seq, head_dim/2) per row.
 
     The real-valued form of Meta's complex multiplication ``x * e^{iθ}``.
     """
     xf = x.float().unflatten(-1, (-1, 2))
     x0, x1 = xf[..., 0], xf[..., 1]
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # the same angle for every head
     out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
     return out.flatten(-2).type_as(x)
 
 
-class KVCache(nn.Module):
-    """Keys and values of past positions, (batch, kv_heads, max_seq_len, head_dim)."""
+class KVCache:
+    """Keys and values of past positions for every layer, (n_layers, batch, kv_heads, max_len,
+    head_dim) each: one object for the whole model, so no caller reaches into a layer."""
 
-    def __init__(self, batch: int, kv_heads: int, seq_len: int, head_dim: int, dtype, device):
-        super().__init__()
-        shape = (batch, kv_heads, seq_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+    def __init__(
+        self, args: ModelArgs, batch: int, max_len: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        shape = (args.n_layers, batch, args.kv_heads, max_len, args.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
 
-    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Store k, v at [start_pos, start_pos+seq) and return everything up to there."""
+    def update(
+        self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store a layer's k, v at [start_pos, start_pos+seq) and return its keys and values
+        up to there."""
         bsz, end = k.shape[0], start_pos + k.shape[2]
-        self.k[:bsz, :, start_pos:end] = k
-        self.v[:bsz, :, start_pos:end] = v
-        return self.k[:bsz, :, :end], self.v[:bsz, :, :end]
+        self.k[layer, :bsz, :, start_pos:end] = k
+        self.v[layer, :bsz, :, start_pos:end] = v
+        return self.k[layer, :bsz, :, :end], self.v[layer, :bsz, :, :end]
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep the batch rows ``rows``, in that order. A row may repeat (one prefix continued
+        by several rows) or be left out (a finished sequence, a pruned beam)."""
+        self.k = self.k.index_select(1, rows)
+        self.v = self.v.index_select(1, rows)
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, layer_id: int = 0) -> None:
         super().__init__()
+        self.layer_id = layer_id  # its slot in a KVCache
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
         self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
-        self.cache: KVCache | None = None
 
     def forward(
         self,
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        start_pos: int,
         mask: torch.Tensor | None,
+        cache: KVCache | None = None,
+        start_pos: int = 0,
     ) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
@@ -176,14 +189,19 @@ class Attention(nn.Module):
         v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if self.cache is not None:
-            k, v = self.cache.update(start_pos, k, v)
-        if self.n_kv_heads != self.n_heads:  # grouped-query attention: share each kv head
+        if cache is not None:
+            k, v = cache.update(self.layer_id, start_pos, k, v)
+        if self.n_kv_heads != self.n_heads and mask is not None and x.is_cuda:
+            # CUDA's kernels take a mask (memory-efficient) or enable_gqa (flash), not both;
+            # SDPA would fall back to its slow math kernel, so copy the kv heads instead.
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
         # Causal within the chunk when there is no past; an explicit mask otherwise.
         is_causal = mask is None and seqlen > 1 and k.shape[2] == seqlen
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        gqa = k.shape[1] != self.n_heads  # grouped-query: each kv head serves a group of q heads
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa
+        )
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
@@ -204,13 +222,21 @@ class TransformerBlock(nn.Module):
     def __init__(self, layer_id: int, args: ModelArgs) -> None:
         super().__init__()
         self.layer_id = layer_id
-        self.attention = Attention(args)
+        self.attention = Attention(args, layer_id)
         self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x, cos, sin, start_pos: int, mask: torch.Tensor | None) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, start_pos, mask)
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None = None,
+        start_pos: int = 0,
+    ) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, start_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -222,57 +248,70 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.cache: KVCache | None = None  # the one setup_cache holds
 
     def forward(
-        self, tokens: torch.Tensor, start_pos: int = 0, *, last_only: bool = False
+        self,
+        tokens: torch.Tensor,
+        start_pos: int = 0,
+        *,
+        mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        return_hidden: bool = False,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """Logits (batch, seq, vocab) for ``tokens`` placed at positions ``start_pos…``.
 
-        With a KV cache (``setup_cache``) the chunk attends to everything cached before it.
-        ``last_only`` computes the output layer for the last position only (decoding).
+        ``cache`` (default: the one ``setup_cache`` holds, if any) stores the chunk's keys and
+        values at slots ``start_pos…``; the chunk attends to everything stored before it.
+        ``mask``: boolean, True = attend, broadcastable to (batch, 1, seq, keys) where keys are
+        ``start_pos + seq`` with a cache, else ``seq``; it replaces the causal mask (padding,
+        the block-diagonal mask of packed examples, a prefix shared by rows).
+        ``positions``: (seq,) or (batch, seq) rotary positions instead of ``start_pos…``
+        (packed examples restart at 0); the caller keeps them below ``max_seq_len``.
+        ``return_hidden`` returns the final-norm hidden states (batch, seq, dim) instead of
+        logits; ``last_only`` keeps the last position only (decoding).
         """
         bsz, seqlen = tokens.shape
-        if start_pos + seqlen > self.args.max_seq_len:
-            raise ValueError(
-                f"positions {start_pos}..{start_pos + seqlen - 1} exceed max_seq_len="
-                f"{self.args.max_seq_len}"
-            )
+        cache = cache if cache is not None else self.cache
+        slots = torch.arange(start_pos + seqlen, device=tokens.device)
+        if positions is None:
+            if start_pos + seqlen > self.args.max_seq_len:
+                raise ValueError(
+                    f"positions {start_pos}..{start_pos + seqlen - 1} exceed max_seq_len="
+                    f"{self.args.max_seq_len}"
+                )
+            positions = slots[start_pos:]
+        if mask is None and start_pos > 0 and seqlen > 1 and cache is not None:
+            # query i (slot start_pos+i) sees keys 0..start_pos+i: right for any chunk.
+            mask = slots[None, :] <= slots[start_pos:, None]
+        cos, sin = rope_cos_sin(self.args.head_dim, self.args.rope_theta, positions)
         h = self.tok_embeddings(tokens)
-        cos, sin = rope_cos_sin(
-            self.args.head_dim, self.args.rope_theta, start_pos, seqlen, tokens.device
-        )
-        mask = None
-        if start_pos > 0 and seqlen > 1 and self.layers[0].attention.cache is not None:
-            # query i (position start_pos+i) sees keys 0..start_pos+i: right for any chunk.
-            keys = torch.arange(start_pos + seqlen, device=tokens.device)
-            queries = torch.arange(start_pos, start_pos + seqlen, device=tokens.device)
-            mask = keys[None, :] <= queries[:, None]
         for layer in self.layers:
-            h = layer(h, cos, sin, start_pos, mask)
+            h = layer(h, cos, sin, mask, cache, start_pos)
         h = self.norm(h)
         if last_only:
             h = h[:, -1:, :]
-        return self.output(h)
+        return h if return_hidden else self.output(h)
 
     # -- set-up helpers, outside the forward path ---------------------------------------
 
-    def setup_cache(self, batch_size: int, max_seq_len: int | None = None, dtype=None) -> None:
-        """Allocate a KV cache in every layer for incremental decoding."""
-        seq = max_seq_len or self.args.max_seq_len
+    def setup_cache(self, batch_size: int, max_seq_len: int | None = None, dtype=None) -> KVCache:
+        """Hold (and return) a KV cache for incremental decoding, used by every forward call
+        until ``clear_cache``."""
         weight = self.output.weight
-        for layer in self.layers:
-            layer.attention.cache = KVCache(
-                batch_size,
-                self.args.kv_heads,
-                seq,
-                self.args.head_dim,
-                dtype or weight.dtype,
-                weight.device,
-            )
+        self.cache = KVCache(
+            self.args,
+            batch_size,
+            max_seq_len or self.args.max_seq_len,
+            dtype or weight.dtype,
+            weight.device,
+        )
+        return self.cache
 
     def clear_cache(self) -> None:
-        for layer in self.layers:
-            layer.attention.cache = None
+        self.cache = None
 
     def init_std(self, name: str, std: float = 0.02) -> float | None:
         """How parameter ``name`` starts (GPT-2 style): None for the norm gains (ones), else

@@ -31,7 +31,7 @@ import torch
 
 from ..flops import resolve_device
 from ..generate import generate_completions
-from ..model import Transformer, rope_cos_sin
+from ..model import KVCache, Transformer
 from ..tokenizer import Tokenizer
 from .base import EvalError, Generate, Loglikelihood, LoglikelihoodResult, Rolling
 
@@ -187,21 +187,6 @@ class LlamaforgeLM:
 
     # ------------------------------------------------------------------ scoring
 
-    def _run_layers(
-        self, tokens: torch.Tensor, start_pos: int, mask: torch.Tensor | None
-    ) -> torch.Tensor:
-        """The final-norm hidden states (batch, seq, dim) of ``Transformer.forward`` for
-        ``tokens`` at positions ``start_pos…``, with an explicit attention mask (or causal
-        when None), and without the output layer (only continuation positions need it)."""
-        m = self.model
-        cos, sin = rope_cos_sin(
-            m.args.head_dim, m.args.rope_theta, start_pos, tokens.shape[1], self.device
-        )
-        h = m.tok_embeddings(tokens)
-        for layer in m.layers:
-            h = layer(h, cos, sin, start_pos, mask)
-        return m.norm(h)
-
     def loglikelihood_tokens(
         self, pairs: Sequence[TokenPair], desc: str = "loglikelihood"
     ) -> list[tuple[float, bool]]:
@@ -237,8 +222,8 @@ class LlamaforgeLM:
         ``max_length``) is split into a prefix, up to the position that predicts the first
         continuation token, and the rest. Requests with the same prefix (the choices of a
         multiple-choice question) form a group: its prefix runs once, its rows continue from
-        a copy of the prefix's KV cache. Prefixes are left-padded and masked (rotary
-        embeddings only see relative positions, so padding on the left changes nothing).
+        a copy of the prefix's KV cache (``KVCache.reorder``). Prefixes are left-padded and
+        masked, and every row runs at its true positions (the padding's are negative).
         """
         unique = list(dict.fromkeys(pairs))
         where = {p: i for i, p in enumerate(unique)}
@@ -331,7 +316,7 @@ class LlamaforgeLM:
             n = len(unique[i][1])
             r_idx += [r] * n
             c_idx += range(len(seq) - n, len(seq))
-        hidden = self._run_layers(tokens.to(self.device), 0, None)
+        hidden = self.model(tokens.to(self.device), return_hidden=True)
         self.forward_passes += 1
         dev = self.device
         picked = hidden[torch.tensor(r_idx, device=dev), torch.tensor(c_idx, device=dev)]
@@ -356,31 +341,40 @@ class LlamaforgeLM:
             right = torch.zeros((n_groups, lp), dtype=torch.long)
             for j, g in enumerate(batch):
                 right[j, : len(prefix[g[0]])] = torch.tensor(prefix[g[0]], dtype=torch.long)
-            hidden = self._run_layers(right.to(dev), 0, None)
+            hidden = self.model(right.to(dev), return_hidden=True)
             last = torch.tensor([len(prefix[g[0]]) - 1 for g in batch], device=dev)
             hidden = hidden[torch.arange(n_groups, device=dev), last]
             self._finish(rows, hidden[owner], unique, results)
             return
         model = self.model
-        model.setup_cache(n_groups, lp + lq)
-        try:
-            h1 = self._run_layers(tokens, 0, self._prefix_mask(pads, lp))[:, -1]
-            for layer in model.layers:
-                cache = layer.attention.cache
-                cache.k = cache.k[owner]
-                cache.v = cache.v[owner]
-            cont = torch.zeros((len(rows), lq), dtype=torch.long)
-            for r, i in enumerate(rows):
-                if rest[i]:
-                    cont[r, : len(rest[i])] = torch.tensor(rest[i], dtype=torch.long)
-            keys = torch.arange(lp + lq, device=dev)
-            queries = torch.arange(lq, device=dev)
-            see_prefix = keys[None, :] >= pads[owner][:, None]  # (rows, keys)
-            causal = keys[None, :] <= (lp + queries)[:, None]  # (queries, keys)
-            mask = see_prefix[:, None, :] & causal[None]  # (rows, queries, keys)
-            h2 = self._run_layers(cont.to(dev), lp, mask[:, None])
-        finally:
-            model.clear_cache()
+        cache = KVCache(model.args, n_groups, lp + lq, self.dtype, dev)
+        positions = torch.arange(lp, device=dev)[None, :] - pads[:, None]  # padding: < 0
+        h1 = model(
+            tokens,
+            mask=self._prefix_mask(pads, lp),
+            positions=positions,
+            cache=cache,
+            return_hidden=True,
+        )[:, -1]
+        cache.reorder(owner)  # each row continues from its own copy of its group's prefix
+        cont = torch.zeros((len(rows), lq), dtype=torch.long)
+        for r, i in enumerate(rows):
+            if rest[i]:
+                cont[r, : len(rest[i])] = torch.tensor(rest[i], dtype=torch.long)
+        keys = torch.arange(lp + lq, device=dev)
+        queries = torch.arange(lq, device=dev)
+        see_prefix = keys[None, :] >= pads[owner][:, None]  # (rows, keys)
+        causal = keys[None, :] <= (lp + queries)[:, None]  # (queries, keys)
+        mask = see_prefix[:, None, :] & causal[None]  # (rows, queries, keys)
+        positions = (lp - pads[owner])[:, None] + queries[None, :]
+        h2 = model(
+            cont.to(dev),
+            lp,
+            mask=mask[:, None],
+            positions=positions,
+            cache=cache,
+            return_hidden=True,
+        )
         pieces = []
         for r, i in enumerate(rows):
             pieces.append(h1[owner[r] : owner[r] + 1])
