@@ -113,6 +113,13 @@ def test_trim_blocks_like_transformers():
     )
 
 
+def test_generation_tag_renders_its_body():
+    tpl = ChatTemplate("g", "{% for m in messages %}{% if m['role'] == 'assistant' %}"
+                       "{% generation %}{{ m['content'] }}{% endgeneration %}{% else %}"
+                       "{{ m['content'] }}{% endif %}{% endfor %}")
+    assert tpl.render(CONV[1:3]) == "Name a primary colour.Red."
+
+
 def test_specials_are_ids_not_text(meta_tok):
     ids = encode_text(meta_tok, "<s>Hello world</s>")
     assert ids == [meta_tok.bos_id, 15043, 3186, meta_tok.eos_id]

@@ -229,6 +229,7 @@ def test_build_dataset_report(tmp_path, meta_tok):
     assert rep["train"]["trained_tokens"] == trained > 0
     assert rep["train"]["prompt_tokens"] > trained
     assert rep["files"][str(f)]["format"] == "qa"
+    assert rep["counts"]["truncated"] == rep["counts"]["dropped_overlong"] == 0
 
 
 # -- loaders -----------------------------------------------------------------------------

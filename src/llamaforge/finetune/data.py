@@ -481,6 +481,8 @@ def build_dataset(cfg: InstructDataConfig, tokenizer: Any) -> InstructDataset:
     val = tokenize_examples(val_ex, tokenizer, tpl, **kw)
     if not train:
         raise InstructDataError(f"no training examples left in {cfg.paths} ({dict(counts)})")
+    for key in ("truncated", "dropped_overlong", "dropped_no_target_after_truncation"):
+        counts.setdefault(key, 0)
     report = {"files": files, "counts": dict(counts), "train": _token_counts(train),
               "val": _token_counts(val)}
     return InstructDataset(train, val, report)
