@@ -1,0 +1,1 @@
+"""Instruction finetuning (the paper's LLaMA-I): data, templates and training."""

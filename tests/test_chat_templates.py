@@ -1,0 +1,193 @@
+"""Chat templates: rendering as transformers does, and which tokens are trained."""
+
+from __future__ import annotations
+
+import pytest
+
+from llamaforge.chat_templates import (
+    BUILTIN_TEMPLATES,
+    IGNORE_INDEX,
+    ChatTemplate,
+    ChatTemplateError,
+    encode_text,
+    load_template,
+    tokenize_conversation,
+)
+from llamaforge.tokenizer import Tokenizer
+
+CONV = [
+    {"role": "system", "content": "You are a terse assistant."},
+    {"role": "user", "content": "Name a primary colour."},
+    {"role": "assistant", "content": "Red."},
+    {"role": "user", "content": "And another?"},
+    {"role": "assistant", "content": "Blue, then."},
+]
+
+
+@pytest.fixture(scope="module")
+def meta_tok(meta_tokenizer_path) -> Tokenizer:
+    return Tokenizer(meta_tokenizer_path)
+
+
+def trained_spans(ids: list[int], labels: list[int]) -> list[list[int]]:
+    spans: list[list[int]] = []
+    cur: list[int] = []
+    for i, lab in zip(ids, labels):
+        if lab != IGNORE_INDEX:
+            assert lab == i
+            cur.append(i)
+        elif cur:
+            spans.append(cur)
+            cur = []
+    if cur:
+        spans.append(cur)
+    return spans
+
+
+def test_llama2_renders_meta_format():
+    text = load_template("llama2").render(CONV)
+    assert text == (
+        "<s>[INST] <<SYS>>\nYou are a terse assistant.\n<</SYS>>\n\nName a primary colour. "
+        "[/INST] Red. </s><s>[INST] And another? [/INST] Blue, then. </s>"
+    )
+    # the generation prompt is the [/INST] of the last user turn
+    assert load_template("llama2").render(CONV[:4], add_generation_prompt=True) == text[
+        : text.index(" Blue")
+    ]
+
+
+def test_alpaca_renders_stanford_prompt():
+    conv = CONV[1:3]
+    text = load_template("alpaca").render(conv)
+    assert text == (
+        "<s>Below is an instruction that describes a task. Write a response that "
+        "appropriately completes the request.\n\n### Instruction:\nName a primary colour."
+        "\n\n### Response:\nRed.</s>"
+    )
+    prompt = load_template("alpaca").render(conv[:1], add_generation_prompt=True)
+    assert prompt.endswith("### Instruction:\nName a primary colour.\n\n### Response:\n")
+    assert text == prompt + "Red.</s>"
+
+
+def test_roles_must_alternate():
+    bad = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    for name in BUILTIN_TEMPLATES:
+        with pytest.raises(ChatTemplateError, match="alternate"):
+            load_template(name).render(bad)
+
+
+def test_unknown_template_lists_builtins(tmp_path):
+    with pytest.raises(ChatTemplateError, match=r"'nope'.*\['alpaca', 'llama2'\]"):
+        load_template("nope")
+    with pytest.raises(ChatTemplateError, match="not found"):
+        load_template(tmp_path / "missing.jinja")
+    bad = tmp_path / "bad.jinja"
+    bad.write_text("{% if %}")
+    with pytest.raises(ChatTemplateError, match="invalid Jinja"):
+        load_template(bad)
+
+
+def test_sandboxed():
+    tpl = ChatTemplate("evil", "{{ messages.__class__.__mro__ }}")
+    with pytest.raises(Exception, match="unsafe|not safely|SecurityError|access"):
+        tpl.render(CONV)
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_TEMPLATES))
+def test_renders_like_transformers(name):
+    """The same text as transformers' own renderer (so exported templates agree)."""
+    ctu = pytest.importorskip("transformers.utils.chat_template_utils")
+    tpl = load_template(name)
+    for conv, agp in [(CONV, False), (CONV[:4], True), (CONV[1:2], True), (CONV[1:], False)]:
+        theirs, _ = ctu.render_jinja_template(
+            conversations=[conv], chat_template=tpl.source, add_generation_prompt=agp,
+            bos_token="<s>", eos_token="</s>",
+        )
+        assert theirs[0] == tpl.render(conv, add_generation_prompt=agp)
+
+
+def test_trim_blocks_like_transformers():
+    tpl = ChatTemplate("t", "{% for m in messages %}\n  {{ m['content'] }}\n{% endfor %}")
+    assert tpl.render([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]) == (
+        "  a\n  b\n"
+    )
+
+
+def test_generation_tag_renders_its_body():
+    tpl = ChatTemplate("g", "{% for m in messages %}{% if m['role'] == 'assistant' %}"
+                       "{% generation %}{{ m['content'] }}{% endgeneration %}{% else %}"
+                       "{{ m['content'] }}{% endif %}{% endfor %}")
+    assert tpl.render(CONV[1:3]) == "Name a primary colour.Red."
+
+
+def test_specials_are_ids_not_text(meta_tok):
+    ids = encode_text(meta_tok, "<s>Hello world</s>")
+    assert ids == [meta_tok.bos_id, 15043, 3186, meta_tok.eos_id]
+
+
+def test_llama2_golden(meta_tok):
+    """Both assistant turns trained, each with its closing ' </s>'; the ids are exactly Meta's
+    chat_completion encoding (each turn encoded with bos and eos)."""
+    ids, labels = tokenize_conversation("llama2", meta_tok, CONV)
+    meta = meta_tok.encode(
+        "[INST] <<SYS>>\nYou are a terse assistant.\n<</SYS>>\n\nName a primary colour. "
+        "[/INST] Red. ", bos=True, eos=True
+    ) + meta_tok.encode("[INST] And another? [/INST] Blue, then. ", bos=True, eos=True)
+    assert ids == meta
+    spans = trained_spans(ids, labels)
+    assert len(spans) == 2
+    assert [s[-1] for s in spans] == [meta_tok.eos_id] * 2
+    assert [meta_tok.decode(s[:-1]) for s in spans] == ["Red. ", "Blue, then. "]
+    assert [meta_tok.id_to_piece(i) for i in spans[0]] == ["▁Red", ".", "▁", "</s>"]
+    # the prompt before each span is exactly what inference feeds after the generation prompt
+    for k, span in zip((2, 4), spans):
+        prompt = encode_text(meta_tok, load_template("llama2").render(CONV[:k], True))
+        assert ids[len(prompt) : len(prompt) + len(span)] == span
+        assert all(lab == IGNORE_INDEX for lab in labels[: len(prompt)][-3:])
+
+
+def test_alpaca_golden(meta_tok):
+    ids, labels = tokenize_conversation("alpaca", meta_tok, CONV)
+    spans = trained_spans(ids, labels)
+    assert len(spans) == 2
+    assert [s[-1] for s in spans] == [meta_tok.eos_id] * 2
+    assert [meta_tok.decode(s[:-1]) for s in spans] == ["Red.", "Blue, then."]
+    # nothing else is trained: the count is exactly the two answers and their eos
+    assert sum(lab != IGNORE_INDEX for lab in labels) == sum(map(len, spans))
+    text = meta_tok.decode([i for i, lab in zip(ids, labels) if lab == IGNORE_INDEX])
+    assert "You are a terse assistant." in text and "### Response:" in text
+    assert "Red." not in text
+
+
+def test_train_on_prompt(meta_tok):
+    ids, labels = tokenize_conversation("alpaca", meta_tok, CONV, train_on_prompt=True)
+    assert labels == ids
+
+
+def test_custom_template_file(tmp_path, meta_tok):
+    f = tmp_path / "chatml.jinja"
+    f.write_text(
+        "{% for m in messages %}{{ bos_token + m['role'] + '\\n' + m['content'] + eos_token }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ bos_token + 'assistant\\n' }}{% endif %}"
+    )
+    ids, labels = tokenize_conversation(str(f), meta_tok, CONV[1:3])
+    (span,) = trained_spans(ids, labels)
+    assert span[-1] == meta_tok.eos_id and meta_tok.decode(span[:-1]) == "Red."
+
+
+def test_template_without_assistant_turn_is_an_error(meta_tok):
+    tpl = ChatTemplate("users_only", "{% for m in messages %}{% if m['role'] == 'user' %}"
+                       "{{ m['content'] + '\\n' }}{% endif %}{% endfor %}")
+    with pytest.raises(ChatTemplateError, match="adds nothing"):
+        tokenize_conversation(tpl, meta_tok, CONV[1:3])
+
+
+def test_boundary_merge_is_an_error(small_tokenizer):
+    # the generation prompt "A:" ends inside what the tokenizer may merge with the answer
+    tpl = ChatTemplate("glued", "{% for m in messages %}{% if m['role'] == 'user' %}"
+                       "{{ m['content'] }}{% else %}{{ m['content'] + eos_token }}{% endif %}"
+                       "{% endfor %}")
+    conv = [{"role": "user", "content": "the function retu"}, {"role": "assistant",
+                                                                "content": "rns a value"}]
+    with pytest.raises(ChatTemplateError, match="merges"):
+        tokenize_conversation(tpl, small_tokenizer, conv)
