@@ -1,0 +1,1 @@
+"""Instruction finetuning: data, chat templates, LoRA and the run."""
