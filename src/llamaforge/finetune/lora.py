@@ -624,6 +624,12 @@ def save_adapter(
     state = lora_state_dict(model)
     if not state:
         raise LoraError("save_adapter: the model has no LoRA adapters (apply_lora first)")
+    for name, m in lora_modules(model):
+        if m.rank != cfg.rank or not math.isclose(m.scaling, cfg.scaling):
+            raise LoraError(
+                f"save_adapter: {name} has rank={m.rank}, scaling={m.scaling:g} but the config "
+                f"says rank={cfg.rank}, scaling={cfg.scaling:g}"
+            )
     if base_sha256 is None:
         if base is not None and (Path(base) / "params.json").is_file():
             base_sha256 = weights_sha256(base)
