@@ -25,6 +25,21 @@ CPU (tests/test_lora.py); it is plain PyTorch, so it runs on GPUs too. ``"nf4"``
 bitsandbytes' 4-bit NF4 kernels and needs bitsandbytes and a CUDA GPU; it has NOT been run
 (no GPU and no bitsandbytes where this was written). Quantised weights are buffers: FSDP2
 does not shard them (single process or DDP only).
+
+Training (the trainer's order; tested with FSDP2 on two processes in tests/test_lora.py)::
+
+    model = build_model(args, device="meta", init=False)
+    apply_lora(model, cfg)                      # before checkpointing / compile / FSDP2
+    model = parallelize(model, ...)             # FSDP2: frozen and trainable params mix
+    model = model.to_empty(device=...)
+    init_params(model, seed)                    # optional: overwritten below
+    set_model_state_dict(model, base_state, options=StateDictOptions(full_state_dict=True,
+                         strict=False))         # the base; missing keys are the adapters
+    init_lora_(model, seed)                     # A kaiming-uniform, B = 0, shard-independent
+    optimizer = build_optimizer(model, ...)     # takes requires_grad params: the adapters
+
+Then ``save_adapter`` (every rank: it gathers DTensors) or, for ``merge``, gather the full
+state dict and ``merge_state_dict`` it into a plain native checkpoint.
 """
 
 from __future__ import annotations
