@@ -625,7 +625,8 @@ def save_adapter(
 
     ``base``: the base model's path or name (``base_model_name_or_path``); when it is a native
     checkpoint directory and ``base_sha256`` is not given, its ``weights_sha256`` is recorded
-    (else that of the model's own base weights, unless quantised).
+    (else that of the model's own base weights, unless quantised). Under torch.distributed,
+    call it on every rank (FSDP2 shards are gathered); rank 0 writes.
     """
     from safetensors.torch import save_file
 
@@ -645,11 +646,15 @@ def save_adapter(
                 f"save_adapter: {name} has rank={m.rank}, scaling={m.scaling:g} but the config "
                 f"says rank={cfg.rank}, scaling={cfg.scaling:g}"
             )
-    if base_sha256 is None:
-        if base is not None and (Path(base) / "params.json").is_file():
-            base_sha256 = weights_sha256(base)
-        elif all(m.quantize == "none" for _, m in lora_modules(model)):
-            base_sha256 = weights_sha256(model)
+    from_dir = base is not None and (Path(base) / "params.json").is_file()
+    if base_sha256 is None and not from_dir:
+        if all(m.quantize == "none" for _, m in lora_modules(model)):
+            base_sha256 = weights_sha256(model)  # collective under FSDP2, like the above
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return out  # every rank gathers, rank 0 writes
+    if base_sha256 is None and from_dir:
+        base_sha256 = weights_sha256(base)  # type: ignore[arg-type]
     tensors = {
         peft_name(n): _permute_b(n, t, args, to_hf=True).to("cpu").contiguous()
         for n, t in state.items()
