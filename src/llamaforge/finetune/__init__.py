@@ -1,1 +1,1 @@
-"""Instruction finetuning (the paper's LLaMA-I): data, templates and training."""
+"""Instruction finetuning: data, chat templates, LoRA and the run."""
