@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
@@ -29,7 +28,6 @@ from llamaforge.finetune.lora import (
     merge_command,
     merge_lora,
     merge_state_dict,
-    register,
     save_adapter,
     weights_sha256,
 )
@@ -363,18 +361,10 @@ def test_merge_command_end_to_end(tmp_path):
     save_adapter(model, tmp_path / "adapter", cfg, base=tmp_path / "base")
     expected = logits(model, tokens())
 
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers(dest="command"))
-    a = parser.parse_args(
-        [
-            "lora",
-            "merge",
-            str(tmp_path / "base"),
-            str(tmp_path / "adapter"),
-            str(tmp_path / "merged"),
-        ]
-    )
-    assert a.func(a) == 0
+    from llamaforge.cli import main
+
+    argv = ["lora", "merge", *(str(tmp_path / d) for d in ("base", "adapter", "merged"))]
+    assert main(argv) == 0
     merged, _ = llamaforge.load(tmp_path / "merged", dtype=torch.float32)
     params = json.loads((tmp_path / "merged" / "params.json").read_text())
     assert params["llamaforge"]["dtype"] == "bfloat16"  # the base's stored dtype

@@ -81,10 +81,23 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 class Checkpointer:
     """Saves and loads the training state of one run under ``root``."""
 
-    def __init__(self, root: str | os.PathLike, *, keep: int = 0, info: D.DistInfo) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        *,
+        keep: int = 0,
+        info: D.DistInfo,
+        keys: set[str] | None = None,
+    ) -> None:
+        """``keys``: save and load only these model tensors (the trainable ones, when most
+        of the model is frozen — LoRA's base is read from its own checkpoint instead)."""
         self.root = Path(root)
         self.keep = keep
         self.info = info
+        self.keys = keys
+
+    def _model_state(self, model_sd: dict[str, Any]) -> dict[str, Any]:
+        return model_sd if self.keys is None else {k: model_sd[k] for k in sorted(self.keys)}
 
     def list(self) -> list[tuple[int, Path]]:
         return list_checkpoints(self.root)
@@ -115,6 +128,7 @@ class Checkpointer:
             tmp.mkdir()
         D.barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd = self._model_state(model_sd)
         bad = [k for k, v in model_sd.items() if not torch.isfinite(_local(v)).all()]
         if D.all_reduce_max(torch.tensor([len(bad)], device=info.device))[0] > 0:
             D.barrier()
@@ -154,7 +168,11 @@ class Checkpointer:
         """Load the model and optimizer shards (resharded to this world size), restore this
         rank's RNG, and return the checkpoint's ``extra`` (its state.json)."""
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_state_dict,
+            set_state_dict,
+        )
 
         path = Path(path)
         try:
@@ -166,11 +184,15 @@ class Checkpointer:
         except json.JSONDecodeError as e:
             raise CheckpointerError(f"{path / STATE_FILE}: not valid JSON ({e})") from None
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
+        state = {"model": self._model_state(model_sd), "optim": optim_sd}
         with _quiet_single_process():
             dcp.load(state, checkpoint_id=str(path))
         set_state_dict(
-            model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+            model,
+            optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optim"],
+            options=StateDictOptions(strict=self.keys is None),
         )
         rngs = meta["rng"] if isinstance(meta["rng"], list) else [meta["rng"]]
         # each rank gets its own generator state back; on another world size, rank 0's

@@ -109,6 +109,16 @@ def print0(*args: Any, **kwargs: Any) -> None:
 
 AC_MODES = ("none", "full", "selective")
 
+# prefixes that activation checkpointing, torch.compile, FSDP1 and DDP add to names
+_WRAPPER_PARTS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
+
+
+def unwrapped_name(name: str) -> str:
+    """A parameter's name as the bare model names it (and DCP's state dicts do)."""
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, "")
+    return name.removeprefix("module.")
+
 
 def _selective_policy() -> Callable[..., Any]:
     """Keep what is expensive to recompute: the matmul outputs (every linear layer) and

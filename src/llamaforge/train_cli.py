@@ -1,9 +1,11 @@
-"""The training commands — ``quickstart``, ``pretrain`` — registered with the CLI. Their
-modules import torch, so they are imported only when a command runs (or its --help)."""
+"""The training commands — ``quickstart``, ``pretrain``, ``finetune``, ``lora merge`` —
+registered with the CLI. Their modules import torch, so they are imported only when a
+command runs (or its --help)."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from .cli import flag_overrides
 from .config import add_config_help
@@ -12,12 +14,20 @@ from .config import add_config_help
 def register(subparsers: argparse._SubParsersAction) -> None:
     _register_quickstart(subparsers)
     _register_pretrain(subparsers)
+    _register_finetune(subparsers)
+    _register_lora(subparsers)
 
 
 def _quickstart_config() -> type:
     from .quickstart import QuickstartConfig
 
     return QuickstartConfig
+
+
+def _finetune_config() -> type:
+    from .finetune.run import FinetuneConfig
+
+    return FinetuneConfig
 
 
 def _pretrain_config() -> type:
@@ -82,10 +92,74 @@ def _pretrain(a: argparse.Namespace) -> int:
     from .config import load_config
     from .pretrain import PretrainConfig, run_pretrain
 
-    config, overrides = a.config, list(a.overrides)
-    if config is not None and "=" in config:  # no config file, only overrides
-        config, overrides = None, [config, *overrides]
+    config, overrides = _config_and_overrides(a)
     run_pretrain(
         load_config(PretrainConfig, config, [*overrides, *flag_overrides(a, "resume", "out")])
     )
+    return 0
+
+
+def _register_finetune(subparsers: argparse._SubParsersAction) -> None:
+    """``llamaforge finetune [CONFIG] [KEY=VALUE ...] [--resume R] [--out DIR]``."""
+    p = subparsers.add_parser(
+        "finetune",
+        help="instruction finetuning (LLaMA-I): full or LoRA, on the pretraining machinery",
+        description="Finetune the native checkpoint `init` on instruction data (Alpaca, "
+        "Dolly, self-instruct, ShareGPT, OpenAI messages, question/answer JSON(L) or saved "
+        "HF datasets) rendered with a chat template, the loss on the assistant's tokens "
+        "only; optional packing and LoRA (lora.enabled=true). Writes OUT/model (and "
+        "OUT/adapter with LoRA), checkpoints, metrics, loss.png and summary.json with the "
+        "held-out answers before and after.",
+        epilog="Many processes: torchrun --nproc_per_node N -m llamaforge finetune CONFIG "
+        "[KEY=VALUE ...].",
+        add_help=False,
+    )
+    add_config_help(p, _finetune_config, "Settings and defaults (model.* come from init):")
+    p.add_argument("config", nargs="?", help="a TOML file (configs/finetune/*.toml)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--resume", help="same as resume=...: auto (the default), none, or a step-N dir")
+    p.add_argument("--out", help="same as out=...: the run directory")
+    p.set_defaults(func=_finetune)
+
+
+def _finetune(a: argparse.Namespace) -> int:
+    from .config import load_config
+    from .finetune.run import FinetuneConfig, run_finetune
+
+    config, overrides = _config_and_overrides(a)
+    run_finetune(
+        load_config(FinetuneConfig, config, [*overrides, *flag_overrides(a, "resume", "out")])
+    )
+    return 0
+
+
+def _config_and_overrides(a: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """A first positional with ``=`` is an override, not a config file."""
+    if a.config is not None and "=" in a.config:
+        return None, [a.config, *a.overrides]
+    return a.config, list(a.overrides)
+
+
+def _register_lora(subparsers: argparse._SubParsersAction) -> None:
+    """``llamaforge lora merge BASE ADAPTER OUT [--force]``."""
+    p = subparsers.add_parser("lora", help="LoRA adapters (PEFT format): merge into a base")
+    sub = p.add_subparsers(dest="lora_command", required=True, metavar="ACTION")
+    m = sub.add_parser(
+        "merge",
+        help="fold an adapter into its base: a plain native checkpoint",
+        description="Load the native checkpoint BASE, apply the PEFT LoRA adapter ADAPTER "
+        "(made by llamaforge or by peft for the HF export of BASE), merge W += scaling·B·A "
+        "and write the native checkpoint OUT.",
+    )
+    m.add_argument("base", type=Path, help="native base checkpoint directory")
+    m.add_argument("adapter", type=Path, help="PEFT adapter directory")
+    m.add_argument("out", type=Path, help="output native checkpoint directory")
+    m.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    m.set_defaults(func=_lora_merge)
+
+
+def _lora_merge(a: argparse.Namespace) -> int:
+    from .finetune.lora import merge_command
+
+    print(merge_command(a.base, a.adapter, a.out, force=a.force))
     return 0

@@ -331,6 +331,7 @@ class Trainer:
         )
         self.step, self.tokens_seen = 0, 0
         self.resumed_from: Path | None = None
+        self.outputs: dict[str, Any] = {}  # extra paths for the summary (e.g. an adapter)
         self.model: torch.nn.Module
         self.optimizer: torch.optim.AdamW
         self._zero = torch.zeros((), device=self.device)
@@ -366,6 +367,11 @@ class Trainer:
             self._init_weights(model)
         model.train()
         self.model = model
+        frozen = any(not p.requires_grad for p in model.parameters())
+        if frozen:  # checkpoints hold what trains; the rest comes from ``init``
+            self.checkpointer.keys = {
+                D.unwrapped_name(n) for n, p in model.named_parameters() if p.requires_grad
+            }
         betas = (float(cfg.optim.betas[0]), float(cfg.optim.betas[1]))
         self.optimizer = build_optimizer(
             model, cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=betas, eps=cfg.optim.eps
@@ -631,8 +637,9 @@ class Trainer:
 
     # -- the end of a run -------------------------------------------------------------------
 
-    def export(self, model_dir: Path, tokenizer: Any, extra: dict[str, Any]) -> Path:
-        """The full model as a native checkpoint (gathered from the shards onto the CPU)."""
+    def export(self, model_dir: Path, tokenizer: Any, extra: dict[str, Any]) -> Path | None:
+        """The full model as a native checkpoint (gathered from the shards onto the CPU);
+        subclasses export differently (e.g. adapters) and may return None."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         from .checkpoint import save_state
@@ -677,6 +684,7 @@ class Trainer:
             "device_hours": device_hours,
             "carbon": carbon(device_hours, watts) if watts else None,
             "model": str(model_dir) if model_dir else None,
+            **self.outputs,
             "checkpoints": str(self.checkpointer.root),
             "plot": plot,
         }

@@ -44,14 +44,11 @@ state dict and ``merge_state_dict`` it into a plain native checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
 import os
 import re
-import shutil
-import tempfile
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -63,6 +60,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import setting
+from ..distributed import unwrapped_name
+from ..files import atomic_dir
 from ..model import ModelArgs
 
 ATTENTION_TARGETS = ("wq", "wk", "wv", "wo")
@@ -101,7 +100,6 @@ _META_LORA_RE = re.compile(
     r"^(?:layers\.(\d+)\.(?:attention|feed_forward)\.)?(\w+)\.lora_([AB])\.weight$"
 )
 # Wrappers that insert a level into parameter names without changing the model.
-_WRAPPER_PARTS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
 
 
 class LoraError(ValueError):
@@ -112,6 +110,7 @@ class LoraError(ValueError):
 class LoraConfig:
     """Low-rank adapters on the frozen base (finetuning's ``lora`` table)."""
 
+    enabled: bool = setting(False, "finetune adapters on the frozen base instead of all weights")
     rank: int = setting(8, "r: the rank of the update B·A (positive)")
     alpha: float = setting(16.0, "lora_alpha: the update is scaled by alpha / rank")
     dropout: float = setting(
@@ -350,18 +349,12 @@ class LoraLinear(QuantLinear):
 # -- applying, initialising, merging --------------------------------------------------------
 
 
-def _clean_name(name: str) -> str:
-    for part in _WRAPPER_PARTS:
-        name = name.replace(part, "")
-    return name.removeprefix("module.")
-
-
 def _linear_targets(model: nn.Module) -> Iterator[tuple[str, str, nn.Linear]]:
     """(module name, Meta short name, module) of the block linears and the output layer."""
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or ".lora_" in name:
             continue
-        clean = _clean_name(name)
+        clean = unwrapped_name(name)
         if clean == "output":
             yield name, "output", module
             continue
@@ -418,7 +411,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:
                 rslora=cfg.rslora,
                 **kwargs,
             )
-            adapted.append(_clean_name(name))
+            adapted.append(unwrapped_name(name))
         else:
             new = QuantLinear(module.in_features, module.out_features, **kwargs)
         new.train(module.training)
@@ -433,7 +426,7 @@ def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
     """(clean name, module) of every LoRA layer."""
     for name, module in model.named_modules():
         if isinstance(module, LoraLinear):
-            yield _clean_name(name), module
+            yield unwrapped_name(name), module
 
 
 @torch.no_grad()
@@ -450,7 +443,7 @@ def init_lora_(model: nn.Module, seed: int) -> None:
         if ".lora_B." in name:
             local.zero_()
             continue
-        clean = _clean_name(name)
+        clean = unwrapped_name(name)
         gen = torch.Generator(device=local.device)
         gen.manual_seed(seed * 1_000_003 + zlib.crc32(clean.encode()))
         bound = 1.0 / math.sqrt(p.shape[1])
@@ -471,7 +464,7 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, t in model.state_dict().items():
         if ".lora_A." in name or ".lora_B." in name:
             full = getattr(t, "full_tensor", None)
-            out[_clean_name(name)] = (full() if full is not None else t).detach()
+            out[unwrapped_name(name)] = (full() if full is not None else t).detach()
     return out
 
 
@@ -481,7 +474,7 @@ def merge_state_dict(state: dict[str, torch.Tensor], scaling: float) -> dict[str
     For exports from a sharded run (``get_model_state_dict(full_state_dict=True)``)."""
     out: dict[str, torch.Tensor] = {}
     for name, t in state.items():
-        name = _clean_name(name)
+        name = unwrapped_name(name)
         if ".lora_" in name:
             continue
         if name.endswith(".weight_scale"):
@@ -540,7 +533,7 @@ def weights_sha256(source: nn.Module | str | os.PathLike) -> str:
     if isinstance(source, nn.Module):
         lines = []
         for name, t in source.state_dict().items():
-            name = _clean_name(name)
+            name = unwrapped_name(name)
             if ".lora_" in name:
                 continue
             if name.endswith("weight_scale") or not t.is_floating_point():
@@ -630,7 +623,6 @@ def save_adapter(
     """
     from safetensors.torch import save_file
 
-    from ..checkpoint import commit_dir
 
     cfg.validate()
     out = Path(out_dir)
@@ -690,16 +682,10 @@ def save_adapter(
         "base_params": args.to_dict(),
         "shapes": {n: list(t.shape) for n, t in state.items()},
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with atomic_dir(out, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2) + "\n")
         (tmp / LLAMAFORGE_FILE).write_text(json.dumps(ours, indent=2) + "\n")
-        commit_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -824,7 +810,7 @@ def load_adapter(
         raise LoraError(f"{src}: the model already has LoRA adapters; load into a plain model")
     apply_lora(model, cfg)
     params = {n: p for n, p in model.named_parameters()}
-    params = {_clean_name(n): p for n, p in params.items() if ".lora_" in n}
+    params = {unwrapped_name(n): p for n, p in params.items() if ".lora_" in n}
     missing = sorted(set(params) - set(tensors))
     unexpected = sorted(set(tensors) - set(params))
     if unexpected:
@@ -881,28 +867,3 @@ def merge_command(
         "targets": list(cfg.target_names()),
     }
     return save(model, tok, out, dtype=stored, overwrite=force, extra={"lora_merged": info})
-
-
-def _cmd_merge(a: argparse.Namespace) -> int:
-    out = merge_command(a.base, a.adapter, a.out, force=a.force)
-    print(out)
-    return 0
-
-
-def register(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``lora`` (with its ``merge`` action) to the CLI's subcommands."""
-    p = subparsers.add_parser("lora", help="LoRA adapters (PEFT format): merge into a base")
-    sub = p.add_subparsers(dest="lora_command", required=True, metavar="ACTION")
-    m = sub.add_parser(
-        "merge",
-        help="fold an adapter into its base: a plain native checkpoint",
-        description="Load the native checkpoint BASE, apply the PEFT LoRA adapter ADAPTER "
-        "(made by llamaforge or by peft for the HF export of BASE), merge W += scaling·B·A "
-        "and write the native checkpoint OUT.",
-    )
-    m.add_argument("base", type=Path, help="native base checkpoint directory")
-    m.add_argument("adapter", type=Path, help="PEFT adapter directory")
-    m.add_argument("out", type=Path, help="output native checkpoint directory")
-    m.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    m.set_defaults(func=_cmd_merge)
-    return p

@@ -12,6 +12,7 @@ here are Stanford Alpaca's for full finetuning of LLaMA (lr 2e-5, cosine to 0, 3
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 import time
@@ -19,17 +20,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .. import distributed as D
 from ..config import ConfigError, setting
+from ..files import atomic_write
 from ..optim import cross_entropy
 from ..trainer import OptimSection, TrainConfig, Trainer, model_args, run_training
-from .data import InstructDataConfig, InstructDataset, PackedLoader, PaddedLoader, build_dataset
+from .data import (
+    InstructDataConfig,
+    InstructDataset,
+    PackedLoader,
+    PaddedLoader,
+    build_dataset,
+    read_examples,
+)
+from .lora import LoraConfig
+
+FULL_LR, LORA_LR = 2e-5, 2e-4
 
 
 def _finetune_optim() -> OptimSection:
-    return OptimSection(lr=2e-5, warmup_steps=0, final_lr_ratio=0.0, weight_decay=0.0)
+    return OptimSection(lr=0.0, warmup_steps=0, final_lr_ratio=0.0, weight_decay=0.0)
 
 
 @dataclass
@@ -37,6 +47,7 @@ class FinetuneConfig(TrainConfig):
     """``TrainConfig`` plus instruction data; ``init`` (the base checkpoint) is required."""
 
     data: InstructDataConfig = field(default_factory=InstructDataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     optim: OptimSection = field(default_factory=_finetune_optim)
     epochs: float = setting(3.0, "passes over the training examples (when steps = 0)")
     steps: int = setting(0, "optimizer steps (0: from epochs and batch_size)")
@@ -72,7 +83,10 @@ def resolve(cfg: FinetuneConfig, dataset: InstructDataset, world_size: int) -> F
         units = len(PackedLoader(dataset.train, rows, cfg.data.max_len)._units(0))
     steps = cfg.steps or max(1, math.ceil(cfg.epochs * units / cfg.batch_size))
     warmup = cfg.optim.warmup_steps or round(cfg.warmup_ratio * steps)
-    optim = dataclasses.replace(cfg.optim, warmup_steps=warmup)
+    lr = cfg.optim.lr or (LORA_LR if cfg.lora.enabled else FULL_LR)
+    optim = dataclasses.replace(cfg.optim, warmup_steps=warmup, lr=lr)
+    if cfg.lora.enabled:
+        cfg.lora.validate()
     return dataclasses.replace(
         cfg, steps=steps, batch_tokens=cfg.batch_size * cfg.data.max_len, optim=optim
     )
@@ -106,7 +120,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         else:
             loader = PaddedLoader(dataset.train, per_rank, **common)
         val = validation_batches(dataset, cfg)
-        trainer = Trainer(
+        trainer = FinetuneTrainer(
             cfg,
             info,
             args=args,
@@ -116,15 +130,79 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             loss_fn=cross_entropy,
             all_targets_count=False,  # prompt and padding targets are -100
             name="finetune",
+            **lora_hooks(cfg),
         )
         D.print0(_describe_data(dataset, cfg))
-        summary = run_training(trainer, tokenizer=tok, epochs=lambda: loader.epoch())
+        summary = run_training(trainer, tokenizer=tok, epochs=lambda: loader.epoch)
     finally:
         D.cleanup()
     summary["data"] = dataset.report
-    if info.is_main and summary.get("model"):
-        summary["evaluation"] = evaluate_before_after(cfg, dataset, Path(summary["model"]), tok)
+    if info.is_main:
+        if summary.get("model") or summary.get("adapter"):
+            summary["evaluation"] = evaluate_before_after(cfg, dataset, summary)
+        atomic_write(Path(cfg.out) / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def lora_hooks(cfg: FinetuneConfig) -> dict[str, Any]:
+    """The trainer's hooks for LoRA: adapters added on the meta device, initialised once
+    the base weights are in (B = 0, so training starts from the base exactly)."""
+    if not cfg.lora.enabled:
+        return {}
+    from .lora import apply_lora, init_lora_
+
+    return {
+        "prepare_model": lambda model: apply_lora(model, cfg.lora),
+        "after_init": lambda model: init_lora_(model, cfg.seed),
+    }
+
+
+class FinetuneTrainer(Trainer):
+    """Exports what a finetuning run makes: the finetuned model (full finetuning, or LoRA
+    merged into the base) and, with LoRA, the adapter in PEFT's format; the base's identity
+    and the chat template go with them."""
+
+    cfg: FinetuneConfig
+
+    def export(self, model_dir: Path, tokenizer: Any, extra: dict[str, Any]) -> Path | None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        from ..checkpoint import save_state
+        from .lora import merge_state_dict, save_adapter, weights_sha256
+
+        cfg = self.cfg
+        base_sha = weights_sha256(cfg.init) if self.info.is_main else None
+        extra = {
+            **extra,
+            "finetune": {
+                **extra.get("finetune", {}),
+                "base": str(cfg.init),
+                "base_sha256": base_sha,
+                "template": cfg.data.template,
+                "lora": dataclasses.asdict(cfg.lora) if cfg.lora.enabled else None,
+            },
+        }
+        if cfg.lora.enabled:
+            adapter = save_adapter(
+                self.model,
+                self.out / "adapter",
+                cfg.lora,
+                base=cfg.init,
+                base_sha256=base_sha,
+                overwrite=True,
+            )
+            self.outputs["adapter"] = str(adapter)
+            if not cfg.lora.merge:
+                return None
+        full = get_model_state_dict(
+            self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        if cfg.lora.enabled:
+            full = merge_state_dict(full, cfg.lora.scaling)
+        if self.info.is_main:
+            save_state(full.items(), self.args, tokenizer, model_dir, overwrite=True, extra=extra)
+        D.barrier()
+        return model_dir
 
 
 def validation_batches(dataset: InstructDataset, cfg: FinetuneConfig) -> list[Any]:
@@ -143,7 +221,8 @@ def _describe_data(dataset: InstructDataset, cfg: FinetuneConfig) -> str:
         f"{t['trained_tokens']:,} trained tokens; template {cfg.data.template}, "
         f"{'packed' if cfg.data.packing else 'padded'} rows of ≤ {cfg.data.max_len}; "
         f"{c.get('truncated', 0)} truncated, {c.get('dropped_overlong', 0)} dropped; "
-        f"{cfg.steps} steps of {cfg.batch_size} ({cfg.epochs:g} epochs)"
+        f"{cfg.steps} steps of {cfg.batch_size} "
+        f"({cfg.steps * cfg.batch_size / max(1, t['examples']):.2f} epochs of examples)"
     )
 
 
@@ -172,16 +251,23 @@ def answer_scores(predictions: list[str], references: list[str]) -> dict[str, fl
 
 
 def generation_eval(
-    ckpt: Path, examples: list[list[dict[str, str]]], template: str, max_new_tokens: int
+    ckpt: Path,
+    examples: list[list[dict[str, str]]],
+    template: str,
+    max_new_tokens: int,
+    adapter: Path | None = None,
 ) -> dict[str, Any]:
-    """Greedy answers of the checkpoint to held-out conversations (their last assistant
-    turn is the reference), scored by exact match and token F1."""
+    """Greedy answers of the checkpoint (with ``adapter`` applied, if given) to held-out
+    conversations (their last assistant turn is the reference): exact match, token F1."""
     from ..chat_templates import encode_text, load_template
     from ..checkpoint import load
     from ..flops import resolve_device
     from ..generate import generate_completions
+    from .lora import load_adapter
 
     model, tok = load(ckpt, device=resolve_device("auto"))
+    if adapter is not None:
+        load_adapter(model, adapter)
     tpl = load_template(template)
     prompts, refs = [], []
     for messages in examples:
@@ -199,47 +285,42 @@ def generation_eval(
     }
 
 
+def held_out_conversations(cfg: FinetuneConfig, dataset: InstructDataset) -> list[Any]:
+    """The conversations of the first ``gen_eval`` held-out examples (by source tag)."""
+    wanted = {e.source for e in dataset.val[: cfg.gen_eval]}
+    found: dict[str, list[dict[str, str]]] = {}
+    for p in cfg.data.paths:
+        for ex in read_examples(p, cfg.data.format, skip_bad=True, split=cfg.data.split).examples:
+            if ex.source in wanted:
+                found[ex.source] = [dict(m) for m in ex.messages]
+    return [found[e.source] for e in dataset.val[: cfg.gen_eval] if e.source in found]
+
+
 def evaluate_before_after(
-    cfg: FinetuneConfig, dataset: InstructDataset, after: Path, tok: Any
+    cfg: FinetuneConfig, dataset: InstructDataset, summary: dict[str, Any]
 ) -> dict[str, Any]:
     """Held-out answers and ``eval_tasks`` for the base and the finetuned model."""
-    from .data import read_examples
-
+    base = Path(cfg.init)
+    after = Path(summary["model"]) if summary.get("model") else base
+    adapter = Path(summary["adapter"]) if not summary.get("model") else None
     out: dict[str, Any] = {}
-    if cfg.gen_eval > 0 and dataset.val:
-        held = [_messages_of(e.source, cfg) for e in dataset.val[: cfg.gen_eval]]
-        held = [m for m in held if m]
-        if held:
-            t0 = time.perf_counter()
-            out["held_out"] = {
-                "before": generation_eval(
-                    Path(cfg.init), held, cfg.data.template, cfg.gen_max_new_tokens
-                ),
-                "after": generation_eval(after, held, cfg.data.template, cfg.gen_max_new_tokens),
-                "seconds": round(time.perf_counter() - t0, 1),
-            }
-    if cfg.eval_tasks:
-        out["tasks"] = {
-            "before": _eval_tasks(Path(cfg.init), cfg),
-            "after": _eval_tasks(after, cfg),
+    held = held_out_conversations(cfg, dataset) if cfg.gen_eval > 0 else []
+    if held:
+        t0 = time.perf_counter()
+        n = cfg.gen_max_new_tokens
+        out["held_out"] = {
+            "before": generation_eval(base, held, cfg.data.template, n),
+            "after": generation_eval(after, held, cfg.data.template, n, adapter),
+            "seconds": round(time.perf_counter() - t0, 1),
         }
-    _ = read_examples
-    D.print0(format_evaluation(out))
+    if cfg.eval_tasks:
+        if adapter is not None:
+            D.print0("eval_tasks: skipped for an unmerged adapter (set lora.merge=true)")
+        else:
+            out["tasks"] = {"before": _eval_tasks(base, cfg), "after": _eval_tasks(after, cfg)}
+    if out:
+        D.print0(format_evaluation(out))
     return out
-
-
-_SOURCES: dict[str, list[dict[str, str]]] = {}
-
-
-def _messages_of(source: str, cfg: FinetuneConfig) -> list[dict[str, str]] | None:
-    """The conversation an example came from (looked up by its source tag)."""
-    if not _SOURCES:
-        from .data import read_examples
-
-        for p in cfg.data.paths:
-            for ex in read_examples(p, cfg.data.format, skip_bad=True, split=cfg.data.split).examples:
-                _SOURCES[ex.source] = [dict(m) for m in ex.messages]
-    return _SOURCES.get(source)
 
 
 def _eval_tasks(ckpt: Path, cfg: FinetuneConfig) -> dict[str, Any]:
@@ -275,6 +356,3 @@ def format_evaluation(ev: dict[str, Any]) -> str:
         before = ev["tasks"]["before"][name]
         lines.append(f"{name} {after['metric']}: {before['value']} → {after['value']}")
     return "\n".join(lines)
-
-
-_ = torch
