@@ -252,3 +252,76 @@ def test_cli_convert_round_trip_and_errors(tmp_path, small_tokenizer):
     bad = run("--from", "meta", "--to", "native", native, tmp_path / "x")
     assert bad.returncode == 2 and "no consolidated" in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "x").exists()
+
+
+CONVERSATION = [
+    {"role": "system", "content": "You are terse.  Answer\tbriefly."},
+    {"role": "user", "content": "Hello there!\nHow are you?"},
+    {"role": "assistant", "content": "Fine, thanks. 12345"},
+    {"role": "user", "content": "  def f(x):\n    return  x"},
+    {"role": "assistant", "content": "Écoute — ça va ✓ 日本"},
+]
+
+
+@pytest.mark.parametrize("name", ["alpaca", "llama2"])
+def test_hf_export_chat_template_gives_our_ids(tmp_path, meta_tokenizer_path, name):
+    """transformers' apply_chat_template on the export = encode_text(our rendering), token
+    for token, with and without the generation prompt; and the template comes back on import."""
+    from llamaforge.chat_templates import BUILTIN_TEMPLATES, encode_text, load_template
+
+    tok = llamaforge.Tokenizer(meta_tokenizer_path)
+    args = ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=tok.vocab_size, multiple_of=16)
+    model = llamaforge.build_model(args)
+    source = BUILTIN_TEMPLATES[name]
+    native = llamaforge.save(model, tok, tmp_path / "native", chat_template=source)
+    hf_dir = convert(native, tmp_path / "hf", source="native", target="hf", progress=False)
+    assert (hf_dir / "chat_template.jinja").read_text() == BUILTIN_TEMPLATES[name]
+    config = json.loads((hf_dir / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == BUILTIN_TEMPLATES[name]
+    assert (config["bos_token"], config["eos_token"]) == ("<s>", "</s>")
+
+    template = load_template(name)
+    cases = [(CONVERSATION[:-1], True), (CONVERSATION, False)]
+    for layout in ("chat_template.jinja", "tokenizer_config.json only"):
+        hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+        for messages, gen in cases:
+            text = template.render(messages, add_generation_prompt=gen)
+            ours = encode_text(tok, text)
+            assert ours[0] == tok.bos_id and (gen or ours[-1] == tok.eos_id)
+            assert (
+                hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+                == text
+            ), (layout, gen)
+            theirs = hf_tok.apply_chat_template(
+                messages, tokenize=True, add_generation_prompt=gen, return_dict=False
+            )
+            assert list(theirs) == ours, (layout, gen)
+        # transformers before 4.43 read the template from tokenizer_config.json only
+        (hf_dir / "chat_template.jinja").unlink(missing_ok=True)
+
+    back = convert(hf_dir, tmp_path / "back", source="hf", target="native", progress=False)
+    assert llamaforge.checkpoint.read_chat_template(back) == BUILTIN_TEMPLATES[name]
+
+
+def test_chat_template_travels_native_to_native_and_from_hf_list(tmp_path, small_tokenizer):
+    from llamaforge.chat_templates import LLAMA2
+    from llamaforge.checkpoint import read_chat_template
+
+    model = make_model(small_tokenizer.vocab_size)
+    native = llamaforge.save(model, small_tokenizer, tmp_path / "native", chat_template=LLAMA2)
+    copy = convert(native, tmp_path / "copy", source="native", target="native", progress=False)
+    assert read_chat_template(copy) == LLAMA2
+    plain = llamaforge.save(model, small_tokenizer, tmp_path / "plain")
+    assert read_chat_template(plain) is None
+    hf_dir = convert(plain, tmp_path / "hf", source="native", target="hf", progress=False)
+    assert not (hf_dir / "chat_template.jinja").exists()
+    assert "chat_template" not in json.loads((hf_dir / "tokenizer_config.json").read_text())
+    # HF's older list-of-named-templates form
+    config = json.loads((hf_dir / "tokenizer_config.json").read_text())
+    config["chat_template"] = [
+        {"name": "tool_use", "template": "{{ 'tools' }}"},
+        {"name": "default", "template": LLAMA2},
+    ]
+    (hf_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    back = convert(hf_dir, tmp_path / "back", source="hf", target="native", progress=False)
+    assert read_chat_template(back) == LLAMA2

@@ -277,3 +277,18 @@ def test_failure_leaves_no_partial_file(tmp_path):
         export_gguf(src, dst, force=True, progress=False)
     assert dst.read_bytes() == b"old"
     assert [p.name for p in out_dir.iterdir()] == ["m.gguf"]
+
+
+def test_chat_template_exported(tmp_path, small_tokenizer):
+    from llamaforge.chat_templates import BUILTIN_TEMPLATES
+
+    args = ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=small_tokenizer.vocab_size)
+    model = build_model(args)
+    for name, source in BUILTIN_TEMPLATES.items():
+        ckpt = llamaforge.save(model, small_tokenizer, tmp_path / name, chat_template=source)
+        out = export_gguf(ckpt, tmp_path / f"{name}.gguf", outtype="f32", progress=False)
+        reader = gguf.GGUFReader(out)
+        assert field(reader, gguf.Keys.Tokenizer.CHAT_TEMPLATE) == source
+    plain = llamaforge.save(model, small_tokenizer, tmp_path / "plain")
+    out = export_gguf(plain, tmp_path / "plain.gguf", outtype="f32", progress=False)
+    assert gguf.GGUFReader(out).get_field(gguf.Keys.Tokenizer.CHAT_TEMPLATE) is None

@@ -4,6 +4,7 @@
     model.safetensors              Meta's tensor names; or, above ``max_shard_size``,
     model-00001-of-0000N.safetensors + model.safetensors.index.json (HF's index layout)
     tokenizer.model                the SentencePiece model
+    chat_template.jinja            the chat template, when the model has one (HF's file name)
 
 Saving writes everything into a hidden sibling directory and renames it into place, so a
 crash never leaves a directory that loads as if complete. Loading builds the model on the
@@ -32,6 +33,7 @@ PARAMS_FILE = "params.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILE = "tokenizer.model"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 DEFAULT_MAX_SHARD_SIZE = 5 * 1024**3
 
 _DTYPES = {
@@ -135,13 +137,17 @@ def save_state(
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
     extra: dict[str, Any] | None = None,
+    chat_template: str | None = None,
 ) -> Path:
     """Write a native checkpoint from a stream of Meta-named tensors, atomically: every
-    file goes to a hidden sibling directory that is renamed into place when complete."""
+    file goes to a hidden sibling directory that is renamed into place when complete.
+    ``chat_template`` (Jinja source) is written as ``chat_template.jinja``."""
     out = Path(ckpt_dir)
     target_dtype = parse_dtype(dtype)
     if out.exists() and not overwrite:
         raise CheckpointError(f"{out}: already exists; pass overwrite=True (--force) to replace it")
+    if chat_template is not None:
+        _check_chat_template(chat_template, str(out))
     with atomic_dir(out, overwrite=overwrite) as tmp:
         written = write_safetensors(
             checked(tensors, args, str(out)),
@@ -159,6 +165,8 @@ def save_state(
         if tokenizer is not None:
             tokenizer.save(tmp / TOKENIZER_FILE)
             params["llamaforge"]["tokenizer_sha256"] = tokenizer.sha256()
+        if chat_template is not None:
+            (tmp / CHAT_TEMPLATE_FILE).write_text(chat_template, encoding="utf-8")
         (tmp / PARAMS_FILE).write_text(json.dumps(params, indent=2) + "\n")
     return out
 
@@ -172,8 +180,10 @@ def save(
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
     extra: dict[str, Any] | None = None,
+    chat_template: str | None = None,
 ) -> Path:
-    """Write ``model`` (and ``tokenizer``) as a native checkpoint directory, atomically."""
+    """Write ``model`` (and ``tokenizer``, and ``chat_template``'s Jinja source) as a native
+    checkpoint directory, atomically."""
     return save_state(
         model.state_dict().items(),
         model.args,
@@ -183,7 +193,31 @@ def save(
         max_shard_size=max_shard_size,
         overwrite=overwrite,
         extra=extra,
+        chat_template=chat_template,
     )
+
+
+def _check_chat_template(source: str, where: str) -> None:
+    """Refuse a chat template that is not a string of valid Jinja before anything is written."""
+    from .chat_templates import ChatTemplate, ChatTemplateError
+
+    if not isinstance(source, str) or not source.strip():
+        raise CheckpointError(f"{where}: chat_template must be non-empty Jinja source text")
+    try:
+        ChatTemplate(CHAT_TEMPLATE_FILE, source)
+    except ChatTemplateError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+
+
+def read_chat_template(ckpt_dir: str | os.PathLike) -> str | None:
+    """The Jinja source of ``ckpt_dir/chat_template.jinja``, or None when there is none."""
+    path = Path(ckpt_dir) / CHAT_TEMPLATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not UTF-8 text ({e})") from None
 
 
 def _weight_files(ckpt: Path) -> dict[str, list[str]]:

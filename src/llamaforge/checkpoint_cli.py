@@ -63,6 +63,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--top-p", type=float, default=0.95, help="nucleus mass (default 0.95)")
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument(
+        "--chat",
+        action="store_true",
+        help="each prompt is a user message rendered with the chat template; stop at eos",
+    )
+    from .chat_cli import add_template_args
+
+    add_template_args(g)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--echo", action="store_true", help="print the prompt too")
     g.add_argument(
@@ -179,10 +187,30 @@ def _generate(a: argparse.Namespace) -> int:
         prompts.append(Path(a.prompt_file).read_text(encoding="utf-8"))
     if not prompts:
         raise ValueError("give --prompt TEXT (repeatable) or --prompt-file FILE")
+    if not a.chat and (a.template or a.system):
+        raise ValueError("--template and --system need --chat")
     device = resolve_device(a.device or "auto")
     model, tok = load(a.ckpt, device=device, dtype=a.dtype, tokenizer=a.tokenizer)
     if tok is None:
         raise ValueError(f"{a.ckpt}: no tokenizer.model in the checkpoint; pass --tokenizer")
+    inputs: list[str] | list[list[int]] = prompts
+    stops = list(a.stop or ())
+    if a.chat:
+        from .chat import resolve_template, stop_strings
+        from .chat_templates import encode_text
+
+        tpl = resolve_template(a.template, tok, a.ckpt)
+        system = [{"role": "system", "content": a.system}] if a.system else []
+        inputs = [
+            encode_text(
+                tok,
+                tpl.render([*system, {"role": "user", "content": p}], add_generation_prompt=True),
+                tpl.bos_token,
+                tpl.eos_token,
+            )
+            for p in prompts
+        ]
+        stops += stop_strings(tpl)
 
     def stream(row: int, delta: str) -> None:
         if len(prompts) == 1:
@@ -194,12 +222,12 @@ def _generate(a: argparse.Namespace) -> int:
     results = generate_completions(
         model,
         tok,
-        prompts,
+        inputs,
         max_new_tokens=a.max_new_tokens,
         temperature=a.temperature,
         top_p=a.top_p,
         top_k=a.top_k,
-        stop=a.stop or (),
+        stop=stops,
         seed=a.seed,
         truncate=a.truncate,
         on_text=stream,

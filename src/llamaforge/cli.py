@@ -21,6 +21,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("llamaforge.eval.cli", "eval"),
     ("llamaforge.metrics", "plot"),
     ("llamaforge.checkpoint_cli", "info, init, generate"),
+    ("llamaforge.chat_cli", "chat"),
     ("llamaforge.convert.cli", "convert"),
     ("llamaforge.data.cli", "data prepare/stats/show"),
     ("llamaforge.tokenizer_cli", "tokenizer train/encode/decode"),

@@ -40,14 +40,16 @@ def to_native(
     src = Path(src)
     if not src.exists():
         raise CheckpointError(f"{src}: no such file or directory")
+    chat_template: str | None = None
     if source == "meta":
         from .meta import read_meta
 
         args, tok, tensors = read_meta(src, max_seq_len or 2048, tokenizer)
     elif source == "hf":
-        from .hf import read_hf
+        from .hf import read_hf, read_hf_chat_template
 
         args, tok, tensors = read_hf(src, tokenizer)
+        chat_template = read_hf_chat_template(src)
         if max_seq_len:
             args.max_seq_len = max_seq_len
     elif source == "llama2c":
@@ -70,10 +72,11 @@ def to_native(
         if max_seq_len:
             args.max_seq_len = max_seq_len
     elif source == "native":
-        from ..checkpoint import iter_tensors, read_params
+        from ..checkpoint import iter_tensors, read_chat_template, read_params
         from ..tokenizer import Tokenizer
 
         args, _ = read_params(src)
+        chat_template = read_chat_template(src)
         tok_path = Path(tokenizer) if tokenizer else src / "tokenizer.model"
         tok = Tokenizer(tok_path) if tok_path.is_file() else None
         tensors = iter_tensors(src)
@@ -93,6 +96,7 @@ def to_native(
         dtype=parse_dtype(dtype),
         overwrite=force,
         extra={"converted_from": source},
+        chat_template=chat_template,
     )
 
 

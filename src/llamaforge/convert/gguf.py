@@ -3,7 +3,8 @@
     export_gguf("ckpt/", "model.gguf", outtype="q8_0")
 
 The file carries llama.cpp's ``llama`` architecture: the hyper-parameters under ``llama.*``,
-the SentencePiece vocabulary under ``tokenizer.ggml.*`` and the weights under GGUF's tensor
+the SentencePiece vocabulary under ``tokenizer.ggml.*`` (and the checkpoint's chat template,
+if any, under ``tokenizer.chat_template``) and the weights under GGUF's tensor
 names (``token_embd.weight``, ``blk.N.attn_q.weight``, …). Q and K keep Meta's interleaved
 RoPE layout, which is the one llama.cpp's LLAMA architecture expects: no permute is applied.
 
@@ -181,7 +182,7 @@ def export_gguf(
     if outtype not in GGUF_TYPES:
         raise ConvertError(f"unknown GGUF outtype {outtype!r}; expected one of {list(GGUF_TYPES)}")
     gguf = _gguf()
-    from ..checkpoint import load
+    from ..checkpoint import load, read_chat_template
 
     src_path, dst_path = Path(src), Path(dst)
     file_type = {
@@ -234,6 +235,9 @@ def export_gguf(
             dummy_prefix = _add_dummy_prefix(tok)
             if dummy_prefix is not None:
                 writer.add_add_space_prefix(dummy_prefix)
+            chat_template = read_chat_template(src_path)
+            if chat_template is not None:
+                writer.add_chat_template(chat_template)  # gguf.Keys.Tokenizer.CHAT_TEMPLATE
 
             # Declare every tensor first (header), then stream the data one tensor at a time.
             plans = {}

@@ -4,6 +4,10 @@ HF's Llama applies RoPE to the two halves of each head (``rotate_half``), Meta's
 interleaved pairs. ``permute_to_hf`` reorders the rows of wq/wk within each head from
 ``[x0, x1, x2, x3, …]`` to ``[x0, x2, …, x1, x3, …]`` so both give identical attention
 (SPEC §3.1); ``permute_from_hf`` is its inverse. No other tensor is permuted.
+
+A native ``chat_template.jinja`` is exported as transformers 5 saves one, ``chat_template.jinja``
+next to the tokenizer (which it prefers), and also as ``chat_template`` in
+``tokenizer_config.json`` (which older transformers read); importing reads either back.
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ import torch
 from safetensors import safe_open
 
 from ..checkpoint import (
+    CHAT_TEMPLATE_FILE,
     CheckpointError,
     checked,
     iter_tensors,
+    read_chat_template,
     read_params,
     write_safetensors,
 )
@@ -234,6 +240,26 @@ def read_hf(
     return args, tok, tensors()
 
 
+def read_hf_chat_template(src: str | os.PathLike) -> str | None:
+    """The chat template of an HF folder: ``chat_template.jinja`` (transformers >= 4.43 saves
+    it there), else ``chat_template`` in ``tokenizer_config.json`` (a string, or HF's list of
+    named templates, of which the one named "default"); None when it has none."""
+    src = Path(src)
+    if (src / CHAT_TEMPLATE_FILE).is_file():
+        return (src / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+    cfg_path = src / "tokenizer_config.json"
+    if not cfg_path.is_file():
+        return None
+    try:
+        value = json.loads(cfg_path.read_text(encoding="utf-8")).get("chat_template")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise CheckpointError(f"{cfg_path}: not a JSON object ({e})") from None
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        value = named.get("default")
+    return value if isinstance(value, str) and value else None
+
+
 def hf_tokenizer_json(tok: Tokenizer) -> str | None:
     """A ``tokenizer.json`` for HF's fast tokenizers that reproduces SentencePiece's ids
     exactly (None when the ``tokenizers`` package is not installed).
@@ -345,12 +371,17 @@ def write_hf(
             "top_p": 0.95,
         }
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        chat_template = read_chat_template(src)
+        if chat_template is not None:
+            (tmp / CHAT_TEMPLATE_FILE).write_text(chat_template, encoding="utf-8")
         if tok is not None:
-            _write_hf_tokenizer(tok, tmp, args.max_seq_len)
+            _write_hf_tokenizer(tok, tmp, args.max_seq_len, chat_template)
     return dst
 
 
-def _write_hf_tokenizer(tok: Tokenizer, out: Path, max_len: int) -> None:
+def _write_hf_tokenizer(
+    tok: Tokenizer, out: Path, max_len: int, chat_template: str | None = None
+) -> None:
     pieces = {
         "bos_token": tok.id_to_piece(tok.bos_id),
         "eos_token": tok.id_to_piece(tok.eos_id),
@@ -375,5 +406,10 @@ def _write_hf_tokenizer(tok: Tokenizer, out: Path, max_len: int) -> None:
         "clean_up_tokenization_spaces": False,
         "sp_model_kwargs": {},
     }
+    if chat_template is not None:
+        # apply_chat_template renders bos_token/eos_token as the strings above, and its
+        # tokenizer (add_special_tokens=False) maps them back to the ids: tokenizer.json
+        # declares every control piece a special token.
+        config["chat_template"] = chat_template
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps(pieces, indent=2) + "\n")

@@ -1,0 +1,248 @@
+"""Chatting with a model: ChatSession, llamaforge.chat, `llamaforge chat` and `generate --chat`,
+on tiny random models (temperature 0) and real checkpoints written to disk."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import llamaforge
+from llamaforge.chat import ChatError, ChatSession, _Stream, stop_strings
+from llamaforge.chat_templates import (
+    ALPACA,
+    LLAMA2,
+    ChatTemplateError,
+    encode_text,
+    load_template,
+)
+from llamaforge.checkpoint import CheckpointError, read_chat_template
+from llamaforge.cli import main
+from llamaforge.model import ModelArgs, build_model
+
+from .conftest import REPO
+
+
+def tiny_model(vocab: int, max_seq_len: int = 96, seed: int = 0):
+    torch.manual_seed(seed)
+    args = ModelArgs(
+        dim=32, n_layers=1, n_heads=2, vocab_size=vocab, multiple_of=16, max_seq_len=max_seq_len
+    )
+    return build_model(args).eval()
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory, small_tokenizer):
+    """A checkpoint with the llama2 template and one without a template."""
+    root = tmp_path_factory.mktemp("chat")
+    model = tiny_model(small_tokenizer.vocab_size, max_seq_len=256)
+    with_tpl = llamaforge.save(model, small_tokenizer, root / "with-template", chat_template=LLAMA2)
+    plain = llamaforge.save(model, small_tokenizer, root / "plain")
+    return {"model": model, "with": with_tpl, "plain": plain}
+
+
+# ----------------------------------------------------------------------------- the checkpoint
+
+
+def test_checkpoint_keeps_the_template(tmp_path, small_tokenizer, ckpts):
+    assert read_chat_template(ckpts["with"]) == LLAMA2
+    assert (ckpts["with"] / "chat_template.jinja").read_text() == LLAMA2
+    assert read_chat_template(ckpts["plain"]) is None
+    model = tiny_model(small_tokenizer.vocab_size)
+    with pytest.raises(CheckpointError, match="bad.*invalid Jinja"):
+        llamaforge.save(model, small_tokenizer, tmp_path / "bad", chat_template="{% if %}")
+    assert not (tmp_path / "bad").exists() and list(tmp_path.iterdir()) == []
+    out = llamaforge.checkpoint.save_state(
+        model.state_dict().items(), model.args, None, tmp_path / "s", chat_template=ALPACA
+    )
+    assert read_chat_template(out) == ALPACA
+
+
+def test_stop_strings_of_the_builtins():
+    assert stop_strings(load_template("llama2")) == ["[INST]"]
+    assert stop_strings(load_template("alpaca")) == ["### Instruction:"]
+
+
+def test_stream_holds_back_whitespace_and_stop_prefixes():
+    out: list[str] = []
+    s = _Stream(out.append, ["### Instruction:"])
+    for delta in [" ", " Hi", " there\n", "\n#", "#"]:
+        s(0, delta)
+    assert "".join(out) == "Hi there"
+    s(0, "x")  # not a stop after all: everything held comes out
+    assert "".join(out) == "Hi there\n\n##x"
+    s.finish("Hi there\n\n##x")
+    assert "".join(out) == "Hi there\n\n##x"
+
+
+# ----------------------------------------------------------------------------- ChatSession
+
+
+@pytest.mark.parametrize("name", ["llama2", "alpaca"])
+def test_session_history_and_streaming(small_tokenizer, name):
+    model = tiny_model(small_tokenizer.vocab_size, max_seq_len=256)
+    session = ChatSession(
+        model, small_tokenizer, name, system="Be brief.", max_new_tokens=10, temperature=0
+    )
+    streamed: list[str] = []
+    first = session.send("hello", on_text=streamed.append)
+    assert "".join(streamed) == first and first
+    second = session.send("and then?")
+    assert session.history == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": first},
+        {"role": "user", "content": "and then?"},
+        {"role": "assistant", "content": second},
+    ]
+    # the reply is what greedy generation gives for the rendered prompt
+    tpl = session.template
+    prompt = encode_text(
+        small_tokenizer,
+        tpl.render(session.history[:4], add_generation_prompt=True),
+        tpl.bos_token,
+        tpl.eos_token,
+    )
+    (c,) = llamaforge.generate_completions(
+        model, small_tokenizer, [prompt], max_new_tokens=10, temperature=0, stop=session.stops
+    )
+    assert c.text.strip() == second
+    session.reset()
+    assert session.history == [{"role": "system", "content": "Be brief."}]
+    assert session.send("hello") == first
+    assert session.dropped_turns == 0
+
+
+def test_session_drops_oldest_turns_to_fit(small_tokenizer):
+    max_seq_len, new = 96, 8
+    model = tiny_model(small_tokenizer.vocab_size, max_seq_len=max_seq_len)
+    session = ChatSession(
+        model, small_tokenizer, "llama2", system="Sys.", max_new_tokens=new, temperature=0
+    )
+    system = {"role": "system", "content": "Sys."}
+    everything = [system]
+    for k in range(8):
+        before = list(session.history)
+        user = {"role": "user", "content": f"question number {k}"}
+        reply = session.send(user["content"])
+        everything += [user, {"role": "assistant", "content": reply}]
+        h = session.history
+        assert h[0] == system and h[-2:] == everything[-2:]
+        assert h[1:] == everything[len(everything) - len(h) + 1 :]  # the newest turns, in order
+        assert len(session.encode([*h[:-1]])) + new <= max_seq_len
+        kept = h[1:-2]
+        dropped = before[1 : len(before) - len(kept)]
+        if dropped:  # only as many as needed: one more turn would not have fit
+            one_more = [system, *dropped[-2:], *kept, user]
+            assert len(session.encode(one_more)) + new > max_seq_len
+    assert session.dropped_turns > 0
+    assert sum(m["role"] == "user" for m in session.history) == 8 - session.dropped_turns
+
+    history = list(session.history)
+    with pytest.raises(ChatError, match="too long.*context of 96"):
+        session.send("word " * 200)
+    assert session.history == history  # unchanged by the refused message
+    with pytest.raises(ValueError, match="no room"):
+        ChatSession(model, small_tokenizer, "llama2", max_new_tokens=96)
+
+
+def test_llamaforge_chat_one_shot(small_tokenizer, ckpts):
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "hi"},
+        {"role": "user", "content": "how are you?"},
+    ]
+    kw = {"max_new_tokens": 6, "temperature": 0}
+    reply = llamaforge.chat(ckpts["with"], messages, device="cpu", **kw)
+    session = ChatSession(ckpts["model"], small_tokenizer, "llama2", system="Be brief.", **kw)
+    session.history = messages[:-1]
+    assert reply == session.send("how are you?")
+    same = llamaforge.chat(
+        ckpts["model"], messages, tokenizer=small_tokenizer, template="llama2", **kw
+    )
+    assert same == reply
+    assert llamaforge.chat(ckpts["plain"], "hello", template="llama2", device="cpu", **kw)
+    with pytest.raises(ChatTemplateError, match=r"plain.*--template alpaca\|llama2\|FILE"):
+        llamaforge.chat(ckpts["plain"], "hello", device="cpu", **kw)
+    with pytest.raises(ValueError, match="end with a user message"):
+        llamaforge.chat(ckpts["with"], messages[:-1], device="cpu", **kw)
+    # the function shadows the submodule's name: `from llamaforge.chat import ...` still works
+    assert callable(llamaforge.chat) and sys.modules["llamaforge.chat"].ChatSession is ChatSession
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+def test_cli_chat_subprocess(small_tokenizer, ckpts):
+    """`llamaforge chat` as a user runs it, with lines on stdin instead of a terminal."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    args = ["--ckpt", ckpts["with"], "--temperature", "0", "--max-new-tokens", "8"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "llamaforge", "chat", *map(str, args), "--device", "cpu"],
+        input="hello\n/reset\nhi\n/exit\nnever read\n",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    session = ChatSession(
+        ckpts["model"], small_tokenizer, "llama2", max_new_tokens=8, temperature=0
+    )
+    first = session.send("hello")
+    session.reset()
+    second = session.send("hi")  # after /reset: as a fresh conversation
+    assert proc.stdout == f"{first}\n{second}\n"
+    assert "history cleared" in proc.stderr
+
+
+def test_cli_chat_in_process_eof_and_system(capsys, monkeypatch, small_tokenizer, ckpts):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n\n/nope\nagain\n"))  # EOF ends it
+    status = main(
+        ["chat", "--ckpt", str(ckpts["plain"]), "--template", "alpaca", "--system", "Sys.",
+         "--temperature", "0", "--max-new-tokens", "6", "--device", "cpu"]
+    )  # fmt: skip
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    session = ChatSession(
+        ckpts["model"], small_tokenizer, "alpaca", system="Sys.", max_new_tokens=6, temperature=0
+    )
+    assert out == f"{session.send('hello')}\n{session.send('again')}\n"
+    assert "unknown command /nope" in err
+
+
+def test_generate_chat(capsys, small_tokenizer, ckpts):
+    status = main(
+        ["generate", "--ckpt", str(ckpts["with"]), "--chat", "--system", "Sys.",
+         "--prompt", "hello", "--temperature", "0", "--max-new-tokens", "8", "--device", "cpu"]
+    )  # fmt: skip
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    session = ChatSession(
+        ckpts["model"], small_tokenizer, "llama2", system="Sys.", max_new_tokens=8, temperature=0
+    )
+    assert out.strip() == session.send("hello")
+
+
+@pytest.mark.parametrize("command", ["chat", "generate"])
+def test_missing_template_is_a_clear_error(capsys, monkeypatch, ckpts, command):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
+    extra = ["--chat", "--prompt", "hi"] if command == "generate" else []
+    status = main([command, "--ckpt", str(ckpts["plain"]), *extra, "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert status == 2 and out == ""
+    assert str(ckpts["plain"]) in err and "no chat template" in err
+    assert "--template alpaca|llama2|FILE" in err and "Traceback" not in err
+
+
+def test_generate_template_without_chat_is_refused(capsys, ckpts):
+    status = main(["generate", "--ckpt", str(ckpts["with"]), "--prompt", "x", "--system", "s"])
+    assert status == 2 and "need --chat" in capsys.readouterr().err
