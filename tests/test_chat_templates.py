@@ -51,9 +51,10 @@ def test_llama2_renders_meta_format():
         "[/INST] Red. </s><s>[INST] And another? [/INST] Blue, then. </s>"
     )
     # the generation prompt is the [/INST] of the last user turn
-    assert load_template("llama2").render(CONV[:4], add_generation_prompt=True) == text[
-        : text.index(" Blue")
-    ]
+    assert (
+        load_template("llama2").render(CONV[:4], add_generation_prompt=True)
+        == text[: text.index(" Blue")]
+    )
 
 
 def test_alpaca_renders_stanford_prompt():
@@ -100,8 +101,11 @@ def test_renders_like_transformers(name):
     tpl = load_template(name)
     for conv, agp in [(CONV, False), (CONV[:4], True), (CONV[1:2], True), (CONV[1:], False)]:
         theirs, _ = ctu.render_jinja_template(
-            conversations=[conv], chat_template=tpl.source, add_generation_prompt=agp,
-            bos_token="<s>", eos_token="</s>",
+            conversations=[conv],
+            chat_template=tpl.source,
+            add_generation_prompt=agp,
+            bos_token="<s>",
+            eos_token="</s>",
         )
         assert theirs[0] == tpl.render(conv, add_generation_prompt=agp)
 
@@ -114,9 +118,12 @@ def test_trim_blocks_like_transformers():
 
 
 def test_generation_tag_renders_its_body():
-    tpl = ChatTemplate("g", "{% for m in messages %}{% if m['role'] == 'assistant' %}"
-                       "{% generation %}{{ m['content'] }}{% endgeneration %}{% else %}"
-                       "{{ m['content'] }}{% endif %}{% endfor %}")
+    tpl = ChatTemplate(
+        "g",
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}"
+        "{% generation %}{{ m['content'] }}{% endgeneration %}{% else %}"
+        "{{ m['content'] }}{% endif %}{% endfor %}",
+    )
     assert tpl.render(CONV[1:3]) == "Name a primary colour.Red."
 
 
@@ -131,7 +138,9 @@ def test_llama2_golden(meta_tok):
     ids, labels = tokenize_conversation("llama2", meta_tok, CONV)
     meta = meta_tok.encode(
         "[INST] <<SYS>>\nYou are a terse assistant.\n<</SYS>>\n\nName a primary colour. "
-        "[/INST] Red. ", bos=True, eos=True
+        "[/INST] Red. ",
+        bos=True,
+        eos=True,
     ) + meta_tok.encode("[INST] And another? [/INST] Blue, then. ", bos=True, eos=True)
     assert ids == meta
     spans = trained_spans(ids, labels)
@@ -176,18 +185,26 @@ def test_custom_template_file(tmp_path, meta_tok):
 
 
 def test_template_without_assistant_turn_is_an_error(meta_tok):
-    tpl = ChatTemplate("users_only", "{% for m in messages %}{% if m['role'] == 'user' %}"
-                       "{{ m['content'] + '\\n' }}{% endif %}{% endfor %}")
+    tpl = ChatTemplate(
+        "users_only",
+        "{% for m in messages %}{% if m['role'] == 'user' %}"
+        "{{ m['content'] + '\\n' }}{% endif %}{% endfor %}",
+    )
     with pytest.raises(ChatTemplateError, match="adds nothing"):
         tokenize_conversation(tpl, meta_tok, CONV[1:3])
 
 
 def test_boundary_merge_is_an_error(small_tokenizer):
     # the generation prompt "A:" ends inside what the tokenizer may merge with the answer
-    tpl = ChatTemplate("glued", "{% for m in messages %}{% if m['role'] == 'user' %}"
-                       "{{ m['content'] }}{% else %}{{ m['content'] + eos_token }}{% endif %}"
-                       "{% endfor %}")
-    conv = [{"role": "user", "content": "the function retu"}, {"role": "assistant",
-                                                                "content": "rns a value"}]
+    tpl = ChatTemplate(
+        "glued",
+        "{% for m in messages %}{% if m['role'] == 'user' %}"
+        "{{ m['content'] }}{% else %}{{ m['content'] + eos_token }}{% endif %}"
+        "{% endfor %}",
+    )
+    conv = [
+        {"role": "user", "content": "the function retu"},
+        {"role": "assistant", "content": "rns a value"},
+    ]
     with pytest.raises(ChatTemplateError, match="merges"):
         tokenize_conversation(tpl, small_tokenizer, conv)

@@ -72,6 +72,10 @@ def test_full_finetune_from_the_cli(base, data, tmp_path, capsys):
     from llamaforge.finetune.lora import weights_sha256
 
     assert ft["base"] == str(base) and ft["base_sha256"] == weights_sha256(base)
+    from llamaforge.chat_templates import load_template
+    from llamaforge.checkpoint import read_chat_template
+
+    assert read_chat_template(out / "model") == load_template("alpaca").source
     model, _ = llamaforge.load(out / "model")
     base_model, _ = llamaforge.load(base)
     changed = [

@@ -70,18 +70,28 @@ def test_alpaca_array_and_jsonl(tmp_path):
 
 
 def test_dolly(tmp_path):
-    rec = {"instruction": "Who wrote it?", "context": "Hamlet is a play by Shakespeare.",
-           "response": "Shakespeare.", "category": "closed_qa"}
+    rec = {
+        "instruction": "Who wrote it?",
+        "context": "Hamlet is a play by Shakespeare.",
+        "response": "Shakespeare.",
+        "category": "closed_qa",
+    }
     r = read_examples(write_jsonl(tmp_path / "d.jsonl", [rec]))
     assert r.format == "dolly"
     assert r.examples[0].messages == [
-        user("Who wrote it?\n\nHamlet is a play by Shakespeare."), asst("Shakespeare.")
+        user("Who wrote it?\n\nHamlet is a play by Shakespeare."),
+        asst("Shakespeare."),
     ]
 
 
 def test_openai_messages(tmp_path):
-    conv = [{"role": "system", "content": "Be brief."}, user("Hi"), asst("Hello."),
-            user("Bye"), asst("Bye.")]
+    conv = [
+        {"role": "system", "content": "Be brief."},
+        user("Hi"),
+        asst("Hello."),
+        user("Bye"),
+        asst("Bye."),
+    ]
     r = read_examples(write_jsonl(tmp_path / "o.jsonl", [{"messages": conv}]))
     assert r.format == "openai" and r.examples[0].messages == conv
 
@@ -95,7 +105,8 @@ def test_hf_dataset_folder(tmp_path):
     assert r.examples[1].messages == [user("Sub.\n\n2 1"), asst("1")]
     assert "[row 1]" in r.examples[1].source
     datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows)}).save_to_disk(
-        str(tmp_path / "dd"))
+        str(tmp_path / "dd")
+    )
     assert len(read_examples(tmp_path / "dd").examples) == 2
     with pytest.raises(InstructDataError, match="no split 'test'.*'train'"):
         read_examples(tmp_path / "dd", split="test")
@@ -117,7 +128,7 @@ BAD = [
     ('{"instruction": "no output"}', "missing_field"),
     ('{"instruction": "empty", "output": "  "}', "empty_response"),
     ('{"instruction": "typed", "output": 3}', "wrong_type"),
-    ('[1, 2]', "not_an_object"),
+    ("[1, 2]", "not_an_object"),
 ]
 
 
@@ -138,8 +149,11 @@ def test_bad_records_name_file_and_line(tmp_path):
 @pytest.mark.parametrize(
     "turns, reason, match",
     [
-        ([("human", "a"), ("human", "b")], "not_alternating", "message 1 is 'user', expected "
-         "'assistant'"),
+        (
+            [("human", "a"), ("human", "b")],
+            "not_alternating",
+            "message 1 is 'user', expected 'assistant'",
+        ),
         ([("human", "a"), ("bing", "b")], "unknown_role", "unknown role 'bing'"),
         ([("human", "a"), ("gpt", "")], "empty_response", "empty"),
         ([("human", "a"), ("gpt", "b"), ("human", "c")], "no_response", "does not end"),
@@ -147,8 +161,13 @@ def test_bad_records_name_file_and_line(tmp_path):
     ],
 )
 def test_sharegpt_bad_conversations(tmp_path, turns, reason, match):
-    good = {"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "q"},
-                              {"from": "gpt", "value": "a"}]}
+    good = {
+        "conversations": [
+            {"from": "system", "value": "s"},
+            {"from": "human", "value": "q"},
+            {"from": "gpt", "value": "a"},
+        ]
+    }
     bad = {"conversations": [{"from": f, "value": v} for f, v in turns]}
     (tmp_path / "s.json").write_text(json.dumps([good, bad]))
     with pytest.raises(BadRecord, match=rf"s.json\[1\].*{match}") as e:
@@ -176,9 +195,13 @@ def test_sharegpt_real():
     r = read_examples(shared_file("instruct/fastchat/dummy_conversation.json"), skip_bad=True)
     assert r.format == "sharegpt"
     assert len(r.examples) + sum(r.skipped.values()) == 500
-    assert r.examples[0].messages[:2] == [user("Who are you?"), asst(
-        "I am Vicuna, a language model trained by researchers from Large Model Systems "
-        "Organization (LMSYS).")]
+    assert r.examples[0].messages[:2] == [
+        user("Who are you?"),
+        asst(
+            "I am Vicuna, a language model trained by researchers from Large Model Systems "
+            "Organization (LMSYS)."
+        ),
+    ]
     assert max(len(e.messages) for e in r.examples) >= 4  # multi-turn
 
 
@@ -200,14 +223,15 @@ def test_val_split_is_stable_and_by_content():
 
 
 def test_overlong_truncate_and_drop(meta_tok):
-    exs = [Example([user("Say a lot."), asst("word " * 200)], "x:1"),
-           Example([user("Short?"), asst("Yes.")], "x:2")]
+    exs = [
+        Example([user("Say a lot."), asst("word " * 200)], "x:1"),
+        Example([user("Short?"), asst("Yes.")], "x:2"),
+    ]
     counts: Counter[str] = Counter()
     kept = tokenize_examples(exs, meta_tok, "alpaca", max_len=64, counts=counts)
     assert [len(e.ids) for e in kept][0] == 65 and counts["truncated"] == 1
     counts = Counter()
-    kept = tokenize_examples(exs, meta_tok, "alpaca", max_len=64, overlong="drop",
-                             counts=counts)
+    kept = tokenize_examples(exs, meta_tok, "alpaca", max_len=64, overlong="drop", counts=counts)
     assert [e.source for e in kept] == ["x:2"] and counts["dropped_overlong"] == 1
     counts = Counter()
     assert tokenize_examples(exs[:1], meta_tok, "alpaca", max_len=8, counts=counts) == []
@@ -218,8 +242,10 @@ def test_build_dataset_report(tmp_path, meta_tok):
     recs = [{"question": f"What is {i} + {i}?", "answer": f"{2 * i}"} for i in range(300)]
     recs.append({"question": "broken"})
     f = write_jsonl(tmp_path / "qa.jsonl", recs)
-    cfg = from_dict(InstructDataConfig, {"paths": [str(f)], "val_fraction": 0.1,
-                                         "skip_bad": True, "template": "llama2"})
+    cfg = from_dict(
+        InstructDataConfig,
+        {"paths": [str(f)], "val_fraction": 0.1, "skip_bad": True, "template": "llama2"},
+    )
     ds = build_dataset(cfg, meta_tok)
     rep = ds.report
     assert rep["counts"]["read"] == 300 and rep["counts"]["skipped_missing_field"] == 1

@@ -127,9 +127,13 @@ def _records(path: Path, split: str) -> Iterator[tuple[str, Any]]:
             try:
                 yield f"{path}:{n}", json.loads(line)
             except json.JSONDecodeError as e:
-                yield f"{path}:{n}", BadRecord(
-                    "malformed_json", f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})"
-                    "; expected one JSON object per line",
+                yield (
+                    f"{path}:{n}",
+                    BadRecord(
+                        "malformed_json",
+                        f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})"
+                        "; expected one JSON object per line",
+                    ),
                 )
 
 
@@ -219,14 +223,28 @@ def _pair(user: str, assistant: str) -> list[Message]:
 
 def _alpaca(rec: Mapping[str, Any], where: str) -> list[list[Message]]:
     out = _answer(_text(rec, "output", where), "output", where)
-    return [_pair(_prompt(_text(rec, "instruction", where),
-                          _text(rec, "input", where, required=False), where), out)]
+    return [
+        _pair(
+            _prompt(
+                _text(rec, "instruction", where), _text(rec, "input", where, required=False), where
+            ),
+            out,
+        )
+    ]
 
 
 def _dolly(rec: Mapping[str, Any], where: str) -> list[list[Message]]:
     out = _answer(_text(rec, "response", where), "response", where)
-    return [_pair(_prompt(_text(rec, "instruction", where),
-                          _text(rec, "context", where, required=False), where), out)]
+    return [
+        _pair(
+            _prompt(
+                _text(rec, "instruction", where),
+                _text(rec, "context", where, required=False),
+                where,
+            ),
+            out,
+        )
+    ]
 
 
 def _qa(rec: Mapping[str, Any], where: str) -> list[list[Message]]:
@@ -239,8 +257,8 @@ def _self_instruct(rec: Mapping[str, Any], where: str) -> list[list[Message]]:
     instances = rec.get("instances")
     if not isinstance(instances, list) or not instances:
         raise BadRecord(
-            "missing_field", f"{where}: field 'instances' must be a non-empty list of "
-            "{input, output}"
+            "missing_field",
+            f"{where}: field 'instances' must be a non-empty list of {{input, output}}",
         )
     convs = []
     for j, inst in enumerate(instances):
@@ -248,18 +266,26 @@ def _self_instruct(rec: Mapping[str, Any], where: str) -> list[list[Message]]:
         if not isinstance(inst, Mapping):
             raise BadRecord("wrong_type", f"{at}: expected an object with input/output")
         out = _answer(_text(inst, "output", at), "output", at)
-        convs.append(_pair(_prompt(instruction, _text(inst, "input", at, required=False), at),
-                           out))
+        convs.append(_pair(_prompt(instruction, _text(inst, "input", at, required=False), at), out))
     return convs
 
 
-_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant",
-                   "assistant": "assistant", "system": "system"}
+_SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
 _OPENAI_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
 
 
 def _turns(
-    rec: Mapping[str, Any], where: str, list_key: str, role_key: str, text_key: str,
+    rec: Mapping[str, Any],
+    where: str,
+    list_key: str,
+    role_key: str,
+    text_key: str,
     roles: dict[str, str],
 ) -> list[list[Message]]:
     turns = rec.get(list_key)
@@ -295,8 +321,9 @@ def check_conversation(messages: Sequence[Mapping[str, str]], where: str) -> Non
             )
         if not m["content"].strip():
             reason = "empty_response" if want == "assistant" else "empty_prompt"
-            raise BadRecord(reason, f"{where}: message {j + len(messages) - len(body)} "
-                            f"({want}) is empty")
+            raise BadRecord(
+                reason, f"{where}: message {j + len(messages) - len(body)} ({want}) is empty"
+            )
     if not body or body[-1]["role"] != "assistant":
         raise BadRecord(
             "no_response", f"{where}: the conversation does not end with an assistant message"
@@ -327,16 +354,18 @@ def read_examples(
     """The conversations of one file (or ``save_to_disk`` folder, its ``split``)."""
     path = Path(path)
     if format != "auto" and format not in _CONVERTERS:
-        raise InstructDataError(f"unknown format {format!r}; expected 'auto' or one of "
-                                f"{list(FORMATS)}")
+        raise InstructDataError(
+            f"unknown format {format!r}; expected 'auto' or one of {list(FORMATS)}"
+        )
     result = ReadResult([], Counter(), "" if format == "auto" else format)
     for where, rec in _records(path, split):
         try:
             if isinstance(rec, BadRecord):
                 raise rec
             if not isinstance(rec, Mapping):
-                raise BadRecord("not_an_object",
-                                f"{where}: expected a JSON object, got {type(rec).__name__}")
+                raise BadRecord(
+                    "not_an_object", f"{where}: expected a JSON object, got {type(rec).__name__}"
+                )
             if not result.format:
                 result.format = detect_format(rec, where)
             convs = _CONVERTERS[result.format](rec, where)
@@ -358,8 +387,9 @@ def read_examples(
 class InstructDataConfig:
     """Instruction data for finetuning."""
 
-    paths: list[str] = setting(doc="instruction files (JSON, JSONL) or save_to_disk folders",
-                               factory=list)
+    paths: list[str] = setting(
+        doc="instruction files (JSON, JSONL) or save_to_disk folders", factory=list
+    )
     format: str = setting("auto", f"record format: auto or one of {', '.join(FORMATS)}")
     split: str = setting("train", "split of a saved Hugging Face DatasetDict")
     template: str = setting("alpaca", "chat template: alpaca, llama2 or a .jinja file")
@@ -425,8 +455,9 @@ def tokenize_examples(
     out = []
     for ex in examples:
         try:
-            ids, labels = tokenize_conversation(tpl, tokenizer, ex.messages,
-                                                train_on_prompt=train_on_prompt)
+            ids, labels = tokenize_conversation(
+                tpl, tokenizer, ex.messages, train_on_prompt=train_on_prompt
+            )
         except ChatTemplateError as e:
             if not skip_bad:
                 raise InstructDataError(f"{ex.source}: {e}") from None
@@ -441,16 +472,23 @@ def tokenize_examples(
                 counts["dropped_no_target_after_truncation"] += 1
                 continue
             counts["truncated"] += 1
-        out.append(TokenizedExample(np.asarray(ids, dtype=np.int64),
-                                    np.asarray(labels, dtype=np.int64), ex.source))
+        out.append(
+            TokenizedExample(
+                np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64), ex.source
+            )
+        )
     return out
 
 
 def _token_counts(examples: Sequence[TokenizedExample]) -> dict[str, int]:
     trained = sum(int((e.labels[1:] != IGNORE_INDEX).sum()) for e in examples)
     positions = sum(e.positions for e in examples)
-    return {"examples": len(examples), "positions": positions, "trained_tokens": trained,
-            "prompt_tokens": positions - trained}
+    return {
+        "examples": len(examples),
+        "positions": positions,
+        "trained_tokens": trained,
+        "prompt_tokens": positions - trained,
+    }
 
 
 def build_dataset(cfg: InstructDataConfig, tokenizer: Any) -> InstructDataset:
@@ -468,23 +506,34 @@ def build_dataset(cfg: InstructDataConfig, tokenizer: Any) -> InstructDataset:
     files = {}
     for p in cfg.paths:
         r = read_examples(p, cfg.format, skip_bad=cfg.skip_bad, split=cfg.split)
-        files[str(p)] = {"format": r.format, "examples": len(r.examples),
-                         "skipped": dict(r.skipped)}
+        files[str(p)] = {
+            "format": r.format,
+            "examples": len(r.examples),
+            "skipped": dict(r.skipped),
+        }
         counts.update({f"skipped_{k}": v for k, v in r.skipped.items()})
         counts["read"] += len(r.examples)
         for ex in r.examples:
             (val_ex if example_is_val(ex.messages, cfg.val_fraction) else train_ex).append(ex)
-    kw: dict[str, Any] = dict(max_len=cfg.max_len, overlong=cfg.overlong,
-                              train_on_prompt=cfg.train_on_prompt, skip_bad=cfg.skip_bad,
-                              counts=counts)
+    kw: dict[str, Any] = dict(
+        max_len=cfg.max_len,
+        overlong=cfg.overlong,
+        train_on_prompt=cfg.train_on_prompt,
+        skip_bad=cfg.skip_bad,
+        counts=counts,
+    )
     train = tokenize_examples(train_ex, tokenizer, tpl, **kw)
     val = tokenize_examples(val_ex, tokenizer, tpl, **kw)
     if not train:
         raise InstructDataError(f"no training examples left in {cfg.paths} ({dict(counts)})")
     for key in ("truncated", "dropped_overlong", "dropped_no_target_after_truncation"):
         counts.setdefault(key, 0)
-    report = {"files": files, "counts": dict(counts), "train": _token_counts(train),
-              "val": _token_counts(val)}
+    report = {
+        "files": files,
+        "counts": dict(counts),
+        "train": _token_counts(train),
+        "val": _token_counts(val),
+    }
     return InstructDataset(train, val, report)
 
 
@@ -503,8 +552,15 @@ class _Loader:
     into the next epoch when one runs out, and this rank reads its contiguous share. The
     state is (epoch, position in epoch), the same on every rank."""
 
-    def __init__(self, global_batch: int, rank: int, world_size: int, seed: int,
-                 shuffle: bool, device: str | torch.device) -> None:
+    def __init__(
+        self,
+        global_batch: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        shuffle: bool,
+        device: str | torch.device,
+    ) -> None:
         if global_batch < 1 or global_batch % world_size:
             raise InstructDataError(
                 f"global batch {global_batch} is not a positive multiple of {world_size} ranks"
@@ -578,9 +634,17 @@ class PaddedLoader(_Loader):
     ``pad_id`` (never a target, and causal attention keeps real tokens from seeing it)."""
 
     def __init__(
-        self, examples: Sequence[TokenizedExample], global_batch: int, *,
-        seq_len: int | None = None, rank: int = 0, world_size: int = 1, seed: int = 0,
-        shuffle: bool = True, pad_id: int = 0, device: str | torch.device = "cpu",
+        self,
+        examples: Sequence[TokenizedExample],
+        global_batch: int,
+        *,
+        seq_len: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        pad_id: int = 0,
+        device: str | torch.device = "cpu",
     ) -> None:
         super().__init__(global_batch, rank, world_size, seed, shuffle, device)
         if not examples:
@@ -610,8 +674,9 @@ class PaddedLoader(_Loader):
         return {**super()._key(), "kind": "padded", "examples": len(self.examples)}
 
 
-def pack_rows(lengths: Sequence[int], order: Sequence[int], seq_len: int,
-              open_rows: int = 16) -> list[list[int]]:
+def pack_rows(
+    lengths: Sequence[int], order: Sequence[int], seq_len: int, open_rows: int = 16
+) -> list[list[int]]:
     """Example indices per row, each row's lengths summing to at most ``seq_len``: greedy
     first-fit in ``order`` over the last ``open_rows`` rows still open (a row that falls out of
     that window is closed), rows in the order they were opened."""
@@ -644,9 +709,17 @@ class PackedLoader(_Loader):
     empty."""
 
     def __init__(
-        self, examples: Sequence[TokenizedExample], global_batch: int, seq_len: int, *,
-        rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True,
-        pad_id: int = 0, device: str | torch.device = "cpu",
+        self,
+        examples: Sequence[TokenizedExample],
+        global_batch: int,
+        seq_len: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        pad_id: int = 0,
+        device: str | torch.device = "cpu",
     ) -> None:
         super().__init__(global_batch, rank, world_size, seed, shuffle, device)
         if not examples:
@@ -684,12 +757,20 @@ class PackedLoader(_Loader):
         return self._to(x), self._to(y), extras
 
     def _key(self) -> dict[str, Any]:
-        return {**super()._key(), "kind": "packed", "examples": len(self.examples),
-                "seq_len": self.seq_len}
+        return {
+            **super()._key(),
+            "kind": "packed",
+            "examples": len(self.examples),
+            "seq_len": self.seq_len,
+        }
 
 
 def padding_waste(
-    examples: Sequence[TokenizedExample], seq_len: int, batch_size: int, *, seed: int = 0,
+    examples: Sequence[TokenizedExample],
+    seq_len: int,
+    batch_size: int,
+    *,
+    seed: int = 0,
     shuffle: bool = True,
 ) -> dict[str, float]:
     """Fraction of row positions that are padding over one epoch, for ``padded`` (batches of

@@ -623,7 +623,6 @@ def save_adapter(
     """
     from safetensors.torch import save_file
 
-
     cfg.validate()
     out = Path(out_dir)
     if out.exists() and not overwrite:
@@ -843,8 +842,9 @@ def merge_command(
     force: bool = False,
 ) -> Path:
     """``llamaforge lora merge BASE ADAPTER OUT``: native base + adapter → a plain native
-    checkpoint (merged in fp32, saved in the base's stored dtype, tokenizer copied)."""
-    from ..checkpoint import CheckpointError, load, read_params, save
+    checkpoint (merged in fp32, saved in the base's stored dtype, tokenizer and chat
+    template copied)."""
+    from ..checkpoint import CheckpointError, load, read_chat_template, read_params, save
 
     out = Path(out_dir)
     if out.exists() and not force:
@@ -866,4 +866,12 @@ def merge_command(
         "alpha": cfg.alpha,
         "targets": list(cfg.target_names()),
     }
-    return save(model, tok, out, dtype=stored, overwrite=force, extra={"lora_merged": info})
+    return save(
+        model,
+        tok,
+        out,
+        dtype=stored,
+        overwrite=force,
+        extra={"lora_merged": info},
+        chat_template=read_chat_template(base_dir),
+    )

@@ -200,7 +200,18 @@ class FinetuneTrainer(Trainer):
         if cfg.lora.enabled:
             full = merge_state_dict(full, cfg.lora.scaling)
         if self.info.is_main:
-            save_state(full.items(), self.args, tokenizer, model_dir, overwrite=True, extra=extra)
+            from ..chat_templates import load_template
+
+            template = load_template(cfg.data.template).source
+            save_state(
+                full.items(),
+                self.args,
+                tokenizer,
+                model_dir,
+                overwrite=True,
+                extra=extra,
+                chat_template=template,
+            )
         D.barrier()
         return model_dir
 
