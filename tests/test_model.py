@@ -303,3 +303,15 @@ def test_gqa_through_enable_gqa_equals_repeating_kv_heads():
             torch.testing.assert_close(attn(x, cos, sin, m), repeated_kv(m))
             cache = KVCache(model.args, bsz, seq, torch.float32, torch.device("cpu"))
             torch.testing.assert_close(attn(x, cos, sin, m, cache, 0), repeated_kv(m))
+
+
+def test_only_computes_the_selected_positions():
+    torch.manual_seed(0)
+    model = build_model(ModelArgs(**TINY)).eval()
+    x = torch.randint(0, TINY["vocab_size"], (3, 20))
+    keep = torch.rand(3, 20) < 0.3
+    with torch.no_grad():
+        full = model(x)
+        part = model(x, only=keep)
+    assert part.shape == (int(keep.sum()), TINY["vocab_size"])
+    torch.testing.assert_close(part, full[keep], rtol=1e-5, atol=1e-6)

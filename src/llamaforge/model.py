@@ -260,6 +260,7 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         return_hidden: bool = False,
         last_only: bool = False,
+        only: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (batch, seq, vocab) for ``tokens`` placed at positions ``start_pos…``.
 
@@ -271,7 +272,9 @@ class Transformer(nn.Module):
         ``positions``: (seq,) or (batch, seq) rotary positions instead of ``start_pos…``
         (packed examples restart at 0); the caller keeps them below ``max_seq_len``.
         ``return_hidden`` returns the final-norm hidden states (batch, seq, dim) instead of
-        logits; ``last_only`` keeps the last position only (decoding).
+        logits; ``last_only`` keeps the last position only (decoding); ``only``, a boolean
+        (batch, seq) mask, keeps the positions it selects, flattened to (n, vocab) — the
+        output layer then runs where a loss needs it (finetuning's answer tokens).
         """
         bsz, seqlen = tokens.shape
         cache = cache if cache is not None else self.cache
@@ -293,6 +296,8 @@ class Transformer(nn.Module):
         h = self.norm(h)
         if last_only:
             h = h[:, -1:, :]
+        if only is not None:
+            h = h[only]
         return h if return_hidden else self.output(h)
 
     # -- set-up helpers, outside the forward path ---------------------------------------

@@ -45,6 +45,9 @@ def build_optimizer(
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100):
     """Summed next-token loss in fp32 and the number of counted targets."""
     loss = F.cross_entropy(
-        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index, reduction="sum"
+        logits.reshape(-1, logits.shape[-1]).float(),
+        targets.flatten(),
+        ignore_index=ignore_index,
+        reduction="sum",
     )
     return loss, (targets != ignore_index).sum()

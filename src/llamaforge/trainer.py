@@ -287,8 +287,10 @@ class Trainer:
     ignore_index), so the global target count is known without a collective.
     ``prepare_model`` changes the model on the meta device before it is parallelised (e.g.
     adds LoRA adapters); ``after_init`` runs once the weights are initialised or loaded
-    from ``init``. A batch is ``(inputs, targets)`` or ``(inputs, targets, extras)`` with
-    ``extras`` model keyword arguments split with the rows (packing's positions, mask)."""
+    from ``init``; ``logits_where_trained`` computes the output layer only at positions
+    whose target counts (finetuning, where prompts and padding are most positions). A
+    batch is ``(inputs, targets)`` or ``(inputs, targets, extras)`` with ``extras`` model
+    keyword arguments split with the rows (packing's positions, mask)."""
 
     def __init__(
         self,
@@ -305,6 +307,7 @@ class Trainer:
         stop: StopFlag | None = None,
         prepare_model: Callable[[torch.nn.Module], None] | None = None,
         after_init: Callable[[torch.nn.Module], None] | None = None,
+        logits_where_trained: bool = False,
     ) -> None:
         check_config(cfg)
         self.cfg, self.info, self.args, self.seq_len = cfg, info, args, seq_len
@@ -312,6 +315,7 @@ class Trainer:
         self.loss_fn, self.all_targets_count, self.name = loss_fn, all_targets_count, name
         self.stop_flag = stop or StopFlag()
         self.prepare_model, self.after_init = prepare_model, after_init
+        self.logits_where_trained = logits_where_trained
         self.accum = grad_accum_steps(cfg, seq_len, info.world_size)
         self.device = info.device
         self.amp = (
@@ -416,6 +420,17 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast)
 
+    def _loss(
+        self, x: torch.Tensor, y: torch.Tensor, kw: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss of one micro-batch. With ``logits_where_trained`` the output layer runs
+        only where a target counts (a host sync for the selection's size, repaid by
+        skipping the vocabulary-wide matmul and log-softmax on prompts and padding)."""
+        if self.logits_where_trained:
+            keep = y != -100
+            return self.loss_fn(self.model(x, only=keep, **kw), y[keep])
+        return self.loss_fn(self.model(x, **kw), y)
+
     def lr_at(self, step: int) -> float:
         o = self.cfg.optim
         return lr_at(
@@ -452,7 +467,7 @@ class Trainer:
         kws = _split_extras(extras, cfg.micro_batch, len(xs))
         for i, (xm, ym, kw) in enumerate(zip(xs, ys, kws)):
             with D.grad_sync(model, i == len(xs) - 1), self._autocast():
-                loss, _ = self.loss_fn(model(xm, **kw), ym)
+                loss, _ = self._loss(xm, ym, kw)
             (loss * scale).backward()
             loss_sum += loss.detach().double()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip)
@@ -492,7 +507,7 @@ class Trainer:
             x, y = x.to(self.device), y.to(self.device)
             kw = {k: v.to(self.device) for k, v in kw.items()}
             with self._autocast():
-                loss, n = self.loss_fn(model(x, **kw), y)
+                loss, n = self._loss(x, y, kw)
             if i < len(self.val):
                 total[0] += loss.double()
                 total[1] += n

@@ -129,6 +129,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             val_batches=val,
             loss_fn=cross_entropy,
             all_targets_count=False,  # prompt and padding targets are -100
+            logits_where_trained=True,
             name="finetune",
             **lora_hooks(cfg),
         )
