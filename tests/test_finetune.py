@@ -222,3 +222,16 @@ def test_two_processes_match_one(base, data, tmp_path, lora):
     assert one.keys() == two.keys() == {1, 2, 3, 4}
     for step in one:
         assert two[step] == pytest.approx(one[step], abs=1e-4), step
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).parents[1] / "configs" / "finetune").glob("*.toml")), ids=str
+)
+def test_shipped_finetune_configs_load(path):
+    from llamaforge.config import load_config
+    from llamaforge.finetune.run import FinetuneConfig
+
+    cfg = load_config(FinetuneConfig, path)
+    assert cfg.init and cfg.data.paths and cfg.batch_size % cfg.micro_batch == 0
+    if cfg.lora.enabled:
+        cfg.lora.validate()
