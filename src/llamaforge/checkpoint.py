@@ -24,7 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .files import atomic_dir
+from .files import atomic_dir, read_json_object
 from .model import ModelArgs, Transformer
 from .tokenizer import Tokenizer
 
@@ -65,12 +65,7 @@ def read_params(ckpt_dir: str | os.PathLike) -> tuple[ModelArgs, dict[str, Any]]
     path = Path(ckpt_dir) / PARAMS_FILE
     if not path.is_file():
         raise CheckpointError(f"{path}: missing; a checkpoint directory needs {PARAMS_FILE}")
-    try:
-        params = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(params, dict):
-        raise CheckpointError(f"{path}: expected a JSON object of model parameters")
+    params = read_json_object(path, CheckpointError)
     try:
         args = ModelArgs.from_dict(params, source=str(path))
     except (TypeError, ValueError) as e:

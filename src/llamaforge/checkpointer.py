@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from . import distributed as D
+from .files import read_json_object
 
 CKPT_RE = re.compile(r"^step-(\d{6,})$")
 STATE_FILE = "state.json"
@@ -175,14 +176,9 @@ class Checkpointer:
         )
 
         path = Path(path)
-        try:
-            meta = json.loads((path / STATE_FILE).read_text())
-        except FileNotFoundError:
-            raise CheckpointerError(
-                f"{path}: not a complete checkpoint (no {STATE_FILE})"
-            ) from None
-        except json.JSONDecodeError as e:
-            raise CheckpointerError(f"{path / STATE_FILE}: not valid JSON ({e})") from None
+        if not (path / STATE_FILE).is_file():
+            raise CheckpointerError(f"{path}: not a complete checkpoint (no {STATE_FILE})")
+        meta = read_json_object(path / STATE_FILE, CheckpointerError)
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": self._model_state(model_sd), "optim": optim_sd}
         with _quiet_single_process():

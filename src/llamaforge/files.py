@@ -16,6 +16,7 @@ so the rename itself survives a crash. Temporary names start with a dot and cont
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -157,3 +158,16 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def read_json_object(path: str | os.PathLike, error: type[Exception] = ValueError) -> dict:
+    """The JSON object in ``path``; anything else (invalid JSON, another type) is ``error``
+    naming the file. A missing file raises FileNotFoundError as usual."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object")
+    return data

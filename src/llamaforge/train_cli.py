@@ -5,7 +5,9 @@ command runs (or its --help)."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .cli import flag_overrides
 from .config import add_config_help
@@ -62,10 +64,47 @@ def _quickstart(a: argparse.Namespace) -> int:
     return 0 if summary["val_loss"] < summary["unigram_loss"] else 1
 
 
+def _training_command(
+    subparsers: argparse._SubParsersAction,
+    name: str,
+    config_class: Callable[[], type],
+    intro: str,
+    run: Callable[[str | None, list[str]], None],
+    **parser_kwargs: Any,
+) -> None:
+    """``llamaforge NAME [CONFIG] [KEY=VALUE ...] [--resume R] [--out DIR]``: a TOML config,
+    overrides, and two flags that are overrides too."""
+    p = subparsers.add_parser(name, add_help=False, **parser_kwargs)
+    add_config_help(p, config_class, intro)
+    p.add_argument("config", nargs="?", help=f"a TOML file (configs/{name}/*.toml)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--resume", help="same as resume=...: auto (the default), none, or a step-N dir")
+    p.add_argument("--out", help="same as out=...: the run directory")
+
+    def handler(a: argparse.Namespace) -> int:
+        config, overrides = a.config, list(a.overrides)
+        if config is not None and "=" in config:  # no config file: only overrides
+            config, overrides = None, [config, *overrides]
+        run(config, [*overrides, *flag_overrides(a, "resume", "out")])
+        return 0
+
+    p.set_defaults(func=handler)
+
+
 def _register_pretrain(subparsers: argparse._SubParsersAction) -> None:
-    """``llamaforge pretrain [CONFIG] [KEY=VALUE ...] [--resume R] [--out DIR]``."""
-    p = subparsers.add_parser(
+    def run(config: str | None, overrides: list[str]) -> None:
+        from .config import load_config
+        from .pretrain import PretrainConfig, run_pretrain
+
+        run_pretrain(load_config(PretrainConfig, config, overrides))
+
+    _training_command(
+        subparsers,
         "pretrain",
+        _pretrain_config,
+        "Settings and defaults (TOML tables for the dotted ones; model.* null = the "
+        "preset's value):",
+        run,
         help="train a LLaMA from scratch on prepared data (one process, or many via torchrun)",
         description="Pretrain with the paper's recipe (AdamW 0.9/0.95, wd 0.1, clip 1.0, "
         "warmup + cosine to 10 %) on shards from `llamaforge data prepare`. Writes "
@@ -73,36 +112,22 @@ def _register_pretrain(subparsers: argparse._SubParsersAction) -> None:
         "OUT/model (native checkpoint), OUT/loss.png and OUT/summary.json.",
         epilog="Many processes: torchrun --nproc_per_node N -m llamaforge pretrain CONFIG "
         "[KEY=VALUE ...] (FSDP2 by default; parallel=ddp for DDP).",
-        add_help=False,
     )
-    add_config_help(
-        p,
-        _pretrain_config,
-        "Settings and defaults (TOML tables for the dotted ones; model.* null = the "
-        "preset's value):",
-    )
-    p.add_argument("config", nargs="?", help="a TOML file (configs/pretrain/*.toml)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    p.add_argument("--resume", help="same as resume=...: auto (the default), none, or a step-N dir")
-    p.add_argument("--out", help="same as out=...: the run directory")
-    p.set_defaults(func=_pretrain)
-
-
-def _pretrain(a: argparse.Namespace) -> int:
-    from .config import load_config
-    from .pretrain import PretrainConfig, run_pretrain
-
-    config, overrides = _config_and_overrides(a)
-    run_pretrain(
-        load_config(PretrainConfig, config, [*overrides, *flag_overrides(a, "resume", "out")])
-    )
-    return 0
 
 
 def _register_finetune(subparsers: argparse._SubParsersAction) -> None:
-    """``llamaforge finetune [CONFIG] [KEY=VALUE ...] [--resume R] [--out DIR]``."""
-    p = subparsers.add_parser(
+    def run(config: str | None, overrides: list[str]) -> None:
+        from .config import load_config
+        from .finetune.run import FinetuneConfig, run_finetune
+
+        run_finetune(load_config(FinetuneConfig, config, overrides))
+
+    _training_command(
+        subparsers,
         "finetune",
+        _finetune_config,
+        "Settings and defaults (model.* come from init):",
+        run,
         help="instruction finetuning (LLaMA-I): full or LoRA, on the pretraining machinery",
         description="Finetune the native checkpoint `init` on instruction data (Alpaca, "
         "Dolly, self-instruct, ShareGPT, OpenAI messages, question/answer JSON(L) or saved "
@@ -112,32 +137,7 @@ def _register_finetune(subparsers: argparse._SubParsersAction) -> None:
         "held-out answers before and after.",
         epilog="Many processes: torchrun --nproc_per_node N -m llamaforge finetune CONFIG "
         "[KEY=VALUE ...].",
-        add_help=False,
     )
-    add_config_help(p, _finetune_config, "Settings and defaults (model.* come from init):")
-    p.add_argument("config", nargs="?", help="a TOML file (configs/finetune/*.toml)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    p.add_argument("--resume", help="same as resume=...: auto (the default), none, or a step-N dir")
-    p.add_argument("--out", help="same as out=...: the run directory")
-    p.set_defaults(func=_finetune)
-
-
-def _finetune(a: argparse.Namespace) -> int:
-    from .config import load_config
-    from .finetune.run import FinetuneConfig, run_finetune
-
-    config, overrides = _config_and_overrides(a)
-    run_finetune(
-        load_config(FinetuneConfig, config, [*overrides, *flag_overrides(a, "resume", "out")])
-    )
-    return 0
-
-
-def _config_and_overrides(a: argparse.Namespace) -> tuple[str | None, list[str]]:
-    """A first positional with ``=`` is an override, not a config file."""
-    if a.config is not None and "=" in a.config:
-        return None, [a.config, *a.overrides]
-    return a.config, list(a.overrides)
 
 
 def _register_lora(subparsers: argparse._SubParsersAction) -> None:

@@ -61,7 +61,7 @@ from torch import nn
 
 from ..config import setting
 from ..distributed import unwrapped_name
-from ..files import atomic_dir
+from ..files import atomic_dir, read_json_object
 from ..model import ModelArgs
 
 ATTENTION_TARGETS = ("wq", "wk", "wv", "wo")
@@ -689,13 +689,7 @@ def save_adapter(
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LoraError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise LoraError(f"{path}: expected a JSON object")
-    return data
+    return read_json_object(path, LoraError)
 
 
 def read_adapter(
