@@ -5,8 +5,8 @@ tokenized instruction batches, the same loss (summed next-token loss on the answ
 trained tokens), AdamW (0.9, 0.95, no decay), clip 1.0. Variants run in interleaved rounds
 so machine noise hits them alike; the median step of each is reported with *real* tokens/s
 (non-padding positions: packing puts more examples in the same rows) and, on the CPU, the
-step's own memory (tensors created during the step and alive at its peak; weights and
-optimizer states made before are not counted).
+training memory: the weights and AdamW's states held between steps plus the step's own peak
+(tensors created during the step: activations, gradients, temporaries).
 
 Data: the shared ShareGPT conversations and self-instruct tasks rendered with the llama2
 template and Meta's tokenizer (needs ../shared/data or LLAMAFORGE_SHARED_DATA).
@@ -89,7 +89,7 @@ def ours(variant: str, a: argparse.Namespace, device: torch.device, vocab: int):
         x, y, *extras = batch
         t.train_step(x, y, 2e-4, extras[0] if extras else None)
 
-    return step, t.model
+    return step, t.model, t.optimizer
 
 
 def hf(variant: str, a: argparse.Namespace, device: torch.device, vocab: int):
@@ -125,7 +125,7 @@ def hf(variant: str, a: argparse.Namespace, device: torch.device, vocab: int):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return step, model
+    return step, model, opt
 
 
 def main() -> None:
@@ -164,16 +164,22 @@ def main() -> None:
         return int((batch[0] != 0).sum())
 
     builders = {"ours": ours, "hf": hf}
-    steps, kinds, memory = {}, {}, {}
+    steps, kinds, memory, held = {}, {}, {}, {}
     for v in a.variants:
-        steps[v], _ = builders[v.split("-")[0]](v, a, device, tok.vocab_size)
+        steps[v], model, opt = builders[v.split("-")[0]](v, a, device, tok.vocab_size)
         kinds[v] = "packed" if v == "ours-packed" else "padded"
-        for b in batches[kinds[v]][:2]:  # warm-up
+        for b in batches[kinds[v]][:2]:  # warm-up (AdamW's states exist after it)
             steps[v](b)
+        held[v] = sum(t.numel() * t.element_size() for t in model.state_dict().values()) + sum(
+            t.numel() * t.element_size()
+            for s in opt.state.values()
+            for t in s.values()
+            if torch.is_tensor(t)
+        )
         if device.type == "cpu":
             with StepMemory() as tracker:
                 steps[v](batches[kinds[v]][0])
-            memory[v] = tracker.peak
+            memory[v] = held[v] + tracker.peak
     times: dict[str, list[float]] = {v: [] for v in a.variants}
     toks: dict[str, list[int]] = {v: [] for v in a.variants}
     for r in range(a.rounds):
@@ -199,13 +205,18 @@ def main() -> None:
         f"fp32, {name}; torch {torch.__version__}, transformers {transformers.__version__}, "
         f"peft {peft.__version__}"
     )
-    print("| variant | step (median) | real tokens/s | step memory |")
+    print("| variant | step (median) | real tokens/s | training memory (held + step) |")
     print("|---|---|---|---|")
     tps = {}
     for v in a.variants:
         med = statistics.median(times[v])
         tps[v] = sum(toks[v]) / sum(times[v])
-        mem = human_bytes(memory[v]) if v in memory else "n/a"
+        mem = (
+            f"{human_bytes(memory[v])} ({human_bytes(held[v])} + "
+            f"{human_bytes(memory[v] - held[v])})"
+            if v in memory
+            else "n/a"
+        )
         print(f"| {v} | {med * 1e3:.0f} ms | {tps[v]:,.0f} | {mem} |")
     pairs = [("ours-full", "hf-full"), ("ours-lora", "hf-peft-lora"), ("ours-packed", "hf-full"),
              ("ours-lora", "ours-full")]  # fmt: skip
@@ -213,7 +224,7 @@ def main() -> None:
         if o in tps and h in tps:
             print(f"{o} / {h}: tokens/s {tps[o] / tps[h]:.2f}x", end="")
             if o in memory and h in memory:
-                print(f", step memory {memory[o] / memory[h]:.2f}x", end="")
+                print(f", training memory {memory[o] / memory[h]:.2f}x", end="")
             print()
 
 

@@ -75,11 +75,11 @@ class DataConfig:
 
 def load_data_config(path: str | os.PathLike, overrides: list[str] | None = None) -> DataConfig:
     cfg = load_config(DataConfig, path, overrides)
-    validate(cfg)
+    check_config(cfg)
     return cfg
 
 
-def validate(cfg: DataConfig) -> None:
+def check_config(cfg: DataConfig) -> None:
     if not cfg.sources:
         raise ConfigError("data config: no [[sources]]")
     names = set()
