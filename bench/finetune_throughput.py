@@ -63,6 +63,7 @@ def ours(variant: str, a: argparse.Namespace, device: torch.device, vocab: int):
             "optim.weight_decay=0.0",
             "optim.warmup_steps=0",
             f"device={device}",
+            f"dtype={a.dtype}",
             "out=/tmp/llamaforge-bench-finetune",
             "compile=false",
         ],
@@ -117,9 +118,13 @@ def hf(variant: str, a: argparse.Namespace, device: torch.device, vocab: int):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-4, betas=(0.9, 0.95), weight_decay=0.0)
 
+    amp = torch.bfloat16 if a.dtype == "bf16" else None
+
     def step(batch) -> None:
         x, y = batch[0], batch[1]
-        loss, n = cross_entropy(model(input_ids=x).logits, y)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            logits = model(input_ids=x).logits
+        loss, n = cross_entropy(logits, y)
         (loss / n.clamp(min=1)).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -135,6 +140,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8, help="examples per padded step")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (attention projections)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="bf16: autocast")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=3, help="timed steps per variant per round")
@@ -180,6 +186,13 @@ def main() -> None:
             with StepMemory() as tracker:
                 steps[v](batches[kinds[v]][0])
             memory[v] = held[v] + tracker.peak
+        else:  # the other variants' models share the GPU: count this step's own peak
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+            steps[v](batches[kinds[v]][0])
+            torch.cuda.synchronize(device)
+            memory[v] = held[v] + torch.cuda.max_memory_allocated(device) - before
     times: dict[str, list[float]] = {v: [] for v in a.variants}
     toks: dict[str, list[int]] = {v: [] for v in a.variants}
     for r in range(a.rounds):
@@ -202,7 +215,7 @@ def main() -> None:
     print(
         f"# {a.preset} shape, vocab {tok.vocab_size}, max_len {a.max_len}, {a.batch} examples "
         f"per padded step / {rows} packed rows of {a.max_len}, LoRA r={a.rank} on wq wk wv wo, "
-        f"fp32, {name}; torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"{a.dtype}, {name}; torch {torch.__version__}, transformers {transformers.__version__}, "
         f"peft {peft.__version__}"
     )
     print("| variant | step (median) | real tokens/s | training memory (held + step) |")

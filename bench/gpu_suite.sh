@@ -10,6 +10,8 @@
 #      eager and HF compiled
 #   4. bench/train_throughput.py: LLaMA-7B, 1 x 2048, selective checkpointing against HF
 #      gradient checkpointing (memory and speed)
+#   5. bench/finetune_throughput.py: LLaMA-7B LoRA against HF transformers + peft, bf16
+#      (tokens/s, peak memory; needs ../shared/data for Meta's tokenizer and the data)
 set -uo pipefail
 OUT="${OUT:-gpu-out}"
 mkdir -p "$OUT"
@@ -53,3 +55,7 @@ step train-1B 420 "$PY" bench/train_throughput.py --device cuda --preset 1B --vo
 step train-7B 420 "$PY" bench/train_throughput.py --device cuda --preset 7B --vocab-size 32000 \
     --seq-len 2048 --micro-batch 1 --rounds 1 --steps 5 --warmup 2 \
     --variants ours-selective-compile hf-gc --json "$OUT/train-7B.json"
+
+step finetune-7B-lora 420 "$PY" bench/finetune_throughput.py --device cuda --dtype bf16 \
+    --preset 7B --max-len 1024 --batch 4 --rounds 2 --steps 3 \
+    --variants ours-lora hf-peft-lora
