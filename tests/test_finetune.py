@@ -235,3 +235,23 @@ def test_shipped_finetune_configs_load(path):
     assert cfg.init and cfg.data.paths and cfg.batch_size % cfg.micro_batch == 0
     if cfg.lora.enabled:
         cfg.lora.validate()
+
+
+def test_eval_tasks_run_before_and_after(base, data, tmp_path, capsys):
+    from .conftest import shared_file
+
+    eval_dir = shared_file("eval")
+    out = tmp_path / "evald"
+    extra = (
+        "steps=2",
+        "gen_eval=0",
+        "eval_tasks=boolq",
+        "eval_limit=4",
+        f"eval_data_dir={eval_dir}",
+    )
+    assert main(args(base, data, out, *extra)) == 0
+    tasks = json.loads((out / "summary.json").read_text())["evaluation"]["tasks"]
+    assert set(tasks) == {"before", "after"}
+    assert tasks["before"]["boolq"]["metric"] == tasks["after"]["boolq"]["metric"]
+    assert 0.0 <= tasks["after"]["boolq"]["value"] <= 1.0
+    assert "boolq" in capsys.readouterr().err

@@ -350,10 +350,12 @@ def _eval_tasks(ckpt: Path, cfg: FinetuneConfig) -> dict[str, Any]:
         limit=cfg.eval_limit or None,
         progress=False,
     )
-    return {
-        name: {"metric": r["main_metric"], "value": r["metrics"][r["main_metric"]]}
-        for name, r in results["tasks"].items()
-    }
+    out = {}
+    for name, r in results["tasks"].items():
+        m = r["metrics"][r["main_metric"]]
+        value = m["value"] if isinstance(m, dict) else m
+        out[name] = {"metric": r["main_metric"], "value": value, "n": r["n_docs"]}
+    return out
 
 
 def format_evaluation(ev: dict[str, Any]) -> str:
@@ -366,5 +368,8 @@ def format_evaluation(ev: dict[str, Any]) -> str:
         )
     for name, after in ev.get("tasks", {}).get("after", {}).items():
         before = ev["tasks"]["before"][name]
-        lines.append(f"{name} {after['metric']}: {before['value']} → {after['value']}")
+        lines.append(
+            f"{name} {after['metric']} ({after['n']} docs): {before['value']:.4f} → "
+            f"{after['value']:.4f}"
+        )
     return "\n".join(lines)
