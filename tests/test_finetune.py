@@ -193,9 +193,9 @@ def test_bad_settings_are_clear_errors(base, data, tmp_path, capsys, extra, need
 
 @pytest.mark.slow
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_two_processes_match_one(base, data, tmp_path, lora):
-    """FSDP2 over 2 ranks (targets counted on the device and summed) equals 1 process;
-    LoRA without dropout, whose masks are drawn per rank."""
+def test_two_processes_match_one_and_resume_on_one(base, data, tmp_path, lora):
+    """FSDP2 over 2 ranks (targets counted on the device and summed) equals 1 process, and
+    its checkpoint resumes in 1 process; LoRA without dropout, whose masks are per rank."""
     import os
     import subprocess
     import sys
@@ -203,25 +203,26 @@ def test_two_processes_match_one(base, data, tmp_path, lora):
     from .conftest import REPO
 
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
-    extra = [
-        "gen_eval=0",
-        "steps=4",
-        *(["lora.enabled=true", "lora.rank=4", "lora.dropout=0"] if lora else []),
-    ]
+    extra = ["gen_eval=0", "steps=4"]
+    if lora:
+        extra += ["lora.enabled=true", "lora.rank=4", "lora.dropout=0"]
 
-    def run(out: Path, nproc: int) -> dict[int, float]:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                    "--master_port", str(29500 + (os.getpid() + 11 + nproc) % 1000)]  # fmt: skip
-        cmd = [*launcher, "-m", "llamaforge", *args(base, data, out, *extra)]
+    def run(out: Path, nproc: int, *more: str) -> dict[int, float]:
+        port = str(29500 + (os.getpid() + 11 + nproc) % 1000)
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                    str(nproc), "--master_port", port]  # fmt: skip
+        cmd = [*launcher, "-m", "llamaforge", *args(base, data, out, *extra, *more)]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         return {r["step"]: r["loss"] for r in rows}
 
-    one, two = run(tmp_path / "one", 1), run(tmp_path / "two", 2)
-    assert one.keys() == two.keys() == {1, 2, 3, 4}
+    one = run(tmp_path / "one", 1)
+    assert run(tmp_path / "two", 2, "stop_at=2").keys() == {1, 2}
+    two_then_one = run(tmp_path / "two", 1)  # resumed from the 2-rank checkpoint at step 2
+    assert one.keys() == two_then_one.keys() == {1, 2, 3, 4}
     for step in one:
-        assert two[step] == pytest.approx(one[step], abs=1e-4), step
+        assert two_then_one[step] == pytest.approx(one[step], abs=1e-4), step
 
 
 @pytest.mark.parametrize(
