@@ -67,6 +67,149 @@ def test_smoke_data_help():
     assert "val_fraction = 0.005" in out
 
 
+# ----------------------------------------------------------------------------- a fast CLI
+
+# the commands that must answer without importing torch (target < 0.5 s; BENCHMARKS.md)
+NO_TORCH = (
+    ["--help"],
+    ["--version"],
+    ["no-such-command"],
+    ["eval", "--help"],
+    ["eval", "--list-tasks"],
+    ["generate", "--help"],
+    ["info", "--help"],
+    ["chat", "--help"],
+    ["convert", "--help"],
+    ["data", "stats", "--help"],
+    ["tokenizer", "encode", "--help"],
+    ["lora", "merge", "--help"],
+    ["plot", "--help"],
+    ["generate"],  # a usage error: --ckpt is required
+)
+
+
+def _python(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src"), **env},
+        timeout=120,
+    )
+
+
+def test_building_the_parser_imports_no_torch():
+    code = "import sys, llamaforge.cli as c; c.build_parser(); print('torch' in sys.modules)"
+    assert _python(code).stdout.strip() == "False"
+
+
+def test_help_version_and_usage_errors_import_no_torch():
+    code = (
+        "import contextlib, io, json, sys\n"
+        "from llamaforge.cli import main\n"
+        "out = []\n"
+        f"for argv in {NO_TORCH!r}:\n"
+        "    with contextlib.redirect_stdout(io.StringIO()), "
+        "contextlib.redirect_stderr(io.StringIO()):\n"
+        "        status = main(argv)\n"
+        "    out.append([argv, status, 'torch' in sys.modules])\n"
+        "print(json.dumps(out))\n"
+    )
+    proc = _python(code)
+    assert proc.returncode == 0, proc.stderr
+    for argv, status, torch_loaded in json.loads(proc.stdout):
+        assert not torch_loaded, f"llamaforge {' '.join(argv)} imported torch"
+        assert status == (2 if argv in (["no-such-command"], ["generate"]) else 0), argv
+
+
+def test_the_program_itself_imports_no_torch_for_help():
+    """The real entry point (`python -m llamaforge`, as the console script runs `main()`),
+    checked with -X importtime: torch is not among the imported modules."""
+    for args in (["--help"], ["--version"], ["pretrain", "--no-such-flag"]):
+        proc = subprocess.run(
+            [sys.executable, "-X", "importtime", "-m", "llamaforge", *args],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+            timeout=120,
+        )
+        imported = {ln.rsplit("|", 1)[-1].strip() for ln in proc.stderr.splitlines() if "|" in ln}
+        assert "llamaforge.cli" in imported, proc.stderr[-2000:]
+        if args[0] != "pretrain":  # pretrain's --help needs its config class (torch)
+            assert "torch" not in imported, args
+        assert proc.returncode == (0 if args[0].startswith("--") else 2), proc.stderr[-500:]
+
+
+def test_lazy_api_names_are_the_functions():
+    code = (
+        "import sys, llamaforge\n"
+        "assert 'torch' not in sys.modules\n"
+        "import llamaforge.chat_session, llamaforge.generate, llamaforge.checkpoint\n"
+        "from llamaforge.generate import generate_completions\n"
+        "assert llamaforge.chat is llamaforge.chat_session.chat\n"
+        "assert llamaforge.generate is sys.modules['llamaforge.generate'].generate\n"
+        "assert callable(llamaforge.load) and llamaforge.Tokenizer.__name__ == 'Tokenizer'\n"
+        "from llamaforge import ChatSession, ModelArgs, save\n"
+        "print('ok')\n"
+    )
+    proc = _python(code)
+    assert proc.stdout.strip() == "ok", proc.stderr
+    import llamaforge
+
+    with pytest.raises(AttributeError, match="no_such_name"):
+        llamaforge.no_such_name  # noqa: B018
+
+
+# ----------------------------------------------------------------------------- threads
+
+
+def test_thread_count_rules():
+    from llamaforge.threads import choose_threads
+
+    assert choose_threads({}, cores=8) == 8
+    assert choose_threads({"LOCAL_WORLD_SIZE": "4"}, cores=8) == 2
+    assert choose_threads({"LOCAL_WORLD_SIZE": "16"}, cores=8) == 1
+    assert choose_threads({"OMP_NUM_THREADS": "3"}, cores=8) == 3  # the user's
+    # torchrun sets OMP_NUM_THREADS=1 itself: the cores per process win
+    assert choose_threads({"OMP_NUM_THREADS": "1", "LOCAL_WORLD_SIZE": "2"}, cores=8) == 4
+    assert choose_threads({"LLAMAFORGE_THREADS": "5", "OMP_NUM_THREADS": "3"}, cores=8) == 5
+    assert choose_threads({"LLAMAFORGE_THREADS": "5", "LOCAL_WORLD_SIZE": "2"}, cores=8) == 5
+    with pytest.raises(ValueError, match="LLAMAFORGE_THREADS='0'"):
+        choose_threads({"LLAMAFORGE_THREADS": "0"}, cores=8)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no sched_setaffinity")
+def test_threads_follow_the_affinity_mask_and_the_override():
+    """In a fresh process restricted to one core: torch gets 1 intra-op thread and the
+    passive wait policy; LLAMAFORGE_THREADS overrides the count; a user's OMP_WAIT_POLICY
+    is kept."""
+    code = (
+        "import os\n"
+        "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
+        "from llamaforge.threads import configure_threads\n"
+        "n = configure_threads()\n"
+        "import torch\n"
+        "print(n, torch.get_num_threads(), os.environ['OMP_WAIT_POLICY'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+    env["PYTHONPATH"] = str(REPO / "src")
+    env.pop("LLAMAFORGE_THREADS", None)
+
+    def go(**extra: str) -> str:
+        proc = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            env={**env, **extra},
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.strip()
+
+    assert go() == "1 1 PASSIVE"
+    assert go(LLAMAFORGE_THREADS="2", OMP_WAIT_POLICY="ACTIVE") == "2 2 ACTIVE"
+
+
 # ----------------------------------------------------------------------------- in-process
 
 

@@ -55,7 +55,7 @@ def _read_line(interactive: bool) -> str | None:
 
 
 def _chat(a: argparse.Namespace) -> int:
-    from .chat import ChatError, ChatSession, resolve_template
+    from .chat_session import ChatError, ChatSession, resolve_template
     from .chat_templates import ChatTemplateError
     from .checkpoint import load
     from .flops import resolve_device

@@ -196,7 +196,7 @@ def _generate(a: argparse.Namespace) -> int:
     inputs: list[str] | list[list[int]] = prompts
     stops = list(a.stop or ())
     if a.chat:
-        from .chat import resolve_template, stop_strings
+        from .chat_session import resolve_template, stop_strings
         from .chat_templates import encode_text
 
         tpl = resolve_template(a.template, tok, a.ckpt)
