@@ -237,6 +237,56 @@ def test_init_generate_and_info_from_ckpt(tmp_path, small_tokenizer_path, capsys
     assert "context is 64" in err
 
 
+def test_generate_output_for_a_person(tmp_path, small_tokenizer_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    cli(capsys, "init", "--preset", "1M", "--tokenizer", small_tokenizer_path, "--out", ckpt)
+    gen = ("generate", "--ckpt", ckpt, "--max-new-tokens", "24", "--seed", "3", "--echo")
+    out, _ = cli(capsys, *gen, "--prompt", "The", "--prompt", "def x")
+    assert "=== [1/2] " in out and "=== [2/2] " in out
+    assert out.split("=== [2/2] ", 1)[1].split("\n", 1)[1].startswith("def x")
+    assert "\n\n\n" not in out and out.endswith("\n") and not out.endswith("\n\n\n")
+    out, _ = cli(capsys, *gen, "--prompt", "The")
+    assert out.startswith("The") and "\n\n\n" not in out
+    out, _ = cli(capsys, "generate", "--help")
+    text = " ".join(out.split())
+    assert "(default 128)" in text and "unseeded" in text and "--no-echo" in text
+
+
+def test_printer_squeezes_blank_lines_and_dims():
+    import io
+
+    from llamaforge.checkpoint_cli import _Printer
+
+    buf = io.StringIO()
+    p = _Printer(buf)
+    p.write("a\n\n\n\n")
+    p.write("\n\nb")
+    p.write("prompt", dim=True)
+    p.end_line()
+    assert buf.getvalue() == "a\n\nb\x1b[2mprompt\x1b[0m\n"
+
+
+def test_data_stats_is_an_aligned_table():
+    from llamaforge.data.report import format_table1
+
+    rows = [
+        {"source": "code", "kind": "code", "proportion": 0.7, "epochs": 252063.97,
+         "disk_bytes": 18.8 * 2**20, "tokens": 5_550_000, "documents": 1234},
+        {"source": "prose", "kind": "books", "proportion": 0.3, "epochs": 1.5,
+         "disk_bytes": 2048, "tokens": 1000, "documents": 7},
+    ]  # fmt: skip
+    lines = format_table1(rows, 10**12).splitlines()
+    assert lines[1].split() == [
+        "Dataset", "Kind", "Sampling", "prop.", "Epochs", "Disk", "size", "Tokens", "Documents"
+    ]  # fmt: skip
+    assert set(lines[2]) == {"-", " "}
+    assert "70.0%  252,063.97" in lines[3]
+    # right-aligned numbers: every column ends where its header ends
+    for header in ("Sampling prop.", "Epochs", "Disk size", "Tokens", "Documents"):
+        end = lines[1].index(header) + len(header)
+        assert all(line[end - 1] != " " and line[end : end + 1] in ("", " ") for line in lines[3:])
+
+
 def test_tokenizer_commands(tmp_path, capsys):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(
