@@ -451,6 +451,23 @@ def test_help_shows_field_docs(capsys):
     assert re.search(r"mmlu.subjects = null +# evaluate only these subjects", out)
 
 
+def test_pretrain_without_prepared_data_says_how_to_prepare_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs" / "data").mkdir(parents=True)
+    (tmp_path / "configs" / "data" / "mine.toml").write_text('output = "data/mine"\n')
+    _, err = cli(capsys, "pretrain", "data.dir=data/mine", "data.tokenizer=data/mine/t.model",
+                 "device=cpu", code=2)  # fmt: skip
+    assert len(err.strip().splitlines()) == 1, err
+    assert "data/mine/mixture.json: not found (the prepared data)" in err
+    assert "`llamaforge data prepare configs/data/mine.toml`" in err
+    (tmp_path / "data" / "mine").mkdir(parents=True)
+    (tmp_path / "data" / "mine" / "mixture.json").write_text("{}")
+    _, err = cli(capsys, "pretrain", "data.dir=data/mine", "data.tokenizer=data/mine/t.model",
+                 "device=cpu", code=2)  # fmt: skip
+    assert "data/mine/t.model: not found (the tokenizer)" in err
+    assert "llamaforge data prepare configs/data/mine.toml" in err
+
+
 def test_pretrain_flags_are_override_aliases(monkeypatch, tmp_path):
     import llamaforge.pretrain as pretrain
 
