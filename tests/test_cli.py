@@ -252,6 +252,24 @@ def test_generate_output_for_a_person(tmp_path, small_tokenizer_path, capsys):
     assert "(default 128)" in text and "unseeded" in text and "--no-echo" in text
 
 
+def test_a_folder_with_tokenizer_model_stands_for_it(tmp_path, small_tokenizer_path, capsys):
+    """As a Hugging Face LLaMA repository or Meta's download lays it out."""
+    import shutil
+
+    repo = tmp_path / "Llama-2-7b-hf"
+    repo.mkdir()
+    shutil.copy(small_tokenizer_path, repo / "tokenizer.model")
+    (repo / "config.json").write_text("{}")
+    direct, _ = cli(capsys, "tokenizer", "encode", "--model", small_tokenizer_path, "hello")
+    via_dir, _ = cli(capsys, "tokenizer", "encode", "--model", repo, "hello")
+    assert direct == via_dir and direct.strip()
+    _, err = cli(capsys, "tokenizer", "encode", "--model", tmp_path, "hello", code=2)
+    assert "a folder without tokenizer.model" in err
+    ckpt = tmp_path / "ckpt"
+    cli(capsys, "init", "--preset", "1M", "--tokenizer", repo, "--out", ckpt, "max_seq_len=32")
+    assert (ckpt / "tokenizer.model").read_bytes() == small_tokenizer_path.read_bytes()
+
+
 def test_printer_squeezes_blank_lines_and_dims():
     import io
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
+from .cli import tokenizer_path
 from .config import add_config_help
 
 
@@ -45,7 +46,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_config_help(n, _model_args_class, "ModelArgs (KEY=VALUE overrides; 7B defaults):")
     n.add_argument("--preset", required=True, help="model size (see `llamaforge info`)")
-    n.add_argument("--tokenizer", required=True, help="SentencePiece model; sets vocab_size")
+    n.add_argument(
+        "--tokenizer",
+        required=True,
+        help="SentencePiece model, or a folder with tokenizer.model (Meta's download, a "
+        "Hugging Face LLaMA repository); sets vocab_size",
+    )
     n.add_argument("--out", required=True, help="checkpoint directory to create")
     n.add_argument("--seed", type=int, default=0)
     n.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
@@ -98,7 +104,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="keep the last tokens of a prompt longer than the context (default: an error)",
     )
-    g.add_argument("--tokenizer", help="tokenizer.model to use instead of the checkpoint's")
+    g.add_argument(
+        "--tokenizer", help="tokenizer.model (or its folder) to use instead of the checkpoint's"
+    )
     g.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
     g.add_argument("--dtype", help="float32, bfloat16, float16 (default: as stored)")
     g.set_defaults(func=_generate)
@@ -188,7 +196,7 @@ def _init(a: argparse.Namespace) -> int:
     from .presets import get_preset
     from .tokenizer import Tokenizer
 
-    tok = Tokenizer(a.tokenizer)
+    tok = Tokenizer(tokenizer_path(a.tokenizer))
     args = apply_overrides(get_preset(a.preset, vocab_size=tok.vocab_size), a.overrides)
     torch.manual_seed(a.seed)
     model = build_model(args)
@@ -210,7 +218,8 @@ def _generate(a: argparse.Namespace) -> int:
     if not a.chat and (a.template or a.system):
         raise ValueError("--template and --system need --chat")
     device = resolve_device(a.device or "auto")
-    model, tok = load(a.ckpt, device=device, dtype=a.dtype, tokenizer=a.tokenizer)
+    tok_file = tokenizer_path(a.tokenizer)
+    model, tok = load(a.ckpt, device=device, dtype=a.dtype, tokenizer=tok_file)
     if tok is None:
         raise ValueError(f"{a.ckpt}: no tokenizer.model in the checkpoint; pass --tokenizer")
     inputs: list[str] | list[list[int]] = prompts

@@ -45,6 +45,25 @@ def flag_overrides(a: argparse.Namespace, *names: str) -> list[str]:
     return [f"{k}={getattr(a, k)}" for k in names if getattr(a, k) is not None]
 
 
+def tokenizer_path(path: str | None) -> str | None:
+    """A ``--tokenizer``/``--model`` argument: a SentencePiece ``.model`` file, or a folder
+    holding ``tokenizer.model`` (Meta's download, a Hugging Face LLaMA repository, a native
+    checkpoint) that stands for it."""
+    if path is None:
+        return None
+    from pathlib import Path
+
+    p = Path(path)
+    if p.is_dir():
+        if not (p / "tokenizer.model").is_file():
+            raise FileNotFoundError(
+                f"{p}: a folder without tokenizer.model (expected the SentencePiece model "
+                "of Meta's download or of a Hugging Face LLaMA repository, or the file itself)"
+            )
+        return str(p / "tokenizer.model")
+    return str(p)
+
+
 # ----------------------------------------------------------------------------- the tree
 
 
