@@ -500,3 +500,27 @@ def test_pretrain_flags_are_override_aliases(monkeypatch, tmp_path):
         (3, "none", "runs/x"),
         (4, "auto", "runs/y"),
     ]
+
+
+# ----------------------------------------------------------------------------- README numbers
+
+
+def test_readme_info_example_is_the_commands_output(capsys):
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("```console\n$ llamaforge info --preset 7B\n", 1)[1].split("```", 1)[0]
+    out, _ = cli(capsys, "info", "--preset", "7B")
+    assert out == block
+
+
+def test_tiny_cpu_config_size_as_documented():
+    """README and configs/pretrain/tiny-cpu.toml: 737,856 parameters (0.74M)."""
+    from llamaforge.config import load_config
+    from llamaforge.flops import count_params
+    from llamaforge.pretrain import PretrainConfig
+    from llamaforge.trainer import model_args
+
+    cfg = load_config(PretrainConfig, REPO / "configs" / "pretrain" / "tiny-cpu.toml", [])
+    args = model_args(cfg, 4096, cfg.data.seq_len)  # configs/data/stdlib.toml: 4096 pieces
+    assert count_params(args)["total"] == 737_856
+    assert "737,856" in (REPO / "configs" / "pretrain" / "tiny-cpu.toml").read_text()
+    assert "737,856 parameters" in (REPO / "README.md").read_text()
