@@ -82,6 +82,8 @@ NO_TORCH = (
     ["convert", "--help"],
     ["data", "stats", "--help"],
     ["tokenizer", "encode", "--help"],
+    ["data", "prepare", "--help"],
+    ["data", "show", "--help"],
     ["lora", "merge", "--help"],
     ["plot", "--help"],
     ["generate"],  # a usage error: --ckpt is required
