@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import llamaforge
-from llamaforge.chat import ChatError, ChatSession, _Stream, stop_strings
+from llamaforge.chat_session import ChatError, ChatSession, _Stream, stop_strings
 from llamaforge.chat_templates import (
     ALPACA,
     LLAMA2,
@@ -170,8 +170,9 @@ def test_llamaforge_chat_one_shot(small_tokenizer, ckpts):
         llamaforge.chat(ckpts["plain"], "hello", device="cpu", **kw)
     with pytest.raises(ValueError, match="end with a user message"):
         llamaforge.chat(ckpts["with"], messages[:-1], device="cpu", **kw)
-    # the function shadows the submodule's name: `from llamaforge.chat import ...` still works
-    assert callable(llamaforge.chat) and sys.modules["llamaforge.chat"].ChatSession is ChatSession
+    # the conversation lives in llamaforge.chat_session: llamaforge.chat is the function
+    # whatever was imported before (no submodule of that name can replace it)
+    assert llamaforge.chat is sys.modules["llamaforge.chat_session"].chat
 
 
 # ----------------------------------------------------------------------------- the CLI

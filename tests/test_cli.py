@@ -67,6 +67,151 @@ def test_smoke_data_help():
     assert "val_fraction = 0.005" in out
 
 
+# ----------------------------------------------------------------------------- a fast CLI
+
+# the commands that must answer without importing torch (target < 0.5 s; BENCHMARKS.md)
+NO_TORCH = (
+    ["--help"],
+    ["--version"],
+    ["no-such-command"],
+    ["eval", "--help"],
+    ["eval", "--list-tasks"],
+    ["generate", "--help"],
+    ["info", "--help"],
+    ["chat", "--help"],
+    ["convert", "--help"],
+    ["data", "stats", "--help"],
+    ["tokenizer", "encode", "--help"],
+    ["data", "prepare", "--help"],
+    ["data", "show", "--help"],
+    ["lora", "merge", "--help"],
+    ["plot", "--help"],
+    ["generate"],  # a usage error: --ckpt is required
+)
+
+
+def _python(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src"), **env},
+        timeout=120,
+    )
+
+
+def test_building_the_parser_imports_no_torch():
+    code = "import sys, llamaforge.cli as c; c.build_parser(); print('torch' in sys.modules)"
+    assert _python(code).stdout.strip() == "False"
+
+
+def test_help_version_and_usage_errors_import_no_torch():
+    code = (
+        "import contextlib, io, json, sys\n"
+        "from llamaforge.cli import main\n"
+        "out = []\n"
+        f"for argv in {NO_TORCH!r}:\n"
+        "    with contextlib.redirect_stdout(io.StringIO()), "
+        "contextlib.redirect_stderr(io.StringIO()):\n"
+        "        status = main(argv)\n"
+        "    out.append([argv, status, 'torch' in sys.modules])\n"
+        "print(json.dumps(out))\n"
+    )
+    proc = _python(code)
+    assert proc.returncode == 0, proc.stderr
+    for argv, status, torch_loaded in json.loads(proc.stdout):
+        assert not torch_loaded, f"llamaforge {' '.join(argv)} imported torch"
+        assert status == (2 if argv in (["no-such-command"], ["generate"]) else 0), argv
+
+
+def test_the_program_itself_imports_no_torch_for_help():
+    """The real entry point (`python -m llamaforge`, as the console script runs `main()`),
+    checked with -X importtime: torch is not among the imported modules."""
+    for args in (["--help"], ["--version"], ["pretrain", "--no-such-flag"]):
+        proc = subprocess.run(
+            [sys.executable, "-X", "importtime", "-m", "llamaforge", *args],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+            timeout=120,
+        )
+        imported = {ln.rsplit("|", 1)[-1].strip() for ln in proc.stderr.splitlines() if "|" in ln}
+        assert "llamaforge.cli" in imported, proc.stderr[-2000:]
+        if args[0] != "pretrain":  # pretrain's --help needs its config class (torch)
+            assert "torch" not in imported, args
+        assert proc.returncode == (0 if args[0].startswith("--") else 2), proc.stderr[-500:]
+
+
+def test_lazy_api_names_are_the_functions():
+    code = (
+        "import sys, llamaforge\n"
+        "assert 'torch' not in sys.modules\n"
+        "import llamaforge.chat_session, llamaforge.generate, llamaforge.checkpoint\n"
+        "from llamaforge.generate import generate_completions\n"
+        "assert llamaforge.chat is llamaforge.chat_session.chat\n"
+        "assert llamaforge.generate is sys.modules['llamaforge.generate'].generate\n"
+        "assert callable(llamaforge.load) and llamaforge.Tokenizer.__name__ == 'Tokenizer'\n"
+        "from llamaforge import ChatSession, ModelArgs, save\n"
+        "print('ok')\n"
+    )
+    proc = _python(code)
+    assert proc.stdout.strip() == "ok", proc.stderr
+    import llamaforge
+
+    with pytest.raises(AttributeError, match="no_such_name"):
+        llamaforge.no_such_name  # noqa: B018
+
+
+# ----------------------------------------------------------------------------- threads
+
+
+def test_thread_count_rules():
+    from llamaforge.threads import choose_threads
+
+    assert choose_threads({}, cores=8) == 8
+    assert choose_threads({"LOCAL_WORLD_SIZE": "4"}, cores=8) == 2
+    assert choose_threads({"LOCAL_WORLD_SIZE": "16"}, cores=8) == 1
+    assert choose_threads({"OMP_NUM_THREADS": "3"}, cores=8) == 3  # the user's
+    # torchrun sets OMP_NUM_THREADS=1 itself: the cores per process win
+    assert choose_threads({"OMP_NUM_THREADS": "1", "LOCAL_WORLD_SIZE": "2"}, cores=8) == 4
+    assert choose_threads({"LLAMAFORGE_THREADS": "5", "OMP_NUM_THREADS": "3"}, cores=8) == 5
+    assert choose_threads({"LLAMAFORGE_THREADS": "5", "LOCAL_WORLD_SIZE": "2"}, cores=8) == 5
+    with pytest.raises(ValueError, match="LLAMAFORGE_THREADS='0'"):
+        choose_threads({"LLAMAFORGE_THREADS": "0"}, cores=8)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no sched_setaffinity")
+def test_threads_follow_the_affinity_mask_and_the_override():
+    """In a fresh process restricted to one core: torch gets 1 intra-op thread and the
+    passive wait policy; LLAMAFORGE_THREADS overrides the count; a user's OMP_WAIT_POLICY
+    is kept."""
+    code = (
+        "import os\n"
+        "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
+        "from llamaforge.threads import configure_threads\n"
+        "n = configure_threads()\n"
+        "import torch\n"
+        "print(n, torch.get_num_threads(), os.environ['OMP_WAIT_POLICY'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+    env["PYTHONPATH"] = str(REPO / "src")
+    env.pop("LLAMAFORGE_THREADS", None)
+
+    def go(**extra: str) -> str:
+        proc = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            env={**env, **extra},
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.strip()
+
+    assert go() == "1 1 PASSIVE"
+    assert go(LLAMAFORGE_THREADS="2", OMP_WAIT_POLICY="ACTIVE") == "2 2 ACTIVE"
+
+
 # ----------------------------------------------------------------------------- in-process
 
 
@@ -92,6 +237,74 @@ def test_init_generate_and_info_from_ckpt(tmp_path, small_tokenizer_path, capsys
     assert "already exists" in err
     _, err = cli(capsys, "generate", "--ckpt", ckpt, "--prompt", "word " * 200, code=2)
     assert "context is 64" in err
+
+
+def test_generate_output_for_a_person(tmp_path, small_tokenizer_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    cli(capsys, "init", "--preset", "1M", "--tokenizer", small_tokenizer_path, "--out", ckpt)
+    gen = ("generate", "--ckpt", ckpt, "--max-new-tokens", "24", "--seed", "3", "--echo")
+    out, _ = cli(capsys, *gen, "--prompt", "The", "--prompt", "def x")
+    assert "=== [1/2] " in out and "=== [2/2] " in out
+    assert out.split("=== [2/2] ", 1)[1].split("\n", 1)[1].startswith("def x")
+    assert "\n\n\n" not in out and out.endswith("\n") and not out.endswith("\n\n\n")
+    out, _ = cli(capsys, *gen, "--prompt", "The")
+    assert out.startswith("The") and "\n\n\n" not in out
+    out, _ = cli(capsys, "generate", "--help")
+    text = " ".join(out.split())
+    assert "(default 128)" in text and "unseeded" in text and "--no-echo" in text
+
+
+def test_a_folder_with_tokenizer_model_stands_for_it(tmp_path, small_tokenizer_path, capsys):
+    """As a Hugging Face LLaMA repository or Meta's download lays it out."""
+    import shutil
+
+    repo = tmp_path / "Llama-2-7b-hf"
+    repo.mkdir()
+    shutil.copy(small_tokenizer_path, repo / "tokenizer.model")
+    (repo / "config.json").write_text("{}")
+    direct, _ = cli(capsys, "tokenizer", "encode", "--model", small_tokenizer_path, "hello")
+    via_dir, _ = cli(capsys, "tokenizer", "encode", "--model", repo, "hello")
+    assert direct == via_dir and direct.strip()
+    _, err = cli(capsys, "tokenizer", "encode", "--model", tmp_path, "hello", code=2)
+    assert "a folder without tokenizer.model" in err
+    ckpt = tmp_path / "ckpt"
+    cli(capsys, "init", "--preset", "1M", "--tokenizer", repo, "--out", ckpt, "max_seq_len=32")
+    assert (ckpt / "tokenizer.model").read_bytes() == small_tokenizer_path.read_bytes()
+
+
+def test_printer_squeezes_blank_lines_and_dims():
+    import io
+
+    from llamaforge.checkpoint_cli import _Printer
+
+    buf = io.StringIO()
+    p = _Printer(buf)
+    p.write("a\n\n\n\n")
+    p.write("\n\nb")
+    p.write("prompt", dim=True)
+    p.end_line()
+    assert buf.getvalue() == "a\n\nb\x1b[2mprompt\x1b[0m\n"
+
+
+def test_data_stats_is_an_aligned_table():
+    from llamaforge.data.report import format_table1
+
+    rows = [
+        {"source": "code", "kind": "code", "proportion": 0.7, "epochs": 252063.97,
+         "disk_bytes": 18.8 * 2**20, "tokens": 5_550_000, "documents": 1234},
+        {"source": "prose", "kind": "books", "proportion": 0.3, "epochs": 1.5,
+         "disk_bytes": 2048, "tokens": 1000, "documents": 7},
+    ]  # fmt: skip
+    lines = format_table1(rows, 10**12).splitlines()
+    assert lines[1].split() == [
+        "Dataset", "Kind", "Sampling", "prop.", "Epochs", "Disk", "size", "Tokens", "Documents"
+    ]  # fmt: skip
+    assert set(lines[2]) == {"-", " "}
+    assert "70.0%  252,063.97" in lines[3]
+    # right-aligned numbers: every column ends where its header ends
+    for header in ("Sampling prop.", "Epochs", "Disk size", "Tokens", "Documents"):
+        end = lines[1].index(header) + len(header)
+        assert all(line[end - 1] != " " and line[end : end + 1] in ("", " ") for line in lines[3:])
 
 
 def test_tokenizer_commands(tmp_path, capsys):
@@ -258,6 +471,23 @@ def test_help_shows_field_docs(capsys):
     assert re.search(r"mmlu.subjects = null +# evaluate only these subjects", out)
 
 
+def test_pretrain_without_prepared_data_says_how_to_prepare_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs" / "data").mkdir(parents=True)
+    (tmp_path / "configs" / "data" / "mine.toml").write_text('output = "data/mine"\n')
+    _, err = cli(capsys, "pretrain", "data.dir=data/mine", "data.tokenizer=data/mine/t.model",
+                 "device=cpu", code=2)  # fmt: skip
+    assert len(err.strip().splitlines()) == 1, err
+    assert "data/mine/mixture.json: not found (the prepared data)" in err
+    assert "`llamaforge data prepare configs/data/mine.toml`" in err
+    (tmp_path / "data" / "mine").mkdir(parents=True)
+    (tmp_path / "data" / "mine" / "mixture.json").write_text("{}")
+    _, err = cli(capsys, "pretrain", "data.dir=data/mine", "data.tokenizer=data/mine/t.model",
+                 "device=cpu", code=2)  # fmt: skip
+    assert "data/mine/t.model: not found (the tokenizer)" in err
+    assert "llamaforge data prepare configs/data/mine.toml" in err
+
+
 def test_pretrain_flags_are_override_aliases(monkeypatch, tmp_path):
     import llamaforge.pretrain as pretrain
 
@@ -272,3 +502,27 @@ def test_pretrain_flags_are_override_aliases(monkeypatch, tmp_path):
         (3, "none", "runs/x"),
         (4, "auto", "runs/y"),
     ]
+
+
+# ----------------------------------------------------------------------------- README numbers
+
+
+def test_readme_info_example_is_the_commands_output(capsys):
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("```console\n$ llamaforge info --preset 7B\n", 1)[1].split("```", 1)[0]
+    out, _ = cli(capsys, "info", "--preset", "7B")
+    assert out == block
+
+
+def test_tiny_cpu_config_size_as_documented():
+    """README and configs/pretrain/tiny-cpu.toml: 737,856 parameters (0.74M)."""
+    from llamaforge.config import load_config
+    from llamaforge.flops import count_params
+    from llamaforge.pretrain import PretrainConfig
+    from llamaforge.trainer import model_args
+
+    cfg = load_config(PretrainConfig, REPO / "configs" / "pretrain" / "tiny-cpu.toml", [])
+    args = model_args(cfg, 4096, cfg.data.seq_len)  # configs/data/stdlib.toml: 4096 pieces
+    assert count_params(args)["total"] == 737_856
+    assert "737,856" in (REPO / "configs" / "pretrain" / "tiny-cpu.toml").read_text()
+    assert "737,856 parameters" in (REPO / "README.md").read_text()

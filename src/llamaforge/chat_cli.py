@@ -36,7 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
     c.add_argument("--top-p", type=float, default=0.9, help="nucleus mass (default 0.9)")
     c.add_argument("--seed", type=int, default=None)
-    c.add_argument("--tokenizer", help="tokenizer.model to use instead of the checkpoint's")
+    c.add_argument(
+        "--tokenizer", help="tokenizer.model (or its folder) to use instead of the checkpoint's"
+    )
     c.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
     c.add_argument("--dtype", help="float32, bfloat16, float16 (default: as stored)")
     c.set_defaults(func=_chat)
@@ -55,13 +57,14 @@ def _read_line(interactive: bool) -> str | None:
 
 
 def _chat(a: argparse.Namespace) -> int:
-    from .chat import ChatError, ChatSession, resolve_template
+    from .chat_session import ChatError, ChatSession, resolve_template
     from .chat_templates import ChatTemplateError
     from .checkpoint import load
+    from .cli import tokenizer_path
     from .flops import resolve_device
 
     device = resolve_device(a.device or "auto")
-    model, tok = load(a.ckpt, device=device, dtype=a.dtype, tokenizer=a.tokenizer)
+    model, tok = load(a.ckpt, device=device, dtype=a.dtype, tokenizer=tokenizer_path(a.tokenizer))
     if tok is None:
         raise ValueError(f"{a.ckpt}: no tokenizer.model in the checkpoint; pass --tokenizer")
     template = resolve_template(a.template, tok, a.ckpt)

@@ -7,7 +7,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TextIO
 
+from .cli import tokenizer_path
 from .config import add_config_help
 
 
@@ -44,7 +46,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_config_help(n, _model_args_class, "ModelArgs (KEY=VALUE overrides; 7B defaults):")
     n.add_argument("--preset", required=True, help="model size (see `llamaforge info`)")
-    n.add_argument("--tokenizer", required=True, help="SentencePiece model; sets vocab_size")
+    n.add_argument(
+        "--tokenizer",
+        required=True,
+        help="SentencePiece model, or a folder with tokenizer.model (Meta's download, a "
+        "Hugging Face LLaMA repository); sets vocab_size",
+    )
     n.add_argument("--out", required=True, help="checkpoint directory to create")
     n.add_argument("--seed", type=int, default=0)
     n.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
@@ -53,16 +60,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     n.set_defaults(func=_init)
 
     g = subparsers.add_parser(
-        "generate", help="generate text from a checkpoint, streamed to stdout"
+        "generate",
+        help="generate text from a checkpoint, streamed to stdout",
+        description="Continue each prompt with the checkpoint. One prompt streams its "
+        "continuation after the prompt; several are one batch, each row printed under a "
+        "'=== [i/n]' label with its finish reason. The prompt is shown dimmed on a terminal "
+        "(--echo: always, --no-echo: never). Sampling is unseeded (each run differs) "
+        "unless --seed is given; --temperature 0 is greedy.",
     )
     g.add_argument("--ckpt", required=True, help="native checkpoint directory")
     g.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     g.add_argument("--prompt-file", help="read one prompt from this file")
-    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument(
+        "--max-new-tokens", type=int, default=128, help="tokens to add per row (default 128)"
+    )
     g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
     g.add_argument("--top-p", type=float, default=0.95, help="nucleus mass (default 0.95)")
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--top-k", type=int, default=None, help="keep the k likeliest (default: off)")
+    g.add_argument("--stop", action="append", help="stop string (repeatable; default: none)")
     g.add_argument(
         "--chat",
         action="store_true",
@@ -71,14 +86,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from .chat_cli import add_template_args
 
     add_template_args(g)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--echo", action="store_true", help="print the prompt too")
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed for sampling (default: none, so sampling is unseeded and each run differs)",
+    )
+    g.add_argument(
+        "--echo",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="print the prompt before its continuation (default: dimmed on a terminal, "
+        "not when stdout is a file or a pipe)",
+    )
     g.add_argument(
         "--truncate",
         action="store_true",
-        help="keep the last tokens of a prompt longer than the context",
+        help="keep the last tokens of a prompt longer than the context (default: an error)",
     )
-    g.add_argument("--tokenizer", help="tokenizer.model to use instead of the checkpoint's")
+    g.add_argument(
+        "--tokenizer", help="tokenizer.model (or its folder) to use instead of the checkpoint's"
+    )
     g.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
     g.add_argument("--dtype", help="float32, bfloat16, float16 (default: as stored)")
     g.set_defaults(func=_generate)
@@ -168,7 +196,7 @@ def _init(a: argparse.Namespace) -> int:
     from .presets import get_preset
     from .tokenizer import Tokenizer
 
-    tok = Tokenizer(a.tokenizer)
+    tok = Tokenizer(tokenizer_path(a.tokenizer))
     args = apply_overrides(get_preset(a.preset, vocab_size=tok.vocab_size), a.overrides)
     torch.manual_seed(a.seed)
     model = build_model(args)
@@ -190,13 +218,14 @@ def _generate(a: argparse.Namespace) -> int:
     if not a.chat and (a.template or a.system):
         raise ValueError("--template and --system need --chat")
     device = resolve_device(a.device or "auto")
-    model, tok = load(a.ckpt, device=device, dtype=a.dtype, tokenizer=a.tokenizer)
+    tok_file = tokenizer_path(a.tokenizer)
+    model, tok = load(a.ckpt, device=device, dtype=a.dtype, tokenizer=tok_file)
     if tok is None:
         raise ValueError(f"{a.ckpt}: no tokenizer.model in the checkpoint; pass --tokenizer")
     inputs: list[str] | list[list[int]] = prompts
     stops = list(a.stop or ())
     if a.chat:
-        from .chat import resolve_template, stop_strings
+        from .chat_session import resolve_template, stop_strings
         from .chat_templates import encode_text
 
         tpl = resolve_template(a.template, tok, a.ckpt)
@@ -212,13 +241,20 @@ def _generate(a: argparse.Namespace) -> int:
         ]
         stops += stop_strings(tpl)
 
+    tty = sys.stdout.isatty()
+    echo = tty if a.echo is None else a.echo
+    out = _Printer(sys.stdout)
+
+    def show_prompt(text: str) -> None:
+        if echo:
+            out.write(text, dim=tty)
+
     def stream(row: int, delta: str) -> None:
         if len(prompts) == 1:
-            sys.stdout.write(delta)
-            sys.stdout.flush()
+            out.write(delta)
 
-    if len(prompts) == 1 and a.echo:
-        sys.stdout.write(prompts[0])
+    if len(prompts) == 1:
+        show_prompt(prompts[0])
     results = generate_completions(
         model,
         tok,
@@ -232,9 +268,43 @@ def _generate(a: argparse.Namespace) -> int:
         truncate=a.truncate,
         on_text=stream,
     )
-    if len(prompts) == 1:
-        sys.stdout.write("\n")
-    else:
-        for p, r in zip(prompts, results):
-            print(f"=== {p!r} ({r.finish_reason})\n{(p if a.echo else '') + r.text}")
+    if len(prompts) > 1:
+        for i, (p, r) in enumerate(zip(prompts, results), 1):
+            out.end_line()
+            out.write(f"=== [{i}/{len(prompts)}] {r.finish_reason}\n")
+            show_prompt(p)
+            out.write(r.text)
+    out.end_line()
     return 0
+
+
+class _Printer:
+    """Writes generated text for a person: runs of blank lines squeezed to one (a small
+    model's newline runs), the prompt dimmed on a terminal, flushed as it goes."""
+
+    DIM, RESET = "\x1b[2m", "\x1b[0m"
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.newlines = 1  # consecutive newlines just written (start: a fresh line)
+
+    def write(self, text: str, dim: bool = False) -> None:
+        kept = []
+        for ch in text:
+            if ch == "\n":
+                if self.newlines >= 2:
+                    continue
+                self.newlines += 1
+            else:
+                self.newlines = 0
+            kept.append(ch)
+        chunk = "".join(kept)
+        if chunk:
+            self.stream.write(f"{self.DIM}{chunk}{self.RESET}" if dim else chunk)
+            self.stream.flush()
+
+    def end_line(self) -> None:
+        if self.newlines == 0:
+            self.stream.write("\n")
+            self.newlines = 1
+        self.stream.flush()

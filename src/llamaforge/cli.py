@@ -3,8 +3,11 @@
 Each command lives in the module that owns it, which registers it with
 ``register(subparsers)``: it adds its subparser(s) and sets ``func``, the handler
 ``(argparse.Namespace) -> int`` (the exit status). Command modules import nothing heavy
-(torch, sentencepiece ...) at module level, so ``llamaforge --help`` stays cheap; handlers
-import what they need. Errors become exit codes here, in `main`, and nowhere else.
+(torch, sentencepiece ...) at module level, so ``llamaforge --help``, ``--version``, a usage
+error and every ``--help`` that needs no config class run without importing torch
+(tests/test_cli.py checks it); handlers import what they need. Errors become exit codes
+here, in `main`, and nowhere else. Run as a program (``argv`` not given), `main` sets the
+CPU threads before any command imports torch (`llamaforge.threads`).
 """
 
 from __future__ import annotations
@@ -42,14 +45,37 @@ def flag_overrides(a: argparse.Namespace, *names: str) -> list[str]:
     return [f"{k}={getattr(a, k)}" for k in names if getattr(a, k) is not None]
 
 
+def tokenizer_path(path: str | None) -> str | None:
+    """A ``--tokenizer``/``--model`` argument: a SentencePiece ``.model`` file, or a folder
+    holding ``tokenizer.model`` (Meta's download, a Hugging Face LLaMA repository, a native
+    checkpoint) that stands for it."""
+    if path is None:
+        return None
+    from pathlib import Path
+
+    p = Path(path)
+    if p.is_dir():
+        if not (p / "tokenizer.model").is_file():
+            raise FileNotFoundError(
+                f"{p}: a folder without tokenizer.model (expected the SentencePiece model "
+                "of Meta's download or of a Hugging Face LLaMA repository, or the file itself)"
+            )
+        return str(p / "tokenizer.model")
+    return str(p)
+
+
 # ----------------------------------------------------------------------------- the tree
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="llamaforge",
-        description="LLaMA (Touvron et al. 2023) in PyTorch: data, tokenizer, pretraining, "
-        "evaluation, conversion and generation.",
+        description="LLaMA (Touvron et al. 2023) in PyTorch: data preparation, tokenizers, "
+        "pretraining, instruction finetuning and LoRA, the paper's evaluations, checkpoint "
+        "conversion (Meta, Hugging Face, GGUF, llama2.c), generation and chat.",
+        epilog="`llamaforge COMMAND --help` describes a command. CPU threads: "
+        "LLAMAFORGE_THREADS=N (default: the cores this process may use, divided by the "
+        "processes per node under torchrun; OMP_WAIT_POLICY=PASSIVE unless set).",
     )
     p.add_argument("--version", action="version", version=f"llamaforge {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -61,7 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run ``llamaforge ARGV``; the exit status: the handler's, 2 for a usage, config or
     input error (one ``llamaforge CMD: error: ...`` line on stderr), an exception's integer
-    ``exit_code`` attribute (e.g. 1 for a training failure), 130 on Ctrl-C."""
+    ``exit_code`` attribute (e.g. 1 for a training failure), 130 on Ctrl-C.
+
+    Without ``argv`` (the program's entry point: ``llamaforge``, ``python -m llamaforge``,
+    torchrun) the process's CPU threads are set first (`threads.configure_threads`); a call
+    with an explicit ``argv`` (tests, other programs) leaves the caller's threads alone."""
+    entry = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:
@@ -78,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
             return e.code if isinstance(e.code, int) else 2
     what = " ".join(v for k, v in vars(a).items() if k.endswith("command") and v)
     try:
+        if entry:
+            from .threads import configure_threads
+
+            configure_threads()
         return int(a.func(a))
     except KeyboardInterrupt:
         print(f"llamaforge {what}: interrupted", file=sys.stderr)

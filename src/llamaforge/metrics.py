@@ -13,6 +13,9 @@ from .files import atomic_path
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
+SUMMARY_FILE = "summary.json"
+# summary.json keys that are reference losses, drawn as horizontal lines by plot_run
+BASELINES = {"unigram_loss": "unigram baseline"}
 
 
 class MetricsWriter:
@@ -100,9 +103,28 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+def run_baselines(run_dir: str | Path) -> dict[str, float]:
+    """Reference losses the run knows (label -> nats/token): the ``BASELINES`` keys of
+    RUN_DIR/summary.json, e.g. the quickstart's unigram loss; empty when there are none."""
+    path = Path(run_dir) / SUMMARY_FILE
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(summary, dict):
+        return {}
+    return {label: float(summary[k]) for k, label in BASELINES.items() if _finite(summary.get(k))}
+
+
+def plot_run(
+    run_dir: str | Path,
+    out: str | Path | None = None,
+    baselines: dict[str, float] | None = None,
+) -> Path:
     """Train loss (raw and smoothed) and validation loss against tokens seen, as a PNG
-    (default RUN_DIR/loss.png)."""
+    (default RUN_DIR/loss.png), with each reference loss (``baselines``, default
+    `run_baselines`: the unigram loss where the run recorded it) as a dashed horizontal
+    line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -120,6 +142,11 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     if val:
         vx, vy = zip(*val)
         ax.plot(vx, vy, "o-", color="tab:orange", linewidth=1.6, label="validation")
+    refs = run_baselines(run_dir) if baselines is None else baselines
+    for label, value in refs.items():
+        ax.axhline(
+            value, color="gray", linestyle="--", linewidth=1.2, label=f"{label} ({value:.3f})"
+        )
     ax.set_xlabel("tokens")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(f"{Path(run_dir).resolve().name}: {len(rows)} steps")

@@ -95,6 +95,11 @@ def unigram_cross_entropy(train: np.ndarray, val: np.ndarray, vocab_size: int) -
 
 def run_quickstart(cfg: QuickstartConfig, log: Callable[[str], None] = print) -> dict:
     out = Path(cfg.out)
+    if (out / "summary.json").is_file() or (out / "metrics.jsonl").is_file():
+        log(
+            f"{out} holds a previous quickstart run: this run replaces it (its prepared data "
+            "is reused; --out DIR keeps the old run)"
+        )
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     t0 = time.time()
@@ -123,6 +128,8 @@ def run_quickstart(cfg: QuickstartConfig, log: Callable[[str], None] = print) ->
     for stale in ("metrics.jsonl", "summary.json", "loss.png"):  # a fresh run each time
         (out / stale).unlink(missing_ok=True)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    # the loss plot (metrics.plot_run) draws the baseline it finds in summary.json
+    atomic_write(out / "summary.json", json.dumps({"unigram_loss": unigram}) + "\n")
     result = run_pretrain(cfg)
     val_loss = float(result["val_loss"])
     log("3/4 saved")
@@ -158,7 +165,6 @@ def run_quickstart(cfg: QuickstartConfig, log: Callable[[str], None] = print) ->
         f"vs unigram baseline {unigram:.3f}"
     )
     log(f"checkpoint: {ckpt}   metrics: {metrics_path}   ({summary['seconds']} s)")
-    log(f"loss curve: {result['plot']}")
     for text in summary["samples"]:
         log("--- sample ---\n" + text)
     log(f"\nnext: llamaforge generate --ckpt {ckpt} --prompt 'def '")

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .cli import tokenizer_path
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """The ``tokenizer`` command and its actions."""
@@ -23,14 +25,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     tt.set_defaults(func=_train)
     te = tsub.add_parser("encode", help="text → ids (reads stdin without TEXT)")
-    te.add_argument("--model", required=True, help="tokenizer.model")
+    te.add_argument("--model", required=True, help="tokenizer.model, or a folder holding one")
     te.add_argument("text", nargs="?")
     te.add_argument("--bos", action=argparse.BooleanOptionalAction, default=False)
     te.add_argument("--eos", action=argparse.BooleanOptionalAction, default=False)
     te.add_argument("--pieces", action="store_true", help="show id:piece pairs")
     te.set_defaults(func=_encode)
     td = tsub.add_parser("decode", help="ids → text (reads stdin without IDS)")
-    td.add_argument("--model", required=True, help="tokenizer.model")
+    td.add_argument("--model", required=True, help="tokenizer.model, or a folder holding one")
     td.add_argument("ids", nargs="*")
     td.set_defaults(func=_decode)
 
@@ -48,7 +50,7 @@ def _train(a: argparse.Namespace) -> int:
 def _encode(a: argparse.Namespace) -> int:
     from .tokenizer import Tokenizer
 
-    tok = Tokenizer(a.model)
+    tok = Tokenizer(tokenizer_path(a.model))
     text = a.text if a.text is not None else sys.stdin.read()
     ids = tok.encode(text, bos=a.bos, eos=a.eos)
     if a.pieces:
@@ -61,7 +63,7 @@ def _encode(a: argparse.Namespace) -> int:
 def _decode(a: argparse.Namespace) -> int:
     from .tokenizer import Tokenizer
 
-    tok = Tokenizer(a.model)
+    tok = Tokenizer(tokenizer_path(a.model))
     raw = a.ids if a.ids else sys.stdin.read().split()
     try:
         ids = [int(x) for x in raw]

@@ -96,7 +96,12 @@ def _register_pretrain(subparsers: argparse._SubParsersAction) -> None:
         from .config import load_config
         from .pretrain import PretrainConfig, run_pretrain
 
-        run_pretrain(load_config(PretrainConfig, config, overrides))
+        cfg = load_config(PretrainConfig, config, overrides)
+        try:
+            run_pretrain(cfg)
+        except (OSError, ValueError) as e:  # the tokenizer or the shards are not there
+            check_prepared(Path(cfg.data.dir), Path(cfg.data.tokenizer), cause=e)
+            raise
 
     _training_command(
         subparsers,
@@ -113,6 +118,40 @@ def _register_pretrain(subparsers: argparse._SubParsersAction) -> None:
         epilog="Many processes: torchrun --nproc_per_node N -m llamaforge pretrain CONFIG "
         "[KEY=VALUE ...] (FSDP2 by default; parallel=ddp for DDP).",
     )
+
+
+def check_prepared(
+    data_dir: Path,
+    tokenizer: Path,
+    configs: Path = Path("configs/data"),
+    cause: BaseException | None = None,
+) -> None:
+    """The token shards and the tokenizer of a pretraining run exist, else a DataError that
+    says which ``llamaforge data prepare CONFIG`` makes them (the data config in ``configs``
+    whose ``output`` is ``data_dir``, when there is one)."""
+    from .data.base import DataError
+    from .data.shards import MIXTURE_FILE
+
+    missing = [p for p in (data_dir / MIXTURE_FILE, tokenizer) if not p.exists()]
+    if not missing:
+        return
+    config = "CONFIG"
+    for candidate in sorted(configs.glob("*.toml")) if configs.is_dir() else []:
+        try:
+            from .config import tomllib
+
+            output = tomllib.loads(candidate.read_text(encoding="utf-8")).get("output")
+        except (OSError, ValueError):
+            continue
+        if isinstance(output, str) and Path(output).resolve() == data_dir.resolve():
+            config = candidate.as_posix()
+            break
+    what = "the tokenizer" if missing[0] == tokenizer else "the prepared data"
+    raise DataError(
+        f"{missing[0]}: not found ({what}): prepare the data first with `llamaforge data "
+        f"prepare {config}` (a data config whose output is {data_dir}; it also trains the "
+        "tokenizer), then rerun this command"
+    ) from cause
 
 
 def _register_finetune(subparsers: argparse._SubParsersAction) -> None:

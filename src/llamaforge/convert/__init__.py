@@ -4,6 +4,9 @@ Every conversion goes through the native format (Meta tensor names): a source is
 stream of tensors, and a target other than native is written from a native directory (a
 temporary one, removed afterwards, when the source is not native). Targets are written to
 a hidden sibling and renamed into place, so a failed conversion leaves no DST behind.
+
+Nothing heavy is imported at module level (``llamaforge convert --help`` must not load
+torch): each function imports the checkpoint code it needs.
 """
 
 from __future__ import annotations
@@ -12,8 +15,6 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-
-from ..checkpoint import CheckpointError, parse_dtype, save_state
 
 SOURCES = ("native", "meta", "hf", "llama2c")
 TARGETS = ("native", "meta", "hf", "gguf")
@@ -37,6 +38,8 @@ def to_native(
     progress: bool = True,
 ) -> Path:
     """Read ``src`` in layout ``source`` and write a native checkpoint at ``dst``."""
+    from ..checkpoint import CheckpointError, parse_dtype, save_state
+
     src = Path(src)
     if not src.exists():
         raise CheckpointError(f"{src}: no such file or directory")
@@ -118,6 +121,8 @@ def convert(
     ``dtype`` is a torch dtype name for native/meta/hf targets and the GGUF file type
     (f32, f16, q8_0) for gguf. ``shards`` is the model-parallel count of a Meta target.
     """
+    from ..checkpoint import CheckpointError, parse_dtype
+
     if source not in SOURCES:
         raise CheckpointError(f"unknown source layout {source!r}; expected one of {SOURCES}")
     if target not in TARGETS:
@@ -170,6 +175,8 @@ def convert(
 
 
 def _gguf_type(dtype: str | None) -> str:
+    from ..checkpoint import CheckpointError
+
     aliases = {
         None: "f16",
         "float32": "f32",

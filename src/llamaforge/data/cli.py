@@ -69,9 +69,10 @@ def _stats(a: argparse.Namespace) -> int:
 
 
 def _show(a: argparse.Namespace) -> int:
+    from ..cli import tokenizer_path
     from .report import first_documents
 
-    docs = first_documents(a.data_dir, a.source, a.n, a.tokenizer, a.split)
+    docs = first_documents(a.data_dir, a.source, a.n, tokenizer_path(a.tokenizer), a.split)
     for i, doc in enumerate(docs):
         text = doc if a.max_chars <= 0 or len(doc) <= a.max_chars else doc[: a.max_chars] + " …"
         print(f"=== {a.source} document {i} ({len(doc)} characters)\n{text}")

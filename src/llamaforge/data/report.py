@@ -40,19 +40,40 @@ def table1(data_dir: str | Path, run_tokens: int) -> list[dict[str, Any]]:
     return rows
 
 
+def format_table(header: list[str], rows: list[list[str]], left: int = 1) -> str:
+    """An aligned text table: a header row, a rule, the rows; the first ``left`` columns
+    left-aligned, the others right-aligned (numbers), two spaces between columns."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        parts = [
+            c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+        ]
+        return "  ".join(parts).rstrip()
+
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
+
+
 def format_table1(rows: list[dict[str, Any]], run_tokens: int) -> str:
+    """The paper's Table 1 for this folder: per source its sampling proportion, epochs over
+    a run of ``run_tokens`` tokens, disk size and tokens."""
     from ..flops import human_bytes, human_count
 
-    lines = [
-        f"Mixture for a run of {human_count(run_tokens)} tokens",
-        f"{'Dataset':<16}{'Sampling prop.':>16}{'Epochs':>9}{'Disk size':>12}{'Tokens':>12}",
+    header = ["Dataset", "Kind", "Sampling prop.", "Epochs", "Disk size", "Tokens", "Documents"]
+    body = [
+        [
+            r["source"],
+            str(r["kind"]),
+            f"{r['proportion'] * 100:.1f}%",
+            f"{r['epochs']:,.2f}",
+            human_bytes(r["disk_bytes"]),
+            human_count(r["tokens"]),
+            f"{r['documents']:,}",
+        ]
+        for r in rows
     ]
-    for r in rows:
-        lines.append(
-            f"{r['source']:<16}{r['proportion'] * 100:>15.1f}%{r['epochs']:>9.2f}"
-            f"{human_bytes(r['disk_bytes']):>12}{human_count(r['tokens']):>12}"
-        )
-    return "\n".join(lines)
+    title = f"Mixture for a run of {human_count(run_tokens)} tokens"
+    return title + "\n" + format_table(header, body, left=2)
 
 
 def first_documents(

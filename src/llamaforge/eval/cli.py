@@ -4,6 +4,8 @@
                     [--data-dir D] [--output OUT.json] [--report OUT.md] ...
 
 The data directory defaults to $LLAMAFORGE_EVAL_DATA, else $LLAMAFORGE_SHARED_DATA/eval.
+A task whose files are not there is read from its public Hugging Face dataset
+(`hub.HUB`, through ``datasets`` and its cache); ``--data-source local|hub`` forces one.
 Results go to --output (JSON) and the markdown tables to stdout (and --report).
 """
 
@@ -24,9 +26,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "eval",
         help="the paper's benchmarks on a checkpoint",
-        description="Evaluate a checkpoint on the paper's benchmarks. The data directory "
-        "defaults to $LLAMAFORGE_EVAL_DATA, else $LLAMAFORGE_SHARED_DATA/eval; --list-tasks "
-        "shows every task with its options.",
+        description="Evaluate a checkpoint on the paper's benchmarks. Each task reads its "
+        "files from the data directory ($LLAMAFORGE_EVAL_DATA, else "
+        "$LLAMAFORGE_SHARED_DATA/eval, or --data-dir) when they are there, else its public "
+        "Hugging Face dataset through `datasets` (downloaded once into its cache; "
+        "HF_DATASETS_OFFLINE=1 reads the cache alone). The results JSON records each task's "
+        "data source (the dataset id, config, split and revision). --list-tasks shows every "
+        "task with its options.",
     )
     add_arguments(p)
     p.set_defaults(func=run)
@@ -41,6 +47,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--data-dir",
         default=None,
         help="benchmark data (default: $LLAMAFORGE_EVAL_DATA, else $LLAMAFORGE_SHARED_DATA/eval)",
+    )
+    p.add_argument(
+        "--data-source",
+        choices=("auto", "local", "hub"),
+        default="auto",
+        help="auto (default): the data directory when it has the task's files, else the "
+        "Hugging Face dataset; local: the data directory only; hub: the Hugging Face "
+        "dataset only",
     )
     p.add_argument("--output", help="write the results JSON here")
     p.add_argument("--report", help="write the markdown report here")
@@ -97,38 +111,125 @@ def parse_task_options(items: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def default_data_dir() -> Path:
+def local_data_dir() -> Path | None:
+    """$LLAMAFORGE_EVAL_DATA, else $LLAMAFORGE_SHARED_DATA/eval, else None."""
     env = os.environ.get("LLAMAFORGE_EVAL_DATA")
     if env:
         return Path(env)
     shared = os.environ.get("LLAMAFORGE_SHARED_DATA")
     if shared:
         return Path(shared) / "eval"
+    return None
+
+
+def default_data_dir() -> Path:
+    local = local_data_dir()
+    if local is not None:
+        return local
     raise EvalError(
         "no benchmark data directory: pass --data-dir, or set LLAMAFORGE_EVAL_DATA "
         "(or LLAMAFORGE_SHARED_DATA, whose eval/ folder is used)"
     )
 
 
+PAPER_TABLES = {
+    "3": "3 common sense",
+    "4": "4 NaturalQuestions",
+    "5": "5 TriviaQA",
+    "6": "6 RACE",
+    "7": "7 math",
+    "8": "8 code",
+    "9": "9 MMLU",
+    "11": "11 RealToxicity",
+    "12": "12 CrowS-Pairs",
+    "13": "13 WinoGender",
+    "14": "14 TruthfulQA",
+    "-": "- (not in paper)",
+}
+
+
 def _list_tasks() -> int:
+    from .hub import HUB
     from .tasks import TASKS
 
     print(
-        "Tasks, their paper table, shots and main metric, and their options "
-        "(--task-option TASK.KEY=VALUE). Every task also takes TASK.path=FILE: the evaluated "
-        "file, absolute or relative to --data-dir, e.g. a full public set.\n"
+        "Tasks with the paper's table they appear in, default shots, main metric and the "
+        "Hugging Face dataset read when the data directory lacks the task's files; then "
+        "their options (--task-option TASK.KEY=VALUE). Every task also takes "
+        "TASK.path=FILE: the evaluated file, absolute or relative to --data-dir.\n"
     )
+    rows = [("task", "paper table", "shots", "metric", "Hugging Face dataset (when no local copy)")]
     for name in sorted(TASKS):
         info = getattr(TASKS[name], "info", None)
         if info is None:  # `info` is set per instance by some tasks
-            print(name)
+            rows.append((name, "", "", "", ""))
             continue
-        print(f"{name:24} table {info.table:>3}  {info.default_shots:>2}-shot  {info.main_metric}")
+        hub = HUB.get(name)
+        first = hub.splits[0] if hub else None
+        dataset = "- (local files only)"
+        if hub and first:
+            splits = " + ".join(s.split for s in hub.splits)
+            dataset = f"{first.dataset}" + (f" {first.config}" if first.config else "")
+            dataset += f" {splits}"
+        rows.append(
+            (
+                name,
+                PAPER_TABLES.get(info.table, info.table),
+                str(info.default_shots),
+                info.main_metric,
+                dataset,
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for j, r in enumerate(rows):
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+        if j == 0:
+            print("  ".join("-" * w for w in widths) + "  " + "-" * len(r[-1]))
+    print()
+    for name in sorted(TASKS):
         options_help = getattr(TASKS[name], "options_help", None)
         if options_help is not None:
-            for line in options_help(common=False).splitlines()[1:]:
-                print(f"    {name}.{line.strip()}")
+            lines = options_help(common=False).splitlines()[1:]
+            if lines:
+                print(f"{name} options:")
+                for line in lines:
+                    print(f"    {name}.{line.strip()}")
     return 0
+
+
+def resolve_task_data(
+    names: list[str],
+    options: dict[str, dict[str, Any]],
+    local: Path | None,
+    mode: str = "auto",
+    hub_dir: Path | None = None,
+) -> dict[str, tuple[Path, tuple[str, ...], dict[str, Any]]]:
+    """Per task not read from ``local``: its Hugging Face data (folder, files, source), the
+    options that layout needs merged into ``options`` (the user's win). ``mode`` auto: the
+    local folder when it holds the task's files (or the user gave TASK.path), else the Hub;
+    local: never the Hub; hub: always."""
+    from .hub import fetch_task_data, hub_source
+    from .tasks import TASKS
+
+    out: dict[str, tuple[Path, tuple[str, ...], dict[str, Any]]] = {}
+    for name in names:
+        if name not in TASKS:
+            continue  # get_task names the unknown task
+        user = options.get(name, {})
+        files = TASKS[name].info.files
+        has_local = local is not None and all((local / f).exists() for f in files)
+        if mode == "local" or (mode == "auto" and (has_local or "path" in user)):
+            continue
+        if hub_source(name) is None:
+            where = f"{local} has no {files[0]}" if local is not None else "no --data-dir"
+            raise EvalError(
+                f"{name}: {where} and no Hugging Face dataset is known for it; pass "
+                "--data-dir with a local copy"
+            )
+        hd = fetch_task_data(name, hub_dir)
+        out[name] = (hd.data_dir, hd.files, hd.source)
+        options[name] = {**hd.options, **user}
+    return out
 
 
 def run(a: argparse.Namespace) -> int:
@@ -144,11 +245,20 @@ def run(a: argparse.Namespace) -> int:
         raise CheckpointError(f"{a.ckpt}: no such checkpoint directory (--ckpt)")
     names = [t.strip() for t in a.tasks.split(",") if t.strip()]
     options = parse_task_options(a.task_option)
-    data_dir = Path(a.data_dir) if a.data_dir else default_data_dir()
-    if not data_dir.is_dir():
-        raise EvalError(f"{data_dir}: no such data directory (--data-dir)")
+    local = Path(a.data_dir) if a.data_dir else local_data_dir()
+    if a.data_source == "local" and local is None:
+        local = default_data_dir()  # the error that says how to name one
+    if local is not None and not local.is_dir():
+        if a.data_dir or a.data_source == "local":
+            raise EvalError(f"{local}: no such data directory (--data-dir)")
+        local = None  # an environment default that is not there: the Hub
 
     from .tasks import get_task
+
+    for n in names:
+        get_task(n, **options.get(n, {}))  # bad names and options fail before any download
+    task_data = resolve_task_data(names, options, local, a.data_source)
+    data_dir = local if local is not None else next(iter(task_data.values()))[0]
 
     tasks = [get_task(n, **options.pop(n, {})) for n in names]  # bad names fail before loading
     if options:
@@ -189,6 +299,7 @@ def run(a: argparse.Namespace) -> int:
         use_cache=not a.no_cache,
         log_samples=a.log_samples,
         on_task=done,
+        task_data=task_data,
     )
     from ..files import atomic_write
 

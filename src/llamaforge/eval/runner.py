@@ -282,6 +282,7 @@ def evaluate(
     task_options: Mapping[str, Mapping[str, Any]] | None = None,
     log_samples: bool = False,
     on_task: Callable[[str, dict[str, Any]], None] | None = None,
+    task_data: Mapping[str, tuple[Path, Sequence[str], Mapping[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``lm`` on ``tasks`` (Task objects or registry names); see the module doc.
 
@@ -289,11 +290,17 @@ def evaluate(
     known: ``ckpt_hash`` or, for a ``LlamaforgeLM`` loaded from a directory, its files' hash.
     Cache keys also hold the model's evaluation settings that can change results
     (``lm.describe()``: dtype, device, context length), not its batch size.
+
+    ``task_data`` gives a task its own data: ``name -> (folder, files, source)``, e.g. a
+    Hugging Face dataset written by `hub.fetch_task_data`; the files are hashed for the cache
+    and ``source`` (dataset id, config, split, revision, fingerprint) is recorded as the
+    task's ``data_source``. Other tasks read ``data_dir`` (``data_source``: local).
     """
     from .. import __version__
 
     data = Path(data_dir)
-    if not data.is_dir():
+    task_data = dict(task_data or {})
+    if not data.is_dir() and not task_data:
         raise EvalError(f"{data}: no such data directory (pass --data-dir)")
     if limit is not None and limit < 1:
         raise EvalError(f"limit must be at least 1, got {limit}")
@@ -331,7 +338,15 @@ def evaluate(
     for task in task_list:
         name = task.info.name
         k = task.info.default_shots if shots is None else shots
-        dhash = data_sha256(data, task.info.files, memo_file)
+        tdir, tfiles, source = task_data.get(name, (data, task.info.files, {}))
+        tdir = Path(tdir)
+        if not tdir.is_dir():
+            raise EvalError(f"{tdir}: no such data directory (pass --data-dir)")
+        dhash = data_sha256(tdir, list(tfiles), memo_file)
+        source = dict(source) or {"kind": "local", "data_dir": str(tdir)}
+        if source.get("kind") != "local":  # the dataset's identity, not just its files
+            ident = json.dumps({k: v for k, v in source.items() if k != "data_dir"}, sort_keys=True)
+            dhash = hashlib.sha256(f"{dhash}\0{ident}".encode()).hexdigest()
         path = None
         entry = None
         if use_cache and ckpt_hash:
@@ -344,7 +359,7 @@ def evaluate(
                 except (OSError, ValueError):
                     entry = None
         if entry is None:
-            entry = run_task(lm, task, data, shots, limit, seed, log_samples)
+            entry = run_task(lm, task, tdir, shots, limit, seed, log_samples)
             entry["data_sha256"] = dhash
             entry["cached"] = False
             samples = entry.pop("samples", None)
@@ -352,6 +367,7 @@ def evaluate(
                 out["samples"][name] = samples
             if path is not None:
                 atomic_write(path, json.dumps(entry, indent=1, sort_keys=True) + "\n")
+        entry["data_source"] = source
         out["tasks"][name] = entry
         if on_task is not None:
             on_task(name, entry)
