@@ -99,6 +99,32 @@ def test_finetuning_reads_the_file_and_holds_out_the_same_examples(
     assert dataset.report["counts"]["truncated"] == 0
 
 
+def test_the_command_maps_flags_to_settings_and_exits_on_the_scores(monkeypatch, capsys):
+    import llamaforge.finetune.demo as demo
+    from llamaforge.cli import main
+
+    seen, result = [], {"after": 0.5}
+
+    def fake(cfg):
+        seen.append(cfg)
+        return {"held_out": {w: {"all": {"exact_match": result[w] if w in result else 0.0}}
+                             for w in ("before", "after")}}  # fmt: skip
+
+    monkeypatch.setattr(demo, "run_quickstart_instruct", fake)
+    argv = ["quickstart-instruct", "--out", "runs/x", "--base", "b", "finetune.steps=7"]
+    assert main(argv) == 0
+    cfg = seen[-1]
+    assert (cfg.out, cfg.base, cfg.finetune.steps) == ("runs/x", "b", 7)
+    assert cfg.finetune.data.template == "llama2" and cfg.pretrain.steps == 240
+    assert cfg.pretrain.model.dim == 128  # the rest of quickstart.toml
+    result["after"] = 0.0
+    assert main(["quickstart-instruct"]) == 1  # no better than before
+    capsys.readouterr()
+    assert main(["quickstart-instruct", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "tasks.per_task = 3000" in out and "finetune.optim.lr = 0.005" in out
+
+
 @pytest.mark.slow
 def test_quickstart_instruct_end_to_end(tmp_path, monkeypatch, capsys):
     from llamaforge.cli import main

@@ -82,8 +82,12 @@ class TasksSection:
 class QuickstartInstructConfig:
     """The demo: a base model, the stdlib instruction set, finetuning, before/after."""
 
-    base: str = setting("", f"base checkpoint (empty: {QUICKSTART_MODEL}, else OUT/base/model, "
-                            "else pretrain one with [pretrain] into OUT/base)")  # fmt: skip
+    base: str = setting(
+        "",
+        f"base checkpoint (empty: {QUICKSTART_MODEL}, else OUT/base/model, else pretrain one "
+        "with pretrain.* into OUT/base); the demo sets pretrain.out, finetune.init, "
+        "finetune.out (OUT/finetune) and finetune.data.paths",
+    )
     out: str = setting("runs/quickstart-instruct", "run directory")
     tasks: TasksSection = field(default_factory=TasksSection)
     pretrain: QuickstartConfig = field(default_factory=_pretrain_section)
