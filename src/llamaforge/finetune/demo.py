@@ -50,15 +50,17 @@ def _pretrain_section() -> QuickstartConfig:
 
 
 def _finetune_section() -> FinetuneConfig:
-    """Full finetuning tuned for the 1.3M quickstart model on 2 CPU cores (about a minute):
-    examples packed into rows of 128 positions (about 4 per row), 16 rows a step, 500 steps
-    (about 4 epochs of the training examples) at a peak lr of 5e-3, cosine to 0."""
+    """Full finetuning tuned for the 1.3M quickstart model on 2 CPU cores (about 2 minutes):
+    examples packed into rows of 128 positions (about 3 per row), 16 rows a step, 1000 steps
+    (about 6 epochs of the training examples) at a peak lr of 5e-3, cosine to 0. Copying an
+    unseen name (function_name, imported_module) appears only between 500 and 1000 steps:
+    3 % → 56 % of function names on the quickstart model."""
     # llama2's "[/INST] answer" puts the answer after a space, so a name in the answer is
     # the same SentencePiece pieces as in the `def` line (alpaca's "Response:\n" is not)
     return FinetuneConfig(
         data=InstructDataConfig(template="llama2", max_len=128, val_fraction=0.05, packing=True),
         optim=dataclasses.replace(FinetuneConfig().optim, lr=5e-3),
-        steps=500,
+        steps=1000,
         batch_size=16,
         micro_batch=16,
         warmup_ratio=0.05,
