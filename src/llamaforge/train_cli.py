@@ -1,4 +1,5 @@
-"""The training commands — ``quickstart``, ``pretrain``, ``finetune``, ``lora merge`` —
+"""The training commands — ``quickstart``, ``quickstart-instruct``, ``pretrain``,
+``finetune``, ``lora merge`` —
 registered with the CLI. Their modules import torch, so they are imported only when a
 command runs (or its --help)."""
 
@@ -15,6 +16,7 @@ from .config import add_config_help
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     _register_quickstart(subparsers)
+    _register_quickstart_instruct(subparsers)
     _register_pretrain(subparsers)
     _register_finetune(subparsers)
     _register_lora(subparsers)
@@ -24,6 +26,12 @@ def _quickstart_config() -> type:
     from .quickstart import QuickstartConfig
 
     return QuickstartConfig
+
+
+def _quickstart_instruct_config() -> type:
+    from .finetune.demo import QuickstartInstructConfig
+
+    return QuickstartInstructConfig
 
 
 def _finetune_config() -> type:
@@ -89,6 +97,37 @@ def _training_command(
         return 0
 
     p.set_defaults(func=handler)
+
+
+def _register_quickstart_instruct(subparsers: argparse._SubParsersAction) -> None:
+    """``llamaforge quickstart-instruct [--out DIR] [--base DIR] [KEY=VALUE ...]``."""
+    p = subparsers.add_parser(
+        "quickstart-instruct",
+        help="instruction finetuning demo: stdlib instructions, exact match before/after",
+        description="Finetune the quickstart model (runs/quickstart/model; pretrained now, "
+        "in fewer steps, when there is none) on instructions generated from the Python "
+        "standard library's sources — the name, first parameter or parameter count of a "
+        "`def` line, the module of an import — and report exact match on held-out "
+        "instructions about functions and modules not finetuned on, before and after. "
+        "About 5 minutes on 2 CPU cores with the pretraining. Any setting is a KEY=VALUE "
+        "override (e.g. finetune.steps=200 pretrain.steps=100).",
+        add_help=False,
+    )
+    add_config_help(p, _quickstart_instruct_config, "Settings and defaults:")
+    p.add_argument("--out", help="run directory (same as out=...)")
+    p.add_argument("--base", help="base checkpoint directory (same as base=...)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.set_defaults(func=_quickstart_instruct)
+
+
+def _quickstart_instruct(a: argparse.Namespace) -> int:
+    """Exit 0 when the finetuned model answers more held-out instructions than the base."""
+    from .finetune.demo import quickstart_instruct_config, run_quickstart_instruct
+
+    cfg = quickstart_instruct_config([*a.overrides, *flag_overrides(a, "out", "base")])
+    scores = run_quickstart_instruct(cfg)["held_out"]
+    after, before = scores["after"]["all"], scores["before"]["all"]
+    return 0 if after["exact_match"] > before["exact_match"] else 1
 
 
 def _register_pretrain(subparsers: argparse._SubParsersAction) -> None:

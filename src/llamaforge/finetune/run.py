@@ -78,10 +78,9 @@ def resolve(cfg: FinetuneConfig, dataset: InstructDataset, world_size: int) -> F
             f"batch_size={cfg.batch_size} must be a positive multiple of micro_batch × "
             f"world_size = {rows}"
         )
-    units = len(dataset.train)
-    if cfg.data.packing:
-        units = len(PackedLoader(dataset.train, rows, cfg.data.max_len)._units(0))
-    steps = cfg.steps or max(1, math.ceil(cfg.epochs * units / cfg.batch_size))
+    steps = cfg.steps or max(
+        1, math.ceil(cfg.epochs * units_per_epoch(dataset, cfg) / cfg.batch_size)
+    )
     warmup = cfg.optim.warmup_steps or round(cfg.warmup_ratio * steps)
     lr = cfg.optim.lr or (LORA_LR if cfg.lora.enabled else FULL_LR)
     optim = dataclasses.replace(cfg.optim, warmup_steps=warmup, lr=lr)
@@ -90,6 +89,13 @@ def resolve(cfg: FinetuneConfig, dataset: InstructDataset, world_size: int) -> F
     return dataclasses.replace(
         cfg, steps=steps, batch_tokens=cfg.batch_size * cfg.data.max_len, optim=optim
     )
+
+
+def units_per_epoch(dataset: InstructDataset, cfg: FinetuneConfig) -> int:
+    """Rows an epoch takes: one per example, or the packed rows (packing of epoch 0)."""
+    if cfg.data.packing:
+        return len(PackedLoader(dataset.train, 1, cfg.data.max_len)._units(0))
+    return len(dataset.train)
 
 
 def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
@@ -233,8 +239,8 @@ def _describe_data(dataset: InstructDataset, cfg: FinetuneConfig) -> str:
         f"{t['trained_tokens']:,} trained tokens; template {cfg.data.template}, "
         f"{'packed' if cfg.data.packing else 'padded'} rows of ≤ {cfg.data.max_len}; "
         f"{c.get('truncated', 0)} truncated, {c.get('dropped_overlong', 0)} dropped; "
-        f"{cfg.steps} steps of {cfg.batch_size} "
-        f"({cfg.steps * cfg.batch_size / max(1, t['examples']):.2f} epochs of examples)"
+        f"{cfg.steps} steps of {cfg.batch_size} {'rows' if cfg.data.packing else 'examples'} "
+        f"({cfg.steps * cfg.batch_size / max(1, units_per_epoch(dataset, cfg)):.2f} epochs)"
     )
 
 
