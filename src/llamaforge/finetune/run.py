@@ -117,14 +117,13 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         cfg = resolve(cfg, dataset, info.world_size)
         seq_len = cfg.data.max_len
         args = model_args(cfg, tok.vocab_size, seq_len)
-        per_rank = cfg.batch_size
         common: dict[str, Any] = dict(rank=info.rank, world_size=info.world_size,
                                       seed=cfg.data.seed, device=info.device)  # fmt: skip
         loader: PackedLoader | PaddedLoader
         if cfg.data.packing:
-            loader = PackedLoader(dataset.train, per_rank, seq_len, **common)
-        else:
-            loader = PaddedLoader(dataset.train, per_rank, **common)
+            loader = PackedLoader(dataset.train, cfg.batch_size, seq_len, **common)
+        else:  # each rank reads its contiguous part of every global batch
+            loader = PaddedLoader(dataset.train, cfg.batch_size, **common)
         val = validation_batches(dataset, cfg)
         trainer = FinetuneTrainer(
             cfg,
