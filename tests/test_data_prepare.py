@@ -156,3 +156,35 @@ def test_shipped_configs_load():
     for name in ("stdlib.toml", "shared.toml"):
         cfg = load_data_config(REPO / "configs" / "data" / name)
         assert cfg.sources and all(s.weight > 0 for s in cfg.sources)
+
+
+def test_a_folder_prepared_with_another_tokenizer_needs_force(tmp_path, capsys):
+    from llamaforge.cli import main
+    from llamaforge.tokenizer import Tokenizer, train_tokenizer
+
+    config = write_config(tmp_path)
+    quiet = {"progress": False, "log": lambda s: None}
+    prepare(load_data_config(config), **quiet)  # trains out/tokenizer.model (400 pieces)
+    out = tmp_path / "out"
+    old = Tokenizer(out / "tokenizer.model").sha256()
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    other = tmp_path / "other.model"
+    new = train_tokenizer(iter(STORIES * 50), other, vocab_size=300).sha256()
+    cfg = load_data_config(config, [f"tokenizer={other}"])
+    with pytest.raises(DataError, match="prepared with another tokenizer") as e:
+        prepare(cfg, **quiet)
+    for part in (str(out), old, new, "--force"):
+        assert part in str(e.value)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # untouched
+    args = ["data", "prepare", str(config), f"tokenizer={other}", "--quiet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert old in err and new in err and len(err.strip().splitlines()) == 1
+    assert main([*args, "--force"]) == 0
+    # every part of the folder now names the new tokenizer, tokenizer.model included
+    assert json.loads((out / "mixture.json").read_text())["tokenizer_sha256"] == new
+    for name in ("stories", "notes"):
+        assert json.loads((out / name / "meta.json").read_text())["tokenizer_sha256"] == new
+    assert Tokenizer(out / "tokenizer.model").sha256() == new
+    assert TokenSource(out / "stories").arrays  # readable as before
+    assert all(r.get("skipped") for r in prepare(cfg, **quiet))  # agrees now: no --force

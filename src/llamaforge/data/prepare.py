@@ -15,6 +15,12 @@ Every file is written under a temporary name and renamed when complete, so an
 interrupted run never leaves a file that looks finished. A re-run skips sources whose
 ``meta.json`` matches the current config and tokenizer, and re-uses a finished
 ``clean.jsonl``.
+
+A folder already prepared with another tokenizer (its ``mixture.json``, a source's
+``meta.json`` or its ``tokenizer.model`` name other hashes) is refused unless ``force``;
+with ``force`` its ``mixture.json`` is removed first, the sources are re-tokenized, a
+``tokenizer.model`` in the folder is replaced by the tokenizer used, and ``mixture.json`` is
+written last, so the folder's parts never name different tokenizers.
 """
 
 from __future__ import annotations
@@ -322,9 +328,63 @@ def train_data_tokenizer(
     log(f"wrote {tok_path}")
 
 
-def prepare(cfg: DataConfig, progress: bool = True, log=print) -> list[dict[str, Any]]:
+FOLDER_TOKENIZER = "tokenizer.model"
+
+
+def _folder_tokenizers(out: Path) -> dict[str, str]:
+    """The tokenizer hashes the prepared folder ``out`` names: part -> sha256."""
+    found: dict[str, str] = {}
+    mixture = out / MIXTURE_FILE
+    if mixture.is_file():
+        try:
+            sha = json.loads(mixture.read_text(encoding="utf-8")).get("tokenizer_sha256")
+        except (ValueError, AttributeError):
+            sha = None
+        if isinstance(sha, str):
+            found[str(mixture)] = sha
+    for meta_path in sorted(out.glob(f"*/{META_FILE}")):
+        try:
+            sha = json.loads(meta_path.read_text(encoding="utf-8")).get("tokenizer_sha256")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(sha, str):
+            found[str(meta_path)] = sha
+    model = out / FOLDER_TOKENIZER
+    if model.is_file():
+        found[str(model)] = hashlib.sha256(model.read_bytes()).hexdigest()
+    return found
+
+
+def _check_folder(
+    out: Path, tok: Tokenizer, tok_file: Path, names: list[str], force: bool, log
+) -> None:
+    """Refuse (unless ``force``) a folder prepared with another tokenizer than ``tok``."""
+    new = tok.sha256()
+    other = {part: sha for part, sha in _folder_tokenizers(out).items() if sha != new}
+    if not other:
+        return
+    olds = sorted(set(other.values()))
+    if not force:
+        raise DataError(
+            f"{out}: prepared with another tokenizer (sha256 {', '.join(olds)}; "
+            f"{next(iter(other))}) than {tok_file} (sha256 {new}); pass --force to "
+            "re-tokenize it, or choose another output folder"
+        )
+    log(f"{out}: re-tokenizing with {tok_file} (sha256 {new[:12]}, was {olds[0][:12]}): --force")
+    (out / MIXTURE_FILE).unlink(missing_ok=True)  # written last, once everything agrees
+    for name in names:  # a source that fails now must not keep a meta.json of the old one
+        if str(out / name / META_FILE) in other:
+            (out / name / META_FILE).unlink()
+
+
+def prepare(
+    cfg: DataConfig, progress: bool = True, log=print, *, force: bool = False
+) -> list[dict[str, Any]]:
     """Prepare every source (in parallel processes); a failing source is reported and
-    does not stop the others. Writes ``OUT/mixture.json`` with the sources and weights."""
+    does not stop the others. Writes ``OUT/mixture.json`` with the sources and weights.
+
+    A folder prepared with another tokenizer is a DataError unless ``force`` (module
+    docstring)."""
     out = resolve(cfg, cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     workers = cfg.workers or min(len(cfg.sources), os.cpu_count() or 1)
@@ -337,7 +397,8 @@ def prepare(cfg: DataConfig, progress: bool = True, log=print) -> list[dict[str,
             "or set tokenizer_vocab_size to train one on the cleaned sources"
         )
     tok_path = str(tok_file)
-    Tokenizer(tok_path)  # fail early, naming the file
+    tok = Tokenizer(tok_path)  # fail early, naming the file
+    _check_folder(out, tok, tok_file, [s.name for s in cfg.sources], force, log)
     jobs = [(cfg, s, tok_path, progress) for s in cfg.sources]
     results: dict[str, dict[str, Any]] = {}
     if workers <= 1:
@@ -352,6 +413,10 @@ def prepare(cfg: DataConfig, progress: bool = True, log=print) -> list[dict[str,
                 _report(results[futures[fut]], log)
     ordered = [results[s.name] for s in cfg.sources]
     good = [m for m in ordered if m.get("complete")]
+    folder_model = out / FOLDER_TOKENIZER
+    if folder_model.is_file() and folder_model.resolve() != tok_file.resolve():
+        if hashlib.sha256(folder_model.read_bytes()).hexdigest() != tok.sha256():
+            tok.save(folder_model)  # only reached with force (_check_folder)
     _atomic_json(
         out / MIXTURE_FILE,
         {
