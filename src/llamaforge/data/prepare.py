@@ -40,7 +40,7 @@ import numpy as np
 from ..config import ConfigError, load_config
 from ..files import atomic_open, atomic_write
 from ..tokenizer import Tokenizer
-from .base import DataError, FilterStats, expand_paths
+from .base import DECODE_ERRORS, DataError, FilterStats, decode_errors, expand_paths
 from .shards import (
     FORMAT_VERSION,
     META_FILE,
@@ -63,6 +63,9 @@ class SourceConfig:
     paths: list[str] = field(default_factory=list)
     weight: float = 1.0  # sampling proportion (normalised over the sources)
     options: dict[str, Any] = field(default_factory=dict)
+    # invalid UTF-8 in a text file: "strict" skips the file (reported), "replace" keeps it
+    # with U+FFFD for each bad sequence (the bytes counted: clean stats' replaced_bytes)
+    errors: str = "strict"
 
 
 @dataclass
@@ -100,6 +103,10 @@ def check_config(cfg: DataConfig) -> None:
             raise ConfigError(f"{where}: unknown kind {s.kind!r}; expected one of {sorted(KINDS)}")
         if s.weight < 0:
             raise ConfigError(f"{where}: weight must be >= 0, got {s.weight}")
+        if s.errors not in DECODE_ERRORS:
+            raise ConfigError(
+                f"{where}: errors={s.errors!r}; expected one of {', '.join(DECODE_ERRORS)}"
+            )
     if not 0 <= cfg.val_fraction < 1:
         raise ConfigError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
 
@@ -122,9 +129,18 @@ def source_paths(cfg: DataConfig, src: SourceConfig) -> list[Path]:
     return list(dict.fromkeys(files))
 
 
+def _source_key(src: SourceConfig) -> dict[str, Any]:
+    """The source's settings (``errors`` only where not the default, so older folders'
+    fingerprints still match)."""
+    key = asdict(src)
+    if key["errors"] == "strict":
+        del key["errors"]
+    return key
+
+
 def _fingerprint(cfg: DataConfig, src: SourceConfig, tok_sha: str) -> str:
     key = {
-        "source": asdict(src),
+        "source": _source_key(src),
         "bos": cfg.bos,
         "eos": cfg.eos,
         "val": cfg.val_fraction,
@@ -183,7 +199,29 @@ def _clean(cfg: DataConfig, src: SourceConfig, out: Path, progress: bool) -> dic
     """Stage 1: cleaned documents to clean.jsonl (skipped when it exists)."""
     stats_path = out / "clean_stats.json"
     if (out / CLEAN_FILE).is_file() and stats_path.is_file():
-        return json.loads(stats_path.read_text())
+        done = json.loads(stats_path.read_text())
+        if done.get("errors_mode", "strict") == src.errors:
+            return done
+    with _decoding(src.errors):
+        return _clean_now(cfg, src, out, progress, stats_path)
+
+
+class _decoding:
+    """``with _decoding(mode)``: read_text's invalid-UTF-8 handling for the block."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    def __enter__(self) -> None:
+        self._token = decode_errors.set(self.mode)
+
+    def __exit__(self, *_exc: object) -> None:
+        decode_errors.reset(self._token)
+
+
+def _clean_now(
+    cfg: DataConfig, src: SourceConfig, out: Path, progress: bool, stats_path: Path
+) -> dict[str, Any]:
     stats = FilterStats()
     paths = source_paths(cfg, src)
     docs = source_fn(src.kind, f"source {src.name}")(paths, dict(src.options), stats)
@@ -204,6 +242,8 @@ def _clean(cfg: DataConfig, src: SourceConfig, out: Path, progress: bool) -> dic
         bar.close()
     result = stats.to_dict()
     result["files"] = len(paths)
+    if src.errors != "strict":
+        result["errors_mode"] = src.errors
     _atomic_json(stats_path, result)
     return result
 
@@ -250,6 +290,17 @@ def prepare_source(
             if len(batch) >= 512:
                 flush()
     flush()
+    if not docs["train"] + docs["val"]:
+        skipped = "; ".join(clean.get("errors", [])[:3])
+        raise DataError(
+            f"source {src.name}: no documents left of {clean.get('files', 0)} file(s)"
+            + (f" (skipped: {skipped})" if skipped else "")
+            + (
+                '; errors = "replace" keeps files with invalid UTF-8'
+                if src.errors == "strict" and "invalid UTF-8" in skipped
+                else ""
+            )
+        )
     meta = {
         "format_version": FORMAT_VERSION,
         "name": src.name,
@@ -439,5 +490,7 @@ def _report(meta: dict[str, Any], log) -> None:
         f"  {meta['name']}: {tr['documents']:,} train / {va['documents']:,} val documents, "
         f"{tr['tokens']:,} / {va['tokens']:,} tokens{note}; removed: {removed}"
     )
+    if clean.get("replaced_bytes"):
+        log(f"    replaced {clean['replaced_bytes']:,} invalid UTF-8 byte(s) with U+FFFD")
     for err in clean.get("errors", [])[:5]:
         log(f"    skipped {err}")
