@@ -156,3 +156,70 @@ def test_shipped_configs_load():
     for name in ("stdlib.toml", "shared.toml"):
         cfg = load_data_config(REPO / "configs" / "data" / name)
         assert cfg.sources and all(s.weight > 0 for s in cfg.sources)
+
+
+def test_a_folder_prepared_with_another_tokenizer_needs_force(tmp_path, capsys):
+    from llamaforge.cli import main
+    from llamaforge.tokenizer import Tokenizer, train_tokenizer
+
+    config = write_config(tmp_path)
+    quiet = {"progress": False, "log": lambda s: None}
+    prepare(load_data_config(config), **quiet)  # trains out/tokenizer.model (400 pieces)
+    out = tmp_path / "out"
+    old = Tokenizer(out / "tokenizer.model").sha256()
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    other = tmp_path / "other.model"
+    new = train_tokenizer(iter(STORIES * 50), other, vocab_size=300).sha256()
+    cfg = load_data_config(config, [f"tokenizer={other}"])
+    with pytest.raises(DataError, match="prepared with another tokenizer") as e:
+        prepare(cfg, **quiet)
+    for part in (str(out), old, new, "--force"):
+        assert part in str(e.value)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # untouched
+    args = ["data", "prepare", str(config), f"tokenizer={other}", "--quiet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert old in err and new in err and len(err.strip().splitlines()) == 1
+    assert main([*args, "--force"]) == 0
+    # every part of the folder now names the new tokenizer, tokenizer.model included
+    assert json.loads((out / "mixture.json").read_text())["tokenizer_sha256"] == new
+    for name in ("stories", "notes"):
+        assert json.loads((out / name / "meta.json").read_text())["tokenizer_sha256"] == new
+    assert Tokenizer(out / "tokenizer.model").sha256() == new
+    assert TokenSource(out / "stories").arrays  # readable as before
+    assert all(r.get("skipped") for r in prepare(cfg, **quiet))  # agrees now: no --force
+
+
+def test_invalid_utf8_is_replaced_on_request_and_an_empty_source_fails(tmp_path, capsys):
+    from llamaforge.cli import main
+    from llamaforge.tokenizer import train_tokenizer
+
+    latin = tmp_path / "latin"
+    latin.mkdir()
+    for i in range(20):  # one bad byte each: today the whole file is dropped
+        (latin / f"{i}.txt").write_bytes(f"Caf{chr(0xE9)} number {i}. ".encode("latin-1") * 5)
+    (latin / "blob.txt").write_bytes(b"\x00\x01\x02binary")
+    extra = f'[[sources]]\nname = "latin"\nkind = "generic"\npaths = ["{latin}/*.txt"]\n'
+    config = write_config(tmp_path, extra)
+    (tmp_path / "out").mkdir()
+    train_tokenizer(iter(STORIES * 50), tmp_path / "out" / "tokenizer.model", vocab_size=300)
+    assert main(["data", "prepare", str(config), "--quiet"]) == 1  # nothing left of latin
+    err = capsys.readouterr()
+    assert "latin: FAILED: source latin: no documents left of 21 file(s)" in err.out
+    assert 'errors = "replace" keeps' in err.out and "failed sources: latin" in err.err
+    mixture = json.loads((tmp_path / "out" / "mixture.json").read_text())
+    assert [s["name"] for s in mixture["sources"]] == ["stories", "notes"]
+    config.write_text(config.read_text() + 'errors = "replace"\n')  # the latin source's
+    cfg = load_data_config(config)
+    assert cfg.sources[2].errors == "replace"
+    results = {r["name"]: r for r in prepare(cfg, progress=False, log=lambda s: None)}
+    latin_meta = results["latin"]
+    assert latin_meta["complete"] and latin_meta["clean"]["replaced_bytes"] == 20 * 5
+    assert latin_meta["splits"]["train"]["documents"] + latin_meta["splits"]["val"]["documents"]
+    assert len(latin_meta["clean"]["errors"]) == 1  # the binary file is still skipped
+    assert results["stories"].get("skipped")  # the others untouched
+    text = (tmp_path / "out" / "latin" / "clean.jsonl").read_text(encoding="utf-8")
+    assert "Caf\ufffd number 0." in text
+    config.write_text(config.read_text().replace('"replace"', '"ignore"'))
+    with pytest.raises(ConfigError, match="errors='ignore'; expected one of strict, replace"):
+        load_data_config(config)

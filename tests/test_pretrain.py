@@ -339,6 +339,50 @@ def test_metrics_reader_and_wandb_without_the_package(corpus, tmp_path, capsys):
         assert "wandb_project='proj' but wandb is not installed" in capsys.readouterr().err
 
 
+def test_torn_metrics_line_then_resume_loses_no_row_and_plots(corpus, tmp_path, capsys):
+    import logging
+    import shutil
+
+    from llamaforge.metrics import MetricsWriter, read_metrics
+
+    out = tmp_path / "torn"
+    extra = ("checkpoint.every=2", "eval_every=0", "eval_batches=0", "tensorboard=false")
+    run_pretrain(cfg_of(corpus, out, "steps=4", "plot=false", *extra))
+    log = out / "metrics.jsonl"
+    text = log.read_text()
+    log.write_text(text[: len(text) - len(text.splitlines()[-1]) // 2 - 1])  # killed mid-row
+    shutil.rmtree(out / "checkpoints" / "step-000004")  # the kill came before that save too
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger("llamaforge.metrics").addHandler(handler)
+    try:
+        assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]  # the torn row skipped
+        assert "skipped a torn line" in records[-1].getMessage()
+        run_pretrain(cfg_of(corpus, out, "steps=6", *extra))  # resumes at step 2
+        assert any("cut a torn last line" in r.getMessage() for r in records)
+    finally:
+        logging.getLogger("llamaforge.metrics").removeHandler(handler)
+    rows = [json.loads(x) for x in log.read_text().splitlines()]  # every line whole
+    assert [r["step"] for r in rows] == [1, 2, 3, 3, 4, 5, 6]
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4, 5, 6]
+    assert cli_main(["plot", str(out)]) == 0 and (out / "loss.png").stat().st_size > 1000
+    # a whole row that lost only its newline is kept; the next row starts a new line
+    run = tmp_path / "w"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0, "tokens": 8}')
+    w = MetricsWriter(run, tensorboard="false")
+    w.write({"step": 2, "loss": 2.0, "tokens": 16})
+    w.close()
+    assert [r["step"] for r in read_metrics(run)] == [1, 2]
+    # an older version's resume appended a row onto the fragment: the row is recovered
+    (run / "metrics.jsonl").write_text(
+        '{"step": 1, "loss": 3.0, "tokens": 8}\n{"step": 2, "lo{"step": 2, "loss": 2.0, '
+        '"tokens": 16}\n{"step": 3, "loss": 1.0, "tokens": 24}\n'
+    )
+    assert [(r["step"], r["loss"]) for r in read_metrics(run)] == [(1, 3.0), (2, 2.0), (3, 1.0)]
+
+
 def test_learning_rate_schedule_is_warmup_then_cosine_to_ten_percent():
     from llamaforge.optim import lr_at
 

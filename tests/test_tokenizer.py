@@ -434,3 +434,22 @@ def test_corpus_errors(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         *["empty.txt", "good.txt", "latin1.txt", "out.model"]
     ]
+
+
+def test_cli_train_refuses_an_existing_out_without_force(tmp_path, capsys):
+    from llamaforge.cli import main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("tiny corpus, a few words\n" * 20)
+    out = tmp_path / "t.model"
+    out.write_bytes(b"precious")
+    args = ["tokenizer", "train", str(corpus), "--out", str(out), "--vocab-size", "280"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{out}: already exists; pass --force" in err and len(err.strip().splitlines()) == 1
+    assert out.read_bytes() == b"precious"
+    with pytest.raises(TokenizerError, match="already exists"):  # the library's keyword
+        train_tokenizer(corpus, out, vocab_size=280, overwrite=False)
+    assert main([*args, "--force"]) == 0
+    assert Tokenizer(out).vocab_size == 280
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt", "t.model"]

@@ -10,12 +10,16 @@ not exist (an older version stays in place until the new one is complete).
   into place when the block ends without an exception (checkpoints, conversions).
 
 Each renames only after the data is flushed and fsynced, then fsyncs the parent directory
-so the rename itself survives a crash. Temporary names start with a dot and contain
+so the rename itself survives a crash. A full disk while the block or the helper writes
+(ENOSPC, or a writer's own error on a device that has no space left: safetensors, a short
+write, DCP) is a `NoSpaceError` "no space left on device while writing PATH"; the previous
+output stays in place and the temporary is removed. Temporary names start with a dot and contain
 ``.tmp`` (``.NAME.tmp-XXXX``), so they are easy to recognise and never mistaken for output.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -26,7 +30,53 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_dir", "atomic_open", "atomic_path", "atomic_write"]
+__all__ = ["NoSpaceError", "atomic_dir", "atomic_open", "atomic_path", "atomic_write"]
+
+# a device with less than this free after a failed write is taken to be full
+_FULL_BYTES = 1 << 20
+_NO_SPACE_TEXT = ("no space left on device", "os error 28", "errno 28", "disk full")
+# errors a writer raises for a short write (with OSError itself, not its subclasses)
+_WRITE_ERRORS = ("SafetensorError", "CheckpointException", "RuntimeError")
+
+
+class NoSpaceError(OSError):
+    """The device filled up while writing ``filename``: one line for the CLI (it carries
+    an ``exit_code``), ``errno`` ENOSPC, the writer's own error as ``__cause__``."""
+
+    exit_code = 1
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        super().__init__(f"no space left on device while writing {path}")
+        self.errno = errno.ENOSPC
+        self.filename = str(path)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def _is_no_space(e: BaseException, where: Path) -> bool:
+    """Whether ``e`` (from a writer in ``where``) means the device is full: ENOSPC or
+    EDQUOT anywhere in its chain, a message that says so, or a writer's error that a full
+    device causes (a short write ``OSError``, ``SafetensorError``, DCP's
+    ``CheckpointException``) while the device has (almost) no space left."""
+    if isinstance(e, (NoSpaceError, KeyboardInterrupt, SystemExit, GeneratorExit)):
+        return False
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(t in str(cur).lower() for t in _NO_SPACE_TEXT):
+            return True
+        cur = cur.__cause__ or cur.__context__
+    write_error = type(e) is OSError or type(e).__name__ in _WRITE_ERRORS
+    if not write_error:
+        return False
+    try:
+        return shutil.disk_usage(where).free < _FULL_BYTES
+    except OSError:
+        return False
 
 
 def _umask() -> int:
@@ -80,7 +130,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     if target.is_dir():
         raise IsADirectoryError(f"{target}: is a directory, expected a file path")
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    except OSError as e:
+        if _is_no_space(e, target.parent):
+            raise NoSpaceError(target) from e
+        raise
     os.close(fd)
     tmp = Path(name)
     try:
@@ -89,8 +144,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
         os.replace(tmp, target)
         _fsync_dir(target.parent)
-    except BaseException:
+    except BaseException as e:
+        full = _is_no_space(e, target.parent)  # before the temporary frees its space
         tmp.unlink(missing_ok=True)
+        if full:
+            raise NoSpaceError(target) from e
         raise
 
 
@@ -135,7 +193,12 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise FileExistsError(f"{out}: already exists (pass overwrite=True to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        if _is_no_space(e, out.parent):
+            raise NoSpaceError(out) from e
+        raise
     try:
         yield tmp
         _fsync_tree(tmp)
@@ -155,8 +218,11 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[
         _fsync_dir(out.parent)
         if old is not None:
             _remove(old)
-    except BaseException:
+    except BaseException as e:
+        full = _is_no_space(e, out.parent)  # before the temporary frees its space
         shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise NoSpaceError(out) from e
         raise
 
 

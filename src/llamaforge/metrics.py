@@ -5,7 +5,9 @@ and the loss-curve plot (``llamaforge plot RUN_DIR``)."""
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,8 @@ PLOT_FILE = "loss.png"
 SUMMARY_FILE = "summary.json"
 # summary.json keys that are reference losses, drawn as horizontal lines by plot_run
 BASELINES = {"unigram_loss": "unigram baseline"}
+
+log = logging.getLogger(__name__)
 
 
 class MetricsWriter:
@@ -59,6 +63,7 @@ class MetricsWriter:
             self._wandb = wandb.init(
                 project=wandb_project, name=wandb_run or None, config=config, resume="allow"
             )
+        _repair_torn_tail(self.path)
         self._file = self.path.open("a")  # last: a failed integration leaves nothing open
 
     def write(self, row: dict[str, Any]) -> None:
@@ -84,22 +89,86 @@ class MetricsWriter:
             self._wandb.finish()
 
 
+def _repair_torn_tail(path: Path) -> None:
+    """Before appending to ``path``: a last line without its newline (a kill mid-write) is
+    either a whole row (the newline is added) or a fragment (cut off, with a warning; the
+    step it belonged to is replayed by the resumed run), so the next row starts a line."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return
+    if size == 0:
+        return
+    with open(path, "rb+") as f:
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        # the start of the last line: search backwards in blocks
+        start, pos = 0, size
+        while pos > 0:
+            step = min(pos, 1 << 16)
+            pos -= step
+            f.seek(pos)
+            block = f.read(step)
+            nl = block.rfind(b"\n")
+            if nl >= 0:
+                start = pos + nl + 1
+                break
+        f.seek(start)
+        tail = f.read()
+        if isinstance(_row(tail), dict):
+            f.seek(size)
+            f.write(b"\n")
+        else:
+            log.warning(
+                "%s: cut a torn last line (%d bytes, a write interrupted mid-row)",
+                path,
+                len(tail),
+            )
+            f.truncate(start)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _row(line: str | bytes) -> Any:
+    """The JSON object on ``line`` with a ``step``, or None."""
+    try:
+        row = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return row if isinstance(row, dict) and "step" in row else None
+
+
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """The rows of RUN_DIR/metrics.jsonl; a step logged twice (replayed after a resume)
-    keeps its last row; a torn last line (a crash mid-write) is ignored."""
+    keeps its last row. A torn line (a crash mid-write) is skipped with a warning; where a
+    row was appended onto a torn fragment (a resume by an older version) the row is kept."""
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no metrics file (is {run_dir} a training run dir?)")
     by_step: dict[int, dict[str, Any]] = {}
-    lines = path.read_text().splitlines()
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        row = _row(line)
+        if row is None:  # a fragment, perhaps with a whole row appended onto it
+            row = next(
+                (r for k in range(1, len(line)) if line[k] == "{" and (r := _row(line[k:]))),
+                None,
+            )
+            log.warning(
+                "%s:%d: skipped a torn line%s",
+                path,
+                i + 1,
+                " (kept the row appended onto it)" if row is not None else "",
+            )
+            if row is None:
+                continue
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            if i == len(lines) - 1:
-                break
-            raise ValueError(f"{path}:{i + 1}: not a JSON line ({e})") from e
-        by_step[int(row["step"])] = row
+            by_step[int(row["step"])] = row
+        except (TypeError, ValueError):
+            log.warning("%s:%d: skipped a row whose step is not a number", path, i + 1)
     return [by_step[s] for s in sorted(by_step)]
 
 

@@ -274,8 +274,12 @@ def train_tokenizer(
     max_sentence_length: int = 16384,
     character_coverage: float = 0.99995,
     num_threads: int | None = None,
+    overwrite: bool = True,
 ) -> Tokenizer:
     """Train a SentencePiece BPE tokenizer the paper's way, write it to ``output`` atomically.
+
+    With ``overwrite=False`` an existing ``output`` is a TokenizerError, raised before any
+    training (``llamaforge tokenizer train`` passes it unless ``--force``).
 
     ``source`` is a text file (``str`` or path), a list or tuple of text files, or any other
     iterable of documents (``str``), e.g. a generator or ``iter(list_of_docs)``. Files are
@@ -297,6 +301,7 @@ def train_tokenizer(
         raise TokenizerError(f"max_sentence_length={max_sentence_length}: expected >= 16 bytes")
     if not 0.0 < character_coverage <= 1.0:
         raise TokenizerError(f"character_coverage={character_coverage}: expected in (0, 1]")
+    _check_output(Path(output), overwrite)
     docs = _documents(source)
     count = [0]  # lines handed to SentencePiece
     model = io.BytesIO()
@@ -335,8 +340,17 @@ def train_tokenizer(
         raise _training_error(str(e), vocab_size, count[0]) from None
     if count[0] == 0:
         raise TokenizerError("the training corpus is empty (it has no non-blank lines)")
+    _check_output(Path(output), overwrite)  # it may have appeared while training ran
     out = atomic_write(output, model.getvalue())
     return Tokenizer.from_bytes(model.getvalue(), out)
+
+
+def _check_output(output: Path, overwrite: bool) -> None:
+    """Refuse a directory as ``output``, and an existing file unless ``overwrite``."""
+    if output.is_dir():
+        raise TokenizerError(f"{output}: is a directory; expected the path of a .model file")
+    if not overwrite and (output.exists() or output.is_symlink()):
+        raise TokenizerError(f"{output}: already exists; pass --force to replace it")
 
 
 def _training_error(msg: str, vocab_size: int, lines: int) -> TokenizerError:

@@ -16,6 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tt = tsub.add_parser("train", help="train a BPE tokenizer the paper's way")
     tt.add_argument("inputs", nargs="+", help="UTF-8 text files")
     tt.add_argument("--out", required=True, help="path of the .model file to write")
+    tt.add_argument("--force", action="store_true", help="replace an existing --out")
     tt.add_argument("--vocab-size", type=int, default=32000)
     tt.add_argument(
         "--max-sentences",
@@ -41,7 +42,11 @@ def _train(a: argparse.Namespace) -> int:
     from .tokenizer import train_tokenizer
 
     tok = train_tokenizer(
-        [Path(p) for p in a.inputs], a.out, vocab_size=a.vocab_size, max_sentences=a.max_sentences
+        [Path(p) for p in a.inputs],
+        a.out,
+        vocab_size=a.vocab_size,
+        max_sentences=a.max_sentences,
+        overwrite=a.force,
     )
     print(f"wrote {a.out}: {tok.vocab_size} pieces (BPE, digits split, byte fallback)")
     return 0

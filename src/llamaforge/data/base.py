@@ -8,10 +8,12 @@ and reported by name, and the other files go on.
 
 from __future__ import annotations
 
+import codecs
 import glob
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,6 +21,11 @@ from typing import Any, TypeVar
 from ..config import ConfigError, from_dict
 
 log = logging.getLogger("llamaforge.data")
+
+# how read_text treats invalid UTF-8: "strict" skips the file (reported), "replace" puts
+# U+FFFD for each invalid sequence and counts the bytes; prepare sets it per source
+DECODE_ERRORS = ("strict", "replace")
+decode_errors: ContextVar[str] = ContextVar("decode_errors", default="strict")
 
 
 class DataError(ValueError):
@@ -35,6 +42,7 @@ class FilterStats:
     bytes_out: int = 0
     removed: Counter = field(default_factory=Counter)  # reason -> documents (or lines) removed
     errors: list[str] = field(default_factory=list)  # "path: what went wrong"
+    replaced_bytes: int = 0  # invalid UTF-8 bytes replaced by U+FFFD (errors = "replace")
 
     def drop(self, reason: str, n: int = 1) -> None:
         self.removed[reason] += n
@@ -46,7 +54,7 @@ class FilterStats:
         log.warning("skipping %s", text)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "documents_in": self.documents_in,
             "documents_out": self.documents_out,
             "bytes_in": self.bytes_in,
@@ -54,6 +62,9 @@ class FilterStats:
             "removed": dict(sorted(self.removed.items())),
             "errors": list(self.errors),
         }
+        if self.replaced_bytes:
+            out["replaced_bytes"] = self.replaced_bytes
+        return out
 
 
 T = TypeVar("T")
@@ -92,7 +103,10 @@ def expand_paths(patterns: list[str], base: Path | None = None, suffixes=None) -
 
 
 def read_text(path: Path, stats: FilterStats) -> str | None:
-    """UTF-8 text of ``path``, or None (counted, reported) for binary or undecodable files."""
+    """UTF-8 text of ``path``, or None (counted, reported) for binary files and, unless the
+    source's ``errors = "replace"`` (`decode_errors`), for invalid UTF-8; with "replace"
+    each invalid sequence becomes U+FFFD and its bytes are counted in
+    ``stats.replaced_bytes``."""
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -104,5 +118,31 @@ def read_text(path: Path, stats: FilterStats) -> str | None:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        stats.error(path, f"invalid UTF-8 at byte {e.start}")
-        return None
+        if decode_errors.get() != "replace":
+            stats.error(
+                path, f'invalid UTF-8 at byte {e.start} (errors = "replace" keeps the file)'
+            )
+            return None
+    text, replaced = decode_replace(data)
+    stats.replaced_bytes += replaced
+    log.warning("%s: replaced %d invalid UTF-8 byte(s) with U+FFFD", path, replaced)
+    return text
+
+
+def decode_replace(data: bytes) -> tuple[str, int]:
+    """``data.decode("utf-8", "replace")`` and the number of bytes replaced (linear time)."""
+    view = memoryview(data)
+    parts: list[str] = []
+    pos = replaced = 0
+    while pos < len(data):
+        try:
+            text, _ = codecs.utf_8_decode(view[pos:], "strict", True)
+        except UnicodeDecodeError as e:
+            good, _ = codecs.utf_8_decode(view[pos : pos + e.start], "strict", True)
+            parts += [good, "\ufffd"]
+            replaced += e.end - e.start
+            pos += e.end
+        else:
+            parts.append(text)
+            break
+    return "".join(parts), replaced

@@ -31,6 +31,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     dp.add_argument("config", help="data config (TOML)")
     dp.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     dp.add_argument("--quiet", action="store_true", help="no progress bars")
+    dp.add_argument(
+        "--force",
+        action="store_true",
+        help="re-tokenize an output folder prepared with another tokenizer",
+    )
     dp.set_defaults(func=_prepare)
     ds = dsub.add_parser("stats", help="the paper's Table 1 for a run of N tokens")
     ds.add_argument("data_dir", help="prepared data folder (the config's output)")
@@ -52,7 +57,7 @@ def _prepare(a: argparse.Namespace) -> int:
 
     cfg = load_data_config(a.config, a.overrides)
     print(f"preparing {len(cfg.sources)} source(s) into {cfg.output}")
-    results = prepare(cfg, progress=not a.quiet)
+    results = prepare(cfg, progress=not a.quiet, force=a.force)
     failed = [r["name"] for r in results if not r.get("complete")]
     if failed:
         print(f"failed sources: {', '.join(failed)}", file=sys.stderr)

@@ -15,6 +15,12 @@ Every file is written under a temporary name and renamed when complete, so an
 interrupted run never leaves a file that looks finished. A re-run skips sources whose
 ``meta.json`` matches the current config and tokenizer, and re-uses a finished
 ``clean.jsonl``.
+
+A folder already prepared with another tokenizer (its ``mixture.json``, a source's
+``meta.json`` or its ``tokenizer.model`` name other hashes) is refused unless ``force``;
+with ``force`` its ``mixture.json`` is removed first, the sources are re-tokenized, a
+``tokenizer.model`` in the folder is replaced by the tokenizer used, and ``mixture.json`` is
+written last, so the folder's parts never name different tokenizers.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import numpy as np
 from ..config import ConfigError, load_config
 from ..files import atomic_open, atomic_write
 from ..tokenizer import Tokenizer
-from .base import DataError, FilterStats, expand_paths
+from .base import DECODE_ERRORS, DataError, FilterStats, decode_errors, expand_paths
 from .shards import (
     FORMAT_VERSION,
     META_FILE,
@@ -57,6 +63,9 @@ class SourceConfig:
     paths: list[str] = field(default_factory=list)
     weight: float = 1.0  # sampling proportion (normalised over the sources)
     options: dict[str, Any] = field(default_factory=dict)
+    # invalid UTF-8 in a text file: "strict" skips the file (reported), "replace" keeps it
+    # with U+FFFD for each bad sequence (the bytes counted: clean stats' replaced_bytes)
+    errors: str = "strict"
 
 
 @dataclass
@@ -94,6 +103,10 @@ def check_config(cfg: DataConfig) -> None:
             raise ConfigError(f"{where}: unknown kind {s.kind!r}; expected one of {sorted(KINDS)}")
         if s.weight < 0:
             raise ConfigError(f"{where}: weight must be >= 0, got {s.weight}")
+        if s.errors not in DECODE_ERRORS:
+            raise ConfigError(
+                f"{where}: errors={s.errors!r}; expected one of {', '.join(DECODE_ERRORS)}"
+            )
     if not 0 <= cfg.val_fraction < 1:
         raise ConfigError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
 
@@ -116,9 +129,18 @@ def source_paths(cfg: DataConfig, src: SourceConfig) -> list[Path]:
     return list(dict.fromkeys(files))
 
 
+def _source_key(src: SourceConfig) -> dict[str, Any]:
+    """The source's settings (``errors`` only where not the default, so older folders'
+    fingerprints still match)."""
+    key = asdict(src)
+    if key["errors"] == "strict":
+        del key["errors"]
+    return key
+
+
 def _fingerprint(cfg: DataConfig, src: SourceConfig, tok_sha: str) -> str:
     key = {
-        "source": asdict(src),
+        "source": _source_key(src),
         "bos": cfg.bos,
         "eos": cfg.eos,
         "val": cfg.val_fraction,
@@ -177,7 +199,29 @@ def _clean(cfg: DataConfig, src: SourceConfig, out: Path, progress: bool) -> dic
     """Stage 1: cleaned documents to clean.jsonl (skipped when it exists)."""
     stats_path = out / "clean_stats.json"
     if (out / CLEAN_FILE).is_file() and stats_path.is_file():
-        return json.loads(stats_path.read_text())
+        done = json.loads(stats_path.read_text())
+        if done.get("errors_mode", "strict") == src.errors:
+            return done
+    with _decoding(src.errors):
+        return _clean_now(cfg, src, out, progress, stats_path)
+
+
+class _decoding:
+    """``with _decoding(mode)``: read_text's invalid-UTF-8 handling for the block."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    def __enter__(self) -> None:
+        self._token = decode_errors.set(self.mode)
+
+    def __exit__(self, *_exc: object) -> None:
+        decode_errors.reset(self._token)
+
+
+def _clean_now(
+    cfg: DataConfig, src: SourceConfig, out: Path, progress: bool, stats_path: Path
+) -> dict[str, Any]:
     stats = FilterStats()
     paths = source_paths(cfg, src)
     docs = source_fn(src.kind, f"source {src.name}")(paths, dict(src.options), stats)
@@ -198,6 +242,8 @@ def _clean(cfg: DataConfig, src: SourceConfig, out: Path, progress: bool) -> dic
         bar.close()
     result = stats.to_dict()
     result["files"] = len(paths)
+    if src.errors != "strict":
+        result["errors_mode"] = src.errors
     _atomic_json(stats_path, result)
     return result
 
@@ -244,6 +290,17 @@ def prepare_source(
             if len(batch) >= 512:
                 flush()
     flush()
+    if not docs["train"] + docs["val"]:
+        skipped = "; ".join(clean.get("errors", [])[:3])
+        raise DataError(
+            f"source {src.name}: no documents left of {clean.get('files', 0)} file(s)"
+            + (f" (skipped: {skipped})" if skipped else "")
+            + (
+                '; errors = "replace" keeps files with invalid UTF-8'
+                if src.errors == "strict" and "invalid UTF-8" in skipped
+                else ""
+            )
+        )
     meta = {
         "format_version": FORMAT_VERSION,
         "name": src.name,
@@ -322,9 +379,63 @@ def train_data_tokenizer(
     log(f"wrote {tok_path}")
 
 
-def prepare(cfg: DataConfig, progress: bool = True, log=print) -> list[dict[str, Any]]:
+FOLDER_TOKENIZER = "tokenizer.model"
+
+
+def _folder_tokenizers(out: Path) -> dict[str, str]:
+    """The tokenizer hashes the prepared folder ``out`` names: part -> sha256."""
+    found: dict[str, str] = {}
+    mixture = out / MIXTURE_FILE
+    if mixture.is_file():
+        try:
+            sha = json.loads(mixture.read_text(encoding="utf-8")).get("tokenizer_sha256")
+        except (ValueError, AttributeError):
+            sha = None
+        if isinstance(sha, str):
+            found[str(mixture)] = sha
+    for meta_path in sorted(out.glob(f"*/{META_FILE}")):
+        try:
+            sha = json.loads(meta_path.read_text(encoding="utf-8")).get("tokenizer_sha256")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(sha, str):
+            found[str(meta_path)] = sha
+    model = out / FOLDER_TOKENIZER
+    if model.is_file():
+        found[str(model)] = hashlib.sha256(model.read_bytes()).hexdigest()
+    return found
+
+
+def _check_folder(
+    out: Path, tok: Tokenizer, tok_file: Path, names: list[str], force: bool, log
+) -> None:
+    """Refuse (unless ``force``) a folder prepared with another tokenizer than ``tok``."""
+    new = tok.sha256()
+    other = {part: sha for part, sha in _folder_tokenizers(out).items() if sha != new}
+    if not other:
+        return
+    olds = sorted(set(other.values()))
+    if not force:
+        raise DataError(
+            f"{out}: prepared with another tokenizer (sha256 {', '.join(olds)}; "
+            f"{next(iter(other))}) than {tok_file} (sha256 {new}); pass --force to "
+            "re-tokenize it, or choose another output folder"
+        )
+    log(f"{out}: re-tokenizing with {tok_file} (sha256 {new[:12]}, was {olds[0][:12]}): --force")
+    (out / MIXTURE_FILE).unlink(missing_ok=True)  # written last, once everything agrees
+    for name in names:  # a source that fails now must not keep a meta.json of the old one
+        if str(out / name / META_FILE) in other:
+            (out / name / META_FILE).unlink()
+
+
+def prepare(
+    cfg: DataConfig, progress: bool = True, log=print, *, force: bool = False
+) -> list[dict[str, Any]]:
     """Prepare every source (in parallel processes); a failing source is reported and
-    does not stop the others. Writes ``OUT/mixture.json`` with the sources and weights."""
+    does not stop the others. Writes ``OUT/mixture.json`` with the sources and weights.
+
+    A folder prepared with another tokenizer is a DataError unless ``force`` (module
+    docstring)."""
     out = resolve(cfg, cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     workers = cfg.workers or min(len(cfg.sources), os.cpu_count() or 1)
@@ -337,7 +448,8 @@ def prepare(cfg: DataConfig, progress: bool = True, log=print) -> list[dict[str,
             "or set tokenizer_vocab_size to train one on the cleaned sources"
         )
     tok_path = str(tok_file)
-    Tokenizer(tok_path)  # fail early, naming the file
+    tok = Tokenizer(tok_path)  # fail early, naming the file
+    _check_folder(out, tok, tok_file, [s.name for s in cfg.sources], force, log)
     jobs = [(cfg, s, tok_path, progress) for s in cfg.sources]
     results: dict[str, dict[str, Any]] = {}
     if workers <= 1:
@@ -352,6 +464,10 @@ def prepare(cfg: DataConfig, progress: bool = True, log=print) -> list[dict[str,
                 _report(results[futures[fut]], log)
     ordered = [results[s.name] for s in cfg.sources]
     good = [m for m in ordered if m.get("complete")]
+    folder_model = out / FOLDER_TOKENIZER
+    if folder_model.is_file() and folder_model.resolve() != tok_file.resolve():
+        if hashlib.sha256(folder_model.read_bytes()).hexdigest() != tok.sha256():
+            tok.save(folder_model)  # only reached with force (_check_folder)
     _atomic_json(
         out / MIXTURE_FILE,
         {
@@ -374,5 +490,7 @@ def _report(meta: dict[str, Any], log) -> None:
         f"  {meta['name']}: {tr['documents']:,} train / {va['documents']:,} val documents, "
         f"{tr['tokens']:,} / {va['tokens']:,} tokens{note}; removed: {removed}"
     )
+    if clean.get("replaced_bytes"):
+        log(f"    replaced {clean['replaced_bytes']:,} invalid UTF-8 byte(s) with U+FFFD")
     for err in clean.get("errors", [])[:5]:
         log(f"    skipped {err}")
