@@ -4,11 +4,15 @@ weights, and the CLI's error mapping."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from llamaforge.checkpointer import CheckpointerError, verify_checkpoint
 from llamaforge.config import ConfigError
+from llamaforge.data.base import DataError
+from llamaforge.data.mixture import open_sources
 
+from .test_data_mixture import make_prepared
 from .test_trainer import trainer
 
 
@@ -66,3 +70,27 @@ def test_every_checkpoint_damaged_is_an_error_not_a_fresh_start(tmp_path):
     (t.checkpointer.latest() / "state.json").write_text("not json")
     with pytest.raises(ConfigError, match="every checkpoint is damaged"):
         trainer(tmp_path / "run").resume()
+
+
+def test_a_shard_with_token_ids_outside_the_vocabulary_is_named(tmp_path):
+    root = make_prepared(tmp_path / "d", [("a", 3000, 1.0)])
+    shard = root / "a" / "train-00001.bin"
+    tokens = np.fromfile(shard, dtype=np.uint16)
+    tokens[17] = 60001  # meta.json's vocab_size is 60000; the file keeps its size
+    tokens.tofile(shard)
+    with pytest.raises(
+        DataError,
+        match=r"train-00001.bin: token id 60001 \(at position 17\) "
+        r"is outside the vocabulary of 60000",
+    ):
+        open_sources(root)
+
+
+def test_a_corrupt_meta_or_mixture_json_names_the_file(tmp_path):
+    root = make_prepared(tmp_path / "d", [("a", 3000, 1.0)])
+    (root / "a" / "meta.json").write_text('{"name": "a", "spl')
+    with pytest.raises(DataError, match=r"a/meta.json: not valid JSON"):
+        open_sources(root)
+    (root / "mixture.json").write_text("[1, 2]")
+    with pytest.raises(DataError, match=r"mixture.json: expected a JSON object"):
+        open_sources(root)
