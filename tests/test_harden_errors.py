@@ -7,11 +7,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import llamaforge
 from llamaforge.checkpointer import CheckpointerError, verify_checkpoint
+from llamaforge.cli import main
 from llamaforge.config import ConfigError
 from llamaforge.data.base import DataError
 from llamaforge.data.mixture import open_sources
+from llamaforge.generate import generate_completions
 
+from .test_chat import tiny_model
 from .test_data_mixture import make_prepared
 from .test_trainer import trainer
 
@@ -94,3 +98,55 @@ def test_a_corrupt_meta_or_mixture_json_names_the_file(tmp_path):
     (root / "mixture.json").write_text("[1, 2]")
     with pytest.raises(DataError, match=r"mixture.json: expected a JSON object"):
         open_sources(root)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, small_tokenizer):
+    model = tiny_model(small_tokenizer.vocab_size)
+    return llamaforge.save(model, small_tokenizer, tmp_path_factory.mktemp("h") / "ckpt")
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--prompt", "caf\udcff"], "--prompt: not valid UTF-8 (byte 0xff at character 3)"),
+        (["--prompt", "x", "--temperature", "nan"], "--temperature nan: must be a finite"),
+        (["--prompt", "x", "--temperature", "inf"], "--temperature inf: must be a finite"),
+        (["--prompt", "x", "--temperature", "-1"], "--temperature -1.0: must be a finite"),
+        (["--prompt", "x", "--top-k", "0"], "--top-k 0: must be at least 1"),
+        (["--prompt", "x", "--top-k", "-3"], "--top-k -3: must be at least 1"),
+        (["--prompt", "x", "--top-p", "0"], "--top-p 0.0: must be in (0, 1]"),
+        (["--prompt", "x", "--top-p", "1.5"], "--top-p 1.5: must be in (0, 1]"),
+        (["--prompt", "x", "--top-p", "nan"], "--top-p nan: must be in (0, 1]"),
+    ],
+)
+def test_generate_refuses_bad_prompts_and_sampling_settings(ckpt, capsys, flags, message):
+    assert main(["generate", "--ckpt", str(ckpt), "--device", "cpu", *flags]) == 2
+    out = capsys.readouterr()
+    assert (
+        out.err.startswith("llamaforge generate: error: ")
+        and message in out.err
+        and out.err.count("\n") == 1
+        and out.out == ""
+    )
+
+
+def test_generate_names_a_prompt_file_that_is_not_utf8(ckpt, tmp_path, capsys):
+    bad = tmp_path / "p.txt"
+    bad.write_bytes(b"ok \xff\xfe")
+    assert main(["generate", "--ckpt", str(ckpt), "--prompt-file", str(bad)]) == 2
+    assert f"{bad}: not valid UTF-8 (byte 0xff at offset 3)" in capsys.readouterr().err
+
+
+def test_generate_completions_checks_its_arguments(ckpt, small_tokenizer):
+    model = tiny_model(small_tokenizer.vocab_size)
+    for kw in ({"temperature": float("nan")}, {"top_k": 0}, {"top_p": 2.0}):
+        with pytest.raises(ValueError, match="must be"):
+            generate_completions(model, small_tokenizer, ["x"], **kw)
+    with pytest.raises(ValueError, match="prompt 0: not valid UTF-8"):
+        generate_completions(model, small_tokenizer, ["\udc80"])
+
+
+def test_tokenizer_decode_refuses_negative_ids(small_tokenizer_path, capsys):
+    assert main(["tokenizer", "decode", "--model", str(small_tokenizer_path), "5", "-1"]) == 2
+    assert "ids [-1] are outside the vocabulary" in capsys.readouterr().err
