@@ -150,3 +150,47 @@ def test_generate_completions_checks_its_arguments(ckpt, small_tokenizer):
 def test_tokenizer_decode_refuses_negative_ids(small_tokenizer_path, capsys):
     assert main(["tokenizer", "decode", "--model", str(small_tokenizer_path), "5", "-1"]) == 2
     assert "ids [-1] are outside the vocabulary" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def nan_ckpt(tmp_path_factory, small_tokenizer):
+    """A native checkpoint whose layer-0 attention wq holds a NaN and whose norm an Inf
+    (save refuses such weights, so the safetensors file is rewritten afterwards)."""
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_model(small_tokenizer.vocab_size)
+    out = llamaforge.save(model, small_tokenizer, tmp_path_factory.mktemp("n") / "nan")
+    (f,) = out.glob("*.safetensors")
+    tensors = load_file(f)
+    tensors["layers.0.attention.wq.weight"][0, 0] = float("nan")
+    tensors["norm.weight"][1] = float("inf")
+    save_file(tensors, f, metadata={"format": "pt"})
+    return out
+
+
+def test_non_finite_native_weights_warn_on_load_and_strict_refuses(nan_ckpt, capsys):
+    from llamaforge.checkpoint import CheckpointError, load
+
+    load(nan_ckpt)
+    err = capsys.readouterr().err
+    assert "2 tensor(s) with NaN or Inf values" in err
+    assert "layers.0.attention.wq.weight" in err and "norm.weight" in err
+    with pytest.raises(CheckpointError, match="NaN or Inf.*refused: strict"):
+        load(nan_ckpt, strict=True)
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "eval"])
+def test_strict_commands_refuse_non_finite_weights(nan_ckpt, capsys, command):
+    extra = {"generate": ["--prompt", "x"], "chat": [], "eval": ["--tasks", "piqa"]}[command]
+    argv = [command, "--ckpt", str(nan_ckpt), "--device", "cpu", "--strict", *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "NaN or Inf" in err and "refused: strict" in err
+
+
+def test_generate_from_non_finite_weights_says_so(nan_ckpt, capsys):
+    argv = ["generate", "--ckpt", str(nan_ckpt), "--prompt", "x", "--max-new-tokens", "2"]
+    assert main([*argv, "--device", "cpu", "--seed", "0"]) == 2
+    out = capsys.readouterr()
+    assert "NaN or Inf values" in out.err and "logits at position" in out.err
+    assert "no text can be generated" in out.err

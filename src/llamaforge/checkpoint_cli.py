@@ -113,6 +113,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     g.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
     g.add_argument("--dtype", help="float32, bfloat16, float16 (default: as stored)")
+    g.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse a checkpoint with NaN/Inf weights (default: load it with a warning)",
+    )
     g.set_defaults(func=_generate)
 
 
@@ -235,7 +240,7 @@ def _generate(a: argparse.Namespace) -> int:
         raise ValueError("--template and --system need --chat")
     device = resolve_device(a.device or "auto")
     tok_file = tokenizer_path(a.tokenizer)
-    model, tok = load(a.ckpt, device=device, dtype=a.dtype, tokenizer=tok_file)
+    model, tok = load(a.ckpt, device=device, dtype=a.dtype, tokenizer=tok_file, strict=a.strict)
     if tok is None:
         raise ValueError(f"{a.ckpt}: no tokenizer.model in the checkpoint; pass --tokenizer")
     inputs: list[str] | list[list[int]] = prompts

@@ -177,6 +177,11 @@ def generate_completions(
         prev = 0
         for cur in range(min(lengths), total_len):
             logits = model(tokens[:, prev:cur], prev, last_only=True)[:, -1].float()
+            if not bool(torch.isfinite(logits).all()):  # never sample text from garbage
+                raise ValueError(
+                    f"the model's logits at position {cur} are NaN or Inf (non-finite "
+                    "weights or activations): no text can be generated from it"
+                )
             nxt = sample(logits, temperature, top_p, top_k, generator)
             nxt = torch.where(in_prompt[:, cur], tokens[:, cur], nxt)
             tokens[:, cur] = nxt
