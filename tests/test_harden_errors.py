@@ -194,3 +194,92 @@ def test_generate_from_non_finite_weights_says_so(nan_ckpt, capsys):
     out = capsys.readouterr()
     assert "NaN or Inf values" in out.err and "logits at position" in out.err
     assert "no text can be generated" in out.err
+
+
+def _failing(monkeypatch, module, handler, exc_factory):
+    def boom(a):
+        raise exc_factory()
+
+    monkeypatch.setattr(module, handler, boom)
+
+
+def test_cli_reports_a_full_disk_with_its_path(monkeypatch, capsys):
+    import errno
+
+    from llamaforge import tokenizer_cli, train_cli
+
+    def enospc():
+        return OSError(errno.ENOSPC, "No space left on device", "/data/out/model.safetensors")
+
+    _failing(monkeypatch, tokenizer_cli, "_decode", enospc)
+    assert main(["tokenizer", "decode", "--model", "m", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "llamaforge tokenizer decode: error: no space left on device: /data/out/model.safetensors\n"
+    )
+    _failing(monkeypatch, train_cli, "_quickstart", enospc)  # a training command: exit 1
+    assert main(["quickstart"]) == 1
+    assert "no space left on device: /data/out" in capsys.readouterr().err
+
+
+def test_cli_reports_library_errors_in_one_line_and_debug_shows_the_traceback(
+    monkeypatch, capsys, tmp_path
+):
+    import sentencepiece
+
+    from llamaforge import tokenizer_cli
+
+    missing = str(tmp_path / "nope.model")
+    _failing(
+        monkeypatch,
+        tokenizer_cli,
+        "_decode",
+        lambda: sentencepiece.SentencePieceProcessor(model_file=missing),
+    )
+    monkeypatch.delenv("LLAMAFORGE_DEBUG", raising=False)
+    assert main(["tokenizer", "decode", "--model", "m", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("llamaforge tokenizer decode: error: RuntimeError: ")
+    assert missing in err and err.count("\n") == 1
+    assert main(["--debug", "tokenizer", "decode", "--model", "m", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "sentencepiece" in err
+    assert err.splitlines()[-1].startswith("llamaforge tokenizer decode: error: RuntimeError")
+    monkeypatch.setenv("LLAMAFORGE_DEBUG", "1")
+    assert main(["tokenizer", "decode", "--model", "m", "1"]) == 2
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
+
+
+def test_cli_reports_a_dcp_checkpoint_exception(monkeypatch, capsys):
+    import errno
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from llamaforge import train_cli
+
+    inner = OSError(
+        errno.ENOSPC, "No space left on device", "/runs/x/.step-000002.tmp/__0_0.distcp"
+    )
+    _failing(
+        monkeypatch,
+        train_cli,
+        "_quickstart",
+        lambda: CheckpointException("save", {0: (inner, None)}),
+    )
+    assert main(["quickstart"]) == 1
+    assert capsys.readouterr().err == (
+        "llamaforge quickstart: error: distributed checkpoint failed on rank 0: no space left "
+        "on device: /runs/x/.step-000002.tmp/__0_0.distcp\n"
+    )
+
+
+def test_cli_keeps_interrupts_exit_codes_and_real_bugs(monkeypatch, capsys):
+    from llamaforge import tokenizer_cli
+
+    _failing(monkeypatch, tokenizer_cli, "_decode", KeyboardInterrupt)
+    assert main(["tokenizer", "decode", "--model", "m", "1"]) == 130
+    _failing(monkeypatch, tokenizer_cli, "_decode", lambda: CheckpointerError("bad ckpt"))
+    assert main(["tokenizer", "decode", "--model", "m", "1"]) == 1
+    _failing(monkeypatch, tokenizer_cli, "_decode", lambda: RuntimeError("our own bug"))
+    with pytest.raises(RuntimeError, match="our own bug"):  # not a library's: a traceback
+        main(["tokenizer", "decode", "--model", "m", "1"])
