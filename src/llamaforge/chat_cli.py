@@ -41,6 +41,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     c.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
     c.add_argument("--dtype", help="float32, bfloat16, float16 (default: as stored)")
+    c.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse a checkpoint with NaN/Inf weights (default: load it with a warning)",
+    )
     c.set_defaults(func=_chat)
 
 
@@ -64,7 +69,13 @@ def _chat(a: argparse.Namespace) -> int:
     from .flops import resolve_device
 
     device = resolve_device(a.device or "auto")
-    model, tok = load(a.ckpt, device=device, dtype=a.dtype, tokenizer=tokenizer_path(a.tokenizer))
+    model, tok = load(
+        a.ckpt,
+        device=device,
+        dtype=a.dtype,
+        tokenizer=tokenizer_path(a.tokenizer),
+        strict=a.strict,
+    )
     if tok is None:
         raise ValueError(f"{a.ckpt}: no tokenizer.model in the checkpoint; pass --tokenizer")
     template = resolve_template(a.template, tok, a.ckpt)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -257,10 +258,13 @@ def load(
     dtype: str | torch.dtype | None = None,
     *,
     tokenizer: str | os.PathLike | None = None,
+    strict: bool = False,
 ) -> tuple[Transformer, Tokenizer | None]:
     """Load a native checkpoint: ``(model, tokenizer)`` with the model in eval mode.
 
     ``dtype`` defaults to the stored one. ``tokenizer`` overrides ``ckpt_dir/tokenizer.model``.
+    Tensors with NaN or Inf values are named in a warning on stderr (its outputs mean
+    nothing); ``strict`` makes them a CheckpointError instead.
     """
     ckpt = Path(ckpt_dir)
     if not ckpt.is_dir():
@@ -284,10 +288,27 @@ def load(
     state: dict[str, torch.Tensor] = {}
     for name, t in checked(_stored(ckpt, dev), args, str(ckpt), params=str(ckpt / PARAMS_FILE)):
         state[name] = t.to(target_dtype) if target_dtype is not None else t
+    bad = non_finite(state.items())
+    if bad:
+        shown = ", ".join(bad[:5]) + (" …" if len(bad) > 5 else "")
+        msg = f"{ckpt}: {len(bad)} tensor(s) with NaN or Inf values: {shown}"
+        if strict:
+            raise CheckpointError(f"{msg} (refused: strict)")
+        print(
+            f"warning: {msg}; the model's outputs are not meaningful (--strict refuses it)",
+            file=sys.stderr,
+        )
     with torch.device("meta"):
         model = Transformer(args)
     model.load_state_dict(state, assign=True)
     return model.eval(), tok
+
+
+def non_finite(tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an Inf (one reduction each)."""
+    return [
+        name for name, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
 
 
 def iter_tensors(ckpt_dir: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:

@@ -75,8 +75,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--max-new-tokens", type=int, default=128, help="tokens to add per row (default 128)"
     )
     g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
-    g.add_argument("--top-p", type=float, default=0.95, help="nucleus mass (default 0.95)")
-    g.add_argument("--top-k", type=int, default=None, help="keep the k likeliest (default: off)")
+    g.add_argument(
+        "--top-p", type=float, default=0.95, help="nucleus mass in (0, 1] (default 0.95)"
+    )
+    g.add_argument(
+        "--top-k", type=int, default=None, help="keep the k likeliest, k >= 1 (default: off)"
+    )
     g.add_argument("--stop", action="append", help="stop string (repeatable; default: none)")
     g.add_argument(
         "--chat",
@@ -109,6 +113,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     g.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
     g.add_argument("--dtype", help="float32, bfloat16, float16 (default: as stored)")
+    g.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse a checkpoint with NaN/Inf weights (default: load it with a warning)",
+    )
     g.set_defaults(func=_generate)
 
 
@@ -208,18 +217,30 @@ def _init(a: argparse.Namespace) -> int:
 def _generate(a: argparse.Namespace) -> int:
     from .checkpoint import load
     from .flops import resolve_device
-    from .generate import generate_completions
+    from .generate import check_sampling, check_utf8, generate_completions
 
     prompts = list(a.prompt or [])
+    for p in prompts:
+        check_utf8(p, "--prompt")
     if a.prompt_file:
-        prompts.append(Path(a.prompt_file).read_text(encoding="utf-8"))
+        try:
+            prompts.append(Path(a.prompt_file).read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"{a.prompt_file}: not valid UTF-8 (byte 0x{e.object[e.start]:02x} at offset "
+                f"{e.start})"
+            ) from None
     if not prompts:
         raise ValueError("give --prompt TEXT (repeatable) or --prompt-file FILE")
+    try:
+        check_sampling(a.temperature, a.top_p, a.top_k)
+    except ValueError as e:
+        raise ValueError(f"--{e}".replace("_", "-", 1)) from None
     if not a.chat and (a.template or a.system):
         raise ValueError("--template and --system need --chat")
     device = resolve_device(a.device or "auto")
     tok_file = tokenizer_path(a.tokenizer)
-    model, tok = load(a.ckpt, device=device, dtype=a.dtype, tokenizer=tok_file)
+    model, tok = load(a.ckpt, device=device, dtype=a.dtype, tokenizer=tok_file, strict=a.strict)
     if tok is None:
         raise ValueError(f"{a.ckpt}: no tokenizer.model in the checkpoint; pass --tokenizer")
     inputs: list[str] | list[list[int]] = prompts

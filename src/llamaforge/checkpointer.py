@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,6 +58,74 @@ def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
         if m and p.is_dir() and (p / STATE_FILE).is_file() and (p / ".metadata").is_file():
             found.append((int(m.group(1)), p))
     return sorted(found)
+
+
+def _read_dcp_metadata(path: Path) -> Any:
+    """The DCP ``Metadata`` of checkpoint ``path``; an unreadable ``.metadata`` is a
+    CheckpointerError naming it."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        return FileSystemReader(str(path)).read_metadata()
+    except Exception as e:  # a truncated or foreign pickle: EOFError, UnpicklingError, ...
+        raise CheckpointerError(
+            f"{path / '.metadata'}: unreadable ({type(e).__name__}: {e})"
+        ) from None
+
+
+def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Check that ``path`` is a complete, undamaged checkpoint before trusting it: its
+    ``state.json`` parses (a JSON object with ``step``), its ``.metadata`` reads, and every
+    file ``.metadata`` names exists with at least the bytes it needs. Returns state.json;
+    anything wrong is a CheckpointerError naming the file."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointerError(f"{path}: no such checkpoint directory")
+    state_file = path / STATE_FILE
+    if not state_file.is_file():
+        raise CheckpointerError(f"{path}: not a complete checkpoint (no {STATE_FILE})")
+    if not (path / ".metadata").is_file():
+        raise CheckpointerError(f"{path}: not a complete checkpoint (no .metadata)")
+    state = read_json_object(state_file, CheckpointerError)
+    for key in ("step", "rng"):
+        if key not in state:
+            raise CheckpointerError(f"{state_file}: no {key!r} (not a training checkpoint's)")
+    md = _read_dcp_metadata(path)
+    need: dict[str, int] = {}
+    for info in (getattr(md, "storage_data", None) or {}).values():
+        rel = getattr(info, "relative_path", None)
+        if rel is None:
+            continue
+        end = int(getattr(info, "offset", 0)) + int(getattr(info, "length", 0))
+        need[rel] = max(need.get(rel, 0), end)
+    for rel, size in sorted(need.items()):
+        f = path / rel
+        if not f.is_file():
+            raise CheckpointerError(f"{f}: missing (named by {path / '.metadata'})")
+        have = f.stat().st_size
+        if have < size:
+            raise CheckpointerError(
+                f"{f}: truncated ({have} bytes, {path / '.metadata'} needs at least {size})"
+            )
+    return state
+
+
+def check_shapes(path: Path, md: Any, state: dict[str, Any], prefix: str = "model") -> None:
+    """Raise a CheckpointerError naming the first tensor of ``state[prefix]`` whose shape
+    differs from the checkpoint's (a checkpoint of another model size), before DCP's
+    ``Size mismatch`` traceback; tensors the checkpoint lacks are left to DCP."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    saved = md.state_dict_metadata
+    for name, value in state[prefix].items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        entry = saved.get(f"{prefix}.{name}")
+        if isinstance(entry, TensorStorageMetadata) and tuple(entry.size) != tuple(value.shape):
+            raise CheckpointerError(
+                f"{path}: {name} has shape {tuple(entry.size)} in the checkpoint but "
+                f"{tuple(value.shape)} in this model (a checkpoint of another model size?)"
+            )
 
 
 def rng_state() -> dict[str, Any]:
@@ -106,6 +175,26 @@ class Checkpointer:
     def latest(self) -> Path | None:
         found = self.list()
         return found[-1][1] if found else None
+
+    def latest_good(self) -> Path | None:
+        """The newest checkpoint that passes `verify_checkpoint`; each newer damaged one is
+        skipped with a warning naming it and what is wrong; None when there are none, a
+        CheckpointerError when every one is damaged (starting over is then a choice)."""
+        found = self.list()
+        for _, path in reversed(found):
+            try:
+                verify_checkpoint(path)
+            except CheckpointerError as e:
+                if self.info.is_main:
+                    print(f"warning: skipping damaged checkpoint {path}: {e}", file=sys.stderr)
+                continue
+            return path
+        if found:
+            raise CheckpointerError(
+                f"{self.root}: every checkpoint is damaged (newest {found[-1][1].name}); "
+                "repair or remove them, or pass resume=none to start over"
+            )
+        return None
 
     def save(
         self,
@@ -176,11 +265,10 @@ class Checkpointer:
         )
 
         path = Path(path)
-        if not (path / STATE_FILE).is_file():
-            raise CheckpointerError(f"{path}: not a complete checkpoint (no {STATE_FILE})")
-        meta = read_json_object(path / STATE_FILE, CheckpointerError)
+        meta = verify_checkpoint(path)
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": self._model_state(model_sd), "optim": optim_sd}
+        check_shapes(path, _read_dcp_metadata(path), state)
         with _quiet_single_process():
             dcp.load(state, checkpoint_id=str(path))
         set_state_dict(
@@ -199,6 +287,6 @@ class Checkpointer:
     def load_latest(
         self, model: torch.nn.Module, optimizer: torch.optim.Optimizer
     ) -> tuple[Path, dict[str, Any]] | None:
-        """Resume from the newest complete checkpoint, if there is one."""
-        path = self.latest()
+        """Resume from the newest good checkpoint (damaged newer ones skipped), if any."""
+        path = self.latest_good()
         return None if path is None else (path, self.load(path, model, optimizer))

@@ -40,6 +40,72 @@ USAGE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+# commands whose failures (a disk filling up mid-run, a checkpoint write) exit with 1
+TRAINING_COMMANDS = frozenset({"quickstart", "quickstart-instruct", "pretrain", "finetune"})
+
+# libraries whose exceptions (RuntimeError from pybind/Rust, their own types) are reported
+# as one line at the command boundary rather than as a traceback
+LIBRARIES = frozenset({"torch", "sentencepiece", "gguf", "safetensors", "safetensors_rust"})
+
+
+def _debug(a: argparse.Namespace | None = None) -> bool:
+    import os
+
+    env = os.environ.get("LLAMAFORGE_DEBUG", "").strip().lower()
+    return bool(getattr(a, "debug", False)) or env not in ("", "0", "false", "no")
+
+
+def os_error_message(e: OSError) -> str:
+    """One line for an OSError, naming its path: ``no space left on device: PATH``."""
+    import errno
+
+    if e.errno == errno.ENOSPC:
+        what = "no space left on device"
+    else:
+        what = e.strerror or str(e)
+    paths = [str(f) for f in (e.filename, e.filename2) if f is not None]
+    return f"{what}: {' -> '.join(paths)}" if paths else what
+
+
+def _from_library(e: BaseException) -> bool:
+    """Whether ``e`` was raised by one of `LIBRARIES`: its type is theirs, or a
+    RuntimeError whose innermost Python frame is in their code."""
+    if type(e).__module__.split(".")[0] in LIBRARIES:
+        return True
+    if not isinstance(e, RuntimeError):
+        return False
+    tb, last = e.__traceback__, None
+    while tb is not None:
+        last, tb = tb, tb.tb_next
+    name = last.tb_frame.f_globals.get("__name__", "") if last is not None else ""
+    return str(name).split(".")[0] in LIBRARIES
+
+
+def _one_line(text: str) -> str:
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    return lines[0] if lines else ""
+
+
+def error_message(e: BaseException) -> str | None:
+    """The one-line message for an exception the command boundary reports (an OSError, a
+    library's RuntimeError, DCP's CheckpointException), or None when it is not one."""
+    if type(e).__name__ == "CheckpointException" and hasattr(e, "failures"):
+        failures = e.failures or {}
+        for rank, pair in sorted(failures.items()):
+            inner = pair[0] if isinstance(pair, tuple) else pair
+            if isinstance(inner, OSError):
+                why = os_error_message(inner)
+            else:
+                why = f"{type(inner).__name__}: {_one_line(str(inner))}"
+            return f"distributed checkpoint failed on rank {rank}: {why}"
+        return "distributed checkpoint failed"
+    if isinstance(e, OSError):
+        return os_error_message(e)
+    if _from_library(e):
+        return f"{type(e).__name__}: {_one_line(str(e))}"
+    return None
+
+
 def flag_overrides(a: argparse.Namespace, *names: str) -> list[str]:
     """``--resume X`` / ``--out Y`` as the overrides ``resume=X`` / ``out=Y`` (last wins)."""
     return [f"{k}={getattr(a, k)}" for k in names if getattr(a, k) is not None]
@@ -78,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
         "processes per node under torchrun; OMP_WAIT_POLICY=PASSIVE unless set).",
     )
     p.add_argument("--version", action="version", version=f"llamaforge {__version__}")
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        help="print the full traceback of an error (also LLAMAFORGE_DEBUG=1)",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module, _ in COMMANDS:
         importlib.import_module(module).register(sub)
@@ -87,7 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run ``llamaforge ARGV``; the exit status: the handler's, 2 for a usage, config or
     input error (one ``llamaforge CMD: error: ...`` line on stderr), an exception's integer
-    ``exit_code`` attribute (e.g. 1 for a training failure), 130 on Ctrl-C.
+    ``exit_code`` attribute (e.g. 1 for a training failure), 130 on Ctrl-C. An OSError
+    (``no space left on device: PATH``), a RuntimeError from torch, sentencepiece, gguf or
+    safetensors, and DCP's CheckpointException are one line too: exit 1 for a training
+    command, else 2. ``--debug`` or ``LLAMAFORGE_DEBUG=1`` prints the traceback as well.
 
     Without ``argv`` (the program's entry point: ``llamaforge``, ``python -m llamaforge``,
     torchrun) the process's CPU threads are set first (`threads.configure_threads`); a call
@@ -117,12 +191,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"llamaforge {what}: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:
+    except BaseException as e:  # DCP's CheckpointException is a BaseException
+        if isinstance(e, (SystemExit, GeneratorExit)):
+            raise
         code = getattr(e, "exit_code", None)
         if isinstance(code, int) and not isinstance(code, bool):
-            print(f"llamaforge {what}: error: {e}", file=sys.stderr)
-            return code
-        if isinstance(e, USAGE_ERRORS):
-            print(f"llamaforge {what}: error: {e}", file=sys.stderr)
-            return 2
-        raise
+            message = str(e)
+        elif isinstance(e, USAGE_ERRORS):
+            message, code = str(e), 2
+        else:
+            message = error_message(e)  # type: ignore[assignment]
+            if message is None:
+                raise
+            code = 1 if what.split(" ")[0] in TRAINING_COMMANDS else 2
+        if _debug(a):
+            import traceback
+
+            traceback.print_exception(e)
+        print(f"llamaforge {what}: error: {message}", file=sys.stderr)
+        return code

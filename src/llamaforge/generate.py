@@ -9,6 +9,7 @@ Meta's ``sample_top_p`` nucleus rule. Each row stops at eos, at a stop string, a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -82,6 +83,28 @@ class _TextTracker:
 
 
 @torch.inference_mode()
+def check_sampling(temperature: float, top_p: float, top_k: int | None = None) -> None:
+    """Raise ValueError naming the first sampling setting that cannot work: temperature
+    must be finite and >= 0 (0: greedy), top_p in (0, 1], top_k None (off) or >= 1."""
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature {temperature}: must be a finite number >= 0 (0: greedy)")
+    if not 0.0 < top_p <= 1.0:  # also refuses nan
+        raise ValueError(f"top_p {top_p}: must be in (0, 1] (1: no nucleus cut)")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k {top_k}: must be at least 1 (leave it unset for no top-k)")
+
+
+def check_utf8(text: str, what: str) -> None:
+    """Raise ValueError when ``text`` holds bytes that are not UTF-8 (lone surrogates, as
+    Python decodes such command-line arguments), naming ``what`` and the first byte."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start]
+        byte = f"0x{ord(bad) - 0xDC00:02x}" if 0xDC80 <= ord(bad) <= 0xDCFF else repr(bad)
+        raise ValueError(f"{what}: not valid UTF-8 (byte {byte} at character {e.start})") from None
+
+
 def generate_completions(
     model: Transformer,
     tokenizer: Tokenizer,
@@ -109,8 +132,10 @@ def generate_completions(
         return []
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if temperature < 0 or not 0.0 < top_p <= 1.0:
-        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    check_sampling(temperature, top_p, top_k)
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            check_utf8(p, f"prompt {i}")
     max_seq_len = model.args.max_seq_len
     encoded = [
         tokenizer.encode(p, bos=bos) if isinstance(p, str) else [int(t) for t in p] for p in prompts
@@ -152,6 +177,11 @@ def generate_completions(
         prev = 0
         for cur in range(min(lengths), total_len):
             logits = model(tokens[:, prev:cur], prev, last_only=True)[:, -1].float()
+            if not bool(torch.isfinite(logits).all()):  # never sample text from garbage
+                raise ValueError(
+                    f"the model's logits at position {cur} are NaN or Inf (non-finite "
+                    "weights or activations): no text can be generated from it"
+                )
             nxt = sample(logits, temperature, top_p, top_k, generator)
             nxt = torch.where(in_prompt[:, cur], tokens[:, cur], nxt)
             tokens[:, cur] = nxt

@@ -74,7 +74,7 @@ def _decode(a: argparse.Namespace) -> int:
         ids = [int(x) for x in raw]
     except ValueError as e:
         raise ValueError(f"token ids must be integers ({e})") from None
-    bad = [i for i in ids if i >= tok.vocab_size]
+    bad = [i for i in ids if not 0 <= i < tok.vocab_size]
     if bad:
         raise ValueError(f"ids {bad[:5]} are outside the vocabulary (size {tok.vocab_size})")
     print(tok.decode(ids))

@@ -393,17 +393,18 @@ class Trainer:
             self.after_init(model)
 
     def resume(self) -> Path | None:
-        """Load ``cfg.resume`` (auto: the newest complete checkpoint); returns its path."""
+        """Load ``cfg.resume`` (auto: the newest checkpoint that passes verification, damaged
+        newer ones skipped with a warning); returns its path."""
         r = self.cfg.resume
         if r in ("", "none", "no", "false"):
             return None
-        if r == "auto":
-            path = self.checkpointer.latest()
-            if path is None:
-                return None
-        else:
-            path = Path(r)
         try:
+            if r == "auto":  # the newest good one: damaged newer ones skipped with a warning
+                path = self.checkpointer.latest_good()
+                if path is None:
+                    return None
+            else:
+                path = Path(r)
             meta = self.checkpointer.load(path, self.model, self.optimizer)
         except CheckpointerError as e:
             raise ConfigError(f"resume={r!r}: {e}") from None

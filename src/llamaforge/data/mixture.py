@@ -19,7 +19,6 @@ so documents are packed across their boundaries and every token is a target once
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..files import read_json_object
 from .base import DataError
-from .shards import META_FILE, MIXTURE_FILE, check_meta, read_meta
+from .shards import META_FILE, MIXTURE_FILE, check_meta, check_token_ids, read_meta
 
 _MASK64 = (1 << 64) - 1
 
@@ -111,7 +111,9 @@ class TokenSource:
                     f"{path}: missing or of the wrong size (expected "
                     f"{shard['tokens']} {dtype.name} tokens)"
                 )
-            self.arrays.append(np.memmap(path, dtype=dtype, mode="r"))
+            tokens = np.memmap(path, dtype=dtype, mode="r")
+            check_token_ids(tokens, int(self.meta["vocab_size"]), path)
+            self.arrays.append(tokens)
         self.offsets = np.cumsum([0] + [len(a) for a in self.arrays])
         self.tokens = int(self.offsets[-1])
 
@@ -150,7 +152,9 @@ def open_sources(
     mixture = root / MIXTURE_FILE
     if not mixture.is_file():
         raise DataError(f"{root}: no {MIXTURE_FILE}; run `llamaforge data prepare` first")
-    entries = json.loads(mixture.read_text())["sources"]
+    entries = read_json_object(mixture, DataError).get("sources")
+    if not isinstance(entries, list):
+        raise DataError(f"{mixture}: no 'sources' list")
     if names is not None:
         entries = [e for e in entries if e["name"] in names]
     sources, weights = [], []

@@ -18,12 +18,12 @@ the config and tokenizer), ``tokenizer``, ``tokenizer_sha256``, ``vocab_size``, 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..files import read_json_object
 from .base import DataError
 
 FORMAT_VERSION = 1
@@ -44,9 +44,26 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def read_meta(source_dir: Path) -> dict[str, Any] | None:
-    """A source's meta.json, or None when there is none."""
+    """A source's meta.json, or None when there is none; one that is not a JSON object is
+    a DataError naming it."""
     p = Path(source_dir) / META_FILE
-    return json.loads(p.read_text()) if p.is_file() else None
+    return read_json_object(p, DataError) if p.is_file() else None
+
+
+def check_token_ids(tokens: np.ndarray, vocab_size: int, where: Path) -> None:
+    """Raise a DataError naming ``where`` when a token id of ``tokens`` (a memory-mapped
+    shard: one vectorised pass) lies outside the vocabulary [0, vocab_size)."""
+    if len(tokens) == 0:
+        return
+    hi = int(tokens.max())
+    lo = int(tokens.min()) if tokens.dtype.kind == "i" else 0
+    if hi >= vocab_size or lo < 0:
+        bad = hi if hi >= vocab_size else lo
+        pos = int(np.flatnonzero(tokens == bad)[0])
+        raise DataError(
+            f"{where}: token id {bad} (at position {pos}) is outside the vocabulary of "
+            f"{vocab_size}; the shard is corrupt or was prepared with another tokenizer"
+        )
 
 
 def check_meta(meta: dict[str, Any], where: Path) -> None:

@@ -63,6 +63,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on GPU)"
     )
     p.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse a checkpoint with NaN/Inf weights (default: load it with a warning)",
+    )
+    p.add_argument(
         "--batch-tokens", type=int, default=None, help="scoring batch budget, rows × padded length"
     )
     p.add_argument("--batch-size", type=int, default=None, help="cap on rows per batch")
@@ -277,6 +282,7 @@ def run(a: argparse.Namespace) -> int:
         batch_tokens=a.batch_tokens,
         progress=not a.no_progress,
         sample_mode=a.sample_mode,
+        strict=a.strict,
     )
 
     def done(name: str, entry: dict[str, Any]) -> None:

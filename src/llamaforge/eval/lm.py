@@ -123,14 +123,16 @@ class LlamaforgeLM:
         progress: bool = True,
         tokenizer: str | os.PathLike | None = None,
         sample_mode: str = "per_sample",
+        strict: bool = False,
     ) -> LlamaforgeLM:
-        """Load a native checkpoint. ``dtype`` defaults to bf16 on a GPU, fp32 on the CPU."""
+        """Load a native checkpoint. ``dtype`` defaults to bf16 on a GPU, fp32 on the CPU;
+        ``strict`` refuses one with NaN/Inf weights (`checkpoint.load`)."""
         from ..checkpoint import CheckpointError, load
 
         dev = resolve_device(device)
         if dtype is None:
             dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-        model, tok = load(ckpt_dir, device=dev, dtype=dtype, tokenizer=tokenizer)
+        model, tok = load(ckpt_dir, device=dev, dtype=dtype, tokenizer=tokenizer, strict=strict)
         if tok is None:
             raise CheckpointError(f"{ckpt_dir}: no tokenizer.model in the checkpoint")
         return cls(
