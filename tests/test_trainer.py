@@ -184,3 +184,29 @@ def test_init_starts_from_a_native_checkpoint_and_hooks_run(tmp_path, small_toke
 
     with pytest.raises(ConfigError, match="model.dim=48.*init="):
         trainer(tmp_path / "c", f"init={tmp_path / 'base'}", "model.dim=48")
+
+
+def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    import errno
+
+    import torch.distributed.checkpoint as dcp
+
+    from llamaforge.files import NoSpaceError
+
+    t = trainer(tmp_path)
+    t.train_step(*batch(4))
+    t.step = 1
+    first = t.save()
+    real_save = dcp.save
+
+    def full_disk(state, checkpoint_id):
+        real_save(state, checkpoint_id=checkpoint_id)  # files written, then the device fills
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(dcp, "save", full_disk)
+    t.step = 2
+    with pytest.raises(NoSpaceError, match="no space left on device.*step-000002"):
+        t.save()
+    root = first.parent
+    assert [p.name for p in root.iterdir()] == ["step-000001"]  # no partial step-2 left
+    assert t.checkpointer.latest() == first

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from . import distributed as D
-from .files import read_json_object
+from .files import NoSpaceError, is_no_space, read_json_object
 
 CKPT_RE = re.compile(r"^step-(\d{6,})$")
 STATE_FILE = "state.json"
@@ -228,8 +228,15 @@ class Checkpointer:
                 f"step {step}: non-finite values in {bad[:3] or 'the weights'}: checkpoint "
                 f"{final} not written (the previous ones are kept)"
             )
-        with _quiet_single_process():
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        try:
+            with _quiet_single_process():
+                dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        except BaseException as e:  # DCP's CheckpointException is a BaseException
+            if info.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if is_no_space(e, self.root):  # the previous checkpoints are kept
+                raise NoSpaceError(final) from e
+            raise
         rngs = D.all_gather_object(rng_state())
         if info.is_main:
             state = {**extra, "world_size": info.world_size, "rng": rngs}

@@ -54,7 +54,7 @@ class NoSpaceError(OSError):
         return str(self.args[0])
 
 
-def _is_no_space(e: BaseException, where: Path) -> bool:
+def is_no_space(e: BaseException, where: Path) -> bool:
     """Whether ``e`` (from a writer in ``where``) means the device is full: ENOSPC or
     EDQUOT anywhere in its chain, a message that says so, or a writer's error that a full
     device causes (a short write ``OSError``, ``SafetensorError``, DCP's
@@ -133,7 +133,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
     except OSError as e:
-        if _is_no_space(e, target.parent):
+        if is_no_space(e, target.parent):
             raise NoSpaceError(target) from e
         raise
     os.close(fd)
@@ -145,7 +145,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, target)
         _fsync_dir(target.parent)
     except BaseException as e:
-        full = _is_no_space(e, target.parent)  # before the temporary frees its space
+        full = is_no_space(e, target.parent)  # before the temporary frees its space
         tmp.unlink(missing_ok=True)
         if full:
             raise NoSpaceError(target) from e
@@ -196,7 +196,7 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     except OSError as e:
-        if _is_no_space(e, out.parent):
+        if is_no_space(e, out.parent):
             raise NoSpaceError(out) from e
         raise
     try:
@@ -219,7 +219,7 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[
         if old is not None:
             _remove(old)
     except BaseException as e:
-        full = _is_no_space(e, out.parent)  # before the temporary frees its space
+        full = is_no_space(e, out.parent)  # before the temporary frees its space
         shutil.rmtree(tmp, ignore_errors=True)
         if full:
             raise NoSpaceError(out) from e
