@@ -100,6 +100,59 @@ def test_leaving_before_the_end_is_failed_even_with_status_0() -> None:
     assert hard.detail == "exited with code 0 before the end of the program"
 
 
+_FORGERIES = {
+    "writes the success token to every descriptor, exits 0": (
+        "import os\n"
+        "for fd in range(3, 64):\n"
+        "    for line in (b'ok\\n', b'end\\n', b'ok\\tguess\\n'):\n"
+        "        try:\n"
+        "            os.write(fd, line)\n"
+        "        except OSError:\n"
+        "            pass\n"
+        "os._exit(0)\n"
+    ),
+    "os._exit(0) before the tests": "import os\nos._exit(0)\n",
+    "monkeypatches the reporting function and sys.exit": (
+        "import os, sys, __main__\n"
+        "__main__.report = lambda kind, message='': os.write(__main__.status_fd, b'ok\\n')\n"
+        "sys.exit = lambda code=0: os._exit(0)\n"
+    ),
+    "closes every descriptor, then runs to its end": "import os\nos.closerange(3, 1024)\n",
+    "reads the secret pipe before the end": (
+        "import os, __main__\n"
+        "os.set_blocking(__main__.secret_fd, False)\n"
+        "try:\n"
+        "    got = os.read(__main__.secret_fd, 256)\n"
+        "except BlockingIOError:\n"
+        "    got = b'nothing yet'\n"
+        "os.write(__main__.status_fd, b'ok\\t' + got.strip() + b'\\n')\n"
+        "os._exit(0)\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("program", list(_FORGERIES.values()), ids=list(_FORGERIES))
+def test_a_forged_verdict_is_not_passed(program: str) -> None:
+    """The verdict carries a per-run secret the parent sends only after the program ran
+    to its end: writing "ok", leaving early, patching the reporter or closing the
+    descriptors cannot pass a program whose tests never ran."""
+    result = run_program(program + "\nassert False, 'the tests ran and failed'\n", timeout=3)
+    assert result.status in ("failed", "timeout") and not result.passed, result
+
+
+def test_honest_programs_still_score_right_after_the_secret_exchange() -> None:
+    results = check_programs(
+        [
+            "assert sum([1, 2]) == 3\n",
+            "assert sum([1, 2]) == 4\n",
+            "import os\nos.closerange(3, 1024)",
+        ],
+        workers=2,
+    )
+    assert [r.status for r in results] == ["passed", "failed", "failed"]
+    assert results[1].detail == "AssertionError"
+
+
 # ----------------------------------------------------------------------------- limits
 
 

@@ -29,6 +29,15 @@ A program passes only if it runs to its end: one that leaves early through ``sys
 ``os._exit`` -- even with status 0, e.g. before the tests run -- fails, as in OpenAI's
 human-eval. The program runs as ``__main__``.
 
+The verdict is the harness's, not the program's: the child reports "end" on a pipe once
+``exec`` of the whole program has returned; only then does the parent send a per-run
+secret (``secrets.token_hex``, never in the child's environment, files or memory before)
+on a second pipe, once, and it counts a pass only for "ok\t<that secret>" followed by exit
+status 0. Writing "ok" to a descriptor, ``os._exit(0)``, patching the reporter or closing
+the descriptors therefore fail. What remains: the program shares its interpreter with the
+tests, so one written against this harness can send "end" itself and relay the secret,
+or subvert the tests (``__eq__`` that is always true, trace-function jumps, ``ctypes``).
+
 What it is NOT: a security boundary. It stops the accidents a language model produces
 (infinite loops, fork and memory bombs, ``rm -rf``, stray writes and downloads), with the
 same stance as OpenAI's human-eval ``execution.py``. Code written to escape can: call
@@ -42,6 +51,7 @@ from __future__ import annotations
 
 import math
 import os
+import secrets
 import selectors
 import signal
 import subprocess
@@ -125,6 +135,62 @@ class _Capture:
         return lines[-1].strip() if lines else ""
 
 
+class _Reports:
+    """The child's report pipe: lines "<kind>[\t<message>]". On the first "end" (the
+    program ran to its end) the per-run secret is written to the secret pipe, which is
+    then closed: it is sent once, and never before the child asks for it."""
+
+    def __init__(self, secret_w: int, secret: str) -> None:
+        self.secret_w: int | None = secret_w
+        self.secret = secret
+        self.buffer = bytearray()
+        self.lines: list[str] = []
+        self.sent = False
+
+    def read(self, fd: int) -> bool:
+        """Read what is available (non-blocking fd); True at end of file."""
+        for _ in range(16):
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                return False
+            except OSError:
+                return True
+            if not data:
+                return True
+            self.buffer += data
+            *complete, rest = self.buffer.split(b"\n")
+            self.buffer = bytearray(rest[:4096])
+            for raw in complete:
+                if len(self.lines) < 64:
+                    self.lines.append(raw[:4096].decode("utf-8", "replace"))
+                if raw == b"end" and not self.sent:
+                    self.send_secret()
+        return False
+
+    def send_secret(self) -> None:
+        self.sent = True
+        if self.secret_w is not None:
+            try:
+                os.write(self.secret_w, self.secret.encode("ascii") + b"\n")
+            except OSError:
+                pass
+            self.close()
+
+    def close(self) -> None:
+        if self.secret_w is not None:
+            os.close(self.secret_w)
+            self.secret_w = None
+
+    def verdict_line(self) -> str:
+        """ "ok" if the child proved it ran to its end, else its last failure report."""
+        if self.sent and f"ok\t{self.secret}" in self.lines:
+            return "ok"
+        kinds = ("error", "memory", "exit")
+        failures = [line for line in self.lines if line.split("\t")[0] in kinds]
+        return failures[-1] if failures else ""
+
+
 def _exited(proc: subprocess.Popen[bytes]) -> bool:
     """Has the process ended? Leaves it unreaped (a zombie keeps its process group id
     reserved, so killing the group afterwards cannot hit an unrelated process)."""
@@ -151,12 +217,20 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
             pass
 
 
-def _supervise(proc: subprocess.Popen[bytes], deadline: float, capture: _Capture) -> bool:
-    """Read output until the program ends or the deadline passes; kill its process group;
-    reap it. True if it timed out."""
+def _supervise(
+    proc: subprocess.Popen[bytes],
+    deadline: float,
+    capture: _Capture,
+    reports: _Reports,
+    report_r: int,
+) -> bool:
+    """Read output and reports until the program ends or the deadline passes; kill its
+    process group; reap it. True if it timed out."""
     assert proc.stdout is not None
     out = proc.stdout.fileno()
     os.set_blocking(out, False)
+    os.set_blocking(report_r, False)
+    report_eof = False
     pidfd: int | None = None
     if hasattr(os, "pidfd_open"):
         try:
@@ -166,6 +240,7 @@ def _supervise(proc: subprocess.Popen[bytes], deadline: float, capture: _Capture
     timed_out, eof = False, False
     with selectors.DefaultSelector() as sel:
         sel.register(out, selectors.EVENT_READ)
+        sel.register(report_r, selectors.EVENT_READ)
         if pidfd is not None:
             sel.register(pidfd, selectors.EVENT_READ)
         try:
@@ -185,15 +260,26 @@ def _supervise(proc: subprocess.Popen[bytes], deadline: float, capture: _Capture
                     eof = capture.read(out)
                     if eof:
                         sel.unregister(out)
+                if report_r in ready:
+                    report_eof = reports.read(report_r)
+                    if report_eof:
+                        sel.unregister(report_r)
                 if pidfd is not None and pidfd in ready:
                     break
                 if pidfd is None and _exited(proc):
                     break
             _kill_group(proc)  # on timeout; otherwise the children it left behind
             drain_until = time.monotonic() + 1.0
-            while not eof and time.monotonic() < drain_until:
-                if any(key.fd == out for key, _ in sel.select(0.05)):
+            while not (eof and report_eof) and time.monotonic() < drain_until:
+                ready = {key.fd for key, _ in sel.select(0.05)}
+                if out in ready:
                     eof = capture.read(out)
+                    if eof:
+                        sel.unregister(out)
+                if report_r in ready:
+                    report_eof = reports.read(report_r)
+                    if report_eof:
+                        sel.unregister(report_r)
         finally:
             if pidfd is not None:
                 os.close(pidfd)
@@ -277,12 +363,16 @@ def run_program(
         root = Path(tmp)
         workdir = root / "work"
         workdir.mkdir()
-        program_path, status_path = root / "program.py", root / "status"
+        program_path = root / "program.py"
         program_path.write_text(program, encoding="utf-8")
-        status_path.write_bytes(b"")
+        # the child reports on one pipe; the parent answers its "end" with the secret on
+        # the other (the child's ends are inherited, the parent's are close-on-exec)
+        report_r, report_w = os.pipe()
+        secret_r, secret_w = os.pipe()
+        reports = _Reports(secret_w, secrets.token_hex(16))
         argv = [
-            sys.executable or "python3", "-I", "-B", str(_CHILD),
-            str(program_path), str(status_path), str(workdir), str(memory_mb * 1024 * 1024),
+            sys.executable or "python3", "-I", "-B", str(_CHILD), str(program_path),
+            str(report_w), str(secret_r), str(workdir), str(memory_mb * 1024 * 1024),
             str(cpu), str(_FILE_SIZE_LIMIT), str(_OPEN_FILES_LIMIT), str(_NPROC_MARGIN),
         ]  # fmt: skip
         env = {
@@ -305,23 +395,27 @@ def run_program(
                 env=env,
                 start_new_session=True,
                 close_fds=True,
+                pass_fds=(report_w, secret_r),
             )
         except OSError as exc:
+            for fd in (report_r, report_w, secret_r):
+                os.close(fd)
+            reports.close()
             return SandboxResult("failed", _short(f"sandbox error: {exc}"), 0.0)
+        os.close(report_w)
+        os.close(secret_r)
         try:
-            timed_out = _supervise(proc, start + timeout, capture)
+            timed_out = _supervise(proc, start + timeout, capture, reports, report_r)
         finally:
             if proc.returncode is None:  # interrupted (KeyboardInterrupt): leave nothing
                 _kill_group(proc)
                 proc.wait()
             assert proc.stdout is not None
             proc.stdout.close()
+            os.close(report_r)
+            reports.close()
         duration = time.monotonic() - start
-        try:
-            report = status_path.read_bytes()[:4096].decode("utf-8", "replace")
-        except OSError:
-            report = ""
-    report = report.splitlines()[0] if report.strip() else ""
+    report = reports.verdict_line()
     status, detail = _verdict(timed_out, proc.returncode, report, capture, timeout, memory_mb)
     return SandboxResult(status, _short(detail), duration, capture.text())
 
