@@ -17,10 +17,22 @@ from pathlib import Path
 
 import pytest
 
+import llamaforge.eval.sandbox as sandbox
 from llamaforge.eval.sandbox import SandboxResult, check_programs, run_program
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX only")
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc")
+
+
+@pytest.fixture(autouse=True, params=["bwrap", "guard"])
+def sandbox_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test on both paths: under bubblewrap (skipped where it cannot run) and with
+    the in-process guard only (the fallback)."""
+    if request.param == "bwrap" and not sandbox.isolation_available():
+        pytest.skip("bubblewrap (bwrap) is not installed or cannot create namespaces here")
+    if request.param == "guard":
+        monkeypatch.setattr(sandbox, "_isolation", "")
+    return request.param
 
 
 def _wait_for(condition: Callable[[], bool], seconds: float) -> bool:
@@ -375,8 +387,6 @@ def test_bad_arguments_raise() -> None:
 
 
 def test_child_is_a_script_run_by_path_without_the_package():
-    import llamaforge.eval.sandbox as sandbox
-
     assert sandbox._CHILD.is_file() and sandbox._CHILD.parent == Path(sandbox.__file__).parent
     with pytest.raises(ImportError, match="run by sandbox.py"):
         import llamaforge.eval._sandbox_child  # noqa: F401
@@ -388,3 +398,18 @@ def test_child_is_a_script_run_by_path_without_the_package():
     )
     result = run_program(program, timeout=10)
     assert result.passed, result
+
+
+def test_missing_bubblewrap_falls_back_with_one_warning(
+    sandbox_mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if sandbox_mode == "bwrap":
+        pytest.skip("one path is enough")
+    monkeypatch.setattr(sandbox, "_isolation", None)
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
+    with pytest.warns(RuntimeWarning, match="bubblewrap .* is not installed") as caught:
+        assert not sandbox.isolation_available()
+        assert run_program("assert 1 + 1 == 2").passed
+    assert len(caught) == 1
+    with pytest.raises(RuntimeError, match="isolate=True"):
+        run_program("pass", isolate=True)

@@ -6,6 +6,16 @@ of them on a thread pool, each thread supervising one subprocess.
 
 What the sandbox does, per program (POSIX; fully on Linux):
 
+* under bubblewrap (``bwrap``) where it is installed and can create namespaces (checked
+  once; otherwise a one-time ``RuntimeWarning`` and the guard below only): new user (uid
+  65534, no capabilities), PID, network (loopback only), IPC, UTS, cgroup and mount
+  namespaces; a read-only ``/usr`` and Python installation, ``/etc/ld.so.cache`` and
+  nothing else of the host's files; a private 256 MB tmpfs ``/tmp`` holding only the
+  program, the child script (both read-only) and the writable working directory; its own
+  ``/proc`` and a minimal ``/dev``; ``--clearenv`` and the minimal environment below;
+  ``--die-with-parent`` and ``--new-session``; the PID namespace dies with its first
+  process. The guard below still runs inside it;
+
 * a separate interpreter, ``sys.executable -I -B`` (isolated: no user site, no ``PYTHON*``
   variables), in a new session, so the whole process group is killed (SIGKILL) and reaped
   on timeout, and stragglers are killed when the program ends;
@@ -38,13 +48,15 @@ the descriptors therefore fail. What remains: the program shares its interpreter
 tests, so one written against this harness can send "end" itself and relay the secret,
 or subvert the tests (``__eq__`` that is always true, trace-function jumps, ``ctypes``).
 
-What it is NOT: a security boundary. It stops the accidents a language model produces
-(infinite loops, fork and memory bombs, ``rm -rf``, stray writes and downloads), with the
-same stance as OpenAI's human-eval ``execution.py``. Code written to escape can: call
-native code through ``ctypes`` (fork, setsid, syscalls, writes), use ``io.FileIO`` or
-pre-imported references to the original functions, or restore what was disabled. It runs
-with the caller's user id and filesystem permissions, and the network is blocked only at
-the Python level. Run untrusted code at scale inside a container or VM without network.
+Without bubblewrap, what it is NOT: a security boundary. It stops the accidents a
+language model produces (infinite loops, fork and memory bombs, ``rm -rf``, stray writes
+and downloads), with the same stance as OpenAI's human-eval ``execution.py``. Code
+written to escape can: call native code through ``ctypes`` (fork, setsid, syscalls,
+writes), use ``io.FileIO`` or pre-imported references to the original functions, or
+restore what was disabled. It runs with the caller's user id and filesystem permissions,
+and the network is blocked only at the Python level. With bubblewrap the same code is
+held by the kernel's namespaces instead (see the README for the list); no seccomp filter
+is applied yet, so the kernel's whole system-call surface stays reachable.
 """
 
 from __future__ import annotations
@@ -53,11 +65,14 @@ import math
 import os
 import secrets
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -92,6 +107,87 @@ _CHILD = Path(__file__).with_name("_sandbox_child.py")
 
 
 # ----------------------------------------------------------------------------- the parent
+
+
+_TMPFS_BYTES = 256 * 1024 * 1024  # the sandbox's private /tmp (bubblewrap)
+_SANDBOX_UID = 65534  # nobody, inside the user namespace
+_isolation_lock = threading.Lock()
+_isolation: str | None = None  # the bwrap path once checked ("" when unavailable)
+
+
+def _bwrap_path() -> str:
+    """bwrap's path when it can create the namespaces here (checked once, with a one-time
+    warning when not), else ""."""
+    global _isolation
+    with _isolation_lock:
+        if _isolation is None:
+            found = shutil.which("bwrap") if sys.platform.startswith("linux") else None
+            why = "bubblewrap (bwrap) is not installed"
+            if found:
+                try:
+                    probe = subprocess.run(
+                        [found, "--unshare-all", "--die-with-parent", "--ro-bind", "/", "/",
+                         "true"],
+                        capture_output=True, timeout=30,
+                    )  # fmt: skip
+                    ok = probe.returncode == 0
+                    why = f"bwrap cannot create namespaces: {probe.stderr.decode().strip()}"
+                except (OSError, subprocess.SubprocessError) as exc:
+                    ok, why = False, f"bwrap failed: {exc}"
+                if not ok:
+                    found = None
+            _isolation = found or ""
+            if not found:
+                warnings.warn(
+                    f"llamaforge sandbox: {why}; generated code runs under the in-process "
+                    "guard only, which is not a security boundary (apt-get install "
+                    "bubblewrap; see the README's sandbox paragraph)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+        return _isolation
+
+
+def isolation_available() -> bool:
+    """True when programs run under bubblewrap (namespaces) rather than the guard only."""
+    return bool(_bwrap_path())
+
+
+def _bwrap_argv(bwrap: str, root: Path, env: dict[str, str], seccomp_fd: int | None) -> list[str]:
+    """bwrap's options: new user/PID/network/IPC/UTS/cgroup/mount namespaces, a read-only
+    /usr and Python installation, a private /tmp holding only this run's directory (the
+    program and child script read-only, the working directory writable), a fresh /proc
+    and /dev, no inherited environment, no capabilities."""
+    argv = [
+        bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--clearenv",
+        "--uid", str(_SANDBOX_UID), "--gid", str(_SANDBOX_UID), "--hostname", "sandbox",
+        "--ro-bind", "/usr", "/usr",
+    ]  # fmt: skip
+    for name in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+        if os.path.islink(name):
+            argv += ["--symlink", os.readlink(name), name]
+        elif os.path.isdir(name):
+            argv += ["--ro-bind", name, name]
+    if os.path.exists("/etc/ld.so.cache"):
+        argv += ["--ro-bind", "/etc/ld.so.cache", "/etc/ld.so.cache"]
+    python = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+    python |= {str(Path(sys.executable).parent), str(Path(sys.executable).resolve().parents[1])}
+    for path in sorted(python):
+        if path and os.path.isdir(path) and not path.startswith("/usr/"):
+            real = os.path.realpath(path)
+            argv += ["--ro-bind", real, real]
+            if real != path:
+                argv += ["--symlink", real, path]
+    argv += ["--proc", "/proc", "--dev", "/dev"]
+    argv += ["--size", str(_TMPFS_BYTES), "--tmpfs", "/tmp", "--dir", str(root)]
+    argv += ["--ro-bind", str(_CHILD), str(_CHILD)]
+    argv += ["--ro-bind", str(root / "program.py"), str(root / "program.py")]
+    argv += ["--bind", str(root / "work"), str(root / "work"), "--chdir", str(root / "work")]
+    for key, value in env.items():
+        argv += ["--setenv", key, value]
+    if seccomp_fd is not None:
+        argv += ["--seccomp", str(seccomp_fd)]
+    return argv + ["--"]
 
 
 class _Capture:
@@ -341,11 +437,14 @@ def run_program(
     memory_mb: int = 1024,
     cpu_seconds: int | None = None,
     max_output_bytes: int = 65536,
+    isolate: bool | None = None,
 ) -> SandboxResult:
     """Run one complete Python program (e.g. prompt + completion + test code +
     ``check(entry_point)``) in a sandbox; passed iff it runs to its end and exits 0 within
-    the limits. `cpu_seconds` defaults to ceil(timeout) + 1. Never raises because of what
-    the program does (a failure to launch it is reported as "failed")."""
+    the limits. `cpu_seconds` defaults to ceil(timeout) + 1. `isolate`: None runs it under
+    bubblewrap when that works here (else the guard only, with a one-time warning), True
+    requires bubblewrap (RuntimeError without), False uses the guard only. Never raises
+    because of what the program does (a failure to launch it is reported as "failed")."""
     if not timeout > 0:
         raise ValueError(f"timeout must be positive, got {timeout}")
     if memory_mb <= 0:
@@ -355,6 +454,9 @@ def run_program(
     cpu = cpu_seconds if cpu_seconds is not None else math.ceil(timeout) + 1
     if cpu <= 0:
         raise ValueError(f"cpu_seconds must be positive, got {cpu_seconds}")
+    bwrap = _bwrap_path() if isolate is not False else ""
+    if isolate and not bwrap:
+        raise RuntimeError("isolate=True but bubblewrap cannot run here")
     capture = _Capture(max_output_bytes)
     start = time.monotonic()
     with tempfile.TemporaryDirectory(
@@ -384,6 +486,8 @@ def run_program(
             "OPENBLAS_NUM_THREADS": "1",
             "MKL_NUM_THREADS": "1",
         }
+        if bwrap:
+            argv = _bwrap_argv(bwrap, root, env, None) + argv
         start = time.monotonic()
         try:
             proc = subprocess.Popen(
@@ -416,7 +520,10 @@ def run_program(
             reports.close()
         duration = time.monotonic() - start
     report = reports.verdict_line()
-    status, detail = _verdict(timed_out, proc.returncode, report, capture, timeout, memory_mb)
+    returncode = proc.returncode
+    if bwrap and returncode is not None and 128 < returncode < 128 + 65:
+        returncode = 128 - returncode  # bwrap exits 128 + N for a child killed by signal N
+    status, detail = _verdict(timed_out, returncode, report, capture, timeout, memory_mb)
     return SandboxResult(status, _short(detail), duration, capture.text())
 
 
@@ -426,6 +533,7 @@ def check_programs(
     memory_mb: int = 1024,
     workers: int | None = None,
     progress: bool = False,
+    isolate: bool | None = None,
 ) -> list[SandboxResult]:
     """Run many programs concurrently (a thread pool of `workers`, default os.cpu_count(),
     each thread launching one sandboxed subprocess); results in input order; never raises
@@ -436,6 +544,8 @@ def check_programs(
         raise ValueError(f"workers must be >= 1, got {workers}")
     if not timeout > 0 or memory_mb <= 0:
         raise ValueError(f"timeout and memory_mb must be positive: {timeout}, {memory_mb}")
+    if isolate and not isolation_available():
+        raise RuntimeError("isolate=True but bubblewrap cannot run here")
     results: list[SandboxResult | None] = [None] * len(programs)
     if not programs:
         return []
@@ -447,7 +557,7 @@ def check_programs(
     try:
         with ThreadPoolExecutor(max_workers=min(workers, len(programs))) as pool:
             futures = {
-                pool.submit(run_program, program, timeout, memory_mb): i
+                pool.submit(run_program, program, timeout, memory_mb, isolate=isolate): i
                 for i, program in enumerate(programs)
             }
             for future in as_completed(futures):
