@@ -286,6 +286,27 @@ def test_fork_bomb_is_contained(how: str, mode: str) -> None:
     assert _live(name) == 0
 
 
+@pytest.mark.skipif(sandbox._seccomp_filter() is None, reason="no seccomp filter here")
+def test_seccomp_refuses_new_namespaces_ptrace_and_mounts(mode: str) -> None:
+    """Without the filter, unshare(CLONE_NEWUSER) succeeds inside bubblewrap (a nested
+    user namespace, root in it): the kernel surface the filter takes away."""
+    if mode == "guard":
+        pytest.skip("the filter is loaded by bubblewrap")
+    program = (
+        _LIBC + "for name, call in [\n"
+        "    ('unshare', lambda: libc.unshare(0x10000000)),\n"
+        "    ('ptrace', lambda: libc.syscall(101, 16, 1, 0, 0)),\n"
+        "    ('mount', lambda: libc.mount(b'none', b'/tmp', b'tmpfs', 0, None)),\n"
+        "    ('bpf', lambda: libc.syscall(321, 0, 0, 0)),\n"
+        "    ('userfaultfd', lambda: libc.syscall(323, 0)),\n"
+        "    ('io_uring_setup', lambda: libc.syscall(425, 1, 0)),\n"
+        "]:\n"
+        "    assert call() == -1 and ctypes.get_errno() == 1, name\n"
+    )
+    result = run_program(program, isolate=True)
+    assert result.passed, result
+
+
 def test_the_sandbox_sees_its_own_pid_namespace_and_no_network(mode: str) -> None:
     if mode == "guard":
         pytest.skip("namespaces need bubblewrap")

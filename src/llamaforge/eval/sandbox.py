@@ -14,7 +14,7 @@ What the sandbox does, per program (POSIX; fully on Linux):
   program, the child script (both read-only) and the writable working directory; its own
   ``/proc`` and a minimal ``/dev``; ``--clearenv`` and the minimal environment below;
   ``--die-with-parent`` and ``--new-session``; the PID namespace dies with its first
-  process. The guard below still runs inside it;
+  process; on x86_64 a seccomp deny-list (EPERM). The guard below still runs inside it;
 
 * a separate interpreter, ``sys.executable -I -B`` (isolated: no user site, no ``PYTHON*``
   variables), in a new session, so the whole process group is killed (SIGKILL) and reaped
@@ -55,8 +55,9 @@ written to escape can: call native code through ``ctypes`` (fork, setsid, syscal
 writes), use ``io.FileIO`` or pre-imported references to the original functions, or
 restore what was disabled. It runs with the caller's user id and filesystem permissions,
 and the network is blocked only at the Python level. With bubblewrap the same code is
-held by the kernel's namespaces instead (see the README for the list); no seccomp filter
-is applied yet, so the kernel's whole system-call surface stays reachable.
+held by the kernel's namespaces instead (see the README for the list), and on x86_64 a
+seccomp filter (`_seccomp_filter`, loaded by ``bwrap --seccomp``) refuses the system calls
+that widen the kernel surface: new namespaces, mounts, ptrace, bpf, io_uring, ...
 """
 
 from __future__ import annotations
@@ -151,6 +152,41 @@ def _bwrap_path() -> str:
 def isolation_available() -> bool:
     """True when programs run under bubblewrap (namespaces) rather than the guard only."""
     return bool(_bwrap_path())
+
+
+# System calls a generated program never needs and that widen the kernel surface reachable
+# from the namespaces (x86_64 numbers): new namespaces and mounts, ptrace and process_vm_*,
+# module loading, kexec, bpf, perf, userfaultfd, io_uring, keyrings, clock and host
+# settings, handle-based opens, pidfd_getfd, kcmp. They fail with EPERM.
+_DENIED_X86_64 = (
+    101, 103, 135, 153, 155, 159, 161, 163, 164, 165, 166, 167, 168, 169, 170, 171, 172,
+    173, 175, 176, 179, 212, 227, 246, 248, 249, 250, 272, 298, 300, 303, 304, 305, 308,
+    310, 311, 312, 313, 320, 321, 323, 425, 426, 427, 428, 429, 430, 431, 432, 438, 442,
+)  # fmt: skip
+
+
+def _seccomp_filter() -> bytes | None:
+    """A classic-BPF seccomp program (what ``bwrap --seccomp`` loads): kill on a foreign
+    architecture or the x32 ABI, EPERM for `_DENIED_X86_64`, allow the rest. None off
+    x86_64 (no filter there yet)."""
+    import platform
+    import struct
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06
+    allow, kill, eperm = 0x7FFF0000, 0x80000000, 0x00050000 | 1
+    denied = _DENIED_X86_64
+    n = len(denied)
+    # 0 ld arch; 1 jeq x86_64 else kill; 2 ld nr; 3 jge x32 -> eperm; 4.. jeq nr -> eperm;
+    # then: ret allow, ret eperm, ret kill
+    allow_at, eperm_at, kill_at = 4 + n, 5 + n, 6 + n
+    code = [(ld, 0, 0, 4), (jeq, 0, kill_at - 2, 0xC000003E), (ld, 0, 0, 0)]
+    code.append((jge, eperm_at - 4, 0, 0x40000000))
+    code += [(jeq, eperm_at - (4 + i) - 1, 0, nr) for i, nr in enumerate(denied)]
+    code += [(ret, 0, 0, allow), (ret, 0, 0, eperm), (ret, 0, 0, kill)]
+    assert len(code) == kill_at + 1 and allow_at == 4 + n
+    return b"".join(struct.pack("=HBBI", *insn) for insn in code)
 
 
 def _bwrap_argv(bwrap: str, root: Path, env: dict[str, str], seccomp_fd: int | None) -> list[str]:
@@ -486,8 +522,15 @@ def run_program(
             "OPENBLAS_NUM_THREADS": "1",
             "MKL_NUM_THREADS": "1",
         }
+        extra_fds: tuple[int, ...] = ()
         if bwrap:
-            argv = _bwrap_argv(bwrap, root, env, None) + argv
+            bpf = _seccomp_filter()
+            if bpf is not None:  # bwrap reads it from a pipe (a few hundred bytes)
+                bpf_r, bpf_w = os.pipe()
+                os.write(bpf_w, bpf)
+                os.close(bpf_w)
+                extra_fds = (bpf_r,)
+            argv = _bwrap_argv(bwrap, root, env, extra_fds[0] if extra_fds else None) + argv
         start = time.monotonic()
         try:
             proc = subprocess.Popen(
@@ -499,15 +542,15 @@ def run_program(
                 env=env,
                 start_new_session=True,
                 close_fds=True,
-                pass_fds=(report_w, secret_r),
+                pass_fds=(report_w, secret_r, *extra_fds),
             )
         except OSError as exc:
-            for fd in (report_r, report_w, secret_r):
+            for fd in (report_r, report_w, secret_r, *extra_fds):
                 os.close(fd)
             reports.close()
             return SandboxResult("failed", _short(f"sandbox error: {exc}"), 0.0)
-        os.close(report_w)
-        os.close(secret_r)
+        for fd in (report_w, secret_r, *extra_fds):
+            os.close(fd)
         try:
             timed_out = _supervise(proc, start + timeout, capture, reports, report_r)
         finally:
