@@ -17,10 +17,22 @@ from pathlib import Path
 
 import pytest
 
+import llamaforge.eval.sandbox as sandbox
 from llamaforge.eval.sandbox import SandboxResult, check_programs, run_program
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX only")
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc")
+
+
+@pytest.fixture(autouse=True, params=["bwrap", "guard"])
+def sandbox_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test on both paths: under bubblewrap (skipped where it cannot run) and with
+    the in-process guard only (the fallback)."""
+    if request.param == "bwrap" and not sandbox.isolation_available():
+        pytest.skip("bubblewrap (bwrap) is not installed or cannot create namespaces here")
+    if request.param == "guard":
+        monkeypatch.setattr(sandbox, "_isolation", "")
+    return request.param
 
 
 def _wait_for(condition: Callable[[], bool], seconds: float) -> bool:
@@ -98,6 +110,59 @@ def test_leaving_before_the_end_is_failed_even_with_status_0() -> None:
     hard = run_program("import os\nos._exit(0)\nassert False\n")
     assert hard.status == "failed"
     assert hard.detail == "exited with code 0 before the end of the program"
+
+
+_FORGERIES = {
+    "writes the success token to every descriptor, exits 0": (
+        "import os\n"
+        "for fd in range(3, 64):\n"
+        "    for line in (b'ok\\n', b'end\\n', b'ok\\tguess\\n'):\n"
+        "        try:\n"
+        "            os.write(fd, line)\n"
+        "        except OSError:\n"
+        "            pass\n"
+        "os._exit(0)\n"
+    ),
+    "os._exit(0) before the tests": "import os\nos._exit(0)\n",
+    "monkeypatches the reporting function and sys.exit": (
+        "import os, sys, __main__\n"
+        "__main__.report = lambda kind, message='': os.write(__main__.status_fd, b'ok\\n')\n"
+        "sys.exit = lambda code=0: os._exit(0)\n"
+    ),
+    "closes every descriptor, then runs to its end": "import os\nos.closerange(3, 1024)\n",
+    "reads the secret pipe before the end": (
+        "import os, __main__\n"
+        "os.set_blocking(__main__.secret_fd, False)\n"
+        "try:\n"
+        "    got = os.read(__main__.secret_fd, 256)\n"
+        "except BlockingIOError:\n"
+        "    got = b'nothing yet'\n"
+        "os.write(__main__.status_fd, b'ok\\t' + got.strip() + b'\\n')\n"
+        "os._exit(0)\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("program", list(_FORGERIES.values()), ids=list(_FORGERIES))
+def test_a_forged_verdict_is_not_passed(program: str) -> None:
+    """The verdict carries a per-run secret the parent sends only after the program ran
+    to its end: writing "ok", leaving early, patching the reporter or closing the
+    descriptors cannot pass a program whose tests never ran."""
+    result = run_program(program + "\nassert False, 'the tests ran and failed'\n", timeout=3)
+    assert result.status in ("failed", "timeout") and not result.passed, result
+
+
+def test_honest_programs_still_score_right_after_the_secret_exchange() -> None:
+    results = check_programs(
+        [
+            "assert sum([1, 2]) == 3\n",
+            "assert sum([1, 2]) == 4\n",
+            "import os\nos.closerange(3, 1024)",
+        ],
+        workers=2,
+    )
+    assert [r.status for r in results] == ["passed", "failed", "failed"]
+    assert results[1].detail == "AssertionError"
 
 
 # ----------------------------------------------------------------------------- limits
@@ -322,8 +387,6 @@ def test_bad_arguments_raise() -> None:
 
 
 def test_child_is_a_script_run_by_path_without_the_package():
-    import llamaforge.eval.sandbox as sandbox
-
     assert sandbox._CHILD.is_file() and sandbox._CHILD.parent == Path(sandbox.__file__).parent
     with pytest.raises(ImportError, match="run by sandbox.py"):
         import llamaforge.eval._sandbox_child  # noqa: F401
@@ -335,3 +398,18 @@ def test_child_is_a_script_run_by_path_without_the_package():
     )
     result = run_program(program, timeout=10)
     assert result.passed, result
+
+
+def test_missing_bubblewrap_falls_back_with_one_warning(
+    sandbox_mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if sandbox_mode == "bwrap":
+        pytest.skip("one path is enough")
+    monkeypatch.setattr(sandbox, "_isolation", None)
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
+    with pytest.warns(RuntimeWarning, match="bubblewrap .* is not installed") as caught:
+        assert not sandbox.isolation_available()
+        assert run_program("assert 1 + 1 == 2").passed
+    assert len(caught) == 1
+    with pytest.raises(RuntimeError, match="isolate=True"):
+        run_program("pass", isolate=True)

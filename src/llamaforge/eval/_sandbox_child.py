@@ -1,11 +1,14 @@
 """The sandbox's child: run by eval/sandbox.py as a script, by its file path,
 
-    python -I -B _sandbox_child.py PROGRAM STATUS WORKDIR MEMORY CPU FSIZE NOFILE NPROC
+    python -I -B _sandbox_child.py PROGRAM REPORT_FD SECRET_FD WORKDIR MEMORY CPU FSIZE NOFILE NPROC
 
 so that it imports only the standard library, never the llamaforge package (``-I`` keeps
 the script's directory off ``sys.path``). It sets the limits, disables what it must, runs
-the program and writes one line to the status file: "ok", or "<kind>\t<last line of the
-traceback>" with kind error/memory/exit. See sandbox.py's docstring for what it disables.
+the program and writes lines to the report pipe: "<kind>\t<last line of the traceback>"
+with kind error/memory/exit when the program fails; when it has run to its end, "end",
+then -- after reading the per-run secret the parent sends only in answer to "end" --
+"ok\t<secret>". See sandbox.py's docstring for what it disables and what the secret does
+and does not prevent.
 """
 
 # ruff: noqa: E402  (the guard below runs before the imports)
@@ -27,8 +30,8 @@ import subprocess
 import sys
 import traceback
 
-(PROGRAM, STATUS, WORKDIR, MEMORY, CPU, FSIZE, NOFILE, NPROC) = sys.argv[1:9]
-status_fd = os.open(STATUS, os.O_WRONLY | os.O_APPEND)
+(PROGRAM, REPORT_FD, SECRET_FD, WORKDIR, MEMORY, CPU, FSIZE, NOFILE, NPROC) = sys.argv[1:10]
+status_fd, secret_fd = int(REPORT_FD), int(SECRET_FD)
 with open(PROGRAM, encoding="utf-8") as f:
     source = f.read()
 
@@ -245,4 +248,16 @@ except BaseException as exc:
         message = type(exc).__name__
     report("error", message)
     sys.exit(1)
-report("ok")
+# The program ran to its end. Ask the parent for the secret (sent once, only now) and
+# prove it: a program that wrote "ok" itself, or left early, never had it to write.
+report("end")
+secret = b""
+try:
+    while len(secret) < 256:
+        chunk = os.read(secret_fd, 256)
+        if not chunk:
+            break
+        secret += chunk
+except OSError:
+    pass
+report("ok", secret.decode("ascii", "replace").strip())

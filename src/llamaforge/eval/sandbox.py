@@ -6,6 +6,16 @@ of them on a thread pool, each thread supervising one subprocess.
 
 What the sandbox does, per program (POSIX; fully on Linux):
 
+* under bubblewrap (``bwrap``) where it is installed and can create namespaces (checked
+  once; otherwise a one-time ``RuntimeWarning`` and the guard below only): new user (uid
+  65534, no capabilities), PID, network (loopback only), IPC, UTS, cgroup and mount
+  namespaces; a read-only ``/usr`` and Python installation, ``/etc/ld.so.cache`` and
+  nothing else of the host's files; a private 256 MB tmpfs ``/tmp`` holding only the
+  program, the child script (both read-only) and the writable working directory; its own
+  ``/proc`` and a minimal ``/dev``; ``--clearenv`` and the minimal environment below;
+  ``--die-with-parent`` and ``--new-session``; the PID namespace dies with its first
+  process; on x86_64 a seccomp deny-list (EPERM). The guard below still runs inside it;
+
 * a separate interpreter, ``sys.executable -I -B`` (isolated: no user site, no ``PYTHON*``
   variables), in a new session, so the whole process group is killed (SIGKILL) and reaped
   on timeout, and stragglers are killed when the program ends;
@@ -29,25 +39,41 @@ A program passes only if it runs to its end: one that leaves early through ``sys
 ``os._exit`` -- even with status 0, e.g. before the tests run -- fails, as in OpenAI's
 human-eval. The program runs as ``__main__``.
 
-What it is NOT: a security boundary. It stops the accidents a language model produces
-(infinite loops, fork and memory bombs, ``rm -rf``, stray writes and downloads), with the
-same stance as OpenAI's human-eval ``execution.py``. Code written to escape can: call
-native code through ``ctypes`` (fork, setsid, syscalls, writes), use ``io.FileIO`` or
-pre-imported references to the original functions, or restore what was disabled. It runs
-with the caller's user id and filesystem permissions, and the network is blocked only at
-the Python level. Run untrusted code at scale inside a container or VM without network.
+The verdict is the harness's, not the program's: the child reports "end" on a pipe once
+``exec`` of the whole program has returned; only then does the parent send a per-run
+secret (``secrets.token_hex``, never in the child's environment, files or memory before)
+on a second pipe, once, and it counts a pass only for "ok\t<that secret>" followed by exit
+status 0. Writing "ok" to a descriptor, ``os._exit(0)``, patching the reporter or closing
+the descriptors therefore fail. What remains: the program shares its interpreter with the
+tests, so one written against this harness can send "end" itself and relay the secret,
+or subvert the tests (``__eq__`` that is always true, trace-function jumps, ``ctypes``).
+
+Without bubblewrap, what it is NOT: a security boundary. It stops the accidents a
+language model produces (infinite loops, fork and memory bombs, ``rm -rf``, stray writes
+and downloads), with the same stance as OpenAI's human-eval ``execution.py``. Code
+written to escape can: call native code through ``ctypes`` (fork, setsid, syscalls,
+writes), use ``io.FileIO`` or pre-imported references to the original functions, or
+restore what was disabled. It runs with the caller's user id and filesystem permissions,
+and the network is blocked only at the Python level. With bubblewrap the same code is
+held by the kernel's namespaces instead (see the README for the list), and on x86_64 a
+seccomp filter (`_seccomp_filter`, loaded by ``bwrap --seccomp``) refuses the system calls
+that widen the kernel surface: new namespaces, mounts, ptrace, bpf, io_uring, ...
 """
 
 from __future__ import annotations
 
 import math
 import os
+import secrets
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -82,6 +108,122 @@ _CHILD = Path(__file__).with_name("_sandbox_child.py")
 
 
 # ----------------------------------------------------------------------------- the parent
+
+
+_TMPFS_BYTES = 256 * 1024 * 1024  # the sandbox's private /tmp (bubblewrap)
+_SANDBOX_UID = 65534  # nobody, inside the user namespace
+_isolation_lock = threading.Lock()
+_isolation: str | None = None  # the bwrap path once checked ("" when unavailable)
+
+
+def _bwrap_path() -> str:
+    """bwrap's path when it can create the namespaces here (checked once, with a one-time
+    warning when not), else ""."""
+    global _isolation
+    with _isolation_lock:
+        if _isolation is None:
+            found = shutil.which("bwrap") if sys.platform.startswith("linux") else None
+            why = "bubblewrap (bwrap) is not installed"
+            if found:
+                try:
+                    probe = subprocess.run(
+                        [found, "--unshare-all", "--die-with-parent", "--ro-bind", "/", "/",
+                         "true"],
+                        capture_output=True, timeout=30,
+                    )  # fmt: skip
+                    ok = probe.returncode == 0
+                    why = f"bwrap cannot create namespaces: {probe.stderr.decode().strip()}"
+                except (OSError, subprocess.SubprocessError) as exc:
+                    ok, why = False, f"bwrap failed: {exc}"
+                if not ok:
+                    found = None
+            _isolation = found or ""
+            if not found:
+                warnings.warn(
+                    f"llamaforge sandbox: {why}; generated code runs under the in-process "
+                    "guard only, which is not a security boundary (apt-get install "
+                    "bubblewrap; see the README's sandbox paragraph)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+        return _isolation
+
+
+def isolation_available() -> bool:
+    """True when programs run under bubblewrap (namespaces) rather than the guard only."""
+    return bool(_bwrap_path())
+
+
+# System calls a generated program never needs and that widen the kernel surface reachable
+# from the namespaces (x86_64 numbers): new namespaces and mounts, ptrace and process_vm_*,
+# module loading, kexec, bpf, perf, userfaultfd, io_uring, keyrings, clock and host
+# settings, handle-based opens, pidfd_getfd, kcmp. They fail with EPERM.
+_DENIED_X86_64 = (
+    101, 103, 135, 153, 155, 159, 161, 163, 164, 165, 166, 167, 168, 169, 170, 171, 172,
+    173, 175, 176, 179, 212, 227, 246, 248, 249, 250, 272, 298, 300, 303, 304, 305, 308,
+    310, 311, 312, 313, 320, 321, 323, 425, 426, 427, 428, 429, 430, 431, 432, 438, 442,
+)  # fmt: skip
+
+
+def _seccomp_filter() -> bytes | None:
+    """A classic-BPF seccomp program (what ``bwrap --seccomp`` loads): kill on a foreign
+    architecture or the x32 ABI, EPERM for `_DENIED_X86_64`, allow the rest. None off
+    x86_64 (no filter there yet)."""
+    import platform
+    import struct
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06
+    allow, kill, eperm = 0x7FFF0000, 0x80000000, 0x00050000 | 1
+    denied = _DENIED_X86_64
+    n = len(denied)
+    # 0 ld arch; 1 jeq x86_64 else kill; 2 ld nr; 3 jge x32 -> eperm; 4.. jeq nr -> eperm;
+    # then: ret allow, ret eperm, ret kill
+    allow_at, eperm_at, kill_at = 4 + n, 5 + n, 6 + n
+    code = [(ld, 0, 0, 4), (jeq, 0, kill_at - 2, 0xC000003E), (ld, 0, 0, 0)]
+    code.append((jge, eperm_at - 4, 0, 0x40000000))
+    code += [(jeq, eperm_at - (4 + i) - 1, 0, nr) for i, nr in enumerate(denied)]
+    code += [(ret, 0, 0, allow), (ret, 0, 0, eperm), (ret, 0, 0, kill)]
+    assert len(code) == kill_at + 1 and allow_at == 4 + n
+    return b"".join(struct.pack("=HBBI", *insn) for insn in code)
+
+
+def _bwrap_argv(bwrap: str, root: Path, env: dict[str, str], seccomp_fd: int | None) -> list[str]:
+    """bwrap's options: new user/PID/network/IPC/UTS/cgroup/mount namespaces, a read-only
+    /usr and Python installation, a private /tmp holding only this run's directory (the
+    program and child script read-only, the working directory writable), a fresh /proc
+    and /dev, no inherited environment, no capabilities."""
+    argv = [
+        bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--clearenv",
+        "--uid", str(_SANDBOX_UID), "--gid", str(_SANDBOX_UID), "--hostname", "sandbox",
+        "--ro-bind", "/usr", "/usr",
+    ]  # fmt: skip
+    for name in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+        if os.path.islink(name):
+            argv += ["--symlink", os.readlink(name), name]
+        elif os.path.isdir(name):
+            argv += ["--ro-bind", name, name]
+    if os.path.exists("/etc/ld.so.cache"):
+        argv += ["--ro-bind", "/etc/ld.so.cache", "/etc/ld.so.cache"]
+    python = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+    python |= {str(Path(sys.executable).parent), str(Path(sys.executable).resolve().parents[1])}
+    for path in sorted(python):
+        if path and os.path.isdir(path) and not path.startswith("/usr/"):
+            real = os.path.realpath(path)
+            argv += ["--ro-bind", real, real]
+            if real != path:
+                argv += ["--symlink", real, path]
+    argv += ["--proc", "/proc", "--dev", "/dev"]
+    argv += ["--size", str(_TMPFS_BYTES), "--tmpfs", "/tmp", "--dir", str(root)]
+    argv += ["--ro-bind", str(_CHILD), str(_CHILD)]
+    argv += ["--ro-bind", str(root / "program.py"), str(root / "program.py")]
+    argv += ["--bind", str(root / "work"), str(root / "work"), "--chdir", str(root / "work")]
+    for key, value in env.items():
+        argv += ["--setenv", key, value]
+    if seccomp_fd is not None:
+        argv += ["--seccomp", str(seccomp_fd)]
+    return argv + ["--"]
 
 
 class _Capture:
@@ -125,6 +267,62 @@ class _Capture:
         return lines[-1].strip() if lines else ""
 
 
+class _Reports:
+    """The child's report pipe: lines "<kind>[\t<message>]". On the first "end" (the
+    program ran to its end) the per-run secret is written to the secret pipe, which is
+    then closed: it is sent once, and never before the child asks for it."""
+
+    def __init__(self, secret_w: int, secret: str) -> None:
+        self.secret_w: int | None = secret_w
+        self.secret = secret
+        self.buffer = bytearray()
+        self.lines: list[str] = []
+        self.sent = False
+
+    def read(self, fd: int) -> bool:
+        """Read what is available (non-blocking fd); True at end of file."""
+        for _ in range(16):
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                return False
+            except OSError:
+                return True
+            if not data:
+                return True
+            self.buffer += data
+            *complete, rest = self.buffer.split(b"\n")
+            self.buffer = bytearray(rest[:4096])
+            for raw in complete:
+                if len(self.lines) < 64:
+                    self.lines.append(raw[:4096].decode("utf-8", "replace"))
+                if raw == b"end" and not self.sent:
+                    self.send_secret()
+        return False
+
+    def send_secret(self) -> None:
+        self.sent = True
+        if self.secret_w is not None:
+            try:
+                os.write(self.secret_w, self.secret.encode("ascii") + b"\n")
+            except OSError:
+                pass
+            self.close()
+
+    def close(self) -> None:
+        if self.secret_w is not None:
+            os.close(self.secret_w)
+            self.secret_w = None
+
+    def verdict_line(self) -> str:
+        """ "ok" if the child proved it ran to its end, else its last failure report."""
+        if self.sent and f"ok\t{self.secret}" in self.lines:
+            return "ok"
+        kinds = ("error", "memory", "exit")
+        failures = [line for line in self.lines if line.split("\t")[0] in kinds]
+        return failures[-1] if failures else ""
+
+
 def _exited(proc: subprocess.Popen[bytes]) -> bool:
     """Has the process ended? Leaves it unreaped (a zombie keeps its process group id
     reserved, so killing the group afterwards cannot hit an unrelated process)."""
@@ -151,12 +349,20 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
             pass
 
 
-def _supervise(proc: subprocess.Popen[bytes], deadline: float, capture: _Capture) -> bool:
-    """Read output until the program ends or the deadline passes; kill its process group;
-    reap it. True if it timed out."""
+def _supervise(
+    proc: subprocess.Popen[bytes],
+    deadline: float,
+    capture: _Capture,
+    reports: _Reports,
+    report_r: int,
+) -> bool:
+    """Read output and reports until the program ends or the deadline passes; kill its
+    process group; reap it. True if it timed out."""
     assert proc.stdout is not None
     out = proc.stdout.fileno()
     os.set_blocking(out, False)
+    os.set_blocking(report_r, False)
+    report_eof = False
     pidfd: int | None = None
     if hasattr(os, "pidfd_open"):
         try:
@@ -166,6 +372,7 @@ def _supervise(proc: subprocess.Popen[bytes], deadline: float, capture: _Capture
     timed_out, eof = False, False
     with selectors.DefaultSelector() as sel:
         sel.register(out, selectors.EVENT_READ)
+        sel.register(report_r, selectors.EVENT_READ)
         if pidfd is not None:
             sel.register(pidfd, selectors.EVENT_READ)
         try:
@@ -185,15 +392,26 @@ def _supervise(proc: subprocess.Popen[bytes], deadline: float, capture: _Capture
                     eof = capture.read(out)
                     if eof:
                         sel.unregister(out)
+                if report_r in ready:
+                    report_eof = reports.read(report_r)
+                    if report_eof:
+                        sel.unregister(report_r)
                 if pidfd is not None and pidfd in ready:
                     break
                 if pidfd is None and _exited(proc):
                     break
             _kill_group(proc)  # on timeout; otherwise the children it left behind
             drain_until = time.monotonic() + 1.0
-            while not eof and time.monotonic() < drain_until:
-                if any(key.fd == out for key, _ in sel.select(0.05)):
+            while not (eof and report_eof) and time.monotonic() < drain_until:
+                ready = {key.fd for key, _ in sel.select(0.05)}
+                if out in ready:
                     eof = capture.read(out)
+                    if eof:
+                        sel.unregister(out)
+                if report_r in ready:
+                    report_eof = reports.read(report_r)
+                    if report_eof:
+                        sel.unregister(report_r)
         finally:
             if pidfd is not None:
                 os.close(pidfd)
@@ -255,11 +473,14 @@ def run_program(
     memory_mb: int = 1024,
     cpu_seconds: int | None = None,
     max_output_bytes: int = 65536,
+    isolate: bool | None = None,
 ) -> SandboxResult:
     """Run one complete Python program (e.g. prompt + completion + test code +
     ``check(entry_point)``) in a sandbox; passed iff it runs to its end and exits 0 within
-    the limits. `cpu_seconds` defaults to ceil(timeout) + 1. Never raises because of what
-    the program does (a failure to launch it is reported as "failed")."""
+    the limits. `cpu_seconds` defaults to ceil(timeout) + 1. `isolate`: None runs it under
+    bubblewrap when that works here (else the guard only, with a one-time warning), True
+    requires bubblewrap (RuntimeError without), False uses the guard only. Never raises
+    because of what the program does (a failure to launch it is reported as "failed")."""
     if not timeout > 0:
         raise ValueError(f"timeout must be positive, got {timeout}")
     if memory_mb <= 0:
@@ -269,6 +490,9 @@ def run_program(
     cpu = cpu_seconds if cpu_seconds is not None else math.ceil(timeout) + 1
     if cpu <= 0:
         raise ValueError(f"cpu_seconds must be positive, got {cpu_seconds}")
+    bwrap = _bwrap_path() if isolate is not False else ""
+    if isolate and not bwrap:
+        raise RuntimeError("isolate=True but bubblewrap cannot run here")
     capture = _Capture(max_output_bytes)
     start = time.monotonic()
     with tempfile.TemporaryDirectory(
@@ -277,12 +501,16 @@ def run_program(
         root = Path(tmp)
         workdir = root / "work"
         workdir.mkdir()
-        program_path, status_path = root / "program.py", root / "status"
+        program_path = root / "program.py"
         program_path.write_text(program, encoding="utf-8")
-        status_path.write_bytes(b"")
+        # the child reports on one pipe; the parent answers its "end" with the secret on
+        # the other (the child's ends are inherited, the parent's are close-on-exec)
+        report_r, report_w = os.pipe()
+        secret_r, secret_w = os.pipe()
+        reports = _Reports(secret_w, secrets.token_hex(16))
         argv = [
-            sys.executable or "python3", "-I", "-B", str(_CHILD),
-            str(program_path), str(status_path), str(workdir), str(memory_mb * 1024 * 1024),
+            sys.executable or "python3", "-I", "-B", str(_CHILD), str(program_path),
+            str(report_w), str(secret_r), str(workdir), str(memory_mb * 1024 * 1024),
             str(cpu), str(_FILE_SIZE_LIMIT), str(_OPEN_FILES_LIMIT), str(_NPROC_MARGIN),
         ]  # fmt: skip
         env = {
@@ -294,6 +522,15 @@ def run_program(
             "OPENBLAS_NUM_THREADS": "1",
             "MKL_NUM_THREADS": "1",
         }
+        extra_fds: tuple[int, ...] = ()
+        if bwrap:
+            bpf = _seccomp_filter()
+            if bpf is not None:  # bwrap reads it from a pipe (a few hundred bytes)
+                bpf_r, bpf_w = os.pipe()
+                os.write(bpf_w, bpf)
+                os.close(bpf_w)
+                extra_fds = (bpf_r,)
+            argv = _bwrap_argv(bwrap, root, env, extra_fds[0] if extra_fds else None) + argv
         start = time.monotonic()
         try:
             proc = subprocess.Popen(
@@ -305,24 +542,31 @@ def run_program(
                 env=env,
                 start_new_session=True,
                 close_fds=True,
+                pass_fds=(report_w, secret_r, *extra_fds),
             )
         except OSError as exc:
+            for fd in (report_r, report_w, secret_r, *extra_fds):
+                os.close(fd)
+            reports.close()
             return SandboxResult("failed", _short(f"sandbox error: {exc}"), 0.0)
+        for fd in (report_w, secret_r, *extra_fds):
+            os.close(fd)
         try:
-            timed_out = _supervise(proc, start + timeout, capture)
+            timed_out = _supervise(proc, start + timeout, capture, reports, report_r)
         finally:
             if proc.returncode is None:  # interrupted (KeyboardInterrupt): leave nothing
                 _kill_group(proc)
                 proc.wait()
             assert proc.stdout is not None
             proc.stdout.close()
+            os.close(report_r)
+            reports.close()
         duration = time.monotonic() - start
-        try:
-            report = status_path.read_bytes()[:4096].decode("utf-8", "replace")
-        except OSError:
-            report = ""
-    report = report.splitlines()[0] if report.strip() else ""
-    status, detail = _verdict(timed_out, proc.returncode, report, capture, timeout, memory_mb)
+    report = reports.verdict_line()
+    returncode = proc.returncode
+    if bwrap and returncode is not None and 128 < returncode < 128 + 65:
+        returncode = 128 - returncode  # bwrap exits 128 + N for a child killed by signal N
+    status, detail = _verdict(timed_out, returncode, report, capture, timeout, memory_mb)
     return SandboxResult(status, _short(detail), duration, capture.text())
 
 
@@ -332,6 +576,7 @@ def check_programs(
     memory_mb: int = 1024,
     workers: int | None = None,
     progress: bool = False,
+    isolate: bool | None = None,
 ) -> list[SandboxResult]:
     """Run many programs concurrently (a thread pool of `workers`, default os.cpu_count(),
     each thread launching one sandboxed subprocess); results in input order; never raises
@@ -342,6 +587,8 @@ def check_programs(
         raise ValueError(f"workers must be >= 1, got {workers}")
     if not timeout > 0 or memory_mb <= 0:
         raise ValueError(f"timeout and memory_mb must be positive: {timeout}, {memory_mb}")
+    if isolate and not isolation_available():
+        raise RuntimeError("isolate=True but bubblewrap cannot run here")
     results: list[SandboxResult | None] = [None] * len(programs)
     if not programs:
         return []
@@ -353,7 +600,7 @@ def check_programs(
     try:
         with ThreadPoolExecutor(max_workers=min(workers, len(programs))) as pool:
             futures = {
-                pool.submit(run_program, program, timeout, memory_mb): i
+                pool.submit(run_program, program, timeout, memory_mb, isolate=isolate): i
                 for i, program in enumerate(programs)
             }
             for future in as_completed(futures):
