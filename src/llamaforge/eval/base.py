@@ -10,7 +10,8 @@ Data flows one way:
 
 The registry is `llamaforge.eval.tasks`: `TASKS: dict[str, type[Task]]` and
 `get_task(name, **options) -> Task` (unknown names and options raise EvalError).
-Generated code is run by `llamaforge.eval.sandbox` (`run_program`, `check_programs`).
+Generated code is run by `llamaforge.eval.sandbox` (`run_tests`, `check_candidates`,
+`run_program`, `check_programs`).
 
 A request is a frozen, hashable dataclass, so the engine can deduplicate identical
 requests across docs (a shared context scored once) and cache results by value.

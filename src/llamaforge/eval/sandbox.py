@@ -1,8 +1,12 @@
 """Run model-generated Python (HumanEval, MBPP) in a contained subprocess.
 
-`run_program` runs one complete program (prompt + completion + tests + ``check(...)``) and
-reports whether it ran to its end and exited 0 within the limits. `check_programs` runs many
-of them on a thread pool, each thread supervising one subprocess.
+`run_tests` (what HumanEval and MBPP use; `check_candidates` runs many on a thread pool)
+runs the candidate's code (prompt + completion; MBPP: setup + completion) in the sandbox
+and the trusted test code (HumanEval's ``check`` and ``check(<entry>)``; MBPP's setup and
+asserts) in the harness, so the harness computes the verdict (below). `run_program` runs
+one complete program (prompt + completion + tests + ``check(...)``) in the child and
+reports whether it ran to its end and exited 0 within the limits; `check_programs` runs
+many of them on a thread pool, each thread supervising one subprocess.
 
 What the sandbox does, per program (POSIX; fully on Linux):
 
@@ -39,14 +43,38 @@ A program passes only if it runs to its end: one that leaves early through ``sys
 ``os._exit`` -- even with status 0, e.g. before the tests run -- fails, as in OpenAI's
 human-eval. The program runs as ``__main__``.
 
-The verdict is the harness's, not the program's: the child reports "end" on a pipe once
+run_tests' verdict cannot be forged by the candidate. Once its code has run, the child
+reports the names of its top-level callables and serves calls; the tests run here, in the
+harness's interpreter (in the calling thread), with a proxy for each name. A call sends
+its arguments to the child and gets the result back, both as tagged JSON of plain data
+only: None, bool, int, float (nan, inf, -0.0 kept), complex, str, bytes, bytearray, list,
+tuple, set, frozenset, dict. A subclass of one of these (Counter, OrderedDict -- its order
+is lost --, a namedtuple, an IntEnum, an int whose ``__eq__`` is always true) crosses as
+its base type's value; the harness decodes with its own code into built-in objects, so no
+object of the candidate's reaches the tests. An exception crosses as its type name and
+message, raised here as that built-in exception (else `RemoteError`). Any other value (a
+generator, an instance of the candidate's class) stays in the child as a `Handle`: it can
+be passed back to the candidate's functions, called, and equals only itself. A call that
+finds the child dead, past the deadline (import and tests together) or answering
+nonsense ends the tests as failed. Whatever the candidate does in its own interpreter --
+sending "end", relaying a secret, ``os._exit(0)``, patching builtins or ``sys.settrace``,
+``ctypes``, writing to any descriptor, answering calls itself -- only changes which plain
+values come back, which is what any function can do; the tests' own asserts and
+comparisons run where it cannot reach. Fallback: when the tests pass the candidate an
+argument that is not plain data (a lambda, an object of the tests' own), decided by the
+trusted side only, run_tests runs the whole program with run_program instead, and the
+detail says "(in-child verdict: ...)". Not preserved across the boundary: in-place
+changes the candidate makes to its arguments (the harness keeps its own copies).
+
+run_program's verdict: the child reports "end" on a pipe once
 ``exec`` of the whole program has returned; only then does the parent send a per-run
 secret (``secrets.token_hex``, never in the child's environment, files or memory before)
 on a second pipe, once, and it counts a pass only for "ok\t<that secret>" followed by exit
 status 0. Writing "ok" to a descriptor, ``os._exit(0)``, patching the reporter or closing
 the descriptors therefore fail. What remains: the program shares its interpreter with the
 tests, so one written against this harness can send "end" itself and relay the secret,
-or subvert the tests (``__eq__`` that is always true, trace-function jumps, ``ctypes``).
+or subvert the tests (``__eq__`` that is always true, trace-function jumps, ``ctypes``);
+run_tests exists for that.
 
 Without bubblewrap, what it is NOT: a security boundary. It stops the accidents a
 language model produces (infinite loops, fork and memory bombs, ``rm -rf``, stray writes
@@ -62,6 +90,8 @@ that widen the kernel surface: new namespaces, mounts, ptrace, bpf, io_uring, ..
 
 from __future__ import annotations
 
+import builtins
+import json
 import math
 import os
 import secrets
@@ -73,6 +103,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -467,6 +498,64 @@ def _short(text: str) -> str:
     return text if len(text) <= _DETAIL_CHARS else text[: _DETAIL_CHARS - 3] + "..."
 
 
+def _launch(
+    root: Path, program: str, memory_mb: int, cpu: int, bwrap: str, serve: bool
+) -> tuple[subprocess.Popen[bytes] | OSError, int, int]:
+    """Write the program under `root` and start the child (under bwrap when `bwrap`).
+    Returns (the process or the launch error, the report pipe's read end, the secret /
+    request pipe's write end); the child's ends are closed here."""
+    workdir = root / "work"
+    workdir.mkdir()
+    program_path = root / "program.py"
+    program_path.write_text(program, encoding="utf-8")
+    # the child reports on one pipe; the parent writes to it on the other (the secret, or
+    # run_tests' calls); the child's ends are inherited, the parent's are close-on-exec
+    report_r, report_w = os.pipe()
+    secret_r, secret_w = os.pipe()
+    argv = [
+        sys.executable or "python3", "-I", "-B", str(_CHILD), str(program_path),
+        str(report_w), str(secret_r), str(workdir), str(memory_mb * 1024 * 1024),
+        str(cpu), str(_FILE_SIZE_LIMIT), str(_OPEN_FILES_LIMIT), str(_NPROC_MARGIN),
+    ]  # fmt: skip
+    if serve:
+        argv.append("serve")
+    env = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": str(workdir),
+        "TMPDIR": str(workdir),
+        "LANG": "C.UTF-8",
+        "OMP_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
+    extra_fds: tuple[int, ...] = ()
+    if bwrap:
+        bpf = _seccomp_filter()
+        if bpf is not None:  # bwrap reads it from a pipe (a few hundred bytes)
+            bpf_r, bpf_w = os.pipe()
+            os.write(bpf_w, bpf)
+            os.close(bpf_w)
+            extra_fds = (bpf_r,)
+        argv = _bwrap_argv(bwrap, root, env, extra_fds[0] if extra_fds else None) + argv
+    try:
+        proc: subprocess.Popen[bytes] | OSError = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            cwd=workdir,
+            env=env,
+            start_new_session=True,
+            close_fds=True,
+            pass_fds=(report_w, secret_r, *extra_fds),
+        )
+    except OSError as exc:
+        proc = exc
+    for fd in (report_w, secret_r, *extra_fds):
+        os.close(fd)
+    return proc, report_r, secret_w
+
+
 def run_program(
     program: str,
     timeout: float = 3.0,
@@ -494,63 +583,16 @@ def run_program(
     if isolate and not bwrap:
         raise RuntimeError("isolate=True but bubblewrap cannot run here")
     capture = _Capture(max_output_bytes)
-    start = time.monotonic()
     with tempfile.TemporaryDirectory(
         prefix="llamaforge-sandbox-", ignore_cleanup_errors=True
     ) as tmp:
-        root = Path(tmp)
-        workdir = root / "work"
-        workdir.mkdir()
-        program_path = root / "program.py"
-        program_path.write_text(program, encoding="utf-8")
-        # the child reports on one pipe; the parent answers its "end" with the secret on
-        # the other (the child's ends are inherited, the parent's are close-on-exec)
-        report_r, report_w = os.pipe()
-        secret_r, secret_w = os.pipe()
-        reports = _Reports(secret_w, secrets.token_hex(16))
-        argv = [
-            sys.executable or "python3", "-I", "-B", str(_CHILD), str(program_path),
-            str(report_w), str(secret_r), str(workdir), str(memory_mb * 1024 * 1024),
-            str(cpu), str(_FILE_SIZE_LIMIT), str(_OPEN_FILES_LIMIT), str(_NPROC_MARGIN),
-        ]  # fmt: skip
-        env = {
-            "PATH": "/usr/local/bin:/usr/bin:/bin",
-            "HOME": str(workdir),
-            "TMPDIR": str(workdir),
-            "LANG": "C.UTF-8",
-            "OMP_NUM_THREADS": "1",
-            "OPENBLAS_NUM_THREADS": "1",
-            "MKL_NUM_THREADS": "1",
-        }
-        extra_fds: tuple[int, ...] = ()
-        if bwrap:
-            bpf = _seccomp_filter()
-            if bpf is not None:  # bwrap reads it from a pipe (a few hundred bytes)
-                bpf_r, bpf_w = os.pipe()
-                os.write(bpf_w, bpf)
-                os.close(bpf_w)
-                extra_fds = (bpf_r,)
-            argv = _bwrap_argv(bwrap, root, env, extra_fds[0] if extra_fds else None) + argv
         start = time.monotonic()
-        try:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                cwd=workdir,
-                env=env,
-                start_new_session=True,
-                close_fds=True,
-                pass_fds=(report_w, secret_r, *extra_fds),
-            )
-        except OSError as exc:
-            for fd in (report_r, report_w, secret_r, *extra_fds):
-                os.close(fd)
+        proc, report_r, secret_w = _launch(Path(tmp), program, memory_mb, cpu, bwrap, False)
+        reports = _Reports(secret_w, secrets.token_hex(16))
+        if isinstance(proc, OSError):
+            os.close(report_r)
             reports.close()
-            return SandboxResult("failed", _short(f"sandbox error: {exc}"), 0.0)
-        for fd in (report_w, secret_r, *extra_fds):
-            os.close(fd)
+            return SandboxResult("failed", _short(f"sandbox error: {proc}"), 0.0)
         try:
             timed_out = _supervise(proc, start + timeout, capture, reports, report_r)
         finally:
@@ -615,3 +657,340 @@ def check_programs(
         if bar is not None:
             bar.close()
     return [r for r in results if r is not None]
+
+
+# ------------------------------------------------------- run_tests: the harness's verdict
+
+_MAX_REPLY_BYTES = 64 * 1024 * 1024  # the largest answer to one call
+
+
+class _Abort(BaseException):
+    """Ends the tests (a BaseException, so the tests' own ``except Exception`` cannot
+    swallow it): the child died, hung past the deadline or broke the protocol."""
+
+
+class _Unsendable(BaseException):
+    """An argument the tests pass is not plain data (e.g. a lambda): the in-child path."""
+
+
+class Handle:
+    """A value the candidate returned that is not plain data (a generator, an instance of
+    its class, ...). It stays in the child; the harness can only pass it back to the
+    candidate's functions. It equals nothing but itself."""
+
+    def __init__(self, link: _Link, number: int, type_name: str) -> None:
+        self._link, self._number, self._type_name = link, number, type_name
+
+    def __call__(self, *args: object, **kwargs: object) -> object:
+        return self._link.call({"h": self._number}, args, kwargs)
+
+    def __repr__(self) -> str:
+        return f"<{self._type_name} in the sandbox>"
+
+
+class RemoteError(Exception):
+    """An exception the candidate raised that is not a built-in one (its type name and
+    message crossed, as text)."""
+
+
+def _encode(value: object, depth: int = 0) -> object:
+    t = type(value)
+    if depth > 200:
+        raise _Unsendable("too deeply nested")
+    if value is None or t is bool or t is int or t is str:
+        return value
+    if t is float:
+        return {"f": repr(value)}
+    if t is complex:
+        return {"c": [repr(value.real), repr(value.imag)]}  # type: ignore[attr-defined]
+    if t is bytes or t is bytearray:
+        return {"b" if t is bytes else "ba": value.hex()}  # type: ignore[attr-defined]
+    tags = {list: "l", tuple: "t", set: "s", frozenset: "fs"}
+    if t in tags:
+        return {tags[t]: [_encode(v, depth + 1) for v in value]}  # type: ignore[attr-defined]
+    if t is dict:
+        items = value.items()  # type: ignore[attr-defined]
+        return {"d": [[_encode(k, depth + 1), _encode(v, depth + 1)] for k, v in items]}
+    if t is Handle:
+        return {"h": value._number}  # type: ignore[attr-defined]
+    raise _Unsendable(f"a {t.__name__} cannot be sent to the sandbox")
+
+
+def _decode(value: object, link: _Link) -> object:
+    """Tagged JSON from the child into plain built-in values (or handles); nothing else."""
+    if value is None or type(value) in (bool, int, str):
+        return value
+    if type(value) is not dict or not value:
+        raise _Abort("malformed answer")
+    tag, v = next(iter(value.items()))
+    if tag == "f" and type(v) is str:
+        return float(v)
+    if tag == "c" and type(v) is list and len(v) == 2:
+        return complex(float(v[0]), float(v[1]))
+    if tag in ("b", "ba") and type(v) is str:
+        return (bytes if tag == "b" else bytearray).fromhex(v)
+    if tag == "h" and type(v) is int:
+        return Handle(link, v, str(value.get("type", "object"))[:100])
+    if tag == "d" and type(v) is list:
+        return {_decode(k, link): _decode(x, link) for k, x in v}  # unhashable: TypeError
+    kinds: dict[str, type] = {"l": list, "t": tuple, "s": set, "fs": frozenset}
+    if tag in kinds and type(v) is list:
+        return kinds[tag](_decode(x, link) for x in v)
+    raise _Abort("malformed answer")
+
+
+class _Link:
+    """The harness's end of the conversation with a serving child."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], report_r: int, request_w: int,
+                 deadline: float) -> None:  # fmt: skip
+        self.proc, self.report_r, self.request_w = proc, report_r, request_w
+        self.deadline = deadline
+        self.buffer = bytearray()
+        self.lines: list[str] = []  # report lines other than answers (the last 64)
+        self.next_id = 0
+        self.failure = ""  # why the tests were aborted
+        os.set_blocking(report_r, False)
+
+    def abort(self, why: str) -> _Abort:
+        self.failure = self.failure or why
+        return _Abort(why)
+
+    def line(self) -> bytes:
+        """The next line from the child, within the deadline."""
+        while b"\n" not in self.buffer:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise self.abort("timeout")
+            ready = selectors.DefaultSelector()
+            try:
+                ready.register(self.report_r, selectors.EVENT_READ)
+                if not ready.select(min(remaining, 0.05)):
+                    continue
+            finally:
+                ready.close()
+            try:
+                data = os.read(self.report_r, 1 << 20)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                raise self.abort("the program's process ended during the tests")
+            self.buffer += data
+            if len(self.buffer) > _MAX_REPLY_BYTES:
+                raise self.abort("an answer larger than 64 MB")
+        line, _, rest = bytes(self.buffer).partition(b"\n")
+        self.buffer = bytearray(rest)
+        return line
+
+    def wait_ready(self) -> list[str]:
+        """The names the child's program defined (callables), once it ran to its end."""
+        while True:
+            kind, _, message = self.line().decode("utf-8", "replace").partition("\t")
+            if kind == "ready":
+                names = json.loads(message)
+                return [n for n in names if type(n) is str] if type(names) is list else []
+            self.lines = (self.lines + [kind + "\t" + message])[-64:]
+
+    def send(self, data: bytes) -> None:
+        while data:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise self.abort("timeout")
+            with selectors.DefaultSelector() as sel:
+                sel.register(self.request_w, selectors.EVENT_WRITE)
+                if not sel.select(min(remaining, 0.05)):
+                    continue
+            try:
+                data = data[os.write(self.request_w, data[: 1 << 16]) :]
+            except BlockingIOError:
+                continue
+            except OSError:
+                raise self.abort("the program's process ended during the tests") from None
+
+    def call(self, target: dict[str, object], args: tuple, kwargs: dict) -> object:
+        try:
+            request = dict(target, args=_encode(list(args)), kwargs=_encode(dict(kwargs)))
+        except RecursionError:
+            raise _Unsendable("too deeply nested") from None
+        self.next_id += 1
+        request["id"] = self.next_id
+        self.send(json.dumps(request).encode() + b"\n")
+        while True:
+            kind, _, text = self.line().partition(b"\t")
+            if kind != b"resp":
+                self.lines = (self.lines + [kind.decode("utf-8", "replace")])[-64:]
+                continue
+            try:
+                answer = json.loads(text)
+            except ValueError:
+                raise self.abort("malformed answer") from None
+            if type(answer) is not dict or answer.get("id") != self.next_id:
+                continue  # not the answer to this call
+            if "raise" in answer:
+                name, message = str(answer["raise"])[:100], str(answer.get("msg", ""))[:500]
+                cls = getattr(builtins, name, None)
+                if isinstance(cls, type) and issubclass(cls, Exception):
+                    raise cls(message)
+                raise RemoteError(f"{name}: {message}")
+            try:
+                return _decode(answer.get("ok"), self)
+            except (TypeError, ValueError, RecursionError):
+                raise self.abort("malformed answer") from None
+
+
+class _Proxy:
+    """Stands, in the harness, for one of the candidate's functions."""
+
+    def __init__(self, link: _Link, name: str) -> None:
+        self._link, self.__name__ = link, name
+
+    def __call__(self, *args: object, **kwargs: object) -> object:
+        return self._link.call({"fn": self.__name__}, args, kwargs)
+
+    def __repr__(self) -> str:
+        return f"<function {self.__name__} in the sandbox>"
+
+
+def run_tests(
+    candidate: str,
+    tests: str,
+    entry_point: str | None = None,
+    timeout: float = 3.0,
+    memory_mb: int = 1024,
+    cpu_seconds: int | None = None,
+    max_output_bytes: int = 65536,
+    isolate: bool | None = None,
+    program: str | None = None,
+) -> SandboxResult:
+    """Run the candidate's code (e.g. prompt + completion) in the sandbox, and the trusted
+    `tests` here, in the harness, against proxies of the candidate's top-level callables;
+    then ``check(<entry_point>)`` when `entry_point` is given (HumanEval). Passed iff the
+    tests run to their end within `timeout` (import and tests together). Only plain data
+    crosses; see the module docstring. When the tests pass the candidate something that is
+    not plain data (a lambda), the whole `program` (default: candidate + tests + check)
+    runs in the child instead, with `run_program`'s verdict, and the detail says so."""
+    if not timeout > 0:
+        raise ValueError(f"timeout must be positive, got {timeout}")
+    if memory_mb <= 0:
+        raise ValueError(f"memory_mb must be positive, got {memory_mb}")
+    cpu = cpu_seconds if cpu_seconds is not None else math.ceil(timeout) + 1
+    if cpu <= 0:
+        raise ValueError(f"cpu_seconds must be positive, got {cpu_seconds}")
+    bwrap = _bwrap_path() if isolate is not False else ""
+    if isolate and not bwrap:
+        raise RuntimeError("isolate=True but bubblewrap cannot run here")
+    capture = _Capture(max_output_bytes)
+    status, detail = "passed", "passed"
+    with tempfile.TemporaryDirectory(
+        prefix="llamaforge-sandbox-", ignore_cleanup_errors=True
+    ) as tmp:
+        start = time.monotonic()
+        proc, report_r, request_w = _launch(Path(tmp), candidate, memory_mb, cpu, bwrap, True)
+        if isinstance(proc, OSError):
+            os.close(report_r)
+            os.close(request_w)
+            return SandboxResult("failed", _short(f"sandbox error: {proc}"), 0.0)
+        assert proc.stdout is not None
+        out = proc.stdout.fileno()
+
+        def drain() -> None:
+            while True:
+                try:
+                    data = os.read(out, 65536)
+                except OSError:
+                    return
+                if not data:
+                    return
+                capture.feed(data)
+
+        drainer = threading.Thread(target=drain, daemon=True)
+        drainer.start()
+        link = _Link(proc, report_r, request_w, start + timeout)
+        unsendable = ""
+        try:
+            names = link.wait_ready()
+            namespace: dict[str, object] = {"__name__": "__main__", "__builtins__": builtins}
+            namespace.update({name: _Proxy(link, name) for name in names})
+            exec(compile(tests, "<tests>", "exec"), namespace)
+            if entry_point is not None:
+                check = namespace["check"]
+                assert callable(check), "the tests define no check()"
+                check(namespace[entry_point])
+        except _Abort:
+            status, detail = "failed", link.failure
+        except _Unsendable as exc:
+            unsendable = str(exc)
+        except Exception as exc:
+            status = "failed"
+            lines = traceback.format_exception_only(type(exc), exc)
+            detail = "".join(lines).strip().splitlines()[-1] if lines else type(exc).__name__
+        finally:
+            died = _exited(proc)  # on its own, before the harness kills it
+            _kill_group(proc)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+            drainer.join(timeout=2)
+            proc.stdout.close()
+            os.close(report_r)
+            os.close(request_w)
+        duration = time.monotonic() - start
+    if link.failure == "timeout":
+        status, detail = "timeout", f"timed out after {timeout:g} s"
+    elif link.failure:  # even if the tests swallowed the _Abort
+        status, detail = "failed", link.failure
+        why = [line for line in link.lines if line.split("\t")[0] in ("error", "memory", "exit")]
+        if why:
+            kind, _, message = why[-1].partition("\t")
+            status = "killed" if kind == "memory" else "failed"
+            detail = f"{message} (memory limit {memory_mb} MB)" if kind == "memory" else message
+        elif died and proc.returncode is not None and proc.returncode != 0:
+            code = proc.returncode
+            if bwrap and 128 < code < 128 + 65:
+                code = 128 - code
+            if code < 0:
+                status, detail = _verdict(False, code, "", capture, timeout, memory_mb)
+        elif link.failure.startswith("the program's process ended") and capture.last_line():
+            detail = f"{link.failure}: {capture.last_line()}"
+    if unsendable:
+        if program is None:
+            check_call = f"\ncheck({entry_point})\n" if entry_point is not None else ""
+            program = candidate + "\n" + tests + check_call
+        result = run_program(program, timeout, memory_mb, cpu_seconds, max_output_bytes, isolate)
+        note = f" (in-child verdict: {unsendable})"
+        return SandboxResult(result.status, _short(result.detail + note), result.duration,
+                             result.output)  # fmt: skip
+    return SandboxResult(status, _short(detail), duration, capture.text())
+
+
+def check_candidates(
+    cases: Sequence[tuple[str, str, str | None, str | None]],
+    timeout: float = 3.0,
+    memory_mb: int = 1024,
+    workers: int | None = None,
+    isolate: bool | None = None,
+) -> list[SandboxResult]:
+    """`run_tests` for many (candidate, tests, entry_point, program) cases on a thread
+    pool; results in input order; never raises because of the candidates' behaviour."""
+    if workers is None:
+        workers = os.cpu_count() or 1
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if isolate and not isolation_available():
+        raise RuntimeError("isolate=True but bubblewrap cannot run here")
+    if not cases:
+        return []
+
+    def one(case: tuple[str, str, str | None, str | None]) -> SandboxResult:
+        candidate, tests, entry_point, program = case
+        try:
+            return run_tests(candidate, tests, entry_point, timeout, memory_mb,
+                             isolate=isolate, program=program)  # fmt: skip
+        except Exception as exc:  # a harness fault: report it, go on
+            return SandboxResult("failed", _short(f"sandbox error: {exc!r}"), 0.0)
+
+    with ThreadPoolExecutor(max_workers=min(workers, len(cases))) as pool:
+        return list(pool.map(one, cases))

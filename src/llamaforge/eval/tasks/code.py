@@ -1,9 +1,10 @@
 """Code generation (Table 8): HumanEval (zero-shot) and MBPP (3-shot), pass@k.
 
-Each doc gets one request for ``n`` samples at ``temperature``; every sample becomes a
-program run by `llamaforge.eval.sandbox.check_programs`; the doc's pass@k values are Chen et
-al.'s unbiased estimator over its n samples (`protocols.pass_at_k`). The paper samples pass@1
-at temperature 0.1 and pass@100 (HumanEval) / pass@80 (MBPP) at 0.8; ``setting="pass@1"`` or
+Each doc gets one request for ``n`` samples at ``temperature``; every sample is checked by
+`llamaforge.eval.sandbox.check_candidates` (the candidate's code in the sandbox, the tests
+in the harness); the doc's pass@k values are Chen et al.'s unbiased estimator over its n
+samples (`protocols.pass_at_k`). The paper samples pass@1 at temperature 0.1 and pass@100
+(HumanEval) / pass@80 (MBPP) at 0.8; ``setting="pass@1"`` or
 ``setting="pass@100"``/``"pass@80"`` selects those (temperature, n and ks), and explicit
 ``n``/``temperature``/``ks`` options override. The default is n=1 at T=0.1 (pass@1 from a
 single sample, so a CPU run is possible; its variance is high -- use n >= 10 for reports).
@@ -95,14 +96,18 @@ class _CodeTask(BaseTask):
     def program(self, doc: Doc, completion: str) -> str:
         raise NotImplementedError
 
+    def case(self, doc: Doc, completion: str) -> tuple[str, str, str | None, str | None]:
+        """(candidate code, trusted test code, entry point, whole program) for run_tests."""
+        raise NotImplementedError
+
     def score(self, doc: Doc, results: Sequence[Result]) -> dict[str, float]:
         (samples,) = results
         if not isinstance(samples, list) or len(samples) != self.opt.n:
             raise EvalError(f"{self.info.name}: expected {self.opt.n} samples")
-        from llamaforge.eval.sandbox import check_programs  # lazy: keeps the registry light
+        from llamaforge.eval.sandbox import check_candidates  # lazy: keeps the registry light
 
-        outcome = check_programs(
-            [self.program(doc, s) for s in samples],
+        outcome = check_candidates(
+            [self.case(doc, s) for s in samples],
             timeout=self.opt.timeout,
             memory_mb=self.opt.memory_mb,
             workers=self.opt.workers,
@@ -162,6 +167,12 @@ class HumanEval(_CodeTask):
 
     def program(self, doc: Doc, completion: str) -> str:
         return humaneval_program(doc["prompt"], completion, doc["test"], doc["entry_point"])
+
+    def case(self, doc: Doc, completion: str) -> tuple[str, str, str | None, str | None]:
+        """The candidate (prompt + completion) runs in the sandbox; the test code and
+        ``check(<entry>)`` in the harness (`sandbox.run_tests`)."""
+        program = self.program(doc, completion)
+        return doc["prompt"] + completion, doc["test"], doc["entry_point"], program
 
 
 # ============================================================================ MBPP
@@ -269,3 +280,10 @@ class MBPP(_CodeTask):
 
     def program(self, doc: Doc, completion: str) -> str:
         return mbpp_program(doc["setup"], completion, doc["test_list"])
+
+    def case(self, doc: Doc, completion: str) -> tuple[str, str, str | None, str | None]:
+        """The candidate (setup + completion) runs in the sandbox; setup + asserts in the
+        harness (`sandbox.run_tests`)."""
+        setup = doc["setup"] + "\n" if doc["setup"].strip() else ""
+        tests = setup + "\n".join(doc["test_list"]) + "\n"
+        return setup + completion, tests, None, self.program(doc, completion)
