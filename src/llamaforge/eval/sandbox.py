@@ -105,7 +105,7 @@ import threading
 import time
 import traceback
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -257,6 +257,21 @@ def _bwrap_argv(bwrap: str, root: Path, env: dict[str, str], seccomp_fd: int | N
     return argv + ["--"]
 
 
+def _read_available(fd: int, feed: Callable[[bytes], None], max_chunks: int = 16) -> bool:
+    """Hand what a non-blocking ``fd`` has to ``feed``; True at end of file."""
+    for _ in range(max_chunks):
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        if not data:
+            return True
+        feed(data)
+    return False
+
+
 class _Capture:
     """Keeps the first `limit` bytes of a stream and its last few KB; counts the rest."""
 
@@ -273,19 +288,9 @@ class _Capture:
         self.dropped += max(0, len(data) - max(room, 0))
         self.tail = (self.tail + data)[-_TAIL_BYTES:]
 
-    def read(self, fd: int, max_chunks: int = 16) -> bool:
+    def read(self, fd: int) -> bool:
         """Read what is available (non-blocking fd); True at end of file."""
-        for _ in range(max_chunks):
-            try:
-                data = os.read(fd, 65536)
-            except BlockingIOError:
-                return False
-            except OSError:
-                return True
-            if not data:
-                return True
-            self.feed(data)
-        return False
+        return _read_available(fd, self.feed)
 
     def text(self) -> str:
         out = self.head.decode("utf-8", "replace")
@@ -312,24 +317,17 @@ class _Reports:
 
     def read(self, fd: int) -> bool:
         """Read what is available (non-blocking fd); True at end of file."""
-        for _ in range(16):
-            try:
-                data = os.read(fd, 65536)
-            except BlockingIOError:
-                return False
-            except OSError:
-                return True
-            if not data:
-                return True
-            self.buffer += data
-            *complete, rest = self.buffer.split(b"\n")
-            self.buffer = bytearray(rest[:4096])
-            for raw in complete:
-                if len(self.lines) < 64:
-                    self.lines.append(raw[:4096].decode("utf-8", "replace"))
-                if raw == b"end" and not self.sent:
-                    self.send_secret()
-        return False
+        return _read_available(fd, self.feed)
+
+    def feed(self, data: bytes) -> None:
+        self.buffer += data
+        *complete, rest = self.buffer.split(b"\n")
+        self.buffer = bytearray(rest[:4096])
+        for raw in complete:
+            if len(self.lines) < 64:
+                self.lines.append(raw[:4096].decode("utf-8", "replace"))
+            if raw == b"end" and not self.sent:
+                self.send_secret()
 
     def send_secret(self) -> None:
         self.sent = True
