@@ -413,3 +413,16 @@ def test_missing_bubblewrap_falls_back_with_one_warning(
     assert len(caught) == 1
     with pytest.raises(RuntimeError, match="isolate=True"):
         run_program("pass", isolate=True)
+
+
+def test_a_python_installation_under_tmp_is_not_hidden_by_the_private_tmp(monkeypatch, tmp_path):
+    """bubblewrap applies mounts in order: the private /tmp must come before the bind of a
+    venv that lives under /tmp (as in a CI checkout there), or the child cannot start."""
+    from llamaforge.eval import sandbox
+
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    monkeypatch.setattr(sandbox.sys, "prefix", str(venv))
+    argv = sandbox._bwrap_argv("bwrap", tmp_path / "run", {}, None)
+    binds = [i for i, a in enumerate(argv) if a == "--ro-bind" and argv[i + 1] == str(venv)]
+    assert binds and argv.index("--tmpfs") < binds[0]

@@ -4,6 +4,8 @@ weights, and the CLI's error mapping."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -180,8 +182,14 @@ def test_non_finite_native_weights_warn_on_load_and_strict_refuses(nan_ckpt, cap
 
 
 @pytest.mark.parametrize("command", ["generate", "chat", "eval"])
-def test_strict_commands_refuse_non_finite_weights(nan_ckpt, capsys, command):
-    extra = {"generate": ["--prompt", "x"], "chat": [], "eval": ["--tasks", "piqa"]}[command]
+def test_strict_commands_refuse_non_finite_weights(nan_ckpt, capsys, command, tmp_path):
+    # eval gets a local one-question task, so neither ../shared nor the network is needed
+    data = tmp_path / "eval"
+    (data / "boolq").mkdir(parents=True)
+    row = {"query": "Passage: x\nQuestion: y?\nAnswer:", "choices": ["no", "yes"], "gold": 1}
+    (data / "boolq" / "boolq.jsonl").write_text(json.dumps(row) + "\n")
+    eval_args = ["--tasks", "boolq", "--data-dir", str(data)]
+    extra = {"generate": ["--prompt", "x"], "chat": [], "eval": eval_args}[command]
     argv = [command, "--ckpt", str(nan_ckpt), "--device", "cpu", "--strict", *extra]
     assert main(argv) == 2
     err = capsys.readouterr().err

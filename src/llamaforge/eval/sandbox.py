@@ -223,8 +223,9 @@ def _seccomp_filter() -> bytes | None:
 def _bwrap_argv(bwrap: str, root: Path, env: dict[str, str], seccomp_fd: int | None) -> list[str]:
     """bwrap's options: new user/PID/network/IPC/UTS/cgroup/mount namespaces, a read-only
     /usr and Python installation, a private /tmp holding only this run's directory (the
-    program and child script read-only, the working directory writable), a fresh /proc
-    and /dev, no inherited environment, no capabilities."""
+    program and child script read-only, the working directory writable) and, read-only,
+    a Python installation or checkout that lives under /tmp, a fresh /proc and /dev, no
+    inherited environment, no capabilities."""
     argv = [
         bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--clearenv",
         "--uid", str(_SANDBOX_UID), "--gid", str(_SANDBOX_UID), "--hostname", "sandbox",
@@ -237,6 +238,10 @@ def _bwrap_argv(bwrap: str, root: Path, env: dict[str, str], seccomp_fd: int | N
             argv += ["--ro-bind", name, name]
     if os.path.exists("/etc/ld.so.cache"):
         argv += ["--ro-bind", "/etc/ld.so.cache", "/etc/ld.so.cache"]
+    # mounts apply in order: the private /tmp first, so that a Python installation (a
+    # venv) or a checkout under /tmp, bound after it, is not hidden by it
+    argv += ["--proc", "/proc", "--dev", "/dev"]
+    argv += ["--size", str(_TMPFS_BYTES), "--tmpfs", "/tmp", "--dir", str(root)]
     python = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
     python |= {str(Path(sys.executable).parent), str(Path(sys.executable).resolve().parents[1])}
     for path in sorted(python):
@@ -245,8 +250,6 @@ def _bwrap_argv(bwrap: str, root: Path, env: dict[str, str], seccomp_fd: int | N
             argv += ["--ro-bind", real, real]
             if real != path:
                 argv += ["--symlink", real, path]
-    argv += ["--proc", "/proc", "--dev", "/dev"]
-    argv += ["--size", str(_TMPFS_BYTES), "--tmpfs", "/tmp", "--dir", str(root)]
     argv += ["--ro-bind", str(_CHILD), str(_CHILD)]
     argv += ["--ro-bind", str(root / "program.py"), str(root / "program.py")]
     argv += ["--bind", str(root / "work"), str(root / "work"), "--chdir", str(root / "work")]
