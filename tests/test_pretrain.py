@@ -124,7 +124,7 @@ def test_two_processes_match_one_and_reshard_on_resume(corpus, tmp_path):
     assert sorted(ref) == list(range(1, 11))
     for parallel in ("fsdp", "ddp"):
         two = tmp_path / parallel
-        run(corpus, two, f"parallel={parallel}", val3, nproc=2)
+        run(corpus, two, f"parallel.data={parallel}", val3, nproc=2)
         got = metrics(two)
         assert sorted(got) == sorted(ref)
         for step in ref:
