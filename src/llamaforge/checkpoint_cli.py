@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from .cli import tokenizer_path
 from .config import add_config_help
@@ -113,6 +114,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     g.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
     g.add_argument("--dtype", help="float32, bfloat16, float16 (default: as stored)")
+    g.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        help="tensor parallelism: split the model over N processes (run under torchrun "
+        "--nproc_per_node N; rank 0 prints)",
+    )
     g.add_argument(
         "--strict",
         action="store_true",
@@ -240,7 +248,11 @@ def _generate(a: argparse.Namespace) -> int:
         raise ValueError("--template and --system need --chat")
     device = resolve_device(a.device or "auto")
     tok_file = tokenizer_path(a.tokenizer)
-    model, tok = load(a.ckpt, device=device, dtype=a.dtype, tokenizer=tok_file, strict=a.strict)
+    rank = 0
+    if a.tp != 1:  # split over the torchrun processes
+        model, tok, rank = load_tensor_parallel(a.ckpt, a.tp, a.device, a.dtype, tok_file, a.strict)
+    else:
+        model, tok = load(a.ckpt, device=device, dtype=a.dtype, tokenizer=tok_file, strict=a.strict)
     if tok is None:
         raise ValueError(f"{a.ckpt}: no tokenizer.model in the checkpoint; pass --tokenizer")
     inputs: list[str] | list[list[int]] = prompts
@@ -262,9 +274,10 @@ def _generate(a: argparse.Namespace) -> int:
         ]
         stops += stop_strings(tpl)
 
-    tty = sys.stdout.isatty()
+    stdout = sys.stdout if rank == 0 else open(os.devnull, "w")  # noqa: SIM115 (rank 0 prints)
+    tty = stdout.isatty()
     echo = tty if a.echo is None else a.echo
-    out = _Printer(sys.stdout)
+    out = _Printer(stdout)
 
     def show_prompt(text: str) -> None:
         if echo:
@@ -297,6 +310,23 @@ def _generate(a: argparse.Namespace) -> int:
             out.write(r.text)
     out.end_line()
     return 0
+
+
+def load_tensor_parallel(
+    ckpt: str, tp: int, device: str | None, dtype: str | None, tokenizer: Any, strict: bool
+) -> tuple[Any, Any, int]:
+    """``--tp N``: join the torchrun group (left at exit) and load ``ckpt`` split over it;
+    returns the model, the tokenizer and this process's rank."""
+    import atexit
+
+    from . import distributed as D
+
+    info = D.init(device or "auto")
+    atexit.register(D.cleanup)
+    model, tok = D.load_tensor_parallel(
+        ckpt, info, tp, dtype=dtype, tokenizer=tokenizer, strict=strict
+    )
+    return model, tok, info.rank
 
 
 class _Printer:

@@ -17,6 +17,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -506,3 +507,81 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole value of a DTensor (e.g. FSDP2's gradient norm), or ``t`` itself."""
     full = getattr(t, "full_tensor", None)
     return full() if full is not None else t
+
+
+def load_tensor_parallel(
+    ckpt_dir: str | os.PathLike,
+    info: DistInfo,
+    tp: int,
+    *,
+    dtype: str | torch.dtype | None = None,
+    tokenizer: str | os.PathLike | None = None,
+    strict: bool = False,
+) -> tuple[nn.Module, Any]:
+    """A native checkpoint split over ``tp`` processes for inference (``--tp``): every rank
+    builds the model on the meta device, splits it (tensor parallelism without sequence
+    parallelism: any length, KV-cache decoding, whole logits on every rank) and reads
+    only its own slices from the memory-mapped files. Returns ``(model, tokenizer)``, the
+    model in eval mode, its KV cache sized to this rank's heads."""
+    from .checkpoint import (
+        TOKENIZER_FILE,
+        CheckpointError,
+        checked,
+        iter_tensors,
+        non_finite,
+        parse_dtype,
+        read_params,
+    )
+    from .model import Transformer
+    from .tokenizer import Tokenizer
+
+    if tp < 1 or info.world_size != tp:
+        raise LayoutError(
+            f"--tp {tp}: run it under torchrun with {tp} processes (torchrun "
+            f"--nproc_per_node {tp} -m llamaforge …); this is {info.world_size} process(es)"
+        )
+    ckpt = Path(ckpt_dir)
+    if not ckpt.is_dir():
+        raise CheckpointError(f"{ckpt}: no such checkpoint directory")
+    args, _ = read_params(ckpt)
+    tok_path = Path(tokenizer) if tokenizer is not None else ckpt / TOKENIZER_FILE
+    tok = Tokenizer(tok_path) if tok_path.is_file() or tokenizer is not None else None
+    if args.vocab_size <= 0:
+        if tok is None:
+            raise CheckpointError(f"{ckpt}: params.json has vocab_size=-1 but no tokenizer.model")
+        args.vocab_size = tok.vocab_size
+    check_tp_divisible(args, tp)
+    target = parse_dtype(dtype)
+    stored = iter_tensors(ckpt)
+    first = next(stored, None)
+    if target is None:
+        target = first[1].dtype if first is not None else torch.float32
+    with torch.device("meta"):
+        model = Transformer(args).to(target)
+    mesh = build_mesh(make_layout(tp, tp=tp), info.device.type) if tp > 1 else None
+    if mesh is not None:
+        apply_tensor_parallel(model, mesh["tp"], sequence_parallel=False, loss_parallel=False)
+        tp_cache_factory(model, tp)
+    model = model.to_empty(device=info.device)
+    params = dict(model.named_parameters())
+    bad: list[str] = []
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        if first is not None:
+            yield first
+        yield from stored
+
+    with torch.no_grad():
+        for name, full in checked(tensors(), args, str(ckpt), params=str(ckpt / "params.json")):
+            p = params[name]
+            full = full.to(target)
+            local = p.to_local() if hasattr(p, "to_local") else p
+            local.copy_(_shard_of(full, p) if local is not p else full)
+            bad += non_finite([(name, local)])
+    if all_max_flag(bool(bad), info.device):  # on every rank, or strict would hang the rest
+        shown = ", ".join(bad[:5]) or "on another rank"
+        msg = f"{ckpt}: tensor(s) with NaN or Inf values: {shown}"
+        if strict:
+            raise CheckpointError(f"{msg} (refused: strict)")
+        print0(f"warning: {msg}; the model's outputs are not meaningful")
+    return model.eval(), tok
