@@ -517,7 +517,7 @@ class Trainer:
         DDP and FSDP2 average gradients over the data-parallel ranks, hence the dp factor in
         ``scale``; FSDP2 reduce-scatters after every micro-batch (see grad_sync). Tensor
         parallelism's gradients are exact sums already (DTensor's backward)."""
-        cfg, info, model = self.cfg, self.info, self.model
+        cfg, model = self.cfg, self.model
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step) if lr is None else lr
         tp = self.tp  # a tensor group's ranks hold the same batch: every sum counts it tp times
