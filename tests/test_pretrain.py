@@ -231,7 +231,7 @@ def test_indivisible_batch_tokens_is_a_clear_error(corpus, tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"batch_tokens=250 .*micro_batch \(4\).*seq_len \(32\)"):
         run_pretrain(cfg_of(corpus, tmp_path / "bad", "batch_tokens=250"))
     assert cli_main(["pretrain", *overrides(corpus, tmp_path / "bad", "batch_tokens=250")]) == 2
-    assert "world_size (1) = 128" in capsys.readouterr().err
+    assert "data-parallel ranks (1) = 128" in capsys.readouterr().err
     assert not (tmp_path / "bad" / "metrics.jsonl").exists()
 
 

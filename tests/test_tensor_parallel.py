@@ -157,3 +157,24 @@ def test_config_errors_and_the_old_parallel_key(corpus, tmp_path):  # noqa: F811
     with pytest.raises(ConfigError, match=r"parallel.tp=2 .* does not divide the world size 1"):
         run_pretrain(load_config(PretrainConfig, None, overrides(corpus, tmp_path / "a",
                                                                  "parallel.tp=2")))  # fmt: skip
+
+
+def test_info_memory_per_gpu_for_a_layout(capsys):
+    from llamaforge.cli import main
+
+    assert main(["info", "--preset", "65B", "--tp", "8", "--dp", "256", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    n = info["params"]["total"]
+    per = info["layout"]["bytes_per_gpu"]
+    assert info["layout"]["gpus"] == 2048
+    assert per["selective"]["optimizer"] == 8 * n // 2048 == 2 * per["selective"]["weights"]
+    s, h, L, V, t = 2048, 8192, 80, 32000, 8  # Korthikanti et al.: 34·sbh/t per layer
+    assert per["selective"]["activations"] == int(L * 34 * s * h / t + 10 * s * V / t)
+    assert per["none"]["activations"] == int(L * s * h * (34 + 5 * 64 * s / h) / t + 10 * s * V / t)
+    assert per["full"]["activations"] < per["selective"]["activations"]
+    assert main(["info", "--preset", "65B", "--tp", "8", "--dp", "256"]) == 0
+    text = capsys.readouterr().out
+    assert "per GPU with tp 8 × dp_shard 256 (2048 GPUs" in text and "fits in 80 GiB" in text
+    assert main(["info", "--layouts"]) == 0
+    table = capsys.readouterr().out
+    assert "| 65B | 8 × 256 |" in table and "| 7B | 1 × 8 |" in table

@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     i = subparsers.add_parser(
         "info", help="parameters, FLOPs per token and training memory of a model"
     )
-    src = i.add_mutually_exclusive_group(required=True)
+    src = i.add_mutually_exclusive_group()
     src.add_argument("--preset", help="1M, 15M, 110M, 1B, 7B, 13B, 33B or 65B")
     src.add_argument("--ckpt", help="a checkpoint directory (reads its params.json)")
     i.add_argument(
@@ -34,6 +34,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     i.add_argument("--vocab-size", type=int, default=32000, help="when params.json says -1")
     i.add_argument(
         "--micro-batch", type=int, default=1, help="sequences per step for the activations"
+    )
+    i.add_argument(
+        "--tp", type=int, default=None, help="per-GPU memory with this many tensor-parallel ranks"
+    )
+    i.add_argument(
+        "--dp", type=int, default=None, help="... and this many FSDP2 (data-parallel) ranks"
+    )
+    i.add_argument(
+        "--gpu-memory", type=float, default=80.0, help="GiB per GPU for 'fits' (default 80)"
+    )
+    i.add_argument(
+        "--layouts",
+        action="store_true",
+        help="print a markdown table of per-GPU memory for the Table 2 sizes over layouts",
     )
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(func=_info)
@@ -149,6 +163,13 @@ def _info(a: argparse.Namespace) -> int:
         training_memory,
     )
 
+    if a.layouts:
+        from .flops import layout_table
+
+        print(layout_table(a.gpu_memory, a.seq_len or 2048, a.micro_batch), end="")
+        return 0
+    if not (a.preset or a.ckpt):
+        raise ValueError("give --preset SIZE or --ckpt DIR (or --layouts)")
     args, what = _model_args_for(a)
     if args.vocab_size <= 0:
         args.vocab_size = a.vocab_size
@@ -175,6 +196,25 @@ def _info(a: argparse.Namespace) -> int:
             for mode in ("none", "selective", "full")
         },
     }
+    layout = None
+    if a.tp is not None or a.dp is not None:
+        from .flops import AC_FOR_LAYOUT, layout_memory, layout_total
+
+        tp, dp = a.tp or 1, a.dp or 1
+        if tp < 1 or dp < 1:
+            raise ValueError(f"--tp {tp} and --dp {dp} must be >= 1")
+        layout = {
+            "tp": tp,
+            "dp_shard": dp,
+            "gpus": tp * dp,
+            "bytes_per_gpu": {
+                m: layout_memory(
+                    args, tp=tp, dp_shard=dp, seq_len=seq, micro_batch=a.micro_batch, mode=m
+                )  # fmt: skip
+                for m in AC_FOR_LAYOUT
+            },
+        }
+        info["layout"] = layout
     if a.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -201,6 +241,29 @@ def _info(a: argparse.Namespace) -> int:
         total = human_bytes(n + mem.total)
         print(f"    {mode:<18}{human_bytes(n):>12}   (step total {total})")
     print(f"weights for inference (bf16): {human_bytes(info['memory_bytes']['weights_bf16'])}")
+    if layout is not None:
+        per = layout["bytes_per_gpu"]
+        print(
+            f"per GPU with tp {layout['tp']} × dp_shard {layout['dp_shard']} "
+            f"({layout['gpus']} GPUs; FSDP2 + tensor/sequence parallelism, bf16):"
+        )
+        first = per["none"]
+        for key, label in (
+            ("weights", "weights (fp32)"),
+            ("gradients", "gradients (fp32)"),
+            ("optimizer", "AdamW states (fp32)"),
+            ("gathered", "gathered bf16 blocks"),
+        ):
+            print(f"  {label:<22}{human_bytes(first[key]):>12}")
+        print(f"  activations per micro-batch of {a.micro_batch} x {seq} (Korthikanti et al.):")
+        limit = a.gpu_memory * 1024**3
+        for mode, mem in per.items():
+            total = layout_total(mem)
+            fits = "fits" if total <= 0.9 * limit else "does not fit"
+            print(
+                f"    {mode:<20}{human_bytes(mem['activations']):>12}   (total "
+                f"{human_bytes(total)}: {fits} in {a.gpu_memory:g} GiB with a 10 % margin)"
+            )
     return 0
 
 
