@@ -79,7 +79,7 @@ def test_dp2_tp2_matches_and_resumes_on_other_layouts(corpus, reference, tmp_pat
     for name, extra, nproc in (
         ("one", (), 1),
         ("tp2", ("parallel.tp=2",), 2),
-        ("dp2", ("parallel.data=fsdp",), 2),
+        ("hsdp", ("parallel.dp_replicate=2",), 2),  # 2 replicas of 1 FSDP2 shard
     ):
         out = tmp_path / f"resumed-{name}"
         proc = run(corpus, out, *TINY, *extra, f"resume={ckpt}", nproc=nproc)
