@@ -283,10 +283,11 @@ def run(a: argparse.Namespace) -> int:
     rank = 0
     if a.tp != 1:  # split over the torchrun processes, which all run every batch
         from ..checkpoint_cli import load_tensor_parallel
+        from ..flops import resolve_device
 
-        model, tok, rank = load_tensor_parallel(
-            a.ckpt, a.tp, a.device, a.dtype or "float32", None, a.strict
-        )
+        gpu = resolve_device(a.device).type == "cuda"
+        dtype = a.dtype or ("bfloat16" if gpu else "float32")  # as from_checkpoint
+        model, tok, rank = load_tensor_parallel(a.ckpt, a.tp, a.device, dtype, None, a.strict)
         lm = LlamaforgeLM(
             model,
             tok,
