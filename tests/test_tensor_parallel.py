@@ -178,3 +178,22 @@ def test_info_memory_per_gpu_for_a_layout(capsys):
     assert main(["info", "--layouts"]) == 0
     table = capsys.readouterr().out
     assert "| 65B | 8 × 256 |" in table and "| 7B | 1 × 8 |" in table
+
+
+@pytest.mark.slow
+def test_split_layers_match_the_whole_model_and_the_loss_never_gathers_logits():
+    """tests/scripts/tp_layers.py under 2 torchrun processes: GQA heads split (4 query and
+    2 kv heads → 2 and 1 per rank), logits split over the vocabulary and equal to the
+    whole model's, the same loss and gradients, and the loss's collectives all-reduces of
+    per-position scalars only — no all-gather, so full logits never exist."""
+    from .conftest import REPO
+
+    proc = torchrun(2, [str(REPO / "tests" / "scripts" / "tp_layers.py")])
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert sorted(r["rank"] for r in rows) == [0, 1]
+    for r in rows:
+        assert r["local_heads"] == [2, 1]
+        assert r["logits_sharded_on_vocab"] and r["local_logits_shape"] == [2, 16, 48]
+        assert r["logits_diff"] < 1e-5 and r["loss_diff"] < 1e-3, r
+        assert r["wq_grad_diff"] < 1e-6 and r["norm_grad_diff"] < 1e-6, r
+        assert set(r["loss_collectives"]) == {"c10d_functional.all_reduce"}, r
