@@ -412,7 +412,8 @@ def parallelize(
         layout = make_layout(info.world_size, data=parallel)
     if layout.world != info.world_size:
         raise LayoutError(f"layout {layout.describe()} is not for {info.world_size} processes")
-    mesh = build_mesh(layout, info.device.type) if info.world_size > 1 else None
+    needs_mesh = info.world_size > 1 and (layout.tp > 1 or layout.data == "fsdp")
+    mesh = build_mesh(layout, info.device.type) if needs_mesh else None
     if layout.tp > 1:
         apply_tensor_parallel(model, mesh["tp"])
         if layout.async_tp:
