@@ -489,8 +489,32 @@ def _check(opts: WebOptions) -> None:
 
 def read_web(paths: list[Path], options: dict[str, Any], stats: FilterStats) -> Iterator[str]:
     """Cleaned documents of web pages: HTML → text, line dedup, langid, CCNet or C4 quality."""
+    opts = web_options(options)
+    dedup = LineDeduper() if opts.dedup_lines else None
+
+    def pages() -> Iterator[str]:
+        for text, size in iter_web_pages(paths, opts, stats):
+            stats.documents_in += 1
+            stats.bytes_in += size
+            if dedup is not None:
+                text, removed = dedup(text)
+                if removed:
+                    stats.drop("duplicate_line", removed)
+            yield text
+
+    yield from filter_web(pages(), opts, stats)
+
+
+def web_options(options: dict[str, Any]) -> WebOptions:
+    """The checked options of kind ``web``."""
     opts = parse_options(WebOptions, options, "web")
     _check(opts)
+    return opts
+
+
+def filter_web(pages: Iterable[str], opts: WebOptions, stats: FilterStats) -> Iterator[str]:
+    """The steps after line dedup (language, quality, classifier) on ``pages``, the texts
+    already line-deduplicated (read_web, or the distributed line-dedup stages)."""
     ref: ReferenceModel | None = None
     threshold = math.inf
     if opts.quality == "ccnet":
@@ -503,17 +527,10 @@ def read_web(paths: list[Path], options: dict[str, Any], stats: FilterStats) -> 
             else ref.perplexity_threshold(opts.perplexity_quantile, opts.perplexity_margin)
         )
         log.info("web: perplexity threshold %.1f", threshold)
-    dedup = LineDeduper() if opts.dedup_lines else None
     languages = set(opts.languages)
 
     def first_stages() -> Iterator[str]:
-        for text, size in iter_web_pages(paths, opts, stats):
-            stats.documents_in += 1
-            stats.bytes_in += size
-            if dedup is not None:
-                text, removed = dedup(text)
-                if removed:
-                    stats.drop("duplicate_line", removed)
+        for text in pages:
             text = text.strip()
             if not text:
                 stats.drop("empty")

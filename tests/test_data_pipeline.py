@@ -1,0 +1,197 @@
+"""``llamaforge data prepare`` on datatrove executors: the output does not depend on the
+number of tasks, killed runs resume task by task, failures name their task."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from llamaforge.config import ConfigError
+from llamaforge.data.prepare import load_data_config, prepare
+
+from .conftest import REPO
+from .data_corpus import source_output, write_config
+
+SOURCES = ("web", "code", "books", "stories")
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+def _run(root: Path, tok: Path, name: str, executor: str) -> dict:
+    cfg = load_data_config(write_config(root, tok, root / name, executor))
+    results = prepare(cfg, progress=False, log=_quiet)
+    assert all(r.get("complete") for r in results), results
+    return {s: source_output(root / name / s) for s in SOURCES}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, meta_tokenizer_path):
+    """The in-process path (no datatrove) and datatrove with one task, on the same corpus."""
+    root = tmp_path_factory.mktemp("pipeline")
+    legacy = _run(root, meta_tokenizer_path, "legacy", "")
+    one = _run(root, meta_tokenizer_path, "one", "[executor]\ntasks = 1")
+    return root, legacy, one
+
+
+def test_one_task_matches_the_in_process_path(reference):
+    root, legacy, one = reference
+    for s in SOURCES:
+        assert one[s] == legacy[s], s
+    # the corpus has cross-file duplicates of every kind, so the dedup stages did work
+    removed = {s: one[s]["clean"]["removed"] for s in SOURCES}
+    assert removed["web"]["duplicate_line"] > 0
+    assert removed["code"]["duplicate_file"] == 1
+    assert removed["books"]["near_duplicate"] == 1
+    meta = json.loads((root / "one" / "stories" / "meta.json").read_text())
+    assert meta["tasks"] == 1 and meta["clean"]["peak_rss_mb"] > 0
+
+
+def test_four_tasks_on_two_workers_give_the_same_output(reference, meta_tokenizer_path):
+    root, _, one = reference
+    four = _run(root, meta_tokenizer_path, "four", "[executor]\ntasks = 4\nworkers = 2")
+    for s in SOURCES:
+        assert four[s] == one[s], s
+    meta = json.loads((root / "four" / "stories" / "meta.json").read_text())
+    assert meta["tasks"] == 4
+    # every task wrote its own shards; the meta lists them in task order
+    files = [sh["file"] for sh in meta["splits"]["train"]["shards"]]
+    assert files == sorted(files) and len({f.split("-")[1] for f in files}) == 4
+    # the mixture sampler reads them as one stream
+    from llamaforge.data.mixture import TokenSource
+
+    assert TokenSource(root / "four" / "stories").tokens == meta["splits"]["train"]["tokens"]
+    assert not list((root / "four").glob("*/*.tmp*"))
+
+
+def _completions(out: Path, source: str, stage: str) -> list[str]:
+    folder = out / "_datatrove" / source / stage / "completions"
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+
+def _cli(config: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "llamaforge", "data", "prepare", str(config), "--quiet", *args]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO / "src")}
+
+
+def _wait_for(pred, proc: subprocess.Popen, limit: float = 120.0) -> None:
+    t0 = time.time()
+    while not pred():
+        assert proc.poll() is None, "the run ended before the point of the test"
+        assert time.time() - t0 < limit, "timed out waiting"
+        time.sleep(0.01)
+
+
+def test_sigkill_then_rerun_redoes_only_unfinished_tasks(reference, meta_tokenizer_path):
+    root, _, one = reference
+    out = root / "killed"
+    config = write_config(root, meta_tokenizer_path, out, "[executor]\ntasks = 4\nworkers = 1")
+    proc = subprocess.Popen(
+        _cli(config), env=_env(), start_new_session=True, stderr=subprocess.DEVNULL
+    )
+    try:
+        _wait_for(lambda: len(_completions(out, "web", "read")) >= 2, proc)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    done = _completions(out, "web", "read")
+    assert 2 <= len(done) < 4 or not (out / "web" / "meta.json").exists()
+    assert not (out / "web" / "meta.json").exists() and not (out / "mixture.json").exists()
+    stamps = {
+        n: (out / "web" / "work" / f"docs-{n}.jsonl").stat().st_mtime_ns
+        for n in done
+        if (out / "web" / "work" / f"docs-{n}.jsonl").exists()
+    }
+    assert stamps
+    run = subprocess.run(_cli(config), env=_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    for n, stamp in stamps.items():  # finished tasks were skipped, not redone
+        assert (out / "web" / "work" / f"docs-{n}.jsonl").stat().st_mtime_ns == stamp
+    for s in SOURCES:
+        assert source_output(out / s) == one[s], s
+    assert (out / "mixture.json").is_file()
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        kids += [int(k) for k in text]
+    return kids
+
+
+def test_a_dying_worker_is_reported_and_the_other_tasks_finish(reference, meta_tokenizer_path):
+    root, _, one = reference
+    out = root / "dying"
+    config = write_config(
+        root, meta_tokenizer_path, out, "[executor]\ntasks = 4\nworkers = 2", ("web", "code")
+    )
+    proc = subprocess.Popen(
+        _cli(config), env=_env(), start_new_session=True, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        _wait_for(lambda: bool(_children(proc.pid)), proc)
+        victim = _children(proc.pid)[0]
+        os.kill(victim, signal.SIGKILL)
+        stdout, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 1
+    assert "worker process died (exit code -9)" in stdout and "FAILED" in stdout
+    assert not (out / "web" / "meta.json").exists()  # the victim was web's first task
+    assert (out / "code" / "meta.json").exists()  # the other sources finished
+    assert len(_completions(out, "web", "read")) == 3
+    run = subprocess.run(_cli(config), env=_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    for s in ("web", "code"):
+        assert source_output(out / s) == one[s], s
+
+
+def test_an_unwritable_task_output_is_named_and_nothing_looks_complete(
+    reference, meta_tokenizer_path
+):
+    root, _, one = reference
+    out = root / "blocked"
+    config = write_config(root, meta_tokenizer_path, out, "[executor]\ntasks = 3\nworkers = 1")
+    cfg = load_data_config(config)
+    cfg.sources = [s for s in cfg.sources if s.name == "stories"]
+    (out / "stories").mkdir(parents=True)
+    blocker = out / "stories" / "train-00001-00000.bin"
+    blocker.mkdir()  # task 1 cannot clear its old shard: an OSError in that task only
+    lines: list[str] = []
+    (result,) = prepare(cfg, progress=False, log=lines.append)
+    assert not result["complete"]
+    assert "stage tokenize: 1 of 3 task(s) failed (task 1: IsADirectoryError" in result["error"]
+    assert str(blocker) in result["error"]
+    assert _completions(out, "stories", "tokenize") == ["00000", "00002"]
+    assert not (out / "stories" / "meta.json").exists()
+    blocker.rmdir()
+    (result,) = prepare(cfg, progress=False, log=lines.append)
+    assert result["complete"]
+    assert source_output(out / "stories") == one["stories"]
+
+
+def test_executor_config_errors(tmp_path, meta_tokenizer_path):
+    config = write_config(
+        tmp_path, meta_tokenizer_path, tmp_path / "o", "[executor]\ntype = 'slurm'\ntasks = 2"
+    )
+    with pytest.raises(ConfigError, match="needs executor.partition"):
+        load_data_config(config)
+    config = write_config(tmp_path, meta_tokenizer_path, tmp_path / "o", "[executor]\ntype = 'ray'")
+    with pytest.raises(ConfigError, match="needs executor.tasks >= 1"):
+        load_data_config(config)
+    config = write_config(tmp_path, meta_tokenizer_path, tmp_path / "o", "[executor]\nkind = 'x'")
+    with pytest.raises(ConfigError, match="executor: unknown key"):
+        load_data_config(config)
