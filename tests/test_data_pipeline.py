@@ -195,3 +195,32 @@ def test_executor_config_errors(tmp_path, meta_tokenizer_path):
     config = write_config(tmp_path, meta_tokenizer_path, tmp_path / "o", "[executor]\nkind = 'x'")
     with pytest.raises(ConfigError, match="executor: unknown key"):
         load_data_config(config)
+
+
+@pytest.fixture
+def ray_cluster(monkeypatch):
+    """A real Ray cluster on 127.0.0.1 with 2 CPUs, shut down afterwards."""
+    ray = pytest.importorskip("ray")
+    monkeypatch.setenv("PYTHONPATH", str(REPO / "src"))  # the workers import llamaforge
+    monkeypatch.setenv("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.slow
+def test_ray_cluster_gives_the_same_output(reference, meta_tokenizer_path, ray_cluster):
+    root, _, one = reference
+    executor = "[executor]\ntype = 'ray'\ntasks = 3\nworkers = 2\nmem_per_cpu_gb = 0.25"
+    four = _run(root, meta_tokenizer_path, "ray", executor)
+    for s in SOURCES:
+        assert four[s] == one[s], s
+    assert _completions(root / "ray", "web", "read") == ["00000", "00001", "00002"]
