@@ -224,3 +224,51 @@ def test_ray_cluster_gives_the_same_output(reference, meta_tokenizer_path, ray_c
     for s in SOURCES:
         assert four[s] == one[s], s
     assert _completions(root / "ray", "web", "read") == ["00000", "00001", "00002"]
+
+
+def test_slurm_job_scripts_are_written_and_their_pickled_stages_run(reference, meta_tokenizer_path):
+    """Without a Slurm cluster here: the sbatch scripts datatrove would submit are written
+    (submit = false), checked, and each stage's pickled executor is run task by task on the
+    local process-per-task executor; the output equals the one-task run."""
+    import dill
+
+    from llamaforge.data.pipeline import _local_executor_class
+
+    root, _, one = reference
+    out = root / "slurm"
+    executor = (
+        "[executor]\ntype = 'slurm'\ntasks = 2\nworkers = 2\npartition = 'cpu'\n"
+        "time = '02:00:00'\nsubmit = false\nenv_command = 'source /opt/venv/bin/activate'"
+    )
+    cfg = load_data_config(write_config(root, meta_tokenizer_path, out, executor, ("web",)))
+    lines: list[str] = []
+    (result,) = prepare(cfg, progress=False, log=lines.append)
+    assert result["submitted"] is False and "Slurm job scripts written" in lines[-1]
+    logs = out / "_datatrove" / "web"
+    stages = ["read", "lines", "tokenize", "finalize"]
+    submit = (logs / "submit.sh").read_text()
+    for i, stage in enumerate(stages):
+        script = (logs / stage / "launch_script.slurm").read_text()
+        tasks = 1 if stage == "finalize" else 2
+        assert script.startswith("#!/bin/bash\n")
+        assert f"#SBATCH --array=0-{tasks - 1}%{tasks}" in script
+        for want in (
+            "--partition=cpu",
+            "--time=02:00:00",
+            "--cpus-per-task=1",
+            f"--job-name=llamaforge-web-{stage}",
+            "source /opt/venv/bin/activate",
+        ):
+            assert want in script, want
+        pik = (logs / stage / "executor.pik").resolve()
+        assert f"launch_pickled_pipeline {pik}" in script
+        assert json.loads((logs / stage / "ranks_to_run.json").read_text()) == list(range(tasks))
+        assert ("--dependency" in submit.splitlines()[3 + 2 * i]) == (i > 0)
+        with open(pik, "rb") as f:
+            slurm = dill.load(f)
+        assert slurm.world_size == tasks and slurm.partition == "cpu"
+        local = _local_executor_class()(
+            slurm.pipeline, tasks=tasks, workers=1, logging_dir=str(root / "slurm-run" / stage)
+        )
+        assert local.run_tasks() == {}
+    assert source_output(out / "web") == one["web"]

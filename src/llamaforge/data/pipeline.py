@@ -1004,4 +1004,15 @@ def write_slurm_jobs(
         prev = None
     if submit and prev is not None:
         prev.run()  # launches its dependencies first, with afterok dependencies
+        return scripts
+    # the stages in order, each after the previous one succeeded
+    lines = ["#!/bin/bash", f"# submits the Slurm jobs of source {name}, stage by stage", "set -e"]
+    for i, script in enumerate(scripts):
+        dep = "" if i == 0 else ' --dependency="afterok:$jid"'
+        lines.append(
+            f'jid=$(sbatch --parsable --export=ALL,RUN_OFFSET=0{dep} "{script.resolve()}")'
+        )
+        lines.append(f'echo "{script.parent.name}: job $jid"')
+    (logs / "submit.sh").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (logs / "submit.sh").chmod(0o755)
     return scripts
