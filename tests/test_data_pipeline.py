@@ -272,3 +272,44 @@ def test_slurm_job_scripts_are_written_and_their_pickled_stages_run(reference, m
         )
         assert local.run_tasks() == {}
     assert source_output(out / "web") == one["web"]
+
+
+def test_large_web_files_are_split_by_byte_ranges(tmp_path, meta_tokenizer_path):
+    """A line-split text file and a JSON-lines file read as byte ranges by several tasks
+    give the pages, duplicates and tokens of the whole files read by one process."""
+    import random
+
+    from .data_corpus import WORDS
+
+    rng = random.Random(3)
+    web = tmp_path / "web"
+    web.mkdir()
+    lines = [" ".join(rng.choice(WORDS) for _ in range(12)) + "." for _ in range(300)]
+    lines += lines[:40]  # duplicate lines, some in other ranges
+    (web / "corpus.en").write_text("\n".join(lines) + "\n")
+    rows = [{"text": "\n".join(rng.sample(lines, 3))} for _ in range(120)]
+    (web / "pages.jsonl").write_text(
+        "\n".join(json.dumps(r) for r in rows) + "\n{broken json\n" + json.dumps(rows[0]) + "\n"
+    )
+    outputs = {}
+    for name, executor in (("whole", ""), ("ranges", "[executor]\ntasks = 3\nsplit_bytes = 3000")):
+        config = tmp_path / f"{name}.toml"
+        config.write_text(f"""
+tokenizer = "{meta_tokenizer_path}"
+output = "{tmp_path / name}"
+val_fraction = 0.2
+[[sources]]
+name = "web"
+kind = "web"
+paths = ["{web}"]
+options = {{ quality = "none", languages = [], txt_split = "line" }}
+{executor}
+""")
+        (result,) = prepare(load_data_config(config), progress=False, log=_quiet)
+        assert result["complete"], result
+        outputs[name] = source_output(tmp_path / name / "web")
+    assert outputs["ranges"] == outputs["whole"]
+    assert outputs["whole"]["clean"]["removed"]["bad_json_line"] == 1
+    assert outputs["whole"]["clean"]["removed"]["duplicate_line"] >= 40
+    work = json.loads((tmp_path / "ranges" / "web" / "work" / "plan.json").read_text())
+    assert len(work["units"]) > 6  # both files were cut into ranges

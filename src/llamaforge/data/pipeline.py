@@ -85,11 +85,16 @@ class ExecutorConfig:
     submit: bool = True  # slurm: false writes the job scripts without calling sbatch
     # ray
     address: str = ""  # an existing cluster ("auto", "ray://host:10001"); "" starts one here
+    # web JSON-lines and line-split text files above this size are read as byte ranges
+    # (whole lines) by several tasks; 0: one task a file
+    split_bytes: int = 64 << 20
 
 
 def check_executor(ex: ExecutorConfig) -> None:
     if ex.tasks < 0:
         raise ConfigError(f"executor.tasks must be >= 0, got {ex.tasks}")
+    if ex.split_bytes < 0:
+        raise ConfigError(f"executor.split_bytes must be >= 0, got {ex.split_bytes}")
     if ex.workers < 1:
         raise ConfigError(f"executor.workers must be >= 1, got {ex.workers}")
     if ex.type != "local" and ex.tasks == 0:
@@ -157,6 +162,103 @@ def plan_units(kind: str, options: dict[str, Any], paths: list[Path]) -> list[li
     return [[str(p)] for p in paths]
 
 
+RANGE_SEP = "\x00"  # "path<NUL>start<NUL>end": bytes [start, end) of a file, as whole lines
+
+
+def web_range_units(
+    paths: list[Path], options: dict[str, Any], split_bytes: int
+) -> list[list[str]]:
+    """Kind ``web``'s units: one a file, except that JSON-lines files and line-split text
+    files larger than ``split_bytes`` become byte ranges of about ``split_bytes`` (cut at
+    line ends when read), so that one large file spreads over several tasks."""
+    units = []
+    line_txt = options.get("txt_split", "paragraph") == "line"
+    for p in paths:
+        size = _size(str(p))
+        suffix = p.suffix.lower()
+        splittable = suffix in (".jsonl", ".ndjson") or (
+            line_txt and suffix not in (".html", ".htm", ".xhtml", ".json")
+        )
+        if split_bytes <= 0 or size <= split_bytes or not splittable:
+            units.append([str(p)])
+            continue
+        n = -(-size // split_bytes)
+        cuts = [size * i // n for i in range(n + 1)]
+        units += [[f"{p}{RANGE_SEP}{a}{RANGE_SEP}{b}"] for a, b in zip(cuts, cuts[1:])]
+    return units
+
+
+def read_line_range(path: Path, start: int, end: int) -> tuple[bytes, bool]:
+    """The whole lines of ``path`` that begin in bytes [start, end), and whether they run
+    to the end of the file."""
+    with open(path, "rb") as f:
+        if start > 0:
+            f.seek(start - 1)
+            f.readline()  # the rest of the line that began before ``start``
+        pos = f.tell()
+        if pos >= end:
+            return b"", False
+        data = f.read(end - pos)
+        if data and not data.endswith(b"\n"):
+            data += f.readline()
+        at_eof = f.read(1) == b""
+    return data, at_eof
+
+
+def iter_web_units(units: list[str], opts: Any, stats: FilterStats) -> Iterator[tuple[str, int]]:
+    """web.iter_web_pages over files and byte ranges; a range gives the pages the whole
+    file would (each range's bytes are decoded as read_text decodes a file)."""
+    from .base import decode_errors, decode_replace
+    from .generic import _record_text
+    from .web import iter_web_pages
+
+    for unit in units:
+        if RANGE_SEP not in unit:
+            yield from iter_web_pages([Path(unit)], opts, stats)
+            continue
+        name, a, b = unit.split(RANGE_SEP)
+        path, start, end = Path(name), int(a), int(b)
+        where = f"{path} (bytes {start}-{end})"
+        try:
+            with open(path, "rb") as f:
+                head = f.read(8192)
+            data, at_eof = read_line_range(path, start, end)
+        except OSError as e:
+            stats.error(where, f"cannot read ({e.strerror or e})")
+            continue
+        if b"\x00" in head:
+            if start == 0:
+                stats.error(path, "binary file (NUL bytes), expected UTF-8 text")
+            continue
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            if decode_errors.get() != "replace":
+                stats.error(where, f"invalid UTF-8 at byte {start + e.start} of the file")
+                continue
+            text, replaced = decode_replace(data)
+            stats.replaced_bytes += replaced
+        if path.suffix.lower() in (".jsonl", ".ndjson"):
+            for i, line in enumerate(text.splitlines()):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    stats.errors.append(f"{where}, line {i + 1}: malformed JSON ({e.msg})")
+                    stats.drop("bad_json_line")
+                    continue
+                value = _record_text(rec, opts.text_field, f"{where}, line {i + 1}", stats)
+                if value is not None:
+                    yield value, len(value.encode("utf-8"))
+            continue
+        lines = text.split("\n")
+        if not at_eof:
+            lines.pop()  # the empty string after the range's last newline
+        for line in lines:
+            yield line, len(line.encode("utf-8"))
+
+
 def split_units(units: list[list[str]], tasks: int) -> list[int]:
     """Boundaries cutting ``units`` into ``tasks`` contiguous runs of about equal bytes."""
     sizes = [sum(_size(p) for p in u) or 1 for u in units]
@@ -173,6 +275,9 @@ def split_units(units: list[list[str]], tasks: int) -> list[int]:
 
 
 def _size(path: str) -> int:
+    if RANGE_SEP in path:
+        _, a, b = path.split(RANGE_SEP)
+        return int(b) - int(a)
     try:
         return os.path.getsize(path)
     except OSError:
@@ -269,18 +374,24 @@ def _make_steps() -> dict[str, type]:
             paths = job.task_paths(rank)
             options = dict(src.options)
             with _decoding(src.errors):
-                if self.raw and job.dedup == "lines":
-                    from .web import iter_web_pages, web_options
+                if src.kind == "web":
+                    from .web import filter_web, web_options
 
                     opts = web_options(options)
+                    units = [
+                        p for u in job.units[job.bounds[rank] : job.bounds[rank + 1]] for p in u
+                    ]
 
                     def texts() -> Iterator[str]:
-                        for text, size in iter_web_pages(paths, opts, self.fstats):
+                        for text, size in iter_web_units(units, opts, self.fstats):
                             self.fstats.documents_in += 1
                             self.fstats.bytes_in += size
                             yield text
 
-                    docs: Iterator[str] = texts()
+                    # with dedup_lines the read stage stores the raw pages (job.dedup)
+                    docs: Iterator[str] = (
+                        texts() if self.raw else filter_web(texts(), opts, self.fstats)
+                    )
                 else:
                     if self.raw:
                         options["dedup"] = False
@@ -781,7 +892,10 @@ def make_job(cfg: DataConfig, src: SourceConfig, tokenizer: str) -> SourceJob:
 
     tasks = cfg.executor.tasks
     paths = source_paths(cfg, src) if src.kind != "stdlib_docs" else []
-    units = plan_units(src.kind, src.options, paths)
+    if src.kind == "web":
+        units = web_range_units(paths, src.options, cfg.executor.split_bytes)
+    else:
+        units = plan_units(src.kind, src.options, paths)
     dedup = dedup_mode(src)
     if _global_classifier(src) and not dedup:
         tasks = 1  # the classifier's negatives are all the pages: one task sees them
