@@ -109,15 +109,15 @@ def test_sigkill_then_rerun_redoes_only_unfinished_tasks(reference, meta_tokeniz
     assert 2 <= len(done) < 4 or not (out / "web" / "meta.json").exists()
     assert not (out / "web" / "meta.json").exists() and not (out / "mixture.json").exists()
     stamps = {
-        n: (out / "web" / "work" / f"docs-{n}.jsonl").stat().st_mtime_ns
+        n: (out / "web" / "work" / f"read-{n}.jsonl").stat().st_mtime_ns
         for n in done
-        if (out / "web" / "work" / f"docs-{n}.jsonl").exists()
+        if (out / "web" / "work" / f"read-{n}.jsonl").exists()
     }
     assert stamps
     run = subprocess.run(_cli(config), env=_env(), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     for n, stamp in stamps.items():  # finished tasks were skipped, not redone
-        assert (out / "web" / "work" / f"docs-{n}.jsonl").stat().st_mtime_ns == stamp
+        assert (out / "web" / "work" / f"read-{n}.jsonl").stat().st_mtime_ns == stamp
     for s in SOURCES:
         assert source_output(out / s) == one[s], s
     assert (out / "mixture.json").is_file()
@@ -313,3 +313,54 @@ options = {{ quality = "none", languages = [], txt_split = "line" }}
     assert outputs["whole"]["clean"]["removed"]["duplicate_line"] >= 40
     work = json.loads((tmp_path / "ranges" / "web" / "work" / "plan.json").read_text())
     assert len(work["units"]) > 6  # both files were cut into ranges
+
+
+def test_minhash_near_duplicates_across_tasks(tmp_path, meta_tokenizer_path):
+    """Web MinHash dedup (datatrove's signature and bucket stages, FineWeb parameters):
+    near-copies of pages in other files are removed, the first in reading order is kept,
+    whatever the number of tasks; the in-process path refuses the option by name."""
+    import random
+
+    from .data_corpus import WORDS
+
+    rng = random.Random(5)
+    web = tmp_path / "web"
+    web.mkdir()
+    pages = [" ".join(rng.choice(WORDS) for _ in range(80)) + "." for _ in range(24)]
+    for i in range(4):
+        (web / f"f{i}.txt").write_text("\n\n".join(pages[i * 6 : (i + 1) * 6]) + "\n")
+    copies = []
+    for k in (0, 7, 13):  # near-copies (one word changed) of pages held by other files
+        words = pages[k].split()
+        words[40] = "different"
+        copies.append(" ".join(words))
+    (web / "f9.txt").write_text("\n\n".join(copies) + "\n")
+    outputs = {}
+    for name, executor in (
+        ("inproc", ""),
+        ("one", "[executor]\ntasks = 1"),
+        ("three", "[executor]\ntasks = 3\nworkers = 2"),
+    ):
+        config = tmp_path / f"{name}.toml"
+        config.write_text(f"""
+tokenizer = "{meta_tokenizer_path}"
+output = "{tmp_path / name}"
+val_fraction = 0.2
+[[sources]]
+name = "web"
+kind = "web"
+paths = ["{web}"]
+options = {{ quality = "none", languages = [], dedup_lines = false, minhash = true }}
+{executor}
+""")
+        (result,) = prepare(load_data_config(config), progress=False, log=_quiet)
+        if name == "inproc":
+            assert not result["complete"] and "option 'minhash'" in result["error"]
+            continue
+        assert result["complete"], result
+        outputs[name] = source_output(tmp_path / name / "web")
+    assert outputs["one"]["clean"]["removed"] == {"minhash_duplicate": 3}
+    assert outputs["one"]["clean"]["documents_out"] == 24
+    assert outputs["three"] == outputs["one"]
+    kept = (tmp_path / "one" / "web" / "work" / "filter-00000.jsonl").read_text()
+    assert kept.count("different") == 3  # stored before the filter; the copies are last

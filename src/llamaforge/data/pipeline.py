@@ -120,6 +120,7 @@ class SourceJob:
     dedup: str  # "", "lines", "docs", "books"
     tokenize_tasks: int
     files: int = 0
+    minhash: bool = False  # web: MinHash near-duplicate stages after the filters
 
     @property
     def work(self) -> Path:
@@ -286,7 +287,7 @@ def _size(path: str) -> int:
 
 def dedup_mode(src: SourceConfig) -> str:
     opts = src.options
-    if src.kind == "web" and opts.get("dedup_lines", True):
+    if src.kind == "web" and (opts.get("dedup_lines", True) or opts.get("minhash", False)):
         return "lines"
     if src.kind == "code" and opts.get("dedup", True):
         return "docs"
@@ -354,7 +355,10 @@ def _decoding(mode: str):
 def _make_steps() -> dict[str, type]:
     """The PipelineStep classes (built on first use: datatrove imports only when needed)."""
     from datatrove.data import Document
+    from datatrove.io import get_datafolder
     from datatrove.pipeline.base import PipelineStep
+    from datatrove.pipeline.dedup.minhash import MinhashDedupBuckets, MinhashDedupSignature
+    from datatrove.utils.hashing import create_hash_func
 
     class SourceReader(PipelineStep):
         """A task's units through its kind's reader and cleaners (one-stage kinds), or the
@@ -403,19 +407,22 @@ def _make_steps() -> dict[str, type]:
                     yield Document(text=text, id=f"{rank:05d}/{i}")
 
     class DocStore(PipelineStep):
-        """``read`` stage: the task's documents to ``work/docs-TTTTT.jsonl`` and their dedup
+        """``read`` stage: the task's documents to ``work/read-TTTTT.jsonl`` and their dedup
         signatures (line or document hashes into hash buckets; book MinHashes)."""
 
         name = "🦙 documents + signatures"
         type = "🫂 - DEDUP"
 
-        def __init__(self, job: SourceJob, stats: FilterStats) -> None:
+        def __init__(
+            self, job: SourceJob, stats: FilterStats, stage: str = "read", sigs: bool = True
+        ) -> None:
             super().__init__()
-            self.job, self.fstats = job, stats
+            self.job, self.fstats, self.stage, self.sigs = job, stats, stage, sigs
 
         def run(self, data: Any = None, rank: int = 0, world_size: int = 1) -> Iterator[Any]:
             job, t0 = self.job, time.time()
             nb = job.tasks
+            line_dedup = job.src.options.get("dedup_lines", True)
             sigs: list[list[tuple[int, int, int]]] = [[] for _ in range(nb)]
             books: list[tuple[int, int, int, np.ndarray]] = []
             bopts = None
@@ -424,11 +431,13 @@ def _make_steps() -> dict[str, type]:
                 from .books import BooksOptions
 
                 bopts = parse_options(BooksOptions, job.src.options, "books")
-            with atomic_open(job.work / f"docs-{rank:05d}.jsonl", "wb") as f:
+            with atomic_open(job.work / f"{self.stage}-{rank:05d}.jsonl", "wb") as f:
                 for i, doc in enumerate(data or ()):
                     offset = f.tell()
                     f.write(json.dumps({"text": doc.text}, ensure_ascii=False).encode() + b"\n")
-                    if job.dedup == "lines":
+                    if not self.sigs:
+                        yield doc  # on to the MinHash signatures
+                    elif job.dedup == "lines" and line_dedup:
                         from .web import normalize_line
 
                         for j, line in enumerate(doc.text.split("\n")):
@@ -443,7 +452,9 @@ def _make_steps() -> dict[str, type]:
                         sig = _book_signature(doc.text, bopts)
                         if sig is not None:
                             books.append((i, offset, sig[0], sig[1]))
-            if job.dedup in ("lines", "docs"):
+            if not self.sigs:
+                pass
+            elif job.dedup in ("lines", "docs"):
                 for b in range(nb):
                     arr = np.array(sigs[b], dtype=SIG_DTYPE).reshape(-1)
                     with atomic_open(job.work / f"sig-{rank:05d}-{b:05d}.npy", "wb") as f:
@@ -460,9 +471,7 @@ def _make_steps() -> dict[str, type]:
                             len(books), bopts.num_perm
                         ),
                     )
-            _save_stats(job, "read", rank, self.fstats, t0)
-            return
-            yield  # a generator that yields nothing
+            _save_stats(job, self.stage, rank, self.fstats, t0)
 
     class FindDuplicates(PipelineStep):
         """``lines`` stage, task b: of each hash of bucket b, every occurrence after the
@@ -527,24 +536,29 @@ def _make_steps() -> dict[str, type]:
         name = "🦙 dedup filter"
         type = "🔻 - FILTER"
 
-        def __init__(self, job: SourceJob, stats: FilterStats) -> None:
+        def __init__(self, job: SourceJob, stats: FilterStats, mode: str = "") -> None:
             super().__init__()
-            self.job, self.fstats = job, stats
+            self.job, self.fstats, self.mode = job, stats, mode or job.dedup
 
         def run(self, data: Any = None, rank: int = 0, world_size: int = 1) -> Iterator[Any]:
-            job = self.job
-            for t in job.read_range(rank):
-                removed = _removals(job, t)
-                with open(job.work / f"docs-{t:05d}.jsonl", encoding="utf-8") as f:
+            job, mode = self.job, self.mode
+            stored = "filter" if mode == "minhash" else "read"
+            for t in job.read_range(rank) if mode != "minhash" else [rank]:
+                removed = _removals(job, t, mode)
+                with open(job.work / f"{stored}-{t:05d}.jsonl", encoding="utf-8") as f:
                     for i, line in enumerate(f):
                         text = json.loads(line)["text"]
                         gone = removed.get(i)
-                        if gone is not None and job.dedup == "lines":
+                        if gone is not None and mode == "lines":
                             lines = text.split("\n")
                             text = "\n".join(x for j, x in enumerate(lines) if j not in gone)
                             self.fstats.drop("duplicate_line", len(gone))
                         elif gone is not None:
-                            reason = "duplicate_file" if job.dedup == "docs" else "near_duplicate"
+                            reason = {
+                                "docs": "duplicate_file",
+                                "books": "near_duplicate",
+                                "minhash": "minhash_duplicate",
+                            }[mode]
                             self.fstats.drop(reason)
                             self.fstats.documents_out -= 1
                             self.fstats.bytes_out -= len(text.encode("utf-8"))
@@ -658,9 +672,66 @@ def _make_steps() -> dict[str, type]:
             return
             yield
 
+    class MinhashSignatures(MinhashDedupSignature):
+        """datatrove's MinHash signature stage, with words split by a regular expression
+        (datatrove's English word tokenizer needs spaCy)."""
+
+        def __init__(self, output_folder: str, config: Any) -> None:
+            PipelineStep.__init__(self)
+            self.output_folder = get_datafolder(output_folder)
+            self.config = config
+            self.num_hashes = config.num_buckets * config.hashes_per_bucket
+            self._parameters = None
+            self._hash_func = create_hash_func(config.hash_config)
+            self.language = "en"
+            self.word_tokenizer = _RegexWords()
+            self.skip_existing_sigs = False
+
+    class MinhashClusters(PipelineStep):
+        """``minhash-clusters`` (one task): the connected components of the bucket stage's
+        duplicate pairs; of each, the first document in reading order (lowest task, then
+        document) is kept, so the choice does not depend on the number of tasks."""
+
+        name = "🦙 MinHash clusters"
+        type = "🫂 - DEDUP"
+
+        def __init__(self, job: SourceJob) -> None:
+            super().__init__()
+            self.job = job
+
+        def run(self, data: Any = None, rank: int = 0, world_size: int = 1) -> Iterator[Any]:
+            parent: dict[tuple[int, int], tuple[int, int]] = {}
+
+            def find(x: tuple[int, int]) -> tuple[int, int]:
+                root = x
+                while parent.get(root, root) != root:
+                    root = parent[root]
+                while parent.get(x, x) != root:  # path compression
+                    parent[x], x = root, parent[x]
+                return root
+
+            for dup in sorted((self.job.work / "minhash" / "buckets").glob("*.dups")):
+                pairs = np.fromfile(dup, dtype="<u4").reshape(-1, 4)
+                for f1, d1, f2, d2 in pairs.tolist():
+                    a, b = find((f1, d1)), find((f2, d2))
+                    if a != b:
+                        lo, hi = min(a, b), max(a, b)
+                        parent[hi] = lo
+                        parent.setdefault(lo, lo)
+            dropped = sorted(x for x in parent if find(x) != x)
+            self.stat_update("to_remove", value=len(dropped))
+            arr = np.array(dropped, dtype=np.int64).reshape(-1, 2)
+            with atomic_open(self.job.work / "minhash-dup.npy", "wb") as f:
+                np.save(f, arr)
+            return
+            yield
+
     return {
         c.__name__: c
         for c in (
+            MinhashSignatures,
+            MinhashClusters,
+            MinhashDedupBuckets,
             SourceReader,
             DocStore,
             FindDuplicates,
@@ -674,6 +745,30 @@ def _make_steps() -> dict[str, type]:
     }
 
 
+class _RegexWords:
+    """word_tokenize: lowercase ``\\w+`` words (books.py's split)."""
+
+    def word_tokenize(self, text: str) -> list[str]:
+        from .books import _words
+
+        return _words(text)
+
+
+def minhash_config(options: dict[str, Any]) -> Any:
+    """FineWeb's MinHash parameters unless the source's options say otherwise: word
+    5-grams, 14 buckets of 8 hashes (112 hashes, 64-bit)."""
+    from datatrove.pipeline.dedup.minhash import MinhashConfig
+    from datatrove.utils.hashing import HashConfig
+
+    return MinhashConfig(
+        n_grams=int(options.get("minhash_ngrams", 5)),
+        num_buckets=int(options.get("minhash_buckets", 14)),
+        hashes_per_bucket=int(options.get("minhash_hashes_per_bucket", 8)),
+        seed=1,
+        hash_config=HashConfig(precision=64, hash_fc="sha1"),
+    )
+
+
 SIG_DTYPE = np.dtype([("h", "<u8"), ("doc", "<i8"), ("line", "<i8")])
 
 
@@ -681,15 +776,15 @@ def _h64(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
 
 
-def _removals(job: SourceJob, t: int) -> dict[int, set[int]]:
-    """Reading task ``t``'s duplicates: document -> lines (whole documents: {0})."""
+def _removals(job: SourceJob, t: int, mode: str) -> dict[int, set[int]]:
+    """Task ``t``'s duplicates: document -> lines (whole documents: {0})."""
     out: dict[int, set[int]] = {}
-    if job.dedup in ("lines", "docs"):
+    if mode in ("lines", "docs"):
         for b in range(job.tasks):
             for doc, line in np.load(job.work / f"dup-{b:05d}-{t:05d}.npy").tolist():
                 out.setdefault(doc, set()).add(line)
-    elif job.dedup == "books":
-        for task, doc in np.load(job.work / "books-dup.npy").tolist():
+    elif mode in ("books", "minhash"):
+        for task, doc in np.load(job.work / f"{mode}-dup.npy").tolist():
             if task == t:
                 out[doc] = {0}
     return out
@@ -745,7 +840,7 @@ def _book_clusters(job: SourceJob) -> set[tuple[int, int]]:
 
     def shingles(key: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         if key not in cache:
-            with open(job.work / f"docs-{key[0]:05d}.jsonl", "rb") as f:
+            with open(job.work / f"read-{key[0]:05d}.jsonl", "rb") as f:
                 f.seek(where[key])
                 text = json.loads(f.readline())["text"]
             h = shingle_hashes(_words(text), k)
@@ -811,6 +906,21 @@ def source_stages(job: SourceJob) -> list[Stage]:
         tok = [steps["DedupFilter"](job, s2)]
         if job.dedup == "lines":
             tok.append(steps["WebFilters"](job, s2))
+        if job.minhash:
+            cfg = minhash_config(job.src.options)
+            mh = job.work / "minhash"
+            filt = tok + [
+                steps["DocStore"](job, s2, stage="filter", sigs=False),
+                steps["MinhashSignatures"](str(mh / "sigs"), cfg),
+            ]
+            stages.append(Stage("filter", job.tokenize_tasks, filt))
+            buckets = steps["MinhashDedupBuckets"](
+                input_folder=str(mh / "sigs"), output_folder=str(mh / "buckets"), config=cfg
+            )
+            stages.append(Stage("minhash-buckets", cfg.num_buckets, [buckets]))
+            stages.append(Stage("minhash-clusters", 1, [steps["MinhashClusters"](job)]))
+            s2 = stats()
+            tok = [steps["DedupFilter"](job, s2, mode="minhash")]
         tok += [steps["TokenizeStep"](job), steps["ShardWriter"](job, s2, "tokenize")]
         stages.append(Stage("tokenize", job.tokenize_tasks, tok))
     stages.append(Stage("finalize", 1, [steps["Finalize"](job)]))
@@ -833,6 +943,9 @@ def finalize_source(job: SourceJob) -> dict[str, Any]:
     if job.dedup:
         for t in range(job.tasks):
             stage_stats.append(json.loads(_task_stats_path(job, "read", t).read_text()))
+    if job.minhash:
+        for t in range(job.tokenize_tasks):
+            stage_stats.append(json.loads(_task_stats_path(job, "filter", t).read_text()))
     clean_parts = [p["clean"] for p in parts]
     # the read stage counts documents out before dedup, the dedup filter subtracts the
     # duplicates: the sums are the source's counts
@@ -910,6 +1023,7 @@ def make_job(cfg: DataConfig, src: SourceConfig, tokenizer: str) -> SourceJob:
         dedup=dedup,
         tokenize_tasks=1 if _global_classifier(src) else tasks,
         files=len(paths),
+        minhash=src.kind == "web" and bool(src.options.get("minhash", False)),
     )
 
 

@@ -426,6 +426,12 @@ class WebOptions:
     negative_split: Literal["file", "paragraph", "line"] = "paragraph"
     max_reference_docs: int = 3000
     seed: int = 0
+    # MinHash near-duplicate removal after the filters (FineWeb's parameters); runs on the
+    # datatrove executor only ([executor] tasks >= 1; data/pipeline.py)
+    minhash: bool = False
+    minhash_ngrams: int = 5
+    minhash_buckets: int = 14
+    minhash_hashes_per_bucket: int = 8
     # C4
     c4_min_words: int = 3
     c4_min_sentences: int = 5
@@ -490,6 +496,11 @@ def _check(opts: WebOptions) -> None:
 def read_web(paths: list[Path], options: dict[str, Any], stats: FilterStats) -> Iterator[str]:
     """Cleaned documents of web pages: HTML → text, line dedup, langid, CCNet or C4 quality."""
     opts = web_options(options)
+    if opts.minhash:
+        raise DataError(
+            "web: option 'minhash' runs as datatrove stages: set [executor] tasks = 1 (or "
+            "more) in the data config, or --tasks 1"
+        )
     dedup = LineDeduper() if opts.dedup_lines else None
 
     def pages() -> Iterator[str]:
