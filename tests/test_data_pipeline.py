@@ -364,3 +364,25 @@ options = {{ quality = "none", languages = [], dedup_lines = false, minhash = tr
     assert outputs["three"] == outputs["one"]
     kept = (tmp_path / "one" / "web" / "work" / "filter-00000.jsonl").read_text()
     assert kept.count("different") == 3  # stored before the filter; the copies are last
+
+
+def test_cli_flags_choose_the_executor(reference, meta_tokenizer_path, tmp_path):
+    root, _, one = reference
+    out = tmp_path / "cli"
+    config = write_config(root, meta_tokenizer_path, out, "", ("stories",))
+    bad = subprocess.run(
+        _cli(config, "--executor", "ray"), env=_env(), capture_output=True, text=True
+    )
+    assert bad.returncode != 0 and "needs executor.tasks >= 1" in bad.stderr
+    logs = tmp_path / "logs"
+    args = ("--tasks", "2", "--workers", "2", "--logging-dir", str(logs))
+    run = subprocess.run(
+        _cli(config, *args), env=_env(), capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "2 task(s), peak memory per worker" in run.stdout
+    assert sorted(p.name for p in (logs / "stories" / "tokenize" / "completions").iterdir()) == [
+        "00000",
+        "00001",
+    ]
+    assert source_output(out / "stories") == one["stories"]

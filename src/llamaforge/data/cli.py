@@ -24,7 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="sources → cleaned text → token shards (see configs/data/)",
         description="Read every [[sources]] entry of CONFIG (TOML), clean it with its kind's "
         "filters, tokenize and write memory-mappable shards and meta.json per source. "
-        "Re-running skips finished sources.",
+        "Re-running skips finished sources. With --tasks N (or an [executor] section) each "
+        "source runs as datatrove stages of N tasks on local processes, Slurm or Ray, with "
+        "the same output; a rerun redoes only unfinished tasks.",
         add_help=False,
     )
     add_config_help(dp, _data_config)

@@ -123,6 +123,11 @@ class SourceJob:
     minhash: bool = False  # web: MinHash near-duplicate stages after the filters
 
     @property
+    def buckets(self) -> int:
+        """Hash buckets (and tasks) of the line / file dedup stage."""
+        return min(self.tasks, MAX_BUCKETS)
+
+    @property
     def work(self) -> Path:
         return Path(self.out) / WORK
 
@@ -421,9 +426,13 @@ def _make_steps() -> dict[str, type]:
 
         def run(self, data: Any = None, rank: int = 0, world_size: int = 1) -> Iterator[Any]:
             job, t0 = self.job, time.time()
-            nb = job.tasks
+            nb = job.buckets
             line_dedup = job.src.options.get("dedup_lines", True)
-            sigs: list[list[tuple[int, int, int]]] = [[] for _ in range(nb)]
+            sigs = (
+                _SigBuckets(job.work, rank, nb)
+                if self.sigs and job.dedup in ("lines", "docs")
+                else None
+            )
             books: list[tuple[int, int, int, np.ndarray]] = []
             bopts = None
             if job.dedup == "books":
@@ -443,23 +452,18 @@ def _make_steps() -> dict[str, type]:
                         for j, line in enumerate(doc.text.split("\n")):
                             norm = normalize_line(line)
                             if norm:
-                                h = _h64(norm)
-                                sigs[h % nb].append((h, i, j))
+                                assert sigs is not None
+                                sigs.add(_h64(norm), i, j)
                     elif job.dedup == "docs":
-                        h = _h64(doc.text.rstrip("\n"))
-                        sigs[h % nb].append((h, i, 0))
+                        assert sigs is not None
+                        sigs.add(_h64(doc.text.rstrip("\n")), i, 0)
                     elif bopts is not None:
                         sig = _book_signature(doc.text, bopts)
                         if sig is not None:
                             books.append((i, offset, sig[0], sig[1]))
-            if not self.sigs:
-                pass
-            elif job.dedup in ("lines", "docs"):
-                for b in range(nb):
-                    arr = np.array(sigs[b], dtype=SIG_DTYPE).reshape(-1)
-                    with atomic_open(job.work / f"sig-{rank:05d}-{b:05d}.npy", "wb") as f:
-                        np.save(f, arr)
-            elif job.dedup == "books":
+            if sigs is not None:
+                sigs.close()
+            elif self.sigs and job.dedup == "books":
                 assert bopts is not None
                 with atomic_open(job.work / f"books-{rank:05d}.npz", "wb") as f:
                     np.savez(
@@ -488,7 +492,7 @@ def _make_steps() -> dict[str, type]:
             job = self.job
             parts, owners = [], []
             for t in range(job.tasks):
-                arr = np.load(job.work / f"sig-{t:05d}-{rank:05d}.npy")
+                arr = np.fromfile(job.work / f"sig-{t:05d}-{rank:05d}.bin", dtype=SIG_DTYPE)
                 parts.append(arr)
                 owners.append(np.full(len(arr), t, dtype=np.int64))
             sig = np.concatenate(parts) if parts else np.zeros(0, SIG_DTYPE)
@@ -769,6 +773,41 @@ def minhash_config(options: dict[str, Any]) -> Any:
     )
 
 
+MAX_BUCKETS = 256  # open bucket files per reading task
+
+
+class _SigBuckets:
+    """A reading task's (hash, document, line) signatures, appended to one file a hash
+    bucket in blocks (memory: a block a bucket); files renamed into place by ``close``."""
+
+    BLOCK = 1 << 14
+
+    def __init__(self, work: Path, rank: int, buckets: int) -> None:
+        self.paths = [work / f"sig-{rank:05d}-{b:05d}.bin" for b in range(buckets)]
+        self.tmp = [p.with_name(p.name + ".part") for p in self.paths]
+        self.files = [open(t, "wb") for t in self.tmp]  # noqa: SIM115 (closed in close)
+        self.buf: list[list[tuple[int, int, int]]] = [[] for _ in range(buckets)]
+
+    def add(self, h: int, doc: int, line: int) -> None:
+        b = h % len(self.files)
+        self.buf[b].append((h, doc, line))
+        if len(self.buf[b]) >= self.BLOCK:
+            self._flush(b)
+
+    def _flush(self, b: int) -> None:
+        self.files[b].write(np.array(self.buf[b], dtype=SIG_DTYPE).tobytes())
+        self.buf[b].clear()
+
+    def close(self) -> None:
+        for b, f in enumerate(self.files):
+            self._flush(b)
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+        for tmp, path in zip(self.tmp, self.paths):
+            os.replace(tmp, path)
+
+
 SIG_DTYPE = np.dtype([("h", "<u8"), ("doc", "<i8"), ("line", "<i8")])
 
 
@@ -780,7 +819,7 @@ def _removals(job: SourceJob, t: int, mode: str) -> dict[int, set[int]]:
     """Task ``t``'s duplicates: document -> lines (whole documents: {0})."""
     out: dict[int, set[int]] = {}
     if mode in ("lines", "docs"):
-        for b in range(job.tasks):
+        for b in range(job.buckets):
             for doc, line in np.load(job.work / f"dup-{b:05d}-{t:05d}.npy").tolist():
                 out.setdefault(doc, set()).add(line)
     elif mode in ("books", "minhash"):
@@ -901,7 +940,7 @@ def source_stages(job: SourceJob) -> list[Stage]:
         if job.dedup == "books":
             stages.append(Stage("clusters", 1, [steps["BookClusters"](job)]))
         else:
-            stages.append(Stage(job.dedup, job.tasks, [steps["FindDuplicates"](job)]))
+            stages.append(Stage(job.dedup, job.buckets, [steps["FindDuplicates"](job)]))
         s2 = stats()
         tok = [steps["DedupFilter"](job, s2)]
         if job.dedup == "lines":

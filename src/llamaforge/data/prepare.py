@@ -16,6 +16,9 @@ interrupted run never leaves a file that looks finished. A re-run skips sources 
 ``meta.json`` matches the current config and tokenizer, and re-uses a finished
 ``clean.jsonl``.
 
+With ``[executor] tasks >= 1`` each source runs instead as datatrove stages of that many
+tasks (local processes, Slurm or Ray; data/pipeline.py), with the same output.
+
 A folder already prepared with another tokenizer (its ``mixture.json``, a source's
 ``meta.json`` or its ``tokenizer.model`` name other hashes) is refused unless ``force``;
 with ``force`` its ``mixture.json`` is removed first, the sources are re-tokenized, a
