@@ -386,3 +386,49 @@ def test_cli_flags_choose_the_executor(reference, meta_tokenizer_path, tmp_path)
         "00001",
     ]
     assert source_output(out / "stories") == one["stories"]
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 24 KiB tmpfs (needs root and mount rights: skipped elsewhere)."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=24k", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
+    )
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_a_full_output_disk_names_the_file_and_task(reference, meta_tokenizer_path, tiny_disk):
+    root, _, one = reference
+    logs = tiny_disk.parent / "logs"
+    executor = f"[executor]\ntasks = 4\nworkers = 1\nlogging_dir = '{logs}'"
+    cfg = load_data_config(write_config(root, meta_tokenizer_path, tiny_disk / "out", executor))
+    cfg.sources = [s for s in cfg.sources if s.name == "stories"]
+    lines: list[str] = []
+    from llamaforge.files import NoSpaceError
+
+    with pytest.raises(NoSpaceError, match="mixture.json"):  # the disk is still full
+        prepare(cfg, progress=False, log=lines.append)
+    report = "\n".join(lines)
+    assert "stories: FAILED: source stories: stage tokenize:" in report
+    assert "no space left on device while writing" in report and ".bin" in report, report
+    done = sorted(p.name for p in (logs / "stories" / "tokenize" / "completions").iterdir())
+    assert "00000" in done and len(done) < 4  # the first task finished, a later one failed
+    folder = tiny_disk / "out" / "stories"
+    assert not (folder / "meta.json").exists()
+    assert not list(folder.glob(".*tmp*"))  # no temporaries left behind
+    for t in done:  # every finished task's shards are whole
+        task = json.loads((folder / "work" / f"task-{t}.json").read_text())
+        for split in task["splits"].values():
+            for sh in split["shards"]:
+                assert (folder / sh["file"]).stat().st_size == 2 * sh["tokens"]

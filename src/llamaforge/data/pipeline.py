@@ -646,14 +646,21 @@ def _make_steps() -> dict[str, type]:
             dtype = token_dtype(vocab)
             writers = {s: _TaskShards(out, s, dtype, job.cfg.shard_tokens, rank) for s in SPLITS}
             docs = {s: 0 for s in SPLITS}
-            for doc in data or ():
-                split = doc.metadata["split"]
-                writers[split].write(np.asarray(doc.metadata["ids"], dtype=np.int64))
-                docs[split] += 1
-            splits = {
-                s: {"tokens": w.tokens, "documents": docs[s], "shards": w.finish()}
-                for s, w in writers.items()
-            }
+            try:
+                for doc in data or ():
+                    split = doc.metadata["split"]
+                    writers[split].write(np.asarray(doc.metadata["ids"], dtype=np.int64))
+                    docs[split] += 1
+                splits = {
+                    s: {"tokens": w.tokens, "documents": docs[s], "shards": w.finish()}
+                    for s, w in writers.items()
+                }
+            except BaseException as e:
+                for w in writers.values():  # remove open temporaries (a full disk: named)
+                    if w._f is not None:
+                        w._f = None
+                        w._file.__exit__(type(e), e, e.__traceback__)
+                raise
             stats = self.fstats.to_dict()
             stats["peak_rss_mb"] = _peak_rss_mb()
             stats["seconds"] = round(time.time() - t0, 3)
