@@ -37,6 +37,7 @@ cleaners are the same functions; they run as datatrove ``PipelineStep`` s:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import multiprocessing
@@ -1058,11 +1059,17 @@ def make_job(cfg: DataConfig, src: SourceConfig, tokenizer: str) -> SourceJob:
     dedup = dedup_mode(src)
     if _global_classifier(src) and not dedup:
         tasks = 1  # the classifier's negatives are all the pages: one task sees them
+    # absolute paths: Slurm and Ray workers need not start in this working directory
+    units = [[os.path.abspath(p) for p in u] for u in units]
+    src = copy.deepcopy(src)
+    for key, value in src.options.items():
+        if key.endswith("_paths") and isinstance(value, list):
+            src.options[key] = [os.path.abspath(os.path.expanduser(v)) for v in value]
     return SourceJob(
         cfg=cfg,
         src=src,
-        tokenizer=tokenizer,
-        out=str(Path(cfg.output) / src.name),
+        tokenizer=os.path.abspath(tokenizer),
+        out=os.path.abspath(Path(cfg.output).expanduser() / src.name),
         tasks=tasks,
         units=units,
         bounds=split_units(units, tasks),
@@ -1124,7 +1131,7 @@ def prepare_source_pipeline(
         else:
             write_slurm_jobs(stages, ex, logs, src.name, submit=ex.submit)
             return {"name": src.name, "submitted": ex.submit, "complete": False, "logs": str(logs)}
-    except DataError as e:
+    except (DataError, ValueError, OSError) as e:
         return {"name": src.name, "error": str(e), "complete": False}
     meta = read_meta(out)
     if not meta or not meta.get("complete"):
