@@ -432,3 +432,118 @@ def test_a_full_output_disk_names_the_file_and_task(reference, meta_tokenizer_pa
         for split in task["splits"].values():
             for sh in split["shards"]:
                 assert (folder / sh["file"]).stat().st_size == 2 * sh["tokens"]
+
+
+SLURM_CONF = """ClusterName=lftest
+SlurmctldHost=localhost(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+SlurmctldPort={ctld_port}
+SlurmdPort={d_port}
+AuthType=auth/none
+CredType=cred/none
+StateSaveLocation={d}/state
+SlurmdSpoolDir={d}/spool
+SlurmctldPidFile={d}/slurmctld.pid
+SlurmdPidFile={d}/slurmd.pid
+SlurmctldLogFile={d}/slurmctld.log
+SlurmdLogFile={d}/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SchedulerType=sched/builtin
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+MpiDefault=none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+NodeName=localhost NodeHostname={host} NodeAddr=127.0.0.1 CPUs=2 RealMemory=2000 State=UNKNOWN
+PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def slurm_cluster(tmp_path, monkeypatch):
+    """A one-node Slurm (Debian's slurm-wlm: slurmctld + slurmd on 127.0.0.1, no munge),
+    started and stopped by the test; skipped where slurm-wlm is not installed or not root."""
+    import shutil
+    import socket
+
+    if not (shutil.which("slurmctld") and shutil.which("slurmd") and shutil.which("sbatch")):
+        pytest.skip("slurm-wlm (slurmctld, slurmd, sbatch) is not installed")
+    if os.geteuid() != 0:
+        pytest.skip("a throwaway slurmd needs root")
+    d = tmp_path / "slurm"
+    for sub in ("state", "spool"):
+        (d / sub).mkdir(parents=True)
+    conf = d / "slurm.conf"
+    conf.write_text(
+        SLURM_CONF.format(
+            d=d, host=socket.gethostname(), ctld_port=_free_port(), d_port=_free_port()
+        )
+    )
+    monkeypatch.setenv("SLURM_CONF", str(conf))
+    procs = [
+        subprocess.Popen(
+            ["slurmctld", "-D", "-i"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+        ),
+        subprocess.Popen(["slurmd", "-D"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT),
+    ]
+    try:
+        t0 = time.time()
+        while (
+            "idle"
+            not in subprocess.run(
+                ["sinfo", "-h", "-o", "%t"], capture_output=True, text=True
+            ).stdout
+        ):
+            if time.time() - t0 > 60:
+                log = (d / "slurmctld.log").read_text()[-500:]
+                pytest.skip(f"the one-node Slurm did not come up ({log})")
+            time.sleep(0.5)
+        yield d
+    finally:
+        subprocess.run(["scancel", "--user", "root"], capture_output=True)
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+@pytest.mark.slow
+def test_a_one_node_slurm_runs_the_job_arrays(reference, meta_tokenizer_path, slurm_cluster):
+    """The real datatrove Slurm path: sbatch'd job arrays chained with afterok, srun,
+    launch_pickled_pipeline; a rerun once they are done writes mixture.json."""
+    root, _, one = reference
+    out = slurm_cluster / "out"
+    env = f"export PATH={Path(sys.executable).parent}:$PATH PYTHONPATH={REPO / 'src'}"
+    executor = (
+        f"[executor]\ntype = 'slurm'\ntasks = 2\nworkers = 2\npartition = 'debug'\n"
+        f"time = '00:10:00'\nenv_command = '{env}'\nsbatch_args = {{ mem-per-cpu = '100M' }}"
+    )
+    config = write_config(root, meta_tokenizer_path, out, executor, ("code", "stories"))
+    cfg = load_data_config(config)
+    lines: list[str] = []
+    results = prepare(cfg, progress=False, log=lines.append)
+    assert all(r.get("submitted") for r in results), lines
+    t0 = time.time()
+    while subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip():
+        assert time.time() - t0 < 400, "the Slurm jobs did not finish"
+        time.sleep(1)
+    results = prepare(load_data_config(config), progress=False, log=lines.append)
+    assert all(r.get("complete") and r.get("skipped") for r in results), lines
+    assert (out / "mixture.json").is_file()
+    for s in ("code", "stories"):
+        assert source_output(out / s) == one[s], s
+        assert json.loads((out / s / "meta.json").read_text())["tasks"] == 2

@@ -44,6 +44,7 @@ import multiprocessing
 import os
 import resource
 import shutil
+import subprocess
 import time
 import traceback
 from collections import Counter
@@ -1133,6 +1134,8 @@ def prepare_source_pipeline(
             return {"name": src.name, "submitted": ex.submit, "complete": False, "logs": str(logs)}
     except (DataError, ValueError, OSError) as e:
         return {"name": src.name, "error": str(e), "complete": False}
+    except subprocess.CalledProcessError as e:  # sbatch refused a job
+        return {"name": src.name, "error": f"{e} (logs: {logs})", "complete": False}
     meta = read_meta(out)
     if not meta or not meta.get("complete"):
         return {"name": src.name, "error": "meta.json was not written", "complete": False}
