@@ -547,3 +547,62 @@ def test_a_one_node_slurm_runs_the_job_arrays(reference, meta_tokenizer_path, sl
     for s in ("code", "stories"):
         assert source_output(out / s) == one[s], s
         assert json.loads((out / s / "meta.json").read_text())["tasks"] == 2
+
+
+def test_bad_input_files_are_named_and_the_rest_is_kept(tmp_path, meta_tokenizer_path):
+    """Truncated XML, a truncated JSON line and binary / invalid UTF-8 files spread over
+    several tasks: each is reported by name in meta.json, everything else is prepared, the
+    same as with one task."""
+    qa = tmp_path / "qa"
+    for site in ("a", "b", "c"):
+        (qa / site).mkdir(parents=True)
+        rows = "".join(
+            f'<row Id="{i}" PostTypeId="1" Score="{i}" Title="Question {i} on {site}" '
+            f'Body="&lt;p&gt;How does the {site} river flow in winter, number {i}?&lt;/p&gt;" />'
+            f'<row Id="{100 + i}" PostTypeId="2" ParentId="{i}" Score="1" '
+            f'Body="&lt;p&gt;It flows slowly under the ice, answer {i}.&lt;/p&gt;" />'
+            for i in range(1, 6)
+        )
+        xml = f'<?xml version="1.0" encoding="utf-8"?>\n<posts>{rows}</posts>\n'
+        (qa / site / "Posts.xml").write_text(xml if site != "b" else xml[: len(xml) // 2])
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    good = [json.dumps({"text": f"Document {i} about the quiet harbor."}) for i in range(30)]
+    (docs / "a.jsonl").write_text("\n".join(good) + "\n")
+    (docs / "b.jsonl").write_text("\n".join(good[:5]) + '\n{"text": "cut off in the mid')
+    (docs / "c.txt").write_bytes(b"\x00\x01binary")
+    (docs / "d.txt").write_bytes(b"caf\xe9 latin-1, not UTF-8")
+    (docs / "e.txt").write_text("A last plain document about a bridge.")
+    outputs = {}
+    for name, executor in (("one", "[executor]\ntasks = 1"), ("three", "[executor]\ntasks = 3")):
+        config = tmp_path / f"{name}.toml"
+        config.write_text(f"""
+tokenizer = "{meta_tokenizer_path}"
+output = "{tmp_path / name}"
+val_fraction = 0.2
+[[sources]]
+name = "qa"
+kind = "stackexchange"
+paths = ["{qa}/*/Posts.xml"]
+[[sources]]
+name = "docs"
+kind = "generic"
+paths = ["{docs}"]
+{executor}
+""")
+        results = prepare(load_data_config(config), progress=False, log=_quiet)
+        assert all(r["complete"] for r in results), results
+        outputs[name] = {s: source_output(tmp_path / name / s) for s in ("qa", "docs")}
+        errors = {
+            s: " | ".join(
+                json.loads((tmp_path / name / s / "meta.json").read_text())["clean"]["errors"]
+            )
+            for s in ("qa", "docs")
+        }
+        assert str(qa / "b" / "Posts.xml") in errors["qa"] and "malformed XML" in errors["qa"]
+        assert f"{docs / 'b.jsonl'}:6: malformed JSON" in errors["docs"]
+        assert str(docs / "c.txt") in errors["docs"] and "binary" in errors["docs"]
+        assert str(docs / "d.txt") in errors["docs"] and "invalid UTF-8" in errors["docs"]
+    assert outputs["three"] == outputs["one"]
+    assert outputs["one"]["qa"]["train"][0] + outputs["one"]["qa"]["val"][0] == 10
+    assert outputs["one"]["docs"]["train"][0] + outputs["one"]["docs"]["val"][0] == 36
