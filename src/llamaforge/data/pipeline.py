@@ -5,7 +5,9 @@ processes, Slurm job arrays or Ray tasks) instead of the in-process path of prep
 cleaners are the same functions; they run as datatrove ``PipelineStep`` s:
 
 * **units and tasks.** A source's files are grouped into units that a kind cannot split (an
-  arXiv paper's folder, a saved ``datasets`` folder; otherwise one file) and the units, in
+  arXiv paper's folder, a saved ``datasets`` folder; otherwise one file; a web JSON-lines or
+  line-split text file larger than ``split_bytes`` becomes byte ranges of whole lines) and
+  the units, in
   the sorted order of the in-process path, are cut into ``tasks`` *contiguous* runs of about
   equal bytes. Task t's documents therefore come before task t+1's, and concatenating the
   tasks' outputs in task order gives the documents of a one-task run in the same order.
@@ -14,7 +16,7 @@ cleaners are the same functions; they run as datatrove ``PipelineStep`` s:
   dedup as signature → bucket → filter stages, each task holding only its share:
 
   - ``web`` (``dedup_lines``, CCNet line dedup): ``read`` writes each task's pages and a
-    64-bit hash per normalised line into ``tasks`` hash buckets; ``lines`` (one task per
+    64-bit hash per normalised line into min(tasks, 256) hash-bucket files; ``lines`` (one task per
     bucket) keeps, of each hash, the first occurrence in reading order (task, document,
     line) and lists the others per reading task; ``tokenize`` drops those lines, then runs
     the language / quality / classifier filters (web.filter_web) and tokenizes. The CCNet
@@ -25,6 +27,15 @@ cleaners are the same functions; they run as datatrove ``PipelineStep`` s:
     their MinHash signatures; ``clusters`` (one task, signatures only in memory; books are
     re-read one pair at a time for the exact overlap check) applies books.py's rule;
     ``tokenize`` drops the near-duplicates.
+  - ``web`` with ``minhash = true``: after the filters, ``filter`` stores the pages and
+    their MinHash signatures (datatrove's signature stage, FineWeb's parameters),
+    ``minhash-buckets`` (datatrove's bucket stage) pairs the candidates, ``minhash-clusters``
+    keeps the first page of each connected cluster in reading order, ``tokenize`` drops the
+    rest.
+* **executors.** ``local``: datatrove's local executor with one forked process a task (a
+  task that raises or dies is named; the others run on); ``slurm``: one job array a stage,
+  chained with ``afterok`` (or only the scripts, ``submit = false``); ``ray``: datatrove's
+  Ray executor on an existing or a new one-machine cluster.
 * **output.** Each tokenize task writes its own shards ``train-TTTTT-NNNNN.bin`` /
   ``val-TTTTT-NNNNN.bin`` and, last, ``work/task-TTTTT.json``; the ``finalize`` stage writes
   ``meta.json`` listing every task's shards in task order, only once every task is complete.
@@ -646,7 +657,7 @@ def _make_steps() -> dict[str, type]:
                 old.unlink()
             vocab = Tokenizer(job.tokenizer).vocab_size
             dtype = token_dtype(vocab)
-            writers = {s: _TaskShards(out, s, dtype, job.cfg.shard_tokens, rank) for s in SPLITS}
+            writers = {s: _task_shards(out, s, dtype, job.cfg.shard_tokens, rank) for s in SPLITS}
             docs = {s: 0 for s in SPLITS}
             try:
                 for doc in data or ():
@@ -838,13 +849,11 @@ def _removals(job: SourceJob, t: int, mode: str) -> dict[int, set[int]]:
     return out
 
 
-class _TaskShards:
+def _task_shards(out: Path, split: str, dtype: Any, limit: int, task: int) -> Any:
     """prepare._ShardWriter with the task in the shard names: ``train-TTTTT-NNNNN.bin``."""
+    from .prepare import _ShardWriter
 
-    def __new__(cls, out: Path, split: str, dtype: Any, limit: int, task: int) -> Any:
-        from .prepare import _ShardWriter
-
-        return _ShardWriter(out, f"{split}-{task:05d}", dtype, limit)
+    return _ShardWriter(out, f"{split}-{task:05d}", dtype, limit)
 
 
 # ----------------------------------------------------------------------------- books
