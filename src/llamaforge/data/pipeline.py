@@ -1112,7 +1112,7 @@ def _reset_if_stale(job: SourceJob, fingerprint: str, logs: Path) -> None:
 
 
 def prepare_source_pipeline(
-    cfg: DataConfig, src: SourceConfig, tokenizer: str, log=print
+    cfg: DataConfig, src: SourceConfig, tokenizer: str, log=print, progress: bool = False
 ) -> dict[str, Any]:
     """Prepare one source with the configured datatrove executor; returns its meta (or
     ``{"name", "error", "complete": False}``; for ``slurm`` ``{"submitted": True}``)."""
@@ -1135,6 +1135,8 @@ def prepare_source_pipeline(
     try:
         if ex.type == "local":
             for stage in stages:
+                if progress:
+                    log(f"  {src.name}: stage {stage.name} ({stage.tasks} task(s))")
                 _run_local(stage, ex.workers, logs / stage.name, src.name)
         elif ex.type == "ray":
             _run_ray(stages, ex, logs, src.name)

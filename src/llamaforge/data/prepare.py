@@ -464,7 +464,7 @@ def prepare(
         from .pipeline import prepare_source_pipeline
 
         for s in cfg.sources:
-            results[s.name] = prepare_source_pipeline(cfg, s, tok_path, log)
+            results[s.name] = prepare_source_pipeline(cfg, s, tok_path, log, progress)
             _report(results[s.name], log)
         if any(r.get("submitted") is not None for r in results.values()):
             return [results[s.name] for s in cfg.sources]  # slurm: mixture.json on a rerun
