@@ -365,6 +365,7 @@ class Engine:
             self._send(req, Output("", [], error=message))
         self._update_stats()
 
+    @torch.inference_mode()
     def step(self) -> None:
         """One scheduler step (the engine thread calls it; tests may too, with no thread)."""
         self._admit()
@@ -470,8 +471,10 @@ class Engine:
         logits = logits[:, -1].float()
         finite = torch.isfinite(logits).all(dim=-1).tolist()
         greedy = logits.argmax(dim=-1).tolist()
-        for i, req in enumerate(list(rows)):
+        batch = list(rows)
+        for req in batch:  # first: a row retiring below moves the others' new positions too
             req.cached += 1
+        for i, req in enumerate(batch):
             if not finite[i]:
                 self._error(req, "the model's logits are NaN or Inf: no text can be generated")
                 continue
