@@ -296,8 +296,15 @@ async def completions(srv: Server, request: Request) -> Response:
         texts, prompts = [None], [list(p)]  # type: ignore[list-item]
     else:
         texts, prompts = [None] * len(p), [list(x) for x in p]  # type: ignore[arg-type,misc]
-    if any(not ids for ids in prompts):
-        raise APIError(400, "prompt: an empty prompt", param="prompt")
+    vocab = srv.engine.model.args.vocab_size
+    for ids in prompts:
+        if not ids:
+            raise APIError(400, "prompt: an empty prompt", param="prompt")
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(
+                400, f"prompt: token id {bad} is outside 0..{vocab - 1}", param="prompt"
+            )
     prompt_texts = [t if t is not None else srv.tok.decode(ids) for t, ids in zip(texts, prompts)]
     context = srv.engine.max_seq_len
     if req.max_tokens == 0 and not req.echo:

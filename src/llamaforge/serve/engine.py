@@ -315,6 +315,7 @@ class Engine:
             while not self._stop.is_set():
                 self._drain()
                 if not (self._waiting or self._prefilling or self._running):
+                    self._update_stats()  # cancellations may have emptied the batch
                     self._wake.wait(0.5)
                     self._wake.clear()
                     continue

@@ -40,6 +40,8 @@ class ServeMetrics:
             "llamaforge_time_to_first_token_seconds", "time from request to its first token",
             buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
+        for endpoint in ("completions", "chat"):  # every series from the start
+            self.latency.labels(endpoint)
         gauges = {
             "llamaforge_queue_depth": ("requests waiting for a cache slot", lambda: stats.waiting),
             "llamaforge_running_requests": (
