@@ -404,6 +404,8 @@ def test_lm_eval_local_completions_matches_our_backend(server, chat_ckpt, tmp_pa
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager
 
+    import lm_eval.models.openai_completions  # noqa: F401  (registers "local-completions")
+
     import llamaforge.eval.harness  # noqa: F401  (registers "llamaforge")
 
     from .test_eval_lmeval import TASK_YAML
