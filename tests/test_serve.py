@@ -402,14 +402,14 @@ def test_cli_refusals(l2c_ckpt, capsys):  # noqa: F811
 @pytest.mark.slow
 def test_lm_eval_local_completions_matches_our_backend(server, chat_ckpt, tmp_path, monkeypatch):
     lm_eval = pytest.importorskip("lm_eval")
+    pytest.importorskip("tenacity", reason="lm_eval[api] is needed for local-completions")
+    import lm_eval.models.openai_completions  # noqa: F401, F811  (registers it)
     from lm_eval.tasks import TaskManager
-
-    import lm_eval.models.openai_completions  # noqa: F401  (registers "local-completions")
 
     import llamaforge.eval.harness  # noqa: F401  (registers "llamaforge")
 
-    from .test_eval_lmeval import TASK_YAML
     from .test_eval_engine import mc_rows, write_jsonl
+    from .test_eval_lmeval import TASK_YAML
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -68,7 +68,7 @@ def test_greedy_batch_equals_generate(loaded):
     # a sampled request in the same batch must not change the greedy ones
     jobs.append((tok.encode("Once"), SamplingParams(max_tokens=30, temperature=1.0, seed=3)))
     outs = run_all(engine, jobs)
-    for (prompt, params), o, text in zip(jobs, outs, PROMPTS):
+    for (_, params), o, text in zip(jobs, outs, PROMPTS):
         if params.temperature > 0:
             continue
         (ref,) = generate_completions(

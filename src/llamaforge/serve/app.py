@@ -302,9 +302,7 @@ async def completions(srv: Server, request: Request) -> Response:
             raise APIError(400, "prompt: an empty prompt", param="prompt")
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:
-            raise APIError(
-                400, f"prompt: token id {bad} is outside 0..{vocab - 1}", param="prompt"
-            )
+            raise APIError(400, f"prompt: token id {bad} is outside 0..{vocab - 1}", param="prompt")
     prompt_texts = [t if t is not None else srv.tok.decode(ids) for t, ids in zip(texts, prompts)]
     context = srv.engine.max_seq_len
     if req.max_tokens == 0 and not req.echo:
