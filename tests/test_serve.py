@@ -439,3 +439,48 @@ def test_lm_eval_local_completions_matches_our_backend(server, chat_ckpt, tmp_pa
     )
     print(f"\nlm-eval acc: llamaforge backend {ours[0]}, local-completions {served[0]}")
     assert served == ours
+
+
+# ------------------------------------------------------------- errors mid-stream
+
+
+def test_model_failure_mid_stream_is_an_openai_error_event(l2c_ckpt):  # noqa: F811
+    """A model whose logits turn NaN (a broken checkpoint): the streamed request gets its
+    role chunk, then an error event and [DONE]; non-streamed it is a 500; the server (the
+    real app in-process, its real engine thread) serves the next request."""
+    import torch
+
+    from llamaforge.chat_templates import load_template
+    from llamaforge.serve.app import Server, create_app
+    from llamaforge.serve.engine import Engine
+
+    model, tok = llamaforge.load(l2c_ckpt)
+    engine = Engine(model, tok, max_batch=2)
+    srv = Server(engine, tok, model_name="m", template=load_template("llama2"))
+    app = create_app(srv)
+    engine.start()
+
+    async def go() -> tuple[str, httpx.Response, httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            body = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+            streamed = (await c.post("/v1/chat/completions", json=body)).text
+            plain = await c.post("/v1/completions", json={"prompt": "Once", "max_tokens": 3})
+            with torch.no_grad():
+                model.output.weight[5] = 0.0
+            good = await c.post("/v1/completions", json={"prompt": "Once", "max_tokens": 3})
+        return streamed, plain, good
+
+    with torch.no_grad():
+        model.output.weight[5] = float("nan")
+    try:
+        streamed, plain, good = asyncio.run(go())
+    finally:
+        engine.stop()
+    events = [e for e in streamed.split("\n\n") if e]
+    assert json.loads(events[0][6:])["choices"][0]["delta"]["role"] == "assistant"
+    err = json.loads(events[-2][6:])["error"]
+    assert "NaN" in err["message"] and err["type"] == "server_error"
+    assert events[-1] == "data: [DONE]"
+    assert plain.status_code == 500 and plain.json()["error"]["code"] == "engine_error"
+    assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] >= 1

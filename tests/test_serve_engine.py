@@ -60,6 +60,15 @@ def test_greedy_batch_equals_generate(loaded):
     # 3 slots for 7 requests (waiting, slot reuse), prefill chunks of 5 tokens (several
     # steps per prompt while others decode), different lengths (rows retire and move)
     engine = Engine(model, tok, max_batch=3, prefill_chunk=5)
+    calls = {"move": 0, "swap": 0}
+    for name in calls:  # count the row moves and swaps the batch needs (a real cache)
+        method = getattr(engine.cache, name)
+
+        def counted(*args, _m=method, _n=name):
+            calls[_n] += 1
+            return _m(*args)
+
+        setattr(engine.cache, name, counted)
     lengths = [30, 7, 20, 45, 3, 25]
     jobs = [
         (tok.encode(p), SamplingParams(max_tokens=n, temperature=0.0))
@@ -79,6 +88,7 @@ def test_greedy_batch_equals_generate(loaded):
         assert o[-1].finish_reason == ("stop" if ref.finish_reason == "eos" else "length")
     assert engine.stats.kv_used == 0 and not engine._running and not engine._prefilling
     assert engine._free == set(range(3))
+    assert calls["move"] > 0 and calls["swap"] > 0, calls
 
 
 def test_stop_strings_and_streamed_deltas(loaded):
@@ -155,3 +165,17 @@ def test_cancel_frees_the_slot(loaded):
     engine.step()
     assert engine.stats.running == 0 and engine.stats.kv_used == 0
     assert engine._free == {0, 1}
+
+
+def test_non_finite_logits_are_an_error_and_the_engine_goes_on(l2c_ckpt):
+    model, tok = llamaforge.load(l2c_ckpt)
+    engine = Engine(model, tok, max_batch=2)
+    ok = run_all(engine, [(tok.encode("Once"), SamplingParams(5, 0.0))])
+    with torch.no_grad():
+        model.output.weight[7] = float("nan")
+    (bad,) = run_all(engine, [(tok.encode("Once"), SamplingParams(5, 0.0))])
+    assert bad[-1].error and "NaN" in bad[-1].error and engine.stats.running == 0
+    with torch.no_grad():
+        model.output.weight[7] = 0.0
+    (again,) = run_all(engine, [(tok.encode("Once"), SamplingParams(5, 0.0))])
+    assert again[-1].finish_reason and not again[-1].error and ok[0][-1].finish_reason
