@@ -295,6 +295,11 @@ def test_errors_are_openai_errors_and_the_server_keeps_serving(server, client):
             model="l2c-chat",
             messages=[{"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}],
         )
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(
+            model="l2c-chat", prompt="x", stream_options={"include_usage": True}
+        )
+    assert "stream_options" in e.value.message
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-4", prompt="x")
     assert_still_serves(client)

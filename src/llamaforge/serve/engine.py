@@ -470,7 +470,8 @@ class Engine:
         mask = (torch.arange(width, device=self.device)[None, :] <= pos[:, None])[:, None, None]
         logits = self.model(tokens, 0, mask=mask, positions=pos[:, None], cache=self.cache)
         logits = logits[:, -1].float()
-        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        # a NaN or +inf anywhere makes the row's max non-finite: one small reduction
+        finite = torch.isfinite(logits.amax(dim=-1)).tolist()
         greedy = logits.argmax(dim=-1).tolist()
         batch = list(rows)
         for req in batch:  # first: a row retiring below moves the others' new positions too
