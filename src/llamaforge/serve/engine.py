@@ -240,7 +240,9 @@ class Engine:
             raise ValueError(f"max_seq_len {self.max_seq_len}: must be at least 2")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.prefill_chunk, self.max_queue = max_batch, prefill_chunk, max_queue
-        weight = model.output.weight
+        # the activations' dtype and device: the embedding's (an int8-quantised model keeps
+        # it, while its Linear layers may hold int8 weights)
+        weight = model.tok_embeddings.weight
         self.device = weight.device
         self.cache = SlotCache(model.args, max_batch, self.max_seq_len, weight.dtype, self.device)
         self.stats = EngineStats()
