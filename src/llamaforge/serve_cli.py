@@ -155,7 +155,11 @@ def _serve(a: argparse.Namespace) -> int:
         f"{', API key required' if api_key else ''})",
         flush=True,
     )
-    config = uvicorn.Config(app, log_level=a.log_level, timeout_graceful_shutdown=5)
+    # Idle keep-alive connections outlive the clients' own expiry (httpx, and so openai:
+    # 5 s), so a client never reuses a connection the server is closing at that moment.
+    config = uvicorn.Config(
+        app, log_level=a.log_level, timeout_graceful_shutdown=5, timeout_keep_alive=30
+    )
     server = uvicorn.Server(config)
     server.run(sockets=[sock])
     print("llamaforge serve: stopped", file=sys.stderr, flush=True)
