@@ -248,7 +248,8 @@ class Server:
                 top = {self.piece(t): v for t, v in info.top}
             lp["top_logprobs"].append(top)
             lp["text_offset"].append(offset)
-            offset += len(text)
+            if not self.tok.is_control(info.id):  # <s> and </s> are not in the text
+                offset += len(text)
         return lp
 
     def chat_logprobs(self, infos: list[TokenInfo]) -> list[dict[str, Any]]:
