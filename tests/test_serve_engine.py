@@ -179,3 +179,19 @@ def test_non_finite_logits_are_an_error_and_the_engine_goes_on(l2c_ckpt):
         model.output.weight[7] = 0.0
     (again,) = run_all(engine, [(tok.encode("Once"), SamplingParams(5, 0.0))])
     assert again[-1].finish_reason and not again[-1].error and ok[0][-1].finish_reason
+
+
+def test_non_streamed_request_gets_one_output_with_everything(loaded):
+    model, tok = loaded
+    engine = Engine(model, tok, max_batch=2)
+    ids = tok.encode("The little dog")
+    params = SamplingParams(max_tokens=12, temperature=0.0, logprobs=1)
+    (streamed,) = run_all(engine, [(ids, params)])
+    whole: list[Output] = []
+    engine.submit(ids, params, whole.append, stream=False)
+    while not whole:
+        engine._drain()
+        engine.step()
+    (out,) = whole
+    assert out.text == "".join(o.text for o in streamed) and out.finish_reason == "length"
+    assert [t.id for t in out.tokens] == [t.id for o in streamed for t in o.tokens]

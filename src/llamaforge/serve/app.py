@@ -165,6 +165,7 @@ class Server:
         prompts: list[list[int]],
         params: SamplingParams,
         param: str,
+        stream: bool,
     ) -> tuple[asyncio.Queue[tuple[int, Output]], list[int]]:
         """Submit one engine request per prompt; their Outputs arrive on the queue as
         ``(index, output)``."""
@@ -177,7 +178,7 @@ class Server:
         ids: list[int] = []
         try:
             for i, prompt in enumerate(prompts):
-                ids.append(self.engine.submit(prompt, params, emitter(i)))
+                ids.append(self.engine.submit(prompt, params, emitter(i), stream=stream))
         except QueueFull as e:
             self.cancel(ids)
             raise APIError(
@@ -318,7 +319,7 @@ async def completions(srv: Server, request: Request) -> Response:
         logprobs=req.logprobs,
         prompt_logprobs=req.echo and req.logprobs is not None,
     )
-    q, ids = await srv.run(request, prompts, params, "max_tokens")
+    q, ids = await srv.run(request, prompts, params, "max_tokens", req.stream)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     base = {"id": rid, "object": "text_completion", "created": created, "model": srv.model_name}
 
@@ -462,7 +463,7 @@ async def chat_completions(srv: Server, request: Request) -> Response:
         logprobs=k if req.logprobs else None,
     )
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-    q, ids = await srv.run(request, [prompt], params, param)
+    q, ids = await srv.run(request, [prompt], params, param, req.stream)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     base = {
         "id": rid,

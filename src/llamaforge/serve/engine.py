@@ -168,6 +168,7 @@ class _Request:
     prompt: list[int]
     params: SamplingParams
     emit: Callable[[Output], None]
+    stream: bool = True
     arrival: float = field(default_factory=time.monotonic)
     slot: int = -1
     cached: int = 0  # prompt/generated tokens whose keys and values are in the cache
@@ -263,10 +264,15 @@ class Engine:
     # -- the HTTP side ----------------------------------------------------------------
 
     def submit(
-        self, prompt: list[int], params: SamplingParams, emit: Callable[[Output], None]
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        emit: Callable[[Output], None],
+        stream: bool = True,
     ) -> int:
-        """Queue a request; ``emit`` is called from the engine thread with each Output.
-        Raises ValueError for a request that cannot run, QueueFull when too many wait."""
+        """Queue a request; ``emit`` is called from the engine thread with each Output (as
+        tokens come when ``stream``, else once at the end). Raises ValueError for a request
+        that cannot run, QueueFull when too many wait."""
         params.check()
         if not prompt:
             raise ValueError("the prompt is empty")
@@ -283,7 +289,7 @@ class Engine:
             if self._queued >= self.max_queue:
                 raise QueueFull(f"{self._queued} requests are waiting (limit {self.max_queue})")
             self._queued += 1
-        req = _Request(next(self._ids), list(prompt), params, emit)
+        req = _Request(next(self._ids), list(prompt), params, emit, stream=stream)
         self._inbox.put(("add", req))
         self._wake.set()
         return req.id
@@ -522,6 +528,8 @@ class Engine:
             self._flush(req, final=False)
 
     def _flush(self, req: _Request, final: bool) -> None:
+        if not (final or req.stream):
+            return
         text = req.text
         if not final:
             text = text.rstrip("\ufffd")
