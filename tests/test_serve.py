@@ -320,6 +320,15 @@ def test_errors_are_openai_errors_and_the_server_keeps_serving(server, client):
         assert r.status_code == status, (body[:40], r.text)
         err = r.json()["error"]
         assert set(err) == {"message", "type", "param", "code"} and err["message"]
+
+    def chunks():  # no Content-Length: the limit is counted while reading
+        yield b'{"prompt": "'
+        for _ in range(20):
+            yield b"w" * 4096
+        yield b'"}'
+
+    r = httpx.post(f"{server.url}/v1/completions", content=chunks())
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
     r = httpx.post(f"{server.url}/v1/nothing", json={})
     assert r.status_code == 404 and "error" in r.json()
     with pytest.raises(openai.APIStatusError) as e:  # oversize through the client
