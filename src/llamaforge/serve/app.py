@@ -644,7 +644,8 @@ def create_app(srv: Server, *, api_key: str | None = None, manage_engine: bool =
         if not srv.engine.alive and manage_engine:
             return JSONResponse({"status": "engine stopped"}, status_code=503)
         s = srv.engine.stats
-        return JSONResponse({"status": "ok", "waiting": s.waiting, "running": s.running})
+        running = s.running + s.prefilling
+        return JSONResponse({"status": "ok", "waiting": s.waiting, "running": running})
 
     @app.get("/metrics")
     async def metrics() -> Response:
