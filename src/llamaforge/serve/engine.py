@@ -229,7 +229,6 @@ class Engine:
         max_seq_len: int | None = None,
         prefill_chunk: int = 512,
         max_queue: int = 256,
-        on_finish: Callable[[_Request], None] | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch {max_batch}: must be at least 1")
@@ -248,7 +247,6 @@ class Engine:
         self.cache = SlotCache(model.args, max_batch, self.max_seq_len, weight.dtype, self.device)
         self.stats = EngineStats()
         self.stats.kv_total = max_batch * self.max_seq_len
-        self.on_finish = on_finish
         self._ids = itertools.count(1)
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -560,8 +558,6 @@ class Engine:
         if req in self._running:
             self._retire(req)
         self._flush(req, final=True)
-        if self.on_finish is not None:
-            self.on_finish(req)
 
     def _error(self, req: _Request, message: str) -> None:
         if req in self._running:
