@@ -27,7 +27,7 @@ from llamaforge.cli import main
 from llamaforge.generate import generate_completions
 
 from .conftest import REPO
-from .test_serve_engine import l2c_ckpt, loaded  # noqa: F401  (module fixtures)
+from .test_serve_engine import _one_thread, l2c_ckpt, loaded  # noqa: F401  (fixtures)
 
 SYSTEM = {"role": "system", "content": "Tell stories."}  # Alpaca's preamble: 101 tokens
 PROMPTS = ["Once upon a time", "The little dog", "In a land far away, there lived a king"]
@@ -39,7 +39,13 @@ class ServerProcess:
 
     def __init__(self, *args: str, env: dict[str, str] | None = None, timeout: float = 180):
         cmd = [sys.executable, "-m", "llamaforge", "serve", "--port", "0", *args]
-        full_env = {**os.environ, "PYTHONPATH": str(REPO / "src"), **(env or {})}
+        # one CPU thread: the test models are tiny (see test_serve_engine._one_thread)
+        full_env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO / "src"),
+            "LLAMAFORGE_THREADS": "1",
+            **(env or {}),
+        }
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env
         )

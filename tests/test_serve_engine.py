@@ -25,6 +25,16 @@ PROMPTS = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """A 260K-parameter model gains nothing from more threads, and on a shared machine
+    waiting for a descheduled OpenMP thread dominates its tiny matrix products."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def l2c_ckpt(tmp_path_factory):
     out = tmp_path_factory.mktemp("serve_l2c") / "aidreams260K"
