@@ -104,8 +104,10 @@ def _serve(a: argparse.Namespace) -> int:
     if tok is None:
         raise ValueError(f"{a.ckpt}: no tokenizer.model in the checkpoint; pass --tokenizer")
     if a.quantize == "int8":
-        from .quantize import quantize_int8
-
+        try:
+            from .quantize import quantize_int8
+        except ImportError as e:
+            raise ValueError(f"--quantize int8: llamaforge.quantize is unavailable ({e})") from e
         model = quantize_int8(model)
     if a.max_seq_len is not None and a.max_seq_len > model.args.max_seq_len:
         raise ValueError(
