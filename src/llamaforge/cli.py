@@ -25,6 +25,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("llamaforge.metrics", "plot"),
     ("llamaforge.checkpoint_cli", "info, init, generate"),
     ("llamaforge.chat_cli", "chat"),
+    ("llamaforge.serve_cli", "serve"),
     ("llamaforge.convert.cli", "convert"),
     ("llamaforge.data.cli", "data prepare/stats/show"),
     ("llamaforge.tokenizer_cli", "tokenizer train/encode/decode"),

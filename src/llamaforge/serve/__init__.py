@@ -1,0 +1,7 @@
+"""``llamaforge serve``: an OpenAI-compatible HTTP server with continuous batching.
+
+engine.py: the scheduler and its slot KV cache (torch); app.py: the FastAPI endpoints;
+protocol.py: request bodies and OpenAI's error shape; metrics.py: Prometheus metrics.
+The command itself: llamaforge/serve_cli.py. Nothing is imported here, so ``--help`` stays
+light.
+"""

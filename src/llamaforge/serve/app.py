@@ -1,0 +1,666 @@
+"""The OpenAI-compatible HTTP API over an `Engine` (FastAPI).
+
+Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``,
+``GET /health``, ``GET /metrics`` (Prometheus text), ``POST /tokenize``, ``POST /detokenize``
+and ``GET /tokenizer_info`` (the remote-tokenizer endpoints lm-eval's ``local-completions``
+uses). Streaming is Server-Sent Events as OpenAI sends them; errors are OpenAI's JSON
+``{"error": {"message", "type", "param", "code"}}`` with the HTTP status, also mid-stream.
+
+The engine thread talks to the event loop with ``loop.call_soon_threadsafe``; a client that
+disconnects (a closed stream, a dropped non-streaming request) cancels its requests, which
+frees their cache slots. Bodies are read with a size limit and parsed here (never by
+FastAPI), so every bad request is a 400/413 in OpenAI's shape; nothing from a request names
+a file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..chat_templates import ChatTemplate, ChatTemplateError, encode_text
+from ..generate import check_utf8
+from ..tokenizer import Tokenizer
+from .engine import Engine, Output, QueueFull, SamplingParams, TokenInfo
+from .metrics import ServeMetrics
+from .protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    validation_error,
+)
+
+DEFAULT_MAX_BODY = 1 << 20
+
+
+class _Auth:
+    """ASGI middleware: ``Authorization: Bearer KEY`` on every path but /health, compared in
+    constant time; anything else is a 401 in OpenAI's shape."""
+
+    def __init__(self, app: Any, api_key: str) -> None:
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or scope.get("path") == "/health":
+            return await self.app(scope, receive, send)
+        given = b""
+        for name, value in scope.get("headers", ()):
+            if name.lower() == b"authorization":
+                given = value
+        if hmac.compare_digest(given, self.expected):
+            return await self.app(scope, receive, send)
+        err = APIError(401, "invalid or missing API key", code="invalid_api_key")
+        await JSONResponse(err.body(), status_code=401)(scope, receive, send)
+
+
+class Server:
+    """What the handlers share: the engine, tokenizer, chat template and limits."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        tokenizer: Tokenizer,
+        *,
+        model_name: str,
+        template: ChatTemplate | None = None,
+        template_error: str | None = None,
+        chat_stops: list[str] | None = None,
+        max_body_bytes: int = DEFAULT_MAX_BODY,
+    ) -> None:
+        self.engine, self.tok, self.model_name = engine, tokenizer, model_name
+        self.template, self.template_error = template, template_error
+        self.chat_stops = chat_stops or []
+        self.max_body = max_body_bytes
+        self.metrics = ServeMetrics(engine.stats)
+        self.created = int(time.time())
+        self.bos_piece = tokenizer.id_to_piece(tokenizer.bos_id)
+        self.eos_piece = tokenizer.id_to_piece(tokenizer.eos_id)
+        self._pieces: dict[int, str] = {}
+
+    # -- request bodies ---------------------------------------------------------------
+
+    async def read_json(self, request: Request) -> Any:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            raise APIError(413, f"request body over {self.max_body} bytes", code="body_too_large")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body:
+                raise APIError(
+                    413, f"request body over {self.max_body} bytes", code="body_too_large"
+                )
+            chunks.append(chunk)
+        try:
+            return json.loads(b"".join(chunks))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
+
+    async def parse(self, request: Request, cls: type[BaseModel]) -> Any:
+        body = await self.read_json(request)
+        if not isinstance(body, dict):
+            raise APIError(400, "the body must be a JSON object", code="invalid_json")
+        try:
+            return cls.model_validate(body)
+        except ValidationError as e:
+            raise validation_error(e) from None
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise APIError(
+                404,
+                f"the model {name!r} does not exist; this server serves {self.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
+
+    # -- tokens as text ---------------------------------------------------------------
+
+    def piece(self, token: int) -> str:
+        """A token as OpenAI's logprobs show one: its text, or ``bytes:\\xNN`` for a byte
+        that is not a character on its own."""
+        text = self._pieces.get(token)
+        if text is None:
+            tok = self.tok
+            if tok.is_byte(token):
+                b = int(tok.id_to_piece(token)[3:5], 16)
+                text = chr(b) if b < 0x80 else f"bytes:\\x{b:02x}"
+            elif tok.is_control(token):
+                text = tok.id_to_piece(token)
+            else:
+                text = tok.id_to_piece(token).replace("\u2581", " ")
+            self._pieces[token] = text
+        return text
+
+    def piece_bytes(self, token: int) -> list[int]:
+        if self.tok.is_byte(token):
+            return [int(self.tok.id_to_piece(token)[3:5], 16)]
+        return list(self.piece(token).encode("utf-8"))
+
+    def encode_prompt(self, prompt: str, what: str = "prompt") -> list[int]:
+        try:
+            check_utf8(prompt, what)
+        except ValueError as e:
+            raise APIError(400, str(e), param=what) from None
+        return self.tok.encode(prompt, bos=True)
+
+    # -- running requests -------------------------------------------------------------
+
+    async def run(
+        self,
+        request: Request,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        param: str,
+        stream: bool,
+    ) -> tuple[asyncio.Queue[tuple[int, Output]], list[int]]:
+        """Submit one engine request per prompt; their Outputs arrive on the queue as
+        ``(index, output)``."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()
+
+        def emitter(i: int) -> Callable[[Output], None]:
+            return lambda out: loop.call_soon_threadsafe(q.put_nowait, (i, out))
+
+        ids: list[int] = []
+        try:
+            for i, prompt in enumerate(prompts):
+                ids.append(self.engine.submit(prompt, params, emitter(i), stream=stream))
+        except QueueFull as e:
+            self.cancel(ids)
+            raise APIError(
+                429, f"the server is busy: {e}; retry later", headers={"Retry-After": "1"}
+            ) from None
+        except ValueError as e:
+            self.cancel(ids)
+            raise APIError(400, str(e), param=param, code="context_length_exceeded") from None
+        return q, ids
+
+    def cancel(self, ids: list[int]) -> None:
+        for i in ids:
+            self.engine.cancel(i)
+
+    async def collect(
+        self, request: Request, q: asyncio.Queue[tuple[int, Output]], n: int, ids: list[int]
+    ) -> list[list[Output]]:
+        """Every Output of ``n`` requests, cancelling them if the client goes away."""
+        outs: list[list[Output]] = [[] for _ in range(n)]
+        done = 0
+        try:
+            while done < n:
+                try:
+                    i, out = await asyncio.wait_for(q.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        raise asyncio.CancelledError from None
+                    continue
+                outs[i].append(out)
+                if out.error is not None:
+                    raise APIError(500, out.error, code="engine_error")
+                if out.finished:
+                    done += 1
+        except BaseException:
+            self.cancel(ids)
+            raise
+        return outs
+
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+        self.metrics.prompt_tokens.inc(prompt_tokens)
+        self.metrics.generated_tokens.inc(completion_tokens)
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+
+    # -- logprobs ---------------------------------------------------------------------
+
+    def legacy_logprobs(
+        self, infos: list[TokenInfo | None], offset: int, prompt: bool = False
+    ) -> dict[str, list[Any]]:
+        """OpenAI's completions logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
+        lp: dict[str, list[Any]] = {
+            "tokens": [],
+            "token_logprobs": [],
+            "top_logprobs": [],
+            "text_offset": [],
+        }
+        for info in infos:
+            if info is None:
+                continue
+            text = self.piece(info.id)
+            lp["tokens"].append(text)
+            lp["token_logprobs"].append(info.logprob)
+            top = None
+            if info.logprob is not None:
+                top = {self.piece(t): v for t, v in info.top}
+            lp["top_logprobs"].append(top)
+            lp["text_offset"].append(offset)
+            if not self.tok.is_control(info.id):  # <s> and </s> are not in the text
+                offset += len(text)
+        return lp
+
+    def chat_logprobs(self, infos: list[TokenInfo]) -> list[dict[str, Any]]:
+        return [
+            {
+                "token": self.piece(i.id),
+                "logprob": i.logprob,
+                "bytes": self.piece_bytes(i.id),
+                "top_logprobs": [
+                    {"token": self.piece(t), "logprob": v, "bytes": self.piece_bytes(t)}
+                    for t, v in i.top
+                ],
+            }
+            for i in infos
+        ]
+
+
+def _sse(data: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def _max_tokens(requested: int | None, prompt_len: int, context: int) -> int:
+    return requested if requested is not None else max(context - prompt_len, 0)
+
+
+# ------------------------------------------------------------------------- the handlers
+
+
+async def completions(srv: Server, request: Request) -> Response:
+    req: CompletionRequest = await srv.parse(request, CompletionRequest)
+    srv.check_model(req.model)
+    p = req.prompt
+    if isinstance(p, str):
+        texts: list[str | None] = [p]
+        prompts = [srv.encode_prompt(p)]
+    elif not p:
+        raise APIError(400, "prompt: an empty list", param="prompt")
+    elif all(isinstance(x, str) for x in p):
+        texts = list(p)  # type: ignore[arg-type]
+        prompts = [srv.encode_prompt(x, f"prompt.{i}") for i, x in enumerate(p)]  # type: ignore[arg-type]
+    elif all(isinstance(x, int) for x in p):
+        texts, prompts = [None], [list(p)]  # type: ignore[list-item]
+    else:
+        texts, prompts = [None] * len(p), [list(x) for x in p]  # type: ignore[arg-type,misc]
+    vocab = srv.engine.model.args.vocab_size
+    for ids in prompts:
+        if not ids:
+            raise APIError(400, "prompt: an empty prompt", param="prompt")
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"prompt: token id {bad} is outside 0..{vocab - 1}", param="prompt")
+    prompt_texts = [t if t is not None else srv.tok.decode(ids) for t, ids in zip(texts, prompts)]
+    context = srv.engine.max_seq_len
+    if req.max_tokens == 0 and not req.echo:
+        raise APIError(400, "max_tokens: 0 needs echo=true", param="max_tokens")
+    longest = max(len(ids) for ids in prompts)
+    params = SamplingParams(
+        max_tokens=_max_tokens(req.max_tokens, longest, context),
+        temperature=req.temperature,
+        top_p=req.top_p,
+        stop=req.stops(),
+        seed=req.seed,
+        logprobs=req.logprobs,
+        prompt_logprobs=req.echo and req.logprobs is not None,
+    )
+    q, ids = await srv.run(request, prompts, params, "max_tokens", req.stream)
+    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    base = {"id": rid, "object": "text_completion", "created": created, "model": srv.model_name}
+
+    def logprobs_of(i: int, outs: list[Output], echo_first: bool) -> dict[str, Any] | None:
+        if req.logprobs is None:
+            return None
+        infos: list[TokenInfo | None] = []
+        offset = 0 if req.echo else len(prompt_texts[i])
+        if echo_first:
+            infos += outs[0].prompt_logprobs or [] if outs else []
+        for o in outs:
+            infos += o.tokens
+        return srv.legacy_logprobs(infos, offset)
+
+    if not req.stream:
+        t0 = time.monotonic()
+        all_outs = await srv.collect(request, q, len(prompts), ids)
+        choices, n_prompt, n_gen = [], 0, 0
+        for i, outs in enumerate(all_outs):
+            text = "".join(o.text for o in outs)
+            if req.echo:
+                text = prompt_texts[i] + text
+            choices.append(
+                {
+                    "index": i,
+                    "text": text,
+                    "logprobs": logprobs_of(i, outs, req.echo),
+                    "finish_reason": outs[-1].finish_reason,
+                }
+            )
+            n_prompt += len(prompts[i])
+            n_gen += outs[-1].completion_tokens
+        srv.metrics.latency.labels("completions").observe(time.monotonic() - t0)
+        return JSONResponse({**base, "choices": choices, "usage": srv.usage(n_prompt, n_gen)})
+
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+    async def stream() -> AsyncIterator[bytes]:
+        t0, first, done, gen = time.monotonic(), True, 0, [0] * len(prompts)
+        started = [False] * len(prompts)
+        try:
+            while done < len(prompts):
+                i, out = await q.get()
+                if out.error is not None:
+                    yield _sse(APIError(500, out.error, code="engine_error").body())
+                    yield SSE_DONE
+                    return
+                if first:
+                    srv.metrics.ttft.observe(time.monotonic() - t0)
+                    first = False
+                text = out.text
+                if req.echo and not started[i]:
+                    text = prompt_texts[i] + text
+                lp = logprobs_of(i, [out], req.echo and not started[i])
+                started[i] = True
+                gen[i] = out.completion_tokens
+                if out.finished:
+                    done += 1
+                chunk = {
+                    **base,
+                    "choices": [
+                        {
+                            "index": i,
+                            "text": text,
+                            "logprobs": lp,
+                            "finish_reason": out.finish_reason,
+                        }
+                    ],
+                }
+                if include_usage:
+                    chunk["usage"] = None
+                yield _sse(chunk)
+            if include_usage:
+                usage = srv.usage(sum(len(x) for x in prompts), sum(gen))
+                yield _sse({**base, "choices": [], "usage": usage})
+            yield SSE_DONE
+            srv.metrics.latency.labels("completions").observe(time.monotonic() - t0)
+        finally:
+            if done < len(prompts):
+                srv.cancel(ids)
+
+    return _streaming(stream())
+
+
+def _streaming(gen: AsyncIterator[bytes]) -> StreamingResponse:
+    return StreamingResponse(
+        gen,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def render_chat(srv: Server, messages: list[Any]) -> list[int]:
+    if srv.template is None:
+        raise APIError(
+            400,
+            f"this model has no chat template ({srv.template_error}); use /v1/completions, or "
+            "start the server with --template",
+            param="messages",
+            code="no_chat_template",
+        )
+    msgs = []
+    for i, m in enumerate(messages):
+        text = m.text()
+        try:
+            check_utf8(text, f"messages.{i}.content")
+        except ValueError as e:
+            raise APIError(400, str(e), param=f"messages.{i}.content") from None
+        msgs.append({"role": "system" if m.role == "developer" else m.role, "content": text})
+    try:
+        rendered = srv.template.render(msgs, add_generation_prompt=True)
+    except ChatTemplateError as e:
+        raise APIError(400, str(e), param="messages") from None
+    return encode_text(srv.tok, rendered, srv.template.bos_token, srv.template.eos_token)
+
+
+async def chat_completions(srv: Server, request: Request) -> Response:
+    req: ChatRequest = await srv.parse(request, ChatRequest)
+    srv.check_model(req.model)
+    prompt = render_chat(srv, req.messages)
+    context = srv.engine.max_seq_len
+    requested = req.max_completion_tokens if req.max_completion_tokens is not None else None
+    if requested is None:
+        requested = req.max_tokens
+    if requested is None and len(prompt) >= context:
+        raise APIError(
+            400,
+            f"the messages are {len(prompt)} tokens: no room left in the context of {context}",
+            param="messages",
+            code="context_length_exceeded",
+        )
+    k = req.top_logprobs or 0
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs: needs logprobs=true", param="top_logprobs")
+    params = SamplingParams(
+        max_tokens=_max_tokens(requested, len(prompt), context),
+        temperature=req.temperature,
+        top_p=req.top_p,
+        stop=[*req.stops(), *srv.chat_stops],
+        seed=req.seed,
+        logprobs=k if req.logprobs else None,
+    )
+    param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    q, ids = await srv.run(request, [prompt], params, param, req.stream)
+    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    base = {
+        "id": rid,
+        "object": "chat.completion",
+        "created": created,
+        "model": srv.model_name,
+        "system_fingerprint": None,
+    }
+    if not req.stream:
+        t0 = time.monotonic()
+        outs = (await srv.collect(request, q, 1, ids))[0]
+        infos = [t for o in outs for t in o.tokens]
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": "".join(o.text for o in outs)},
+            "logprobs": {"content": srv.chat_logprobs(infos)} if req.logprobs else None,
+            "finish_reason": outs[-1].finish_reason,
+        }
+        srv.metrics.latency.labels("chat").observe(time.monotonic() - t0)
+        usage = srv.usage(len(prompt), outs[-1].completion_tokens)
+        return JSONResponse({**base, "choices": [choice], "usage": usage})
+
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    base["object"] = "chat.completion.chunk"
+
+    async def stream() -> AsyncIterator[bytes]:
+        t0, finished, gen = time.monotonic(), False, 0
+
+        def chunk(delta: dict, lp: list | None = None, finish: str | None = None) -> bytes:
+            c: dict[str, Any] = {
+                **base,
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": delta,
+                        "logprobs": {"content": lp} if lp is not None else None,
+                        "finish_reason": finish,
+                    }
+                ],
+            }
+            if include_usage:
+                c["usage"] = None
+            return _sse(c)
+
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            first = True
+            while not finished:
+                _, out = await q.get()
+                if out.error is not None:
+                    finished = True
+                    yield _sse(APIError(500, out.error, code="engine_error").body())
+                    yield SSE_DONE
+                    return
+                if first:
+                    srv.metrics.ttft.observe(time.monotonic() - t0)
+                    first = False
+                gen = out.completion_tokens
+                lp = srv.chat_logprobs(out.tokens) if req.logprobs else None
+                if out.text or lp:
+                    yield chunk({"content": out.text}, lp)
+                if out.finished:
+                    finished = True
+                    yield chunk({}, None, out.finish_reason)
+            if include_usage:
+                yield _sse({**base, "choices": [], "usage": srv.usage(len(prompt), gen)})
+            yield SSE_DONE
+            srv.metrics.latency.labels("chat").observe(time.monotonic() - t0)
+        finally:
+            if not finished:
+                srv.cancel(ids)
+
+    return _streaming(stream())
+
+
+async def tokenize(srv: Server, request: Request) -> Response:
+    req: TokenizeRequest = await srv.parse(request, TokenizeRequest)
+    if (req.prompt is None) == (req.messages is None):
+        raise APIError(400, "give exactly one of prompt and messages", param="prompt")
+    if req.messages is not None:
+        tokens = render_chat(srv, req.messages)
+    else:
+        try:
+            check_utf8(req.prompt or "", "prompt")
+        except ValueError as e:
+            raise APIError(400, str(e), param="prompt") from None
+        # the bos/eos pieces in text become their ids, as chat templates are encoded
+        tokens = encode_text(srv.tok, req.prompt or "", srv.bos_piece, srv.eos_piece)
+        if req.add_special_tokens:
+            tokens = [srv.tok.bos_id, *tokens]
+    return JSONResponse(
+        {"tokens": tokens, "count": len(tokens), "max_model_len": srv.engine.max_seq_len}
+    )
+
+
+async def detokenize(srv: Server, request: Request) -> Response:
+    req: DetokenizeRequest = await srv.parse(request, DetokenizeRequest)
+    vocab = srv.tok.vocab_size
+    bad = next((t for t in req.tokens if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise APIError(400, f"tokens: id {bad} is outside 0..{vocab - 1}", param="tokens")
+    return JSONResponse({"prompt": srv.tok.decode(req.tokens)})
+
+
+def create_app(srv: Server, *, api_key: str | None = None, manage_engine: bool = True) -> Any:
+    """The ASGI app; ``manage_engine`` starts the engine's thread with the app and stops it
+    at shutdown."""
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if manage_engine:
+            srv.engine.start()
+        try:
+            yield
+        finally:
+            if manage_engine:
+                srv.engine.stop()
+
+    app = FastAPI(title="llamaforge", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.server = srv
+
+    @app.exception_handler(APIError)
+    async def _api_error(_request: Request, e: APIError) -> Response:
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, e: StarletteHTTPException) -> Response:
+        err = APIError(e.status_code, str(e.detail))
+        return JSONResponse(err.body(), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def _internal(_request: Request, e: Exception) -> Response:
+        err = APIError(500, f"internal error: {type(e).__name__}: {e}", code="internal_error")
+        return JSONResponse(err.body(), status_code=500)
+
+    def counted(
+        endpoint: str, fn: Callable[[Server, Request], Awaitable[Response]]
+    ) -> Callable[[Request], Awaitable[Response]]:
+        async def handler(request: Request) -> Response:
+            status = 500
+            try:
+                response = await fn(srv, request)
+                status = response.status_code
+                return response
+            except APIError as e:
+                status = e.status
+                raise
+            finally:
+                srv.metrics.requests.labels(endpoint, str(status)).inc()
+
+        return handler
+
+    app.add_api_route("/v1/completions", counted("completions", completions), methods=["POST"])
+    app.add_api_route("/v1/chat/completions", counted("chat", chat_completions), methods=["POST"])
+    app.add_api_route("/tokenize", counted("tokenize", tokenize), methods=["POST"])
+    app.add_api_route("/detokenize", counted("detokenize", detokenize), methods=["POST"])
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        card = {
+            "id": srv.model_name,
+            "object": "model",
+            "created": srv.created,
+            "owned_by": "llamaforge",
+            "max_model_len": srv.engine.max_seq_len,
+        }
+        return JSONResponse({"object": "list", "data": [card]})
+
+    @app.get("/v1/models/{name}")
+    async def model(name: str) -> Response:
+        srv.check_model(name)
+        return JSONResponse(
+            {"id": name, "object": "model", "created": srv.created, "owned_by": "llamaforge"}
+        )
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not srv.engine.alive and manage_engine:
+            return JSONResponse({"status": "engine stopped"}, status_code=503)
+        s = srv.engine.stats
+        running = s.running + s.prefilling
+        return JSONResponse({"status": "ok", "waiting": s.waiting, "running": running})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(srv.metrics.render(), media_type=srv.metrics.content_type)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> Response:
+        return JSONResponse(
+            {
+                "bos_token": srv.bos_piece,
+                "eos_token": srv.eos_piece,
+                "pad_token": None,
+                "model_max_length": srv.engine.max_seq_len,
+                "chat_template": srv.template.source if srv.template is not None else None,
+            }
+        )
+
+    return _Auth(app, api_key) if api_key else app

@@ -1,0 +1,582 @@
+"""The serving engine: one scheduler thread owns the model and batches continuously.
+
+Each step of the scheduler
+  1. takes new requests and cancellations from the HTTP side,
+  2. admits waiting requests into free cache slots and prefills their prompts in chunks,
+     within a per-step token budget (a long prompt takes several steps; running requests
+     keep decoding meanwhile),
+  3. decodes every running request by one token in one batched forward,
+  4. retires finished requests and frees their slots.
+
+The KV cache (`SlotCache`) is a fixed budget: ``max_batch`` slots of ``max_seq_len``
+positions each. Running (decoding) requests occupy slots ``0..n-1``, so a decode step works on
+the views ``k[layer, :n, :, :L]`` (L: the longest position + 1) with a per-row mask; a request
+that retires is replaced by the last running row (one row copy). Requests still prefilling sit
+in other slots and move to slot ``n`` when their prompt is in. When every slot is taken, new
+requests wait; `Engine.submit` refuses one beyond ``max_queue`` waiting (`QueueFull`).
+
+Every request has its own sampling parameters and its own ``torch.Generator`` (seeded from
+``seed``). Text is followed as `generate.generate_completions` follows it (the same
+`_TextTracker`, stop strings and eos), so at temperature 0 the text equals
+``llamaforge generate``'s; streamed deltas hold back an incomplete UTF-8 sequence and any tail
+that may become a stop string, so the deltas add up to the final text exactly.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..generate import _TextTracker, check_sampling, sample
+from ..model import ModelArgs, Transformer
+from ..tokenizer import Tokenizer
+
+__all__ = [
+    "Engine",
+    "EngineStats",
+    "Output",
+    "QueueFull",
+    "SamplingParams",
+    "SlotCache",
+    "TokenInfo",
+]
+
+
+class QueueFull(RuntimeError):
+    """More requests are waiting than the engine's ``max_queue``."""
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: Sequence[str] = ()
+    seed: int | None = None
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's and the k likeliest
+    prompt_logprobs: bool = False  # the prompt's token logprobs too (echo)
+
+    def check(self) -> None:
+        if self.max_tokens < 0:
+            raise ValueError(f"max_tokens {self.max_tokens}: must be >= 0")
+        check_sampling(self.temperature, self.top_p)
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise ValueError(f"logprobs {self.logprobs}: must be in 0..20")
+
+
+@dataclass
+class TokenInfo:
+    id: int
+    logprob: float | None = None
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class Output:
+    """What the engine reports about a request: new text and tokens since the last Output,
+    and, in the last one, ``finish_reason`` ("stop" or "length") or ``error``."""
+
+    text: str
+    tokens: list[TokenInfo]
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prompt_logprobs: list[TokenInfo] | None = None  # first Output only, when asked for
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
+
+
+class SlotCache:
+    """KV cache of ``slots`` rows × ``max_len`` positions for every layer, with the
+    ``update(layer, start_pos, k, v)`` interface the model calls.
+
+    Two modes, set before each forward: `prefill` (one row, a chunk at ``start_pos``, as the
+    model's own KVCache) and `decode` (rows ``0..n-1``, one new token each at its own
+    position: a per-row scatter, and the views up to the longest position)."""
+
+    def __init__(
+        self, args: ModelArgs, slots: int, max_len: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        shape = (args.n_layers, slots, args.kv_heads, max_len, args.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.slots, self.max_len = slots, max_len
+        self._row = 0
+        self._rows: torch.Tensor | None = None
+        self._pos: torch.Tensor | None = None
+        self._width = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+    def prefill(self, row: int) -> None:
+        self._rows = None
+        self._row = row
+
+    def decode(self, pos: torch.Tensor) -> None:
+        """Rows ``0..len(pos)-1``, each writing one token at ``pos[i]``."""
+        self._rows = torch.arange(len(pos), device=pos.device)
+        self._pos = pos
+        self._width = int(pos.max()) + 1
+
+    def update(
+        self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._rows is None:
+            r, end = self._row, start_pos + k.shape[2]
+            self.k[layer, r : r + 1, :, start_pos:end] = k
+            self.v[layer, r : r + 1, :, start_pos:end] = v
+            return self.k[layer, r : r + 1, :, :end], self.v[layer, r : r + 1, :, :end]
+        n = len(self._rows)
+        self.k[layer, self._rows, :, self._pos] = k[:, :, 0]
+        self.v[layer, self._rows, :, self._pos] = v[:, :, 0]
+        return self.k[layer, :n, :, : self._width], self.v[layer, :n, :, : self._width]
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy row ``src``'s first ``length`` positions into row ``dst``."""
+        if src != dst and length > 0:
+            self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+            self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
+    def swap(self, a: int, la: int, b: int, lb: int) -> None:
+        """Exchange rows ``a`` (``la`` positions used) and ``b`` (``lb``)."""
+        n = max(la, lb)
+        if a == b or n == 0:
+            return
+        for t in (self.k, self.v):
+            tmp = t[:, a, :, :n].clone()
+            t[:, a, :, :n] = t[:, b, :, :n]
+            t[:, b, :, :n] = tmp
+
+
+@dataclass
+class _Request:
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    emit: Callable[[Output], None]
+    stream: bool = True
+    arrival: float = field(default_factory=time.monotonic)
+    slot: int = -1
+    cached: int = 0  # prompt/generated tokens whose keys and values are in the cache
+    generated: list[int] = field(default_factory=list)  # the text's tokens (no eos)
+    n_generated: int = 0  # every sampled token, eos included
+    pending: int | None = None  # the sampled token not yet fed to the model
+    text: str = ""
+    emitted: int = 0
+    finish: str | None = None
+    prompt_lp: list[TokenInfo] | None = None
+    new_tokens: list[TokenInfo] = field(default_factory=list)
+    generator: torch.Generator | None = None
+    tracker: _TextTracker | None = None
+    first_token_at: float | None = None
+
+
+class EngineStats:
+    """Counters the scheduler keeps (read by /metrics and /health; plain attributes written
+    by one thread)."""
+
+    def __init__(self) -> None:
+        self.waiting = 0
+        self.running = 0
+        self.prefilling = 0
+        self.kv_used = 0  # positions in use
+        self.kv_total = 0
+        self.generated_tokens = 0
+        self.prompt_tokens = 0
+        self.steps = 0
+        self._window: deque[tuple[float, int]] = deque()
+
+    def record_tokens(self, n: int) -> None:
+        now = time.monotonic()
+        self.generated_tokens += n
+        self._window.append((now, n))
+        while self._window and self._window[0][0] < now - 10.0:
+            self._window.popleft()
+
+    def tokens_per_second(self) -> float:
+        now = time.monotonic()
+        recent = [(t, n) for t, n in list(self._window) if t >= now - 10.0]
+        if not recent:
+            return 0.0
+        span = max(now - recent[0][0], 1e-3)
+        return sum(n for _, n in recent) / span
+
+
+class Engine:
+    """Continuous batching over one model. `submit` and `cancel` are thread-safe; the model
+    runs only in the engine's thread (`start`/`stop`)."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        *,
+        max_batch: int = 8,
+        max_seq_len: int | None = None,
+        prefill_chunk: int = 512,
+        max_queue: int = 256,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch {max_batch}: must be at least 1")
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk {prefill_chunk}: must be at least 1")
+        model_len = model.args.max_seq_len
+        self.max_seq_len = min(max_seq_len or model_len, model_len)
+        if self.max_seq_len < 2:
+            raise ValueError(f"max_seq_len {self.max_seq_len}: must be at least 2")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.prefill_chunk, self.max_queue = max_batch, prefill_chunk, max_queue
+        # the activations' dtype and device: the embedding's (an int8-quantised model keeps
+        # it, while its Linear layers may hold int8 weights)
+        weight = model.tok_embeddings.weight
+        self.device = weight.device
+        self.cache = SlotCache(model.args, max_batch, self.max_seq_len, weight.dtype, self.device)
+        self.stats = EngineStats()
+        self.stats.kv_total = max_batch * self.max_seq_len
+        self._ids = itertools.count(1)
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._waiting: deque[_Request] = deque()
+        self._prefilling: list[_Request] = []
+        self._running: list[_Request] = []  # running[i].slot == i
+        self._free = set(range(max_batch))
+        self._queued = 0  # submitted, not yet admitted (read by submit from other threads)
+        self._lock = threading.Lock()
+
+    # -- the HTTP side ----------------------------------------------------------------
+
+    def submit(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        emit: Callable[[Output], None],
+        stream: bool = True,
+    ) -> int:
+        """Queue a request; ``emit`` is called from the engine thread with each Output (as
+        tokens come when ``stream``, else once at the end). Raises ValueError for a request
+        that cannot run, QueueFull when too many wait."""
+        params.check()
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        vocab = self.model.args.vocab_size
+        bad = next((t for t in prompt if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
+        if len(prompt) + params.max_tokens > self.max_seq_len:
+            raise ValueError(
+                f"the prompt has {len(prompt)} tokens and max_tokens is {params.max_tokens}: "
+                f"together more than the context of {self.max_seq_len} tokens"
+            )
+        with self._lock:
+            if self._queued >= self.max_queue:
+                raise QueueFull(f"{self._queued} requests are waiting (limit {self.max_queue})")
+            self._queued += 1
+        req = _Request(next(self._ids), list(prompt), params, emit, stream=stream)
+        self._inbox.put(("add", req))
+        self._wake.set()
+        return req.id
+
+    def cancel(self, request_id: int) -> None:
+        self._inbox.put(("cancel", request_id))
+        self._wake.set()
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._loop, name="llamaforge-engine", daemon=True
+            )
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- the engine thread ------------------------------------------------------------
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while not self._stop.is_set():
+                self._drain()
+                if not (self._waiting or self._prefilling or self._running):
+                    self._update_stats()  # cancellations may have emptied the batch
+                    self._wake.wait(0.5)
+                    self._wake.clear()
+                    continue
+                try:
+                    self.step()
+                except Exception as e:  # a failed forward: fail what was in flight, go on
+                    traceback.print_exc()
+                    self._fail_all(f"internal error: {type(e).__name__}: {e}")
+            self._fail_all("the server is shutting down", waiting=True)
+
+    def _drain(self) -> None:
+        cancelled: set[int] = set()
+        while True:
+            try:
+                kind, item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "add":
+                self._waiting.append(item)
+            else:
+                cancelled.add(item)
+        if cancelled:
+            for req in [r for r in self._waiting if r.id in cancelled]:
+                self._waiting.remove(req)
+                self._dequeued()
+            for req in [r for r in self._prefilling if r.id in cancelled]:
+                self._prefilling.remove(req)
+                self._free.add(req.slot)
+            for req in [r for r in self._running if r.id in cancelled]:
+                self._retire(req)
+
+    def _dequeued(self) -> None:
+        with self._lock:
+            self._queued -= 1
+
+    def _fail_all(self, message: str, waiting: bool = False) -> None:
+        victims = self._prefilling + self._running + (list(self._waiting) if waiting else [])
+        for req in self._prefilling:
+            self._free.add(req.slot)
+        self._prefilling.clear()
+        while self._running:
+            self._retire(self._running[-1])
+        if waiting:
+            for _ in self._waiting:
+                self._dequeued()
+            self._waiting.clear()
+        for req in victims:
+            self._send(req, Output("", [], error=message))
+        self._update_stats()
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One scheduler step (the engine thread calls it; tests may too, with no thread)."""
+        self._admit()
+        self._prefill()
+        if self._running:
+            self._decode()
+        self.stats.steps += 1
+        self._update_stats()
+
+    def _update_stats(self) -> None:
+        s = self.stats
+        s.waiting, s.running, s.prefilling = (
+            len(self._waiting),
+            len(self._running),
+            len(self._prefilling),
+        )
+        s.kv_used = sum(r.cached for r in self._running) + sum(r.cached for r in self._prefilling)
+
+    def _admit(self) -> None:
+        while self._waiting and self._free:
+            req = self._waiting.popleft()
+            self._dequeued()
+            req.slot = max(self._free)  # low slots are where running rows live
+            self._free.discard(req.slot)
+            req.tracker = _TextTracker(self.tokenizer, req.prompt)
+            if req.params.seed is not None:
+                req.generator = torch.Generator(device=self.device)
+                req.generator.manual_seed(req.params.seed)
+            elif req.params.temperature > 0:
+                req.generator = torch.Generator(device=self.device)
+                req.generator.seed()
+            if req.params.prompt_logprobs:
+                req.prompt_lp = [TokenInfo(req.prompt[0])]
+            self._prefilling.append(req)
+            self.stats.prompt_tokens += len(req.prompt)
+
+    def _prefill(self) -> None:
+        budget = self.prefill_chunk
+        for req in list(self._prefilling):
+            if budget <= 0:
+                break
+            start = req.cached
+            end = min(len(req.prompt), start + budget)
+            budget -= end - start
+            chunk = torch.tensor([req.prompt[start:end]], dtype=torch.long, device=self.device)
+            self.cache.prefill(req.slot)
+            full = req.params.prompt_logprobs
+            logits = self.model(chunk, start, cache=self.cache, last_only=not full)[0].float()
+            req.cached = end
+            if full:
+                self._prompt_logprobs(req, logits, start, end)
+            if end < len(req.prompt):
+                continue
+            self._prefilling.remove(req)
+            self._to_running(req)
+            if req.params.max_tokens == 0:
+                req.finish = "length"
+                self._finish(req)
+                continue
+            last = logits[-1:]
+            if not bool(torch.isfinite(last).all()):
+                self._error(req, "the model's logits are NaN or Inf: no text can be generated")
+                continue
+            self._accept(req, last)
+
+    def _prompt_logprobs(self, req: _Request, logits: torch.Tensor, start: int, end: int) -> None:
+        assert req.prompt_lp is not None
+        nxt = req.prompt[start + 1 : end + 1]  # the tokens positions start..end-1 predict
+        if not nxt:
+            return
+        lp = torch.log_softmax(logits[: len(nxt)], dim=-1)
+        ids = torch.tensor(nxt, device=lp.device)
+        chosen = lp.gather(-1, ids[:, None])[:, 0].tolist()
+        k = req.params.logprobs or 0
+        tops: list[list[tuple[int, float]]] = [[] for _ in nxt]
+        if k > 0:
+            vals, idx = lp.topk(k, dim=-1)
+            tops = [list(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
+        req.prompt_lp += [TokenInfo(t, c, top) for t, c, top in zip(nxt, chosen, tops)]
+
+    def _to_running(self, req: _Request) -> None:
+        target = len(self._running)
+        if req.slot != target:
+            other = next((r for r in self._prefilling if r.slot == target), None)
+            if other is not None:
+                self.cache.swap(req.slot, req.cached, target, other.cached)
+                other.slot = req.slot
+            else:
+                self.cache.move(req.slot, target, req.cached)
+                self._free.add(req.slot)
+                self._free.discard(target)
+            req.slot = target
+        self._running.append(req)
+
+    def _decode(self) -> None:
+        rows = self._running
+        tokens = torch.tensor([[r.pending] for r in rows], dtype=torch.long, device=self.device)
+        pos = torch.tensor([r.cached for r in rows], dtype=torch.long, device=self.device)
+        self.cache.decode(pos)
+        width = int(pos.max()) + 1
+        mask = (torch.arange(width, device=self.device)[None, :] <= pos[:, None])[:, None, None]
+        logits = self.model(tokens, 0, mask=mask, positions=pos[:, None], cache=self.cache)
+        logits = logits[:, -1].float()
+        # a NaN or +inf anywhere makes the row's max non-finite: one small reduction
+        finite = torch.isfinite(logits.amax(dim=-1)).tolist()
+        greedy = logits.argmax(dim=-1).tolist()
+        batch = list(rows)
+        for req in batch:  # first: a row retiring below moves the others' new positions too
+            req.cached += 1
+        for i, req in enumerate(batch):
+            if not finite[i]:
+                self._error(req, "the model's logits are NaN or Inf: no text can be generated")
+                continue
+            self._accept(req, logits[i : i + 1], greedy[i])
+
+    def _accept(self, req: _Request, logits: torch.Tensor, greedy: int | None = None) -> None:
+        """Sample the next token from ``logits`` (1, vocab), follow the text, emit, and
+        retire the request when it is done."""
+        p = req.params
+        if p.temperature <= 0:
+            token = greedy if greedy is not None else int(logits.argmax(dim=-1))
+        else:
+            token = int(sample(logits, p.temperature, p.top_p, None, req.generator)[0])
+        if req.first_token_at is None:
+            req.first_token_at = time.monotonic()
+        self.stats.record_tokens(1)
+        info = TokenInfo(token)
+        if p.logprobs is not None:
+            lp = torch.log_softmax(logits[0], dim=-1)
+            info.logprob = float(lp[token])
+            if p.logprobs > 0:
+                vals, idx = lp.topk(p.logprobs)
+                info.top = list(zip(idx.tolist(), vals.tolist()))
+        req.new_tokens.append(info)  # eos too: it was generated (usage, logprobs)
+        req.n_generated += 1
+        if token == self.tokenizer.eos_id:
+            req.finish = "stop"
+        else:
+            req.generated.append(token)
+            req.pending = token
+            assert req.tracker is not None
+            req.text = req.tracker.text(req.generated)
+            hit = min((req.text.find(s) for s in p.stop if s in req.text), default=-1)
+            if hit >= 0:
+                req.text, req.finish = req.text[:hit], "stop"
+            elif len(req.generated) >= p.max_tokens or req.cached + 1 >= self.max_seq_len:
+                req.finish = "length"
+        if req.finish is not None:
+            self._finish(req)
+        else:
+            self._flush(req, final=False)
+
+    def _flush(self, req: _Request, final: bool) -> None:
+        if not (final or req.stream):
+            return
+        text = req.text
+        if not final:
+            text = text.rstrip("\ufffd")
+            safe = len(text)
+            for s in req.params.stop:
+                for k in range(min(len(s) - 1, len(text)), 0, -1):
+                    if text.endswith(s[:k]):
+                        safe = min(safe, len(text) - k)
+                        break
+            text = text[:safe]
+        delta = text[req.emitted :] if len(text) > req.emitted else ""
+        req.emitted = max(req.emitted, len(text))
+        first = req.prompt_lp is not None
+        if not (delta or req.new_tokens or final or first):
+            return
+        out = Output(
+            delta,
+            req.new_tokens,
+            finish_reason=req.finish if final else None,
+            prompt_tokens=len(req.prompt),
+            completion_tokens=req.n_generated,
+            prompt_logprobs=req.prompt_lp,
+        )
+        req.new_tokens, req.prompt_lp = [], None
+        self._send(req, out)
+
+    def _finish(self, req: _Request) -> None:
+        if req in self._running:
+            self._retire(req)
+        self._flush(req, final=True)
+
+    def _error(self, req: _Request, message: str) -> None:
+        if req in self._running:
+            self._retire(req)
+        self._send(req, Output("", [], error=message))
+
+    def _retire(self, req: _Request) -> None:
+        """Free ``req``'s slot, moving the last running row into it."""
+        i = self._running.index(req)
+        last = self._running.pop()
+        if last is not req:
+            self.cache.move(last.slot, i, last.cached)
+            last.slot = i
+            self._running[i] = last
+        freed = len(self._running)
+        self._free.add(freed)
+
+    def _send(self, req: _Request, out: Output) -> None:
+        try:
+            req.emit(out)
+        except Exception:  # a consumer gone away must not stop the engine
+            traceback.print_exc()

@@ -1,0 +1,65 @@
+"""Prometheus metrics of one server, in a registry of its own (two apps in one process, as
+tests make, do not collide)."""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from .engine import EngineStats
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class ServeMetrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, stats: EngineStats) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "llamaforge_requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
+            registry=r,
+        )  # fmt: skip
+        self.prompt_tokens = Counter(
+            "llamaforge_prompt_tokens", "prompt tokens of finished requests", registry=r
+        )
+        self.generated_tokens = Counter(
+            "llamaforge_generated_tokens", "tokens generated for finished requests", registry=r
+        )
+        self.latency = Histogram(
+            "llamaforge_request_latency_seconds", "time from request to its last token",
+            ["endpoint"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.ttft = Histogram(
+            "llamaforge_time_to_first_token_seconds", "time from request to its first token",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        for endpoint in ("completions", "chat"):  # every series from the start
+            self.latency.labels(endpoint)
+        gauges = {
+            "llamaforge_queue_depth": ("requests waiting for a cache slot", lambda: stats.waiting),
+            "llamaforge_running_requests": (
+                "requests in the batch (prefilling or decoding)",
+                lambda: stats.running + stats.prefilling,
+            ),
+            "llamaforge_kv_cache_usage_ratio": (
+                "fraction of the KV cache's positions in use",
+                lambda: stats.kv_used / max(stats.kv_total, 1),
+            ),
+            "llamaforge_kv_cache_positions": ("KV cache size in positions", lambda: stats.kv_total),
+            "llamaforge_tokens_per_second": (
+                "tokens generated per second over the last 10 s",
+                stats.tokens_per_second,
+            ),
+        }
+        for name, (doc, fn) in gauges.items():
+            Gauge(name, doc, registry=r).set_function(fn)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
