@@ -96,8 +96,8 @@ class TrainConfig:
     dtype: Literal["auto", "fp32", "bf16"] = setting("auto", "auto: bf16 on CUDA, fp32 on CPU")
     device: str = setting("auto", "auto | cpu | cuda | cuda:N")
     parallel: Literal["fsdp", "ddp"] = setting("fsdp", "data parallelism with >1 process")
-    activation_checkpointing: Literal["none", "full", "selective"] = setting(
-        "none", "selective: the paper's (keep matmul outputs, recompute the rest)"
+    activation_checkpointing: Literal["none", "full", "selective", "manual"] = setting(
+        "none", "selective: keep matmul outputs, recompute the rest; manual: the same, by hand"
     )
     compile: bool | Literal["auto"] = setting("auto", "torch.compile per block (auto: on CUDA)")
     max_skipped_steps: int = setting(5, "consecutive non-finite steps skipped before stopping")
