@@ -194,7 +194,12 @@ class BlockFunction(torch.autograd.Function):
     cache. ``mask``: None (causal) or boolean, broadcastable to (b, 1, s, s), True = attend.
     The linear weights all have the compute dtype; x and the norm gains keep theirs.
     ``kernel``: the attention implementation, "auto" (the fused kernel of the device where
-    there is one) or "cpu-flash" | "cuda-flash" | "math"."""
+    there is one) or "cpu-flash" | "cuda-flash" | "math".
+
+    Tensor parallelism (Megatron's layout) with ``tp_group``: the weights are this rank's
+    shards — wq/wk/wv/w1/w3 split by output rows (whole heads, hidden units), wo/w2 by input
+    columns — and x is replicated. The outputs of wo and w2 are then partial sums, all-reduced
+    in the forward; the gradients of the norms' outputs likewise in the backward."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -215,6 +220,7 @@ class BlockFunction(torch.autograd.Function):
         head_dim: int,
         eps: float,
         kernel: str = "auto",
+        tp_group: Any = None,
     ) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         cd = wq.dtype  # the compute dtype of the linear layers
@@ -227,13 +233,13 @@ class BlockFunction(torch.autograd.Function):
         kind = _attention_kind(qh, mask) if kernel == "auto" else kernel
         o, lse, extras = attention_forward(qh, kh, vh, mask, kind)
         del qh, kh, vh
-        ao = F.linear(o.transpose(1, 2).reshape(bsz, seqlen, -1), wo)
+        ao = _all_reduce(F.linear(o.transpose(1, 2).reshape(bsz, seqlen, -1), wo), tp_group)
         h = x + ao
         # feed-forward
         n2 = _rms_norm(h, ffn_norm, eps)[0].to(cd)
         u, t = F.linear(n2, w1), F.linear(n2, w3)
         del n2
-        out = h + F.linear(F.silu(u) * t, w2)
+        out = h + _all_reduce(F.linear(F.silu(u) * t, w2), tp_group)
 
         tensors = [x, cos, sin, attn_norm, wq, wk, wv, wo, ffn_norm, w1, w2, w3]
         tensors += [q, k, v, o, lse, ao, u, t]
@@ -241,6 +247,7 @@ class BlockFunction(torch.autograd.Function):
         tensors += [e for e in extras if isinstance(e, torch.Tensor)]
         ctx.save_for_backward(*tensors)
         ctx.has_mask, ctx.kind, ctx.head_dim, ctx.eps = mask is not None, kind, head_dim, eps
+        ctx.tp_group = tp_group
         ctx.extras = [None if isinstance(e, torch.Tensor) else e for e in extras]
         return out
 
@@ -271,8 +278,9 @@ class BlockFunction(torch.autograd.Function):
         dn2_u, dw1 = _linear_backward(du, n2c, w1)
         dn2_t, dw3 = _linear_backward(dt, n2c, w3)
         del du, dt, n2c
-        dh, dffn_norm = _rms_norm_backward((dn2_u + dn2_t).to(n2.dtype), h, ffn_norm, y2, r2)
-        del n2, y2, r2, dn2_u, dn2_t
+        dn2 = _all_reduce(dn2_u + dn2_t, ctx.tp_group)  # each rank's hidden units: a partial sum
+        dh, dffn_norm = _rms_norm_backward(dn2.to(n2.dtype), h, ffn_norm, y2, r2)
+        del n2, y2, r2, dn2_u, dn2_t, dn2
         dh = grad + dh  # the residual path, then h = x + ao
 
         # ao = wo(o)
@@ -299,14 +307,14 @@ class BlockFunction(torch.autograd.Function):
         dn1_k, dwk = _linear_backward(dk, n1c, wk)
         dn1_v, dwv = _linear_backward(dv, n1c, wv)
         del n1c, dq, dk, dv
-        dn1 = (dn1_q + dn1_k + dn1_v).to(n1.dtype)
+        dn1 = _all_reduce(dn1_q + dn1_k + dn1_v, ctx.tp_group).to(n1.dtype)  # over the heads
         dx, dattn_norm = _rms_norm_backward(dn1, x, attn_norm, y1, r1)
         dx = dh.to(x.dtype) + dx
         return (
             dx, None, None, None,
             dattn_norm, dwq, dwk, dwv, dwo,
             dffn_norm, dw1, dw2, dw3,
-            None, None, None,
+            None, None, None, None,
         )  # fmt: skip
 
 
@@ -335,8 +343,50 @@ def _heads(
 # -- making a block use it ---------------------------------------------------------------------
 
 
+def _all_reduce(t: torch.Tensor, group: Any) -> torch.Tensor:
+    """Sum ``t`` over the tensor-parallel group in place (nothing without one)."""
+    if group is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(t, group=group)
+    return t
+
+
 def _is_dtensor(t: torch.Tensor) -> bool:
     return type(t).__name__ == "DTensor"
+
+
+def _tp_local(
+    weights: tuple[torch.Tensor, ...], gains: tuple[torch.Tensor, ...], x: torch.Tensor
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], Any]:
+    """This rank's shards of tensor-parallel (DTensor) weights and the tensor-parallel group.
+
+    Supported: one mesh dimension, wq/wk/wv/w1/w3 ``Shard(0)`` (colwise), wo/w2 ``Shard(1)``
+    (rowwise), the norm gains replicated, a replicated (plain) block input. ``to_local`` is
+    differentiable: the shards' gradients come back as DTensors of the same layout."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    def refuse(why: str) -> NotImplementedError:
+        return NotImplementedError(
+            f"activation_checkpointing='manual' with this tensor-parallel layout ({why}) is "
+            "not supported; use 'selective' (the same tensors kept, by torch's checkpointing)"
+        )
+
+    if isinstance(x, DTensor) and any(not isinstance(p, Replicate) for p in x.placements):
+        raise refuse(f"block input placed {x.placements}, sequence parallelism")
+    if not all(isinstance(w, DTensor) for w in weights):
+        raise refuse("some linear weights are DTensors, others not")
+    mesh = weights[0].device_mesh
+    expected = (Shard(0), Shard(0), Shard(0), Shard(1), Shard(0), Shard(1), Shard(0))
+    for w, want in zip(weights, expected):
+        if w.device_mesh != mesh or tuple(w.placements) != (want,):
+            raise refuse(f"a weight placed {tuple(w.placements)} on {w.device_mesh}")
+    for g in gains:
+        if isinstance(g, DTensor) and any(not isinstance(p, Replicate) for p in g.placements):
+            raise refuse(f"a norm gain placed {g.placements}")
+    local = tuple(w.to_local() for w in weights)
+    local_gains = tuple(g.to_local() if isinstance(g, DTensor) else g for g in gains)
+    return local, local_gains, mesh.get_group()
 
 
 def _manual_forward(
@@ -355,13 +405,13 @@ def _manual_forward(
         return type(self).forward(self, x, cos, sin, mask, cache, start_pos)
     weights = (attn.wq.weight, attn.wk.weight, attn.wv.weight, attn.wo.weight)
     weights += (ffn.w1.weight, ffn.w2.weight, ffn.w3.weight)
-    if any(_is_dtensor(w) for w in weights) or _is_dtensor(x):
-        # Under tensor parallelism the weights are DTensors sharded over heads / hidden
-        # units; the Function would need the row-parallel all-reduces written in by hand.
-        raise NotImplementedError(
-            "activation_checkpointing='manual' with tensor parallelism (tp > 1) is not "
-            "supported yet; use 'selective' (the same tensors kept, by torch's checkpointing)"
-        )
+    gains = (self.attention_norm.weight, self.ffn_norm.weight)
+    tp_group, x_dtensor = None, x if _is_dtensor(x) else None
+    if any(_is_dtensor(w) for w in weights) or x_dtensor is not None:
+        # tensor parallelism: the Function runs on this rank's heads and hidden units
+        weights, gains, tp_group = _tp_local(weights, gains, x)
+        if x_dtensor is not None:
+            x = x.to_local()  # type: ignore[attr-defined]
     device = x.device.type
     if torch.is_autocast_enabled(device):
         cd = torch.get_autocast_dtype(device)
@@ -370,12 +420,17 @@ def _manual_forward(
     if mask is not None and mask.dtype != torch.bool:
         raise ValueError(f"manual backward: the attention mask must be boolean, got {mask.dtype}")
     with torch.autocast(device, enabled=False):
-        return BlockFunction.apply(
+        out = BlockFunction.apply(
             x, cos, sin, mask,
-            self.attention_norm.weight, wq, wk, wv, wo,
-            self.ffn_norm.weight, w1, w2, w3,
-            attn.head_dim, self.attention_norm.eps,
+            gains[0], wq, wk, wv, wo,
+            gains[1], w1, w2, w3,
+            attn.head_dim, self.attention_norm.eps, "auto", tp_group,
         )  # fmt: skip
+    if x_dtensor is not None:  # replicated in, replicated out
+        from torch.distributed.tensor import DTensor
+
+        out = DTensor.from_local(out, x_dtensor.device_mesh, x_dtensor.placements)
+    return out
 
 
 def use_manual_backward(block: nn.Module) -> nn.Module:
