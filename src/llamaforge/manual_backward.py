@@ -248,7 +248,10 @@ class BlockFunction(torch.autograd.Function):
         ctx.save_for_backward(*tensors)
         ctx.has_mask, ctx.kind, ctx.head_dim, ctx.eps = mask is not None, kind, head_dim, eps
         ctx.tp_group = tp_group
-        ctx.extras = [None if isinstance(e, torch.Tensor) else e for e in extras]
+        # the kernel's extras: tensors go through save_for_backward, the rest (sizes, and
+        # the None a kernel returns for an undefined tensor) is kept as it is
+        ctx.extras = [(isinstance(e, torch.Tensor), None if isinstance(e, torch.Tensor) else e)
+                      for e in extras]  # fmt: skip
         return out
 
     @staticmethod
@@ -258,7 +261,7 @@ class BlockFunction(torch.autograd.Function):
         q, k, v, o, lse, ao, u, t = saved[12:20]
         rest = saved[20:]
         mask = rest.pop(0) if ctx.has_mask else None
-        extras = tuple(e if e is not None else rest.pop(0) for e in ctx.extras)
+        extras = tuple(rest.pop(0) if saved else value for saved, value in ctx.extras)
         eps, head_dim, cd = ctx.eps, ctx.head_dim, wq.dtype
         bsz, seqlen, _ = x.shape
         n_heads, n_kv = wq.shape[0] // head_dim, wk.shape[0] // head_dim
