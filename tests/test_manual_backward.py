@@ -116,6 +116,15 @@ def test_no_grad_and_kv_cache_take_the_normal_forward():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_lora_layers_are_refused_not_silently_dropped():
+    from llamaforge.finetune.lora import LoraConfig, apply_lora
+
+    model = build_model(get_preset("1M", n_layers=1))
+    apply_lora(model, LoraConfig(enabled=True, targets=["wq", "w2"]))
+    with pytest.raises(ValueError, match=r"layers\.0\.attention\.wq is a LoraLinear.*selective"):
+        apply_activation_checkpointing(model, "manual")
+
+
 class _Saved:
     """Bytes of the tensors autograd saves for the backward pass, parameters left out."""
 

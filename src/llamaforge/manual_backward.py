@@ -392,6 +392,26 @@ def _tp_local(
     return local, local_gains, mesh.get_group()
 
 
+def _linears(block: nn.Module) -> list[tuple[str, nn.Module]]:
+    attn, ffn = block.attention, block.feed_forward
+    names = ("wq", "wk", "wv", "wo")
+    return [(f"attention.{n}", getattr(attn, n)) for n in names] + [
+        (f"feed_forward.{n}", getattr(ffn, n)) for n in ("w1", "w2", "w3")
+    ]
+
+
+def _check_plain_linears(block: nn.Module) -> None:
+    """The Function computes ``x @ weight.T``: a layer that does more (a LoRA adapter, a
+    quantized weight, a bias) would be silently dropped, so it is refused."""
+    for name, layer in _linears(block):
+        if type(layer) is not nn.Linear or layer.bias is not None:
+            raise ValueError(
+                f"activation_checkpointing='manual' needs plain bias-free nn.Linear layers, but "
+                f"layers.{block.layer_id}.{name} is a {type(layer).__name__} (LoRA or "
+                "quantized weights?); use 'selective' there"
+            )
+
+
 def _manual_forward(
     self: nn.Module,
     x: torch.Tensor,
@@ -406,6 +426,7 @@ def _manual_forward(
     if cache is not None or not torch.is_grad_enabled():
         # decoding or evaluation: nothing to save, the normal forward is the cheaper one
         return type(self).forward(self, x, cos, sin, mask, cache, start_pos)
+    _check_plain_linears(self)  # (cheap; adapters could be added after use_manual_backward)
     weights = (attn.wq.weight, attn.wk.weight, attn.wv.weight, attn.wo.weight)
     weights += (ffn.w1.weight, ffn.w2.weight, ffn.w3.weight)
     gains = (self.attention_norm.weight, self.ffn_norm.weight)
@@ -441,6 +462,7 @@ def use_manual_backward(block: nn.Module) -> nn.Module:
     in place (the instance's ``forward`` is replaced), returns the block."""
     if not all(hasattr(block, n) for n in ("attention", "feed_forward", "attention_norm")):
         raise TypeError(f"use_manual_backward: {type(block).__name__} is not a TransformerBlock")
+    _check_plain_linears(block)
     if block.attention_norm.eps != block.ffn_norm.eps:
         raise ValueError("use_manual_backward: the block's two norms have different eps")
     block.forward = types.MethodType(_manual_forward, block)  # type: ignore[method-assign]
