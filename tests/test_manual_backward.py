@@ -159,6 +159,38 @@ def test_saved_tensors_are_the_linear_outputs_and_attention_with_its_lse():
     assert saved.bytes == expected
 
 
+def test_autocast_bf16_keeps_no_weight_copies_and_matches_autograd():
+    """Under autocast the linear layers compute in bf16 from fp32 weights cast where used:
+    the saved tensors are the bf16 activations (x and the log-sum-exp in fp32), no bf16 copy
+    of any weight; the gradients are autograd's up to bf16 rounding."""
+    args = get_preset("1M", n_kv_heads=2)
+    torch.manual_seed(0)
+    base = build_model(args)
+    manual = copy.deepcopy(base)
+    apply_activation_checkpointing(manual, "manual")
+    bsz, seqlen = 2, 64
+    saved = _Saved({id(p) for p in manual.parameters()})
+    x = torch.randn(bsz, seqlen, args.dim, requires_grad=True)
+    cos, sin = rope_cos_sin(args.head_dim, args.rope_theta, torch.arange(seqlen))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+            manual.layers[0](x, cos, sin, None)
+    kv_dim = args.kv_heads * args.head_dim
+    bf16 = 2 * (3 * args.dim + 2 * kv_dim + 2 * args.ffn_hidden_dim)  # q k v o ao u t
+    fp32 = 4 * (args.dim + args.n_heads)  # x, lse
+    assert saved.bytes == bsz * seqlen * (bf16 + fp32) + cos.nbytes + sin.nbytes
+
+    tokens = torch.randint(0, args.vocab_size, (2, 65), generator=torch.Generator().manual_seed(4))
+    grads = []
+    for model in (base, manual):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            grads.append(_loss_and_grads(model, tokens)[1])
+    for name, ref in grads[0].items():
+        got = grads[1][name]
+        assert got.dtype == torch.float32
+        assert ((got - ref).norm() / ref.norm()).item() < 2e-2, name
+
+
 class _LiveBytes(TorchDispatchMode):
     """Bytes of the tensors created inside the mode that are still alive."""
 

@@ -27,9 +27,11 @@ mask; anything else (fp32 or a mask on CUDA, other devices) uses a plain matmul-
 implementation that saves the same statistics. Grouped-query attention expands the key/value
 heads for the kernel and sums their gradients back over each group.
 
-Dtypes follow the model's exactly: under autocast (the single-process bf16 path) the linear
-layers' weights are cast to the autocast dtype before the Function (autograd casts their
-gradients back), the residual stream keeps its dtype, RMSNorm and RoPE compute in fp32.
+Dtypes follow the model's: under autocast (the single-process bf16 path) the linear layers
+compute in the autocast dtype, their fp32 weights cast where used (in the forward, again in
+the backward: no bf16 copy of the weights is kept, as selective checkpointing keeps none)
+and their gradients returned in fp32; the residual stream keeps its dtype; RMSNorm and RoPE
+compute in fp32.
 """
 
 from __future__ import annotations
@@ -85,9 +87,10 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 def _linear_backward(
     grad: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(d input, d weight) of out = inp @ weight.T, over flattened tokens."""
+    """(d input, d weight) of out = inp @ weight.T over flattened tokens, computed in the
+    compute dtype (grad's); d weight in the weight's own dtype (fp32 master weights)."""
     dweight = grad.reshape(-1, grad.shape[-1]).t() @ inp.reshape(-1, inp.shape[-1])
-    return grad @ weight, dweight
+    return grad @ weight.to(grad.dtype), dweight.to(weight.dtype)
 
 
 # -- attention with its log-sum-exp ------------------------------------------------------------
@@ -192,7 +195,8 @@ class BlockFunction(torch.autograd.Function):
     """out = h + w2(silu(w1·n₂) ⊙ w3·n₂), n₂ = ffn_norm(h); h = x + wo(attn(rope(wq·n₁),
     rope(wk·n₁), wv·n₁)), n₁ = attention_norm(x) — ``TransformerBlock.forward`` without a
     cache. ``mask``: None (causal) or boolean, broadcastable to (b, 1, s, s), True = attend.
-    The linear weights all have the compute dtype; x and the norm gains keep theirs.
+    The linear layers compute in ``compute_dtype`` (default: the weights'), their weights are
+    cast to it where used; x and the norm gains keep their dtypes.
     ``kernel``: the attention implementation, "auto" (the fused kernel of the device where
     there is one) or "cpu-flash" | "cuda-flash" | "math".
 
@@ -221,25 +225,28 @@ class BlockFunction(torch.autograd.Function):
         eps: float,
         kernel: str = "auto",
         tp_group: Any = None,
+        compute_dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
-        cd = wq.dtype  # the compute dtype of the linear layers
+        # the linear layers' compute dtype (autocast's): weights are cast where they are used,
+        # as temporaries, so that no low-precision copy of them is kept for the backward
+        cd = compute_dtype or wq.dtype
         n_heads, n_kv = wq.shape[0] // head_dim, wk.shape[0] // head_dim
         # attention
         n1 = _rms_norm(x, attn_norm, eps)[0].to(cd)
-        q, k, v = F.linear(n1, wq), F.linear(n1, wk), F.linear(n1, wv)
+        q, k, v = F.linear(n1, wq.to(cd)), F.linear(n1, wk.to(cd)), F.linear(n1, wv.to(cd))
         del n1
         qh, kh, vh = _heads(q, k, v, cos, sin, head_dim, n_heads, n_kv)
         kind = _attention_kind(qh, mask) if kernel == "auto" else kernel
         o, lse, extras = attention_forward(qh, kh, vh, mask, kind)
         del qh, kh, vh
-        ao = _all_reduce(F.linear(o.transpose(1, 2).reshape(bsz, seqlen, -1), wo), tp_group)
+        ao = _all_reduce(F.linear(o.transpose(1, 2).reshape(bsz, seqlen, -1), wo.to(cd)), tp_group)
         h = x + ao
         # feed-forward
         n2 = _rms_norm(h, ffn_norm, eps)[0].to(cd)
-        u, t = F.linear(n2, w1), F.linear(n2, w3)
+        u, t = F.linear(n2, w1.to(cd)), F.linear(n2, w3.to(cd))
         del n2
-        out = h + _all_reduce(F.linear(F.silu(u) * t, w2), tp_group)
+        out = h + _all_reduce(F.linear(F.silu(u) * t, w2.to(cd)), tp_group)
 
         tensors = [x, cos, sin, attn_norm, wq, wk, wv, wo, ffn_norm, w1, w2, w3]
         tensors += [q, k, v, o, lse, ao, u, t]
@@ -247,7 +254,7 @@ class BlockFunction(torch.autograd.Function):
         tensors += [e for e in extras if isinstance(e, torch.Tensor)]
         ctx.save_for_backward(*tensors)
         ctx.has_mask, ctx.kind, ctx.head_dim, ctx.eps = mask is not None, kind, head_dim, eps
-        ctx.tp_group = tp_group
+        ctx.tp_group, ctx.cd = tp_group, cd
         # the kernel's extras: tensors go through save_for_backward, the rest (sizes, and
         # the None a kernel returns for an undefined tensor) is kept as it is
         ctx.extras = [(isinstance(e, torch.Tensor), None if isinstance(e, torch.Tensor) else e)
@@ -262,7 +269,7 @@ class BlockFunction(torch.autograd.Function):
         rest = saved[20:]
         mask = rest.pop(0) if ctx.has_mask else None
         extras = tuple(rest.pop(0) if saved else value for saved, value in ctx.extras)
-        eps, head_dim, cd = ctx.eps, ctx.head_dim, wq.dtype
+        eps, head_dim, cd = ctx.eps, ctx.head_dim, ctx.cd
         bsz, seqlen, _ = x.shape
         n_heads, n_kv = wq.shape[0] // head_dim, wk.shape[0] // head_dim
 
@@ -317,7 +324,7 @@ class BlockFunction(torch.autograd.Function):
             dx, None, None, None,
             dattn_norm, dwq, dwk, dwv, dwo,
             dffn_norm, dw1, dw2, dw3,
-            None, None, None, None,
+            None, None, None, None, None,
         )  # fmt: skip
 
 
@@ -437,9 +444,8 @@ def _manual_forward(
         if x_dtensor is not None:
             x = x.to_local()  # type: ignore[attr-defined]
     device = x.device.type
-    if torch.is_autocast_enabled(device):
-        cd = torch.get_autocast_dtype(device)
-        weights = tuple(w.to(cd) for w in weights)  # as autocast casts them for F.linear
+    # autocast (one process, bf16): the linear layers compute in its dtype, as F.linear would
+    cd = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
     wq, wk, wv, wo, w1, w2, w3 = weights
     if mask is not None and mask.dtype != torch.bool:
         raise ValueError(f"manual backward: the attention mask must be boolean, got {mask.dtype}")
@@ -448,7 +454,7 @@ def _manual_forward(
             x, cos, sin, mask,
             gains[0], wq, wk, wv, wo,
             gains[1], w1, w2, w3,
-            attn.head_dim, self.attention_norm.eps, "auto", tp_group,
+            attn.head_dim, self.attention_norm.eps, "auto", tp_group, cd,
         )  # fmt: skip
     if x_dtensor is not None:  # replicated in, replicated out
         from torch.distributed.tensor import DTensor
