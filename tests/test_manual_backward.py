@@ -258,7 +258,7 @@ def test_pretrain_manual_matches_none_in_one_and_two_processes(corpus, tmp_path)
 def test_tensor_parallel_blocks_match_autograd_on_the_full_model():
     """Two torchrun processes (Gloo), each block's linear layers split colwise/rowwise over
     them: the manual backward on the local shards, with its all-reduces, gives the loss and
-    gradients of the unsharded model under autograd."""
+    gradients of the unsharded model under autograd. Sequence parallelism is refused."""
     import json
     import os
     import subprocess
@@ -279,3 +279,4 @@ def test_tensor_parallel_blocks_match_autograd_on_the_full_model():
     for r in rows:
         assert r["sharded"] == 7 * 8 and r["n_grads"] == 75, r  # 7 linears in 8 blocks
         assert r["loss_diff"] < 1e-6 and r["grad_diff"] < 1e-5, r
+        assert "sequence parallelism" in r["sp_refused"] and "selective" in r["sp_refused"], r

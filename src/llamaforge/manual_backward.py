@@ -372,7 +372,8 @@ def _tp_local(
     """This rank's shards of tensor-parallel (DTensor) weights and the tensor-parallel group.
 
     Supported: one mesh dimension, wq/wk/wv/w1/w3 ``Shard(0)`` (colwise), wo/w2 ``Shard(1)``
-    (rowwise), the norm gains replicated, a replicated (plain) block input. ``to_local`` is
+    (rowwise), the norms not split (plain gains), a replicated block input. Refused: sequence
+    parallelism (what ``distributed.apply_tensor_parallel`` sets up for training). ``to_local`` is
     differentiable: the shards' gradients come back as DTensors of the same layout."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
@@ -391,12 +392,11 @@ def _tp_local(
     for w, want in zip(weights, expected):
         if w.device_mesh != mesh or tuple(w.placements) != (want,):
             raise refuse(f"a weight placed {tuple(w.placements)} on {w.device_mesh}")
-    for g in gains:
-        if isinstance(g, DTensor) and any(not isinstance(p, Replicate) for p in g.placements):
-            raise refuse(f"a norm gain placed {g.placements}")
-    local = tuple(w.to_local() for w in weights)
-    local_gains = tuple(g.to_local() if isinstance(g, DTensor) else g for g in gains)
-    return local, local_gains, mesh.get_group()
+    if any(isinstance(g, DTensor) for g in gains):
+        # SequenceParallel on the norms (their gains become DTensors): the block input is then
+        # this rank's slice of the sequence, a plain tensor that cannot be told apart here
+        raise refuse("sequence parallelism: the norms are split over the sequence")
+    return tuple(w.to_local() for w in weights), gains, mesh.get_group()
 
 
 def _linears(block: nn.Module) -> list[tuple[str, nn.Module]]:
