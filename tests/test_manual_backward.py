@@ -17,7 +17,7 @@ from llamaforge.model import ModelArgs, build_model, rope_cos_sin
 from llamaforge.optim import cross_entropy
 from llamaforge.presets import get_preset
 
-from .test_pretrain import corpus, metrics, run  # noqa: F401 (corpus is a fixture)
+from .test_pretrain import command, corpus, env, metrics, run  # noqa: F401 (corpus: a fixture)
 
 TINY = ModelArgs(dim=16, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=10, multiple_of=8)
 
@@ -280,3 +280,22 @@ def test_tensor_parallel_blocks_match_autograd_on_the_full_model():
         assert r["sharded"] == 7 * 8 and r["n_grads"] == 75, r  # 7 linears in 8 blocks
         assert r["loss_diff"] < 1e-6 and r["grad_diff"] < 1e-5, r
         assert "sequence parallelism" in r["sp_refused"] and "selective" in r["sp_refused"], r
+
+
+@pytest.mark.slow
+def test_pretrain_with_tensor_parallelism_refuses_manual_clearly(corpus, tmp_path):  # noqa: F811
+    """Training's tensor parallelism is sequence-parallel: ``manual`` stops at build time with
+    an error naming the layout and the alternative, before any step."""
+    import subprocess
+
+    args = ("steps=2", "eval_every=0", "parallel.tp=2", "activation_checkpointing=manual")
+    proc = subprocess.run(
+        command(corpus, tmp_path / "tp", *args, nproc=2),
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    assert "sequence parallelism" in proc.stderr and "use 'selective'" in proc.stderr
+    assert not (tmp_path / "tp" / "metrics.jsonl").exists()

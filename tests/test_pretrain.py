@@ -124,7 +124,7 @@ def test_two_processes_match_one_and_reshard_on_resume(corpus, tmp_path):
     assert sorted(ref) == list(range(1, 11))
     for parallel in ("fsdp", "ddp"):
         two = tmp_path / parallel
-        run(corpus, two, f"parallel={parallel}", val3, nproc=2)
+        run(corpus, two, f"parallel.data={parallel}", val3, nproc=2)
         got = metrics(two)
         assert sorted(got) == sorted(ref)
         for step in ref:
@@ -231,7 +231,7 @@ def test_indivisible_batch_tokens_is_a_clear_error(corpus, tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"batch_tokens=250 .*micro_batch \(4\).*seq_len \(32\)"):
         run_pretrain(cfg_of(corpus, tmp_path / "bad", "batch_tokens=250"))
     assert cli_main(["pretrain", *overrides(corpus, tmp_path / "bad", "batch_tokens=250")]) == 2
-    assert "world_size (1) = 128" in capsys.readouterr().err
+    assert "data-parallel ranks (1) = 128" in capsys.readouterr().err
     assert not (tmp_path / "bad" / "metrics.jsonl").exists()
 
 
@@ -241,7 +241,7 @@ TABLE2 = {"7B": 6_738_415_616, "13B": 13_015_864_320, "33B": 32_528_943_616, "65
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "pretrain").glob("*.toml")), ids=str)
 def test_shipped_configs_are_valid(path):
     from llamaforge.flops import count_params
-    from llamaforge.trainer import check_config, grad_accum_steps, model_args
+    from llamaforge.trainer import check_config, grad_accum_steps, layout_of, model_args
 
     cfg = load_config(PretrainConfig, path)
     check_config(cfg)
@@ -256,8 +256,8 @@ def test_shipped_configs_are_valid(path):
         tokens = 1.0e12 if size in ("7B", "13B") else 1.4e12
         assert abs(cfg.steps * cfg.batch_tokens - tokens) < cfg.batch_tokens
         assert cfg.optim.warmup_steps == 2000 and cfg.activation_checkpointing == "selective"
-        for world in (8, 64, 256, 2048):
-            assert grad_accum_steps(cfg, seq, world) >= 1
+        for world in (8, 64, 256, 2048):  # GPUs; a tensor group reads one batch part
+            assert grad_accum_steps(cfg, seq, layout_of(cfg, world).dp) >= 1
     else:
         assert grad_accum_steps(cfg, seq, 1) >= 1
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from .cli import tokenizer_path
 from .config import add_config_help
@@ -24,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     i = subparsers.add_parser(
         "info", help="parameters, FLOPs per token and training memory of a model"
     )
-    src = i.add_mutually_exclusive_group(required=True)
+    src = i.add_mutually_exclusive_group()
     src.add_argument("--preset", help="1M, 15M, 110M, 1B, 7B, 13B, 33B or 65B")
     src.add_argument("--ckpt", help="a checkpoint directory (reads its params.json)")
     i.add_argument(
@@ -33,6 +34,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     i.add_argument("--vocab-size", type=int, default=32000, help="when params.json says -1")
     i.add_argument(
         "--micro-batch", type=int, default=1, help="sequences per step for the activations"
+    )
+    i.add_argument(
+        "--tp", type=int, default=None, help="per-GPU memory with this many tensor-parallel ranks"
+    )
+    i.add_argument(
+        "--dp", type=int, default=None, help="... and this many FSDP2 (data-parallel) ranks"
+    )
+    i.add_argument(
+        "--gpu-memory", type=float, default=80.0, help="GiB per GPU for 'fits' (default 80)"
+    )
+    i.add_argument(
+        "--layouts",
+        action="store_true",
+        help="print a markdown table of per-GPU memory for the Table 2 sizes over layouts",
     )
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(func=_info)
@@ -114,6 +129,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
     g.add_argument("--dtype", help="float32, bfloat16, float16 (default: as stored)")
     g.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        help="tensor parallelism: split the model over N processes (run under torchrun "
+        "--nproc_per_node N; rank 0 prints)",
+    )
+    g.add_argument(
         "--strict",
         action="store_true",
         help="refuse a checkpoint with NaN/Inf weights (default: load it with a warning)",
@@ -141,6 +163,13 @@ def _info(a: argparse.Namespace) -> int:
         training_memory,
     )
 
+    if a.layouts:
+        from .flops import layout_table
+
+        print(layout_table(a.gpu_memory, a.seq_len or 2048, a.micro_batch), end="")
+        return 0
+    if not (a.preset or a.ckpt):
+        raise ValueError("give --preset SIZE or --ckpt DIR (or --layouts)")
     args, what = _model_args_for(a)
     if args.vocab_size <= 0:
         args.vocab_size = a.vocab_size
@@ -167,6 +196,25 @@ def _info(a: argparse.Namespace) -> int:
             for mode in ("none", "selective", "full")
         },
     }
+    layout = None
+    if a.tp is not None or a.dp is not None:
+        from .flops import AC_FOR_LAYOUT, layout_memory, layout_total
+
+        tp, dp = a.tp or 1, a.dp or 1
+        if tp < 1 or dp < 1:
+            raise ValueError(f"--tp {tp} and --dp {dp} must be >= 1")
+        layout = {
+            "tp": tp,
+            "dp_shard": dp,
+            "gpus": tp * dp,
+            "bytes_per_gpu": {
+                m: layout_memory(
+                    args, tp=tp, dp_shard=dp, seq_len=seq, micro_batch=a.micro_batch, mode=m
+                )  # fmt: skip
+                for m in AC_FOR_LAYOUT
+            },
+        }
+        info["layout"] = layout
     if a.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -193,6 +241,29 @@ def _info(a: argparse.Namespace) -> int:
         total = human_bytes(n + mem.total)
         print(f"    {mode:<18}{human_bytes(n):>12}   (step total {total})")
     print(f"weights for inference (bf16): {human_bytes(info['memory_bytes']['weights_bf16'])}")
+    if layout is not None:
+        per = layout["bytes_per_gpu"]
+        print(
+            f"per GPU with tp {layout['tp']} × dp_shard {layout['dp_shard']} "
+            f"({layout['gpus']} GPUs; FSDP2 + tensor/sequence parallelism, bf16):"
+        )
+        first = per["none"]
+        for key, label in (
+            ("weights", "weights (fp32)"),
+            ("gradients", "gradients (fp32)"),
+            ("optimizer", "AdamW states (fp32)"),
+            ("gathered", "gathered bf16 blocks"),
+        ):
+            print(f"  {label:<22}{human_bytes(first[key]):>12}")
+        print(f"  activations per micro-batch of {a.micro_batch} x {seq} (Korthikanti et al.):")
+        limit = a.gpu_memory * 1024**3
+        for mode, mem in per.items():
+            total = layout_total(mem)
+            fits = "fits" if total <= 0.9 * limit else "does not fit"
+            print(
+                f"    {mode:<20}{human_bytes(mem['activations']):>12}   (total "
+                f"{human_bytes(total)}: {fits} in {a.gpu_memory:g} GiB with a 10 % margin)"
+            )
     return 0
 
 
@@ -240,7 +311,11 @@ def _generate(a: argparse.Namespace) -> int:
         raise ValueError("--template and --system need --chat")
     device = resolve_device(a.device or "auto")
     tok_file = tokenizer_path(a.tokenizer)
-    model, tok = load(a.ckpt, device=device, dtype=a.dtype, tokenizer=tok_file, strict=a.strict)
+    rank = 0
+    if a.tp != 1:  # split over the torchrun processes
+        model, tok, rank = load_tensor_parallel(a.ckpt, a.tp, a.device, a.dtype, tok_file, a.strict)
+    else:
+        model, tok = load(a.ckpt, device=device, dtype=a.dtype, tokenizer=tok_file, strict=a.strict)
     if tok is None:
         raise ValueError(f"{a.ckpt}: no tokenizer.model in the checkpoint; pass --tokenizer")
     inputs: list[str] | list[list[int]] = prompts
@@ -262,9 +337,10 @@ def _generate(a: argparse.Namespace) -> int:
         ]
         stops += stop_strings(tpl)
 
-    tty = sys.stdout.isatty()
+    stdout = sys.stdout if rank == 0 else open(os.devnull, "w")  # noqa: SIM115 (rank 0 prints)
+    tty = stdout.isatty()
     echo = tty if a.echo is None else a.echo
-    out = _Printer(sys.stdout)
+    out = _Printer(stdout)
 
     def show_prompt(text: str) -> None:
         if echo:
@@ -297,6 +373,23 @@ def _generate(a: argparse.Namespace) -> int:
             out.write(r.text)
     out.end_line()
     return 0
+
+
+def load_tensor_parallel(
+    ckpt: str, tp: int, device: str | None, dtype: str | None, tokenizer: Any, strict: bool
+) -> tuple[Any, Any, int]:
+    """``--tp N``: join the torchrun group (left at exit) and load ``ckpt`` split over it;
+    returns the model, the tokenizer and this process's rank."""
+    import atexit
+
+    from . import distributed as D
+
+    info = D.init(device or "auto")
+    atexit.register(D.cleanup)
+    model, tok = D.load_tensor_parallel(
+        ckpt, info, tp, dtype=dtype, tokenizer=tokenizer, strict=strict
+    )
+    return model, tok, info.rank
 
 
 class _Printer:

@@ -1,9 +1,13 @@
-"""Process-group set-up and model wrapping for data-parallel pretraining.
+"""Process-group set-up and model wrapping for data- and tensor-parallel training.
 
 A run launched by ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` in the environment)
 joins a process group — NCCL on CUDA, Gloo on CPU; anything else is a single process with
-no group at all. With more than one process the model is wrapped with FSDP2
-(``fully_shard`` on every ``TransformerBlock``, then on the root) or with DDP.
+no group at all. The processes form a ``Layout``: a (dp_replicate, dp_shard, tp) device mesh,
+tensor parallelism innermost. With tp > 1 every block is split with DTensor tensor
+parallelism (Megatron's column/row-wise linears, sequence parallelism on the norms and the
+residual stream, a vocabulary-parallel output layer); the data dimensions then shard with
+FSDP2 (``fully_shard`` on every ``TransformerBlock``, then on the root; HSDP with
+dp_replicate > 1) or, with tp = 1 only, replicate with DDP.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,6 +27,226 @@ from torch import nn
 from .flops import resolve_device  # its home is flops.py; re-exported here
 
 PARALLEL_MODES = ("fsdp", "ddp")
+MESH_DIMS = ("dp_replicate", "dp_shard", "tp")
+
+
+class LayoutError(ValueError):
+    """The parallel layout does not fit the world size or the model; the message says why."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How ``world`` processes split the work: ``dp_replicate × dp_shard × tp``, ranks laid
+    out with the tensor dimension innermost (a tensor group is ``tp`` consecutive ranks, on
+    one node when tp ≤ GPUs per node, as Megatron and torchtitan place it)."""
+
+    data: str = "fsdp"
+    tp: int = 1
+    dp_shard: int = 1
+    dp_replicate: int = 1
+    async_tp: bool = False
+
+    @property
+    def world(self) -> int:
+        return self.dp_replicate * self.dp_shard * self.tp
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel ranks: how many different batches one step reads."""
+        return self.dp_replicate * self.dp_shard
+
+    def dp_rank(self, rank: int) -> int:
+        """Which part of the global batch ``rank`` reads (the same for a whole tensor group)."""
+        return rank // self.tp
+
+    def describe(self) -> str:
+        parts = [f"dp_replicate {self.dp_replicate}"] if self.dp_replicate > 1 else []
+        parts.append(f"{'dp_shard' if self.data == 'fsdp' else 'ddp'} {self.dp_shard}")
+        if self.tp > 1:
+            parts.append(f"tp {self.tp}" + (" (async)" if self.async_tp else ""))
+        return " × ".join(parts)
+
+
+def make_layout(
+    world_size: int,
+    *,
+    data: str = "fsdp",
+    tp: int = 1,
+    dp_shard: int = -1,
+    dp_replicate: int = 1,
+    async_tp: bool = False,
+) -> Layout:
+    """The layout for ``world_size`` processes; ``dp_shard=-1`` takes what tp and
+    dp_replicate leave. A ``LayoutError`` names the numbers that do not multiply out."""
+    if data not in PARALLEL_MODES:
+        raise LayoutError(f"parallel.data={data!r}: expected one of {PARALLEL_MODES}")
+    for name, v in (("tp", tp), ("dp_replicate", dp_replicate)):
+        if v < 1:
+            raise LayoutError(f"parallel.{name}={v}: must be >= 1")
+    if dp_shard == -1:
+        if world_size % (tp * dp_replicate):
+            raise LayoutError(
+                f"parallel.tp={tp} × parallel.dp_replicate={dp_replicate} = "
+                f"{tp * dp_replicate} does not divide the world size {world_size}"
+            )
+        dp_shard = world_size // (tp * dp_replicate)
+    if dp_shard < 1:
+        raise LayoutError(f"parallel.dp_shard={dp_shard}: must be >= 1 (or -1: the rest)")
+    if dp_replicate * dp_shard * tp != world_size:
+        raise LayoutError(
+            f"parallel.dp_replicate={dp_replicate} × parallel.dp_shard={dp_shard} × "
+            f"parallel.tp={tp} = {dp_replicate * dp_shard * tp}, but the world size (torchrun "
+            f"processes) is {world_size}"
+        )
+    if data == "ddp" and (tp > 1 or dp_replicate > 1):
+        raise LayoutError(
+            'parallel.data="ddp" is plain data parallelism (tp=1, dp_replicate=1); use '
+            '"fsdp" (with dp_replicate for HSDP) to combine data with tensor parallelism'
+        )
+    if async_tp and tp == 1:
+        raise LayoutError("parallel.async_tp=true needs parallel.tp > 1")
+    return Layout(data, tp, dp_shard, dp_replicate, async_tp)
+
+
+def check_tp_divisible(args: Any, tp: int, seq_len: int | None = None) -> None:
+    """Raise a ``LayoutError`` naming the first model size that tensor parallelism over
+    ``tp`` ranks cannot split evenly (and the sequence length, with sequence parallelism)."""
+    if tp <= 1:
+        return
+    sizes = [
+        ("n_heads", args.n_heads),
+        ("n_kv_heads", args.kv_heads),
+        ("FFN hidden size (ffn_hidden_dim)", args.ffn_hidden_dim),
+        ("vocab_size", args.vocab_size),
+    ]
+    if seq_len is not None:
+        sizes.append(("seq_len (sequence parallelism)", seq_len))
+    for name, value in sizes:
+        if value % tp:
+            raise LayoutError(
+                f"parallel.tp={tp}: the model's {name}={value} is not divisible by {tp}; "
+                f"choose a tp that divides it"
+            )
+
+
+def build_mesh(layout: Layout, device_type: str) -> Any:
+    """The (dp_replicate, dp_shard, tp) DeviceMesh over every process."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    shape = (layout.dp_replicate, layout.dp_shard, layout.tp)
+    return init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
+
+
+def _dp_mesh(mesh: Any, layout: Layout) -> Any:
+    """The data dimensions of ``mesh``: 2-D (replicate, shard) for HSDP, else 1-D."""
+    if layout.dp_replicate > 1:
+        return mesh["dp_replicate", "dp_shard"]
+    return mesh["dp_shard"]
+
+
+def apply_tensor_parallel(
+    model: nn.Module, tp_mesh: Any, *, sequence_parallel: bool = True, loss_parallel: bool = True
+) -> None:
+    """Split ``model`` (a bare ``Transformer``) over ``tp_mesh`` in place, Megatron-style:
+    wq/wk/wv/w1/w3 column-wise (each rank computes its heads and its slice of the FFN),
+    wo/w2 row-wise, the token embedding row-wise over the vocabulary.
+
+    ``sequence_parallel`` (training): the residual stream and the RMSNorms run on this
+    rank's slice of the sequence (Korthikanti et al. 2022): all-gather before the
+    column-wise linears, reduce-scatter after the row-wise ones instead of all-reduce.
+    ``loss_parallel``: the output layer's logits stay split over the vocabulary (a DTensor)
+    for ``loss_parallel()``'s cross entropy, which never gathers the full logits.
+    Without them (inference) the activations between blocks are whole and replicated and
+    the output layer gathers the logits: any sequence length, KV-cache decoding included.
+
+    The attention modules' head counts become the local ones (n_heads / tp), which the
+    model's ``view``s then use; GQA's kv heads are split the same way."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
+
+    tp = tp_mesh.size()
+    args = model.args  # type: ignore[union-attr]
+    check_tp_divisible(args, tp)
+    seq = Shard(1) if sequence_parallel else Replicate()
+    out_layout = Shard(-1) if loss_parallel else Replicate()
+    root_plan: dict[str, Any] = {
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=seq),
+        "output": ColwiseParallel(
+            input_layouts=seq, output_layouts=out_layout, use_local_output=not loss_parallel
+        ),
+    }
+    if sequence_parallel:
+        root_plan["norm"] = SequenceParallel()
+    parallelize_module(model, tp_mesh, root_plan)
+    rest = (None,) * 5  # cos, sin, mask, cache, start_pos pass through untouched
+    for block in model.layers:  # type: ignore[union-attr]
+        plan: dict[str, Any] = {
+            "attention": PrepareModuleInput(
+                input_layouts=(seq, *rest), desired_input_layouts=(Replicate(), *rest)
+            ),
+            "attention.wq": ColwiseParallel(),
+            "attention.wk": ColwiseParallel(),
+            "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(output_layouts=seq),
+            "feed_forward": PrepareModuleInput(
+                input_layouts=(seq,), desired_input_layouts=(Replicate(),)
+            ),
+            "feed_forward.w1": ColwiseParallel(),
+            "feed_forward.w2": RowwiseParallel(output_layouts=seq),
+            "feed_forward.w3": ColwiseParallel(),
+        }
+        if sequence_parallel:
+            plan["attention_norm"] = SequenceParallel()
+            plan["ffn_norm"] = SequenceParallel()
+        parallelize_module(block, tp_mesh, plan)  # type: ignore[arg-type]
+        attn = block.attention  # type: ignore[union-attr]
+        attn.n_heads //= tp
+        attn.n_kv_heads //= tp
+
+
+def tp_cache_factory(model: nn.Module, tp: int) -> None:
+    """Make ``model.setup_cache`` allocate a KV cache of this rank's kv heads only (the
+    model sizes its cache from ``model.args``, whose head counts are the global ones)."""
+    import dataclasses
+
+    from .model import KVCache
+
+    args = model.args  # type: ignore[union-attr]
+    local = dataclasses.replace(
+        args, dim=args.dim // tp, n_heads=args.n_heads // tp, n_kv_heads=args.kv_heads // tp
+    )
+    if local.head_dim != args.head_dim:  # dim / n_heads is the same on every rank
+        raise LayoutError(f"parallel.tp={tp}: dim {args.dim} does not split by head")
+
+    def setup_cache(batch_size: int, max_seq_len: int | None = None, dtype: Any = None) -> Any:
+        weight = model.tok_embeddings.weight  # type: ignore[union-attr]
+        local_w = weight.to_local() if hasattr(weight, "to_local") else weight
+        model.cache = KVCache(  # type: ignore[assignment]
+            local, batch_size, max_seq_len or args.max_seq_len, dtype or local_w.dtype,
+            local_w.device,
+        )  # fmt: skip
+        return model.cache
+
+    model.setup_cache = setup_cache  # type: ignore[method-assign]
+
+
+def _enable_async_tp(tp_mesh: Any, compiled: bool) -> None:
+    """torch's asynchronous tensor parallelism: with the blocks compiled, Inductor
+    micro-pipelines each all-gather / reduce-scatter with its matmul (symmetric memory,
+    CUDA only)."""
+    if tp_mesh.device_type != "cuda":
+        raise LayoutError("parallel.async_tp=true needs CUDA GPUs (symmetric memory)")
+    if not compiled:
+        raise LayoutError("parallel.async_tp=true needs compile=true (an Inductor pass)")
+    import torch._inductor.config as inductor_config
+
+    inductor_config._micro_pipeline_tp = True
 
 
 @dataclass
@@ -182,27 +407,37 @@ def parallelize(
     activation_checkpointing: str = "none",
     compile: bool = False,
     param_dtype: torch.dtype | None = None,
+    layout: Layout | None = None,
 ) -> nn.Module:
-    """Apply, in this order (as torchtitan does): activation checkpointing per block,
-    ``torch.compile`` per block, then FSDP2 (every block, then the root) or DDP when there
-    is more than one process. With FSDP2, ``param_dtype`` (bf16) is the
+    """Apply, in this order (as torchtitan does): tensor + sequence parallelism when
+    ``layout.tp > 1``, activation checkpointing per block, ``torch.compile`` per block,
+    then FSDP2 over the data dimensions (every block, then the root) or DDP when there is
+    more than one data-parallel rank. With FSDP2, ``param_dtype`` (bf16) is the
     MixedPrecisionPolicy's compute dtype, with gradients reduced in fp32; the sharded
-    master weights and the optimizer states stay fp32."""
-    if parallel not in PARALLEL_MODES:
-        raise ValueError(f"parallel={parallel!r}: expected one of {PARALLEL_MODES}")
+    master weights and the optimizer states stay fp32. ``layout`` defaults to plain data
+    parallelism (``parallel``) over every process."""
+    if layout is None:
+        layout = make_layout(info.world_size, data=parallel)
+    if layout.world != info.world_size:
+        raise LayoutError(f"layout {layout.describe()} is not for {info.world_size} processes")
+    needs_mesh = info.world_size > 1 and (layout.tp > 1 or layout.data == "fsdp")
+    mesh = build_mesh(layout, info.device.type) if needs_mesh else None
+    if layout.tp > 1:
+        apply_tensor_parallel(model, mesh["tp"])
+        if layout.async_tp:
+            _enable_async_tp(mesh["tp"], compile)
     apply_activation_checkpointing(model, activation_checkpointing)
     if compile:
         for block in model.layers:  # type: ignore[union-attr]
             block.compile()  # in place: parameter names do not change
-    if info.world_size <= 1:
+    if layout.dp <= 1:
         return model
-    if parallel == "ddp":
+    if layout.data == "ddp":
         ids = [info.device.index] if info.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mesh = init_device_mesh(info.device.type, (info.world_size,))
+    mesh = _dp_mesh(mesh, layout)
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     layers = list(model.layers)  # type: ignore[union-attr]
     # The token embedding is its own unit (as in torchtitan): a 32000 × 8192 table is
@@ -257,7 +492,8 @@ def _shard_of(full: torch.Tensor, p: Any) -> torch.Tensor:
         piece = chunks[rank] if rank < len(chunks) else full.narrow(dim, 0, 0)
         if piece.shape == p.to_local().shape:
             return piece
-    return distribute_tensor(full, mesh, placements).to_local()  # (broadcasts from rank 0)
+    # every rank holds the same ``full``: each cuts out its own piece, no communication
+    return distribute_tensor(full, mesh, placements, src_data_rank=None).to_local()
 
 
 @contextlib.contextmanager
@@ -280,3 +516,81 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole value of a DTensor (e.g. FSDP2's gradient norm), or ``t`` itself."""
     full = getattr(t, "full_tensor", None)
     return full() if full is not None else t
+
+
+def load_tensor_parallel(
+    ckpt_dir: str | os.PathLike,
+    info: DistInfo,
+    tp: int,
+    *,
+    dtype: str | torch.dtype | None = None,
+    tokenizer: str | os.PathLike | None = None,
+    strict: bool = False,
+) -> tuple[nn.Module, Any]:
+    """A native checkpoint split over ``tp`` processes for inference (``--tp``): every rank
+    builds the model on the meta device, splits it (tensor parallelism without sequence
+    parallelism: any length, KV-cache decoding, whole logits on every rank) and reads
+    only its own slices from the memory-mapped files. Returns ``(model, tokenizer)``, the
+    model in eval mode, its KV cache sized to this rank's heads."""
+    from .checkpoint import (
+        TOKENIZER_FILE,
+        CheckpointError,
+        checked,
+        iter_tensors,
+        non_finite,
+        parse_dtype,
+        read_params,
+    )
+    from .model import Transformer
+    from .tokenizer import Tokenizer
+
+    if tp < 1 or info.world_size != tp:
+        raise LayoutError(
+            f"--tp {tp}: run it under torchrun with {tp} processes (torchrun "
+            f"--nproc_per_node {tp} -m llamaforge …); this is {info.world_size} process(es)"
+        )
+    ckpt = Path(ckpt_dir)
+    if not ckpt.is_dir():
+        raise CheckpointError(f"{ckpt}: no such checkpoint directory")
+    args, _ = read_params(ckpt)
+    tok_path = Path(tokenizer) if tokenizer is not None else ckpt / TOKENIZER_FILE
+    tok = Tokenizer(tok_path) if tok_path.is_file() or tokenizer is not None else None
+    if args.vocab_size <= 0:
+        if tok is None:
+            raise CheckpointError(f"{ckpt}: params.json has vocab_size=-1 but no tokenizer.model")
+        args.vocab_size = tok.vocab_size
+    check_tp_divisible(args, tp)
+    target = parse_dtype(dtype)
+    stored = iter_tensors(ckpt)
+    first = next(stored, None)
+    if target is None:
+        target = first[1].dtype if first is not None else torch.float32
+    with torch.device("meta"):
+        model = Transformer(args).to(target)
+    mesh = build_mesh(make_layout(tp, tp=tp), info.device.type) if tp > 1 else None
+    if mesh is not None:
+        apply_tensor_parallel(model, mesh["tp"], sequence_parallel=False, loss_parallel=False)
+        tp_cache_factory(model, tp)
+    model = model.to_empty(device=info.device)
+    params = dict(model.named_parameters())
+    bad: list[str] = []
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        if first is not None:
+            yield first
+        yield from stored
+
+    with torch.no_grad():
+        for name, full in checked(tensors(), args, str(ckpt), params=str(ckpt / "params.json")):
+            p = params[name]
+            full = full.to(target)
+            local = p.to_local() if hasattr(p, "to_local") else p
+            local.copy_(_shard_of(full, p) if local is not p else full)
+            bad += non_finite([(name, local)])
+    if all_max_flag(bool(bad), info.device):  # on every rank, or strict would hang the rest
+        shown = ", ".join(bad[:5]) or "on another rank"
+        msg = f"{ckpt}: tensor(s) with NaN or Inf values: {shown}"
+        if strict:
+            raise CheckpointError(f"{msg} (refused: strict)")
+        print0(f"warning: {msg}; the model's outputs are not meaningful")
+    return model.eval(), tok

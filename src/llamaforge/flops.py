@@ -225,3 +225,117 @@ def peak_memory_bytes(device: torch.device) -> int:
         return int(torch.cuda.max_memory_allocated(device))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss) * (1 if sys.platform == "darwin" else 1024)
+
+
+# -- memory per GPU for a parallel layout ---------------------------------------------------
+
+AC_FOR_LAYOUT = ("none", "selective", "full")
+
+
+def layout_memory(
+    args: ModelArgs,
+    *,
+    tp: int = 1,
+    dp_shard: int = 1,
+    seq_len: int = 2048,
+    micro_batch: int = 1,
+    mode: str = "selective",
+    sequence_parallel: bool = True,
+) -> dict[str, int]:
+    """Bytes per GPU of a bf16 mixed-precision run laid out as ``dp_shard`` FSDP2 ranks ×
+    ``tp`` tensor-parallel ranks (dp_replicate copies change nothing per GPU).
+
+    Parameters, gradients and AdamW states: fp32 master weights (4 bytes a parameter),
+    fp32 gradients (4) and two fp32 moments (8), split tp ways by tensor parallelism and
+    dp_shard ways by FSDP2 (the RMSNorm gains, replicated over tp, are counted as split:
+    d per layer, negligible). ``gathered``: FSDP2's working set of bf16 parameters, the
+    block computing and the one prefetched (2 × 2 bytes × a block's parameters / tp).
+
+    Activations per micro-batch of s = seq_len tokens, b = micro_batch, h = dim, a = heads,
+    L = layers, from Korthikanti et al. 2022 (§4, bf16, per layer):
+    ``none`` sbh(34 + 5as/h) / t with sequence parallelism (sbh(10 + 24/t + 5as/(ht))
+    without); ``selective`` 34·sbh / t (attention's a·s² scores are recomputed — which a
+    fused attention kernel does anyway); ``full`` 2sbh / t per layer (the block inputs)
+    plus one block's ``none`` set being recomputed. Assumptions: their block (a 4h MLP and
+    dropout masks; LLaMA's SwiGLU of 3 × 8h/3 matrices keeps about as much and it has no
+    dropout, so this is slightly pessimistic); plus the vocabulary-parallel output layer's
+    logits (bf16, fp32 copy and log-softmax: 10·sbV / t bytes). Temporary buffers,
+    the CUDA context and fragmentation (typically several GB) are not counted."""
+    if mode not in AC_FOR_LAYOUT:
+        raise ValueError(f"mode={mode!r}: expected one of {AC_FOR_LAYOUT}")
+    if tp < 1 or dp_shard < 1:
+        raise ValueError(f"tp={tp} and dp_shard={dp_shard} must be >= 1")
+    n = count_params(args)
+    shards = tp * dp_shard
+    s, b, h, a, L = seq_len, micro_batch, args.dim, args.n_heads, args.n_layers
+    sbh = s * b * h
+    scores = 5 * a * s / h
+    if sequence_parallel or tp == 1:
+        no_recompute = sbh * (34 + scores) / tp
+    else:
+        no_recompute = sbh * (10 + 24 / tp + scores / tp)
+    per_layer = {
+        "none": no_recompute,
+        "selective": sbh * (34 if sequence_parallel or tp == 1 else 10 + 24 / tp) / tp,
+        "full": 2 * sbh / (tp if sequence_parallel else 1),
+    }[mode]
+    activations = L * per_layer + (no_recompute if mode == "full" else 0)
+    activations += 10 * s * b * args.vocab_size / tp
+    block = n["layers"] // L
+    return {
+        "weights": 4 * n["total"] // shards,
+        "gradients": 4 * n["total"] // shards,
+        "optimizer": 8 * n["total"] // shards,
+        "gathered": 2 * 2 * block // tp,
+        "activations": int(activations),
+    }
+
+
+def layout_total(mem: dict[str, int]) -> int:
+    return sum(mem.values())
+
+
+def layout_table(gpu_gib: float = 80.0, seq_len: int = 2048, micro_batch: int = 1) -> str:
+    """A markdown table of ``layout_memory`` for the paper's Table 2 sizes on GPUs of
+    ``gpu_gib`` GiB: per layout, the sharded states and the activations by checkpointing
+    mode, and whether the total fits (✓) with a 10 % margin for what is not counted."""
+    from .presets import get_preset
+
+    gib = 1024**3
+    rows = [
+        f"Per-GPU memory (GiB) of bf16 mixed-precision training, seq {seq_len}, micro-batch "
+        f"{micro_batch}, vocab 32000, on {gpu_gib:g} GiB GPUs (`llamaforge info --layouts`; "
+        "arithmetic, Korthikanti et al. 2022 for the activations; fits: total ≤ 90 % of the "
+        "GPU).",
+        "",
+        "| model | tp × dp_shard | weights+grads+AdamW | gathered bf16 | act. none | "
+        "act. selective | act. full | fits: none / selective / full |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for name, gpus in (("7B", (8, 64)), ("13B", (8, 64)), ("33B", (64, 512)), ("65B", (64, 2048))):
+        args = get_preset(name, vocab_size=32000)
+        for world in gpus:
+            for tp in (1, 2, 4, 8):
+                mem = {
+                    m: layout_memory(
+                        args,
+                        tp=tp,
+                        dp_shard=world // tp,
+                        seq_len=seq_len,
+                        micro_batch=micro_batch,
+                        mode=m,
+                    )  # fmt: skip
+                    for m in AC_FOR_LAYOUT
+                }
+                m0 = mem["none"]
+                states = m0["weights"] + m0["gradients"] + m0["optimizer"]
+                fits = " / ".join(
+                    "✓" if layout_total(mem[m]) <= 0.9 * gpu_gib * gib else "✗"
+                    for m in AC_FOR_LAYOUT
+                )
+                acts = " | ".join(f"{mem[m]['activations'] / gib:.1f}" for m in AC_FOR_LAYOUT)
+                rows.append(
+                    f"| {name} | {tp} × {world // tp} | {states / gib:.1f} | "
+                    f"{m0['gathered'] / gib:.2f} | {acts} | {fits} |"
+                )
+    return "\n".join(rows) + "\n"

@@ -366,6 +366,18 @@ def _is_dtensor(t: torch.Tensor) -> bool:
     return type(t).__name__ == "DTensor"
 
 
+# SequenceParallel on the norms (their gains become DTensors): the block input is then this
+# rank's slice of the sequence, a plain tensor that cannot be told apart from a whole one
+_SEQUENCE_PARALLEL = "sequence parallelism: the norms are split over the sequence"
+
+
+def _refuse_layout(why: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"activation_checkpointing='manual' with this tensor-parallel layout ({why}) is not "
+        "supported; use 'selective' (the same tensors kept, by torch's checkpointing)"
+    )
+
+
 def _tp_local(
     weights: tuple[torch.Tensor, ...], gains: tuple[torch.Tensor, ...], x: torch.Tensor
 ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], Any]:
@@ -377,12 +389,9 @@ def _tp_local(
     differentiable: the shards' gradients come back as DTensors of the same layout."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
-    def refuse(why: str) -> NotImplementedError:
-        return NotImplementedError(
-            f"activation_checkpointing='manual' with this tensor-parallel layout ({why}) is "
-            "not supported; use 'selective' (the same tensors kept, by torch's checkpointing)"
-        )
-
+    refuse = _refuse_layout
+    if any(isinstance(g, DTensor) for g in gains):
+        raise refuse(_SEQUENCE_PARALLEL)
     if isinstance(x, DTensor) and any(not isinstance(p, Replicate) for p in x.placements):
         raise refuse(f"block input placed {x.placements}, sequence parallelism")
     if not all(isinstance(w, DTensor) for w in weights):
@@ -392,10 +401,6 @@ def _tp_local(
     for w, want in zip(weights, expected):
         if w.device_mesh != mesh or tuple(w.placements) != (want,):
             raise refuse(f"a weight placed {tuple(w.placements)} on {w.device_mesh}")
-    if any(isinstance(g, DTensor) for g in gains):
-        # SequenceParallel on the norms (their gains become DTensors): the block input is then
-        # this rank's slice of the sequence, a plain tensor that cannot be told apart here
-        raise refuse("sequence parallelism: the norms are split over the sequence")
     return tuple(w.to_local() for w in weights), gains, mesh.get_group()
 
 
@@ -469,6 +474,8 @@ def use_manual_backward(block: nn.Module) -> nn.Module:
     if not all(hasattr(block, n) for n in ("attention", "feed_forward", "attention_norm")):
         raise TypeError(f"use_manual_backward: {type(block).__name__} is not a TransformerBlock")
     _check_plain_linears(block)
+    if _is_dtensor(block.attention_norm.weight) or _is_dtensor(block.ffn_norm.weight):
+        raise _refuse_layout(_SEQUENCE_PARALLEL)  # (training's tensor parallelism)
     if block.attention_norm.eps != block.ffn_norm.eps:
         raise ValueError("use_manual_backward: the block's two norms have different eps")
     block.forward = types.MethodType(_manual_forward, block)  # type: ignore[method-assign]

@@ -43,7 +43,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     """Train per ``cfg``; returns the summary (last step, loss, val_loss, stopped, paths)."""
     from .data.mixture import MixtureLoader, MixtureSampler, open_sources, validation_batches
     from .tokenizer import Tokenizer
-    from .trainer import Trainer, check_config, model_args, run_training
+    from .trainer import Trainer, check_config, layout_of, model_args, run_training
 
     check_config(cfg)
     info = D.init(cfg.device)
@@ -53,8 +53,9 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         args = model_args(cfg, tok.vocab_size, seq_len)
         sources, weights = open_sources(cfg.data.dir, "train", tok.sha256())
         sampler = MixtureSampler(sources, weights, seq_len, cfg.data.seed)
+        layout = layout_of(cfg, info.world_size)  # a tensor group reads one batch part
         loader = MixtureLoader(
-            sampler, cfg.batch_tokens // seq_len, info.rank, info.world_size, info.device
+            sampler, cfg.batch_tokens // seq_len, layout.dp_rank(info.rank), layout.dp, info.device
         )
         val = (
             validation_batches(

@@ -155,7 +155,8 @@ def _register_pretrain(subparsers: argparse._SubParsersAction) -> None:
         "OUT/metrics.jsonl, OUT/checkpoints/step-N (resumable; resume=auto by default), "
         "OUT/model (native checkpoint), OUT/loss.png and OUT/summary.json.",
         epilog="Many processes: torchrun --nproc_per_node N -m llamaforge pretrain CONFIG "
-        "[KEY=VALUE ...] (FSDP2 by default; parallel=ddp for DDP).",
+        "[KEY=VALUE ...] (FSDP2 by default; parallel.data=ddp for DDP, parallel.tp=T for "
+        "tensor + sequence parallelism over T of them: docs/DISTRIBUTED.md).",
     )
 
 

@@ -83,6 +83,17 @@ class CheckpointSection:
 
 
 @dataclass
+class ParallelSection:
+    data: Literal["fsdp", "ddp"] = setting(
+        "fsdp", "data parallelism over the data ranks: FSDP2 sharding or DDP (tp=1 only)"
+    )
+    tp: int = setting(1, "tensor (+ sequence) parallel ranks per model replica")
+    dp_shard: int = setting(-1, "FSDP2 sharding ranks (-1: world size / (tp × dp_replicate))")
+    dp_replicate: int = setting(1, "replicas of the FSDP2 shards (HSDP when > 1)")
+    async_tp: bool = setting(False, "micro-pipelined tensor parallelism (CUDA + compile)")
+
+
+@dataclass
 class TrainConfig:
     """Settings every training run has; commands subclass it with their data section."""
 
@@ -95,7 +106,10 @@ class TrainConfig:
     stop_at: int = setting(0, "stop with a checkpoint after this step (job time limits)")
     dtype: Literal["auto", "fp32", "bf16"] = setting("auto", "auto: bf16 on CUDA, fp32 on CPU")
     device: str = setting("auto", "auto | cpu | cuda | cuda:N")
-    parallel: Literal["fsdp", "ddp"] = setting("fsdp", "data parallelism with >1 process")
+    parallel: ParallelSection | Literal["fsdp", "ddp"] = setting(
+        doc='the [parallel] table (a bare "fsdp"/"ddp" is parallel.data)',
+        factory=ParallelSection,
+    )
     activation_checkpointing: Literal["none", "full", "selective", "manual"] = setting(
         "none", "selective: keep matmul outputs, recompute the rest; manual: the same, by hand"
     )
@@ -117,6 +131,29 @@ class TrainConfig:
     tensorboard: bool | Literal["auto"] = setting("auto", "OUT/tensorboard (auto: if installed)")
     wandb_project: str = setting("", "log to Weights & Biases under this project")
     wandb_run: str = setting("", "W&B run name")
+
+    def __post_init__(self) -> None:
+        # configs from before the [parallel] table said parallel = "fsdp" | "ddp"
+        if isinstance(self.parallel, str):
+            self.parallel = ParallelSection(data=self.parallel)  # type: ignore[arg-type]
+
+
+def layout_of(cfg: TrainConfig, world_size: int) -> D.Layout:
+    """The parallel layout ``cfg.parallel`` asks for on ``world_size`` processes; a
+    ConfigError names the numbers when they do not multiply out."""
+    p = cfg.parallel
+    assert isinstance(p, ParallelSection)
+    try:
+        return D.make_layout(
+            world_size,
+            data=p.data,
+            tp=p.tp,
+            dp_shard=p.dp_shard,
+            dp_replicate=p.dp_replicate,
+            async_tp=p.async_tp,
+        )
+    except D.LayoutError as e:
+        raise ConfigError(str(e)) from None
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -179,7 +216,8 @@ def model_args(cfg: TrainConfig, vocab_size: int, seq_len: int) -> ModelArgs:
 
 
 def grad_accum_steps(cfg: TrainConfig, seq_len: int, world_size: int) -> int:
-    """batch_tokens / (micro_batch · seq_len · world_size), which must be a whole number."""
+    """batch_tokens / (micro_batch · seq_len · world_size), which must be a whole number;
+    ``world_size`` counts the data-parallel ranks (a tensor group reads one batch)."""
     per_pass = cfg.micro_batch * seq_len * world_size
     if cfg.micro_batch <= 0 or seq_len <= 0 or cfg.batch_tokens <= 0:
         raise ConfigError("batch_tokens, micro_batch and data.seq_len must be positive")
@@ -187,7 +225,7 @@ def grad_accum_steps(cfg: TrainConfig, seq_len: int, world_size: int) -> int:
         nearest = max(1, round(cfg.batch_tokens / per_pass)) * per_pass
         raise ConfigError(
             f"batch_tokens={cfg.batch_tokens} is not divisible by micro_batch ({cfg.micro_batch})"
-            f" × seq_len ({seq_len}) × world_size ({world_size}) = {per_pass}; "
+            f" × seq_len ({seq_len}) × data-parallel ranks ({world_size}) = {per_pass}; "
             f"use a multiple of {per_pass}, e.g. {nearest}"
         )
     return cfg.batch_tokens // per_pass
@@ -316,14 +354,27 @@ class Trainer:
         self.stop_flag = stop or StopFlag()
         self.prepare_model, self.after_init = prepare_model, after_init
         self.logits_where_trained = logits_where_trained
-        self.accum = grad_accum_steps(cfg, seq_len, info.world_size)
+        self.layout = layout_of(cfg, info.world_size)
+        self.tp = self.layout.tp
+        if self.tp > 1:
+            try:
+                D.check_tp_divisible(args, self.tp, seq_len)
+            except D.LayoutError as e:
+                raise ConfigError(str(e)) from None
+            if logits_where_trained:
+                raise ConfigError(
+                    f"parallel.tp={self.tp}: tensor parallelism is for pretraining; "
+                    f"{name} computes logits at selected positions only, which the "
+                    "vocabulary-parallel loss does not do (use tp=1)"
+                )
+        self.accum = grad_accum_steps(cfg, seq_len, self.layout.dp)
         self.device = info.device
         self.amp = (
             torch.bfloat16
             if cfg.dtype == "bf16" or (cfg.dtype == "auto" and self.device.type == "cuda")
             else None
         )
-        self.fsdp = cfg.parallel == "fsdp" and info.world_size > 1
+        self.fsdp = self.layout.data == "fsdp" and self.layout.dp > 1
         self.compiled = cfg.compile is True or (
             cfg.compile == "auto" and self.device.type == "cuda"
         )
@@ -355,18 +406,19 @@ class Trainer:
         self.n_params = model.num_params()  # type: ignore[operator]
         if self.prepare_model is not None:
             self.prepare_model(model)
-        if not self.fsdp:  # DDP broadcasts rank 0's weights when it wraps: materialise first
+        sharded = self.fsdp or self.tp > 1  # materialised shard by shard after parallelize
+        if not sharded:  # DDP broadcasts rank 0's weights when it wraps: materialise first
             model = model.to_empty(device=self.device)
             self._init_weights(model)
         model = D.parallelize(
             model,
             info,
-            parallel=cfg.parallel,
             activation_checkpointing=cfg.activation_checkpointing,
             compile=self.compiled,
             param_dtype=self.amp if self.fsdp else None,
+            layout=self.layout,
         )
-        if self.fsdp:
+        if sharded:
             model = model.to_empty(device=self.device)
             self._init_weights(model)
         model.train()
@@ -421,6 +473,15 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast)
 
+    def _loss_parallel(self) -> contextlib.AbstractContextManager:
+        """With tensor parallelism the logits stay split over the vocabulary: the cross
+        entropy (forward and backward) runs on the shards, never gathering them."""
+        if self.tp <= 1:
+            return contextlib.nullcontext()
+        from torch.distributed.tensor.parallel import loss_parallel
+
+        return loss_parallel()
+
     def _loss(
         self, x: torch.Tensor, y: torch.Tensor, kw: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -453,30 +514,33 @@ class Trainer:
         unless the loss or gradient norm is non-finite. Nothing here waits for the device.
 
         loss = Σ per-token losses over every micro-batch and rank / global target count.
-        DDP and FSDP2 average gradients over ranks, hence the world_size factor in
-        ``scale``; FSDP2 reduce-scatters after every micro-batch (see grad_sync)."""
-        cfg, info, model = self.cfg, self.info, self.model
+        DDP and FSDP2 average gradients over the data-parallel ranks, hence the dp factor in
+        ``scale``; FSDP2 reduce-scatters after every micro-batch (see grad_sync). Tensor
+        parallelism's gradients are exact sums already (DTensor's backward)."""
+        cfg, model = self.cfg, self.model
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step) if lr is None else lr
+        tp = self.tp  # a tensor group's ranks hold the same batch: every sum counts it tp times
         if self.all_targets_count:
             count: float | torch.Tensor = float(cfg.batch_tokens)
         else:  # masked targets (finetuning): counted on the device, summed over ranks
-            count = D.all_sum((y != -100).sum().double()).clamp(min=1.0)
-        scale = info.world_size / count
+            count = (D.all_sum((y != -100).sum().double()) / tp).clamp(min=1.0)
+        scale = self.layout.dp / count
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         xs, ys = x.split(cfg.micro_batch), y.split(cfg.micro_batch)
         kws = _split_extras(extras, cfg.micro_batch, len(xs))
         for i, (xm, ym, kw) in enumerate(zip(xs, ys, kws)):
-            with D.grad_sync(model, i == len(xs) - 1), self._autocast():
+            with D.grad_sync(model, i == len(xs) - 1), self._autocast(), self._loss_parallel():
                 loss, _ = self._loss(xm, ym, kw)
-            (loss * scale).backward()
-            loss_sum += loss.detach().double()
+            with self._loss_parallel():
+                (loss * scale).backward()
+            loss_sum += D.full_tensor(loss.detach()).double()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip)
         norm = D.full_tensor(norm)  # a global norm: the same on every rank
         stop = self._one if self.stop_flag.signum is not None else self._zero
         # the loss all-reduce carries the stop flag: one collective, no host sync
         totals = D.all_reduce_sum(torch.stack([loss_sum, stop.double()]))
-        loss_v = totals[0] / count
+        loss_v = totals[0] / (count * tp)
         finite = torch.isfinite(loss_v) & torch.isfinite(norm)
         if getattr(self.optimizer, "defaults", {}).get("fused"):
             # fused AdamW skips the update on the device when found_inf is set
@@ -491,26 +555,26 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> float | None:
-        """Mean next-token loss over the validation batches, split across ranks (rank r
-        takes batches r, r + world, …) and summed. Every rank runs the same number of
-        forward passes — FSDP2 gathers parameters inside each — so a rank past the end
-        repeats a batch uncounted."""
+        """Mean next-token loss over the validation batches, split across data-parallel
+        ranks (data rank r takes batches r, r + dp, …; a tensor group shares its batch) and
+        summed. Every rank runs the same number of forward passes — FSDP2 gathers
+        parameters inside each — so a rank past the end repeats a batch uncounted."""
         if not self.val:
             return None
-        info, model = self.info, self.model
+        info, model, dp = self.info, self.model, self.layout.dp
         was_training = model.training
         model.eval()
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
-        rounds = -(-len(self.val) // info.world_size)
+        rounds = -(-len(self.val) // dp)
         for k in range(rounds):
-            i = k * info.world_size + info.rank
+            i = k * dp + self.layout.dp_rank(info.rank)
             x, y, kw = _unpack(self.val[min(i, len(self.val) - 1)])
             x, y = x.to(self.device), y.to(self.device)
             kw = {k: v.to(self.device) for k, v in kw.items()}
-            with self._autocast():
+            with self._autocast(), self._loss_parallel():
                 loss, n = self._loss(x, y, kw)
-            if i < len(self.val):
-                total[0] += loss.double()
+            if i < len(self.val):  # (a tensor group adds its loss tp times: so does n)
+                total[0] += D.full_tensor(loss).double()
                 total[1] += n
         D.all_reduce_sum(total)
         model.train(was_training)
@@ -715,8 +779,9 @@ class Trainer:
         return (
             f"model {self.n_params / 1e6:.2f}M params, {a.n_layers} layers, dim {a.dim}, "
             f"vocab {a.vocab_size}; {self.info.world_size} process(es) on "
-            f"{device_name(self.device)}, batch {cfg.batch_tokens} tokens = {self.accum} × "
-            f"{cfg.micro_batch} × {self.seq_len} × {self.info.world_size}, "
+            f"{device_name(self.device)} ({self.layout.describe()}), batch "
+            f"{cfg.batch_tokens} tokens = {self.accum} × {cfg.micro_batch} × {self.seq_len} × "
+            f"{self.layout.dp}, "
             f"{'bf16' if self.amp else 'fp32'}, activation checkpointing "
             f"{cfg.activation_checkpointing}, compile {'on' if self.compiled else 'off'}"
         )
@@ -772,12 +837,14 @@ __all__ = [
     "CheckpointSection",
     "ModelSection",
     "OptimSection",
+    "ParallelSection",
     "StepResult",
     "TrainConfig",
     "Trainer",
     "TrainingError",
     "check_config",
     "grad_accum_steps",
+    "layout_of",
     "model_args",
     "run_training",
 ]

@@ -58,8 +58,8 @@ def main() -> None:
     sp_plan = plan | {"attention_norm": SequenceParallel(), "ffn_norm": SequenceParallel()}
     for block in sp.layers:
         parallelize_module(block, mesh, sp_plan)
-    apply_activation_checkpointing(sp, "manual")
     try:
+        apply_activation_checkpointing(sp, "manual")  # refused here, before any forward
         sp(tokens[:, :-1])
         sp_refused = ""
     except NotImplementedError as e:

@@ -24,7 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="sources → cleaned text → token shards (see configs/data/)",
         description="Read every [[sources]] entry of CONFIG (TOML), clean it with its kind's "
         "filters, tokenize and write memory-mappable shards and meta.json per source. "
-        "Re-running skips finished sources.",
+        "Re-running skips finished sources. With --tasks N (or an [executor] section) each "
+        "source runs as datatrove stages of N tasks on local processes, Slurm or Ray, with "
+        "the same output; a rerun redoes only unfinished tasks.",
         add_help=False,
     )
     add_config_help(dp, _data_config)
@@ -36,6 +38,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="re-tokenize an output folder prepared with another tokenizer",
     )
+    dp.add_argument(
+        "--executor",
+        choices=("local", "slurm", "ray"),
+        help="datatrove executor (the config's [executor] type; default local)",
+    )
+    dp.add_argument(
+        "--tasks",
+        type=int,
+        help="datatrove tasks per source (0: the in-process path, no datatrove; default 0)",
+    )
+    dp.add_argument("--workers", type=int, help="tasks run at once (default 1)")
+    dp.add_argument("--logging-dir", help="datatrove logs and completion marks (OUTPUT/_datatrove)")
     dp.set_defaults(func=_prepare)
     ds = dsub.add_parser("stats", help="the paper's Table 1 for a run of N tokens")
     ds.add_argument("data_dir", help="prepared data folder (the config's output)")
@@ -53,12 +67,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _prepare(a: argparse.Namespace) -> int:
-    from .prepare import load_data_config, prepare
+    from .prepare import check_config, load_data_config, prepare
 
     cfg = load_data_config(a.config, a.overrides)
+    for flag, key in (("executor", "type"), ("tasks", "tasks"), ("workers", "workers")):
+        if getattr(a, flag) is not None:
+            setattr(cfg.executor, key, getattr(a, flag))
+    if a.logging_dir is not None:
+        cfg.executor.logging_dir = a.logging_dir
+    check_config(cfg)
     print(f"preparing {len(cfg.sources)} source(s) into {cfg.output}")
     results = prepare(cfg, progress=not a.quiet, force=a.force)
-    failed = [r["name"] for r in results if not r.get("complete")]
+    failed = [r["name"] for r in results if not r.get("complete") and "submitted" not in r]
     if failed:
         print(f"failed sources: {', '.join(failed)}", file=sys.stderr)
         return 1

@@ -16,6 +16,9 @@ interrupted run never leaves a file that looks finished. A re-run skips sources 
 ``meta.json`` matches the current config and tokenizer, and re-uses a finished
 ``clean.jsonl``.
 
+With ``[executor] tasks >= 1`` each source runs instead as datatrove stages of that many
+tasks (local processes, Slurm or Ray; data/pipeline.py), with the same output.
+
 A folder already prepared with another tokenizer (its ``mixture.json``, a source's
 ``meta.json`` or its ``tokenizer.model`` name other hashes) is refused unless ``force``;
 with ``force`` its ``mixture.json`` is removed first, the sources are re-tokenized, a
@@ -41,6 +44,7 @@ from ..config import ConfigError, load_config
 from ..files import atomic_open, atomic_write
 from ..tokenizer import Tokenizer
 from .base import DECODE_ERRORS, DataError, FilterStats, decode_errors, expand_paths
+from .pipeline import ExecutorConfig, check_executor
 from .shards import (
     FORMAT_VERSION,
     META_FILE,
@@ -80,6 +84,9 @@ class DataConfig:
     val_fraction: float = 0.005  # share of documents held out for validation
     shard_tokens: int = 100_000_000  # tokens per shard file
     workers: int = 0  # processes (0: one per source, at most the CPU count)
+    # [executor]: tasks = 0 is the in-process path above; tasks >= 1 runs every source as
+    # datatrove stages of that many tasks on a local, slurm or ray executor (data/pipeline.py)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
 
 
 def load_data_config(path: str | os.PathLike, overrides: list[str] | None = None) -> DataConfig:
@@ -109,6 +116,7 @@ def check_config(cfg: DataConfig) -> None:
             )
     if not 0 <= cfg.val_fraction < 1:
         raise ConfigError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
+    check_executor(cfg.executor)
 
 
 def resolve(cfg: DataConfig, path: str) -> Path:
@@ -452,7 +460,15 @@ def prepare(
     _check_folder(out, tok, tok_file, [s.name for s in cfg.sources], force, log)
     jobs = [(cfg, s, tok_path, progress) for s in cfg.sources]
     results: dict[str, dict[str, Any]] = {}
-    if workers <= 1:
+    if cfg.executor.tasks >= 1:
+        from .pipeline import prepare_source_pipeline
+
+        for s in cfg.sources:
+            results[s.name] = prepare_source_pipeline(cfg, s, tok_path, log, progress)
+            _report(results[s.name], log)
+        if any(r.get("submitted") is not None for r in results.values()):
+            return [results[s.name] for s in cfg.sources]  # slurm: mixture.json on a rerun
+    elif workers <= 1:
         for job in jobs:
             results[job[1].name] = _prepare_one(job)
             _report(results[job[1].name], log)
@@ -479,6 +495,10 @@ def prepare(
 
 
 def _report(meta: dict[str, Any], log) -> None:
+    if "submitted" in meta:
+        what = "submitted to Slurm" if meta["submitted"] else "Slurm job scripts written"
+        log(f"  {meta['name']}: {what} ({meta['logs']}); run again once the jobs finished")
+        return
     if not meta.get("complete"):
         log(f"  {meta['name']}: FAILED: {meta.get('error')}")
         return
@@ -490,6 +510,8 @@ def _report(meta: dict[str, Any], log) -> None:
         f"  {meta['name']}: {tr['documents']:,} train / {va['documents']:,} val documents, "
         f"{tr['tokens']:,} / {va['tokens']:,} tokens{note}; removed: {removed}"
     )
+    if clean.get("peak_rss_mb"):
+        log(f"    {meta.get('tasks', 1)} task(s), peak memory per worker {clean['peak_rss_mb']} MB")
     if clean.get("replaced_bytes"):
         log(f"    replaced {clean['replaced_bytes']:,} invalid UTF-8 byte(s) with U+FFFD")
     for err in clean.get("errors", [])[:5]:

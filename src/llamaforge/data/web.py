@@ -426,6 +426,12 @@ class WebOptions:
     negative_split: Literal["file", "paragraph", "line"] = "paragraph"
     max_reference_docs: int = 3000
     seed: int = 0
+    # MinHash near-duplicate removal after the filters (FineWeb's parameters); runs on the
+    # datatrove executor only ([executor] tasks >= 1; data/pipeline.py)
+    minhash: bool = False
+    minhash_ngrams: int = 5
+    minhash_buckets: int = 14
+    minhash_hashes_per_bucket: int = 8
     # C4
     c4_min_words: int = 3
     c4_min_sentences: int = 5
@@ -489,8 +495,37 @@ def _check(opts: WebOptions) -> None:
 
 def read_web(paths: list[Path], options: dict[str, Any], stats: FilterStats) -> Iterator[str]:
     """Cleaned documents of web pages: HTML → text, line dedup, langid, CCNet or C4 quality."""
+    opts = web_options(options)
+    if opts.minhash:
+        raise DataError(
+            "web: option 'minhash' runs as datatrove stages: set [executor] tasks = 1 (or "
+            "more) in the data config, or --tasks 1"
+        )
+    dedup = LineDeduper() if opts.dedup_lines else None
+
+    def pages() -> Iterator[str]:
+        for text, size in iter_web_pages(paths, opts, stats):
+            stats.documents_in += 1
+            stats.bytes_in += size
+            if dedup is not None:
+                text, removed = dedup(text)
+                if removed:
+                    stats.drop("duplicate_line", removed)
+            yield text
+
+    yield from filter_web(pages(), opts, stats)
+
+
+def web_options(options: dict[str, Any]) -> WebOptions:
+    """The checked options of kind ``web``."""
     opts = parse_options(WebOptions, options, "web")
     _check(opts)
+    return opts
+
+
+def filter_web(pages: Iterable[str], opts: WebOptions, stats: FilterStats) -> Iterator[str]:
+    """The steps after line dedup (language, quality, classifier) on ``pages``, the texts
+    already line-deduplicated (read_web, or the distributed line-dedup stages)."""
     ref: ReferenceModel | None = None
     threshold = math.inf
     if opts.quality == "ccnet":
@@ -503,17 +538,10 @@ def read_web(paths: list[Path], options: dict[str, Any], stats: FilterStats) -> 
             else ref.perplexity_threshold(opts.perplexity_quantile, opts.perplexity_margin)
         )
         log.info("web: perplexity threshold %.1f", threshold)
-    dedup = LineDeduper() if opts.dedup_lines else None
     languages = set(opts.languages)
 
     def first_stages() -> Iterator[str]:
-        for text, size in iter_web_pages(paths, opts, stats):
-            stats.documents_in += 1
-            stats.bytes_in += size
-            if dedup is not None:
-                text, removed = dedup(text)
-                if removed:
-                    stats.drop("duplicate_line", removed)
+        for text in pages:
             text = text.strip()
             if not text:
                 stats.drop("empty")

@@ -78,6 +78,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="per_sample",
         help="seeding of sampled generations (per_request: batched, faster)",
     )
+    p.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        help="tensor parallelism: split the model over N processes (run under torchrun "
+        "--nproc_per_node N; rank 0 writes; no results cache)",
+    )
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     p.add_argument(
         "--cache-dir", default=None, help="results cache (default ~/.cache/llamaforge/eval)"
@@ -273,19 +280,43 @@ def run(a: argparse.Namespace) -> int:
     from .report import render
     from .runner import evaluate
 
-    lm = LlamaforgeLM.from_checkpoint(
-        a.ckpt,
-        device=a.device,
-        dtype=a.dtype,
-        batch_size=a.batch_size,
-        max_length=a.max_length,
-        batch_tokens=a.batch_tokens,
-        progress=not a.no_progress,
-        sample_mode=a.sample_mode,
-        strict=a.strict,
-    )
+    rank = 0
+    if a.tp != 1:  # split over the torchrun processes, which all run every batch
+        from ..checkpoint_cli import load_tensor_parallel
+        from ..flops import resolve_device
+
+        gpu = resolve_device(a.device).type == "cuda"
+        dtype = a.dtype or ("bfloat16" if gpu else "float32")  # as from_checkpoint
+        model, tok, rank = load_tensor_parallel(a.ckpt, a.tp, a.device, dtype, None, a.strict)
+        lm = LlamaforgeLM(
+            model,
+            tok,
+            batch_size=a.batch_size,
+            max_length=a.max_length,
+            batch_tokens=a.batch_tokens,
+            progress=not a.no_progress and rank == 0,
+            ckpt_dir=a.ckpt,
+            sample_mode=a.sample_mode,
+            share_context=False,  # a shared prefix's KV cache is sized for whole heads
+        )
+        # a result cached on one rank's view but not another's would desynchronise them
+        a.no_cache = True
+    else:
+        lm = LlamaforgeLM.from_checkpoint(
+            a.ckpt,
+            device=a.device,
+            dtype=a.dtype,
+            batch_size=a.batch_size,
+            max_length=a.max_length,
+            batch_tokens=a.batch_tokens,
+            progress=not a.no_progress,
+            sample_mode=a.sample_mode,
+            strict=a.strict,
+        )
 
     def done(name: str, entry: dict[str, Any]) -> None:
+        if rank != 0:
+            return
         main = entry["metrics"].get(entry["main_metric"], {})
         how = "cached" if entry.get("cached") else f"{entry['seconds']:.1f}s"
         print(
@@ -309,6 +340,8 @@ def run(a: argparse.Namespace) -> int:
     )
     from ..files import atomic_write
 
+    if rank != 0:
+        return 0
     if a.output:
         atomic_write(Path(a.output), json.dumps(results, indent=2) + "\n")
     report = render(results, title=f"Evaluation of {a.ckpt}")
