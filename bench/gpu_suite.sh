@@ -2,7 +2,8 @@
 # Every GPU check and benchmark of the pretraining issue in one call, for a session that is
 # lent a GPU machine (15 minutes of device time, 10 minutes per command): run it from the
 # repository root, e.g. `bash bench/gpu_suite.sh` with OUT set to a folder that comes back.
-# Steps are independent; each has its own time limit and its log lands in $OUT.
+# Steps are independent; each has its own time limit and its log lands in $OUT; ONLY="name
+# name ..." runs only the steps so named (e.g. ONLY="env train-ac-1B train-ac-7B").
 #   1. environment (GPU, torch, transformers)
 #   2. the stdlib corpus, then `llamaforge pretrain` for 30 steps on CUDA in bf16 with
 #      per-block compile, for each activation-checkpointing mode (metrics.jsonl: MFU, memory)
@@ -12,6 +13,8 @@
 #      gradient checkpointing (memory and speed)
 #   5. bench/finetune_throughput.py: LLaMA-7B LoRA against HF transformers + peft, bf16
 #      (tokens/s, peak memory; needs ../shared/data for Meta's tokenizer and the data)
+#   6. bench/train_throughput.py: activation checkpointing modes, the hand-written backward
+#      (manual) against selective, full and none: 1B (8 x 2048) and 7B (1 x 2048), compiled
 set -uo pipefail
 OUT="${OUT:-gpu-out}"
 mkdir -p "$OUT"
@@ -21,6 +24,8 @@ PY="${PYTHON:-python3}"
 step() {  # step NAME SECONDS COMMAND...
     local name=$1 limit=$2
     shift 2
+    # ONLY="env train-ac-1B ..." runs just those steps (the whole suite exceeds one lease)
+    if [[ -n "${ONLY:-}" && " $ONLY " != *" $name "* ]]; then return 0; fi
     echo "== $name (limit ${limit}s)" | tee -a "$OUT/summary.txt"
     local t0=$SECONDS
     timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
@@ -38,7 +43,7 @@ except ImportError as e: print('no transformers:', e)
 "
 
 step data 120 "$PY" -m llamaforge data prepare configs/data/stdlib.toml
-for ac in none selective full; do
+for ac in none selective full manual; do
     step "pretrain-$ac" 150 "$PY" -m llamaforge pretrain configs/pretrain/tiny-cpu.toml \
         device=cuda dtype=bf16 compile=true activation_checkpointing=$ac steps=30 \
         eval_every=0 checkpoint.every=0 progress=false model.preset=110M model.dim=768 \
@@ -59,3 +64,13 @@ step train-7B 420 "$PY" bench/train_throughput.py --device cuda --preset 7B --vo
 step finetune-7B-lora 420 "$PY" bench/finetune_throughput.py --device cuda --dtype bf16 \
     --preset 7B --max-len 1024 --batch 4 --rounds 2 --steps 3 \
     --variants ours-lora hf-peft-lora
+
+step train-ac-1B 420 "$PY" bench/train_throughput.py --device cuda --preset 1B --vocab-size 32000 \
+    --seq-len 2048 --micro-batch 8 --rounds 1 --steps 5 --warmup 2 \
+    --variants ours-manual-compile ours-selective-compile ours-full-compile ours-compile \
+    --json "$OUT/train-ac-1B.json"
+
+step train-ac-7B 420 "$PY" bench/train_throughput.py --device cuda --preset 7B --vocab-size 32000 \
+    --seq-len 2048 --micro-batch 1 --rounds 1 --steps 5 --warmup 2 \
+    --variants ours-manual-compile ours-selective-compile ours-manual ours-selective \
+    --json "$OUT/train-ac-7B.json"

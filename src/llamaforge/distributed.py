@@ -332,7 +332,7 @@ def print0(*args: Any, **kwargs: Any) -> None:
         print(*args, **kwargs)
 
 
-AC_MODES = ("none", "full", "selective")
+AC_MODES = ("none", "full", "selective", "manual")
 
 # prefixes that activation checkpointing, torch.compile, FSDP1 and DDP add to names
 _WRAPPER_PARTS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
@@ -371,10 +371,18 @@ def _selective_policy() -> Callable[..., Any]:
 def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
     """Wrap every ``TransformerBlock`` in place: ``full`` keeps only the block's input and
     recomputes the whole block in the backward pass; ``selective`` keeps the linear and
-    attention outputs (see ``_selective_policy``); ``none`` keeps everything."""
+    attention outputs (see ``_selective_policy``); ``manual`` keeps the same with a
+    hand-written backward (``manual_backward``: no ``w2`` output, no checkpointing machinery);
+    ``none`` keeps everything."""
     if mode not in AC_MODES:
         raise ValueError(f"activation_checkpointing={mode!r}: expected one of {AC_MODES}")
     if mode == "none":
+        return
+    if mode == "manual":
+        from .manual_backward import use_manual_backward
+
+        for block in model.layers:  # type: ignore[union-attr]
+            use_manual_backward(block)  # in place: parameter names do not change
         return
     from functools import partial
 

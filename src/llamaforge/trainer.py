@@ -110,8 +110,8 @@ class TrainConfig:
         doc='the [parallel] table (a bare "fsdp"/"ddp" is parallel.data)',
         factory=ParallelSection,
     )
-    activation_checkpointing: Literal["none", "full", "selective"] = setting(
-        "none", "selective: the paper's (keep matmul outputs, recompute the rest)"
+    activation_checkpointing: Literal["none", "full", "selective", "manual"] = setting(
+        "none", "selective: keep matmul outputs, recompute the rest; manual: the same, by hand"
     )
     compile: bool | Literal["auto"] = setting("auto", "torch.compile per block (auto: on CUDA)")
     max_skipped_steps: int = setting(5, "consecutive non-finite steps skipped before stopping")
