@@ -17,7 +17,7 @@ from llamaforge.model import ModelArgs, build_model, rope_cos_sin
 from llamaforge.optim import cross_entropy
 from llamaforge.presets import get_preset
 
-from .test_pretrain import command, corpus, env, metrics, run  # noqa: F401 (corpus: a fixture)
+from .test_pretrain import corpus, metrics, run  # noqa: F401 (corpus: a fixture)
 
 TINY = ModelArgs(dim=16, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=10, multiple_of=8)
 
@@ -258,7 +258,9 @@ def test_pretrain_manual_matches_none_in_one_and_two_processes(corpus, tmp_path)
 def test_tensor_parallel_blocks_match_autograd_on_the_full_model():
     """Two torchrun processes (Gloo), each block's linear layers split colwise/rowwise over
     them: the manual backward on the local shards, with its all-reduces, gives the loss and
-    gradients of the unsharded model under autograd. Sequence parallelism is refused."""
+    gradients of the unsharded model under autograd; and so it does with training's layout
+    (``apply_tensor_parallel``: sequence parallelism, the block input a sequence slice, the
+    Function's all-gathers and reduce-scatters along it)."""
     import json
     import os
     import subprocess
@@ -277,25 +279,40 @@ def test_tensor_parallel_blocks_match_autograd_on_the_full_model():
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(rows) == 2
     for r in rows:
-        assert r["sharded"] == 7 * 8 and r["n_grads"] == 75, r  # 7 linears in 8 blocks
-        assert r["loss_diff"] < 1e-6 and r["grad_diff"] < 1e-5, r
-        assert "sequence parallelism" in r["sp_refused"] and "selective" in r["sp_refused"], r
+        plain, sp = r["plain"], r["sp"]
+        assert plain["sharded"] == 7 * 8 and plain["n_grads"] == 75, r  # 7 linears, 8 blocks
+        assert sp["sharded"] == sp["n_grads"] == 75, r  # every parameter a DTensor
+        for layout in (plain, sp):
+            assert layout["loss_diff"] < 1e-6 and layout["grad_diff"] < 1e-5, r
+            assert not layout["block_input_dtensor"], r
+        assert plain["block_input_len"] == 48 and sp["block_input_len"] == 24, r
 
 
 @pytest.mark.slow
-def test_pretrain_with_tensor_parallelism_refuses_manual_clearly(corpus, tmp_path):  # noqa: F811
-    """Training's tensor parallelism is sequence-parallel: ``manual`` stops at build time with
-    an error naming the layout and the alternative, before any step."""
-    import subprocess
+def test_pretrain_with_tensor_parallelism_matches_one_process(corpus, tmp_path):  # noqa: F811
+    """``parallel.tp=2`` (training's sequence-parallel layout) with ``manual``: the losses of
+    one process without checkpointing, step by step."""
+    short = ("steps=4", "eval_every=0", "checkpoint.every=0", "model.n_kv_heads=2")
+    short += ("model.vocab_size=300",)  # heads, FFN, vocabulary and sequence split by 2
+    run(corpus, tmp_path / "none", *short)
+    run(corpus, tmp_path / "tp", *short, "parallel.tp=2", "activation_checkpointing=manual",
+        nproc=2)  # fmt: skip
+    ref, tp = metrics(tmp_path / "none"), metrics(tmp_path / "tp")
+    assert sorted(ref) == sorted(tp) == [1, 2, 3, 4]
+    for step in ref:
+        assert abs(tp[step] - ref[step]) < 1e-4, (step, tp[step], ref[step])
 
-    args = ("steps=2", "eval_every=0", "parallel.tp=2", "activation_checkpointing=manual")
-    proc = subprocess.run(
-        command(corpus, tmp_path / "tp", *args, nproc=2),
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode != 0
-    assert "sequence parallelism" in proc.stderr and "use 'selective'" in proc.stderr
-    assert not (tmp_path / "tp" / "metrics.jsonl").exists()
+
+@pytest.mark.slow
+def test_pretrain_dp2_tp2_manual_matches_one_process(corpus, tmp_path):  # noqa: F811
+    """4 processes, FSDP2 over 2 × tensor (+ sequence) parallelism over 2, ``manual``: the
+    losses of one process without checkpointing."""
+    short = ("steps=3", "eval_every=0", "checkpoint.every=0", "model.n_kv_heads=2")
+    short += ("model.vocab_size=300",)
+    run(corpus, tmp_path / "none", *short)
+    run(corpus, tmp_path / "four", *short, "parallel.tp=2", "parallel.dp_shard=2",
+        "activation_checkpointing=manual", nproc=4)  # fmt: skip
+    ref, four = metrics(tmp_path / "none"), metrics(tmp_path / "four")
+    assert sorted(ref) == sorted(four) == [1, 2, 3]
+    for step in ref:
+        assert abs(four[step] - ref[step]) < 1e-4, (step, four[step], ref[step])

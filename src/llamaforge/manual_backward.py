@@ -203,7 +203,16 @@ class BlockFunction(torch.autograd.Function):
     Tensor parallelism (Megatron's layout) with ``tp_group``: the weights are this rank's
     shards — wq/wk/wv/w1/w3 split by output rows (whole heads, hidden units), wo/w2 by input
     columns — and x is replicated. The outputs of wo and w2 are then partial sums, all-reduced
-    in the forward; the gradients of the norms' outputs likewise in the backward."""
+    in the forward; the gradients of the norms' outputs likewise in the backward.
+
+    With ``sequence_parallel`` as well (Korthikanti et al. 2022, training's layout), x is this
+    rank's slice of the sequence (dim 1) and so is the output: each norm runs on the slice and
+    its output is all-gathered along the sequence before the column-split layers; the outputs
+    of wo and w2 are reduce-scattered along it instead of all-reduced. The backward reverses
+    them: the output gradient (and the residual stream's before wo) is all-gathered, the
+    gradients of the gathered norm outputs reduce-scattered, and the norm gains' gradients (a
+    sum over this rank's tokens) all-reduced. The gathered norm outputs are not kept: the
+    backward re-gathers them for the weight gradients, as Megatron does."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -226,27 +235,29 @@ class BlockFunction(torch.autograd.Function):
         kernel: str = "auto",
         tp_group: Any = None,
         compute_dtype: torch.dtype | None = None,
+        sequence_parallel: bool = False,
     ) -> torch.Tensor:
-        bsz, seqlen, _ = x.shape
         # the linear layers' compute dtype (autocast's): weights are cast where they are used,
         # as temporaries, so that no low-precision copy of them is kept for the backward
         cd = compute_dtype or wq.dtype
         n_heads, n_kv = wq.shape[0] // head_dim, wk.shape[0] // head_dim
-        # attention
-        n1 = _rms_norm(x, attn_norm, eps)[0].to(cd)
+        comm = _Comm(tp_group, sequence_parallel)
+        # attention (on the whole sequence: with sequence parallelism, n₁ is gathered)
+        n1 = comm.gather(_rms_norm(x, attn_norm, eps)[0].to(cd))
         q, k, v = F.linear(n1, wq.to(cd)), F.linear(n1, wk.to(cd)), F.linear(n1, wv.to(cd))
         del n1
         qh, kh, vh = _heads(q, k, v, cos, sin, head_dim, n_heads, n_kv)
         kind = _attention_kind(qh, mask) if kernel == "auto" else kernel
         o, lse, extras = attention_forward(qh, kh, vh, mask, kind)
         del qh, kh, vh
-        ao = _all_reduce(F.linear(o.transpose(1, 2).reshape(bsz, seqlen, -1), wo.to(cd)), tp_group)
+        bsz, seqlen = q.shape[:2]
+        ao = comm.reduce(F.linear(o.transpose(1, 2).reshape(bsz, seqlen, -1), wo.to(cd)))
         h = x + ao
         # feed-forward
-        n2 = _rms_norm(h, ffn_norm, eps)[0].to(cd)
+        n2 = comm.gather(_rms_norm(h, ffn_norm, eps)[0].to(cd))
         u, t = F.linear(n2, w1.to(cd)), F.linear(n2, w3.to(cd))
         del n2
-        out = h + _all_reduce(F.linear(F.silu(u) * t, w2.to(cd)), tp_group)
+        out = h + comm.reduce(F.linear(F.silu(u) * t, w2.to(cd)))
 
         tensors = [x, cos, sin, attn_norm, wq, wk, wv, wo, ffn_norm, w1, w2, w3]
         tensors += [q, k, v, o, lse, ao, u, t]
@@ -254,7 +265,7 @@ class BlockFunction(torch.autograd.Function):
         tensors += [e for e in extras if isinstance(e, torch.Tensor)]
         ctx.save_for_backward(*tensors)
         ctx.has_mask, ctx.kind, ctx.head_dim, ctx.eps = mask is not None, kind, head_dim, eps
-        ctx.tp_group, ctx.cd = tp_group, cd
+        ctx.comm, ctx.cd = comm, cd
         # the kernel's extras: tensors go through save_for_backward, the rest (sizes, and
         # the None a kernel returns for an undefined tensor) is kept as it is
         ctx.extras = [(isinstance(e, torch.Tensor), None if isinstance(e, torch.Tensor) else e)
@@ -269,33 +280,34 @@ class BlockFunction(torch.autograd.Function):
         rest = saved[20:]
         mask = rest.pop(0) if ctx.has_mask else None
         extras = tuple(rest.pop(0) if saved else value for saved, value in ctx.extras)
-        eps, head_dim, cd = ctx.eps, ctx.head_dim, ctx.cd
-        bsz, seqlen, _ = x.shape
+        eps, head_dim, cd, comm = ctx.eps, ctx.head_dim, ctx.cd, ctx.comm
+        bsz, seqlen = q.shape[:2]  # the whole sequence (x has a slice of it under SP)
         n_heads, n_kv = wq.shape[0] // head_dim, wk.shape[0] // head_dim
 
         # out = h + w2(m): recompute h, n₂ and m = silu(u)·t
         h = x + ao
         n2, y2, r2 = _rms_norm(h, ffn_norm, eps)
         silu = F.silu(u)
-        dm, dw2 = _linear_backward(grad.to(cd), silu * t, w2)
+        dm, dw2 = _linear_backward(comm.gather(grad.to(cd)), silu * t, w2)
         # m = silu(u)·t; silu'(u) = σ(u)·(1 + u·(1 − σ(u))), in fp32 as autograd's kernel does
         dt = dm * silu
         uf = _up(u)
         sig = torch.sigmoid(uf)
         du = (_up(dm * t) * (sig * (1 + uf * (1 - sig)))).to(cd)
         del sig, uf, silu, dm
-        n2c = n2.to(cd)
+        n2c = comm.gather(n2.to(cd))
         dn2_u, dw1 = _linear_backward(du, n2c, w1)
         dn2_t, dw3 = _linear_backward(dt, n2c, w3)
         del du, dt, n2c
-        dn2 = _all_reduce(dn2_u + dn2_t, ctx.tp_group)  # each rank's hidden units: a partial sum
+        dn2 = comm.reduce(dn2_u + dn2_t)  # each rank's hidden units: a partial sum
         dh, dffn_norm = _rms_norm_backward(dn2.to(n2.dtype), h, ffn_norm, y2, r2)
+        dffn_norm = comm.gain_grad(dffn_norm)
         del n2, y2, r2, dn2_u, dn2_t, dn2
         dh = grad + dh  # the residual path, then h = x + ao
 
         # ao = wo(o)
         o_flat = o.transpose(1, 2).reshape(bsz, seqlen, -1)
-        do_flat, dwo = _linear_backward(dh.to(cd), o_flat, wo)
+        do_flat, dwo = _linear_backward(comm.gather(dh.to(cd)), o_flat, wo)
         del o_flat
         do = do_flat.view(bsz, seqlen, n_heads, head_dim).transpose(1, 2)
         # attention, from the saved output and log-sum-exp; RoPE recomputed
@@ -312,19 +324,20 @@ class BlockFunction(torch.autograd.Function):
         del dqh, dkh, dvh
         # q, k, v = wq·n₁, wk·n₁, wv·n₁, n₁ = attention_norm(x)
         n1, y1, r1 = _rms_norm(x, attn_norm, eps)
-        n1c = n1.to(cd)
+        n1c = comm.gather(n1.to(cd))
         dn1_q, dwq = _linear_backward(dq, n1c, wq)
         dn1_k, dwk = _linear_backward(dk, n1c, wk)
         dn1_v, dwv = _linear_backward(dv, n1c, wv)
         del n1c, dq, dk, dv
-        dn1 = _all_reduce(dn1_q + dn1_k + dn1_v, ctx.tp_group).to(n1.dtype)  # over the heads
+        dn1 = comm.reduce(dn1_q + dn1_k + dn1_v).to(n1.dtype)  # over the heads
         dx, dattn_norm = _rms_norm_backward(dn1, x, attn_norm, y1, r1)
+        dattn_norm = comm.gain_grad(dattn_norm)
         dx = dh.to(x.dtype) + dx
         return (
             dx, None, None, None,
             dattn_norm, dwq, dwk, dwv, dwo,
             dffn_norm, dw1, dw2, dw3,
-            None, None, None, None, None,
+            None, None, None, None, None, None,
         )  # fmt: skip
 
 
@@ -362,13 +375,47 @@ def _all_reduce(t: torch.Tensor, group: Any) -> torch.Tensor:
     return t
 
 
+class _Comm:
+    """The block's tensor-parallel communication over ``group`` (none without one).
+
+    ``gather``: a norm output (or a gradient of the residual stream) as the column-split
+    layers take it — all-gathered along the sequence (dim 1) with sequence parallelism, as it
+    is without. ``reduce``: the partial sums of the row-split layers (or of the gradients of
+    the gathered inputs) — reduce-scattered along the sequence with sequence parallelism,
+    all-reduced without. ``gain_grad``: a norm gain's gradient, a sum over this rank's tokens
+    only with sequence parallelism, all-reduced then (the gain is replicated)."""
+
+    def __init__(self, group: Any, sequence_parallel: bool) -> None:
+        self.group, self.sp = group, sequence_parallel and group is not None
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.sp:
+            return t
+        from torch.distributed import _functional_collectives as funcol
+
+        gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+        return _waited(gather(t.contiguous(), 1, self.group))
+
+    def reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.sp:
+            return _all_reduce(t, self.group)
+        from torch.distributed import _functional_collectives as funcol
+
+        scatter = getattr(funcol, "reduce_scatter_single", None) or funcol.reduce_scatter_tensor
+        return _waited(scatter(t.contiguous(), "sum", 1, self.group))
+
+    def gain_grad(self, t: torch.Tensor) -> torch.Tensor:
+        return _all_reduce(t, self.group) if self.sp else t
+
+
+def _waited(t: torch.Tensor) -> torch.Tensor:
+    """A functional collective's result as a plain tensor (its wait done)."""
+    wait = getattr(t, "wait", None)
+    return wait() if wait is not None else t
+
+
 def _is_dtensor(t: torch.Tensor) -> bool:
     return type(t).__name__ == "DTensor"
-
-
-# SequenceParallel on the norms (their gains become DTensors): the block input is then this
-# rank's slice of the sequence, a plain tensor that cannot be told apart from a whole one
-_SEQUENCE_PARALLEL = "sequence parallelism: the norms are split over the sequence"
 
 
 def _refuse_layout(why: str) -> NotImplementedError:
@@ -380,20 +427,21 @@ def _refuse_layout(why: str) -> NotImplementedError:
 
 def _tp_local(
     weights: tuple[torch.Tensor, ...], gains: tuple[torch.Tensor, ...], x: torch.Tensor
-) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], Any]:
-    """This rank's shards of tensor-parallel (DTensor) weights and the tensor-parallel group.
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], Any, bool]:
+    """This rank's shards of tensor-parallel (DTensor) weights and gains, the tensor-parallel
+    group, and whether the layout is sequence-parallel.
 
     Supported: one mesh dimension, wq/wk/wv/w1/w3 ``Shard(0)`` (colwise), wo/w2 ``Shard(1)``
-    (rowwise), the norms not split (plain gains), a replicated block input. Refused: sequence
-    parallelism (what ``distributed.apply_tensor_parallel`` sets up for training). ``to_local`` is
-    differentiable: the shards' gradients come back as DTensors of the same layout."""
+    (rowwise), and either plain norm gains with a replicated block input, or (sequence
+    parallelism, ``distributed.apply_tensor_parallel``'s training layout: torch's
+    ``SequenceParallel`` on the norms) replicated DTensor gains with the block input this
+    rank's slice of the sequence — a plain tensor, as the row-split layers before it return
+    one, or a ``Shard(1)`` DTensor. ``to_local`` is differentiable: the shards' gradients come
+    back as DTensors of the same layout (the gains' must then be whole sums: the Function
+    all-reduces them)."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
     refuse = _refuse_layout
-    if any(isinstance(g, DTensor) for g in gains):
-        raise refuse(_SEQUENCE_PARALLEL)
-    if isinstance(x, DTensor) and any(not isinstance(p, Replicate) for p in x.placements):
-        raise refuse(f"block input placed {x.placements}, sequence parallelism")
     if not all(isinstance(w, DTensor) for w in weights):
         raise refuse("some linear weights are DTensors, others not")
     mesh = weights[0].device_mesh
@@ -401,7 +449,22 @@ def _tp_local(
     for w, want in zip(weights, expected):
         if w.device_mesh != mesh or tuple(w.placements) != (want,):
             raise refuse(f"a weight placed {tuple(w.placements)} on {w.device_mesh}")
-    return tuple(w.to_local() for w in weights), gains, mesh.get_group()
+    split_gains = [isinstance(g, DTensor) for g in gains]
+    sp = all(split_gains)
+    if any(split_gains) and not sp:
+        raise refuse("one norm sequence-parallel, the other not")
+    if sp:
+        for g in gains:
+            if g.device_mesh != mesh or tuple(g.placements) != (Replicate(),):  # type: ignore[attr-defined]
+                raise refuse(f"a norm gain placed {tuple(g.placements)}")  # type: ignore[attr-defined]
+        gains = tuple(g.to_local() for g in gains)  # type: ignore[attr-defined]
+    want_x = (Shard(1),) if sp else (Replicate(),)
+    if isinstance(x, DTensor) and (x.device_mesh != mesh or tuple(x.placements) != want_x):
+        raise refuse(
+            f"block input placed {tuple(x.placements)}, expected {want_x} "
+            f"({'with' if sp else 'without'} sequence parallelism on the norms)"
+        )
+    return tuple(w.to_local() for w in weights), gains, mesh.get_group(), sp
 
 
 def _linears(block: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -442,10 +505,11 @@ def _manual_forward(
     weights = (attn.wq.weight, attn.wk.weight, attn.wv.weight, attn.wo.weight)
     weights += (ffn.w1.weight, ffn.w2.weight, ffn.w3.weight)
     gains = (self.attention_norm.weight, self.ffn_norm.weight)
-    tp_group, x_dtensor = None, x if _is_dtensor(x) else None
-    if any(_is_dtensor(w) for w in weights) or x_dtensor is not None:
-        # tensor parallelism: the Function runs on this rank's heads and hidden units
-        weights, gains, tp_group = _tp_local(weights, gains, x)
+    tp_group, sp, x_dtensor = None, False, x if _is_dtensor(x) else None
+    if any(_is_dtensor(t) for t in (*weights, *gains)) or x_dtensor is not None:
+        # tensor parallelism: the Function runs on this rank's heads and hidden units (and,
+        # with sequence parallelism, its slice of the sequence outside attention and FFN)
+        weights, gains, tp_group, sp = _tp_local(weights, gains, x)
         if x_dtensor is not None:
             x = x.to_local()  # type: ignore[attr-defined]
     device = x.device.type
@@ -459,9 +523,9 @@ def _manual_forward(
             x, cos, sin, mask,
             gains[0], wq, wk, wv, wo,
             gains[1], w1, w2, w3,
-            attn.head_dim, self.attention_norm.eps, "auto", tp_group, cd,
+            attn.head_dim, self.attention_norm.eps, "auto", tp_group, cd, sp,
         )  # fmt: skip
-    if x_dtensor is not None:  # replicated in, replicated out
+    if x_dtensor is not None:  # placed as it came: replicated, or a sequence slice
         from torch.distributed.tensor import DTensor
 
         out = DTensor.from_local(out, x_dtensor.device_mesh, x_dtensor.placements)
@@ -474,8 +538,6 @@ def use_manual_backward(block: nn.Module) -> nn.Module:
     if not all(hasattr(block, n) for n in ("attention", "feed_forward", "attention_norm")):
         raise TypeError(f"use_manual_backward: {type(block).__name__} is not a TransformerBlock")
     _check_plain_linears(block)
-    if _is_dtensor(block.attention_norm.weight) or _is_dtensor(block.ffn_norm.weight):
-        raise _refuse_layout(_SEQUENCE_PARALLEL)  # (training's tensor parallelism)
     if block.attention_norm.eps != block.ffn_norm.eps:
         raise ValueError("use_manual_backward: the block's two norms have different eps")
     block.forward = types.MethodType(_manual_forward, block)  # type: ignore[method-assign]

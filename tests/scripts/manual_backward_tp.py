@@ -1,9 +1,17 @@
-"""Run under torchrun (2 processes, Gloo): activation_checkpointing="manual" on a model whose
-blocks are tensor-parallel (torch's ColwiseParallel for wq/wk/wv/w1/w3, RowwiseParallel for
-wo/w2: each rank holds half the heads, half the kv heads and half the hidden units) against
-the same model unsharded with plain autograd; and the norms split over the sequence too
-(sequence parallelism), which must be refused. Prints one JSON line per rank: the largest
-loss and gradient differences, and the refusal's message."""
+"""Run under torchrun (Gloo): activation_checkpointing="manual" on tensor-parallel blocks
+against the same model unsharded under plain autograd, in two layouts over all processes:
+
+* "plain": torch's ColwiseParallel for wq/wk/wv/w1/w3 and RowwiseParallel for wo/w2 only
+  (each rank holds its share of the heads, kv heads and hidden units; the block input is
+  replicated; the Function all-reduces);
+* "sp": ``distributed.apply_tensor_parallel``'s training layout — sequence parallelism on the
+  norms and the residual stream (the block input is the rank's slice of the sequence; the
+  Function all-gathers and reduce-scatters along it), a row-split embedding and a
+  column-split output layer.
+
+Prints one JSON line per rank: per layout the loss and largest gradient differences, how
+many parameters are split, and the block input the manual forward saw (a DTensor or not,
+and its length: the whole sequence, or this rank's slice)."""
 
 from __future__ import annotations
 
@@ -14,17 +22,19 @@ import os
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor.parallel import (
-    ColwiseParallel,
-    RowwiseParallel,
-    SequenceParallel,
-    parallelize_module,
-)
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-from llamaforge.distributed import apply_activation_checkpointing
+from llamaforge.distributed import apply_activation_checkpointing, apply_tensor_parallel
 from llamaforge.model import build_model
 from llamaforge.optim import cross_entropy
 from llamaforge.presets import get_preset
+
+
+def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        k: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad)
+        for k, p in model.named_parameters()
+    }
 
 
 def main() -> None:
@@ -34,41 +44,48 @@ def main() -> None:
     args = get_preset("1M", n_kv_heads=2)
     torch.manual_seed(0)
     ref = build_model(args)
-    tp = copy.deepcopy(ref)
+    tokens = torch.randint(0, args.vocab_size, (2, 49), generator=torch.Generator().manual_seed(1))
+    loss, n = cross_entropy(ref(tokens[:, :-1]), tokens[:, 1:])
+    (loss / n).backward()
+    ref_loss, ref_grads = loss.item(), _grads(ref)
+
+    plain = copy.deepcopy(ref)
     plan = {name: ColwiseParallel() for name in ("attention.wq", "attention.wk", "attention.wv")}
     plan |= {"feed_forward.w1": ColwiseParallel(), "feed_forward.w3": ColwiseParallel()}
     plan |= {"attention.wo": RowwiseParallel(), "feed_forward.w2": RowwiseParallel()}
-    for block in tp.layers:
+    for block in plain.layers:
         parallelize_module(block, mesh, plan)
-    apply_activation_checkpointing(tp, "manual")
-    tokens = torch.randint(0, args.vocab_size, (2, 49), generator=torch.Generator().manual_seed(1))
-    losses, grads = [], []
-    for model in (ref, tp):
+    sp = copy.deepcopy(ref)
+    apply_tensor_parallel(sp, mesh, sequence_parallel=True, loss_parallel=False)
+
+    row: dict[str, object] = {"rank": int(os.environ["RANK"])}
+    seen: list[tuple[bool, int]] = []  # the first block's input: (a DTensor?, its length)
+
+    def record(module: torch.nn.Module, inputs: tuple) -> None:
+        seen.append(
+            (
+                type(inputs[0]).__name__ == "DTensor",
+                getattr(inputs[0], "to_local", lambda: inputs[0])().shape[1],
+            )
+        )
+
+    for name, model in (("plain", plain), ("sp", sp)):
+        model.zero_grad(set_to_none=True)
+        apply_activation_checkpointing(model, "manual")
+        seen.clear()
+        model.layers[0].register_forward_pre_hook(record)
         loss, n = cross_entropy(model(tokens[:, :-1]), tokens[:, 1:])
         (loss / n).backward()
-        losses.append(loss.item())
-        grads.append(
-            {
-                k: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad)
-                for k, p in model.named_parameters()
-            }
-        )
-    # sequence parallelism (the norms split over the sequence): refused, not miscomputed
-    sp = copy.deepcopy(ref)
-    sp_plan = plan | {"attention_norm": SequenceParallel(), "ffn_norm": SequenceParallel()}
-    for block in sp.layers:
-        parallelize_module(block, mesh, sp_plan)
-    try:
-        apply_activation_checkpointing(sp, "manual")  # refused here, before any forward
-        sp(tokens[:, :-1])
-        sp_refused = ""
-    except NotImplementedError as e:
-        sp_refused = str(e)
-    sharded = [k for k, p in tp.named_parameters() if type(p).__name__ == "DTensor"]
-    diff = max((grads[0][k] - grads[1][k]).abs().max().item() for k in grads[0])
-    row = {"rank": int(os.environ["RANK"]), "loss_diff": abs(losses[0] - losses[1])}
-    row |= {"grad_diff": diff, "sharded": len(sharded), "n_grads": len(grads[1])}
-    row |= {"sp_refused": sp_refused}
+        grads = _grads(model)
+        diff = max((ref_grads[k] - grads[k]).abs().max().item() for k in ref_grads)
+        row[name] = {
+            "loss_diff": abs(loss.item() - ref_loss),
+            "grad_diff": diff,
+            "sharded": sum(type(p).__name__ == "DTensor" for p in model.parameters()),
+            "n_grads": len(grads),
+            "block_input_dtensor": seen[0][0],
+            "block_input_len": seen[0][1],
+        }
     print(json.dumps(row), flush=True)
     dist.destroy_process_group()
 
