@@ -316,3 +316,32 @@ def test_pretrain_dp2_tp2_manual_matches_one_process(corpus, tmp_path):  # noqa:
     assert sorted(ref) == sorted(four) == [1, 2, 3]
     for step in ref:
         assert abs(four[step] - ref[step]) < 1e-4, (step, four[step], ref[step])
+
+
+def test_info_estimates_manual_from_what_the_function_keeps(capsys):
+    """``llamaforge info``: per token and layer, manual keeps the block input (fp32), q k v,
+    the attention output, wo's, w1's and w3's outputs (act_bytes) and the fp32 log-sum-exp
+    per head, plus one block's backward working set; per GPU (bf16, sequence parallelism)
+    all of it split tp ways."""
+    import json
+
+    from llamaforge.cli import main
+    from llamaforge.flops import activation_memory, layout_memory
+
+    args = get_preset("7B", vocab_size=32000)
+    d, kvd, ffn, heads = args.dim, args.kv_heads * args.head_dim, args.ffn_hidden_dim, 32
+    per_token = 4 * d + 2 * (3 * d + 2 * kvd + 2 * ffn) + 4 * heads
+    logits = 10 * args.vocab_size
+    working_set = 6 * 2 * ffn + 16 * d  # one block's backward at a time
+    assert activation_memory(args, 100, "manual") == 100 * (32 * per_token + working_set + logits)
+    s, tp = 2048, 2
+    mem = layout_memory(args, tp=tp, dp_shard=4, seq_len=s, mode="manual")
+    bf16 = 2 * d + 2 * (3 * d + 2 * kvd + 2 * ffn) + 4 * heads
+    assert mem["activations"] == int(32 * s * bf16 / tp + 10 * s * args.vocab_size / tp)
+    assert mem["activations"] < layout_memory(args, tp=tp, dp_shard=4, seq_len=s)["activations"]
+    assert main(["info", "--preset", "7B", "--tp", "2", "--dp", "4", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["activation_bytes"]["manual"] < info["activation_bytes"]["selective"]
+    assert info["layout"]["bytes_per_gpu"]["manual"] == mem
+    assert main(["info", "--layouts"]) == 0
+    assert "act. manual" in capsys.readouterr().out

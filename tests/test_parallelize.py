@@ -160,7 +160,7 @@ def test_activation_memory_estimate_matches_what_a_step_keeps():
     x = torch.randint(0, 256, (4, 128))
     grads = sum(p.numel() * 4 for p in base.parameters())
     measured = {}
-    for mode in ("none", "selective", "full"):
+    for mode in ("none", "selective", "manual", "full"):
         model = copy.deepcopy(base)
         apply_activation_checkpointing(model, mode)
         with LiveBytes() as tracker:

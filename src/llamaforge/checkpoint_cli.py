@@ -193,7 +193,7 @@ def _info(a: argparse.Namespace) -> int:
         },
         "activation_bytes": {
             mode: activation_memory(args, a.micro_batch * seq, mode)
-            for mode in ("none", "selective", "full")
+            for mode in ("none", "selective", "manual", "full")
         },
     }
     layout = None

@@ -75,15 +75,22 @@ def activation_memory(
     (act_bytes · (4·d + 2·kv_dim + 2·ffn)); ``none`` also keeps the RMSNorm intermediates
     and SwiGLU's two products (roughly 8·d + 2·act_bytes·ffn more); ``full`` keeps the
     block input (4·d) and recomputes one block at a time (its ``none`` set, plus the
-    residual gradients in flight). Output layer and loss: logits,
+    residual gradients in flight); ``manual`` (the hand-written block backward,
+    ``manual_backward.py``) keeps the block input (4·d), the outputs of wq, wk, wv, wo, w1,
+    w3 and of attention (act_bytes · (3·d + 2·kv_dim + 2·ffn)) and attention's fp32
+    log-sum-exp per head (4·n_heads), plus one block's backward working set at a time (the
+    recomputed SwiGLU terms and their gradients, about 6·act_bytes·ffn, and the recomputed
+    norm and residual-gradient rows, 16·d). Output layer and loss: logits,
     their fp32 copy and log-softmax (act_bytes + 8 bytes per logit). An estimate: on the
     CPU in fp32 it is within 25 % of what a step keeps (tests/test_parallelize.py).
     """
     d, h, kvd, n = args.dim, args.ffn_hidden_dim, args.kv_heads * args.head_dim, args.n_layers
     selective = 8 * d + act_bytes * (4 * d + 2 * kvd + 2 * h)
     everything = selective + 8 * d + 2 * act_bytes * h
+    manual = 4 * d + act_bytes * (3 * d + 2 * kvd + 2 * h) + 4 * args.n_heads
     per_layer = {
         "selective": selective * n,
+        "manual": manual * n + 6 * act_bytes * h + 16 * d,
         "none": everything * n,
         # block inputs, one block recomputed in full, the residual gradients in flight
         "full": 4 * d * n + everything + 16 * d,
@@ -229,7 +236,7 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 # -- memory per GPU for a parallel layout ---------------------------------------------------
 
-AC_FOR_LAYOUT = ("none", "selective", "full")
+AC_FOR_LAYOUT = ("none", "selective", "manual", "full")
 
 
 def layout_memory(
@@ -256,7 +263,11 @@ def layout_memory(
     ``none`` sbh(34 + 5as/h) / t with sequence parallelism (sbh(10 + 24/t + 5as/(ht))
     without); ``selective`` 34·sbh / t (attention's a·s² scores are recomputed — which a
     fused attention kernel does anyway); ``full`` 2sbh / t per layer (the block inputs)
-    plus one block's ``none`` set being recomputed. Assumptions: their block (a 4h MLP and
+    plus one block's ``none`` set being recomputed; ``manual`` (the hand-written block
+    backward) LLaMA's own count instead of theirs, in bf16: the block input and wo's output
+    (2 · 2sbh, split over the sequence with sequence parallelism), the outputs of wq, wk,
+    wv, w1, w3 and of attention (2sb · (2h + 2·kv_dim + 2·ffn) / t, split by heads and
+    hidden units) and the fp32 log-sum-exp (4·sba / t). Assumptions: their block (a 4h MLP and
     dropout masks; LLaMA's SwiGLU of 3 × 8h/3 matrices keeps about as much and it has no
     dropout, so this is slightly pessimistic); plus the vocabulary-parallel output layer's
     logits (bf16, fp32 copy and log-softmax: 10·sbV / t bytes). Temporary buffers,
@@ -274,7 +285,10 @@ def layout_memory(
         no_recompute = sbh * (34 + scores) / tp
     else:
         no_recompute = sbh * (10 + 24 / tp + scores / tp)
+    kvd, ffn = args.kv_heads * args.head_dim, args.ffn_hidden_dim
+    residual = 4 * s * b * h / (tp if sequence_parallel else 1)
     per_layer = {
+        "manual": residual + s * b * (2 * (2 * h + 2 * kvd + 2 * ffn) + 4 * a) / tp,
         "none": no_recompute,
         "selective": sbh * (34 if sequence_parallel or tp == 1 else 10 + 24 / tp) / tp,
         "full": 2 * sbh / (tp if sequence_parallel else 1),
@@ -309,8 +323,8 @@ def layout_table(gpu_gib: float = 80.0, seq_len: int = 2048, micro_batch: int = 
         "GPU).",
         "",
         "| model | tp × dp_shard | weights+grads+AdamW | gathered bf16 | act. none | "
-        "act. selective | act. full | fits: none / selective / full |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
+        "act. selective | act. manual | act. full | fits: none / selective / manual / full |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for name, gpus in (("7B", (8, 64)), ("13B", (8, 64)), ("33B", (64, 512)), ("65B", (64, 2048))):
         args = get_preset(name, vocab_size=32000)
