@@ -337,7 +337,9 @@ def test_info_estimates_manual_from_what_the_function_keeps(capsys):
     s, tp = 2048, 2
     mem = layout_memory(args, tp=tp, dp_shard=4, seq_len=s, mode="manual")
     bf16 = 2 * d + 2 * (3 * d + 2 * kvd + 2 * ffn) + 4 * heads
-    assert mem["activations"] == int(32 * s * bf16 / tp + 10 * s * args.vocab_size / tp)
+    working_set = s * (12 * ffn + 16 * d) / tp
+    logits = 10 * s * args.vocab_size / tp
+    assert mem["activations"] == int(32 * s * bf16 / tp + working_set + logits)
     assert mem["activations"] < layout_memory(args, tp=tp, dp_shard=4, seq_len=s)["activations"]
     assert main(["info", "--preset", "7B", "--tp", "2", "--dp", "4", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)

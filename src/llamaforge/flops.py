@@ -267,7 +267,8 @@ def layout_memory(
     backward) LLaMA's own count instead of theirs, in bf16: the block input and wo's output
     (2 · 2sbh, split over the sequence with sequence parallelism), the outputs of wq, wk,
     wv, w1, w3 and of attention (2sb · (2h + 2·kv_dim + 2·ffn) / t, split by heads and
-    hidden units) and the fp32 log-sum-exp (4·sba / t). Assumptions: their block (a 4h MLP and
+    hidden units) and the fp32 log-sum-exp (4·sba / t), plus one block's backward working
+    set, sb · (12·ffn + 16·h) / t. Assumptions: their block (a 4h MLP and
     dropout masks; LLaMA's SwiGLU of 3 × 8h/3 matrices keeps about as much and it has no
     dropout, so this is slightly pessimistic); plus the vocabulary-parallel output layer's
     logits (bf16, fp32 copy and log-softmax: 10·sbV / t bytes). Temporary buffers,
@@ -294,6 +295,8 @@ def layout_memory(
         "full": 2 * sbh / (tp if sequence_parallel else 1),
     }[mode]
     activations = L * per_layer + (no_recompute if mode == "full" else 0)
+    if mode == "manual":  # one block's backward working set at a time (as activation_memory)
+        activations += s * b * (12 * ffn + 16 * h) / tp
     activations += 10 * s * b * args.vocab_size / tp
     block = n["layers"] // L
     return {
