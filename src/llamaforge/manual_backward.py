@@ -27,6 +27,12 @@ mask; anything else (fp32 or a mask on CUDA, other devices) uses a plain matmul-
 implementation that saves the same statistics. Grouped-query attention expands the key/value
 heads for the kernel and sums their gradients back over each group.
 
+Under tensor parallelism (DTensor weights: ``distributed.apply_tensor_parallel``) it runs on
+each rank's heads and hidden units with the collectives written in — all-reduces for plain
+column/row-split blocks, and with sequence parallelism (training's layout) all-gathers and
+reduce-scatters along the sequence, so that the block input and output stay this rank's
+sequence slice (see ``BlockFunction``).
+
 Dtypes follow the model's: under autocast (the single-process bf16 path) the linear layers
 compute in the autocast dtype, their fp32 weights cast where used (in the forward, again in
 the backward: no bf16 copy of the weights is kept, as selective checkpointing keeps none)
