@@ -260,7 +260,8 @@ def test_tensor_parallel_blocks_match_autograd_on_the_full_model():
     them: the manual backward on the local shards, with its all-reduces, gives the loss and
     gradients of the unsharded model under autograd; and so it does with training's layout
     (``apply_tensor_parallel``: sequence parallelism, the block input a sequence slice, the
-    Function's all-gathers and reduce-scatters along it)."""
+    Function's all-gathers and reduce-scatters along it). A layout it does not know is
+    refused with the reason."""
     import json
     import os
     import subprocess
@@ -286,6 +287,8 @@ def test_tensor_parallel_blocks_match_autograd_on_the_full_model():
             assert layout["loss_diff"] < 1e-6 and layout["grad_diff"] < 1e-5, r
             assert not layout["block_input_dtensor"], r
         assert plain["block_input_len"] == 48 and sp["block_input_len"] == 24, r
+        assert "one norm sequence-parallel" in r["odd_refused"], r
+        assert "use 'selective'" in r["odd_refused"], r
 
 
 @pytest.mark.slow

@@ -11,7 +11,8 @@ against the same model unsharded under plain autograd, in two layouts over all p
 
 Prints one JSON line per rank: per layout the loss and largest gradient differences, how
 many parameters are split, and the block input the manual forward saw (a DTensor or not,
-and its length: the whole sequence, or this rank's slice)."""
+and its length: the whole sequence, or this rank's slice), and the error for a layout it
+refuses."""
 
 from __future__ import annotations
 
@@ -22,7 +23,12 @@ import os
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
 
 from llamaforge.distributed import apply_activation_checkpointing, apply_tensor_parallel
 from llamaforge.model import build_model
@@ -86,6 +92,17 @@ def main() -> None:
             "block_input_dtensor": seen[0][0],
             "block_input_len": seen[0][1],
         }
+    # a layout the Function does not know (one norm sequence-parallel, the other not):
+    # refused with the reason, not miscomputed
+    odd = copy.deepcopy(ref)
+    for block in odd.layers:
+        parallelize_module(block, mesh, plan | {"attention_norm": SequenceParallel()})
+    apply_activation_checkpointing(odd, "manual")
+    try:
+        odd(tokens[:, :-1])
+        row["odd_refused"] = ""
+    except NotImplementedError as e:
+        row["odd_refused"] = str(e)
     print(json.dumps(row), flush=True)
     dist.destroy_process_group()
 
