@@ -9,7 +9,7 @@ against the same model unsharded under plain autograd, in two layouts over all p
   Function all-gathers and reduce-scatters along it), a row-split embedding and a
   column-split output layer.
 
-Prints one JSON line per rank: per layout the loss and largest gradient differences, how
+Rank 0 prints one JSON line per rank: per layout the loss and largest gradient differences, how
 many parameters are split, and the block input the manual forward saw (a DTensor or not,
 and its length: the whole sequence, or this rank's slice), and the error for a layout it
 refuses."""
@@ -103,7 +103,10 @@ def main() -> None:
         row["odd_refused"] = ""
     except NotImplementedError as e:
         row["odd_refused"] = str(e)
-    print(json.dumps(row), flush=True)
+    rows: list[object] = [None] * world
+    dist.all_gather_object(rows, row)  # printed by one process: no interleaved lines
+    if row["rank"] == 0:
+        print("\n".join(json.dumps(r) for r in rows), flush=True)
     dist.destroy_process_group()
 
 
