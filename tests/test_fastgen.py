@@ -132,6 +132,9 @@ def test_int8_on_the_llama2c_weights(llama2c):
     plain = generate_completions(model, tok, ["Once upon a time"], **kw)[0]
     assert generate_completions(q, tok, ["Once upon a time"], **kw)[0].text == plain.text
     assert FastGenerator(q, tok).generate("Once upon a time", **kw).text == plain.text
+    fast = quantize_int8(copy.deepcopy(model), cpu_bf16_compute=True)  # bf16 activations
+    with torch.inference_mode():
+        assert (fast(ids) - ref).abs().max() <= 0.05 * ref.abs().max()
 
 
 def test_speculative_greedy_is_identical(model, small_tokenizer):
