@@ -12,6 +12,8 @@
 #      gradient checkpointing (memory and speed)
 #   5. bench/finetune_throughput.py: LLaMA-7B LoRA against HF transformers + peft, bf16
 #      (tokens/s, peak memory; needs ../shared/data for Meta's tokenizer and the data)
+#   6. bench/generate_throughput.py: 1B bf16 single-stream decoding (compiled static cache,
+#      int8, speculative) against HF generate
 set -uo pipefail
 OUT="${OUT:-gpu-out}"
 mkdir -p "$OUT"
@@ -59,3 +61,10 @@ step train-7B 420 "$PY" bench/train_throughput.py --device cuda --preset 7B --vo
 step finetune-7B-lora 420 "$PY" bench/finetune_throughput.py --device cuda --dtype bf16 \
     --preset 7B --max-len 1024 --batch 4 --rounds 2 --steps 3 \
     --variants ours-lora hf-peft-lora
+
+# 6. bench/generate_throughput.py: single-stream decoding, 1B preset in bf16 at batch 1:
+#    generate_completions, FastGenerator compiled (static cache + CUDA graphs), int8 and
+#    speculative (draft: the first 2 layers), against HF generate
+step generate-1B 420 "$PY" bench/generate_throughput.py --device cuda --preset 1B --batch 1 \
+    --prompt-len 32 --new-tokens 256 --repeats 3 \
+    --variants ours-compile ours-int8 ours-spec ours hf

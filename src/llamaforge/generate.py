@@ -367,6 +367,8 @@ class FastGenerator:
             if draft_k < 1:
                 raise ValueError(f"draft_k {draft_k}: must be at least 1")
         self.step: Callable[..., torch.Tensor] = forward_static
+        # A CUDA graph's replay overwrites its previous outputs: those are copied out.
+        self.graphs = compile and self.device.type == "cuda"
         if compile:
             cuda = self.device.type == "cuda"
             self.step = torch.compile(
@@ -399,8 +401,9 @@ class FastGenerator:
         """Logits (seq, vocab) of ``tokens`` at ``start…`` through the compiled step."""
         tokens = torch.as_tensor(tokens, device=self.device).view(1, -1)
         positions = torch.arange(start, start + tokens.shape[1], device=self.device)
-        if hasattr(torch.compiler, "cudagraph_mark_step_begin"):
+        if self.graphs:
             torch.compiler.cudagraph_mark_step_begin()
+            return self.step(model, cache, tokens, positions)[0].clone()
         return self.step(model, cache, tokens, positions)[0]
 
     @torch.inference_mode()
