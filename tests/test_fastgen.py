@@ -174,6 +174,23 @@ def test_speculative_sampling(model, small_tokenizer):
     assert len(c.tokens) == 16 and 0.0 <= other.stats.acceptance_rate < 1.0
 
 
+def test_rejection_rule_gives_the_models_distribution(model, small_tokenizer):
+    """The accept/resample rule alone, on fixed distributions p (model) and q (draft) over
+    five tokens: the first token it yields, with d ~ q drafted, is distributed as p."""
+    fast = FastGenerator(model, small_tokenizer, draft=model, draft_k=1)
+    p_logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5], [0.0] * 5])  # (k+1, vocab)
+    q_logits = torch.tensor([[-1.0, 0.0, 2.0, 1.0, 0.5]])  # (k, vocab): disagrees with p
+    p = torch.softmax(p_logits[0], -1)
+    g = torch.Generator().manual_seed(0)
+    sampling = (1.0, 1.0, None, g)
+    n, counts = 2000, torch.zeros(5)
+    drafted = torch.multinomial(torch.softmax(q_logits[0], -1), n, replacement=True, generator=g)
+    for d in drafted:
+        accepted, extra = fast._accept(p_logits, q_logits, d[None], sampling)
+        counts[int(d) if accepted else int(extra)] += 1
+    assert 0.5 * (counts / n - p).abs().sum() < 0.04, (counts / n, p)  # q: 0.67 away
+
+
 @pytest.mark.slow
 def test_speculative_sampling_keeps_the_models_distribution():
     """The first two tokens after a prompt, sampled many times with a bad draft: their
