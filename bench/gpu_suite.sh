@@ -64,7 +64,7 @@ step finetune-7B-lora 420 "$PY" bench/finetune_throughput.py --device cuda --dty
 
 # 6. bench/generate_throughput.py: single-stream decoding, 1B preset in bf16 at batch 1:
 #    generate_completions, FastGenerator compiled (static cache + CUDA graphs), int8 and
-#    speculative (draft: the first 2 layers), against HF generate
+#    speculative (draft: the model's own int8 copy), against HF generate
 step generate-1B 420 "$PY" bench/generate_throughput.py --device cuda --preset 1B --batch 1 \
     --prompt-len 32 --new-tokens 256 --repeats 3 \
     --variants ours-compile ours-int8 ours-spec ours hf
