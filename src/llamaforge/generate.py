@@ -269,27 +269,37 @@ class StaticKVCache(KVCache):
     shapes. ``update`` ignores its int ``start_pos`` and writes at ``self.positions``, the
     slots of the chunk being run (``forward_static`` sets them). The mask hides the slots
     past each query, so entries left by a rejected speculation are harmless: rolling back
-    is only a matter of which positions come next."""
+    is only a matter of which positions come next.
 
-    def __init__(
+    One tensor per layer rather than ``KVCache``'s single one: a compiled step then writes
+    each layer's slots in place, where writing through views of one shared tensor made
+    torch.compile copy the whole cache at every step."""
+
+    def __init__(  # noqa: D107 - KVCache's arguments; its single tensor is not made
         self, args: ModelArgs, batch: int, max_len: int, dtype: torch.dtype, device: torch.device
     ) -> None:
-        super().__init__(args, batch, max_len, dtype, device)
+        shape = (batch, args.kv_heads, max_len, args.head_dim)
+        self.ks = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        self.vs = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
         self.positions = torch.zeros(1, dtype=torch.long, device=device)
-        if self.k.is_cuda:  # fixed addresses, so CUDA graphs write the cache in place
-            torch._dynamo.mark_static_address(self.k)
-            torch._dynamo.mark_static_address(self.v)
+        if torch.device(device).type == "cuda":  # fixed addresses: CUDA graphs write in place
+            for t in self.ks + self.vs:
+                torch._dynamo.mark_static_address(t)
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.ks[0].shape[2]
 
     def update(
         self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        self.k[layer].index_copy_(2, self.positions, k)
-        self.v[layer].index_copy_(2, self.positions, v)
-        return self.k[layer], self.v[layer]
+        self.ks[layer][:, :, self.positions] = k
+        self.vs[layer][:, :, self.positions] = v
+        return self.ks[layer], self.vs[layer]
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        self.ks = [k.index_select(0, rows) for k in self.ks]
+        self.vs = [v.index_select(0, rows) for v in self.vs]
 
 
 def forward_static(
