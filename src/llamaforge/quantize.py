@@ -47,6 +47,9 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = weight_int8.shape[1], weight_int8.shape[0]
         self.register_buffer("weight_int8", weight_int8)
         self.register_buffer("scales", scales)
+        # The scales for bf16 compute from fp32 activations, ready-made: inductor's lowering
+        # of the CPU kernel fails on scales cast inside a compiled graph (torch 2.13).
+        self.register_buffer("scales_bf16", scales.to(torch.bfloat16), persistent=False)
 
     @classmethod
     @torch.no_grad()
@@ -89,7 +92,7 @@ class Int8Linear(nn.Module):
             out = torch.ops.aten._weight_int8pack_mm(
                 x.reshape(-1, self.in_features).to(compute),
                 self.weight_int8,
-                self.scales.to(compute),
+                self.scales_bf16 if compute == torch.bfloat16 else self.scales.to(compute),
             )
             return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         return F.linear(x, self.weight_int8.to(x.dtype)) * self.scales.to(x.dtype)
