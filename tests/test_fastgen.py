@@ -91,6 +91,10 @@ def test_compiled_decoding_equals_generate_completions(small_tokenizer):
     fast = FastGenerator(m, small_tokenizer, compile=True, draft=draft, draft_k=2)
     assert fast.generate("The value of", **GREEDY).tokens == ref.tokens
     assert fast.stats.acceptance_rate == 1.0
+    q = quantize_int8(copy.deepcopy(m), cpu_bf16_compute=True)  # torch's int8 kernel, compiled
+    eager = FastGenerator(q, small_tokenizer).generate("The value of", **GREEDY)
+    compiled = FastGenerator(q, small_tokenizer, compile=True)
+    assert compiled.generate("The value of", **GREEDY).tokens == eager.tokens
 
 
 def test_int8_layers_and_dtypes(model):
