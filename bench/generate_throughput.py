@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import gc
 import platform
 import sys
 import tempfile
@@ -130,7 +131,11 @@ def _llama_cpp_runner(model, args, a, tmp: Path):
             if n == a.new_tokens:
                 break
 
-    return run
+    def run_rows(prompts: list[list[int]]) -> None:
+        run(prompts[0])
+
+    run_rows.close = llm.close  # its threads and memory go before the next variant
+    return run_rows
 
 
 def main() -> None:
@@ -166,12 +171,14 @@ def main() -> None:
         f"prompt {a.prompt_len} tokens, {a.new_tokens} new tokens, best of {a.repeats}"
     )
     greedy = dict(max_new_tokens=a.new_tokens, temperature=0.0, stop_at_eos=False)
-    runners = {}
     notes = []
-    for v in a.variants:
+
+    def make_runner(v: str):
+        """The function that decodes for variant ``v`` (built just before it is timed, so
+        that no variant's threads or compiler workers run while another is timed)."""
         if v == "ours":
-            runners[v] = lambda prompts: generate_completions(ours, tok, prompts, **greedy)
-        elif v in FAST:
+            return lambda prompts: generate_completions(ours, tok, prompts, **greedy)
+        if v in FAST:
             model, kw = ours, {}
             if v == "ours-compile":
                 kw["compile"] = True
@@ -185,18 +192,17 @@ def main() -> None:
                     draft = quantize_int8(copy.deepcopy(ours), cpu_bf16_compute=True)
                 else:
                     draft = _draft_from_layers(ours, a.draft_layers)
-                kw.update(draft=draft, draft_k=a.draft_k)
-                kw["compile"] = cuda
+                kw.update(draft=draft, draft_k=a.draft_k, compile=cuda)
             fast = FastGenerator(model, tok, **kw)
-            runners[v] = lambda prompts, fast=fast: fast.generate(prompts[0], **greedy)
             if v == "ours-spec":
                 notes.append(fast)
-        elif v == "hf":
+            return lambda prompts: fast.generate(prompts[0], **greedy)
+        if v == "hf":
             cfg = transformers.LlamaConfig(**hf_config(args), attn_implementation="sdpa")
             hf = transformers.LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
             hf.load_state_dict(to_hf_state_dict(ours.state_dict(), args), strict=False)
 
-            def run_hf(prompts, hf=hf):
+            def run_hf(prompts):
                 with torch.inference_mode():
                     hf.generate(
                         torch.tensor(prompts, device=device),
@@ -207,30 +213,38 @@ def main() -> None:
                         pad_token_id=0,
                     )
 
-            runners[v] = run_hf
-        elif v == "llama.cpp":
-            if cuda:
-                print("# llama.cpp skipped: this build runs on the CPU", file=sys.stderr)
-                continue
-            tmp = Path(tempfile.mkdtemp(prefix="gen-bench-"))
-            run = _llama_cpp_runner(ours, args, a, tmp)
-            if run is not None:
-                runners[v] = lambda prompts, run=run: run(prompts[0])
+            return run_hf
+        if cuda:  # llama.cpp
+            print("# llama.cpp skipped: this build runs on the CPU", file=sys.stderr)
+            return None
+        return _llama_cpp_runner(ours, args, a, Path(tempfile.mkdtemp(prefix="gen-bench-")))
+
+    prompts = {
+        bsz: torch.randint(
+            3, args.vocab_size, (bsz, a.prompt_len), generator=torch.Generator().manual_seed(bsz)
+        ).tolist()
+        for bsz in a.batch
+    }
+    rates: dict[tuple[int, str], float] = {}
+    for v in a.variants:
+        fn = make_runner(v)
+        if fn is None:
+            continue
+        for bsz in a.batch:
+            if bsz == 1 or v not in SINGLE_STREAM:
+                t = _time(lambda f=fn, p=prompts[bsz]: f(p), a.repeats, sync)
+                rates[bsz, v] = bsz * a.new_tokens / t
+        getattr(fn, "close", lambda: None)()
+        del fn
+        gc.collect()
 
     print("| batch | variant | tok/s | vs HF | vs llama.cpp |")
     print("|---|---|---|---|---|")
-    for bsz in a.batch:
-        gen = torch.Generator().manual_seed(bsz)
-        prompts = torch.randint(3, args.vocab_size, (bsz, a.prompt_len), generator=gen).tolist()
-        rates = {}
-        for v, fn in runners.items():
-            if bsz > 1 and v in SINGLE_STREAM:
-                continue
-            rates[v] = bsz * a.new_tokens / _time(lambda f=fn, p=prompts: f(p), a.repeats, sync)
-        for v, r in rates.items():
-            hf_ratio = f"{r / rates['hf']:.2f}x" if "hf" in rates else "-"
-            cpp_ratio = f"{r / rates['llama.cpp']:.2f}x" if "llama.cpp" in rates else "-"
-            print(f"| {bsz} | {v} | {r:,.0f} | {hf_ratio} | {cpp_ratio} |")
+    for (bsz, v), r in sorted(rates.items(), key=lambda item: item[0][0]):
+        hf, cpp = rates.get((bsz, "hf")), rates.get((bsz, "llama.cpp"))
+        hf_ratio = f"{r / hf:.2f}x" if hf else "-"
+        cpp_ratio = f"{r / cpp:.2f}x" if cpp else "-"
+        print(f"| {bsz} | {v} | {r:,.0f} | {hf_ratio} | {cpp_ratio} |")
     for fast in notes:
         what = (
             "the model's int8 copy" if a.draft == "int8" else f"its first {a.draft_layers} layers"
