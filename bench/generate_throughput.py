@@ -16,6 +16,7 @@ Variants (--variants):
                  acceptance rate is meaningful even for random weights), or "layers", its
                  first --draft-layers layers (sharing embedding, final norm and output;
                  random weights make their proposals near-useless). Acceptance is printed.
+  ours-spec-compile        the same, compiled
   hf             transformers' LlamaForCausalLM.generate (sdpa attention)
   llama.cpp      llama-cpp-python on the same weights exported with llamaforge's GGUF
                  converter (--gguf-type f32 by default, to match fp32); CPU only
@@ -51,6 +52,7 @@ ALL = [
     "ours-int8-bf16",
     "ours-int8-bf16-compile",
     "ours-spec",
+    "ours-spec-compile",
     "hf",
     "llama.cpp",
 ]
@@ -61,6 +63,7 @@ FAST = {
     "ours-int8-bf16",
     "ours-int8-bf16-compile",
     "ours-spec",
+    "ours-spec-compile",
 }
 SINGLE_STREAM = FAST | {"llama.cpp"}
 
@@ -187,15 +190,15 @@ def main() -> None:
                 model = quantize_int8(copy.deepcopy(ours), cpu_bf16_compute=bf16)
                 # on a GPU int8 pays only once compile fuses the dequantisation
                 kw["compile"] = cuda or v.endswith("-compile")
-            elif v == "ours-spec":
+            elif v.startswith("ours-spec"):
                 if a.draft == "int8":
                     draft = quantize_int8(copy.deepcopy(ours), cpu_bf16_compute=True)
                 else:
                     draft = _draft_from_layers(ours, a.draft_layers)
-                kw.update(draft=draft, draft_k=a.draft_k, compile=cuda)
+                kw.update(draft=draft, draft_k=a.draft_k, compile=cuda or v.endswith("-compile"))
             fast = FastGenerator(model, tok, **kw)
-            if v == "ours-spec":
-                notes.append(fast)
+            if v.startswith("ours-spec"):
+                notes.append((v, fast))
             return lambda prompts: fast.generate(prompts[0], **greedy)
         if v == "hf":
             cfg = transformers.LlamaConfig(**hf_config(args), attn_implementation="sdpa")
@@ -245,12 +248,12 @@ def main() -> None:
         hf_ratio = f"{r / hf:.2f}x" if hf else "-"
         cpp_ratio = f"{r / cpp:.2f}x" if cpp else "-"
         print(f"| {bsz} | {v} | {r:,.0f} | {hf_ratio} | {cpp_ratio} |")
-    for fast in notes:
+    for v, fast in notes:
         what = (
             "the model's int8 copy" if a.draft == "int8" else f"its first {a.draft_layers} layers"
         )
         print(
-            f"# ours-spec: draft = {what}, draft_k={a.draft_k}, acceptance "
+            f"# {v}: draft = {what}, draft_k={a.draft_k}, acceptance "
             f"{fast.stats.acceptance_rate:.1%} on the last run ({fast.stats.target_forwards} "
             f"model forwards for {fast.stats.new_tokens} tokens)"
         )
