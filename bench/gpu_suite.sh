@@ -15,6 +15,8 @@
 #      (tokens/s, peak memory; needs ../shared/data for Meta's tokenizer and the data)
 #   6. bench/train_throughput.py: activation checkpointing modes, the hand-written backward
 #      (manual) against selective, full and none: 1B (8 x 2048) and 7B (1 x 2048), compiled
+#   7. bench/generate_throughput.py: 1B bf16 single-stream decoding (compiled static cache,
+#      int8, speculative) against HF generate
 set -uo pipefail
 OUT="${OUT:-gpu-out}"
 mkdir -p "$OUT"
@@ -74,3 +76,10 @@ step train-ac-7B 420 "$PY" bench/train_throughput.py --device cuda --preset 7B -
     --seq-len 2048 --micro-batch 1 --rounds 1 --steps 5 --warmup 2 \
     --variants ours-manual-compile ours-selective-compile ours-manual ours-selective \
     --json "$OUT/train-ac-7B.json"
+
+# 7. bench/generate_throughput.py: single-stream decoding, 1B preset in bf16 at batch 1:
+#    generate_completions, FastGenerator compiled (static cache + CUDA graphs), int8 and
+#    speculative (draft: the model's own int8 copy), against HF generate
+step generate-1B 420 "$PY" bench/generate_throughput.py --device cuda --preset 1B --batch 1 \
+    --prompt-len 32 --new-tokens 256 --repeats 3 \
+    --variants ours-compile ours-int8 ours-spec ours hf

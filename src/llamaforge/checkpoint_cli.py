@@ -140,7 +140,42 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="refuse a checkpoint with NaN/Inf weights (default: load it with a warning)",
     )
+    _add_fast_args(g)
     g.set_defaults(func=_generate)
+
+
+def _add_fast_args(g: argparse.ArgumentParser) -> None:
+    """Fast single-stream decoding (generate.py's FastGenerator; prompts run one by one)."""
+    f = g.add_argument_group(
+        "fast decoding",
+        "a static KV cache, compiled steps, int8 weights and speculative decoding; with "
+        "--compile or --draft, prompts are decoded one at a time",
+    )
+    f.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decoding step (CUDA graphs on a GPU); the first call compiles",
+    )
+    f.add_argument(
+        "--quantize",
+        choices=["int8", "int8-bf16"],
+        help="int8 weight-only linear layers, one scale per output channel (CPU or GPU); "
+        "int8-bf16: on the CPU, fp32 activations enter the int8 kernel as bf16 (faster, "
+        "less exact)",
+    )
+    f.add_argument(
+        "--draft",
+        metavar="DIR",
+        help="speculative decoding with this smaller checkpoint (same tokenizer) proposing "
+        "tokens; greedy output is unchanged; the acceptance rate is printed on stderr",
+    )
+    f.add_argument(
+        "--draft-k",
+        type=int,
+        default=4,
+        metavar="N",
+        help="tokens the draft proposes per step (default 4)",
+    )
 
 
 def _model_args_for(a: argparse.Namespace):
@@ -337,6 +372,27 @@ def _generate(a: argparse.Namespace) -> int:
         ]
         stops += stop_strings(tpl)
 
+    if a.draft_k < 1:
+        raise ValueError(f"--draft-k {a.draft_k}: must be at least 1")
+    if a.tp != 1 and (a.compile or a.draft or a.quantize):
+        raise ValueError(
+            "--tp splits the model over processes: it does not combine with "
+            "--compile, --draft or --quantize (use one process for those)"
+        )
+    draft = None
+    if a.draft:
+        draft, _ = load(a.draft, device=device, dtype=model.tok_embeddings.weight.dtype)
+    if a.quantize:
+        from .quantize import quantize_int8
+
+        for m in (model, draft) if draft is not None else (model,):
+            quantize_int8(m, cpu_bf16_compute=a.quantize == "int8-bf16")
+    fast = None
+    if a.compile or draft is not None:
+        from .generate import FastGenerator
+
+        fast = FastGenerator(model, tok, compile=a.compile, draft=draft, draft_k=a.draft_k)
+
     stdout = sys.stdout if rank == 0 else open(os.devnull, "w")  # noqa: SIM115 (rank 0 prints)
     tty = stdout.isatty()
     echo = tty if a.echo is None else a.echo
@@ -352,10 +408,7 @@ def _generate(a: argparse.Namespace) -> int:
 
     if len(prompts) == 1:
         show_prompt(prompts[0])
-    results = generate_completions(
-        model,
-        tok,
-        inputs,
+    settings = dict(
         max_new_tokens=a.max_new_tokens,
         temperature=a.temperature,
         top_p=a.top_p,
@@ -365,6 +418,20 @@ def _generate(a: argparse.Namespace) -> int:
         truncate=a.truncate,
         on_text=stream,
     )
+    if fast is None:
+        results = generate_completions(model, tok, inputs, **settings)
+    else:
+        results, proposed, accepted = [], 0, 0
+        for prompt in inputs:
+            results.append(fast.generate(prompt, **settings))
+            proposed, accepted = proposed + fast.stats.proposed, accepted + fast.stats.accepted
+        if draft is not None:
+            rate = accepted / proposed if proposed else 0.0
+            print(
+                f"speculative decoding: {accepted}/{proposed} drafted tokens accepted "
+                f"({rate:.1%}), draft_k={a.draft_k}",
+                file=sys.stderr,
+            )
     if len(prompts) > 1:
         for i, (p, r) in enumerate(zip(prompts, results), 1):
             out.end_line()
