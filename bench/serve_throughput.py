@@ -11,10 +11,16 @@ fp32 on CPU). Both get --threads CPU threads.
     python bench/serve_throughput.py --preset 15M                 # random 15M weights
     python bench/serve_throughput.py --preset 15M --clients 1 8 32 --seconds 30 --threads 8
 
-Needs the `serve` extra and, for the baseline, `llama-cpp-python[server]` (the
-`bench-serve` extra); without it only our server is measured, and that is said. Note that
-llama-cpp-python's server answers one request at a time (it has no parallel slots), while
-llama.cpp's own C++ `llama-server --parallel N` batches; this script measures the former.
+The baseline is llama.cpp's own C++ server with parallel slots and continuous batching
+(`--llama-server PATH`: `llama-server --parallel N`, N = the largest client count, each slot
+the model's context), or else llama-cpp-python's Python server (the `bench-serve` extra),
+which answers one request at a time. `llama-server` is not on PyPI as a binary; build it from
+the llama.cpp sources that llama-cpp-python's sdist vendors:
+
+    pip download --no-deps --no-binary :all: llama-cpp-python && tar xzf llama_cpp_python-*.tar.gz
+    cd llama_cpp_python-*/vendor/llama.cpp && cmake -B build -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
+        -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+        && cmake --build build -j --target llama-server          # build/bin/llama-server
 """
 
 from __future__ import annotations
@@ -87,6 +93,21 @@ def start_llama_cpp(gguf: Path, threads: int, n_ctx: int) -> tuple[subprocess.Po
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1"]
     cmd += ["--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", str(threads)]
     cmd += ["--n_threads_batch", str(threads), "--model_alias", "bench"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(url, proc)
+    return proc, url
+
+
+def start_llama_server(
+    binary: Path, gguf: Path, threads: int, n_ctx: int, slots: int
+) -> tuple[subprocess.Popen, str]:
+    """llama.cpp's C++ server: ``slots`` parallel slots of ``n_ctx`` positions each, continuous
+    batching (its default)."""
+    port = free_port()
+    cmd = [str(binary), "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--parallel", str(slots), "--ctx-size", str(n_ctx * slots), "--threads", str(threads)]
+    cmd += ["--threads-batch", str(threads), "--alias", "bench", "--cont-batching"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     wait_ready(url, proc)
@@ -176,9 +197,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--only", choices=["llamaforge", "llama.cpp"], help="measure one server")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument(
+        "--llama-server", type=Path, help="llama.cpp's C++ llama-server binary (parallel slots)"
+    )
     a = p.parse_args()
+    if a.llama_server is not None and not os.access(a.llama_server, os.X_OK):
+        sys.exit(f"--llama-server {a.llama_server}: not an executable file")
 
-    have_llama_cpp = importlib.util.find_spec("llama_cpp") is not None
+    have_llama_cpp = a.llama_server is not None or importlib.util.find_spec("llama_cpp") is not None
     if not have_llama_cpp and a.only != "llamaforge":
         print(
             "llama_cpp not installed (pip install 'llama-cpp-python[server]', the bench-serve "
@@ -194,7 +220,16 @@ def main() -> None:
             servers.append(("llamaforge", lambda: start_ours(ckpt, a.threads, max(a.clients))))
         if have_llama_cpp and a.only != "llamaforge":
             gguf = to_gguf(ckpt, Path(tmp) / "model.gguf")
-            servers.append(("llama.cpp", lambda: start_llama_cpp(gguf, a.threads, max_ctx)))
+            if a.llama_server is not None:
+                slots = max(a.clients)
+                servers.append(
+                    (
+                        "llama.cpp",
+                        lambda: start_llama_server(a.llama_server, gguf, a.threads, max_ctx, slots),
+                    )
+                )
+            else:
+                servers.append(("llama.cpp", lambda: start_llama_cpp(gguf, a.threads, max_ctx)))
         for name, start in servers:
             proc, url = start()
             try:
