@@ -71,10 +71,13 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
     raise RuntimeError(f"{url} not ready after {timeout} s")
 
 
-def start_ours(ckpt: Path, threads: int, max_batch: int) -> tuple[subprocess.Popen, str]:
+def start_ours(
+    ckpt: Path, threads: int, max_batch: int, quantize: str | None
+) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "LLAMAFORGE_THREADS": str(threads)}
     cmd = [sys.executable, "-m", "llamaforge", "serve", "--ckpt", str(ckpt), "--port", "0"]
     cmd += ["--max-batch", str(max_batch), "--model-name", "bench"]
+    cmd += ["--quantize", quantize] if quantize else []
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
     assert proc.stdout is not None
     line = proc.stdout.readline()
@@ -178,10 +181,10 @@ def make_checkpoint(preset: str, out: Path) -> Path:
     return out
 
 
-def to_gguf(ckpt: Path, out: Path) -> Path:
+def to_gguf(ckpt: Path, out: Path, dtype: str = "f32") -> Path:
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     cmd = [sys.executable, "-m", "llamaforge", "convert", "--from", "native", "--to", "gguf"]
-    cmd += [str(ckpt), str(out), "--dtype", "f32", "--quiet"]
+    cmd += [str(ckpt), str(out), "--dtype", dtype, "--quiet"]
     subprocess.run(cmd, check=True, env=env)
     return out
 
@@ -194,7 +197,12 @@ def main() -> None:
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--seconds", type=float, default=30.0, help="per client count and server")
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="llama.cpp's threads")
+    p.add_argument(
+        "--our-threads", type=int, help="llamaforge's torch threads (default: --threads)"
+    )
+    p.add_argument("--quantize", choices=["int8", "int8-bf16"], help="llamaforge serve --quantize")
+    p.add_argument("--gguf-type", default="f32", help="llama.cpp's weights (f32, f16, q8_0)")
     p.add_argument("--only", choices=["llamaforge", "llama.cpp"], help="measure one server")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument(
@@ -217,9 +225,16 @@ def main() -> None:
         max_ctx = json.loads((ckpt / "params.json").read_text())["max_seq_len"]
         servers = []
         if a.only != "llama.cpp":
-            servers.append(("llamaforge", lambda: start_ours(ckpt, a.threads, max(a.clients))))
+            servers.append(
+                (
+                    "llamaforge",
+                    lambda: start_ours(
+                        ckpt, a.our_threads or a.threads, max(a.clients), a.quantize
+                    ),
+                )
+            )
         if have_llama_cpp and a.only != "llamaforge":
-            gguf = to_gguf(ckpt, Path(tmp) / "model.gguf")
+            gguf = to_gguf(ckpt, Path(tmp) / "model.gguf", a.gguf_type)
             if a.llama_server is not None:
                 slots = max(a.clients)
                 servers.append(

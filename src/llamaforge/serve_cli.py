@@ -50,7 +50,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
     s.add_argument("--dtype", help="float32, bfloat16, float16 (default: as stored)")
     s.add_argument(
-        "--quantize", choices=["int8"], help="int8 weight-only quantisation of the Linear layers"
+        "--quantize",
+        choices=["int8", "int8-bf16"],
+        help="int8 weight-only quantisation of the Linear layers (int8-bf16: fp32 activations "
+        "enter the CPU's int8 kernel as bf16, 2-3x faster on the CPU, logits within a few %%)",
     )
     s.add_argument("--draft", metavar="DIR", help="draft checkpoint for speculative decoding")
     s.add_argument(
@@ -103,12 +106,10 @@ def _serve(a: argparse.Namespace) -> int:
     model, tok = load(a.ckpt, device=device, dtype=a.dtype, tokenizer=tokenizer_path(a.tokenizer))
     if tok is None:
         raise ValueError(f"{a.ckpt}: no tokenizer.model in the checkpoint; pass --tokenizer")
-    if a.quantize == "int8":
-        try:
-            from .quantize import quantize_int8
-        except ImportError as e:
-            raise ValueError(f"--quantize int8: llamaforge.quantize is unavailable ({e})") from e
-        model = quantize_int8(model)
+    if a.quantize:
+        from .quantize import quantize_int8
+
+        model = quantize_int8(model, cpu_bf16_compute=a.quantize == "int8-bf16")
     if a.max_seq_len is not None and a.max_seq_len > model.args.max_seq_len:
         raise ValueError(
             f"--max-seq-len {a.max_seq_len}: the model's context is {model.args.max_seq_len}"
