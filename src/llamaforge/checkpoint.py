@@ -252,20 +252,12 @@ def _stored(ckpt: Path, device: torch.device) -> Iterator[tuple[str, torch.Tenso
                 yield name, t
 
 
-def load(
-    ckpt_dir: str | os.PathLike,
-    device: str | torch.device = "cpu",
-    dtype: str | torch.dtype | None = None,
-    *,
-    tokenizer: str | os.PathLike | None = None,
-    strict: bool = False,
-) -> tuple[Transformer, Tokenizer | None]:
-    """Load a native checkpoint: ``(model, tokenizer)`` with the model in eval mode.
-
-    ``dtype`` defaults to the stored one. ``tokenizer`` overrides ``ckpt_dir/tokenizer.model``.
-    Tensors with NaN or Inf values are named in a warning on stderr (its outputs mean
-    nothing); ``strict`` makes them a CheckpointError instead.
-    """
+def open_checkpoint(
+    ckpt_dir: str | os.PathLike, tokenizer: str | os.PathLike | None = None
+) -> tuple[Path, ModelArgs, Tokenizer | None]:
+    """A native checkpoint's directory, its ``ModelArgs`` (vocab_size -1 resolved from the
+    tokenizer) and its tokenizer (``tokenizer`` overrides ``ckpt_dir/tokenizer.model``; None
+    when there is none), checked against each other; no tensor is read."""
     ckpt = Path(ckpt_dir)
     if not ckpt.is_dir():
         raise CheckpointError(f"{ckpt}: no such checkpoint directory")
@@ -281,6 +273,24 @@ def load(
             f"{tok_path}: tokenizer has {tok.vocab_size} pieces but the model's vocab_size is "
             f"{args.vocab_size}"
         )
+    return ckpt, args, tok
+
+
+def load(
+    ckpt_dir: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    *,
+    tokenizer: str | os.PathLike | None = None,
+    strict: bool = False,
+) -> tuple[Transformer, Tokenizer | None]:
+    """Load a native checkpoint: ``(model, tokenizer)`` with the model in eval mode.
+
+    ``dtype`` defaults to the stored one. ``tokenizer`` overrides ``ckpt_dir/tokenizer.model``.
+    Tensors with NaN or Inf values are named in a warning on stderr (its outputs mean
+    nothing); ``strict`` makes them a CheckpointError instead.
+    """
+    ckpt, args, tok = open_checkpoint(ckpt_dir, tokenizer)
     target_dtype = parse_dtype(dtype)
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:

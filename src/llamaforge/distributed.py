@@ -17,7 +17,6 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -533,32 +532,21 @@ def load_tensor_parallel(
     only its own slices from the memory-mapped files. Returns ``(model, tokenizer)``, the
     model in eval mode, its KV cache sized to this rank's heads."""
     from .checkpoint import (
-        TOKENIZER_FILE,
         CheckpointError,
         checked,
         iter_tensors,
         non_finite,
+        open_checkpoint,
         parse_dtype,
-        read_params,
     )
     from .model import Transformer
-    from .tokenizer import Tokenizer
 
     if tp < 1 or info.world_size != tp:
         raise LayoutError(
             f"--tp {tp}: run it under torchrun with {tp} processes (torchrun "
             f"--nproc_per_node {tp} -m llamaforge …); this is {info.world_size} process(es)"
         )
-    ckpt = Path(ckpt_dir)
-    if not ckpt.is_dir():
-        raise CheckpointError(f"{ckpt}: no such checkpoint directory")
-    args, _ = read_params(ckpt)
-    tok_path = Path(tokenizer) if tokenizer is not None else ckpt / TOKENIZER_FILE
-    tok = Tokenizer(tok_path) if tok_path.is_file() or tokenizer is not None else None
-    if args.vocab_size <= 0:
-        if tok is None:
-            raise CheckpointError(f"{ckpt}: params.json has vocab_size=-1 but no tokenizer.model")
-        args.vocab_size = tok.vocab_size
+    ckpt, args, tok = open_checkpoint(ckpt_dir, tokenizer)
     check_tp_divisible(args, tp)
     target = parse_dtype(dtype)
     stored = iter_tensors(ckpt)
