@@ -14,6 +14,24 @@ SHARED_DATA = Path(os.environ.get("LLAMAFORGE_SHARED_DATA", REPO.parent / "share
 META_TOKENIZER = SHARED_DATA / "tokenizer" / "llama" / "tokenizer.model"
 
 
+def json_objects(text: str) -> list[dict]:
+    """Every JSON object printed in ``text`` (the stdout of several torchrun ranks, whose
+    lines may interleave: two objects on one line, a line split by another rank's)."""
+    import json
+
+    decoder, out, i = json.JSONDecoder(), [], text.find("{")
+    while i != -1:
+        try:
+            obj, end = decoder.raw_decode(text, i)
+        except json.JSONDecodeError:
+            i = text.find("{", i + 1)
+            continue
+        if isinstance(obj, dict):
+            out.append(obj)
+        i = text.find("{", end)
+    return out
+
+
 def shared_file(rel: str) -> Path:
     path = SHARED_DATA / rel
     if not path.exists():

@@ -17,6 +17,7 @@ from llamaforge.model import ModelArgs, build_model, rope_cos_sin
 from llamaforge.optim import cross_entropy
 from llamaforge.presets import get_preset
 
+from .conftest import json_objects
 from .test_pretrain import corpus, metrics, run  # noqa: F401 (corpus: a fixture)
 
 TINY = ModelArgs(dim=16, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=10, multiple_of=8)
@@ -262,7 +263,6 @@ def test_tensor_parallel_blocks_match_autograd_on_the_full_model():
     (``apply_tensor_parallel``: sequence parallelism, the block input a sequence slice, the
     Function's all-gathers and reduce-scatters along it). A layout it does not know is
     refused with the reason."""
-    import json
     import os
     import subprocess
     import sys
@@ -277,7 +277,7 @@ def test_tensor_parallel_blocks_match_autograd_on_the_full_model():
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    rows = json_objects(proc.stdout)
     assert len(rows) == 2
     for r in rows:
         plain, sp = r["plain"], r["sp"]

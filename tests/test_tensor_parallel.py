@@ -18,7 +18,7 @@ from llamaforge.distributed import LayoutError, check_tp_divisible, make_layout
 from llamaforge.model import ModelArgs
 from llamaforge.pretrain import PretrainConfig, run_pretrain
 
-from .conftest import SHARED_DATA
+from .conftest import SHARED_DATA, json_objects
 from .test_pretrain import corpus, env, metrics, overrides, run  # noqa: F401 (a fixture)
 
 # 2 query heads over 2 kv heads, FFN 96, vocab 300, sequences of 32: all divide by 2
@@ -192,7 +192,7 @@ def test_split_layers_match_the_whole_model_and_the_loss_never_gathers_logits():
     from .conftest import REPO
 
     proc = torchrun(2, [str(REPO / "tests" / "scripts" / "tp_layers.py")])
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    rows = json_objects(proc.stdout)
     assert sorted(r["rank"] for r in rows) == [0, 1]
     for r in rows:
         assert r["local_heads"] == [2, 1]

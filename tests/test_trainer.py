@@ -5,7 +5,6 @@ when some are masked, and FSDP2 gradient accumulation that keeps gradients shard
 from __future__ import annotations
 
 import copy
-import json
 import os
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from llamaforge.distributed import DistInfo
 from llamaforge.optim import cross_entropy
 from llamaforge.trainer import TrainConfig, Trainer, model_args
 
-from .conftest import REPO
+from .conftest import REPO, json_objects
 
 SEQ, VOCAB = 16, 64
 
@@ -150,7 +149,7 @@ def test_fsdp2_accumulation_keeps_gradients_sharded():
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    rows = json_objects(proc.stdout)
     assert len(rows) == 2
     for r in rows:
         shard = r["full_fp32_grad_bytes"] / r["world_size"]
