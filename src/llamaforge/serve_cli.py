@@ -18,7 +18,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "/tokenize and /detokenize. One scheduler batches every request continuously; the KV "
         "cache holds --max-batch sequences of --max-seq-len positions, requests beyond them "
         "wait, and more than --max-queue waiting are refused with 429. Binds to 127.0.0.1 "
-        "unless --host says otherwise. Stop it with Ctrl-C.",
+        "unless --host says otherwise. --draft DIR decodes speculatively: a smaller checkpoint "
+        "with the same tokenizer proposes --draft-k tokens per request and step, the model "
+        "checks them in one forward (greedy text is unchanged; sampling keeps the model's "
+        "distribution); the acceptance rate is in /metrics, /health and printed at exit. "
+        "Stop it with Ctrl-C.",
     )
     s.add_argument("--ckpt", required=True, help="native checkpoint directory")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
@@ -52,7 +56,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--quantize", choices=["int8"], help="int8 weight-only quantisation of the Linear layers"
     )
-    s.add_argument("--draft", metavar="DIR", help="draft checkpoint for speculative decoding")
+    s.add_argument(
+        "--draft",
+        metavar="DIR",
+        help="speculative decoding with this smaller checkpoint (same vocabulary) proposing "
+        "tokens for every running request; greedy output is unchanged",
+    )
+    s.add_argument(
+        "--draft-k",
+        type=int,
+        default=4,
+        metavar="N",
+        help="tokens the draft proposes per request and step (default 4)",
+    )
     s.add_argument(
         "--api-key",
         help="require 'Authorization: Bearer KEY' (default: $LLAMAFORGE_API_KEY, else none)",
@@ -80,8 +96,8 @@ def _serve(a: argparse.Namespace) -> int:
     import socket
     from pathlib import Path
 
-    if a.draft is not None:
-        raise ValueError("--draft: speculative decoding is not supported by `llamaforge serve` yet")
+    if a.draft_k < 1:
+        raise ValueError(f"--draft-k {a.draft_k}: must be at least 1")
     for flag in ("max_batch", "prefill_chunk", "max_queue", "max_body_bytes"):
         if getattr(a, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(a, flag)}: must be >= 1")
@@ -97,7 +113,7 @@ def _serve(a: argparse.Namespace) -> int:
     from .checkpoint import load
     from .flops import resolve_device
     from .serve.app import Server, create_app
-    from .serve.engine import Engine
+    from .serve.engine import Engine, check_draft
 
     device = resolve_device(a.device or "auto")
     model, tok = load(a.ckpt, device=device, dtype=a.dtype, tokenizer=tokenizer_path(a.tokenizer))
@@ -109,6 +125,23 @@ def _serve(a: argparse.Namespace) -> int:
         except ImportError as e:
             raise ValueError(f"--quantize int8: llamaforge.quantize is unavailable ({e})") from e
         model = quantize_int8(model)
+    draft = None
+    if a.draft is not None:
+        draft, _ = load(a.draft, device=device, dtype=model.tok_embeddings.weight.dtype)
+        try:
+            check_draft(model, draft, a.draft_k)
+        except ValueError as e:
+            raise ValueError(f"--draft {a.draft}: {e}") from None
+        if a.quantize == "int8":
+            draft = quantize_int8(draft)
+        mine = Path(tokenizer_path(a.tokenizer) or Path(a.ckpt) / "tokenizer.model")
+        theirs = Path(a.draft) / "tokenizer.model"
+        if theirs.is_file() and mine.is_file() and theirs.read_bytes() != mine.read_bytes():
+            print(
+                f"warning: --draft {a.draft}: its tokenizer.model differs from the model's; "
+                "the output is still the model's, but few drafted tokens will be accepted",
+                file=sys.stderr,
+            )
     if a.max_seq_len is not None and a.max_seq_len > model.args.max_seq_len:
         raise ValueError(
             f"--max-seq-len {a.max_seq_len}: the model's context is {model.args.max_seq_len}"
@@ -128,6 +161,8 @@ def _serve(a: argparse.Namespace) -> int:
         max_seq_len=a.max_seq_len,
         prefill_chunk=a.prefill_chunk,
         max_queue=a.max_queue,
+        draft=draft,
+        draft_k=a.draft_k,
     )
     name = a.model_name or Path(a.ckpt).resolve().name
     srv = Server(
@@ -150,11 +185,12 @@ def _serve(a: argparse.Namespace) -> int:
         sock.close()
         raise OSError(e.errno, f"cannot bind {a.host}:{a.port}: {e.strerror}") from None
     port = sock.getsockname()[1]
-    kv = engine.cache.nbytes / 2**20
+    kv = engine.kv_nbytes / 2**20
+    spec = f", draft {Path(a.draft).name} k={a.draft_k}" if draft is not None else ""
     print(
         f"llamaforge serve: {name} on http://{a.host}:{port} ({device}, "
         f"{a.max_batch} slots x {engine.max_seq_len} positions, KV cache {kv:.1f} MiB"
-        f"{', API key required' if api_key else ''})",
+        f"{spec}{', API key required' if api_key else ''})",
         flush=True,
     )
     # Idle keep-alive connections outlive the clients' own expiry (httpx, and so openai:
@@ -164,5 +200,14 @@ def _serve(a: argparse.Namespace) -> int:
     )
     server = uvicorn.Server(config)
     server.run(sockets=[sock])
+    if draft is not None:
+        s = engine.stats
+        rate = s.acceptance_rate or 0.0
+        print(
+            f"speculative decoding: {s.spec_accepted}/{s.spec_drafted} drafted tokens accepted "
+            f"({rate:.1%}), draft_k={a.draft_k}",
+            file=sys.stderr,
+            flush=True,
+        )
     print("llamaforge serve: stopped", file=sys.stderr, flush=True)
     return 0
