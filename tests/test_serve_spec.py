@@ -115,16 +115,20 @@ def test_greedy_with_any_draft_equals_no_draft(loaded, drafts):  # noqa: F811
     assert ref[0].exact[2] == "stop" and ref[0].text == first[: first.find(stop)]
     assert ref[1].logprobs and all(lp is not None for lp in ref[1].logprobs)
     rates = {}
-    for name, draft in drafts.items():
-        for k in (1, 4):
-            engine = Engine(model, tok, max_batch=3, prefill_chunk=5, draft=draft, draft_k=k)
-            outs = run_all(engine, greedy_jobs(tok, stop))
-            assert [summary(o) for o in outs] == ref, (name, k)
-            assert all(stop not in x.text for x in outs[0])  # no cut piece was ever streamed
-            check_idle(engine)
-            s = engine.stats
-            assert s.spec_drafted > 0 and 0 <= s.spec_accepted <= s.spec_drafted
-            rates[name, k] = s.acceptance_rate
+    # (draft, k, speculating only with at most this many rows decoding: others plain)
+    runs = [(name, k, None) for name in drafts for k in (1, 4)] + [("perturbed", 3, 1)]
+    for name, k, most in runs:
+        engine = Engine(
+            model, tok, max_batch=3, prefill_chunk=5, draft=drafts[name], draft_k=k,
+            draft_max_batch=most,
+        )  # fmt: skip
+        outs = run_all(engine, greedy_jobs(tok, stop))
+        assert [summary(o) for o in outs] == ref, (name, k, most)
+        assert all(stop not in x.text for x in outs[0])  # no cut piece was ever streamed
+        check_idle(engine)
+        s = engine.stats
+        assert s.spec_drafted > 0 and 0 <= s.spec_accepted <= s.spec_drafted
+        rates[name, k] = s.acceptance_rate
     assert rates["itself", 1] == rates["itself", 4] == 1.0, rates
     assert rates["int8", 4] > 0.5 and rates["perturbed", 4] > 0.0, rates
     assert rates["unrelated", 4] < 1.0, rates
@@ -258,3 +262,6 @@ def test_cli_draft_refusals(l2c_ckpt, tmp_path, capsys):  # noqa: F811
     assert f"--draft {other}" in err and "vocab_size 300 differs from the model's 512" in err
     assert main(["serve", "--ckpt", str(l2c_ckpt), "--draft", str(other), "--draft-k", "0"]) == 2
     assert "--draft-k 0" in capsys.readouterr().err
+    argv = ["serve", "--ckpt", str(l2c_ckpt), "--draft", str(l2c_ckpt), "--draft-max-batch", "0"]
+    assert main(argv) == 2
+    assert "--draft-max-batch 0" in capsys.readouterr().err

@@ -70,6 +70,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="tokens the draft proposes per request and step (default 4)",
     )
     s.add_argument(
+        "--draft-max-batch",
+        type=int,
+        metavar="N",
+        help="speculate only while at most N requests decode; larger batches decode plainly "
+        "(default: always)",
+    )
+    s.add_argument(
         "--api-key",
         help="require 'Authorization: Bearer KEY' (default: $LLAMAFORGE_API_KEY, else none)",
     )
@@ -98,6 +105,8 @@ def _serve(a: argparse.Namespace) -> int:
 
     if a.draft_k < 1:
         raise ValueError(f"--draft-k {a.draft_k}: must be at least 1")
+    if a.draft_max_batch is not None and a.draft_max_batch < 1:
+        raise ValueError(f"--draft-max-batch {a.draft_max_batch}: must be at least 1")
     for flag in ("max_batch", "prefill_chunk", "max_queue", "max_body_bytes"):
         if getattr(a, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(a, flag)}: must be >= 1")
@@ -163,6 +172,7 @@ def _serve(a: argparse.Namespace) -> int:
         max_queue=a.max_queue,
         draft=draft,
         draft_k=a.draft_k,
+        draft_max_batch=a.draft_max_batch,
     )
     name = a.model_name or Path(a.ckpt).resolve().name
     srv = Server(

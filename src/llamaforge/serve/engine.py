@@ -31,7 +31,9 @@ greedy agreement, or the rejection rule of speculative sampling at temperature >
 tokens go through the same text, stop, max_tokens and eos checks one at a time, the first
 finishing one ends the request, and a row's length simply becomes its accepted length: the
 positions written past it are overwritten later and hidden by the mask meanwhile (both caches
-have ``draft_k`` spare positions per slot for proposals past the context). Greedy text is
+have ``draft_k`` spare positions per slot for proposals past the context). With more than
+``draft_max_batch`` rows running, a step decodes plainly and the draft only reads the new
+tokens into its cache, so that speculation can resume at any step. Greedy text is
 the same as without a draft; sampled text has the same distribution, but a seed gives other
 tokens than without a draft (the draft consumes random numbers too).
 """
@@ -118,7 +120,8 @@ class SlotCache:
 
     Two modes, set before each forward: `prefill` (one row, a chunk at ``start_pos``, as the
     model's own KVCache) and `decode` (rows ``0..n-1``, one new token each at its own
-    position: a per-row scatter, and the views up to the longest position)."""
+    position, or s tokens each at their own positions when verifying a draft's proposals: a
+    per-row scatter, and the views up to the longest position)."""
 
     def __init__(
         self, args: ModelArgs, slots: int, max_len: int, dtype: torch.dtype, device: torch.device
@@ -275,6 +278,7 @@ class Engine:
         max_queue: int = 256,
         draft: Transformer | None = None,
         draft_k: int = 4,
+        draft_max_batch: int | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch {max_batch}: must be at least 1")
@@ -291,6 +295,10 @@ class Engine:
         weight = model.tok_embeddings.weight
         self.device = weight.device
         self.draft, self.draft_k = draft, draft_k if draft is not None else 0
+        if draft_max_batch is not None and draft_max_batch < 1:
+            raise ValueError(f"draft_max_batch {draft_max_batch}: must be at least 1")
+        # speculate while at most this many rows decode (larger batches are compute-bound)
+        self.draft_max_batch = draft_max_batch or max_batch
         self.draft_cache: SlotCache | None = None
         if draft is not None:
             check_draft(model, draft, draft_k)
@@ -441,7 +449,7 @@ class Engine:
         self._admit()
         self._prefill()
         if self._running:
-            if self.draft is not None:
+            if self.draft is not None and len(self._running) <= self.draft_max_batch:
                 self._speculate()
             else:
                 self._decode()
@@ -561,6 +569,8 @@ class Engine:
         tokens = torch.tensor([[r.pending] for r in rows], dtype=torch.long, device=self.device)
         pos = torch.tensor([[r.cached] for r in rows], dtype=torch.long, device=self.device)
         logits = self._forward_rows(self.model, self.cache, tokens, pos)[:, -1].float()
+        if self.draft_cache is not None:  # not speculating now: the draft's cache keeps up
+            self._forward_rows(self.draft, self.draft_cache, tokens, pos)
         # a NaN or +inf anywhere makes the row's max non-finite: one small reduction
         finite = torch.isfinite(logits.amax(dim=-1)).tolist()
         greedy = logits.argmax(dim=-1).tolist()
