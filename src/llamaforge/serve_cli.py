@@ -208,16 +208,29 @@ def _serve(a: argparse.Namespace) -> int:
     config = uvicorn.Config(
         app, log_level=a.log_level, timeout_graceful_shutdown=5, timeout_keep_alive=30
     )
-    server = uvicorn.Server(config)
+    stopped: list[bool] = []
+
+    def report() -> None:
+        if stopped:
+            return
+        stopped.append(True)
+        if draft is not None:
+            st = engine.stats
+            print(
+                f"speculative decoding: {st.spec_accepted}/{st.spec_drafted} drafted tokens "
+                f"accepted ({st.acceptance_rate or 0.0:.1%}), draft_k={a.draft_k}",
+                file=sys.stderr,
+            )
+        print("llamaforge serve: stopped", file=sys.stderr, flush=True)
+
+    class _Server(uvicorn.Server):
+        # uvicorn re-raises SIGTERM/SIGINT once it has shut down (the process then ends
+        # inside run()), so the closing lines are printed here, after the engine stopped
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().shutdown(sockets)
+            report()
+
+    server = _Server(config)
     server.run(sockets=[sock])
-    if draft is not None:
-        s = engine.stats
-        rate = s.acceptance_rate or 0.0
-        print(
-            f"speculative decoding: {s.spec_accepted}/{s.spec_drafted} drafted tokens accepted "
-            f"({rate:.1%}), draft_k={a.draft_k}",
-            file=sys.stderr,
-            flush=True,
-        )
-    print("llamaforge serve: stopped", file=sys.stderr, flush=True)
+    report()
     return 0
