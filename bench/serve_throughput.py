@@ -10,6 +10,10 @@ fp32 on CPU). Both get --threads CPU threads.
     python bench/serve_throughput.py --ckpt CKPT                  # an existing checkpoint
     python bench/serve_throughput.py --preset 15M                 # random 15M weights
     python bench/serve_throughput.py --preset 15M --clients 1 8 32 --seconds 30 --threads 8
+    python bench/serve_throughput.py --ckpt BIG --draft SMALL --draft-k 4 --only llamaforge
+
+`--draft DIR` adds a row `llamaforge+draft`: the same server with speculative decoding
+(`serve --draft DIR --draft-k N`), and its acceptance rate.
 
 The baseline is llama.cpp's own C++ server with parallel slots and continuous batching
 (`--llama-server PATH`: `llama-server --parallel N`, N = the largest client count, each slot
@@ -72,12 +76,11 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
 
 
 def start_ours(
-    ckpt: Path, threads: int, max_batch: int, quantize: str | None
+    ckpt: Path, threads: int, max_batch: int, extra: tuple[str, ...] = ()
 ) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "LLAMAFORGE_THREADS": str(threads)}
     cmd = [sys.executable, "-m", "llamaforge", "serve", "--ckpt", str(ckpt), "--port", "0"]
-    cmd += ["--max-batch", str(max_batch), "--model-name", "bench"]
-    cmd += ["--quantize", quantize] if quantize else []
+    cmd += ["--max-batch", str(max_batch), "--model-name", "bench", *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
     assert proc.stdout is not None
     line = proc.stdout.readline()
@@ -208,6 +211,8 @@ def main() -> None:
     p.add_argument(
         "--llama-server", type=Path, help="llama.cpp's C++ llama-server binary (parallel slots)"
     )
+    p.add_argument("--draft", type=Path, help="also measure `serve --draft DIR` (speculative)")
+    p.add_argument("--draft-k", type=int, default=4, help="with --draft: tokens per step")
     a = p.parse_args()
     if a.llama_server is not None and not os.access(a.llama_server, os.X_OK):
         sys.exit(f"--llama-server {a.llama_server}: not an executable file")
@@ -225,14 +230,17 @@ def main() -> None:
         max_ctx = json.loads((ckpt / "params.json").read_text())["max_seq_len"]
         servers = []
         if a.only != "llama.cpp":
-            servers.append(
-                (
-                    "llamaforge",
-                    lambda: start_ours(
-                        ckpt, a.our_threads or a.threads, max(a.clients), a.quantize
-                    ),
+            ours = a.our_threads or a.threads
+            quant = ("--quantize", a.quantize) if a.quantize else ()
+            servers.append(("llamaforge", lambda: start_ours(ckpt, ours, max(a.clients), quant)))
+            if a.draft is not None:
+                spec = (*quant, "--draft", str(a.draft), "--draft-k", str(a.draft_k))
+                servers.append(
+                    (
+                        "llamaforge+draft",
+                        lambda: start_ours(ckpt, ours, max(a.clients), spec),
+                    )
                 )
-            )
         if have_llama_cpp and a.only != "llamaforge":
             gguf = to_gguf(ckpt, Path(tmp) / "model.gguf", a.gguf_type)
             if a.llama_server is not None:
@@ -254,11 +262,14 @@ def main() -> None:
                     r = asyncio.run(drive(url, c, a.seconds, a.max_tokens))
                     results[name].append(r)
                     print(
-                        f"{name:>10}  {c:>3} clients  {r['tokens_per_s']:9.1f} tok/s  "
+                        f"{name:>16}  {c:>3} clients  {r['tokens_per_s']:9.1f} tok/s  "
                         f"p50 {r['p50_s']:7.3f} s  p99 {r['p99_s']:7.3f} s  "
                         f"({r['requests']} requests, {r['errors']} errors)",
                         flush=True,
                     )
+                if name == "llamaforge+draft":
+                    rate = httpx.get(f"{url}/health").json()["speculative"]["acceptance_rate"]
+                    print(f"{name:>16}  acceptance rate {rate or 0.0:.1%}", flush=True)
             finally:
                 stop(proc)
     if "llamaforge" in results and "llama.cpp" in results:

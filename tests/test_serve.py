@@ -400,8 +400,6 @@ def test_api_key_queue_limit_and_no_template(keyed):
 
 
 def test_cli_refusals(l2c_ckpt, capsys):  # noqa: F811
-    assert main(["serve", "--ckpt", str(l2c_ckpt), "--draft", str(l2c_ckpt)]) == 2
-    assert "not supported" in capsys.readouterr().err
     assert main(["serve", "--ckpt", str(l2c_ckpt), "--max-batch", "0"]) == 2
     assert "--max-batch 0" in capsys.readouterr().err
     code = "import sys; from llamaforge.cli import main; main(['serve', '--help'])\n"

@@ -537,7 +537,6 @@ class FastGenerator:
         agreeing prefix is kept, plus one token of the model's own, so a round makes 1 to
         ``draft_k + 1`` tokens. Both caches then simply continue from the new position."""
         target_cache, draft_cache = self.caches
-        temperature, top_p, top_k, generator = sampling
         k = self.draft_k
         token, lp = self._pick(logits, sampling)
         yield token.tolist(), lp.tolist()
@@ -551,14 +550,7 @@ class FastGenerator:
             verify = self._run(self.model, target_cache, torch.cat(proposal), pos)
             self.stats.target_forwards += 1
             drafted = torch.cat(proposal[1:])  # (k,)
-            if temperature <= 0:
-                choice = verify.argmax(-1)  # the model's own token after each prefix
-                agree = (choice[:k] == drafted).int().cumprod(0)
-                n = int(agree.sum())
-                new = torch.cat([drafted[:n], choice[n : n + 1]])
-            else:
-                n, extra = self._accept(verify, torch.cat(draft_logits), drafted, sampling)
-                new = torch.cat([drafted[:n], extra])
+            n, new = verify_drafted(verify, torch.cat(draft_logits), drafted, sampling)
             self.stats.proposed += k
             self.stats.accepted += n
             if n == k:  # the draft never saw its own last proposal: add it to its cache
@@ -574,21 +566,51 @@ class FastGenerator:
         drafted: torch.Tensor,
         sampling: tuple,
     ) -> tuple[int, torch.Tensor]:
-        """Speculative sampling's rule: keep drafted token i with probability
-        min(1, p_i / q_i); at the first rejection draw from max(0, p - q) renormalised, and
-        after k acceptances from the model's next distribution. Returns (accepted, [token])."""
-        temperature, top_p, top_k, generator = sampling
-        p = _filtered_probs(verify, temperature, top_p, top_k)  # (k+1, vocab)
-        q = _filtered_probs(draft_logits, temperature, top_p, top_k)  # (k, vocab)
-        k = drafted.shape[0]
-        idx = torch.arange(k, device=drafted.device)
-        ratio = p[idx, drafted] / q[idx, drafted]
-        u = torch.rand(k, device=drafted.device, generator=generator)
-        rejected = (u > ratio).nonzero()
-        if len(rejected) == 0:
-            return k, torch.multinomial(p[k], 1, generator=generator)
-        n = int(rejected[0, 0])
-        residual = (p[n] - q[n]).clamp(min=0)
-        if float(residual.sum()) <= 0:  # p == q at this position: any draw from p is right
-            residual = p[n]
-        return n, torch.multinomial(residual / residual.sum(), 1, generator=generator)
+        """`rejection_sample` (kept as a method for callers of the rule alone)."""
+        return rejection_sample(verify, draft_logits, drafted, sampling)
+
+
+def verify_drafted(
+    verify: torch.Tensor, draft_logits: torch.Tensor | None, drafted: torch.Tensor, sampling: tuple
+) -> tuple[int, torch.Tensor]:
+    """Check ``drafted`` (k,) tokens against the model's logits ``verify`` (k+1, vocab) at the
+    position before each of them and after the last. Greedy (``sampling``'s temperature
+    <= 0): the longest prefix equal to the model's own choices, plus the model's token after
+    it; else `rejection_sample` (which needs the draft's logits (k, vocab)). Returns (the
+    number of drafted tokens kept, the tokens made: those kept and one of the model's)."""
+    temperature = sampling[0]
+    k = drafted.shape[0]
+    if temperature <= 0:
+        choice = verify.argmax(-1)  # the model's own token after each prefix
+        agree = (choice[:k] == drafted).int().cumprod(0)
+        n = int(agree.sum())
+        return n, torch.cat([drafted[:n], choice[n : n + 1]])
+    assert draft_logits is not None, "sampling needs the draft's logits"
+    n, extra = rejection_sample(verify, draft_logits, drafted, sampling)
+    return n, torch.cat([drafted[:n], extra])
+
+
+def rejection_sample(
+    verify: torch.Tensor,
+    draft_logits: torch.Tensor,
+    drafted: torch.Tensor,
+    sampling: tuple,
+) -> tuple[int, torch.Tensor]:
+    """Speculative sampling's rule: keep drafted token i with probability
+    min(1, p_i / q_i); at the first rejection draw from max(0, p - q) renormalised, and
+    after k acceptances from the model's next distribution. Returns (accepted, [token])."""
+    temperature, top_p, top_k, generator = sampling
+    p = _filtered_probs(verify, temperature, top_p, top_k)  # (k+1, vocab)
+    q = _filtered_probs(draft_logits, temperature, top_p, top_k)  # (k, vocab)
+    k = drafted.shape[0]
+    idx = torch.arange(k, device=drafted.device)
+    ratio = p[idx, drafted] / q[idx, drafted]
+    u = torch.rand(k, device=drafted.device, generator=generator)
+    rejected = (u > ratio).nonzero()
+    if len(rejected) == 0:
+        return k, torch.multinomial(p[k], 1, generator=generator)
+    n = int(rejected[0, 0])
+    residual = (p[n] - q[n]).clamp(min=0)
+    if float(residual.sum()) <= 0:  # p == q at this position: any draw from p is right
+        residual = p[n]
+    return n, torch.multinomial(residual / residual.sum(), 1, generator=generator)

@@ -18,7 +18,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "/tokenize and /detokenize. One scheduler batches every request continuously; the KV "
         "cache holds --max-batch sequences of --max-seq-len positions, requests beyond them "
         "wait, and more than --max-queue waiting are refused with 429. Binds to 127.0.0.1 "
-        "unless --host says otherwise. Stop it with Ctrl-C.",
+        "unless --host says otherwise. --draft DIR decodes speculatively: a smaller checkpoint "
+        "with the same tokenizer proposes --draft-k tokens per request and step, the model "
+        "checks them in one forward (greedy text is unchanged; sampling keeps the model's "
+        "distribution); the acceptance rate is in /metrics, /health and printed at exit. "
+        "Stop it with Ctrl-C.",
     )
     s.add_argument("--ckpt", required=True, help="native checkpoint directory")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
@@ -55,7 +59,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="int8 weight-only quantisation of the Linear layers (int8-bf16: fp32 activations "
         "enter the CPU's int8 kernel as bf16, 2-3x faster on the CPU, logits within a few %%)",
     )
-    s.add_argument("--draft", metavar="DIR", help="draft checkpoint for speculative decoding")
+    s.add_argument(
+        "--draft",
+        metavar="DIR",
+        help="speculative decoding with this smaller checkpoint (same vocabulary) proposing "
+        "tokens for every running request; greedy output is unchanged",
+    )
+    s.add_argument(
+        "--draft-k",
+        type=int,
+        default=4,
+        metavar="N",
+        help="tokens the draft proposes per request and step (default 4)",
+    )
+    s.add_argument(
+        "--draft-max-batch",
+        type=int,
+        metavar="N",
+        help="speculate only while at most N requests decode; larger batches decode plainly "
+        "(default: always)",
+    )
     s.add_argument(
         "--api-key",
         help="require 'Authorization: Bearer KEY' (default: $LLAMAFORGE_API_KEY, else none)",
@@ -83,8 +106,10 @@ def _serve(a: argparse.Namespace) -> int:
     import socket
     from pathlib import Path
 
-    if a.draft is not None:
-        raise ValueError("--draft: speculative decoding is not supported by `llamaforge serve` yet")
+    if a.draft_k < 1:
+        raise ValueError(f"--draft-k {a.draft_k}: must be at least 1")
+    if a.draft_max_batch is not None and a.draft_max_batch < 1:
+        raise ValueError(f"--draft-max-batch {a.draft_max_batch}: must be at least 1")
     for flag in ("max_batch", "prefill_chunk", "max_queue", "max_body_bytes"):
         if getattr(a, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(a, flag)}: must be >= 1")
@@ -100,7 +125,7 @@ def _serve(a: argparse.Namespace) -> int:
     from .checkpoint import load
     from .flops import resolve_device
     from .serve.app import Server, create_app
-    from .serve.engine import Engine
+    from .serve.engine import Engine, check_draft
 
     device = resolve_device(a.device or "auto")
     model, tok = load(a.ckpt, device=device, dtype=a.dtype, tokenizer=tokenizer_path(a.tokenizer))
@@ -110,6 +135,23 @@ def _serve(a: argparse.Namespace) -> int:
         from .quantize import quantize_int8
 
         model = quantize_int8(model, cpu_bf16_compute=a.quantize == "int8-bf16")
+    draft = None
+    if a.draft is not None:
+        draft, _ = load(a.draft, device=device, dtype=model.tok_embeddings.weight.dtype)
+        try:
+            check_draft(model, draft, a.draft_k)
+        except ValueError as e:
+            raise ValueError(f"--draft {a.draft}: {e}") from None
+        if a.quantize:
+            draft = quantize_int8(draft, cpu_bf16_compute=a.quantize == "int8-bf16")
+        mine = Path(tokenizer_path(a.tokenizer) or Path(a.ckpt) / "tokenizer.model")
+        theirs = Path(a.draft) / "tokenizer.model"
+        if theirs.is_file() and mine.is_file() and theirs.read_bytes() != mine.read_bytes():
+            print(
+                f"warning: --draft {a.draft}: its tokenizer.model differs from the model's; "
+                "the output is still the model's, but few drafted tokens will be accepted",
+                file=sys.stderr,
+            )
     if a.max_seq_len is not None and a.max_seq_len > model.args.max_seq_len:
         raise ValueError(
             f"--max-seq-len {a.max_seq_len}: the model's context is {model.args.max_seq_len}"
@@ -129,6 +171,9 @@ def _serve(a: argparse.Namespace) -> int:
         max_seq_len=a.max_seq_len,
         prefill_chunk=a.prefill_chunk,
         max_queue=a.max_queue,
+        draft=draft,
+        draft_k=a.draft_k,
+        draft_max_batch=a.draft_max_batch,
     )
     name = a.model_name or Path(a.ckpt).resolve().name
     srv = Server(
@@ -151,11 +196,12 @@ def _serve(a: argparse.Namespace) -> int:
         sock.close()
         raise OSError(e.errno, f"cannot bind {a.host}:{a.port}: {e.strerror}") from None
     port = sock.getsockname()[1]
-    kv = engine.cache.nbytes / 2**20
+    kv = engine.kv_nbytes / 2**20
+    spec = f", draft {Path(a.draft).name} k={a.draft_k}" if draft is not None else ""
     print(
         f"llamaforge serve: {name} on http://{a.host}:{port} ({device}, "
         f"{a.max_batch} slots x {engine.max_seq_len} positions, KV cache {kv:.1f} MiB"
-        f"{', API key required' if api_key else ''})",
+        f"{spec}{', API key required' if api_key else ''})",
         flush=True,
     )
     # Idle keep-alive connections outlive the clients' own expiry (httpx, and so openai:
@@ -163,7 +209,29 @@ def _serve(a: argparse.Namespace) -> int:
     config = uvicorn.Config(
         app, log_level=a.log_level, timeout_graceful_shutdown=5, timeout_keep_alive=30
     )
-    server = uvicorn.Server(config)
+    stopped: list[bool] = []
+
+    def report() -> None:
+        if stopped:
+            return
+        stopped.append(True)
+        if draft is not None:
+            st = engine.stats
+            print(
+                f"speculative decoding: {st.spec_accepted}/{st.spec_drafted} drafted tokens "
+                f"accepted ({st.acceptance_rate or 0.0:.1%}), draft_k={a.draft_k}",
+                file=sys.stderr,
+            )
+        print("llamaforge serve: stopped", file=sys.stderr, flush=True)
+
+    class _Server(uvicorn.Server):
+        # uvicorn re-raises SIGTERM/SIGINT once it has shut down (the process then ends
+        # inside run()), so the closing lines are printed here, after the engine stopped
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().shutdown(sockets)
+            report()
+
+    server = _Server(config)
     server.run(sockets=[sock])
-    print("llamaforge serve: stopped", file=sys.stderr, flush=True)
+    report()
     return 0

@@ -645,7 +645,15 @@ def create_app(srv: Server, *, api_key: str | None = None, manage_engine: bool =
             return JSONResponse({"status": "engine stopped"}, status_code=503)
         s = srv.engine.stats
         running = s.running + s.prefilling
-        return JSONResponse({"status": "ok", "waiting": s.waiting, "running": running})
+        body: dict[str, Any] = {"status": "ok", "waiting": s.waiting, "running": running}
+        if s.draft_k:
+            body["speculative"] = {
+                "draft_k": s.draft_k,
+                "draft_tokens": s.spec_drafted,
+                "accepted_tokens": s.spec_accepted,
+                "acceptance_rate": s.acceptance_rate,
+            }
+        return JSONResponse(body)
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -20,6 +20,22 @@ Every request has its own sampling parameters and its own ``torch.Generator`` (s
 `_TextTracker`, stop strings and eos), so at temperature 0 the text equals
 ``llamaforge generate``'s; streamed deltas hold back an incomplete UTF-8 sequence and any tail
 that may become a stop string, so the deltas add up to the final text exactly.
+
+Speculative decoding (``draft=``: a smaller model with the same vocabulary): the draft has a
+`SlotCache` of its own with the same slots, prefilled with the same chunks, and its rows move
+with the model's. Each decode step then speculates for every running row: the draft proposes
+``draft_k`` tokens per row (k batched one-token steps), the model scores each row's pending
+token and its k proposals in one batched forward of k+1 positions per row, and each row keeps
+its longest accepted prefix plus one token of the model's own (`generate.verify_drafted`:
+greedy agreement, or the rejection rule of speculative sampling at temperature > 0). The kept
+tokens go through the same text, stop, max_tokens and eos checks one at a time, the first
+finishing one ends the request, and a row's length simply becomes its accepted length: the
+positions written past it are overwritten later and hidden by the mask meanwhile (both caches
+have ``draft_k`` spare positions per slot for proposals past the context). With more than
+``draft_max_batch`` rows running, a step decodes plainly and the draft only reads the new
+tokens into its cache, so that speculation can resume at any step. Greedy text is
+the same as without a draft; sampled text has the same distribution, but a seed gives other
+tokens than without a draft (the draft consumes random numbers too).
 """
 
 from __future__ import annotations
@@ -36,7 +52,7 @@ from typing import Any
 
 import torch
 
-from ..generate import _TextTracker, check_sampling, sample
+from ..generate import _TextTracker, check_sampling, sample, verify_drafted
 from ..model import ModelArgs, Transformer
 from ..tokenizer import Tokenizer
 
@@ -104,7 +120,8 @@ class SlotCache:
 
     Two modes, set before each forward: `prefill` (one row, a chunk at ``start_pos``, as the
     model's own KVCache) and `decode` (rows ``0..n-1``, one new token each at its own
-    position: a per-row scatter, and the views up to the longest position)."""
+    position, or s tokens each at their own positions when verifying a draft's proposals: a
+    per-row scatter, and the views up to the longest position)."""
 
     def __init__(
         self, args: ModelArgs, slots: int, max_len: int, dtype: torch.dtype, device: torch.device
@@ -116,6 +133,7 @@ class SlotCache:
         self._row = 0
         self._rows: torch.Tensor | None = None
         self._pos: torch.Tensor | None = None
+        self._n = 0
         self._width = 0
 
     @property
@@ -127,9 +145,12 @@ class SlotCache:
         self._row = row
 
     def decode(self, pos: torch.Tensor) -> None:
-        """Rows ``0..len(pos)-1``, each writing one token at ``pos[i]``."""
-        self._rows = torch.arange(len(pos), device=pos.device)
-        self._pos = pos
+        """Rows ``0..len(pos)-1``, each writing one token at ``pos[i]`` ((n,) positions), or
+        ``s`` tokens at ``pos[i, :]`` ((n, s) positions)."""
+        pos = pos.reshape(len(pos), -1)
+        self._rows = torch.arange(len(pos), device=pos.device).repeat_interleave(pos.shape[1])
+        self._pos = pos.reshape(-1)
+        self._n = len(pos)
         self._width = int(pos.max()) + 1
 
     def update(
@@ -140,9 +161,11 @@ class SlotCache:
             self.k[layer, r : r + 1, :, start_pos:end] = k
             self.v[layer, r : r + 1, :, start_pos:end] = v
             return self.k[layer, r : r + 1, :, :end], self.v[layer, r : r + 1, :, :end]
-        n = len(self._rows)
-        self.k[layer, self._rows, :, self._pos] = k[:, :, 0]
-        self.v[layer, self._rows, :, self._pos] = v[:, :, 0]
+        n = self._n
+        # (n, heads, s, head_dim) -> one (heads, head_dim) entry per (row, position)
+        heads, dim = k.shape[1], k.shape[3]
+        self.k[layer, self._rows, :, self._pos] = k.transpose(1, 2).reshape(-1, heads, dim)
+        self.v[layer, self._rows, :, self._pos] = v.transpose(1, 2).reshape(-1, heads, dim)
         return self.k[layer, :n, :, : self._width], self.v[layer, :n, :, : self._width]
 
     def move(self, src: int, dst: int, length: int) -> None:
@@ -198,7 +221,14 @@ class EngineStats:
         self.generated_tokens = 0
         self.prompt_tokens = 0
         self.steps = 0
+        self.draft_k = 0  # speculative decoding: tokens drafted per row and step (0: off)
+        self.spec_drafted = 0  # tokens the draft proposed
+        self.spec_accepted = 0  # of those, tokens the model accepted
         self._window: deque[tuple[float, int]] = deque()
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.spec_accepted / self.spec_drafted if self.spec_drafted else None
 
     def record_tokens(self, n: int) -> None:
         now = time.monotonic()
@@ -216,6 +246,23 @@ class EngineStats:
         return sum(n for _, n in recent) / span
 
 
+def check_draft(model: Transformer, draft: Transformer, draft_k: int) -> None:
+    """Raise ValueError when ``draft`` cannot draft for ``model``: another vocabulary, another
+    device, or ``draft_k`` < 1."""
+    if draft.args.vocab_size != model.args.vocab_size:
+        raise ValueError(
+            f"the draft's vocab_size {draft.args.vocab_size} differs from the model's "
+            f"{model.args.vocab_size}: a draft must share the model's tokenizer"
+        )
+    if draft.tok_embeddings.weight.device != model.tok_embeddings.weight.device:
+        raise ValueError(
+            f"the draft is on {draft.tok_embeddings.weight.device}, the model on "
+            f"{model.tok_embeddings.weight.device}: they must share a device"
+        )
+    if draft_k < 1:
+        raise ValueError(f"draft_k {draft_k}: must be at least 1")
+
+
 class Engine:
     """Continuous batching over one model. `submit` and `cancel` are thread-safe; the model
     runs only in the engine's thread (`start`/`stop`)."""
@@ -229,6 +276,9 @@ class Engine:
         max_seq_len: int | None = None,
         prefill_chunk: int = 512,
         max_queue: int = 256,
+        draft: Transformer | None = None,
+        draft_k: int = 4,
+        draft_max_batch: int | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch {max_batch}: must be at least 1")
@@ -244,9 +294,25 @@ class Engine:
         # it, while its Linear layers may hold int8 weights)
         weight = model.tok_embeddings.weight
         self.device = weight.device
-        self.cache = SlotCache(model.args, max_batch, self.max_seq_len, weight.dtype, self.device)
+        self.draft, self.draft_k = draft, draft_k if draft is not None else 0
+        if draft_max_batch is not None and draft_max_batch < 1:
+            raise ValueError(f"draft_max_batch {draft_max_batch}: must be at least 1")
+        # speculate while at most this many rows decode (larger batches are compute-bound)
+        self.draft_max_batch = draft_max_batch or max_batch
+        self.draft_cache: SlotCache | None = None
+        if draft is not None:
+            check_draft(model, draft, draft_k)
+            dw = draft.tok_embeddings.weight
+            self.draft_cache = SlotCache(
+                draft.args, max_batch, self.max_seq_len + draft_k, dw.dtype, self.device
+            )
+        # with a draft, draft_k spare positions per slot: a row near the end of its context
+        # still verifies k proposals (those past the context are never emitted)
+        slot_len = self.max_seq_len + self.draft_k
+        self.cache = SlotCache(model.args, max_batch, slot_len, weight.dtype, self.device)
         self.stats = EngineStats()
         self.stats.kv_total = max_batch * self.max_seq_len
+        self.stats.draft_k = self.draft_k
         self._ids = itertools.count(1)
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -309,6 +375,11 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+
+    @property
+    def kv_nbytes(self) -> int:
+        """Bytes of the KV caches (the draft's included)."""
+        return sum(c.nbytes for c in self._caches())
 
     @property
     def alive(self) -> bool:
@@ -378,7 +449,10 @@ class Engine:
         self._admit()
         self._prefill()
         if self._running:
-            self._decode()
+            if self.draft is not None and len(self._running) <= self.draft_max_batch:
+                self._speculate()
+            else:
+                self._decode()
         self.stats.steps += 1
         self._update_stats()
 
@@ -421,6 +495,13 @@ class Engine:
             self.cache.prefill(req.slot)
             full = req.params.prompt_logprobs
             logits = self.model(chunk, start, cache=self.cache, last_only=not full)[0].float()
+            if self.draft is not None:
+                assert self.draft_cache is not None
+                self.draft_cache.prefill(req.slot)
+                # explicit positions: a draft with a shorter context still drafts (badly)
+                positions = torch.arange(start, end, device=self.device)
+                cache = self.draft_cache
+                self.draft(chunk, start, positions=positions, cache=cache, last_only=True)
             req.cached = end
             if full:
                 self._prompt_logprobs(req, logits, start, end)
@@ -458,24 +539,38 @@ class Engine:
         if req.slot != target:
             other = next((r for r in self._prefilling if r.slot == target), None)
             if other is not None:
-                self.cache.swap(req.slot, req.cached, target, other.cached)
+                for cache in self._caches():
+                    cache.swap(req.slot, req.cached, target, other.cached)
                 other.slot = req.slot
             else:
-                self.cache.move(req.slot, target, req.cached)
+                for cache in self._caches():
+                    cache.move(req.slot, target, req.cached)
                 self._free.add(req.slot)
                 self._free.discard(target)
             req.slot = target
         self._running.append(req)
 
+    def _caches(self) -> list[SlotCache]:
+        return [self.cache] if self.draft_cache is None else [self.cache, self.draft_cache]
+
+    def _forward_rows(
+        self, model: Transformer, cache: SlotCache, tokens: torch.Tensor, pos: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits (n, s, vocab) of running rows ``0..n-1``: ``tokens`` (n, s) at positions
+        ``pos`` (n, s), each attending to its row's cache up to its own position."""
+        cache.decode(pos)
+        width = int(pos.max()) + 1
+        keys = torch.arange(width, device=self.device)
+        mask = (keys[None, None, :] <= pos[:, :, None])[:, None]  # (n, 1, s, width)
+        return model(tokens, 0, mask=mask, positions=pos, cache=cache)
+
     def _decode(self) -> None:
         rows = self._running
         tokens = torch.tensor([[r.pending] for r in rows], dtype=torch.long, device=self.device)
-        pos = torch.tensor([r.cached for r in rows], dtype=torch.long, device=self.device)
-        self.cache.decode(pos)
-        width = int(pos.max()) + 1
-        mask = (torch.arange(width, device=self.device)[None, :] <= pos[:, None])[:, None, None]
-        logits = self.model(tokens, 0, mask=mask, positions=pos[:, None], cache=self.cache)
-        logits = logits[:, -1].float()
+        pos = torch.tensor([[r.cached] for r in rows], dtype=torch.long, device=self.device)
+        logits = self._forward_rows(self.model, self.cache, tokens, pos)[:, -1].float()
+        if self.draft_cache is not None:  # not speculating now: the draft's cache keeps up
+            self._forward_rows(self.draft, self.draft_cache, tokens, pos)
         # a NaN or +inf anywhere makes the row's max non-finite: one small reduction
         finite = torch.isfinite(logits.amax(dim=-1)).tolist()
         greedy = logits.argmax(dim=-1).tolist()
@@ -488,6 +583,93 @@ class Engine:
                 continue
             self._accept(req, logits[i : i + 1], greedy[i])
 
+    def _speculate(self) -> None:
+        """One speculative step for every running row (see the module's docstring)."""
+        assert self.draft is not None and self.draft_cache is not None
+        rows = list(self._running)
+        k, dev = self.draft_k, self.device
+        base_host = [r.cached for r in rows]
+        base = torch.tensor(base_host, dtype=torch.long, device=dev)
+        proposal = [torch.tensor([r.pending for r in rows], dtype=torch.long, device=dev)]
+        draft_logits = []
+        for j in range(k):  # the draft proposes k tokens per row, one batched step each
+            dl = self._forward_rows(
+                self.draft, self.draft_cache, proposal[-1][:, None], (base + j)[:, None]
+            )[:, -1].float()
+            draft_logits.append(dl)
+            proposal.append(self._propose(rows, dl))
+        tokens = torch.stack(proposal, dim=1)  # (n, k+1): the pending token, then k drafted
+        steps = torch.arange(k + 1, device=dev)
+        verify = self._forward_rows(self.model, self.cache, tokens, base[:, None] + steps)
+        verify = verify.float()  # (n, k+1, vocab)
+        drafted = tokens[:, 1:]
+        dlogits = torch.stack(draft_logits, dim=1)  # (n, k, vocab)
+        finite = torch.isfinite(verify.amax(dim=-1)).all(dim=-1).tolist()
+        draft_finite = torch.isfinite(dlogits.amax(dim=-1)).all(dim=-1).tolist()
+        results: list[tuple[int, list[int]] | str] = []
+        for i, req in enumerate(rows):
+            p = req.params
+            if not finite[i]:
+                results.append("the model's logits are NaN or Inf: no text can be generated")
+            elif p.temperature > 0 and not draft_finite[i]:
+                results.append("the draft model's logits are NaN or Inf: no text can be sampled")
+            else:
+                sampling = (p.temperature, p.top_p, None, req.generator)
+                n, new = verify_drafted(verify[i], dlogits[i], drafted[i], sampling)
+                results.append((n, new.tolist()))
+                self.stats.spec_drafted += k
+                self.stats.spec_accepted += n
+        # Rows that kept all k proposals: the draft never ran its last one; add it (at
+        # base + k). The other rows write a token their cache gets anyway: their next
+        # pending token at its position (or, for a failed row, the current one again).
+        if any(not isinstance(r, str) and r[0] == k for r in results):
+            last = drafted[:, -1].tolist()
+            fill, at = [], []
+            for i, r in enumerate(results):
+                if isinstance(r, str):
+                    fill.append(rows[i].pending)
+                    at.append(base_host[i])
+                elif r[0] == k:
+                    fill.append(last[i])
+                    at.append(base_host[i] + k)
+                else:
+                    fill.append(r[1][-1])
+                    at.append(base_host[i] + r[0] + 1)
+            self._forward_rows(
+                self.draft,
+                self.draft_cache,
+                torch.tensor(fill, dtype=torch.long, device=dev)[:, None],
+                torch.tensor(at, dtype=torch.long, device=dev)[:, None],
+            )
+        # every row's new length first: a row retiring below moves the others' rows
+        for i, r in enumerate(results):
+            if not isinstance(r, str):
+                rows[i].cached = base_host[i] + r[0] + 1
+        for i, req in enumerate(rows):
+            r = results[i]
+            if isinstance(r, str):
+                self._error(req, r)
+                continue
+            n, new = r
+            for j, token in enumerate(new):
+                req.cached = base_host[i] + j + 1  # as plain decoding would have it
+                if self._take(req, token, verify[i, j : j + 1], flush=False):
+                    break
+            else:
+                req.cached = base_host[i] + n + 1
+                req.pending = new[-1]
+                self._flush(req, final=False)
+
+    def _propose(self, rows: list[_Request], logits: torch.Tensor) -> torch.Tensor:
+        """The draft's next token (n,) for each row from its logits (n, vocab): greedy, or
+        sampled with the row's own settings and generator."""
+        nxt = logits.argmax(dim=-1)
+        for i, req in enumerate(rows):
+            p = req.params
+            if p.temperature > 0 and bool(torch.isfinite(logits[i]).all()):
+                nxt[i] = sample(logits[i : i + 1], p.temperature, p.top_p, None, req.generator)[0]
+        return nxt
+
     def _accept(self, req: _Request, logits: torch.Tensor, greedy: int | None = None) -> None:
         """Sample the next token from ``logits`` (1, vocab), follow the text, emit, and
         retire the request when it is done."""
@@ -496,6 +678,13 @@ class Engine:
             token = greedy if greedy is not None else int(logits.argmax(dim=-1))
         else:
             token = int(sample(logits, p.temperature, p.top_p, None, req.generator)[0])
+        self._take(req, token, logits)
+
+    def _take(self, req: _Request, token: int, logits: torch.Tensor, flush: bool = True) -> bool:
+        """Follow ``token``, generated from ``logits`` (1, vocab): its logprobs, the text,
+        stop strings, eos and limits; finish the request when it is done (True), else emit
+        the new text (``flush``)."""
+        p = req.params
         if req.first_token_at is None:
             req.first_token_at = time.monotonic()
         self.stats.record_tokens(1)
@@ -522,8 +711,10 @@ class Engine:
                 req.finish = "length"
         if req.finish is not None:
             self._finish(req)
-        else:
+            return True
+        if flush:
             self._flush(req, final=False)
+        return False
 
     def _flush(self, req: _Request, final: bool) -> None:
         if not (final or req.stream):
@@ -569,7 +760,8 @@ class Engine:
         i = self._running.index(req)
         last = self._running.pop()
         if last is not req:
-            self.cache.move(last.slot, i, last.cached)
+            for cache in self._caches():
+                cache.move(last.slot, i, last.cached)
             last.slot = i
             self._running[i] = last
         freed = len(self._running)

@@ -11,6 +11,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily
 
 from .engine import EngineStats
 
@@ -58,8 +59,33 @@ class ServeMetrics:
                 stats.tokens_per_second,
             ),
         }
+        if stats.draft_k:
+            gauges["llamaforge_spec_acceptance_ratio"] = (
+                "fraction of the draft's proposed tokens the model accepted",
+                lambda: stats.acceptance_rate or 0.0,
+            )
+            r.register(_SpecCounters(stats))
         for name, (doc, fn) in gauges.items():
             Gauge(name, doc, registry=r).set_function(fn)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _SpecCounters:
+    """Speculative decoding's counters, read from the engine's stats at each scrape."""
+
+    def __init__(self, stats: EngineStats) -> None:
+        self.stats = stats
+
+    def collect(self):  # noqa: ANN201 - prometheus_client's collector protocol
+        yield CounterMetricFamily(
+            "llamaforge_spec_draft_tokens",
+            "tokens the draft model proposed (speculative decoding)",
+            value=self.stats.spec_drafted,
+        )
+        yield CounterMetricFamily(
+            "llamaforge_spec_accepted_tokens",
+            "proposed tokens the model accepted (speculative decoding)",
+            value=self.stats.spec_accepted,
+        )
