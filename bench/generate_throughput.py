@@ -56,15 +56,7 @@ ALL = [
     "hf",
     "llama.cpp",
 ]
-FAST = {
-    "ours-static",
-    "ours-compile",
-    "ours-int8",
-    "ours-int8-bf16",
-    "ours-int8-bf16-compile",
-    "ours-spec",
-    "ours-spec-compile",
-}
+FAST = {v for v in ALL if v.startswith("ours-")}  # FastGenerator variants
 SINGLE_STREAM = FAST | {"llama.cpp"}
 
 

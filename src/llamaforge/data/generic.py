@@ -21,7 +21,7 @@ with the reason). The module also holds the option parsing shared by the other k
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -101,16 +101,24 @@ def iter_json_file(path: Path, field: str, stats: FilterStats) -> Iterator[str]:
             if value is not None:
                 yield value
         return
+    yield from json_lines(text, field, stats, lambda lineno: f"{path}:{lineno}")
+
+
+def json_lines(
+    text: str, field: str, stats: FilterStats, where: Callable[[int], str]
+) -> Iterator[str]:
+    """Field ``field`` of each JSON object of JSON-lines ``text``; a malformed line is
+    counted and reported as ``where(line number): malformed JSON (…)``."""
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            stats.errors.append(f"{path}:{lineno}: malformed JSON ({e.msg})")
+            stats.errors.append(f"{where(lineno)}: malformed JSON ({e.msg})")
             stats.drop("bad_json_line")
             continue
-        value = _record_text(rec, field, f"{path}:{lineno}", stats)
+        value = _record_text(rec, field, where(lineno), stats)
         if value is not None:
             yield value
 

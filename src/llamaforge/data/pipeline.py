@@ -61,6 +61,7 @@ import traceback
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from multiprocessing.connection import wait as wait_sentinels
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -228,7 +229,7 @@ def iter_web_units(units: list[str], opts: Any, stats: FilterStats) -> Iterator[
     """web.iter_web_pages over files and byte ranges; a range gives the pages the whole
     file would (each range's bytes are decoded as read_text decodes a file)."""
     from .base import decode_errors, decode_replace
-    from .generic import _record_text
+    from .generic import json_lines
     from .web import iter_web_pages
 
     for unit in units:
@@ -258,18 +259,9 @@ def iter_web_units(units: list[str], opts: Any, stats: FilterStats) -> Iterator[
             text, replaced = decode_replace(data)
             stats.replaced_bytes += replaced
         if path.suffix.lower() in (".jsonl", ".ndjson"):
-            for i, line in enumerate(text.splitlines()):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    stats.errors.append(f"{where}, line {i + 1}: malformed JSON ({e.msg})")
-                    stats.drop("bad_json_line")
-                    continue
-                value = _record_text(rec, opts.text_field, f"{where}, line {i + 1}", stats)
-                if value is not None:
-                    yield value, len(value.encode("utf-8"))
+            line_of = partial("{}, line {}".format, where)
+            for value in json_lines(text, opts.text_field, stats, line_of):
+                yield value, len(value.encode("utf-8"))
             continue
         lines = text.split("\n")
         if not at_eof:

@@ -557,6 +557,30 @@ def _launch(
     return proc, report_r, secret_w
 
 
+def _check_limits(
+    timeout: float,
+    memory_mb: int,
+    max_output_bytes: int,
+    cpu_seconds: int | None,
+    isolate: bool | None,
+) -> tuple[int, str]:
+    """Validate a run's limits; return its CPU seconds (default ceil(timeout) + 1) and the
+    bubblewrap binary to use ("" for the guard only)."""
+    if not timeout > 0:
+        raise ValueError(f"timeout must be positive, got {timeout}")
+    if memory_mb <= 0:
+        raise ValueError(f"memory_mb must be positive, got {memory_mb}")
+    if max_output_bytes < 0:
+        raise ValueError(f"max_output_bytes must be >= 0, got {max_output_bytes}")
+    cpu = cpu_seconds if cpu_seconds is not None else math.ceil(timeout) + 1
+    if cpu <= 0:
+        raise ValueError(f"cpu_seconds must be positive, got {cpu_seconds}")
+    bwrap = _bwrap_path() if isolate is not False else ""
+    if isolate and not bwrap:
+        raise RuntimeError("isolate=True but bubblewrap cannot run here")
+    return cpu, bwrap
+
+
 def run_program(
     program: str,
     timeout: float = 3.0,
@@ -571,18 +595,7 @@ def run_program(
     bubblewrap when that works here (else the guard only, with a one-time warning), True
     requires bubblewrap (RuntimeError without), False uses the guard only. Never raises
     because of what the program does (a failure to launch it is reported as "failed")."""
-    if not timeout > 0:
-        raise ValueError(f"timeout must be positive, got {timeout}")
-    if memory_mb <= 0:
-        raise ValueError(f"memory_mb must be positive, got {memory_mb}")
-    if max_output_bytes < 0:
-        raise ValueError(f"max_output_bytes must be >= 0, got {max_output_bytes}")
-    cpu = cpu_seconds if cpu_seconds is not None else math.ceil(timeout) + 1
-    if cpu <= 0:
-        raise ValueError(f"cpu_seconds must be positive, got {cpu_seconds}")
-    bwrap = _bwrap_path() if isolate is not False else ""
-    if isolate and not bwrap:
-        raise RuntimeError("isolate=True but bubblewrap cannot run here")
+    cpu, bwrap = _check_limits(timeout, memory_mb, max_output_bytes, cpu_seconds, isolate)
     capture = _Capture(max_output_bytes)
     with tempfile.TemporaryDirectory(
         prefix="llamaforge-sandbox-", ignore_cleanup_errors=True
@@ -872,16 +885,7 @@ def run_tests(
     crosses; see the module docstring. When the tests pass the candidate something that is
     not plain data (a lambda), the whole `program` (default: candidate + tests + check)
     runs in the child instead, with `run_program`'s verdict, and the detail says so."""
-    if not timeout > 0:
-        raise ValueError(f"timeout must be positive, got {timeout}")
-    if memory_mb <= 0:
-        raise ValueError(f"memory_mb must be positive, got {memory_mb}")
-    cpu = cpu_seconds if cpu_seconds is not None else math.ceil(timeout) + 1
-    if cpu <= 0:
-        raise ValueError(f"cpu_seconds must be positive, got {cpu_seconds}")
-    bwrap = _bwrap_path() if isolate is not False else ""
-    if isolate and not bwrap:
-        raise RuntimeError("isolate=True but bubblewrap cannot run here")
+    cpu, bwrap = _check_limits(timeout, memory_mb, max_output_bytes, cpu_seconds, isolate)
     capture = _Capture(max_output_bytes)
     status, detail = "passed", "passed"
     with tempfile.TemporaryDirectory(
