@@ -117,18 +117,36 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: expected {type_name(tp)}, got {value!r}")
 
 
-def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "config", base: Any = None) -> T:
     """An instance of the dataclass ``cls`` from ``data`` (nested dicts for nested
     dataclasses), each value coerced to its field's type. Unknown keys and wrong types are
-    a ``ConfigError`` that names ``where`` and the key (``where.key``)."""
+    a ``ConfigError`` that names ``where`` and the key (``where.key``).
+
+    With ``base`` (an instance of ``cls``), ``data`` changes only the keys it names: every
+    other field, nested tables included, keeps ``base``'s value. A command's own section
+    defaults (finetuning's optimizer recipe, say) survive a partial TOML table that way."""
     types_ = _field_types(cls)
     unknown = sorted(set(data) - set(types_))
     if unknown:
         raise ConfigError(
             f"{where}: unknown key(s) {unknown}; allowed: {', '.join(sorted(types_))}"
         )
-    kwargs = {k: _coerce(v, types_[k], f"{where}.{k}") for k, v in data.items()}
-    return cls(**kwargs)
+    if base is None:
+        return cls(**{k: _coerce(v, types_[k], f"{where}.{k}") for k, v in data.items()})
+    changed = {k: _merged(getattr(base, k), v, types_[k], f"{where}.{k}") for k, v in data.items()}
+    return dataclasses.replace(base, **changed)
+
+
+def _merged(current: Any, value: Any, tp: Any, where: str) -> Any:
+    """``value`` for a field now holding ``current``: a table over a dataclass instance
+    changes only the keys it names; anything else replaces the value."""
+    if (
+        isinstance(value, dict)
+        and dataclasses.is_dataclass(current)
+        and not isinstance(current, type)
+    ):
+        return from_dict(type(current), value, where, base=current)
+    return _coerce(value, tp, where)
 
 
 def parse_value(text: str) -> Any:
@@ -162,13 +180,16 @@ def _set(obj: Any, path: list[str], value: Any, full: str) -> Any:
         if not dataclasses.is_dataclass(child):
             raise ConfigError(f"override {full!r}: {name!r} is not a table")
         return dataclasses.replace(obj, **{name: _set(child, path[1:], value, full)})
-    return dataclasses.replace(obj, **{name: _coerce(value, types_[name], f"override {full}")})
+    value = _merged(getattr(obj, name), value, types_[name], f"override {full}")
+    return dataclasses.replace(obj, **{name: value})
 
 
 def load_config(
     cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None
 ) -> T:
-    """``cls`` from the TOML file at ``path`` (or its defaults), then ``overrides``."""
+    """``cls`` from its defaults, changed by the TOML file at ``path`` and then by
+    ``overrides``: a table or a dotted key changes only the keys it names, so a section's
+    defaults set by ``cls`` (not by the section's own class) hold for every other key."""
     cfg = cls()
     if path is not None:
         p = Path(path)
@@ -178,7 +199,7 @@ def load_config(
             raise ConfigError(f"{p}: config file not found") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{p}: invalid TOML ({e})") from None
-        cfg = from_dict(cls, data, where=str(p))
+        cfg = from_dict(cls, data, where=str(p), base=cfg)
     return apply_overrides(cfg, overrides or [])
 
 

@@ -78,17 +78,23 @@ def resolve(cfg: FinetuneConfig, dataset: InstructDataset, world_size: int) -> F
             f"batch_size={cfg.batch_size} must be a positive multiple of micro_batch × "
             f"world_size = {rows}"
         )
-    steps = cfg.steps or max(
-        1, math.ceil(cfg.epochs * units_per_epoch(dataset, cfg) / cfg.batch_size)
-    )
-    warmup = cfg.optim.warmup_steps or round(cfg.warmup_ratio * steps)
-    lr = cfg.optim.lr or (LORA_LR if cfg.lora.enabled else FULL_LR)
+    steps, warmup, lr = schedule(cfg, units_per_epoch(dataset, cfg))
     optim = dataclasses.replace(cfg.optim, warmup_steps=warmup, lr=lr)
     if cfg.lora.enabled:
         cfg.lora.validate()
     return dataclasses.replace(
         cfg, steps=steps, batch_tokens=cfg.batch_size * cfg.data.max_len, optim=optim
     )
+
+
+def schedule(cfg: FinetuneConfig, units: int) -> tuple[int, int, float]:
+    """(steps, warmup steps, peak lr) of a run over ``units`` rows an epoch: ``steps`` or
+    ``epochs`` passes of ``batch_size`` rows; ``optim.warmup_steps`` or ``warmup_ratio`` of
+    the steps; ``optim.lr`` or the LoRA / full finetuning default."""
+    steps = cfg.steps or max(1, math.ceil(cfg.epochs * units / cfg.batch_size))
+    warmup = cfg.optim.warmup_steps or round(cfg.warmup_ratio * steps)
+    lr = cfg.optim.lr or (LORA_LR if cfg.lora.enabled else FULL_LR)
+    return steps, warmup, lr
 
 
 def units_per_epoch(dataset: InstructDataset, cfg: FinetuneConfig) -> int:
