@@ -1,7 +1,8 @@
 """Multiple-choice evaluation throughput: llamaforge's engine against lm-eval's HF backend.
 
 One model (random weights of the 15M preset with LLaMA's tokenizer, unless --ckpt), exported
-to Hugging Face format with ``llamaforge.convert.convert``. One lm-eval task defined from the
+to Hugging Face format with ``llamaforge.checkpoint.convert.convert``.
+One lm-eval task defined from the
 local ARC-Easy file (or HellaSwag with --task hellaswag). Both backends answer the same
 requests through ``lm_eval.simple_evaluate``, so the prompts, tokenisation split and metric
 code are lm-eval's on both sides; only the model backend differs:
@@ -75,7 +76,7 @@ def write_task(root: Path, task: str) -> str:
 
 
 def build_checkpoint(out: Path, preset: str, tokenizer: Path, seed: int) -> Path:
-    from llamaforge.checkpoint import save
+    from llamaforge.checkpoint.native import save
     from llamaforge.model import build_model
     from llamaforge.presets import get_preset
     from llamaforge.tokenizer import Tokenizer
@@ -148,7 +149,7 @@ def main() -> None:
     from lm_eval.tasks import TaskManager
 
     import llamaforge.eval.harness  # noqa: F401  (registers "llamaforge")
-    from llamaforge.convert import convert
+    from llamaforge.checkpoint.convert import convert
     from llamaforge.eval.harness import LlamaforgeHarnessLM
 
     with tempfile.TemporaryDirectory(prefix="eval-bench-") as tmp:

@@ -31,9 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from train_throughput import StepMemory  # noqa: E402
 
+from llamaforge.checkpoint.convert.hf import hf_config  # noqa: E402
 from llamaforge.config import load_config  # noqa: E402
-from llamaforge.convert.hf import hf_config  # noqa: E402
-from llamaforge.distributed import DistInfo  # noqa: E402
 from llamaforge.finetune.data import (  # noqa: E402
     InstructDataConfig,
     PackedLoader,
@@ -41,10 +40,11 @@ from llamaforge.finetune.data import (  # noqa: E402
     build_dataset,
 )
 from llamaforge.finetune.lora import LoraConfig, apply_lora, init_lora_  # noqa: E402
-from llamaforge.flops import human_bytes  # noqa: E402
-from llamaforge.optim import cross_entropy  # noqa: E402
+from llamaforge.parallel import DistInfo  # noqa: E402
 from llamaforge.tokenizer import Tokenizer  # noqa: E402
-from llamaforge.trainer import TrainConfig, Trainer, model_args  # noqa: E402
+from llamaforge.training.optim import cross_entropy  # noqa: E402
+from llamaforge.training.trainer import TrainConfig, Trainer, model_args  # noqa: E402
+from llamaforge.units import human_bytes
 
 VARIANTS = ("ours-full", "ours-lora", "ours-packed", "hf-full", "hf-peft-lora")
 SHARED = Path(os.environ.get("LLAMAFORGE_SHARED_DATA", Path(__file__).parents[2] / "shared/data"))

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from llamaforge.convert.hf import hf_config, to_hf_state_dict
+from llamaforge.checkpoint.convert.hf import hf_config, to_hf_state_dict
 from llamaforge.model import build_model
 from llamaforge.presets import get_preset
 
@@ -101,8 +101,8 @@ def _llama_cpp_runner(model, args, a, tmp: Path):
     except ImportError:
         print("# llama.cpp skipped: llama-cpp-python is not installed", file=sys.stderr)
         return None
-    from llamaforge.checkpoint import save
-    from llamaforge.convert.gguf import export_gguf
+    from llamaforge.checkpoint.convert.gguf import export_gguf
+    from llamaforge.checkpoint.native import save
     from llamaforge.data.stdlib import docs_documents
     from llamaforge.tokenizer import Tokenizer, train_tokenizer
 
@@ -148,8 +148,8 @@ def main() -> None:
     p.add_argument("--gguf-type", default="f32", choices=["f32", "f16", "q8_0"])
     a = p.parse_args()
 
-    from llamaforge.generate import FastGenerator, generate_completions
-    from llamaforge.quantize import quantize_int8
+    from llamaforge.inference.generate import FastGenerator, generate_completions
+    from llamaforge.inference.quantize import quantize_int8
 
     device = torch.device(a.device)
     cuda = device.type == "cuda"

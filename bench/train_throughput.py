@@ -33,12 +33,14 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from llamaforge.convert.hf import hf_config
-from llamaforge.distributed import DistInfo, parallelize
-from llamaforge.flops import device_spec, flops_per_token, human_bytes
+from llamaforge.checkpoint.convert.hf import hf_config
+from llamaforge.device import device_spec
 from llamaforge.model import build_model
-from llamaforge.optim import build_optimizer, cross_entropy
+from llamaforge.parallel import DistInfo, parallelize
 from llamaforge.presets import get_preset
+from llamaforge.training.flops import flops_per_token
+from llamaforge.training.optim import build_optimizer, cross_entropy
+from llamaforge.units import human_bytes
 
 VARIANTS = {
     # name: (implementation, activation checkpointing / HF gradient checkpointing, compile)

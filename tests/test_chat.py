@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import llamaforge
-from llamaforge.chat_session import ChatError, ChatSession, _Stream, stop_strings
 from llamaforge.chat_templates import (
     ALPACA,
     LLAMA2,
@@ -19,8 +18,9 @@ from llamaforge.chat_templates import (
     encode_text,
     load_template,
 )
-from llamaforge.checkpoint import CheckpointError, read_chat_template
-from llamaforge.cli import main
+from llamaforge.checkpoint.native import CheckpointError, read_chat_template
+from llamaforge.cli.main import main
+from llamaforge.inference.chat import ChatError, ChatSession, _Stream, stop_strings
 from llamaforge.model import ModelArgs, build_model
 
 from .conftest import REPO
@@ -55,7 +55,7 @@ def test_checkpoint_keeps_the_template(tmp_path, small_tokenizer, ckpts):
     with pytest.raises(CheckpointError, match="bad.*invalid Jinja"):
         llamaforge.save(model, small_tokenizer, tmp_path / "bad", chat_template="{% if %}")
     assert not (tmp_path / "bad").exists() and list(tmp_path.iterdir()) == []
-    out = llamaforge.checkpoint.save_state(
+    out = llamaforge.checkpoint.native.save_state(
         model.state_dict().items(), model.args, None, tmp_path / "s", chat_template=ALPACA
     )
     assert read_chat_template(out) == ALPACA
@@ -170,9 +170,9 @@ def test_llamaforge_chat_one_shot(small_tokenizer, ckpts):
         llamaforge.chat(ckpts["plain"], "hello", device="cpu", **kw)
     with pytest.raises(ValueError, match="end with a user message"):
         llamaforge.chat(ckpts["with"], messages[:-1], device="cpu", **kw)
-    # the conversation lives in llamaforge.chat_session: llamaforge.chat is the function
+    # the conversation lives in llamaforge.inference.chat: llamaforge.chat is the function
     # whatever was imported before (no submodule of that name can replace it)
-    assert llamaforge.chat is sys.modules["llamaforge.chat_session"].chat
+    assert llamaforge.chat is sys.modules["llamaforge.inference.chat"].chat
 
 
 # ----------------------------------------------------------------------------- the CLI

@@ -5,7 +5,7 @@ import torch
 from safetensors import safe_open
 
 import llamaforge
-from llamaforge.checkpoint import CheckpointError, load, save
+from llamaforge.checkpoint.native import CheckpointError, load, save
 from llamaforge.model import ModelArgs, build_model
 
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from llamaforge.cli import main
+from llamaforge.cli.main import main
 
 from .conftest import REPO
 
@@ -101,14 +101,14 @@ def _python(code: str, **env: str) -> subprocess.CompletedProcess:
 
 
 def test_building_the_parser_imports_no_torch():
-    code = "import sys, llamaforge.cli as c; c.build_parser(); print('torch' in sys.modules)"
+    code = "import sys, llamaforge.cli.main as c; c.build_parser(); print('torch' in sys.modules)"
     assert _python(code).stdout.strip() == "False"
 
 
 def test_help_version_and_usage_errors_import_no_torch():
     code = (
         "import contextlib, io, json, sys\n"
-        "from llamaforge.cli import main\n"
+        "from llamaforge.cli.main import main\n"
         "out = []\n"
         f"for argv in {NO_TORCH!r}:\n"
         "    with contextlib.redirect_stdout(io.StringIO()), "
@@ -136,7 +136,7 @@ def test_the_program_itself_imports_no_torch_for_help():
             timeout=120,
         )
         imported = {ln.rsplit("|", 1)[-1].strip() for ln in proc.stderr.splitlines() if "|" in ln}
-        assert "llamaforge.cli" in imported, proc.stderr[-2000:]
+        assert "llamaforge.cli.main" in imported, proc.stderr[-2000:]
         if args[0] != "pretrain":  # pretrain's --help needs its config class (torch)
             assert "torch" not in imported, args
         assert proc.returncode == (0 if args[0].startswith("--") else 2), proc.stderr[-500:]
@@ -146,10 +146,11 @@ def test_lazy_api_names_are_the_functions():
     code = (
         "import sys, llamaforge\n"
         "assert 'torch' not in sys.modules\n"
-        "import llamaforge.chat_session, llamaforge.generate, llamaforge.checkpoint\n"
-        "from llamaforge.generate import generate_completions\n"
-        "assert llamaforge.chat is llamaforge.chat_session.chat\n"
-        "assert llamaforge.generate is sys.modules['llamaforge.generate'].generate\n"
+        "import llamaforge.inference.chat, llamaforge.inference.generate\n"
+        "import llamaforge.checkpoint.native\n"
+        "from llamaforge.inference.generate import generate_completions\n"
+        "assert llamaforge.chat is llamaforge.inference.chat.chat\n"
+        "assert llamaforge.generate is sys.modules['llamaforge.inference.generate'].generate\n"
         "assert callable(llamaforge.load) and llamaforge.Tokenizer.__name__ == 'Tokenizer'\n"
         "from llamaforge import ChatSession, ModelArgs, save\n"
         "print('ok')\n"
@@ -275,7 +276,7 @@ def test_a_folder_with_tokenizer_model_stands_for_it(tmp_path, small_tokenizer_p
 def test_printer_squeezes_blank_lines_and_dims():
     import io
 
-    from llamaforge.checkpoint_cli import _Printer
+    from llamaforge.cli.checkpoint import _Printer
 
     buf = io.StringIO()
     p = _Printer(buf)
@@ -371,7 +372,7 @@ def test_eval_is_an_ordinary_subcommand(capsys):
 
 
 def test_task_options_are_key_value_overrides(tmp_path, capsys):
-    from llamaforge.eval.cli import parse_task_options
+    from llamaforge.cli.eval import parse_task_options
     from llamaforge.eval.tasks import get_task
 
     opts = parse_task_options(
@@ -413,7 +414,7 @@ def test_task_options_are_key_value_overrides(tmp_path, capsys):
 
 
 def test_one_error_mapping(monkeypatch, capsys):
-    import llamaforge.metrics as metrics
+    import llamaforge.training.metrics as metrics
     from llamaforge.config import ConfigError
     from llamaforge.data.base import DataError
 
@@ -448,7 +449,8 @@ def test_help_shows_field_docs(capsys):
     from dataclasses import dataclass
     from typing import Literal
 
-    from llamaforge.config import add_config_help, setting
+    from llamaforge.cli.help import add_config_help
+    from llamaforge.config import setting
 
     @dataclass
     class Demo:
@@ -489,7 +491,7 @@ def test_pretrain_without_prepared_data_says_how_to_prepare_it(tmp_path, monkeyp
 
 
 def test_pretrain_flags_are_override_aliases(monkeypatch, tmp_path):
-    import llamaforge.pretrain as pretrain
+    import llamaforge.training.pretrain as pretrain
 
     seen = []
     monkeypatch.setattr(pretrain, "run_pretrain", lambda cfg: seen.append(cfg) or {})
@@ -517,9 +519,9 @@ def test_readme_info_example_is_the_commands_output(capsys):
 def test_tiny_cpu_config_size_as_documented():
     """README and configs/pretrain/tiny-cpu.toml: 737,856 parameters (0.74M)."""
     from llamaforge.config import load_config
-    from llamaforge.flops import count_params
-    from llamaforge.pretrain import PretrainConfig
-    from llamaforge.trainer import model_args
+    from llamaforge.training.flops import count_params
+    from llamaforge.training.pretrain import PretrainConfig
+    from llamaforge.training.trainer import model_args
 
     cfg = load_config(PretrainConfig, REPO / "configs" / "pretrain" / "tiny-cpu.toml", [])
     args = model_args(cfg, 4096, cfg.data.seq_len)  # configs/data/stdlib.toml: 4096 pieces

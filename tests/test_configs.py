@@ -17,10 +17,10 @@ REPO = Path(__file__).parents[1]
 
 def _command_configs() -> dict[str, type]:
     from llamaforge.data.prepare import DataConfig
-    from llamaforge.finetune.demo import QuickstartInstructConfig
+    from llamaforge.demos.instruct import QuickstartInstructConfig
+    from llamaforge.demos.quickstart import QuickstartConfig
     from llamaforge.finetune.run import FinetuneConfig
-    from llamaforge.pretrain import PretrainConfig
-    from llamaforge.quickstart import QuickstartConfig
+    from llamaforge.training.pretrain import PretrainConfig
 
     return {
         "pretrain": PretrainConfig,
@@ -118,7 +118,7 @@ def test_tiny_cpu_finetune_keeps_the_finetuning_recipe():
 @pytest.mark.parametrize("size", ["7B", "13B", "33B", "65B"])
 def test_pretrain_configs_keep_the_papers_recipe(size):
     # comments: AdamW (0.9, 0.95), weight decay 0.1, clipping 1.0, 2000 warmup, cosine to 10 %
-    from llamaforge.pretrain import PretrainConfig
+    from llamaforge.training.pretrain import PretrainConfig
 
     cfg = load_config(PretrainConfig, REPO / "configs" / "pretrain" / f"llama-{size}.toml")
     o = cfg.optim
@@ -127,8 +127,8 @@ def test_pretrain_configs_keep_the_papers_recipe(size):
 
 
 def test_quickstart_toml_keeps_pretrain_defaults_for_unnamed_keys():
-    from llamaforge.pretrain import PretrainConfig
-    from llamaforge.quickstart import CONFIG_FILE, QuickstartConfig
+    from llamaforge.demos.quickstart import CONFIG_FILE, QuickstartConfig
+    from llamaforge.training.pretrain import PretrainConfig
 
     cfg = load_config(QuickstartConfig, CONFIG_FILE)
     assert cfg.optim.lr == 3e-3 and cfg.optim.warmup_steps == 40

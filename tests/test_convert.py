@@ -7,13 +7,13 @@ import pytest
 import torch
 
 import llamaforge
-from llamaforge.checkpoint import CheckpointError
-from llamaforge.convert import convert
+from llamaforge.checkpoint.convert import convert
+from llamaforge.checkpoint.native import CheckpointError
 from llamaforge.model import ModelArgs, build_model
 
 transformers = pytest.importorskip("transformers")
 
-# fairscale's layouts, written out independently of llamaforge.convert.meta (SPEC §2.9)
+# fairscale's layouts, written out independently of llamaforge.checkpoint.convert.meta (SPEC §2.9)
 COLUMN = ("wq", "wk", "wv", "w1", "w3", "output")
 ROW = ("wo", "w2", "tok_embeddings")
 
@@ -141,7 +141,7 @@ def test_hf_export_loads_in_transformers_with_our_logits_and_ids(
 def test_hf_tokenizer_json_reproduces_metas_ids(tmp_path, meta_tokenizer_path):
     from tokenizers import Tokenizer as FastTokenizer
 
-    from llamaforge.convert.hf import hf_tokenizer_json
+    from llamaforge.checkpoint.convert.hf import hf_tokenizer_json
 
     tok = llamaforge.Tokenizer(meta_tokenizer_path)
     fast = FastTokenizer.from_str(hf_tokenizer_json(tok))
@@ -300,12 +300,12 @@ def test_hf_export_chat_template_gives_our_ids(tmp_path, meta_tokenizer_path, na
         (hf_dir / "chat_template.jinja").unlink(missing_ok=True)
 
     back = convert(hf_dir, tmp_path / "back", source="hf", target="native", progress=False)
-    assert llamaforge.checkpoint.read_chat_template(back) == BUILTIN_TEMPLATES[name]
+    assert llamaforge.checkpoint.native.read_chat_template(back) == BUILTIN_TEMPLATES[name]
 
 
 def test_chat_template_travels_native_to_native_and_from_hf_list(tmp_path, small_tokenizer):
     from llamaforge.chat_templates import LLAMA2
-    from llamaforge.checkpoint import read_chat_template
+    from llamaforge.checkpoint.native import read_chat_template
 
     model = make_model(small_tokenizer.vocab_size)
     native = llamaforge.save(model, small_tokenizer, tmp_path / "native", chat_template=LLAMA2)

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 import llamaforge
-from llamaforge.checkpoint import CheckpointError
+from llamaforge.checkpoint.native import CheckpointError
 from llamaforge.model import ModelArgs, build_model
 from llamaforge.tokenizer import Tokenizer
 
 gguf = pytest.importorskip("gguf")
 
-from llamaforge.convert.gguf import (  # noqa: E402
+from llamaforge.checkpoint.convert.gguf import (  # noqa: E402
     GGUF_TYPES,
     ConvertError,
     export_gguf,

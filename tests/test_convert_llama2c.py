@@ -13,8 +13,7 @@ import pytest
 import torch
 
 import llamaforge
-from llamaforge.checkpoint import CheckpointError
-from llamaforge.convert.llama2c import (
+from llamaforge.checkpoint.convert.llama2c import (
     LLAMA2C_MAGIC,
     Llama2cError,
     import_llama2c,
@@ -22,6 +21,7 @@ from llamaforge.convert.llama2c import (
     read_llama2c,
     read_llama2c_tokenizer,
 )
+from llamaforge.checkpoint.native import CheckpointError
 from llamaforge.tokenizer import Tokenizer
 
 from .conftest import shared_file

@@ -159,7 +159,7 @@ def test_shipped_configs_load():
 
 
 def test_a_folder_prepared_with_another_tokenizer_needs_force(tmp_path, capsys):
-    from llamaforge.cli import main
+    from llamaforge.cli.main import main
     from llamaforge.tokenizer import Tokenizer, train_tokenizer
 
     config = write_config(tmp_path)
@@ -191,7 +191,7 @@ def test_a_folder_prepared_with_another_tokenizer_needs_force(tmp_path, capsys):
 
 
 def test_invalid_utf8_is_replaced_on_request_and_an_empty_source_fails(tmp_path, capsys):
-    from llamaforge.cli import main
+    from llamaforge.cli.main import main
     from llamaforge.tokenizer import train_tokenizer
 
     latin = tmp_path / "latin"

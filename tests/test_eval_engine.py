@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llamaforge.checkpoint import save
+from llamaforge.checkpoint.native import save
 from llamaforge.eval.base import (
     Doc,
     Generate,
@@ -24,7 +24,7 @@ from llamaforge.eval.base import (
     TaskInfo,
 )
 from llamaforge.eval.lm import LlamaforgeLM
-from llamaforge.generate import generate_completions
+from llamaforge.inference.generate import generate_completions
 from llamaforge.model import ModelArgs, build_model
 
 MAX_LEN = 48
@@ -454,7 +454,7 @@ def test_report_layouts():
 
 
 def test_cli_writes_json_and_reports_errors(tiny_ckpt, data_dir, tmp_path, capsys):
-    from llamaforge.eval.cli import main
+    from llamaforge.cli.eval import main
 
     assert (
         main(["--ckpt", str(tmp_path / "nope"), "--tasks", "x", "--data-dir", str(data_dir)]) == 2

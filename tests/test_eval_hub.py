@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from llamaforge.cli import main
+from llamaforge.cli.main import main
 
 from .conftest import REPO, shared_file
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llamaforge.checkpoint import save
+from llamaforge.checkpoint.native import save
 from llamaforge.eval.base import Generate, Loglikelihood, Rolling
 from llamaforge.model import ModelArgs, build_model
 from tests.test_eval_engine import TinyMC, mc_rows, write_jsonl

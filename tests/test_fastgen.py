@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import llamaforge
-from llamaforge.cli import main
-from llamaforge.convert.llama2c import import_llama2c
-from llamaforge.generate import FastGenerator, generate_completions
+from llamaforge.checkpoint.convert.llama2c import import_llama2c
+from llamaforge.cli.main import main
+from llamaforge.inference.generate import FastGenerator, generate_completions
+from llamaforge.inference.quantize import Int8Linear, quantize_int8
 from llamaforge.model import ModelArgs, build_model
-from llamaforge.quantize import Int8Linear, quantize_int8
 
 from .conftest import shared_file
 

@@ -172,7 +172,7 @@ def test_a_short_write_on_a_full_device_is_no_space_other_errors_are_not(tmp_pat
 
 
 def test_cli_prints_one_line_on_a_full_disk(tmp_path, monkeypatch, capsys):
-    from llamaforge.cli import main
+    from llamaforge.cli.main import main
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("tiny corpus, a few words\n" * 20)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import llamaforge
-from llamaforge.cli import main
-from llamaforge.optim import cross_entropy
+from llamaforge.cli.main import main
+from llamaforge.training.optim import cross_entropy
 
 COLOURS = "red green blue black white yellow brown pink".split()
 
@@ -73,7 +73,7 @@ def test_full_finetune_from_the_cli(base, data, tmp_path, capsys):
 
     assert ft["base"] == str(base) and ft["base_sha256"] == weights_sha256(base)
     from llamaforge.chat_templates import load_template
-    from llamaforge.checkpoint import read_chat_template
+    from llamaforge.checkpoint.native import read_chat_template
 
     assert read_chat_template(out / "model") == load_template("alpaca").source
     model, _ = llamaforge.load(out / "model")

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from llamaforge.finetune.data import InstructDataConfig, build_dataset, read_examples
-from llamaforge.finetune.stdlib_tasks import (
+from llamaforge.demos.stdlib_tasks import (
     QUESTIONS,
     TASKS,
     StdlibTask,
@@ -20,6 +19,7 @@ from llamaforge.finetune.stdlib_tasks import (
     split_tasks,
     write_jsonl,
 )
+from llamaforge.finetune.data import InstructDataConfig, build_dataset, read_examples
 
 PER_TASK = 300
 
@@ -100,8 +100,8 @@ def test_finetuning_reads_the_file_and_holds_out_the_same_examples(
 
 
 def test_the_command_maps_flags_to_settings_and_exits_on_the_scores(monkeypatch, capsys):
-    import llamaforge.finetune.demo as demo
-    from llamaforge.cli import main
+    import llamaforge.demos.instruct as demo
+    from llamaforge.cli.main import main
 
     seen, result = [], {"after": 0.5}
 
@@ -127,7 +127,7 @@ def test_the_command_maps_flags_to_settings_and_exits_on_the_scores(monkeypatch,
 
 @pytest.mark.slow
 def test_quickstart_instruct_end_to_end(tmp_path, monkeypatch, capsys):
-    from llamaforge.cli import main
+    from llamaforge.cli.main import main
 
     monkeypatch.chdir(tmp_path)  # no runs/quickstart/model here: it pretrains one
     out = tmp_path / "demo"

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from llamaforge.generate import generate, generate_completions, sample, sample_top_p
+from llamaforge.inference.generate import generate, generate_completions, sample, sample_top_p
 from llamaforge.model import ModelArgs, build_model
 
 

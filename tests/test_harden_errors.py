@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 import llamaforge
-from llamaforge.checkpointer import CheckpointerError, verify_checkpoint
-from llamaforge.cli import main
+from llamaforge.cli.main import main
 from llamaforge.config import ConfigError
 from llamaforge.data.base import DataError
 from llamaforge.data.mixture import open_sources
-from llamaforge.generate import generate_completions
+from llamaforge.inference.generate import generate_completions
+from llamaforge.training.checkpointer import CheckpointerError, verify_checkpoint
 
 from .test_chat import tiny_model
 from .test_data_mixture import make_prepared
@@ -171,7 +171,7 @@ def nan_ckpt(tmp_path_factory, small_tokenizer):
 
 
 def test_non_finite_native_weights_warn_on_load_and_strict_refuses(nan_ckpt, capsys):
-    from llamaforge.checkpoint import CheckpointError, load
+    from llamaforge.checkpoint.native import CheckpointError, load
 
     load(nan_ckpt)
     err = capsys.readouterr().err
@@ -214,7 +214,8 @@ def _failing(monkeypatch, module, handler, exc_factory):
 def test_cli_reports_a_full_disk_with_its_path(monkeypatch, capsys):
     import errno
 
-    from llamaforge import tokenizer_cli, train_cli
+    from llamaforge.cli import tokenizer as tokenizer_cli
+    from llamaforge.cli import train as train_cli
 
     def enospc():
         return OSError(errno.ENOSPC, "No space left on device", "/data/out/model.safetensors")
@@ -235,7 +236,7 @@ def test_cli_reports_library_errors_in_one_line_and_debug_shows_the_traceback(
 ):
     import sentencepiece
 
-    from llamaforge import tokenizer_cli
+    from llamaforge.cli import tokenizer as tokenizer_cli
 
     missing = str(tmp_path / "nope.model")
     _failing(
@@ -263,7 +264,7 @@ def test_cli_reports_a_dcp_checkpoint_exception(monkeypatch, capsys):
 
     from torch.distributed.checkpoint.api import CheckpointException
 
-    from llamaforge import train_cli
+    from llamaforge.cli import train as train_cli
 
     inner = OSError(
         errno.ENOSPC, "No space left on device", "/runs/x/.step-000002.tmp/__0_0.distcp"
@@ -282,7 +283,7 @@ def test_cli_reports_a_dcp_checkpoint_exception(monkeypatch, capsys):
 
 
 def test_cli_keeps_interrupts_exit_codes_and_real_bugs(monkeypatch, capsys):
-    from llamaforge import tokenizer_cli
+    from llamaforge.cli import tokenizer as tokenizer_cli
 
     _failing(monkeypatch, tokenizer_cli, "_decode", KeyboardInterrupt)
     assert main(["tokenizer", "decode", "--model", "m", "1"]) == 130

@@ -3,8 +3,13 @@
 import pytest
 import torch
 
-from llamaforge.convert.hf import hf_config, permute_from_hf, permute_to_hf, to_hf_state_dict
-from llamaforge.generate import generate_completions
+from llamaforge.checkpoint.convert.hf import (
+    hf_config,
+    permute_from_hf,
+    permute_to_hf,
+    to_hf_state_dict,
+)
+from llamaforge.inference.generate import generate_completions
 from llamaforge.model import ModelArgs, build_model
 
 transformers = pytest.importorskip("transformers")

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 import llamaforge
-from llamaforge.checkpoint import CheckpointError, save
+from llamaforge.checkpoint.convert import convert
+from llamaforge.checkpoint.native import CheckpointError, save
 from llamaforge.config import apply_overrides, load_config
-from llamaforge.convert import convert
 from llamaforge.finetune.lora import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -32,7 +32,7 @@ from llamaforge.finetune.lora import (
     weights_sha256,
 )
 from llamaforge.model import ModelArgs, Transformer, build_model
-from llamaforge.optim import build_optimizer
+from llamaforge.training.optim import build_optimizer
 
 VOCAB = 256
 
@@ -361,7 +361,7 @@ def test_merge_command_end_to_end(tmp_path):
     save_adapter(model, tmp_path / "adapter", cfg, base=tmp_path / "base")
     expected = logits(model, tokens())
 
-    from llamaforge.cli import main
+    from llamaforge.cli.main import main
 
     argv = ["lora", "merge", *(str(tmp_path / d) for d in ("base", "adapter", "merged"))]
     assert main(argv) == 0
@@ -391,10 +391,10 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 import llamaforge
-from llamaforge import distributed as D
+from llamaforge import parallel as D
 from llamaforge.finetune.lora import LoraConfig, apply_lora, init_lora_, lora_state_dict
 from llamaforge.model import build_model
-from llamaforge.optim import build_optimizer, cross_entropy
+from llamaforge.training.optim import build_optimizer, cross_entropy
 
 base_dir, out = sys.argv[1], sys.argv[2]
 info = D.init("cpu")
@@ -439,7 +439,7 @@ def test_fsdp2_trainer_flow_matches_one_process(tmp_path):
     import sys
     from pathlib import Path
 
-    from llamaforge.optim import cross_entropy
+    from llamaforge.training.optim import cross_entropy
 
     base = make_model()
     save(base, None, tmp_path / "base")

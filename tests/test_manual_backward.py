@@ -1,6 +1,6 @@
 """activation_checkpointing="manual": the transformer block's hand-written backward
-(llamaforge.manual_backward) gives autograd's gradients, keeps only what it says, and trains
-like the plain model through the trainer (one process, and two with FSDP2)."""
+(llamaforge.parallel.manual_backward) gives autograd's gradients, keeps only what it says, and
+trains like the plain model through the trainer (one process, and two with FSDP2)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from llamaforge.distributed import apply_activation_checkpointing
-from llamaforge.manual_backward import BlockFunction
 from llamaforge.model import ModelArgs, build_model, rope_cos_sin
-from llamaforge.optim import cross_entropy
+from llamaforge.parallel import apply_activation_checkpointing
+from llamaforge.parallel.manual_backward import BlockFunction
 from llamaforge.presets import get_preset
+from llamaforge.training.optim import cross_entropy
 
 from .conftest import json_objects
 from .test_pretrain import corpus, metrics, run  # noqa: F401 (corpus: a fixture)
@@ -328,8 +328,8 @@ def test_info_estimates_manual_from_what_the_function_keeps(capsys):
     all of it split tp ways."""
     import json
 
-    from llamaforge.cli import main
-    from llamaforge.flops import activation_memory, layout_memory
+    from llamaforge.cli.main import main
+    from llamaforge.training.flops import activation_memory, layout_memory
 
     args = get_preset("7B", vocab_size=32000)
     d, kvd, ffn, heads = args.dim, args.kv_heads * args.head_dim, args.ffn_hidden_dim, 32

@@ -13,8 +13,8 @@ from llamaforge.model import (
     build_model,
     rope_cos_sin,
 )
-from llamaforge.optim import build_optimizer, cross_entropy
 from llamaforge.presets import PRESETS, get_preset
+from llamaforge.training.optim import build_optimizer, cross_entropy
 
 TINY = dict(dim=64, n_layers=2, n_heads=4, vocab_size=97, multiple_of=32, max_seq_len=64)
 

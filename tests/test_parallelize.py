@@ -1,4 +1,4 @@
-"""Activation checkpointing and per-block compile (llamaforge.distributed.parallelize):
+"""Activation checkpointing and per-block compile (llamaforge.parallel.parallelize):
 the same gradients as the plain model, and the recomputation each policy promises."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from llamaforge.distributed import DistInfo, apply_activation_checkpointing, parallelize
 from llamaforge.model import ModelArgs, build_model
-from llamaforge.optim import cross_entropy
+from llamaforge.parallel import DistInfo, apply_activation_checkpointing, parallelize
+from llamaforge.training.optim import cross_entropy
 
 ARGS = ModelArgs(
     dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=16, max_seq_len=64
@@ -106,7 +106,8 @@ def test_compiled_blocks_match_eager(base):
 
 
 def test_device_table_and_the_papers_carbon_formula():
-    from llamaforge.flops import carbon, device_spec
+    from llamaforge.device import device_spec
+    from llamaforge.training.flops import carbon
 
     assert device_spec("NVIDIA H100 80GB HBM3").peak_flops == 989.5e12
     assert device_spec("NVIDIA H100 PCIe").watts == 350
@@ -150,7 +151,7 @@ class LiveBytes(TorchDispatchMode):
 
 
 def test_activation_memory_estimate_matches_what_a_step_keeps():
-    from llamaforge.flops import activation_memory
+    from llamaforge.training.flops import activation_memory
 
     args = ModelArgs(
         dim=128, n_layers=4, n_heads=4, vocab_size=256, multiple_of=32, max_seq_len=128

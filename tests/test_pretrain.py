@@ -1,4 +1,4 @@
-"""`python -m llamaforge.pretrain` end to end on a tiny prepared corpus: data-parallel
+"""`python -m llamaforge pretrain` end to end on a tiny prepared corpus: data-parallel
 equivalence (real torchrun processes, Gloo), bitwise resume, crash recovery, the final
 native checkpoint and configuration errors."""
 
@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 
 import llamaforge
-from llamaforge.checkpointer import list_checkpoints
-from llamaforge.cli import main as cli_main
+from llamaforge.cli.main import main as cli_main
 from llamaforge.config import ConfigError, load_config
 from llamaforge.data.prepare import load_data_config, prepare
-from llamaforge.pretrain import PretrainConfig, run_pretrain
-from llamaforge.trainer import TrainingError
+from llamaforge.training.checkpointer import list_checkpoints
+from llamaforge.training.pretrain import PretrainConfig, run_pretrain
+from llamaforge.training.trainer import TrainingError
 
 from .conftest import REPO
 
@@ -82,7 +82,7 @@ def cfg_of(corpus: Path, out: Path, *extra: str) -> PretrainConfig:
 
 
 def command(corpus: Path, out: Path, *extra: str, nproc: int = 1) -> list[str]:
-    args = ["-m", "llamaforge.pretrain", *overrides(corpus, out, *extra)]
+    args = ["-m", "llamaforge", "pretrain", *overrides(corpus, out, *extra)]
     if nproc == 1:
         return [sys.executable, *args]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
@@ -240,8 +240,8 @@ TABLE2 = {"7B": 6_738_415_616, "13B": 13_015_864_320, "33B": 32_528_943_616, "65
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "pretrain").glob("*.toml")), ids=str)
 def test_shipped_configs_are_valid(path):
-    from llamaforge.flops import count_params
-    from llamaforge.trainer import check_config, grad_accum_steps, layout_of, model_args
+    from llamaforge.training.flops import count_params
+    from llamaforge.training.trainer import check_config, grad_accum_steps, layout_of, model_args
 
     cfg = load_config(PretrainConfig, path)
     check_config(cfg)
@@ -291,7 +291,7 @@ def test_summary_plot_and_carbon(corpus, tmp_path, capsys):
     assert "carbon (paper's formula, 400 W" in capsys.readouterr().err
     assert not (out / "tensorboard").exists()
     # on demand, from the CLI, to another path
-    from llamaforge.cli import main as cli_main
+    from llamaforge.cli.main import main as cli_main
 
     assert cli_main(["plot", str(out), "--out", str(tmp_path / "curve.png")]) == 0
     assert (tmp_path / "curve.png").stat().st_size > 1000
@@ -308,7 +308,7 @@ def test_tensorboard_mirror(corpus, tmp_path):
 
 
 def test_cli_pretrain_reports_bad_settings(corpus, tmp_path, capsys):
-    from llamaforge.cli import main as cli_main
+    from llamaforge.cli.main import main as cli_main
 
     assert (
         cli_main(["pretrain", *overrides(corpus, tmp_path / "x", "activation_checkpointing=some")])
@@ -323,7 +323,7 @@ def test_cli_pretrain_reports_bad_settings(corpus, tmp_path, capsys):
 
 
 def test_metrics_reader_and_wandb_without_the_package(corpus, tmp_path, capsys):
-    from llamaforge.metrics import read_metrics
+    from llamaforge.training.metrics import read_metrics
 
     run = tmp_path / "m"
     run.mkdir()
@@ -343,7 +343,7 @@ def test_torn_metrics_line_then_resume_loses_no_row_and_plots(corpus, tmp_path, 
     import logging
     import shutil
 
-    from llamaforge.metrics import MetricsWriter, read_metrics
+    from llamaforge.training.metrics import MetricsWriter, read_metrics
 
     out = tmp_path / "torn"
     extra = ("checkpoint.every=2", "eval_every=0", "eval_batches=0", "tensorboard=false")
@@ -355,14 +355,14 @@ def test_torn_metrics_line_then_resume_loses_no_row_and_plots(corpus, tmp_path, 
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append  # type: ignore[method-assign]
-    logging.getLogger("llamaforge.metrics").addHandler(handler)
+    logging.getLogger("llamaforge.training.metrics").addHandler(handler)
     try:
         assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]  # the torn row skipped
         assert "skipped a torn line" in records[-1].getMessage()
         run_pretrain(cfg_of(corpus, out, "steps=6", *extra))  # resumes at step 2
         assert any("cut a torn last line" in r.getMessage() for r in records)
     finally:
-        logging.getLogger("llamaforge.metrics").removeHandler(handler)
+        logging.getLogger("llamaforge.training.metrics").removeHandler(handler)
     rows = [json.loads(x) for x in log.read_text().splitlines()]  # every line whole
     assert [r["step"] for r in rows] == [1, 2, 3, 3, 4, 5, 6]
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4, 5, 6]
@@ -384,7 +384,7 @@ def test_torn_metrics_line_then_resume_loses_no_row_and_plots(corpus, tmp_path, 
 
 
 def test_learning_rate_schedule_is_warmup_then_cosine_to_ten_percent():
-    from llamaforge.optim import lr_at
+    from llamaforge.training.optim import lr_at
 
     def lr(step: int) -> float:
         return lr_at(step, peak=3e-4, warmup=2000, total=10_000)

@@ -3,7 +3,7 @@ import json
 import pytest
 
 import llamaforge
-from llamaforge.quickstart import quickstart_config, run_quickstart
+from llamaforge.demos.quickstart import quickstart_config, run_quickstart
 
 
 @pytest.mark.slow
@@ -43,7 +43,7 @@ def test_quickstart_accepts_the_power_watts_hint():
 
 
 def test_rerun_says_it_replaces_the_previous_run(tmp_path, monkeypatch):
-    import llamaforge.quickstart as qs
+    import llamaforge.demos.quickstart as qs
 
     out = tmp_path / "run"
     out.mkdir()
@@ -72,7 +72,7 @@ def test_loss_plot_draws_the_runs_unigram_baseline(tmp_path, monkeypatch):
     matplotlib.use("Agg")
     from matplotlib.axes import Axes
 
-    from llamaforge.metrics import plot_run
+    from llamaforge.training.metrics import plot_run
 
     rows = [{"step": s, "tokens": 4096 * s, "loss": 7.0 - s / 10} for s in range(1, 11)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

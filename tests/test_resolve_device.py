@@ -1,17 +1,17 @@
-"""flops.resolve_device: the one --device resolver (distributed and eval import it)."""
+"""device.resolve_device: the one --device resolver (parallel and eval import it)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from llamaforge import distributed
+from llamaforge.device import resolve_device
 from llamaforge.eval import lm
-from llamaforge.flops import resolve_device
+from llamaforge.parallel import process
 
 
 def test_one_definition_everywhere():
-    assert distributed.resolve_device is resolve_device
+    assert process.resolve_device is resolve_device
     assert lm.resolve_device is resolve_device
 
 

@@ -23,8 +23,8 @@ import pytest
 
 import llamaforge
 from llamaforge.chat_templates import ALPACA
-from llamaforge.cli import main
-from llamaforge.generate import generate_completions
+from llamaforge.cli.main import main
+from llamaforge.inference.generate import generate_completions
 
 from .conftest import REPO
 from .test_serve_engine import _one_thread, l2c_ckpt, loaded  # noqa: F401  (fixtures)
@@ -402,7 +402,7 @@ def test_api_key_queue_limit_and_no_template(keyed):
 def test_cli_refusals(l2c_ckpt, capsys):  # noqa: F811
     assert main(["serve", "--ckpt", str(l2c_ckpt), "--max-batch", "0"]) == 2
     assert "--max-batch 0" in capsys.readouterr().err
-    code = "import sys; from llamaforge.cli import main; main(['serve', '--help'])\n"
+    code = "import sys; from llamaforge.cli.main import main; main(['serve', '--help'])\n"
     code += "assert 'torch' not in sys.modules and 'fastapi' not in sys.modules"
     r = subprocess.run(
         [sys.executable, "-c", code],

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import llamaforge
-from llamaforge.convert.llama2c import import_llama2c
-from llamaforge.generate import generate_completions
+from llamaforge.checkpoint.convert.llama2c import import_llama2c
+from llamaforge.inference.generate import generate_completions
 from llamaforge.serve.engine import Engine, Output, QueueFull, SamplingParams
 
 from .conftest import shared_file

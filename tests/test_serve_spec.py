@@ -17,9 +17,9 @@ import pytest
 import torch
 
 import llamaforge
-from llamaforge.cli import main
+from llamaforge.cli.main import main
+from llamaforge.inference.quantize import quantize_int8
 from llamaforge.model import ModelArgs, Transformer
-from llamaforge.quantize import quantize_int8
 from llamaforge.serve.engine import Engine, Output, SamplingParams
 
 from .test_serve import ServerProcess

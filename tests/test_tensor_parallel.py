@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from llamaforge.config import ConfigError, load_config
-from llamaforge.distributed import LayoutError, check_tp_divisible, make_layout
 from llamaforge.model import ModelArgs
-from llamaforge.pretrain import PretrainConfig, run_pretrain
+from llamaforge.parallel import LayoutError, check_tp_divisible, make_layout
+from llamaforge.training.pretrain import PretrainConfig, run_pretrain
 
 from .conftest import SHARED_DATA, json_objects
 from .test_pretrain import corpus, env, metrics, overrides, run  # noqa: F401 (a fixture)
@@ -163,7 +163,7 @@ def test_config_errors_and_the_old_parallel_key(corpus, tmp_path):  # noqa: F811
 
 
 def test_info_memory_per_gpu_for_a_layout(capsys):
-    from llamaforge.cli import main
+    from llamaforge.cli.main import main
 
     assert main(["info", "--preset", "65B", "--tp", "8", "--dp", "256", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)

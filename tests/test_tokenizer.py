@@ -437,7 +437,7 @@ def test_corpus_errors(tmp_path):
 
 
 def test_cli_train_refuses_an_existing_out_without_force(tmp_path, capsys):
-    from llamaforge.cli import main
+    from llamaforge.cli.main import main
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("tiny corpus, a few words\n" * 20)

@@ -1,4 +1,4 @@
-"""The training core (llamaforge.trainer) driven directly: one train_step against a
+"""The training core (llamaforge.training.trainer) driven directly: one train_step against a
 hand-written step, non-finite steps skipped on the device, targets counted on the device
 when some are masked, and FSDP2 gradient accumulation that keeps gradients sharded."""
 
@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from llamaforge.config import load_config
-from llamaforge.distributed import DistInfo
-from llamaforge.optim import cross_entropy
-from llamaforge.trainer import TrainConfig, Trainer, model_args
+from llamaforge.parallel import DistInfo
+from llamaforge.training.optim import cross_entropy
+from llamaforge.training.trainer import TrainConfig, Trainer, model_args
 
 from .conftest import REPO, json_objects
 
@@ -161,7 +161,7 @@ def test_fsdp2_accumulation_keeps_gradients_sharded():
 
 
 def test_init_starts_from_a_native_checkpoint_and_hooks_run(tmp_path, small_tokenizer):
-    from llamaforge.checkpoint import save
+    from llamaforge.checkpoint.native import save
     from llamaforge.model import build_model
 
     torch.manual_seed(1)

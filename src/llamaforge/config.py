@@ -8,14 +8,12 @@ the key and the file.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import sys
 import types
 import typing
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -251,31 +249,3 @@ def help_text(cls: type, intro: str = "", indent: str = "  ") -> str:
     parser with a formatter that keeps line breaks)."""
     head = intro or "Settings (KEY=VALUE; dotted keys are TOML tables), defaults and meaning:"
     return head + "\n" + "\n".join(indent + line for line in describe(cls))
-
-
-class SettingsHelpFormatter(argparse.HelpFormatter):
-    """Wraps one-paragraph descriptions as usual; keeps texts with line breaks (the
-    settings list of ``help_text``) as they are."""
-
-    def _fill_text(self, text: str, width: int, indent: str) -> str:
-        if "\n" in text:
-            return "".join(indent + line for line in text.splitlines(keepends=True))
-        return super()._fill_text(text, width, indent)
-
-
-def add_config_help(
-    parser: argparse.ArgumentParser, config_class: Callable[[], type], intro: str = ""
-) -> None:
-    """Give ``parser`` (made with ``add_help=False``) a ``-h/--help`` whose epilog is
-    ``help_text`` of the config class that ``config_class()`` returns: the class is imported
-    only when help is asked for, so listing commands stays cheap."""
-
-    class _Help(argparse.Action):
-        def __call__(self, parser, namespace, values, option_string=None) -> None:  # type: ignore[override]
-            text = help_text(config_class(), intro)
-            parser.epilog = f"{parser.epilog}\n\n{text}" if parser.epilog else text
-            parser.formatter_class = SettingsHelpFormatter
-            parser.print_help()
-            parser.exit()
-
-    parser.add_argument("-h", "--help", action=_Help, nargs=0, help="show this help and exit")

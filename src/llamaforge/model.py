@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import config
+from llamaforge import config
 
 # Keys of Meta's params.json that carry no architectural meaning for us.
 _IGNORED_PARAMS = {"max_batch_size"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .model import ModelArgs
+from llamaforge.model import ModelArgs
 
 # Table 2 of the paper (head_dim 128, vocabulary 32000, SwiGLU hidden rounded to 256).
 # Small sizes use a smaller vocabulary and multiple_of so that they stay near their names.

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from .files import atomic_write
+from llamaforge.files import atomic_write
 
 __all__ = ["MIN_VOCAB_SIZE", "Tokenizer", "TokenizerError", "train_tokenizer"]
 

@@ -16,9 +16,9 @@ from torch.distributed.fsdp import FSDPModule
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from llamaforge import distributed as D
+from llamaforge import parallel as D
 from llamaforge.model import ModelArgs, build_model
-from llamaforge.optim import cross_entropy
+from llamaforge.training.optim import cross_entropy
 
 
 class LiveBytes(TorchDispatchMode):

@@ -30,10 +30,10 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from llamaforge.distributed import apply_activation_checkpointing, apply_tensor_parallel
 from llamaforge.model import build_model
-from llamaforge.optim import cross_entropy
+from llamaforge.parallel import apply_activation_checkpointing, apply_tensor_parallel
 from llamaforge.presets import get_preset
+from llamaforge.training.optim import cross_entropy
 
 
 def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -13,9 +13,9 @@ from torch.distributed.tensor import Shard
 from torch.distributed.tensor.debug import CommDebugMode
 from torch.distributed.tensor.parallel import loss_parallel
 
-from llamaforge import distributed as D
+from llamaforge import parallel as D
 from llamaforge.model import ModelArgs, build_model
-from llamaforge.optim import cross_entropy
+from llamaforge.training.optim import cross_entropy
 
 info = D.init("cpu")
 args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, multiple_of=16)

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .base import DataError, FilterStats, parse_options, read_text
+from llamaforge.data.base import DataError, FilterStats, parse_options, read_text
 
 TEX_SUFFIXES = {".tex", ".sty", ".ltx", ".cls"}
 

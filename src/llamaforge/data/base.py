@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..config import ConfigError, from_dict
+from llamaforge.config import ConfigError, from_dict
 
 log = logging.getLogger("llamaforge.data")
 

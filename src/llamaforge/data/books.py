@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import DataError, FilterStats, parse_options, read_text
+from llamaforge.data.base import DataError, FilterStats, parse_options, read_text
 
 _WORD = re.compile(r"\w+")
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .base import DataError, FilterStats, parse_options, read_text
+from llamaforge.data.base import DataError, FilterStats, parse_options, read_text
 
 PERMISSIVE_DEFAULT = ["apache", "bsd", "mit", "psf"]
 

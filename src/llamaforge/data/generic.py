@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from .base import DataError, FilterStats, parse_options, read_text
+from llamaforge.data.base import DataError, FilterStats, parse_options, read_text
 
 T = TypeVar("T")
 

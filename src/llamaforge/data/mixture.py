@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..files import read_json_object
-from .base import DataError
-from .shards import META_FILE, MIXTURE_FILE, check_meta, check_token_ids, read_meta
+from llamaforge.data.base import DataError
+from llamaforge.data.shards import META_FILE, MIXTURE_FILE, check_meta, check_token_ids, read_meta
+from llamaforge.files import read_json_object
 
 _MASK64 = (1 << 64) - 1
 

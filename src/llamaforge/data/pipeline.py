@@ -68,13 +68,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from ..config import ConfigError
-from ..files import atomic_open, atomic_write
-from .base import DataError, FilterStats
-from .shards import FORMAT_VERSION, META_FILE, SPLITS, read_meta, token_dtype
+from llamaforge.config import ConfigError
+from llamaforge.data.base import DataError, FilterStats
+from llamaforge.data.shards import FORMAT_VERSION, META_FILE, SPLITS, read_meta, token_dtype
+from llamaforge.files import atomic_open, atomic_write
 
 if TYPE_CHECKING:
-    from .prepare import DataConfig, SourceConfig
+    from llamaforge.data.prepare import DataConfig, SourceConfig
 
 WORK = "work"
 PLAN = "plan.json"
@@ -157,12 +157,12 @@ class SourceJob:
 def plan_units(kind: str, options: dict[str, Any], paths: list[Path]) -> list[list[str]]:
     """A kind's indivisible groups of files, in reading order."""
     if kind == "arxiv":
-        from .arxiv import _group_papers
+        from llamaforge.data.arxiv import _group_papers
 
         per_file = bool(options.get("paper_per_file", False))
         return [[str(p) for p in g] for g in _group_papers(paths, per_file) if g]
     if kind == "generic":
-        from .generic import is_saved_dataset_dir
+        from llamaforge.data.generic import is_saved_dataset_dir
 
         units: list[list[str]] = []
         last: Path | None = None
@@ -228,9 +228,9 @@ def read_line_range(path: Path, start: int, end: int) -> tuple[bytes, bool]:
 def iter_web_units(units: list[str], opts: Any, stats: FilterStats) -> Iterator[tuple[str, int]]:
     """web.iter_web_pages over files and byte ranges; a range gives the pages the whole
     file would (each range's bytes are decoded as read_text decodes a file)."""
-    from .base import decode_errors, decode_replace
-    from .generic import json_lines
-    from .web import iter_web_pages
+    from llamaforge.data.base import decode_errors, decode_replace
+    from llamaforge.data.generic import json_lines
+    from llamaforge.data.web import iter_web_pages
 
     for unit in units:
         if RANGE_SEP not in unit:
@@ -354,7 +354,7 @@ def _merge_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _decoding(mode: str):
-    from .prepare import _decoding
+    from llamaforge.data.prepare import _decoding
 
     return _decoding(mode)
 
@@ -382,14 +382,14 @@ def _make_steps() -> dict[str, type]:
             self.job, self.fstats, self.raw = job, stats, raw
 
         def run(self, data: Any = None, rank: int = 0, world_size: int = 1) -> Iterator[Any]:
-            from .sources import source_fn
+            from llamaforge.data.sources import source_fn
 
             job, src = self.job, self.job.src
             paths = job.task_paths(rank)
             options = dict(src.options)
             with _decoding(src.errors):
                 if src.kind == "web":
-                    from .web import filter_web, web_options
+                    from llamaforge.data.web import filter_web, web_options
 
                     opts = web_options(options)
                     units = [
@@ -441,8 +441,8 @@ def _make_steps() -> dict[str, type]:
             books: list[tuple[int, int, int, np.ndarray]] = []
             bopts = None
             if job.dedup == "books":
-                from .base import parse_options
-                from .books import BooksOptions
+                from llamaforge.data.base import parse_options
+                from llamaforge.data.books import BooksOptions
 
                 bopts = parse_options(BooksOptions, job.src.options, "books")
             with atomic_open(job.work / f"{self.stage}-{rank:05d}.jsonl", "wb") as f:
@@ -452,7 +452,7 @@ def _make_steps() -> dict[str, type]:
                     if not self.sigs:
                         yield doc  # on to the MinHash signatures
                     elif job.dedup == "lines" and line_dedup:
-                        from .web import normalize_line
+                        from llamaforge.data.web import normalize_line
 
                         for j, line in enumerate(doc.text.split("\n")):
                             norm = normalize_line(line)
@@ -586,7 +586,7 @@ def _make_steps() -> dict[str, type]:
             self.job, self.fstats = job, stats
 
         def run(self, data: Any = None, rank: int = 0, world_size: int = 1) -> Iterator[Any]:
-            from .web import filter_web, web_options
+            from llamaforge.data.web import filter_web, web_options
 
             opts = web_options(dict(self.job.src.options))
             texts = (d.text for d in data or ())
@@ -606,8 +606,8 @@ def _make_steps() -> dict[str, type]:
             self.job = job
 
         def run(self, data: Any = None, rank: int = 0, world_size: int = 1) -> Iterator[Any]:
-            from ..tokenizer import Tokenizer
-            from .prepare import _is_val
+            from llamaforge.data.prepare import _is_val
+            from llamaforge.tokenizer import Tokenizer
 
             cfg = self.job.cfg
             tok = Tokenizer(self.job.tokenizer)
@@ -641,7 +641,7 @@ def _make_steps() -> dict[str, type]:
             self.job, self.fstats, self.stage_stats = job, stats, stage_stats
 
         def run(self, data: Any = None, rank: int = 0, world_size: int = 1) -> Iterator[Any]:
-            from ..tokenizer import Tokenizer
+            from llamaforge.tokenizer import Tokenizer
 
             job, t0 = self.job, time.time()
             out = Path(job.out)
@@ -765,7 +765,7 @@ class _RegexWords:
     """word_tokenize: lowercase ``\\w+`` words (books.py's split)."""
 
     def word_tokenize(self, text: str) -> list[str]:
-        from .books import _words
+        from llamaforge.data.books import _words
 
         return _words(text)
 
@@ -843,7 +843,7 @@ def _removals(job: SourceJob, t: int, mode: str) -> dict[int, set[int]]:
 
 def _task_shards(out: Path, split: str, dtype: Any, limit: int, task: int) -> Any:
     """prepare._ShardWriter with the task in the shard names: ``train-TTTTT-NNNNN.bin``."""
-    from .prepare import _ShardWriter
+    from llamaforge.data.prepare import _ShardWriter
 
     return _ShardWriter(out, f"{split}-{task:05d}", dtype, limit)
 
@@ -854,7 +854,7 @@ def _task_shards(out: Path, split: str, dtype: Any, limit: int, task: int) -> An
 def _book_signature(text: str, opts: Any) -> tuple[int, np.ndarray] | None:
     from datasketch import MinHash
 
-    from .books import _words, shingle_hashes, sorted_unique
+    from llamaforge.data.books import _words, shingle_hashes, sorted_unique
 
     words = _words(text)
     if len(words) < opts.shingle_size:
@@ -870,8 +870,14 @@ def _book_clusters(job: SourceJob) -> set[tuple[int, int]]:
     """books.read_books's near-duplicate rule on the signatures of every reading task."""
     from datasketch import MinHash, MinHashLSHEnsemble
 
-    from .base import parse_options
-    from .books import BooksOptions, _words, shingle_hashes, sorted_unique, word_overlap
+    from llamaforge.data.base import parse_options
+    from llamaforge.data.books import (
+        BooksOptions,
+        _words,
+        shingle_hashes,
+        sorted_unique,
+        word_overlap,
+    )
 
     opts = parse_options(BooksOptions, job.src.options, "books")
     k = opts.shingle_size
@@ -978,8 +984,8 @@ def source_stages(job: SourceJob) -> list[Stage]:
 
 def finalize_source(job: SourceJob) -> dict[str, Any]:
     """meta.json of a source from its tasks' outputs (DataError when one is missing)."""
-    from ..tokenizer import Tokenizer
-    from .prepare import _fingerprint
+    from llamaforge.data.prepare import _fingerprint
+    from llamaforge.tokenizer import Tokenizer
 
     cfg, src = job.cfg, job.src
     parts = []
@@ -1050,7 +1056,7 @@ def logging_root(cfg: DataConfig) -> Path:
 
 
 def make_job(cfg: DataConfig, src: SourceConfig, tokenizer: str) -> SourceJob:
-    from .prepare import source_paths
+    from llamaforge.data.prepare import source_paths
 
     tasks = cfg.executor.tasks
     paths = source_paths(cfg, src) if src.kind != "stdlib_docs" else []
@@ -1108,8 +1114,8 @@ def prepare_source_pipeline(
 ) -> dict[str, Any]:
     """Prepare one source with the configured datatrove executor; returns its meta (or
     ``{"name", "error", "complete": False}``; for ``slurm`` ``{"submitted": True}``)."""
-    from ..tokenizer import Tokenizer
-    from .prepare import _fingerprint
+    from llamaforge.data.prepare import _fingerprint
+    from llamaforge.tokenizer import Tokenizer
 
     out = Path(cfg.output) / src.name
     out.mkdir(parents=True, exist_ok=True)

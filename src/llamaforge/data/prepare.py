@@ -40,12 +40,10 @@ from typing import IO, Any
 
 import numpy as np
 
-from ..config import ConfigError, load_config
-from ..files import atomic_open, atomic_write
-from ..tokenizer import Tokenizer
-from .base import DECODE_ERRORS, DataError, FilterStats, decode_errors, expand_paths
-from .pipeline import ExecutorConfig, check_executor
-from .shards import (
+from llamaforge.config import ConfigError, load_config
+from llamaforge.data.base import DECODE_ERRORS, DataError, FilterStats, decode_errors, expand_paths
+from llamaforge.data.pipeline import ExecutorConfig, check_executor
+from llamaforge.data.shards import (
     FORMAT_VERSION,
     META_FILE,
     MIXTURE_FILE,
@@ -55,7 +53,9 @@ from .shards import (
     shard_name,
     token_dtype,
 )
-from .sources import KINDS, source_fn
+from llamaforge.data.sources import KINDS, source_fn
+from llamaforge.files import atomic_open, atomic_write
+from llamaforge.tokenizer import Tokenizer
 
 CLEAN_FILE = "clean.jsonl"
 
@@ -126,7 +126,7 @@ def resolve(cfg: DataConfig, path: str) -> Path:
 def source_paths(cfg: DataConfig, src: SourceConfig) -> list[Path]:
     """The files of a source. ``@stdlib`` is the running Python's standard library sources
     (without site-packages, tests and demos)."""
-    from .stdlib import python_files, stdlib_dir
+    from llamaforge.data.stdlib import python_files, stdlib_dir
 
     files: list[Path] = []
     patterns = [p for p in src.paths if p != "@stdlib"]
@@ -372,7 +372,7 @@ def train_data_tokenizer(
     cfg: DataConfig, tok_path: Path, workers: int, progress: bool, log=print
 ) -> None:
     """Clean every source, then train the tokenizer on the cleaned text of all of them."""
-    from ..tokenizer import train_tokenizer
+    from llamaforge.tokenizer import train_tokenizer
 
     log(f"training a {cfg.tokenizer_vocab_size}-piece tokenizer on the cleaned sources")
     results = _run(_clean_one, [(cfg, s, progress) for s in cfg.sources], workers)
@@ -461,7 +461,7 @@ def prepare(
     jobs = [(cfg, s, tok_path, progress) for s in cfg.sources]
     results: dict[str, dict[str, Any]] = {}
     if cfg.executor.tasks >= 1:
-        from .pipeline import prepare_source_pipeline
+        from llamaforge.data.pipeline import prepare_source_pipeline
 
         for s in cfg.sources:
             results[s.name] = prepare_source_pipeline(cfg, s, tok_path, log, progress)

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..tokenizer import Tokenizer
-from .base import DataError
-from .mixture import TokenSource, open_sources
-from .prepare import CLEAN_FILE
+from llamaforge.data.base import DataError
+from llamaforge.data.mixture import TokenSource, open_sources
+from llamaforge.data.prepare import CLEAN_FILE
+from llamaforge.tokenizer import Tokenizer
 
 
 def table1(data_dir: str | Path, run_tokens: int) -> list[dict[str, Any]]:
@@ -57,7 +57,7 @@ def format_table(header: list[str], rows: list[list[str]], left: int = 1) -> str
 def format_table1(rows: list[dict[str, Any]], run_tokens: int) -> str:
     """The paper's Table 1 for this folder: per source its sampling proportion, epochs over
     a run of ``run_tokens`` tokens, disk size and tokens."""
-    from ..flops import human_bytes, human_count
+    from llamaforge.units import human_bytes, human_count
 
     header = ["Dataset", "Kind", "Sampling prop.", "Epochs", "Disk size", "Tokens", "Documents"]
     body = [

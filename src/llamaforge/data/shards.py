@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from ..files import read_json_object
-from .base import DataError
+from llamaforge.data.base import DataError
+from llamaforge.files import read_json_object
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"

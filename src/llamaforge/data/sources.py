@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .base import DataError, FilterStats, SourceFn
+from llamaforge.data.base import DataError, FilterStats, SourceFn
 
 # kind -> (module, function); modules are imported only when a source uses them
 KINDS: dict[str, tuple[str, str]] = {

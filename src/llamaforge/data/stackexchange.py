@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .base import FilterStats, parse_options
-from .html import html_to_text as _html_to_text
+from llamaforge.data.base import FilterStats, parse_options
+from llamaforge.data.html import html_to_text as _html_to_text
 
 
 @dataclass

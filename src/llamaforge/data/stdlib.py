@@ -76,7 +76,7 @@ def docs_documents(max_bytes: int | None = None) -> Iterator[str]:
 def read_stdlib_docs(paths, options, stats) -> Iterator[str]:
     """Source kind ``stdlib_docs``: the prose of ``docs_documents`` (``paths`` unused).
     Option ``max_bytes`` caps it."""
-    from .base import DataError
+    from llamaforge.data.base import DataError
 
     unknown = set(options) - {"max_bytes"}
     if unknown:

@@ -59,9 +59,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .base import DataError, FilterStats, expand_paths, parse_options, read_text
-from .generic import iter_json_file, split_blocks
-from .html import html_to_text
+from llamaforge.data.base import DataError, FilterStats, expand_paths, parse_options, read_text
+from llamaforge.data.generic import iter_json_file, split_blocks
+from llamaforge.data.html import html_to_text
 
 log = logging.getLogger("llamaforge.data")
 

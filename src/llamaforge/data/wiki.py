@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from .base import FilterStats, parse_options, read_text
+from llamaforge.data.base import FilterStats, parse_options, read_text
 
 PAPER_LANGUAGES = (
     "bg ca cs da de en es fr hr hu it nl pl pt ro ru sl sr sv uk".split()

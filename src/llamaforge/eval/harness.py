@@ -22,8 +22,8 @@ from typing import Any
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from .base import Generate, Loglikelihood, Rolling
-from .lm import LlamaforgeLM
+from llamaforge.eval.base import Generate, Loglikelihood, Rolling
+from llamaforge.eval.lm import LlamaforgeLM
 
 _BOOL = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .base import EvalError
+from llamaforge.eval.base import EvalError
 
 MMLU_CSV = "mmlu_csv"  # layout: <file>/<subject>_<split>.csv with the HF-export header
 

@@ -16,7 +16,7 @@ Log-likelihoods are scored in padded batches, one forward pass per batch:
 
 Rolling log-likelihoods become token-level requests (windows of the model's context, as
 lm-eval's rolling windows) and go through the same batches. Generation calls
-``llamaforge.generate.generate_completions``.
+``llamaforge.inference.generate.generate_completions``.
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ from typing import Any
 
 import torch
 
-from ..flops import resolve_device
-from ..generate import generate_completions
-from ..model import KVCache, Transformer
-from ..tokenizer import Tokenizer
-from .base import EvalError, Generate, Loglikelihood, LoglikelihoodResult, Rolling
+from llamaforge.device import resolve_device
+from llamaforge.eval.base import EvalError, Generate, Loglikelihood, LoglikelihoodResult, Rolling
+from llamaforge.inference.generate import generate_completions
+from llamaforge.model import KVCache, Transformer
+from llamaforge.tokenizer import Tokenizer
 
 TokenPair = tuple[tuple[int, ...], tuple[int, ...]]  # (context ids, continuation ids)
 
@@ -127,7 +127,7 @@ class LlamaforgeLM:
     ) -> LlamaforgeLM:
         """Load a native checkpoint. ``dtype`` defaults to bf16 on a GPU, fp32 on the CPU;
         ``strict`` refuses one with NaN/Inf weights (`checkpoint.load`)."""
-        from ..checkpoint import CheckpointError, load
+        from llamaforge.checkpoint.native import CheckpointError, load
 
         dev = resolve_device(device)
         if dtype is None:

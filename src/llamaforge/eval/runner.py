@@ -23,8 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..files import atomic_write
-from .base import (
+from llamaforge.eval.base import (
     EvalError,
     Generate,
     LanguageModel,
@@ -36,6 +35,7 @@ from .base import (
     Rolling,
     Task,
 )
+from llamaforge.files import atomic_write
 
 CACHE_FORMAT = 1
 _HASH_CHUNK = 1 << 20
@@ -230,7 +230,9 @@ def _as_tasks(
         if isinstance(t, Task):
             out.append(t)
             continue
-        from .tasks import get_task  # the registry, imported only when names are given
+        from llamaforge.eval.tasks import (
+            get_task,  # the registry, imported only when names are given
+        )
 
         out.append(get_task(t, **dict(options.pop(t, {}))))
     if options:
@@ -296,7 +298,7 @@ def evaluate(
     and ``source`` (dataset id, config, split, revision, fingerprint) is recorded as the
     task's ``data_source``. Other tasks read ``data_dir`` (``data_source``: local).
     """
-    from .. import __version__
+    from llamaforge import __version__
 
     data = Path(data_dir)
     task_data = dict(task_data or {})

@@ -34,15 +34,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..chat_templates import (
+from llamaforge.chat_templates import (
     IGNORE_INDEX,
     ChatTemplate,
     ChatTemplateError,
     load_template,
     tokenize_conversation,
 )
-from ..config import setting
-from ..data.base import DataError
+from llamaforge.config import setting
+from llamaforge.data.base import DataError
 
 __all__ = [
     "FORMATS",

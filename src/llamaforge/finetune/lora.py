@@ -59,10 +59,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import setting
-from ..distributed import unwrapped_name
-from ..files import atomic_dir, read_json_object
-from ..model import ModelArgs
+from llamaforge.config import setting
+from llamaforge.files import atomic_dir, read_json_object
+from llamaforge.model import ModelArgs
+from llamaforge.parallel import unwrapped_name
 
 ATTENTION_TARGETS = ("wq", "wk", "wv", "wo")
 BLOCK_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
@@ -434,7 +434,7 @@ def init_lora_(model: nn.Module, seed: int) -> None:
     """(Re)initialise every adapter: A ~ U(±1/√in) drawn from a generator seeded by
     (seed, parameter name), B = 0. Independent of sharding (FSDP2 DTensors: each rank keeps
     its shard of the same full tensor) and of the order of parameters."""
-    from ..distributed import _shard_of
+    from llamaforge.parallel.apply import shard_of
 
     for name, p in model.named_parameters():
         if ".lora_A." not in name and ".lora_B." not in name:
@@ -449,7 +449,7 @@ def init_lora_(model: nn.Module, seed: int) -> None:
         bound = 1.0 / math.sqrt(p.shape[1])
         full = torch.empty(p.shape, dtype=local.dtype, device=local.device)
         full.uniform_(-bound, bound, generator=gen)
-        local.copy_(full if local is p else _shard_of(full, p))
+        local.copy_(full if local is p else shard_of(full, p))
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -543,7 +543,7 @@ def weights_sha256(source: nn.Module | str | os.PathLike) -> str:
             full = getattr(t, "full_tensor", None)
             lines.append(_tensor_digest(name, full() if full is not None else t))
         return _combine(lines)
-    from ..checkpoint import iter_tensors
+    from llamaforge.checkpoint.native import iter_tensors
 
     return _combine(_tensor_digest(n, t) for n, t in iter_tensors(source))
 
@@ -591,7 +591,7 @@ def meta_lora_name(peft_tensor: str) -> str:
 
 
 def _permute_b(name: str, b: torch.Tensor, args: Any, to_hf: bool) -> torch.Tensor:
-    from ..convert.hf import permute_from_hf, permute_to_hf
+    from llamaforge.checkpoint.convert.hf import permute_from_hf, permute_to_hf
 
     permute = permute_to_hf if to_hf else permute_from_hf
     if name.endswith("attention.wq.lora_B.weight"):
@@ -838,7 +838,13 @@ def merge_command(
     """``llamaforge lora merge BASE ADAPTER OUT``: native base + adapter → a plain native
     checkpoint (merged in fp32, saved in the base's stored dtype, tokenizer and chat
     template copied)."""
-    from ..checkpoint import CheckpointError, load, read_chat_template, read_params, save
+    from llamaforge.checkpoint.native import (
+        CheckpointError,
+        load,
+        read_chat_template,
+        read_params,
+        save,
+    )
 
     out = Path(out_dir)
     if out.exists() and not force:

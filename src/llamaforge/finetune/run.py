@@ -20,12 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import distributed as D
-from ..config import ConfigError, setting
-from ..files import atomic_write
-from ..optim import cross_entropy
-from ..trainer import OptimSection, TrainConfig, Trainer, model_args, run_training
-from .data import (
+from llamaforge import parallel as D
+from llamaforge.config import ConfigError, setting
+from llamaforge.files import atomic_write
+from llamaforge.finetune.data import (
     InstructDataConfig,
     InstructDataset,
     PackedLoader,
@@ -33,7 +31,9 @@ from .data import (
     build_dataset,
     read_examples,
 )
-from .lora import LoraConfig
+from llamaforge.finetune.lora import LoraConfig
+from llamaforge.training.optim import cross_entropy
+from llamaforge.training.trainer import OptimSection, TrainConfig, Trainer, model_args, run_training
 
 FULL_LR, LORA_LR = 2e-5, 2e-4
 
@@ -107,8 +107,8 @@ def units_per_epoch(dataset: InstructDataset, cfg: FinetuneConfig) -> int:
 def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Finetune ``cfg.init`` on ``cfg.data``; returns the summary (with before/after
     evaluations when asked)."""
-    from ..checkpoint import read_params
-    from ..tokenizer import Tokenizer
+    from llamaforge.checkpoint.native import read_params
+    from llamaforge.tokenizer import Tokenizer
 
     if not cfg.init:
         raise ConfigError("init: set the base model, a native checkpoint directory (init=DIR)")
@@ -161,7 +161,7 @@ def lora_hooks(cfg: FinetuneConfig) -> dict[str, Any]:
     the base weights are in (B = 0, so training starts from the base exactly)."""
     if not cfg.lora.enabled:
         return {}
-    from .lora import apply_lora, init_lora_
+    from llamaforge.finetune.lora import apply_lora, init_lora_
 
     return {
         "prepare_model": lambda model: apply_lora(model, cfg.lora),
@@ -179,8 +179,8 @@ class FinetuneTrainer(Trainer):
     def export(self, model_dir: Path, tokenizer: Any, extra: dict[str, Any]) -> Path | None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        from ..checkpoint import save_state
-        from .lora import merge_state_dict, save_adapter, weights_sha256
+        from llamaforge.checkpoint.native import save_state
+        from llamaforge.finetune.lora import merge_state_dict, save_adapter, weights_sha256
 
         cfg = self.cfg
         base_sha = weights_sha256(cfg.init) if self.info.is_main else None
@@ -212,7 +212,7 @@ class FinetuneTrainer(Trainer):
         if cfg.lora.enabled:
             full = merge_state_dict(full, cfg.lora.scaling)
         if self.info.is_main:
-            from ..chat_templates import load_template
+            from llamaforge.chat_templates import load_template
 
             template = load_template(cfg.data.template).source
             save_state(
@@ -282,11 +282,11 @@ def generation_eval(
 ) -> dict[str, Any]:
     """Greedy answers of the checkpoint (with ``adapter`` applied, if given) to held-out
     conversations (their last assistant turn is the reference): exact match, token F1."""
-    from ..chat_templates import encode_text, load_template
-    from ..checkpoint import load
-    from ..flops import resolve_device
-    from ..generate import generate_completions
-    from .lora import load_adapter
+    from llamaforge.chat_templates import encode_text, load_template
+    from llamaforge.checkpoint.native import load
+    from llamaforge.device import resolve_device
+    from llamaforge.finetune.lora import load_adapter
+    from llamaforge.inference.generate import generate_completions
 
     model, tok = load(ckpt, device=resolve_device("auto"))
     if adapter is not None:
@@ -347,9 +347,9 @@ def evaluate_before_after(
 
 
 def _eval_tasks(ckpt: Path, cfg: FinetuneConfig) -> dict[str, Any]:
-    from ..eval.cli import default_data_dir
-    from ..eval.lm import LlamaforgeLM
-    from ..eval.runner import evaluate
+    from llamaforge.cli.eval import default_data_dir
+    from llamaforge.eval.lm import LlamaforgeLM
+    from llamaforge.eval.runner import evaluate
 
     lm = LlamaforgeLM.from_checkpoint(ckpt, progress=False)
     data_dir = Path(cfg.eval_data_dir) if cfg.eval_data_dir else default_data_dir()

@@ -29,12 +29,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..chat_templates import ChatTemplate, ChatTemplateError, encode_text
-from ..generate import check_utf8
-from ..tokenizer import Tokenizer
-from .engine import Engine, Output, QueueFull, SamplingParams, TokenInfo
-from .metrics import ServeMetrics
-from .protocol import (
+from llamaforge.chat_templates import ChatTemplate, ChatTemplateError, encode_text
+from llamaforge.inference.generate import check_utf8
+from llamaforge.serve.engine import Engine, Output, QueueFull, SamplingParams, TokenInfo
+from llamaforge.serve.metrics import ServeMetrics
+from llamaforge.serve.protocol import (
     APIError,
     ChatRequest,
     CompletionRequest,
@@ -42,6 +41,7 @@ from .protocol import (
     TokenizeRequest,
     validation_error,
 )
+from llamaforge.tokenizer import Tokenizer
 
 DEFAULT_MAX_BODY = 1 << 20
 

@@ -52,9 +52,9 @@ from typing import Any
 
 import torch
 
-from ..generate import _TextTracker, check_sampling, sample, verify_drafted
-from ..model import ModelArgs, Transformer
-from ..tokenizer import Tokenizer
+from llamaforge.inference.generate import _TextTracker, check_sampling, sample, verify_drafted
+from llamaforge.model import ModelArgs, Transformer
+from llamaforge.tokenizer import Tokenizer
 
 __all__ = [
     "Engine",

@@ -13,7 +13,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily
 
-from .engine import EngineStats
+from llamaforge.serve.engine import EngineStats
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 

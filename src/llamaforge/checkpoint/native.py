@@ -1,0 +1,362 @@
+"""The native checkpoint: a directory anyone can read without llamaforge.
+
+    params.json                    Meta's fields (dim, n_layers, …) plus a "llamaforge" block
+    model.safetensors              Meta's tensor names; or, above ``max_shard_size``,
+    model-00001-of-0000N.safetensors + model.safetensors.index.json (HF's index layout)
+    tokenizer.model                the SentencePiece model
+    chat_template.jinja            the chat template, when the model has one (HF's file name)
+
+Saving writes everything into a hidden sibling directory and renames it into place, so a
+crash never leaves a directory that loads as if complete. Loading builds the model on the
+meta device and assigns tensors read one at a time from the memory-mapped files, so the
+weights are never held twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from llamaforge.files import atomic_dir, read_json_object
+from llamaforge.model import ModelArgs, Transformer
+from llamaforge.tokenizer import Tokenizer
+
+FORMAT_VERSION = 1
+PARAMS_FILE = "params.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_FILE = "tokenizer.model"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+DEFAULT_MAX_SHARD_SIZE = 5 * 1024**3
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be read or written; the message names the path."""
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[dtype.lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}") from None
+
+
+def read_params(ckpt_dir: str | os.PathLike) -> tuple[ModelArgs, dict[str, Any]]:
+    """ModelArgs and the extra "llamaforge" block from ``ckpt_dir/params.json``."""
+    path = Path(ckpt_dir) / PARAMS_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; a checkpoint directory needs {PARAMS_FILE}")
+    params = read_json_object(path, CheckpointError)
+    try:
+        args = ModelArgs.from_dict(params, source=str(path))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(str(e)) from None
+    return args, params.get("llamaforge", {})
+
+
+def write_safetensors(
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    out_dir: Path,
+    *,
+    dtype: torch.dtype | None = None,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    where: str = "",
+) -> torch.dtype | None:
+    """Stream ``(name, tensor)`` pairs into ``model.safetensors``, or into
+    ``model-0000i-of-0000N.safetensors`` shards with HF's index once they exceed
+    ``max_shard_size``. Holds at most one shard in memory; refuses non-finite tensors.
+    Returns the dtype written (of the first tensor)."""
+    meta = {"format": "pt", "producer": "llamaforge"}
+    shard: dict[str, torch.Tensor] = {}
+    size, files, weight_map, total = 0, [], {}, 0
+    first_dtype = None
+
+    def flush() -> None:
+        nonlocal shard, size
+        name = out_dir / f"model-{len(files) + 1:05d}.safetensors.partial"
+        save_file(shard, name, metadata=meta)
+        files.append((name, list(shard)))
+        shard, size = {}, 0
+
+    for name, t in tensors:
+        t = t.detach().to("cpu", dtype or t.dtype).contiguous()
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"{where}: refusing to save, tensor {name} has non-finite values")
+        first_dtype = first_dtype or t.dtype
+        nbytes = t.numel() * t.element_size()
+        if shard and size + nbytes > max_shard_size:
+            flush()
+        shard[name] = t
+        size += nbytes
+        total += nbytes
+    if not files:
+        save_file(shard, out_dir / WEIGHTS_FILE, metadata=meta)
+        return first_dtype
+    if shard:
+        flush()
+    for i, (path, names) in enumerate(files, 1):
+        final = f"model-{i:05d}-of-{len(files):05d}.safetensors"
+        os.replace(path, out_dir / final)
+        weight_map.update(dict.fromkeys(names, final))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return first_dtype
+
+
+def save_state(
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    args: ModelArgs,
+    tokenizer: Tokenizer | None,
+    ckpt_dir: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype | None = None,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
+    extra: dict[str, Any] | None = None,
+    chat_template: str | None = None,
+) -> Path:
+    """Write a native checkpoint from a stream of Meta-named tensors, atomically: every
+    file goes to a hidden sibling directory that is renamed into place when complete.
+    ``chat_template`` (Jinja source) is written as ``chat_template.jinja``."""
+    out = Path(ckpt_dir)
+    target_dtype = parse_dtype(dtype)
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out}: already exists; pass overwrite=True (--force) to replace it")
+    if chat_template is not None:
+        _check_chat_template(chat_template, str(out))
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        written = write_safetensors(
+            checked(tensors, args, str(out)),
+            tmp,
+            dtype=target_dtype,
+            max_shard_size=max_shard_size,
+            where=str(out),
+        )
+        params = args.to_dict()
+        params["llamaforge"] = {
+            "format_version": FORMAT_VERSION,
+            "dtype": str(written).removeprefix("torch."),
+            **(extra or {}),
+        }
+        if tokenizer is not None:
+            tokenizer.save(tmp / TOKENIZER_FILE)
+            params["llamaforge"]["tokenizer_sha256"] = tokenizer.sha256()
+        if chat_template is not None:
+            (tmp / CHAT_TEMPLATE_FILE).write_text(chat_template, encoding="utf-8")
+        (tmp / PARAMS_FILE).write_text(json.dumps(params, indent=2) + "\n")
+    return out
+
+
+def save(
+    model: Transformer,
+    tokenizer: Tokenizer | None,
+    ckpt_dir: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype | None = None,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
+    extra: dict[str, Any] | None = None,
+    chat_template: str | None = None,
+) -> Path:
+    """Write ``model`` (and ``tokenizer``, and ``chat_template``'s Jinja source) as a native
+    checkpoint directory, atomically."""
+    return save_state(
+        model.state_dict().items(),
+        model.args,
+        tokenizer,
+        ckpt_dir,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        extra=extra,
+        chat_template=chat_template,
+    )
+
+
+def _check_chat_template(source: str, where: str) -> None:
+    """Refuse a chat template that is not a string of valid Jinja before anything is written."""
+    from llamaforge.chat_templates import ChatTemplate, ChatTemplateError
+
+    if not isinstance(source, str) or not source.strip():
+        raise CheckpointError(f"{where}: chat_template must be non-empty Jinja source text")
+    try:
+        ChatTemplate(CHAT_TEMPLATE_FILE, source)
+    except ChatTemplateError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+
+
+def read_chat_template(ckpt_dir: str | os.PathLike) -> str | None:
+    """The Jinja source of ``ckpt_dir/chat_template.jinja``, or None when there is none."""
+    path = Path(ckpt_dir) / CHAT_TEMPLATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not UTF-8 text ({e})") from None
+
+
+def _weight_files(ckpt: Path) -> dict[str, list[str]]:
+    """File name -> tensor names stored in it."""
+    if (ckpt / INDEX_FILE).is_file():
+        try:
+            weight_map = json.loads((ckpt / INDEX_FILE).read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{ckpt / INDEX_FILE}: not a safetensors index ({e})") from None
+        files: dict[str, list[str]] = {}
+        for name, fname in weight_map.items():
+            files.setdefault(fname, []).append(name)
+        return files
+    if (ckpt / WEIGHTS_FILE).is_file():
+        return {WEIGHTS_FILE: []}  # every tensor in the file
+    raise CheckpointError(f"{ckpt}: no {WEIGHTS_FILE} or {INDEX_FILE}: not a native checkpoint")
+
+
+def _stored(ckpt: Path, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` of every stored tensor, read one at a time onto ``device``; a
+    missing or unreadable file is a CheckpointError naming it."""
+    for fname, names in _weight_files(ckpt).items():
+        path = ckpt / fname
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing shard listed in {INDEX_FILE}")
+        try:
+            handle = safe_open(str(path), framework="pt", device=str(device))
+        except Exception as e:  # safetensors raises its own error types on corrupt files
+            raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from None
+        with handle as f:
+            for name in names or list(f.keys()):
+                try:
+                    t = f.get_tensor(name)
+                except Exception as e:
+                    raise CheckpointError(f"{path}: cannot read tensor {name} ({e})") from None
+                yield name, t
+
+
+def open_checkpoint(
+    ckpt_dir: str | os.PathLike, tokenizer: str | os.PathLike | None = None
+) -> tuple[Path, ModelArgs, Tokenizer | None]:
+    """A native checkpoint's directory, its ``ModelArgs`` (vocab_size -1 resolved from the
+    tokenizer) and its tokenizer (``tokenizer`` overrides ``ckpt_dir/tokenizer.model``; None
+    when there is none), checked against each other; no tensor is read."""
+    ckpt = Path(ckpt_dir)
+    if not ckpt.is_dir():
+        raise CheckpointError(f"{ckpt}: no such checkpoint directory")
+    args, _extra = read_params(ckpt)
+    tok_path = Path(tokenizer) if tokenizer is not None else ckpt / TOKENIZER_FILE
+    tok = Tokenizer(tok_path) if tok_path.is_file() or tokenizer is not None else None
+    if args.vocab_size <= 0:
+        if tok is None:
+            raise CheckpointError(f"{ckpt}: params.json has vocab_size=-1 but no tokenizer.model")
+        args.vocab_size = tok.vocab_size
+    if tok is not None and tok.vocab_size > args.vocab_size:
+        raise CheckpointError(
+            f"{tok_path}: tokenizer has {tok.vocab_size} pieces but the model's vocab_size is "
+            f"{args.vocab_size}"
+        )
+    return ckpt, args, tok
+
+
+def load(
+    ckpt_dir: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    *,
+    tokenizer: str | os.PathLike | None = None,
+    strict: bool = False,
+) -> tuple[Transformer, Tokenizer | None]:
+    """Load a native checkpoint: ``(model, tokenizer)`` with the model in eval mode.
+
+    ``dtype`` defaults to the stored one. ``tokenizer`` overrides ``ckpt_dir/tokenizer.model``.
+    Tensors with NaN or Inf values are named in a warning on stderr (its outputs mean
+    nothing); ``strict`` makes them a CheckpointError instead.
+    """
+    ckpt, args, tok = open_checkpoint(ckpt_dir, tokenizer)
+    target_dtype = parse_dtype(dtype)
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    state: dict[str, torch.Tensor] = {}
+    for name, t in checked(_stored(ckpt, dev), args, str(ckpt), params=str(ckpt / PARAMS_FILE)):
+        state[name] = t.to(target_dtype) if target_dtype is not None else t
+    bad = non_finite(state.items())
+    if bad:
+        shown = ", ".join(bad[:5]) + (" …" if len(bad) > 5 else "")
+        msg = f"{ckpt}: {len(bad)} tensor(s) with NaN or Inf values: {shown}"
+        if strict:
+            raise CheckpointError(f"{msg} (refused: strict)")
+        print(
+            f"warning: {msg}; the model's outputs are not meaningful (--strict refuses it)",
+            file=sys.stderr,
+        )
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.load_state_dict(state, assign=True)
+    return model.eval(), tok
+
+
+def non_finite(tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an Inf (one reduction each)."""
+    return [
+        name for name, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+
+
+def iter_tensors(ckpt_dir: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` of a native checkpoint, read lazily from the memory-mapped files
+    in the order they are stored (for conversions that never build the model)."""
+    yield from _stored(Path(ckpt_dir), torch.device("cpu"))
+
+
+def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Tensor name → shape of a model with ``args`` (built on the meta device: free)."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def checked(
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    args: ModelArgs,
+    where: str,
+    *,
+    params: str = "the model parameters",
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Pass ``tensors`` through, raising on an unknown name, a wrong shape or, at the end,
+    a missing tensor — each named, with the shape ``args`` (read from ``params``) implies.
+    The one validation of a tensor stream: ``load``, ``save_state`` and the converters."""
+    expected = expected_shapes(args)
+    seen = set()
+    for name, t in tensors:
+        if name not in expected:
+            raise CheckpointError(f"{where}: unexpected tensor {name!r} for this model")
+        if tuple(t.shape) != expected[name]:
+            raise CheckpointError(
+                f"{where}: tensor {name} has shape {tuple(t.shape)}, but the shape implied "
+                f"by {params} is {expected[name]}"
+            )
+        seen.add(name)
+        yield name, t
+    missing = sorted(set(expected) - seen)
+    if missing:
+        shown = ", ".join(missing[:5]) + (" …" if len(missing) > 5 else "")
+        raise CheckpointError(f"{where}: missing {len(missing)} tensor(s): {shown}")

@@ -1,0 +1,244 @@
+"""The training commands — ``quickstart``, ``quickstart-instruct``, ``pretrain``,
+``finetune``, ``lora merge`` —
+registered with the CLI. Their modules import torch, so they are imported only when a
+command runs (or its --help)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from llamaforge.cli.help import add_config_help
+from llamaforge.cli.main import flag_overrides
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    _register_quickstart(subparsers)
+    _register_quickstart_instruct(subparsers)
+    _register_pretrain(subparsers)
+    _register_finetune(subparsers)
+    _register_lora(subparsers)
+
+
+def _quickstart_config() -> type:
+    from llamaforge.demos.quickstart import QuickstartConfig
+
+    return QuickstartConfig
+
+
+def _quickstart_instruct_config() -> type:
+    from llamaforge.demos.instruct import QuickstartInstructConfig
+
+    return QuickstartInstructConfig
+
+
+def _finetune_config() -> type:
+    from llamaforge.finetune.run import FinetuneConfig
+
+    return FinetuneConfig
+
+
+def _pretrain_config() -> type:
+    from llamaforge.training.pretrain import PretrainConfig
+
+    return PretrainConfig
+
+
+def _register_quickstart(subparsers: argparse._SubParsersAction) -> None:
+    """``llamaforge quickstart [--out DIR] [KEY=VALUE ...]``."""
+    p = subparsers.add_parser(
+        "quickstart",
+        help="corpus → tokenizer → train a small LLaMA → checkpoint → samples, on this machine",
+        description="Build a corpus from the Python standard library, train a tokenizer and a "
+        "small LLaMA on it with `llamaforge pretrain`, report validation loss against the "
+        "unigram baseline, save a checkpoint and print samples. Defaults come from the "
+        "packaged quickstart.toml; any setting is a KEY=VALUE override (e.g. steps=200 "
+        "model.dim=96 device=cpu).",
+        add_help=False,
+    )
+    add_config_help(p, _quickstart_config, "Settings (quickstart.toml's values):")
+    p.add_argument("--out", help="run directory (same as out=...)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.set_defaults(func=_quickstart)
+
+
+def _quickstart(a: argparse.Namespace) -> int:
+    """Exit 0 when the model beats the unigram baseline."""
+    from llamaforge.demos.quickstart import quickstart_config, run_quickstart
+
+    summary = run_quickstart(quickstart_config([*a.overrides, *flag_overrides(a, "out")]))
+    return 0 if summary["val_loss"] < summary["unigram_loss"] else 1
+
+
+def _training_command(
+    subparsers: argparse._SubParsersAction,
+    name: str,
+    config_class: Callable[[], type],
+    intro: str,
+    run: Callable[[str | None, list[str]], None],
+    **parser_kwargs: Any,
+) -> None:
+    """``llamaforge NAME [CONFIG] [KEY=VALUE ...] [--resume R] [--out DIR]``: a TOML config,
+    overrides, and two flags that are overrides too."""
+    p = subparsers.add_parser(name, add_help=False, **parser_kwargs)
+    add_config_help(p, config_class, intro)
+    p.add_argument("config", nargs="?", help=f"a TOML file (configs/{name}/*.toml)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--resume", help="same as resume=...: auto (the default), none, or a step-N dir")
+    p.add_argument("--out", help="same as out=...: the run directory")
+
+    def handler(a: argparse.Namespace) -> int:
+        config, overrides = a.config, list(a.overrides)
+        if config is not None and "=" in config:  # no config file: only overrides
+            config, overrides = None, [config, *overrides]
+        run(config, [*overrides, *flag_overrides(a, "resume", "out")])
+        return 0
+
+    p.set_defaults(func=handler)
+
+
+def _register_quickstart_instruct(subparsers: argparse._SubParsersAction) -> None:
+    """``llamaforge quickstart-instruct [--out DIR] [--base DIR] [KEY=VALUE ...]``."""
+    p = subparsers.add_parser(
+        "quickstart-instruct",
+        help="instruction finetuning demo: stdlib instructions, exact match before/after",
+        description="Finetune the quickstart model (runs/quickstart/model; pretrained now, "
+        "in fewer steps, when there is none) on instructions generated from the Python "
+        "standard library's sources — the name, first parameter or parameter count of a "
+        "`def` line, the module of an import — and report exact match on held-out "
+        "instructions about functions and modules not finetuned on, before and after. "
+        "About 5 minutes on 2 CPU cores with the pretraining. Any setting is a KEY=VALUE "
+        "override (e.g. finetune.steps=200 pretrain.steps=100).",
+        add_help=False,
+    )
+    add_config_help(p, _quickstart_instruct_config, "Settings and defaults:")
+    p.add_argument("--out", help="run directory (same as out=...)")
+    p.add_argument("--base", help="base checkpoint directory (same as base=...)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.set_defaults(func=_quickstart_instruct)
+
+
+def _quickstart_instruct(a: argparse.Namespace) -> int:
+    """Exit 0 when the finetuned model answers more held-out instructions than the base."""
+    from llamaforge.demos.instruct import quickstart_instruct_config, run_quickstart_instruct
+
+    cfg = quickstart_instruct_config([*a.overrides, *flag_overrides(a, "out", "base")])
+    scores = run_quickstart_instruct(cfg)["held_out"]
+    after, before = scores["after"]["all"], scores["before"]["all"]
+    return 0 if after["exact_match"] > before["exact_match"] else 1
+
+
+def _register_pretrain(subparsers: argparse._SubParsersAction) -> None:
+    def run(config: str | None, overrides: list[str]) -> None:
+        from llamaforge.config import load_config
+        from llamaforge.training.pretrain import PretrainConfig, run_pretrain
+
+        cfg = load_config(PretrainConfig, config, overrides)
+        try:
+            run_pretrain(cfg)
+        except (OSError, ValueError) as e:  # the tokenizer or the shards are not there
+            check_prepared(Path(cfg.data.dir), Path(cfg.data.tokenizer), cause=e)
+            raise
+
+    _training_command(
+        subparsers,
+        "pretrain",
+        _pretrain_config,
+        "Settings and defaults (TOML tables for the dotted ones; model.* null = the "
+        "preset's value):",
+        run,
+        help="train a LLaMA from scratch on prepared data (one process, or many via torchrun)",
+        description="Pretrain with the paper's recipe (AdamW 0.9/0.95, wd 0.1, clip 1.0, "
+        "warmup + cosine to 10 %) on shards from `llamaforge data prepare`. Writes "
+        "OUT/metrics.jsonl, OUT/checkpoints/step-N (resumable; resume=auto by default), "
+        "OUT/model (native checkpoint), OUT/loss.png and OUT/summary.json.",
+        epilog="Many processes: torchrun --nproc_per_node N -m llamaforge pretrain CONFIG "
+        "[KEY=VALUE ...] (FSDP2 by default; parallel.data=ddp for DDP, parallel.tp=T for "
+        "tensor + sequence parallelism over T of them: docs/DISTRIBUTED.md).",
+    )
+
+
+def check_prepared(
+    data_dir: Path,
+    tokenizer: Path,
+    configs: Path = Path("configs/data"),
+    cause: BaseException | None = None,
+) -> None:
+    """The token shards and the tokenizer of a pretraining run exist, else a DataError that
+    says which ``llamaforge data prepare CONFIG`` makes them (the data config in ``configs``
+    whose ``output`` is ``data_dir``, when there is one)."""
+    from llamaforge.data.base import DataError
+    from llamaforge.data.shards import MIXTURE_FILE
+
+    missing = [p for p in (data_dir / MIXTURE_FILE, tokenizer) if not p.exists()]
+    if not missing:
+        return
+    config = "CONFIG"
+    for candidate in sorted(configs.glob("*.toml")) if configs.is_dir() else []:
+        try:
+            from llamaforge.config import tomllib
+
+            output = tomllib.loads(candidate.read_text(encoding="utf-8")).get("output")
+        except (OSError, ValueError):
+            continue
+        if isinstance(output, str) and Path(output).resolve() == data_dir.resolve():
+            config = candidate.as_posix()
+            break
+    what = "the tokenizer" if missing[0] == tokenizer else "the prepared data"
+    raise DataError(
+        f"{missing[0]}: not found ({what}): prepare the data first with `llamaforge data "
+        f"prepare {config}` (a data config whose output is {data_dir}; it also trains the "
+        "tokenizer), then rerun this command"
+    ) from cause
+
+
+def _register_finetune(subparsers: argparse._SubParsersAction) -> None:
+    def run(config: str | None, overrides: list[str]) -> None:
+        from llamaforge.config import load_config
+        from llamaforge.finetune.run import FinetuneConfig, run_finetune
+
+        run_finetune(load_config(FinetuneConfig, config, overrides))
+
+    _training_command(
+        subparsers,
+        "finetune",
+        _finetune_config,
+        "Settings and defaults (model.* come from init):",
+        run,
+        help="instruction finetuning (LLaMA-I): full or LoRA, on the pretraining machinery",
+        description="Finetune the native checkpoint `init` on instruction data (Alpaca, "
+        "Dolly, self-instruct, ShareGPT, OpenAI messages, question/answer JSON(L) or saved "
+        "HF datasets) rendered with a chat template, the loss on the assistant's tokens "
+        "only; optional packing and LoRA (lora.enabled=true). Writes OUT/model (and "
+        "OUT/adapter with LoRA), checkpoints, metrics, loss.png and summary.json with the "
+        "held-out answers before and after.",
+        epilog="Many processes: torchrun --nproc_per_node N -m llamaforge finetune CONFIG "
+        "[KEY=VALUE ...].",
+    )
+
+
+def _register_lora(subparsers: argparse._SubParsersAction) -> None:
+    """``llamaforge lora merge BASE ADAPTER OUT [--force]``."""
+    p = subparsers.add_parser("lora", help="LoRA adapters (PEFT format): merge into a base")
+    sub = p.add_subparsers(dest="lora_command", required=True, metavar="ACTION")
+    m = sub.add_parser(
+        "merge",
+        help="fold an adapter into its base: a plain native checkpoint",
+        description="Load the native checkpoint BASE, apply the PEFT LoRA adapter ADAPTER "
+        "(made by llamaforge or by peft for the HF export of BASE), merge W += scaling·B·A "
+        "and write the native checkpoint OUT.",
+    )
+    m.add_argument("base", type=Path, help="native base checkpoint directory")
+    m.add_argument("adapter", type=Path, help="PEFT adapter directory")
+    m.add_argument("out", type=Path, help="output native checkpoint directory")
+    m.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    m.set_defaults(func=_lora_merge)
+
+
+def _lora_merge(a: argparse.Namespace) -> int:
+    from llamaforge.finetune.lora import merge_command
+
+    print(merge_command(a.base, a.adapter, a.out, force=a.force))
+    return 0
