@@ -156,7 +156,7 @@ def _register_pretrain(subparsers: argparse._SubParsersAction) -> None:
         "OUT/model (native checkpoint), OUT/loss.png and OUT/summary.json.",
         epilog="Many processes: torchrun --nproc_per_node N -m llamaforge pretrain CONFIG "
         "[KEY=VALUE ...] (FSDP2 by default; parallel.data=ddp for DDP, parallel.tp=T for "
-        "tensor + sequence parallelism over T of them: docs/DISTRIBUTED.md).",
+        "tensor + sequence parallelism over T of them: docs/parallelism.md).",
     )
 
 
