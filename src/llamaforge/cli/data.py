@@ -10,7 +10,7 @@ from llamaforge.cli.help import add_config_help
 
 
 def _data_config() -> type:
-    from llamaforge.data.prepare import DataConfig
+    from llamaforge.data.config import DataConfig
 
     return DataConfig
 
@@ -67,7 +67,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _prepare(a: argparse.Namespace) -> int:
-    from llamaforge.data.prepare import check_config, load_data_config, prepare
+    from llamaforge.data.config import check_config, load_data_config
+    from llamaforge.data.prepare import prepare
 
     cfg = load_data_config(a.config, a.overrides)
     for flag, key in (("executor", "type"), ("tasks", "tasks"), ("workers", "workers")):

@@ -23,9 +23,22 @@ from llamaforge.config import ConfigError, from_dict
 log = logging.getLogger("llamaforge.data")
 
 # how read_text treats invalid UTF-8: "strict" skips the file (reported), "replace" puts
-# U+FFFD for each invalid sequence and counts the bytes; prepare sets it per source
+# U+FFFD for each invalid sequence and counts the bytes; ``decoding`` sets it per source
 DECODE_ERRORS = ("strict", "replace")
 decode_errors: ContextVar[str] = ContextVar("decode_errors", default="strict")
+
+
+class decoding:
+    """``with decoding(mode)``: read_text's invalid-UTF-8 handling for the block."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    def __enter__(self) -> None:
+        self._token = decode_errors.set(self.mode)
+
+    def __exit__(self, *_exc: object) -> None:
+        decode_errors.reset(self._token)
 
 
 class DataError(ValueError):

@@ -59,62 +59,39 @@ import subprocess
 import time
 import traceback
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from functools import partial
 from multiprocessing.connection import wait as wait_sentinels
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from llamaforge.config import ConfigError
-from llamaforge.data.base import DataError, FilterStats
-from llamaforge.data.shards import FORMAT_VERSION, META_FILE, SPLITS, read_meta, token_dtype
+from llamaforge.data.base import DataError, FilterStats, decoding
+from llamaforge.data.config import (
+    DataConfig,
+    ExecutorConfig,
+    SourceConfig,
+    source_fingerprint,
+    source_paths,
+)
+from llamaforge.data.shards import (
+    FORMAT_VERSION,
+    META_FILE,
+    SPLITS,
+    ShardWriter,
+    is_val,
+    read_meta,
+    token_dtype,
+)
 from llamaforge.files import atomic_open, atomic_write
 
 if TYPE_CHECKING:
-    from llamaforge.data.prepare import DataConfig, SourceConfig
+    from llamaforge.data.books import BooksOptions
 
 WORK = "work"
 PLAN = "plan.json"
-
-
-@dataclass
-class ExecutorConfig:
-    """``[executor]`` of a data config: where and in how many tasks sources are prepared."""
-
-    type: Literal["local", "slurm", "ray"] = "local"
-    # 0: the in-process path (prepare.py, no datatrove); N >= 1: N datatrove tasks a source
-    tasks: int = 0
-    workers: int = 1  # tasks run at once (local: processes; slurm: array limit; ray)
-    logging_dir: str = ""  # datatrove logs and completion marks (default: OUTPUT/_datatrove)
-    # slurm
-    partition: str = ""
-    time: str = "24:00:00"
-    cpus_per_task: int = 1
-    mem_per_cpu_gb: float = 2.0
-    env_command: str = ""  # e.g. "source /path/to/venv/bin/activate"
-    sbatch_args: dict[str, Any] = field(default_factory=dict)
-    submit: bool = True  # slurm: false writes the job scripts without calling sbatch
-    # ray
-    address: str = ""  # an existing cluster ("auto", "ray://host:10001"); "" starts one here
-    # web JSON-lines and line-split text files above this size are read as byte ranges
-    # (whole lines) by several tasks; 0: one task a file
-    split_bytes: int = 64 << 20
-
-
-def check_executor(ex: ExecutorConfig) -> None:
-    if ex.tasks < 0:
-        raise ConfigError(f"executor.tasks must be >= 0, got {ex.tasks}")
-    if ex.split_bytes < 0:
-        raise ConfigError(f"executor.split_bytes must be >= 0, got {ex.split_bytes}")
-    if ex.workers < 1:
-        raise ConfigError(f"executor.workers must be >= 1, got {ex.workers}")
-    if ex.type != "local" and ex.tasks == 0:
-        raise ConfigError(f"executor.type = {ex.type!r} needs executor.tasks >= 1")
-    if ex.type == "slurm" and not ex.partition:
-        raise ConfigError("executor.type = 'slurm' needs executor.partition")
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -124,8 +101,8 @@ def check_executor(ex: ExecutorConfig) -> None:
 class SourceJob:
     """Everything a task of one source needs (pickled to Slurm/Ray workers)."""
 
-    cfg: Any  # DataConfig
-    src: Any  # SourceConfig
+    cfg: DataConfig
+    src: SourceConfig
     tokenizer: str
     out: str  # OUTPUT/<name>
     tasks: int
@@ -353,22 +330,29 @@ def _merge_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
     return out.to_dict()
 
 
-def _decoding(mode: str):
-    from llamaforge.data.prepare import _decoding
-
-    return _decoding(mode)
-
-
 # ----------------------------------------------------------------------------- steps
 
 
 def _make_steps() -> dict[str, type]:
-    """The PipelineStep classes (built on first use: datatrove imports only when needed)."""
+    """The PipelineStep classes by name (built on first use: datatrove imports only when
+    needed)."""
+    from datatrove.pipeline.dedup.minhash import MinhashDedupBuckets
+
+    classes = (
+        *_read_steps(),
+        *_dedup_steps(),
+        *_web_steps(),
+        MinhashDedupBuckets,
+        *_output_steps(),
+    )
+    return {c.__name__: c for c in classes}
+
+
+def _read_steps() -> tuple[type, ...]:
+    """The ``read`` stage's steps (SourceReader is a one-stage kind's reader too):
+    SourceReader, DocStore."""
     from datatrove.data import Document
-    from datatrove.io import get_datafolder
     from datatrove.pipeline.base import PipelineStep
-    from datatrove.pipeline.dedup.minhash import MinhashDedupBuckets, MinhashDedupSignature
-    from datatrove.utils.hashing import create_hash_func
 
     class SourceReader(PipelineStep):
         """A task's units through its kind's reader and cleaners (one-stage kinds), or the
@@ -387,25 +371,9 @@ def _make_steps() -> dict[str, type]:
             job, src = self.job, self.job.src
             paths = job.task_paths(rank)
             options = dict(src.options)
-            with _decoding(src.errors):
+            with decoding(src.errors):
                 if src.kind == "web":
-                    from llamaforge.data.web import filter_web, web_options
-
-                    opts = web_options(options)
-                    units = [
-                        p for u in job.units[job.bounds[rank] : job.bounds[rank + 1]] for p in u
-                    ]
-
-                    def texts() -> Iterator[str]:
-                        for text, size in iter_web_units(units, opts, self.fstats):
-                            self.fstats.documents_in += 1
-                            self.fstats.bytes_in += size
-                            yield text
-
-                    # with dedup_lines the read stage stores the raw pages (job.dedup)
-                    docs: Iterator[str] = (
-                        texts() if self.raw else filter_web(texts(), opts, self.fstats)
-                    )
+                    docs = _web_task_pages(job, rank, self.fstats, self.raw)
                 else:
                     if self.raw:
                         options["dedup"] = False
@@ -418,7 +386,8 @@ def _make_steps() -> dict[str, type]:
 
     class DocStore(PipelineStep):
         """``read`` stage: the task's documents to ``work/read-TTTTT.jsonl`` and their dedup
-        signatures (line or document hashes into hash buckets; book MinHashes)."""
+        signatures (line or document hashes into hash buckets; book MinHashes). With
+        ``sigs = False`` (the MinHash ``filter`` stage) the documents go on instead."""
 
         name = "🦙 documents + signatures"
         type = "🫂 - DEDUP"
@@ -431,56 +400,27 @@ def _make_steps() -> dict[str, type]:
 
         def run(self, data: Any = None, rank: int = 0, world_size: int = 1) -> Iterator[Any]:
             job, t0 = self.job, time.time()
-            nb = job.buckets
-            line_dedup = job.src.options.get("dedup_lines", True)
-            sigs = (
-                _SigBuckets(job.work, rank, nb)
-                if self.sigs and job.dedup in ("lines", "docs")
-                else None
-            )
-            books: list[tuple[int, int, int, np.ndarray]] = []
-            bopts = None
-            if job.dedup == "books":
-                from llamaforge.data.base import parse_options
-                from llamaforge.data.books import BooksOptions
-
-                bopts = parse_options(BooksOptions, job.src.options, "books")
+            sigs = _TaskSignatures(job, rank) if self.sigs else None
             with atomic_open(job.work / f"{self.stage}-{rank:05d}.jsonl", "wb") as f:
                 for i, doc in enumerate(data or ()):
                     offset = f.tell()
                     f.write(json.dumps({"text": doc.text}, ensure_ascii=False).encode() + b"\n")
-                    if not self.sigs:
+                    if sigs is None:
                         yield doc  # on to the MinHash signatures
-                    elif job.dedup == "lines" and line_dedup:
-                        from llamaforge.data.web import normalize_line
-
-                        for j, line in enumerate(doc.text.split("\n")):
-                            norm = normalize_line(line)
-                            if norm:
-                                assert sigs is not None
-                                sigs.add(_h64(norm), i, j)
-                    elif job.dedup == "docs":
-                        assert sigs is not None
-                        sigs.add(_h64(doc.text.rstrip("\n")), i, 0)
-                    elif bopts is not None:
-                        sig = _book_signature(doc.text, bopts)
-                        if sig is not None:
-                            books.append((i, offset, sig[0], sig[1]))
+                    else:
+                        sigs.add(i, offset, doc.text)
             if sigs is not None:
                 sigs.close()
-            elif self.sigs and job.dedup == "books":
-                assert bopts is not None
-                with atomic_open(job.work / f"books-{rank:05d}.npz", "wb") as f:
-                    np.savez(
-                        f,
-                        doc=np.array([b[0] for b in books], dtype=np.int64),
-                        offset=np.array([b[1] for b in books], dtype=np.int64),
-                        count=np.array([b[2] for b in books], dtype=np.int64),
-                        minhash=np.array([b[3] for b in books], dtype=np.uint64).reshape(
-                            len(books), bopts.num_perm
-                        ),
-                    )
             _save_stats(job, self.stage, rank, self.fstats, t0)
+
+    return SourceReader, DocStore
+
+
+def _dedup_steps() -> tuple[type, ...]:
+    """The line / file dedup (FindDuplicates) and book dedup (BookClusters) stages' steps,
+    and DedupFilter, which drops what they (or MinhashClusters) found."""
+    from datatrove.data import Document
+    from datatrove.pipeline.base import PipelineStep
 
     class FindDuplicates(PipelineStep):
         """``lines`` stage, task b: of each hash of bucket b, every occurrence after the
@@ -494,27 +434,7 @@ def _make_steps() -> dict[str, type]:
             self.job = job
 
         def run(self, data: Any = None, rank: int = 0, world_size: int = 1) -> Iterator[Any]:
-            job = self.job
-            parts, owners = [], []
-            for t in range(job.tasks):
-                arr = np.fromfile(job.work / f"sig-{t:05d}-{rank:05d}.bin", dtype=SIG_DTYPE)
-                parts.append(arr)
-                owners.append(np.full(len(arr), t, dtype=np.int64))
-            sig = np.concatenate(parts) if parts else np.zeros(0, SIG_DTYPE)
-            task = np.concatenate(owners) if owners else np.zeros(0, np.int64)
-            order = np.lexsort((sig["line"], sig["doc"], task, sig["h"]))
-            hs = sig["h"][order]
-            dup = np.ones(len(hs), dtype=bool)
-            if len(hs):
-                dup[0] = False
-                dup[1:] = hs[1:] == hs[:-1]
-            idx = order[dup]
-            self.stat_update("duplicates", value=int(dup.sum()))
-            for t in range(job.tasks):
-                mine = idx[task[idx] == t]
-                out = np.stack([sig["doc"][mine], sig["line"][mine]], axis=1).astype(np.int64)
-                with atomic_open(job.work / f"dup-{rank:05d}-{t:05d}.npy", "wb") as f:
-                    np.save(f, out.reshape(-1, 2))
+            self.stat_update("duplicates", value=_find_duplicates(self.job, rank))
             return
             yield
 
@@ -563,17 +483,28 @@ def _make_steps() -> dict[str, type]:
                             text = "\n".join(x for j, x in enumerate(lines) if j not in gone)
                             self.fstats.drop("duplicate_line", len(gone))
                         elif gone is not None:
-                            reason = {
-                                "docs": "duplicate_file",
-                                "books": "near_duplicate",
-                                "minhash": "minhash_duplicate",
-                            }[mode]
-                            self.fstats.drop(reason)
+                            self.fstats.drop(DROP_REASONS[mode])
                             self.fstats.documents_out -= 1
                             self.fstats.bytes_out -= len(text.encode("utf-8"))
                             self.stat_update("removed")
                             continue
                         yield Document(text=text, id=f"{t:05d}/{i}")
+
+    return FindDuplicates, BookClusters, DedupFilter
+
+
+# a whole document removed by DedupFilter, by dedup mode: the FilterStats reason
+DROP_REASONS = {"docs": "duplicate_file", "books": "near_duplicate", "minhash": "minhash_duplicate"}
+
+
+def _web_steps() -> tuple[type, ...]:
+    """Kind ``web``'s steps after the line dedup: WebFilters, and MinhashSignatures and
+    MinhashClusters of the MinHash stages (datatrove's MinhashDedupBuckets between them)."""
+    from datatrove.data import Document
+    from datatrove.io import get_datafolder
+    from datatrove.pipeline.base import PipelineStep
+    from datatrove.pipeline.dedup.minhash import MinhashDedupSignature
+    from datatrove.utils.hashing import create_hash_func
 
     class WebFilters(PipelineStep):
         """Kind ``web``'s filters after line dedup: language, CCNet/C4 quality, classifier."""
@@ -593,100 +524,6 @@ def _make_steps() -> dict[str, type]:
             for i, text in enumerate(filter_web(texts, opts, self.fstats)):
                 self.stat_update("kept")
                 yield Document(text=text, id=f"{rank:05d}/{i}")
-
-    class TokenizeStep(PipelineStep):
-        """SentencePiece ids (``bos``/``eos`` as configured) and the split (a hash of the
-        text) of each document, in batches."""
-
-        name = "🦙 sentencepiece"
-        type = "🔢 - TOKENIZER"
-
-        def __init__(self, job: SourceJob) -> None:
-            super().__init__()
-            self.job = job
-
-        def run(self, data: Any = None, rank: int = 0, world_size: int = 1) -> Iterator[Any]:
-            from llamaforge.data.prepare import _is_val
-            from llamaforge.tokenizer import Tokenizer
-
-            cfg = self.job.cfg
-            tok = Tokenizer(self.job.tokenizer)
-            batch: list[Any] = []
-
-            def flush() -> Iterator[Any]:
-                ids = tok.encode_batch([d.text for d in batch], bos=cfg.bos, eos=cfg.eos)
-                for doc, one in zip(batch, ids):
-                    doc.metadata["ids"] = one
-                    doc.metadata["split"] = (
-                        "val" if _is_val(doc.text, cfg.val_fraction) else "train"
-                    )
-                    self.stat_update("tokens", value=len(one))
-                    yield doc
-                batch.clear()
-
-            for doc in data or ():
-                batch.append(doc)
-                if len(batch) >= 512:
-                    yield from flush()
-            yield from flush()
-
-    class ShardWriter(PipelineStep):
-        """The task's token shards (prepare.py's format), then ``work/task-TTTTT.json``."""
-
-        name = "🦙 shard writer"
-        type = "💽 - WRITER"
-
-        def __init__(self, job: SourceJob, stats: FilterStats, stage_stats: str) -> None:
-            super().__init__()
-            self.job, self.fstats, self.stage_stats = job, stats, stage_stats
-
-        def run(self, data: Any = None, rank: int = 0, world_size: int = 1) -> Iterator[Any]:
-            from llamaforge.tokenizer import Tokenizer
-
-            job, t0 = self.job, time.time()
-            out = Path(job.out)
-            for old in out.glob(f"*-{rank:05d}-*.bin"):
-                old.unlink()
-            vocab = Tokenizer(job.tokenizer).vocab_size
-            dtype = token_dtype(vocab)
-            writers = {s: _task_shards(out, s, dtype, job.cfg.shard_tokens, rank) for s in SPLITS}
-            docs = {s: 0 for s in SPLITS}
-            try:
-                for doc in data or ():
-                    split = doc.metadata["split"]
-                    writers[split].write(np.asarray(doc.metadata["ids"], dtype=np.int64))
-                    docs[split] += 1
-                splits = {
-                    s: {"tokens": w.tokens, "documents": docs[s], "shards": w.finish()}
-                    for s, w in writers.items()
-                }
-            except BaseException as e:
-                for w in writers.values():  # remove open temporaries (a full disk: named)
-                    if w._f is not None:
-                        w._f = None
-                        w._file.__exit__(type(e), e, e.__traceback__)
-                raise
-            stats = self.fstats.to_dict()
-            stats["peak_rss_mb"] = _peak_rss_mb()
-            stats["seconds"] = round(time.time() - t0, 3)
-            _write_json(job.work / f"task-{rank:05d}.json", {"splits": splits, "clean": stats})
-            return
-            yield
-
-    class Finalize(PipelineStep):
-        """``finalize`` (one task): ``meta.json`` from every task's output, once all exist."""
-
-        name = "🦙 meta.json"
-        type = "💽 - WRITER"
-
-        def __init__(self, job: SourceJob) -> None:
-            super().__init__()
-            self.job = job
-
-        def run(self, data: Any = None, rank: int = 0, world_size: int = 1) -> Iterator[Any]:
-            finalize_source(self.job)
-            return
-            yield
 
     class MinhashSignatures(MinhashDedupSignature):
         """datatrove's MinHash signature stage, with words split by a regular expression
@@ -716,25 +553,7 @@ def _make_steps() -> dict[str, type]:
             self.job = job
 
         def run(self, data: Any = None, rank: int = 0, world_size: int = 1) -> Iterator[Any]:
-            parent: dict[tuple[int, int], tuple[int, int]] = {}
-
-            def find(x: tuple[int, int]) -> tuple[int, int]:
-                root = x
-                while parent.get(root, root) != root:
-                    root = parent[root]
-                while parent.get(x, x) != root:  # path compression
-                    parent[x], x = root, parent[x]
-                return root
-
-            for dup in sorted((self.job.work / "minhash" / "buckets").glob("*.dups")):
-                pairs = np.fromfile(dup, dtype="<u4").reshape(-1, 4)
-                for f1, d1, f2, d2 in pairs.tolist():
-                    a, b = find((f1, d1)), find((f2, d2))
-                    if a != b:
-                        lo, hi = min(a, b), max(a, b)
-                        parent[hi] = lo
-                        parent.setdefault(lo, lo)
-            dropped = sorted(x for x in parent if find(x) != x)
+            dropped = _minhash_duplicates(self.job.work / "minhash" / "buckets")
             self.stat_update("to_remove", value=len(dropped))
             arr = np.array(dropped, dtype=np.int64).reshape(-1, 2)
             with atomic_open(self.job.work / "minhash-dup.npy", "wb") as f:
@@ -742,23 +561,235 @@ def _make_steps() -> dict[str, type]:
             return
             yield
 
-    return {
-        c.__name__: c
-        for c in (
-            MinhashSignatures,
-            MinhashClusters,
-            MinhashDedupBuckets,
-            SourceReader,
-            DocStore,
-            FindDuplicates,
-            BookClusters,
-            DedupFilter,
-            WebFilters,
-            TokenizeStep,
-            ShardWriter,
-            Finalize,
+    return WebFilters, MinhashSignatures, MinhashClusters
+
+
+def _output_steps() -> tuple[type, ...]:
+    """The ``tokenize`` stage's last steps and the ``finalize`` stage's: TokenizeStep,
+    ShardWriter, Finalize."""
+    from datatrove.pipeline.base import PipelineStep
+
+    class TokenizeStep(PipelineStep):
+        """SentencePiece ids (``bos``/``eos`` as configured) and the split (a hash of the
+        text) of each document, in batches."""
+
+        name = "🦙 sentencepiece"
+        type = "🔢 - TOKENIZER"
+
+        def __init__(self, job: SourceJob) -> None:
+            super().__init__()
+            self.job = job
+
+        def run(self, data: Any = None, rank: int = 0, world_size: int = 1) -> Iterator[Any]:
+            from llamaforge.tokenizer import Tokenizer
+
+            cfg = self.job.cfg
+            tok = Tokenizer(self.job.tokenizer)
+            batch: list[Any] = []
+
+            def flush() -> Iterator[Any]:
+                ids = tok.encode_batch([d.text for d in batch], bos=cfg.bos, eos=cfg.eos)
+                for doc, one in zip(batch, ids):
+                    doc.metadata["ids"] = one
+                    doc.metadata["split"] = "val" if is_val(doc.text, cfg.val_fraction) else "train"
+                    self.stat_update("tokens", value=len(one))
+                    yield doc
+                batch.clear()
+
+            for doc in data or ():
+                batch.append(doc)
+                if len(batch) >= 512:
+                    yield from flush()
+            yield from flush()
+
+    class ShardWriter(PipelineStep):
+        """The task's token shards (shards.py's format), then ``work/task-TTTTT.json``."""
+
+        name = "🦙 shard writer"
+        type = "💽 - WRITER"
+
+        def __init__(self, job: SourceJob, stats: FilterStats, stage_stats: str) -> None:
+            super().__init__()
+            self.job, self.fstats, self.stage_stats = job, stats, stage_stats
+
+        def run(self, data: Any = None, rank: int = 0, world_size: int = 1) -> Iterator[Any]:
+            job, t0 = self.job, time.time()
+            splits = _write_task_shards(job, rank, data or ())
+            stats = self.fstats.to_dict()
+            stats["peak_rss_mb"] = _peak_rss_mb()
+            stats["seconds"] = round(time.time() - t0, 3)
+            _write_json(job.work / f"task-{rank:05d}.json", {"splits": splits, "clean": stats})
+            return
+            yield
+
+    class Finalize(PipelineStep):
+        """``finalize`` (one task): ``meta.json`` from every task's output, once all exist."""
+
+        name = "🦙 meta.json"
+        type = "💽 - WRITER"
+
+        def __init__(self, job: SourceJob) -> None:
+            super().__init__()
+            self.job = job
+
+        def run(self, data: Any = None, rank: int = 0, world_size: int = 1) -> Iterator[Any]:
+            finalize_source(self.job)
+            return
+            yield
+
+    return TokenizeStep, ShardWriter, Finalize
+
+
+def _web_task_pages(job: SourceJob, rank: int, stats: FilterStats, raw: bool) -> Iterator[str]:
+    """Task ``rank``'s pages of a ``web`` source (its files and byte ranges), counted in
+    ``stats``; through the filters (web.filter_web) unless ``raw``."""
+    from llamaforge.data.web import filter_web, web_options
+
+    opts = web_options(dict(job.src.options))
+    units = [p for u in job.units[job.bounds[rank] : job.bounds[rank + 1]] for p in u]
+
+    def texts() -> Iterator[str]:
+        for text, size in iter_web_units(units, opts, stats):
+            stats.documents_in += 1
+            stats.bytes_in += size
+            yield text
+
+    # with dedup_lines the read stage stores the raw pages (job.dedup)
+    return texts() if raw else filter_web(texts(), opts, stats)
+
+
+class _TaskSignatures:
+    """A reading task's dedup signatures, by ``job.dedup``: the hashes of its normalised
+    lines (``lines``, with dedup_lines) or of its documents (``docs``) into hash buckets,
+    or its books' MinHashes (``books``) to ``work/books-TTTTT.npz`` by ``close``."""
+
+    def __init__(self, job: SourceJob, rank: int) -> None:
+        self.job, self.rank = job, rank
+        self.lines = job.dedup == "lines" and job.src.options.get("dedup_lines", True)
+        self.buckets = (
+            _SigBuckets(job.work, rank, job.buckets) if job.dedup in ("lines", "docs") else None
         )
-    }
+        self.books: list[tuple[int, int, int, np.ndarray]] = []  # (doc, offset, count, minhash)
+        self.book_opts: BooksOptions | None = None
+        if job.dedup == "books":
+            from llamaforge.data.base import parse_options
+            from llamaforge.data.books import BooksOptions
+
+            self.book_opts = parse_options(BooksOptions, job.src.options, "books")
+
+    def add(self, doc: int, offset: int, text: str) -> None:
+        """Document ``doc`` of the task, stored at byte ``offset`` of its documents file."""
+        if self.lines:
+            from llamaforge.data.web import normalize_line
+
+            for j, line in enumerate(text.split("\n")):
+                norm = normalize_line(line)
+                if norm:
+                    assert self.buckets is not None
+                    self.buckets.add(_h64(norm), doc, j)
+        elif self.job.dedup == "docs":
+            assert self.buckets is not None
+            self.buckets.add(_h64(text.rstrip("\n")), doc, 0)
+        elif self.book_opts is not None:
+            sig = _book_signature(text, self.book_opts)
+            if sig is not None:
+                self.books.append((doc, offset, sig[0], sig[1]))
+
+    def close(self) -> None:
+        """Put the task's signature files into place."""
+        if self.buckets is not None:
+            self.buckets.close()
+            return
+        if self.book_opts is None:
+            return
+        books = self.books
+        with atomic_open(self.job.work / f"books-{self.rank:05d}.npz", "wb") as f:
+            np.savez(
+                f,
+                doc=np.array([b[0] for b in books], dtype=np.int64),
+                offset=np.array([b[1] for b in books], dtype=np.int64),
+                count=np.array([b[2] for b in books], dtype=np.int64),
+                minhash=np.array([b[3] for b in books], dtype=np.uint64).reshape(
+                    len(books), self.book_opts.num_perm
+                ),
+            )
+
+
+def _find_duplicates(job: SourceJob, bucket: int) -> int:
+    """Of each hash of ``bucket``, every occurrence after the first in reading order (task,
+    document, line): written per reading task t to ``work/dup-BBBBB-TTTTT.npy`` as (document,
+    line) rows. Returns how many there are."""
+    parts, owners = [], []
+    for t in range(job.tasks):
+        arr = np.fromfile(job.work / f"sig-{t:05d}-{bucket:05d}.bin", dtype=SIG_DTYPE)
+        parts.append(arr)
+        owners.append(np.full(len(arr), t, dtype=np.int64))
+    sig = np.concatenate(parts) if parts else np.zeros(0, SIG_DTYPE)
+    task = np.concatenate(owners) if owners else np.zeros(0, np.int64)
+    order = np.lexsort((sig["line"], sig["doc"], task, sig["h"]))
+    hs = sig["h"][order]
+    dup = np.ones(len(hs), dtype=bool)
+    if len(hs):
+        dup[0] = False
+        dup[1:] = hs[1:] == hs[:-1]
+    idx = order[dup]
+    for t in range(job.tasks):
+        mine = idx[task[idx] == t]
+        out = np.stack([sig["doc"][mine], sig["line"][mine]], axis=1).astype(np.int64)
+        with atomic_open(job.work / f"dup-{bucket:05d}-{t:05d}.npy", "wb") as f:
+            np.save(f, out.reshape(-1, 2))
+    return int(dup.sum())
+
+
+def _minhash_duplicates(buckets: Path) -> list[tuple[int, int]]:
+    """The (task, document) pairs to drop: of each connected cluster of the duplicate pairs
+    in ``buckets`` (``*.dups`` of datatrove's bucket stage), all but the lowest one."""
+    parent: dict[tuple[int, int], tuple[int, int]] = {}
+
+    def find(x: tuple[int, int]) -> tuple[int, int]:
+        root = x
+        while parent.get(root, root) != root:
+            root = parent[root]
+        while parent.get(x, x) != root:  # path compression
+            parent[x], x = root, parent[x]
+        return root
+
+    for dup in sorted(buckets.glob("*.dups")):
+        pairs = np.fromfile(dup, dtype="<u4").reshape(-1, 4)
+        for f1, d1, f2, d2 in pairs.tolist():
+            a, b = find((f1, d1)), find((f2, d2))
+            if a != b:
+                lo, hi = min(a, b), max(a, b)
+                parent[hi] = lo
+                parent.setdefault(lo, lo)
+    return sorted(x for x in parent if find(x) != x)
+
+
+def _write_task_shards(job: SourceJob, rank: int, docs: Iterable[Any]) -> dict[str, Any]:
+    """Task ``rank``'s tokenized documents to its shards (``train-TTTTT-NNNNN.bin``, …);
+    returns its meta.json ``splits``. A failure removes the open shards' temporaries."""
+    from llamaforge.tokenizer import Tokenizer
+
+    out = Path(job.out)
+    for old in out.glob(f"*-{rank:05d}-*.bin"):
+        old.unlink()
+    vocab = Tokenizer(job.tokenizer).vocab_size
+    dtype = token_dtype(vocab)
+    writers = {s: _task_shards(out, s, dtype, job.cfg.shard_tokens, rank) for s in SPLITS}
+    counts = {s: 0 for s in SPLITS}
+    try:
+        for doc in docs:
+            split = doc.metadata["split"]
+            writers[split].write(np.asarray(doc.metadata["ids"], dtype=np.int64))
+            counts[split] += 1
+        return {
+            s: {"tokens": w.tokens, "documents": counts[s], "shards": w.finish()}
+            for s, w in writers.items()
+        }
+    except BaseException as e:
+        for w in writers.values():  # remove open temporaries (a full disk: named)
+            w.abort(e)
+        raise
 
 
 class _RegexWords:
@@ -841,11 +872,9 @@ def _removals(job: SourceJob, t: int, mode: str) -> dict[int, set[int]]:
     return out
 
 
-def _task_shards(out: Path, split: str, dtype: Any, limit: int, task: int) -> Any:
-    """prepare._ShardWriter with the task in the shard names: ``train-TTTTT-NNNNN.bin``."""
-    from llamaforge.data.prepare import _ShardWriter
-
-    return _ShardWriter(out, f"{split}-{task:05d}", dtype, limit)
+def _task_shards(out: Path, split: str, dtype: np.dtype, limit: int, task: int) -> ShardWriter:
+    """shards.ShardWriter with the task in the shard names: ``train-TTTTT-NNNNN.bin``."""
+    return ShardWriter(out, f"{split}-{task:05d}", dtype, limit)
 
 
 # ----------------------------------------------------------------------------- books
@@ -984,7 +1013,6 @@ def source_stages(job: SourceJob) -> list[Stage]:
 
 def finalize_source(job: SourceJob) -> dict[str, Any]:
     """meta.json of a source from its tasks' outputs (DataError when one is missing)."""
-    from llamaforge.data.prepare import _fingerprint
     from llamaforge.tokenizer import Tokenizer
 
     cfg, src = job.cfg, job.src
@@ -1028,7 +1056,7 @@ def finalize_source(job: SourceJob) -> dict[str, Any]:
         "name": src.name,
         "kind": src.kind,
         "weight": src.weight,
-        "fingerprint": _fingerprint(cfg, src, tok.sha256()),
+        "fingerprint": source_fingerprint(cfg, src, tok.sha256()),
         "tokenizer": job.tokenizer,
         "tokenizer_sha256": tok.sha256(),
         "vocab_size": tok.vocab_size,
@@ -1056,8 +1084,6 @@ def logging_root(cfg: DataConfig) -> Path:
 
 
 def make_job(cfg: DataConfig, src: SourceConfig, tokenizer: str) -> SourceJob:
-    from llamaforge.data.prepare import source_paths
-
     tasks = cfg.executor.tasks
     paths = source_paths(cfg, src) if src.kind != "stdlib_docs" else []
     if src.kind == "web":
@@ -1114,12 +1140,11 @@ def prepare_source_pipeline(
 ) -> dict[str, Any]:
     """Prepare one source with the configured datatrove executor; returns its meta (or
     ``{"name", "error", "complete": False}``; for ``slurm`` ``{"submitted": True}``)."""
-    from llamaforge.data.prepare import _fingerprint
     from llamaforge.tokenizer import Tokenizer
 
     out = Path(cfg.output) / src.name
     out.mkdir(parents=True, exist_ok=True)
-    fingerprint = _fingerprint(cfg, src, Tokenizer(tokenizer).sha256())
+    fingerprint = source_fingerprint(cfg, src, Tokenizer(tokenizer).sha256())
     meta = read_meta(out)
     if meta and meta.get("fingerprint") == fingerprint and meta.get("complete"):
         meta["skipped"] = True

@@ -33,174 +33,50 @@ import json
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
-from llamaforge.config import ConfigError, load_config
-from llamaforge.data.base import DECODE_ERRORS, DataError, FilterStats, decode_errors, expand_paths
-from llamaforge.data.pipeline import ExecutorConfig, check_executor
+from llamaforge.data.base import DataError, FilterStats, decoding
+from llamaforge.data.config import DataConfig, SourceConfig, source_fingerprint, source_paths
+
+# the config lived here: its names stay importable from here (the CLI, quickstart, tests)
+from llamaforge.data.config import ExecutorConfig as ExecutorConfig
+from llamaforge.data.config import check_config as check_config
+from llamaforge.data.config import check_executor as check_executor
+from llamaforge.data.config import load_data_config as load_data_config
+from llamaforge.data.pipeline import prepare_source_pipeline
 from llamaforge.data.shards import (
     FORMAT_VERSION,
     META_FILE,
     MIXTURE_FILE,
     SHARD_GLOB,
     SPLITS,
+    ShardWriter,
+    is_val,
     read_meta,
-    shard_name,
     token_dtype,
 )
-from llamaforge.data.sources import KINDS, source_fn
+from llamaforge.data.sources import source_fn
 from llamaforge.files import atomic_open, atomic_write
 from llamaforge.tokenizer import Tokenizer
 
+# and so do the old private names of what moved to shards.py, base.py and config.py
+_ShardWriter = ShardWriter
+_decoding = decoding
+_fingerprint = source_fingerprint
+_is_val = is_val
+
 CLEAN_FILE = "clean.jsonl"
-
-
-@dataclass
-class SourceConfig:
-    name: str = ""
-    kind: str = ""
-    paths: list[str] = field(default_factory=list)
-    weight: float = 1.0  # sampling proportion (normalised over the sources)
-    options: dict[str, Any] = field(default_factory=dict)
-    # invalid UTF-8 in a text file: "strict" skips the file (reported), "replace" keeps it
-    # with U+FFFD for each bad sequence (the bytes counted: clean stats' replaced_bytes)
-    errors: str = "strict"
-
-
-@dataclass
-class DataConfig:
-    tokenizer: str = ""  # SentencePiece model (relative paths: to the working directory)
-    # when the tokenizer file does not exist: train one of this size on the cleaned sources
-    tokenizer_vocab_size: int = 0
-    output: str = "data/prepared"
-    sources: list[SourceConfig] = field(default_factory=list)
-    bos: bool = True
-    eos: bool = True
-    val_fraction: float = 0.005  # share of documents held out for validation
-    shard_tokens: int = 100_000_000  # tokens per shard file
-    workers: int = 0  # processes (0: one per source, at most the CPU count)
-    # [executor]: tasks = 0 is the in-process path above; tasks >= 1 runs every source as
-    # datatrove stages of that many tasks on a local, slurm or ray executor (data/pipeline.py)
-    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
-
-
-def load_data_config(path: str | os.PathLike, overrides: list[str] | None = None) -> DataConfig:
-    cfg = load_config(DataConfig, path, overrides)
-    check_config(cfg)
-    return cfg
-
-
-def check_config(cfg: DataConfig) -> None:
-    if not cfg.sources:
-        raise ConfigError("data config: no [[sources]]")
-    names = set()
-    for i, s in enumerate(cfg.sources):
-        where = f"sources[{i}] ({s.name or 'unnamed'})"
-        if not s.name or not s.name.replace("_", "").replace("-", "").isalnum():
-            raise ConfigError(f"{where}: name must be a non-empty [A-Za-z0-9_-] string")
-        if s.name in names:
-            raise ConfigError(f"{where}: duplicate source name {s.name!r}")
-        names.add(s.name)
-        if s.kind not in KINDS:
-            raise ConfigError(f"{where}: unknown kind {s.kind!r}; expected one of {sorted(KINDS)}")
-        if s.weight < 0:
-            raise ConfigError(f"{where}: weight must be >= 0, got {s.weight}")
-        if s.errors not in DECODE_ERRORS:
-            raise ConfigError(
-                f"{where}: errors={s.errors!r}; expected one of {', '.join(DECODE_ERRORS)}"
-            )
-    if not 0 <= cfg.val_fraction < 1:
-        raise ConfigError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
-    check_executor(cfg.executor)
 
 
 def resolve(cfg: DataConfig, path: str) -> Path:
     return Path(path).expanduser()
 
 
-def source_paths(cfg: DataConfig, src: SourceConfig) -> list[Path]:
-    """The files of a source. ``@stdlib`` is the running Python's standard library sources
-    (without site-packages, tests and demos)."""
-    from llamaforge.data.stdlib import python_files, stdlib_dir
-
-    files: list[Path] = []
-    patterns = [p for p in src.paths if p != "@stdlib"]
-    if "@stdlib" in src.paths:
-        files += list(python_files(stdlib_dir()))
-    if patterns:
-        files += expand_paths(patterns)
-    return list(dict.fromkeys(files))
-
-
-def _source_key(src: SourceConfig) -> dict[str, Any]:
-    """The source's settings (``errors`` only where not the default, so older folders'
-    fingerprints still match)."""
-    key = asdict(src)
-    if key["errors"] == "strict":
-        del key["errors"]
-    return key
-
-
-def _fingerprint(cfg: DataConfig, src: SourceConfig, tok_sha: str) -> str:
-    key = {
-        "source": _source_key(src),
-        "bos": cfg.bos,
-        "eos": cfg.eos,
-        "val": cfg.val_fraction,
-        "shard_tokens": cfg.shard_tokens,
-        "tokenizer": tok_sha,
-    }
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def _atomic_json(path: Path, data: Any) -> None:
     atomic_write(path, json.dumps(data, indent=2) + "\n")
-
-
-class _ShardWriter:
-    """Appends token arrays to NNNNN shards of at most ``shard_tokens`` tokens."""
-
-    def __init__(self, directory: Path, split: str, dtype: np.dtype, shard_tokens: int) -> None:
-        self.dir, self.split, self.dtype, self.limit = directory, split, dtype, shard_tokens
-        self.shards: list[dict[str, Any]] = []
-        self.tokens = 0
-        self._f: IO[bytes] | None = None
-        self._file = ExitStack()  # the open shard's atomic_open
-        self._n = 0
-
-    def _open(self) -> None:
-        self._name = shard_name(self.split, len(self.shards))
-        self._file = ExitStack()
-        self._f = self._file.enter_context(atomic_open(self.dir / self._name, "wb"))
-        self._n = 0
-
-    def _close(self) -> None:
-        if self._f is None:
-            return
-        self._file.close()  # fsync, rename into place
-        self.shards.append({"file": self._name, "tokens": self._n})
-        self._f = None
-
-    def write(self, ids: np.ndarray) -> None:
-        while len(ids):
-            if self._f is None:
-                self._open()
-            room = self.limit - self._n
-            part, ids = ids[:room], ids[room:]
-            self._f.write(part.astype(self.dtype, copy=False).tobytes())
-            self._n += len(part)
-            self.tokens += len(part)
-            if self._n >= self.limit:
-                self._close()
-
-    def finish(self) -> list[dict[str, Any]]:
-        self._close()
-        return self.shards
 
 
 def _clean(cfg: DataConfig, src: SourceConfig, out: Path, progress: bool) -> dict[str, Any]:
@@ -210,21 +86,8 @@ def _clean(cfg: DataConfig, src: SourceConfig, out: Path, progress: bool) -> dic
         done = json.loads(stats_path.read_text())
         if done.get("errors_mode", "strict") == src.errors:
             return done
-    with _decoding(src.errors):
+    with decoding(src.errors):
         return _clean_now(cfg, src, out, progress, stats_path)
-
-
-class _decoding:
-    """``with _decoding(mode)``: read_text's invalid-UTF-8 handling for the block."""
-
-    def __init__(self, mode: str) -> None:
-        self.mode = mode
-
-    def __enter__(self) -> None:
-        self._token = decode_errors.set(self.mode)
-
-    def __exit__(self, *_exc: object) -> None:
-        decode_errors.reset(self._token)
 
 
 def _clean_now(
@@ -256,13 +119,6 @@ def _clean_now(
     return result
 
 
-def _is_val(text: str, fraction: float) -> bool:
-    if fraction <= 0:
-        return False
-    h = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
-    return h / 2**64 < fraction
-
-
 def prepare_source(
     cfg: DataConfig, src: SourceConfig, tokenizer_path: str, progress: bool = True
 ) -> dict[str, Any]:
@@ -270,7 +126,7 @@ def prepare_source(
     tok = Tokenizer(tokenizer_path)
     out = resolve(cfg, cfg.output) / src.name
     out.mkdir(parents=True, exist_ok=True)
-    fingerprint = _fingerprint(cfg, src, tok.sha256())
+    fingerprint = source_fingerprint(cfg, src, tok.sha256())
     meta = read_meta(out)
     if meta and meta.get("fingerprint") == fingerprint and meta.get("complete"):
         meta["skipped"] = True
@@ -279,13 +135,13 @@ def prepare_source(
     t0 = time.time()
     clean = _clean(cfg, src, out, progress)
     dtype = token_dtype(tok.vocab_size)
-    writers = {s: _ShardWriter(out, s, dtype, cfg.shard_tokens) for s in SPLITS}
+    writers = {s: ShardWriter(out, s, dtype, cfg.shard_tokens) for s in SPLITS}
     docs = {"train": 0, "val": 0}
     batch: list[str] = []
 
     def flush() -> None:
         for text, ids in zip(batch, tok.encode_batch(batch, bos=cfg.bos, eos=cfg.eos)):
-            split = "val" if _is_val(text, cfg.val_fraction) else "train"
+            split = "val" if is_val(text, cfg.val_fraction) else "train"
             writers[split].write(np.asarray(ids, dtype=np.int64))
             docs[split] += 1
         batch.clear()
@@ -461,8 +317,6 @@ def prepare(
     jobs = [(cfg, s, tok_path, progress) for s in cfg.sources]
     results: dict[str, dict[str, Any]] = {}
     if cfg.executor.tasks >= 1:
-        from llamaforge.data.pipeline import prepare_source_pipeline
-
         for s in cfg.sources:
             results[s.name] = prepare_source_pipeline(cfg, s, tok_path, log, progress)
             _report(results[s.name], log)
