@@ -65,6 +65,16 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator | Non
     return torch.gather(probs_idx, -1, choice)
 
 
+def _tempered_probs(logits: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
+    """Probabilities (n, vocab) of ``logits`` / ``temperature`` (> 0), all but the ``top_k``
+    largest (None: all kept) at zero."""
+    logits = logits.float() / temperature
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
 def sample(
     logits: torch.Tensor,
     temperature: float,
@@ -75,11 +85,7 @@ def sample(
     """Next token ids (batch,) from last-position logits (batch, vocab)."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
+    probs = _tempered_probs(logits, temperature, top_k)
     if top_p < 1.0:
         return sample_top_p(probs, top_p, generator).squeeze(-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
@@ -380,11 +386,7 @@ def _filtered_probs(
 ) -> torch.Tensor:
     """The distribution ``sample`` draws from (temperature > 0), as probabilities (n, vocab):
     top-k, then Meta's nucleus rule, renormalised."""
-    logits = logits.float() / temperature
-    if top_k is not None and 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
+    probs = _tempered_probs(logits, temperature, top_k)
     if top_p < 1.0:
         probs_sort, idx = torch.sort(probs, dim=-1, descending=True)
         probs_sort[probs_sort.cumsum(-1) - probs_sort > top_p] = 0.0
