@@ -4,10 +4,14 @@ tokenizer, and tokenizers trained here on the Python standard library."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+
+from llamaforge.model import ModelArgs, Transformer, build_model
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("LLAMAFORGE_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -60,6 +64,54 @@ def small_tokenizer(small_tokenizer_path):
     from llamaforge.tokenizer import Tokenizer
 
     return Tokenizer(small_tokenizer_path)
+
+
+def tiny_args(vocab_size: int, **overrides: Any) -> ModelArgs:
+    """The tests' tiny architecture: dim 64, 2 layers, 4 query and 2 key/value heads (GQA),
+    SwiGLU hidden size a multiple of 32, a 64-token context; ``overrides`` replace any field
+    (``n_kv_heads=None`` for MHA)."""
+    fields: dict[str, Any] = dict(
+        dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32, max_seq_len=64
+    )
+    return ModelArgs(**{**fields, "vocab_size": vocab_size, **overrides})
+
+
+def tiny_model(
+    vocab_size: int,
+    *,
+    seed: int = 0,
+    norm_gains: bool = False,
+    output_scale: float | None = None,
+    **overrides: Any,
+) -> Transformer:
+    """A random ``tiny_args(vocab_size, **overrides)`` model in eval mode, built right after
+    ``torch.manual_seed(seed)`` (the same weights each time). ``norm_gains`` draws the 1-D
+    norm gains from U(0.5, 1.5), so that a swapped or mis-typed norm shows; ``output_scale``
+    multiplies the classifier (25: a less flat distribution than the 0.02 init, so that
+    greedy choices are not ties)."""
+    torch.manual_seed(seed)
+    model = build_model(tiny_args(vocab_size, **overrides)).eval()
+    with torch.no_grad():
+        if norm_gains:
+            for p in model.parameters():
+                if p.ndim == 1:
+                    p.uniform_(0.5, 1.5)
+        if output_scale is not None:
+            model.output.weight.mul_(output_scale)
+    return model
+
+
+@pytest.fixture(scope="session")
+def save_tiny(tmp_path_factory, small_tokenizer) -> Callable[..., Path]:
+    """``save_tiny(**kwargs)``: ``tiny_model(small_tokenizer.vocab_size, **kwargs)`` saved
+    with the small tokenizer as a native checkpoint, in a new directory each call."""
+    from llamaforge.checkpoint.native import save
+
+    def make(**kwargs: Any) -> Path:
+        model = tiny_model(small_tokenizer.vocab_size, **kwargs)
+        return save(model, small_tokenizer, tmp_path_factory.mktemp("tiny") / "ckpt")
+
+    return make
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import llamaforge
 from llamaforge.chat_templates import (
@@ -21,17 +20,8 @@ from llamaforge.chat_templates import (
 from llamaforge.checkpoint.native import CheckpointError, read_chat_template
 from llamaforge.cli.main import main
 from llamaforge.inference.chat import ChatError, ChatSession, _Stream, stop_strings
-from llamaforge.model import ModelArgs, build_model
 
-from .conftest import REPO
-
-
-def tiny_model(vocab: int, max_seq_len: int = 96, seed: int = 0):
-    torch.manual_seed(seed)
-    args = ModelArgs(
-        dim=32, n_layers=1, n_heads=2, vocab_size=vocab, multiple_of=16, max_seq_len=max_seq_len
-    )
-    return build_model(args).eval()
+from .conftest import REPO, tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -6,21 +6,13 @@ from safetensors import safe_open
 
 import llamaforge
 from llamaforge.checkpoint.native import CheckpointError, load, save
-from llamaforge.model import ModelArgs, build_model
+
+from .conftest import tiny_model
 
 
 @pytest.fixture()
 def model(small_tokenizer):
-    args = ModelArgs(
-        dim=64,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        vocab_size=small_tokenizer.vocab_size,
-        multiple_of=32,
-        max_seq_len=64,
-    )
-    return build_model(args).eval()
+    return tiny_model(small_tokenizer.vocab_size)
 
 
 def _logits(m, n=20):

@@ -9,7 +9,8 @@ import torch
 import llamaforge
 from llamaforge.checkpoint.convert import convert
 from llamaforge.checkpoint.native import CheckpointError
-from llamaforge.model import ModelArgs, build_model
+
+from .conftest import tiny_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -35,26 +36,6 @@ def fairscale_split(state, n):
                 raise AssertionError(name)
             shards[rank][name] = piece.clone()
     return shards
-
-
-def make_model(vocab, n_kv_heads=2, seed=0):
-    torch.manual_seed(seed)
-    args = ModelArgs(
-        dim=64,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=n_kv_heads,
-        vocab_size=vocab,
-        multiple_of=32,
-        max_seq_len=64,
-        norm_eps=1e-6,
-    )
-    model = build_model(args).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 1:
-                p.uniform_(0.5, 1.5)
-    return model
 
 
 def logits(model, vocab, seed=1):
@@ -90,7 +71,7 @@ def write_meta_download(root, model, tokenizer, n):
 @pytest.mark.parametrize("n", [1, 2, 4])
 def test_meta_shards_merge_to_identical_logits(tmp_path, small_tokenizer, n):
     vocab = small_tokenizer.vocab_size
-    model = make_model(vocab, n_kv_heads=4 if n == 4 else 2)
+    model = tiny_model(vocab, norm_gains=True, n_kv_heads=4 if n == 4 else 2)
     src = write_meta_download(tmp_path / "dl", model, small_tokenizer, n)
     out = convert(src, tmp_path / "native", source="meta", target="native", progress=False)
     loaded, tok = llamaforge.load(out)
@@ -101,7 +82,7 @@ def test_meta_shards_merge_to_identical_logits(tmp_path, small_tokenizer, n):
 
 def test_native_to_meta_matches_fairscale_and_round_trips(tmp_path, small_tokenizer):
     vocab = small_tokenizer.vocab_size
-    model = make_model(vocab)
+    model = tiny_model(vocab, norm_gains=True)
     native = llamaforge.save(model, small_tokenizer, tmp_path / "native")
     meta = convert(
         native, tmp_path / "meta", source="native", target="meta", shards=2, progress=False
@@ -127,7 +108,7 @@ def test_hf_export_loads_in_transformers_with_our_logits_and_ids(
     tmp_path, small_tokenizer, n_kv_heads
 ):
     vocab = small_tokenizer.vocab_size
-    model = make_model(vocab, n_kv_heads)
+    model = tiny_model(vocab, norm_gains=True, n_kv_heads=n_kv_heads)
     native = llamaforge.save(model, small_tokenizer, tmp_path / "native")
     hf_dir = convert(native, tmp_path / "hf", source="native", target="hf", progress=False)
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
@@ -185,7 +166,7 @@ def test_hf_checkpoint_saved_by_transformers_imports(tmp_path, small_tokenizer):
 
 
 def test_refusals_and_clear_errors(tmp_path, small_tokenizer):
-    model = make_model(small_tokenizer.vocab_size)
+    model = tiny_model(small_tokenizer.vocab_size, norm_gains=True)
     native = llamaforge.save(model, small_tokenizer, tmp_path / "native")
     (tmp_path / "taken").mkdir()
     with pytest.raises(CheckpointError, match="taken: already exists"):
@@ -204,9 +185,8 @@ def test_refusals_and_clear_errors(tmp_path, small_tokenizer):
 
 
 def test_llama_tokenizer_classes_load_the_export(tmp_path, small_tokenizer):
-    native = llamaforge.save(
-        make_model(small_tokenizer.vocab_size), small_tokenizer, tmp_path / "native"
-    )
+    model = tiny_model(small_tokenizer.vocab_size, norm_gains=True)
+    native = llamaforge.save(model, small_tokenizer, tmp_path / "native")
     hf_dir = convert(native, tmp_path / "hf", source="native", target="hf", progress=False)
     for cls in (transformers.LlamaTokenizer, transformers.LlamaTokenizerFast):
         tok = cls.from_pretrained(hf_dir)
@@ -233,7 +213,7 @@ def test_cli_convert_round_trip_and_errors(tmp_path, small_tokenizer):
         )
 
     vocab = small_tokenizer.vocab_size
-    model = make_model(vocab)
+    model = tiny_model(vocab, norm_gains=True)
     native = llamaforge.save(model, small_tokenizer, tmp_path / "native")
     steps = [
         ("native", "hf", native, tmp_path / "hf"),
@@ -270,8 +250,7 @@ def test_hf_export_chat_template_gives_our_ids(tmp_path, meta_tokenizer_path, na
     from llamaforge.chat_templates import BUILTIN_TEMPLATES, encode_text, load_template
 
     tok = llamaforge.Tokenizer(meta_tokenizer_path)
-    args = ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=tok.vocab_size, multiple_of=16)
-    model = llamaforge.build_model(args)
+    model = tiny_model(tok.vocab_size)
     source = BUILTIN_TEMPLATES[name]
     native = llamaforge.save(model, tok, tmp_path / "native", chat_template=source)
     hf_dir = convert(native, tmp_path / "hf", source="native", target="hf", progress=False)
@@ -307,7 +286,7 @@ def test_chat_template_travels_native_to_native_and_from_hf_list(tmp_path, small
     from llamaforge.chat_templates import LLAMA2
     from llamaforge.checkpoint.native import read_chat_template
 
-    model = make_model(small_tokenizer.vocab_size)
+    model = tiny_model(small_tokenizer.vocab_size, norm_gains=True)
     native = llamaforge.save(model, small_tokenizer, tmp_path / "native", chat_template=LLAMA2)
     copy = convert(native, tmp_path / "copy", source="native", target="native", progress=False)
     assert read_chat_template(copy) == LLAMA2

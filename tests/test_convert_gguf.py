@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 import llamaforge
 from llamaforge.checkpoint.native import CheckpointError
-from llamaforge.model import ModelArgs, build_model
 from llamaforge.tokenizer import Tokenizer
+
+from .conftest import tiny_model
 
 gguf = pytest.importorskip("gguf")
 
@@ -59,25 +59,17 @@ def field(reader, key):
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, small_tokenizer):
     """A tiny GQA model saved as a checkpoint and exported once per outtype."""
-    torch.manual_seed(0)
     # multiple_of=16 gives ffn_hidden_dim 176, not a multiple of 32: ffn_down's rows cannot be
     # cut into Q8_0 blocks, so q8_0 must fall back to f16 for it.
-    args = ModelArgs(
-        dim=64,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        vocab_size=small_tokenizer.vocab_size,
+    model = tiny_model(
+        small_tokenizer.vocab_size,
+        norm_gains=True,  # distinct norm gains, so swapped or mis-typed norms show up
         multiple_of=16,
         norm_eps=1e-5,
         rope_theta=50000.0,
         max_seq_len=96,
     )
-    model = build_model(args).eval()
-    with torch.no_grad():  # distinct norm gains, so swapped or mis-typed norms show up
-        for p in model.parameters():
-            if p.ndim == 1:
-                p.copy_(1 + 0.2 * torch.randn_like(p))
+    args = model.args
     root = tmp_path_factory.mktemp("gguf")
     ckpt = llamaforge.save(model, small_tokenizer, root / "tiny-llama")
     files = {
@@ -212,8 +204,8 @@ def test_q8_0_quantises_2d_weights(exported):
 def test_meta_tokenizer_types(tmp_path, meta_tokenizer_path):
     tok = Tokenizer(meta_tokenizer_path)
     assert tok.vocab_size == 32000
-    args = ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=32000, multiple_of=32)
-    ckpt = llamaforge.save(build_model(args), tok, tmp_path / "meta-vocab")
+    model = tiny_model(32000, max_seq_len=2048)
+    ckpt = llamaforge.save(model, tok, tmp_path / "meta-vocab")
     out = export_gguf(ckpt, tmp_path / "m.gguf", outtype="f16", progress=False)
     reader = gguf.GGUFReader(out)
     types = field(reader, "tokenizer.ggml.token_type")
@@ -231,8 +223,7 @@ def test_meta_tokenizer_types(tmp_path, meta_tokenizer_path):
 
 def test_vocab_padded_to_model(tmp_path, small_tokenizer):
     n = small_tokenizer.vocab_size
-    args = ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=n + 3, multiple_of=32)
-    ckpt = llamaforge.save(build_model(args), small_tokenizer, tmp_path / "padded")
+    ckpt = llamaforge.save(tiny_model(n + 3), small_tokenizer, tmp_path / "padded")
     reader = gguf.GGUFReader(export_gguf(ckpt, tmp_path / "p.gguf", outtype="f32", progress=False))
     tokens = field(reader, "tokenizer.ggml.tokens")
     assert len(tokens) == n + 3 == field(reader, "llama.vocab_size")
@@ -282,8 +273,7 @@ def test_failure_leaves_no_partial_file(tmp_path):
 def test_chat_template_exported(tmp_path, small_tokenizer):
     from llamaforge.chat_templates import BUILTIN_TEMPLATES
 
-    args = ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=small_tokenizer.vocab_size)
-    model = build_model(args)
+    model = tiny_model(small_tokenizer.vocab_size)
     for name, source in BUILTIN_TEMPLATES.items():
         ckpt = llamaforge.save(model, small_tokenizer, tmp_path / name, chat_template=source)
         out = export_gguf(ckpt, tmp_path / f"{name}.gguf", outtype="f32", progress=False)

@@ -25,7 +25,8 @@ from llamaforge.eval.base import (
 )
 from llamaforge.eval.lm import LlamaforgeLM
 from llamaforge.inference.generate import generate_completions
-from llamaforge.model import ModelArgs, build_model
+
+from .conftest import tiny_model
 
 MAX_LEN = 48
 
@@ -135,21 +136,12 @@ class CountingLM:
         return self.lm.generate(requests)
 
 
-@pytest.fixture(scope="module")
-def tiny_model(small_tokenizer):
-    torch.manual_seed(0)
-    args = ModelArgs(
-        dim=64,
-        n_layers=2,
-        n_heads=4,
-        vocab_size=small_tokenizer.vocab_size,
-        multiple_of=32,
-        max_seq_len=MAX_LEN,
+@pytest.fixture(scope="module", name="tiny_model")
+def _tiny_model(small_tokenizer):
+    # a less flat distribution than the 0.02 init: greedy is not all ties
+    return tiny_model(
+        small_tokenizer.vocab_size, n_kv_heads=None, max_seq_len=MAX_LEN, output_scale=25
     )
-    model = build_model(args).eval()
-    with torch.no_grad():  # a less flat distribution than the 0.02 init: greedy is not all ties
-        model.output.weight.mul_(25)
-    return model
 
 
 @pytest.fixture(scope="module")

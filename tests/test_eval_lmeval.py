@@ -9,11 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from llamaforge.checkpoint.native import save
 from llamaforge.eval.base import Generate, Loglikelihood, Rolling
-from llamaforge.model import ModelArgs, build_model
 from tests.test_eval_engine import TinyMC, mc_rows, write_jsonl
 
 lm_eval = pytest.importorskip("lm_eval")
@@ -39,20 +36,8 @@ metadata:
 
 
 @pytest.fixture(scope="module")
-def ckpt(small_tokenizer, tmp_path_factory) -> Path:
-    torch.manual_seed(1)
-    args = ModelArgs(
-        dim=64,
-        n_layers=2,
-        n_heads=4,
-        vocab_size=small_tokenizer.vocab_size,
-        multiple_of=32,
-        max_seq_len=64,
-    )
-    model = build_model(args)
-    with torch.no_grad():
-        model.output.weight.mul_(25)
-    return save(model, small_tokenizer, tmp_path_factory.mktemp("lmeval") / "ckpt")
+def ckpt(save_tiny) -> Path:
+    return save_tiny(seed=1, n_kv_heads=None, output_scale=25)
 
 
 @pytest.fixture(scope="module")

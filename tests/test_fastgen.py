@@ -13,30 +13,15 @@ from llamaforge.checkpoint.convert.llama2c import import_llama2c
 from llamaforge.cli.main import main
 from llamaforge.inference.generate import FastGenerator, generate_completions
 from llamaforge.inference.quantize import Int8Linear, quantize_int8
-from llamaforge.model import ModelArgs, build_model
 
-from .conftest import shared_file
+from .conftest import shared_file, tiny_model
 
 GREEDY = dict(max_new_tokens=24, temperature=0.0, stop_at_eos=False)
 
 
-def tiny(vocab: int, n_layers: int = 2, dim: int = 64, seed: int = 0):
-    torch.manual_seed(seed)
-    args = ModelArgs(
-        dim=dim,
-        n_layers=n_layers,
-        n_heads=4,
-        n_kv_heads=2,
-        vocab_size=vocab,
-        multiple_of=32,
-        max_seq_len=64,
-    )
-    return build_model(args).eval()
-
-
 @pytest.fixture(scope="module")
 def model(small_tokenizer):
-    return tiny(small_tokenizer.vocab_size)
+    return tiny_model(small_tokenizer.vocab_size)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +70,7 @@ def test_static_cache_stops_like_generate_completions(model, small_tokenizer):
 @pytest.mark.slow
 def test_compiled_decoding_equals_generate_completions(small_tokenizer):
     """torch.compile'd steps (fullgraph, static shapes): the same greedy tokens."""
-    m = tiny(small_tokenizer.vocab_size, n_layers=1, dim=32)
+    m = tiny_model(small_tokenizer.vocab_size, n_layers=1, dim=32)
     draft = copy.deepcopy(m)
     ref = generate_completions(m, small_tokenizer, ["The value of"], **GREEDY)[0]
     fast = FastGenerator(m, small_tokenizer, compile=True, draft=draft, draft_k=2)
@@ -147,7 +132,7 @@ def test_speculative_greedy_is_identical(model, small_tokenizer):
     with torch.no_grad():
         for p in perturbed.parameters():
             p.add_(torch.randn_like(p) * 1e-4)
-    drafts = {"smaller": tiny(v, n_layers=1, dim=32, seed=1), "perturbed": perturbed}
+    drafts = {"smaller": tiny_model(v, n_layers=1, dim=32, seed=1), "perturbed": perturbed}
     refs = {p: generate_completions(model, small_tokenizer, [p], **GREEDY)[0] for p in PROMPTS}
     for name, draft in drafts.items():
         for k in (1, 4):
@@ -173,7 +158,9 @@ def test_speculative_sampling(model, small_tokenizer):
     a, b = same.generate("The", **kw), same.generate("The", **kw)
     assert a.tokens == b.tokens and len(a.tokens) == 16
     assert same.stats.acceptance_rate == 1.0
-    other = FastGenerator(model, small_tokenizer, draft=tiny(512, 1, 32, seed=2), draft_k=3)
+    other = FastGenerator(
+        model, small_tokenizer, draft=tiny_model(512, n_layers=1, dim=32, seed=2), draft_k=3
+    )
     c = other.generate("The", **kw)
     assert len(c.tokens) == 16 and 0.0 <= other.stats.acceptance_rate < 1.0
 
@@ -201,8 +188,8 @@ def test_speculative_sampling_keeps_the_models_distribution():
     empirical distribution matches the model's own (exact, by enumeration), within
     sampling error."""
     torch.manual_seed(0)
-    model = tiny(6, n_layers=1, dim=16, seed=3)
-    draft = tiny(6, n_layers=1, dim=16, seed=4)
+    model = tiny_model(6, n_layers=1, dim=16, seed=3)
+    draft = tiny_model(6, n_layers=1, dim=16, seed=4)
     with torch.no_grad():  # sharpen both so that they disagree in a visible way
         model.output.weight.mul_(40)
         draft.output.weight.mul_(40)

@@ -2,22 +2,13 @@ import pytest
 import torch
 
 from llamaforge.inference.generate import generate, generate_completions, sample, sample_top_p
-from llamaforge.model import ModelArgs, build_model
+
+from .conftest import tiny_model
 
 
 @pytest.fixture(scope="module")
 def model(small_tokenizer):
-    torch.manual_seed(0)
-    args = ModelArgs(
-        dim=64,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        vocab_size=small_tokenizer.vocab_size,
-        multiple_of=32,
-        max_seq_len=48,
-    )
-    return build_model(args).eval()
+    return tiny_model(small_tokenizer.vocab_size, max_seq_len=48)
 
 
 def test_sample_top_p_is_metas_rule():
@@ -80,15 +71,9 @@ def test_stop_strings_eos_and_streaming(model, small_tokenizer):
 def test_eos_stops_a_row(small_tokenizer):
     # A model whose residual stream is all ones and whose output row for eos is all ones:
     # eos has the top logit at every position.
-    args = ModelArgs(
-        dim=32,
-        n_layers=1,
-        n_heads=2,
-        vocab_size=small_tokenizer.vocab_size,
-        multiple_of=32,
-        max_seq_len=32,
+    m = tiny_model(
+        small_tokenizer.vocab_size, dim=32, n_layers=1, n_heads=2, n_kv_heads=None, max_seq_len=32
     )
-    m = build_model(args).eval()
     with torch.no_grad():
         m.tok_embeddings.weight.fill_(1.0)
         m.layers[0].attention.wo.weight.zero_()

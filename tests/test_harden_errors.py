@@ -9,7 +9,6 @@ import json
 import numpy as np
 import pytest
 
-import llamaforge
 from llamaforge.cli.main import main
 from llamaforge.config import ConfigError
 from llamaforge.data.base import DataError
@@ -17,7 +16,7 @@ from llamaforge.data.mixture import open_sources
 from llamaforge.inference.generate import generate_completions
 from llamaforge.training.checkpointer import CheckpointerError, verify_checkpoint
 
-from .test_chat import tiny_model
+from .conftest import tiny_model
 from .test_data_mixture import make_prepared
 from .test_trainer import trainer
 
@@ -103,9 +102,8 @@ def test_a_corrupt_meta_or_mixture_json_names_the_file(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, small_tokenizer):
-    model = tiny_model(small_tokenizer.vocab_size)
-    return llamaforge.save(model, small_tokenizer, tmp_path_factory.mktemp("h") / "ckpt")
+def ckpt(save_tiny):
+    return save_tiny()
 
 
 @pytest.mark.parametrize(
@@ -155,13 +153,12 @@ def test_tokenizer_decode_refuses_negative_ids(small_tokenizer_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def nan_ckpt(tmp_path_factory, small_tokenizer):
+def nan_ckpt(save_tiny):
     """A native checkpoint whose layer-0 attention wq holds a NaN and whose norm an Inf
     (save refuses such weights, so the safetensors file is rewritten afterwards)."""
     from safetensors.torch import load_file, save_file
 
-    model = tiny_model(small_tokenizer.vocab_size)
-    out = llamaforge.save(model, small_tokenizer, tmp_path_factory.mktemp("n") / "nan")
+    out = save_tiny()
     (f,) = out.glob("*.safetensors")
     tensors = load_file(f)
     tensors["layers.0.attention.wq.weight"][0, 0] = float("nan")

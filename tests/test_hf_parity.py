@@ -10,29 +10,24 @@ from llamaforge.checkpoint.convert.hf import (
     to_hf_state_dict,
 )
 from llamaforge.inference.generate import generate_completions
-from llamaforge.model import ModelArgs, build_model
+
+from .conftest import tiny_model
 
 transformers = pytest.importorskip("transformers")
 
 
 def _pair(n_kv_heads, vocab_size=97, rope_theta=10000.0):
-    torch.manual_seed(0)
-    args = ModelArgs(
+    ours = tiny_model(
+        vocab_size,
+        norm_gains=True,  # non-trivial norm gains, so a swapped norm would show
         dim=128,
         n_layers=3,
-        n_heads=4,
         n_kv_heads=n_kv_heads,
-        vocab_size=vocab_size,
-        multiple_of=32,
         max_seq_len=96,
         norm_eps=1e-5,
         rope_theta=rope_theta,
     )
-    ours = build_model(args).eval()
-    with torch.no_grad():  # non-trivial norm gains, so a swapped norm would show
-        for p in ours.parameters():
-            if p.ndim == 1:
-                p.uniform_(0.5, 1.5)
+    args = ours.args
     config = transformers.LlamaConfig(**hf_config(args), attn_implementation="sdpa")
     hf = transformers.LlamaForCausalLM(config).eval()
     missing, unexpected = hf.load_state_dict(

@@ -31,31 +31,19 @@ from llamaforge.finetune.lora import (
     save_adapter,
     weights_sha256,
 )
-from llamaforge.model import ModelArgs, Transformer, build_model
+from llamaforge.model import Transformer
 from llamaforge.training.optim import build_optimizer
+
+from .conftest import tiny_model
 
 VOCAB = 256
 
 
 def make_model(seed: int = 0, dim: int = 64, n_kv_heads: int | None = 2) -> Transformer:
     """dim 64, 2 layers, 4 heads, 2 kv heads (GQA), random non-trivial norm gains."""
-    torch.manual_seed(seed)
-    args = ModelArgs(
-        dim=dim,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=n_kv_heads,
-        vocab_size=VOCAB,
-        multiple_of=32,
-        max_seq_len=64,
-        norm_eps=1e-5,
+    return tiny_model(
+        VOCAB, seed=seed, norm_gains=True, dim=dim, n_kv_heads=n_kv_heads, norm_eps=1e-5
     )
-    model = build_model(args).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 1:
-                p.uniform_(0.5, 1.5)
-    return model
 
 
 def tokens(seed: int = 1) -> torch.Tensor:

@@ -19,19 +19,12 @@ import torch
 import llamaforge
 from llamaforge.cli.main import main
 from llamaforge.inference.quantize import quantize_int8
-from llamaforge.model import ModelArgs, Transformer
+from llamaforge.model import Transformer
 from llamaforge.serve.engine import Engine, Output, SamplingParams
 
+from .conftest import tiny_model
 from .test_serve import ServerProcess
 from .test_serve_engine import PROMPTS, _one_thread, l2c_ckpt, loaded, run_all  # noqa: F401
-
-
-def small_model(vocab: int, seed: int, max_seq_len: int = 64) -> Transformer:
-    torch.manual_seed(seed)
-    args = ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=vocab, max_seq_len=max_seq_len)
-    model = Transformer(args)
-    model.init_weights()
-    return model.eval()
 
 
 def perturbed(model: Transformer, scale: float = 0.05) -> Transformer:
@@ -51,7 +44,7 @@ def drafts(loaded):  # noqa: F811
         "int8": quantize_int8(copy.deepcopy(model)),
         "perturbed": perturbed(model),
         # another model with the same vocabulary and a shorter context (64 < 128)
-        "unrelated": small_model(model.args.vocab_size, seed=3),
+        "unrelated": tiny_model(model.args.vocab_size, seed=3),
     }
 
 
@@ -209,7 +202,7 @@ def test_cancel_and_refusals(loaded):  # noqa: F811
     engine._drain()
     engine.step()
     check_idle(engine)
-    other = small_model(300, seed=0)
+    other = tiny_model(300)
     with pytest.raises(ValueError, match="vocab_size 300 differs from the model's 512"):
         Engine(model, tok, draft=other)
     with pytest.raises(ValueError, match="draft_k 0"):
@@ -258,7 +251,7 @@ def test_serve_draft_process(l2c_ckpt, loaded, tmp_path):  # noqa: F811
 
 
 def test_cli_draft_refusals(l2c_ckpt, tmp_path, capsys):  # noqa: F811
-    other = llamaforge.save(small_model(300, seed=0), None, tmp_path / "other-vocab")
+    other = llamaforge.save(tiny_model(300), None, tmp_path / "other-vocab")
     assert main(["serve", "--ckpt", str(l2c_ckpt), "--draft", str(other)]) == 2
     err = capsys.readouterr().err
     assert f"--draft {other}" in err and "vocab_size 300 differs from the model's 512" in err

@@ -168,29 +168,12 @@ def save_state(
 
 
 def save(
-    model: Transformer,
-    tokenizer: Tokenizer | None,
-    ckpt_dir: str | os.PathLike,
-    *,
-    dtype: str | torch.dtype | None = None,
-    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
-    overwrite: bool = False,
-    extra: dict[str, Any] | None = None,
-    chat_template: str | None = None,
+    model: Transformer, tokenizer: Tokenizer | None, ckpt_dir: str | os.PathLike, **options: Any
 ) -> Path:
-    """Write ``model`` (and ``tokenizer``, and ``chat_template``'s Jinja source) as a native
-    checkpoint directory, atomically."""
-    return save_state(
-        model.state_dict().items(),
-        model.args,
-        tokenizer,
-        ckpt_dir,
-        dtype=dtype,
-        max_shard_size=max_shard_size,
-        overwrite=overwrite,
-        extra=extra,
-        chat_template=chat_template,
-    )
+    """Write ``model`` (and ``tokenizer``) as a native checkpoint directory, atomically;
+    ``options`` are ``save_state``'s (``dtype``, ``max_shard_size``, ``overwrite``, ``extra``,
+    ``chat_template``)."""
+    return save_state(model.state_dict().items(), model.args, tokenizer, ckpt_dir, **options)
 
 
 def _check_chat_template(source: str, where: str) -> None:

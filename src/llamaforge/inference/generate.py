@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -28,6 +29,31 @@ class Completion:
     logprobs: list[float] = field(default_factory=list)  # of each generated token
 
 
+@dataclass(frozen=True)
+class GenerationOptions:
+    """The keywords of ``generate_completions`` and ``FastGenerator.generate``, with their
+    defaults: the sampling settings, when a row stops, and what the result holds.
+
+    ``temperature`` 0 is greedy; ``top_p`` is Meta's nucleus cut (1: none), ``top_k`` None
+    none. A row stops at eos (``stop_at_eos``), at the first of the ``stop`` strings (cut
+    off), after ``max_new_tokens`` or at the end of the context. ``seed`` fixes the draws;
+    ``echo`` puts the prompt before the completion; ``bos`` starts a text prompt with bos;
+    ``truncate`` keeps the last tokens of a prompt that leaves no room; ``on_text(row,
+    delta)`` receives text as it is produced."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int | None = None
+    stop: Sequence[str] = ()
+    stop_at_eos: bool = True
+    seed: int | None = None
+    echo: bool = False
+    bos: bool = True
+    truncate: bool = False
+    on_text: Callable[[int, str], None] | None = None
+
+
 def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:
     """Nucleus sampling exactly as Meta's ``sample_top_p``: keep the smallest prefix of the
     sorted distribution whose mass before each token is at most ``p``, renormalise, draw."""
@@ -37,6 +63,16 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator | Non
     probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
     choice = torch.multinomial(probs_sort, num_samples=1, generator=generator)
     return torch.gather(probs_idx, -1, choice)
+
+
+def _tempered_probs(logits: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
+    """Probabilities (n, vocab) of ``logits`` / ``temperature`` (> 0), all but the ``top_k``
+    largest (None: all kept) at zero."""
+    logits = logits.float() / temperature
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.softmax(logits, dim=-1)
 
 
 def sample(
@@ -49,11 +85,7 @@ def sample(
     """Next token ids (batch,) from last-position logits (batch, vocab)."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
+    probs = _tempered_probs(logits, temperature, top_k)
     if top_p < 1.0:
         return sample_top_p(probs, top_p, generator).squeeze(-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
@@ -109,138 +141,175 @@ def _encode_prompts(
     tokenizer: Tokenizer,
     prompts: Sequence[str] | Sequence[Sequence[int]],
     max_seq_len: int,
-    max_new_tokens: int,
-    bos: bool,
-    truncate: bool,
-    sampling: tuple[float, float, int | None],
+    o: GenerationOptions,
 ) -> list[list[int]]:
     """Token ids of each prompt (text, or ids used as given), checked to leave room for a new
-    token in the context; ``truncate`` keeps the last tokens of one that does not. The
-    settings are checked first: ``max_new_tokens``, then ``sampling`` (temperature, top_p,
-    top_k)."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    check_sampling(*sampling)
+    token in the context; ``o.truncate`` keeps the last tokens of one that does not. The
+    settings are checked first: ``max_new_tokens``, then temperature, top_p and top_k."""
+    if o.max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {o.max_new_tokens}")
+    check_sampling(o.temperature, o.top_p, o.top_k)
     for i, p in enumerate(prompts):
         if isinstance(p, str):
             check_utf8(p, f"prompt {i}")
     encoded = [
-        tokenizer.encode(p, bos=bos) if isinstance(p, str) else [int(t) for t in p] for p in prompts
+        tokenizer.encode(p, bos=o.bos) if isinstance(p, str) else [int(t) for t in p]
+        for p in prompts
     ]
     for i, ids in enumerate(encoded):
         if not ids:
             raise ValueError(f"prompt {i} is empty (encode with bos=True to start from nothing)")
         if len(ids) >= max_seq_len:
-            if not truncate:
+            if not o.truncate:
                 raise ValueError(
                     f"prompt {i} has {len(ids)} tokens but the model's context is {max_seq_len}; "
                     "shorten it or pass truncate=True (--truncate) to keep its last tokens"
                 )
-            encoded[i] = ids[-(max_seq_len - min(max_new_tokens, max_seq_len // 2)) :]
+            encoded[i] = ids[-(max_seq_len - min(o.max_new_tokens, max_seq_len // 2)) :]
     return encoded
+
+
+def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    """A generator on ``device`` seeded with ``seed``; None (torch's global one) without."""
+    if seed is None:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+def _check_finite(logits: torch.Tensor, where: str) -> None:
+    """Refuse to sample text from garbage: NaN or Inf logits are a ValueError."""
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError(
+            f"the model's logits {where} are NaN or Inf (non-finite weights or activations): "
+            "no text can be generated from it"
+        )
+
+
+def _logprobs_of(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities (n,) of ``tokens`` (n,) under ``logits`` (n, vocab)."""
+    return torch.log_softmax(logits.float(), -1).gather(-1, tokens[:, None])[:, 0]
+
+
+class _Row:
+    """One prompt's completion as its tokens arrive: the tokens kept and their
+    log-probabilities, its text (decoded as it grows only when stop strings or ``on_text``
+    need it) and why it ended (``finish``, None while it goes on). ``room`` is how many
+    tokens the context leaves after the prompt."""
+
+    def __init__(
+        self, tokenizer: Tokenizer, prompt: list[int], o: GenerationOptions, room: int, index: int
+    ) -> None:
+        self.tracker, self.prompt, self.o = _TextTracker(tokenizer, prompt), prompt, o
+        self.room, self.index = room, index
+        self.eos = tokenizer.eos_id if o.stop_at_eos else None
+        self.follow_text = bool(o.stop) or o.on_text is not None  # else decode once at the end
+        self.tokens: list[int] = []
+        self.logprobs: list[float] = []
+        self.text = ""
+        self.finish: str | None = None
+
+    def add(self, token: int, logprob: float) -> None:
+        """Take the next token: eos ends the row unkept; otherwise it is kept, and the row
+        ends at a stop string (the text cut before it), at max_new_tokens or at the
+        context's end."""
+        if token == self.eos:
+            self.finish = "eos"
+            return
+        self.tokens.append(token)
+        self.logprobs.append(logprob)
+        if self.follow_text:
+            self.text = self.tracker.text(self.tokens)
+        hit = min((self.text.find(s) for s in self.o.stop if s in self.text), default=-1)
+        if hit >= 0:
+            self.text, self.finish = self.text[:hit], "stop"
+        elif len(self.tokens) >= self.o.max_new_tokens:
+            self.finish = "length"
+        elif len(self.tokens) >= self.room:
+            self.finish = "context"
+
+    def emit(self) -> None:
+        """Hand ``on_text`` the text made since its last call (all of it once finished)."""
+        if self.o.on_text is not None:
+            delta = self.tracker.delta(self.text, final=self.finish is not None)
+            if delta:
+                self.o.on_text(self.index, delta)
+
+    def completion(self) -> Completion:
+        reason = self.finish or (
+            "length" if len(self.tokens) >= self.o.max_new_tokens else "context"
+        )
+        text = self.text if reason == "stop" else self.tracker.text(self.tokens)
+        if self.o.echo:
+            text, tokens = self.tracker.prefix + text, self.prompt + self.tokens
+        else:
+            tokens = self.tokens
+        return Completion(text, tokens, self.prompt, reason, self.logprobs)
+
+
+def _prompt_batch(
+    encoded: list[list[int]], total_len: int, fill: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (batch, total_len) token grid with each prompt at the start of its row (``fill``
+    after it), and the mask of the positions that hold a prompt token."""
+    bsz = len(encoded)
+    tokens = torch.full((bsz, total_len), fill, dtype=torch.long, device=device)
+    in_prompt = torch.zeros((bsz, total_len), dtype=torch.bool, device=device)
+    for i, ids in enumerate(encoded):
+        tokens[i, : len(ids)] = torch.tensor(ids, dtype=torch.long, device=device)
+        in_prompt[i, : len(ids)] = True
+    return tokens, in_prompt
 
 
 def generate_completions(
     model: Transformer,
     tokenizer: Tokenizer,
     prompts: Sequence[str] | Sequence[Sequence[int]],
-    *,
-    max_new_tokens: int = 128,
-    temperature: float = 0.8,
-    top_p: float = 0.95,
-    top_k: int | None = None,
-    stop: Sequence[str] = (),
-    stop_at_eos: bool = True,
-    seed: int | None = None,
-    echo: bool = False,
-    bos: bool = True,
-    truncate: bool = False,
-    on_text: Callable[[int, str], None] | None = None,
+    **options: Any,
 ) -> list[Completion]:
-    """Generate a completion for each prompt (text, or token ids used as given).
+    """Generate a completion for each prompt (text, or token ids used as given); ``options``
+    are ``GenerationOptions``' fields (``max_new_tokens``, ``temperature``, ``top_p``,
+    ``top_k``, ``stop``, ``stop_at_eos``, ``seed``, ``echo``, ``bos``, ``truncate``,
+    ``on_text``).
 
     ``on_text(row, delta)`` receives text as it is produced. A prompt that does not leave
     room for a single new token in the model's context raises ``ValueError``, unless
     ``truncate`` keeps its last tokens.
     """
+    o = GenerationOptions(**options)
     if not prompts:
         return []
     max_seq_len = model.args.max_seq_len
-    encoded = _encode_prompts(
-        tokenizer, prompts, max_seq_len, max_new_tokens, bos, truncate, (temperature, top_p, top_k)
-    )
+    encoded = _encode_prompts(tokenizer, prompts, max_seq_len, o)
 
     device = next(model.parameters()).device
-    bsz = len(encoded)
     lengths = [len(ids) for ids in encoded]
-    total_len = min(max_seq_len, max(lengths) + max_new_tokens)
-    tokens = torch.full((bsz, total_len), tokenizer.eos_id, dtype=torch.long, device=device)
-    in_prompt = torch.zeros((bsz, total_len), dtype=torch.bool, device=device)
-    for i, ids in enumerate(encoded):
-        tokens[i, : len(ids)] = torch.tensor(ids, dtype=torch.long, device=device)
-        in_prompt[i, : len(ids)] = True
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(seed)
+    total_len = min(max_seq_len, max(lengths) + o.max_new_tokens)
+    tokens, in_prompt = _prompt_batch(encoded, total_len, tokenizer.eos_id, device)
+    generator = _generator(o.seed, device)
+    rows = [_Row(tokenizer, ids, o, total_len - len(ids), i) for i, ids in enumerate(encoded)]
 
-    generated: list[list[int]] = [[] for _ in range(bsz)]
-    logprobs: list[list[float]] = [[] for _ in range(bsz)]
-    finish: list[str | None] = [None] * bsz
-    trackers = [_TextTracker(tokenizer, ids) for ids in encoded]
-    texts = [""] * bsz
-    follow_text = bool(stop) or on_text is not None  # else decode once at the end
-
-    model.setup_cache(bsz, total_len)
+    model.setup_cache(len(encoded), total_len)
     try:
         prev = 0
         for cur in range(min(lengths), total_len):
             logits = model(tokens[:, prev:cur], prev, last_only=True)[:, -1].float()
-            if not bool(torch.isfinite(logits).all()):  # never sample text from garbage
-                raise ValueError(
-                    f"the model's logits at position {cur} are NaN or Inf (non-finite "
-                    "weights or activations): no text can be generated from it"
-                )
-            nxt = sample(logits, temperature, top_p, top_k, generator)
+            _check_finite(logits, f"at position {cur}")
+            nxt = sample(logits, o.temperature, o.top_p, o.top_k, generator)
             nxt = torch.where(in_prompt[:, cur], tokens[:, cur], nxt)
             tokens[:, cur] = nxt
             prev = cur
-            chosen_logprobs = torch.log_softmax(logits, -1).gather(-1, nxt[:, None])[:, 0]
-            for i, (token, lp) in enumerate(zip(nxt.tolist(), chosen_logprobs.tolist())):
-                if finish[i] is not None or cur < lengths[i]:
-                    continue
-                if stop_at_eos and token == tokenizer.eos_id:
-                    finish[i] = "eos"
-                else:
-                    generated[i].append(token)
-                    logprobs[i].append(lp)
-                    if follow_text:
-                        texts[i] = trackers[i].text(generated[i])
-                    hit = min((texts[i].find(s) for s in stop if s in texts[i]), default=-1)
-                    if hit >= 0:
-                        texts[i], finish[i] = texts[i][:hit], "stop"
-                    elif len(generated[i]) >= max_new_tokens:
-                        finish[i] = "length"
-                    elif cur == total_len - 1:
-                        finish[i] = "context"
-                if on_text is not None:
-                    delta = trackers[i].delta(texts[i], final=finish[i] is not None)
-                    if delta:
-                        on_text(i, delta)
-            if all(f is not None for f in finish):
+            chosen = _logprobs_of(logits, nxt).tolist()
+            for row, token, lp, n in zip(rows, nxt.tolist(), chosen, lengths):
+                if row.finish is None and cur >= n:  # rows still in their prompt wait
+                    row.add(token, lp)
+                    row.emit()
+            if all(row.finish is not None for row in rows):
                 break
     finally:
         model.clear_cache()
-
-    out = []
-    for i in range(bsz):
-        reason = finish[i] or ("length" if len(generated[i]) >= max_new_tokens else "context")
-        if reason != "stop":
-            texts[i] = trackers[i].text(generated[i])
-        text = trackers[i].prefix + texts[i] if echo else texts[i]
-        toks = encoded[i] + generated[i] if echo else generated[i]
-        out.append(Completion(text, toks, encoded[i], reason, logprobs[i]))
-    return out
+    return [row.completion() for row in rows]
 
 
 def generate(
@@ -317,11 +386,7 @@ def _filtered_probs(
 ) -> torch.Tensor:
     """The distribution ``sample`` draws from (temperature > 0), as probabilities (n, vocab):
     top-k, then Meta's nucleus rule, renormalised."""
-    logits = logits.float() / temperature
-    if top_k is not None and 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
+    probs = _tempered_probs(logits, temperature, top_k)
     if top_p < 1.0:
         probs_sort, idx = torch.sort(probs, dim=-1, descending=True)
         probs_sort[probs_sort.cumsum(-1) - probs_sort > top_p] = 0.0
@@ -417,40 +482,16 @@ class FastGenerator:
         return self.step(model, cache, tokens, positions)[0]
 
     @torch.inference_mode()
-    def generate(
-        self,
-        prompt: str | Sequence[int],
-        *,
-        max_new_tokens: int = 128,
-        temperature: float = 0.8,
-        top_p: float = 0.95,
-        top_k: int | None = None,
-        stop: Sequence[str] = (),
-        stop_at_eos: bool = True,
-        seed: int | None = None,
-        echo: bool = False,
-        bos: bool = True,
-        truncate: bool = False,
-        on_text: Callable[[int, str], None] | None = None,
-    ) -> Completion:
-        """One completion, with ``generate_completions``' arguments and result for a single
-        prompt (``on_text`` is called with row 0). ``self.stats`` tells what it took."""
+    def generate(self, prompt: str | Sequence[int], **options: Any) -> Completion:
+        """One completion, with ``generate_completions``' options (``GenerationOptions``) and
+        result for a single prompt (``on_text`` is called with row 0). ``self.stats`` tells
+        what it took."""
+        o = GenerationOptions(**options)
         max_seq_len = self.model.args.max_seq_len
-        (ids,) = _encode_prompts(
-            self.tokenizer,
-            [prompt],
-            max_seq_len,
-            max_new_tokens,
-            bos,
-            truncate,
-            (temperature, top_p, top_k),
-        )
-        budget = min(max_new_tokens, max_seq_len - len(ids))
+        (ids,) = _encode_prompts(self.tokenizer, [prompt], max_seq_len, o)
+        budget = min(o.max_new_tokens, max_seq_len - len(ids))
         target_cache, draft_cache = self._caches(len(ids) + budget + self.draft_k + 1)
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(seed)
+        sampling = (o.temperature, o.top_p, o.top_k, _generator(o.seed, self.device))
         self.stats = DecodeStats(target_forwards=1)
 
         # Prefill eagerly (prompts vary in length), then decode through the compiled step.
@@ -459,62 +500,29 @@ class FastGenerator:
         logits = forward_static(self.model, target_cache, prompt_t[None], positions)[0, -1:]
         if draft_cache is not None:
             forward_static(self.draft, draft_cache, prompt_t[None], positions)
-        if not bool(torch.isfinite(logits).all()):
-            raise ValueError(
-                "the model's logits after the prompt are NaN or Inf (non-finite weights or "
-                "activations): no text can be generated from it"
-            )
-        sampling = (temperature, top_p, top_k, generator)
+        _check_finite(logits, "after the prompt")
         chunks = (
             self._speculate(logits, len(ids), budget, sampling)
             if self.draft is not None
             else self._decode(logits, len(ids), budget, sampling)
         )
-
-        tracker = _TextTracker(self.tokenizer, ids)
-        generated: list[int] = []
-        logprobs: list[float] = []
-        text, finish = "", None
+        row = _Row(self.tokenizer, ids, o, budget, 0)
         for tokens, lps in chunks:
             for token, lp in zip(tokens, lps):
-                if stop_at_eos and token == self.tokenizer.eos_id:
-                    finish = "eos"
+                row.add(token, lp)
+                if row.finish:
                     break
-                generated.append(token)
-                logprobs.append(lp)
-                if stop or on_text is not None:
-                    text = tracker.text(generated)
-                hit = min((text.find(s) for s in stop if s in text), default=-1)
-                if hit >= 0:
-                    text, finish = text[:hit], "stop"
-                elif len(generated) >= max_new_tokens:
-                    finish = "length"
-                elif len(generated) >= budget:
-                    finish = "context"
-                if finish:
-                    break
-            if on_text is not None:
-                delta = tracker.delta(text, final=finish is not None)
-                if delta:
-                    on_text(0, delta)
-            if finish:
+            row.emit()
+            if row.finish:
                 break
         chunks.close()
-        self.stats.new_tokens = len(generated)
-        if finish != "stop":
-            text = tracker.text(generated)
-        return Completion(
-            tracker.prefix + text if echo else text,
-            ids + generated if echo else generated,
-            ids,
-            finish or "length",
-            logprobs,
-        )
+        self.stats.new_tokens = len(row.tokens)
+        return row.completion()
 
     def _pick(self, logits: torch.Tensor, sampling: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         """Next tokens (n,) from logits (n, vocab), and their log-probabilities."""
         tokens = sample(logits, *sampling)
-        return tokens, torch.log_softmax(logits.float(), -1).gather(-1, tokens[:, None])[:, 0]
+        return tokens, _logprobs_of(logits, tokens)
 
     def _decode(self, logits: torch.Tensor, pos: int, budget: int, sampling: tuple):
         """Yield chunks (tokens, logprobs) of plain decoding: one step per token."""
@@ -555,7 +563,7 @@ class FastGenerator:
             self.stats.accepted += n
             if n == k:  # the draft never saw its own last proposal: add it to its cache
                 self._run(self.draft, draft_cache, drafted[k - 1 :], pos + k)
-            lps = torch.log_softmax(verify[: n + 1].float(), -1).gather(-1, new[:, None])[:, 0]
+            lps = _logprobs_of(verify[: n + 1], new)
             yield new.tolist(), lps.tolist()
             made, pos, token = made + n + 1, pos + n + 1, new[-1:]
 

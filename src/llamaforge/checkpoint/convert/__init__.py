@@ -14,7 +14,19 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from llamaforge.model import ModelArgs
+    from llamaforge.tokenizer import Tokenizer
+
+    # What a source layout is read as: the architecture, the tokenizer (None: none found),
+    # the Meta-named tensors and the chat template (None: none).
+    Source = tuple[ModelArgs, Tokenizer | None, Iterator[tuple[str, torch.Tensor]], str | None]
 
 SOURCES = ("native", "meta", "hf", "llama2c")
 TARGETS = ("native", "meta", "hf", "gguf")
@@ -24,6 +36,71 @@ def _progress(desc: str):
     from tqdm import tqdm
 
     return lambda it: tqdm(it, desc=desc, unit="tensor", leave=False)
+
+
+def _read_meta(src: Path, tokenizer: Path | None, max_seq_len: int | None) -> Source:
+    from llamaforge.checkpoint.convert.meta import read_meta
+
+    args, tok, tensors = read_meta(src, max_seq_len or 2048, tokenizer)
+    return args, tok, tensors, None
+
+
+def _read_hf(src: Path, tokenizer: Path | None, max_seq_len: int | None) -> Source:
+    from llamaforge.checkpoint.convert.hf import read_hf, read_hf_chat_template
+
+    args, tok, tensors = read_hf(src, tokenizer)
+    chat_template = read_hf_chat_template(src)
+    if max_seq_len:
+        args.max_seq_len = max_seq_len
+    return args, tok, tensors, chat_template
+
+
+def _read_llama2c(src: Path, tokenizer: Path | None, max_seq_len: int | None) -> Source:
+    """model.bin, and the tokenizer beside it (``tokenizer.bin``) or ``tokenizer`` (a
+    llama2.c ``.bin`` or a SentencePiece ``.model``)."""
+    from llamaforge.checkpoint.convert.llama2c import (
+        llama2c_tokenizer_to_sentencepiece,
+        read_llama2c,
+    )
+    from llamaforge.checkpoint.native import CheckpointError
+    from llamaforge.tokenizer import Tokenizer
+
+    args, state = read_llama2c(src)
+    tok_path = tokenizer or src.with_name("tokenizer.bin")
+    tok = None
+    if tok_path.is_file():
+        if tok_path.suffix == ".model":
+            tok = Tokenizer(tok_path)
+        else:
+            tok = Tokenizer.from_bytes(
+                llama2c_tokenizer_to_sentencepiece(tok_path, args.vocab_size), tok_path
+            )
+    elif tokenizer:
+        raise CheckpointError(f"{tok_path}: tokenizer not found")
+    if max_seq_len:
+        args.max_seq_len = max_seq_len
+    return args, tok, iter(state.items()), None
+
+
+def _read_native(src: Path, tokenizer: Path | None, max_seq_len: int | None) -> Source:
+    """A native directory as it is (``max_seq_len`` is not applied to it)."""
+    from llamaforge.checkpoint.native import iter_tensors, read_chat_template, read_params
+    from llamaforge.tokenizer import Tokenizer
+
+    args, _ = read_params(src)
+    chat_template = read_chat_template(src)
+    tok_path = tokenizer or src / "tokenizer.model"
+    tok = Tokenizer(tok_path) if tok_path.is_file() else None
+    return args, tok, iter_tensors(src), chat_template
+
+
+# Source layout -> its reader: (src, tokenizer, max_seq_len) -> Source.
+_READERS: dict[str, Callable[[Path, Path | None, int | None], Source]] = {
+    "native": _read_native,
+    "meta": _read_meta,
+    "hf": _read_hf,
+    "llama2c": _read_llama2c,
+}
 
 
 def to_native(
@@ -43,51 +120,10 @@ def to_native(
     src = Path(src)
     if not src.exists():
         raise CheckpointError(f"{src}: no such file or directory")
-    chat_template: str | None = None
-    if source == "meta":
-        from llamaforge.checkpoint.convert.meta import read_meta
-
-        args, tok, tensors = read_meta(src, max_seq_len or 2048, tokenizer)
-    elif source == "hf":
-        from llamaforge.checkpoint.convert.hf import read_hf, read_hf_chat_template
-
-        args, tok, tensors = read_hf(src, tokenizer)
-        chat_template = read_hf_chat_template(src)
-        if max_seq_len:
-            args.max_seq_len = max_seq_len
-    elif source == "llama2c":
-        from llamaforge.checkpoint.convert.llama2c import (
-            llama2c_tokenizer_to_sentencepiece,
-            read_llama2c,
-        )
-        from llamaforge.tokenizer import Tokenizer
-
-        args, state = read_llama2c(src)
-        tok_path = Path(tokenizer) if tokenizer else src.with_name("tokenizer.bin")
-        tok = None
-        if tok_path.is_file():
-            if tok_path.suffix == ".model":
-                tok = Tokenizer(tok_path)
-            else:
-                tok = Tokenizer.from_bytes(
-                    llama2c_tokenizer_to_sentencepiece(tok_path, args.vocab_size), tok_path
-                )
-        elif tokenizer:
-            raise CheckpointError(f"{tok_path}: tokenizer not found")
-        tensors = iter(state.items())
-        if max_seq_len:
-            args.max_seq_len = max_seq_len
-    elif source == "native":
-        from llamaforge.checkpoint.native import iter_tensors, read_chat_template, read_params
-        from llamaforge.tokenizer import Tokenizer
-
-        args, _ = read_params(src)
-        chat_template = read_chat_template(src)
-        tok_path = Path(tokenizer) if tokenizer else src / "tokenizer.model"
-        tok = Tokenizer(tok_path) if tok_path.is_file() else None
-        tensors = iter_tensors(src)
-    else:
+    if source not in _READERS:
         raise CheckpointError(f"unknown source layout {source!r}; expected one of {SOURCES}")
+    tok_path = Path(tokenizer) if tokenizer else None
+    args, tok, tensors, chat_template = _READERS[source](src, tok_path, max_seq_len)
     if tok is not None and tok.vocab_size > args.vocab_size:
         raise CheckpointError(
             f"tokenizer has {tok.vocab_size} pieces but the model's vocab_size is {args.vocab_size}"

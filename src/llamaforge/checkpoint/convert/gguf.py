@@ -31,6 +31,7 @@ import torch
 from llamaforge.files import atomic_path
 
 if TYPE_CHECKING:
+    from llamaforge.model import ModelArgs
     from llamaforge.tokenizer import Tokenizer
 
 __all__ = ["GGUF_TYPES", "ConvertError", "export_gguf", "gguf_tensor_name", "read_gguf_summary"]
@@ -159,6 +160,82 @@ def _check_target(dst: Path, force: bool) -> None:
         raise ConvertError(f"{dst}: already exists; pass force=True (--force) to replace it")
 
 
+def _write_hparams(writer: Any, args: ModelArgs, name: str, outtype: str, gguf: Any) -> None:
+    """The file's name and type and the ``llama.*`` hyper-parameters."""
+    file_type = {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    }[outtype]
+    writer.add_name(name)
+    writer.add_file_type(int(file_type))
+    if outtype == "q8_0":
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_vocab_size(args.vocab_size)
+    writer.add_context_length(args.max_seq_len)
+    writer.add_embedding_length(args.dim)
+    writer.add_block_count(args.n_layers)
+    writer.add_feed_forward_length(args.ffn_hidden_dim)
+    writer.add_head_count(args.n_heads)
+    writer.add_head_count_kv(args.kv_heads)
+    writer.add_rope_dimension_count(args.head_dim)
+    writer.add_rope_freq_base(float(args.rope_theta))
+    writer.add_layer_norm_rms_eps(float(args.norm_eps))
+
+
+def _write_tokenizer(
+    writer: Any, tok: Tokenizer, vocab_size: int, chat_template: str | None, gguf: Any
+) -> None:
+    """The ``tokenizer.ggml.*`` vocabulary and special ids, and the chat template if any."""
+    tokens, scores, types = _vocab(tok, vocab_size, gguf)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(tok.bos_id)
+    writer.add_eos_token_id(tok.eos_id)
+    writer.add_unk_token_id(tok.unk_id)
+    if tok.pad_id >= 0:
+        writer.add_pad_token_id(tok.pad_id)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+    dummy_prefix = _add_dummy_prefix(tok)
+    if dummy_prefix is not None:
+        writer.add_add_space_prefix(dummy_prefix)
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)  # gguf.Keys.Tokenizer.CHAT_TEMPLATE
+
+
+def _write_tensors(
+    writer: Any, tensors: dict[str, torch.Tensor], outtype: str, progress: bool, gguf: Any
+) -> None:
+    """Declare every tensor (GGUF name -> tensor) in the header, then write their data one
+    tensor at a time."""
+    Q = gguf.GGMLQuantizationType
+    np_dtypes = {Q.Q8_0: np.dtype(np.uint8), Q.F32: np.dtype(np.float32)}
+    plans = {}
+    for name, t in tensors.items():
+        qtype, np_shape, nbytes = _plan(t, outtype, gguf)
+        plans[name] = qtype
+        np_dtype = np_dtypes.get(qtype, np.dtype(np.float16))
+        writer.add_tensor_info(name, np_shape, np_dtype, nbytes, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+
+    items = tensors.items()
+    if progress:
+        from tqdm import tqdm
+
+        items = tqdm(items, total=len(tensors), desc=f"GGUF {outtype}", unit="tensor")
+    for name, t in items:
+        arr = _convert(t, plans[name], gguf)
+        writer.write_tensor_data(arr)
+        del arr
+    writer.flush()
+
+
 def export_gguf(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -185,11 +262,6 @@ def export_gguf(
     from llamaforge.checkpoint.native import load, read_chat_template
 
     src_path, dst_path = Path(src), Path(dst)
-    file_type = {
-        "f32": gguf.LlamaFileType.ALL_F32,
-        "f16": gguf.LlamaFileType.MOSTLY_F16,
-        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-    }[outtype]
     _check_target(dst_path, force)
     with atomic_path(dst_path) as tmp:
         model, tok = load(src_path)
@@ -198,76 +270,13 @@ def export_gguf(
                 f"{src_path}: no tokenizer.model; GGUF files carry the vocabulary, so the "
                 "checkpoint needs one"
             )
-        args = model.args
-        state = model.state_dict()
-        names = {k: gguf_tensor_name(k) for k in state}
-
+        # every name first: a tensor GGUF has no name for fails before anything is written
+        tensors = {gguf_tensor_name(k): t for k, t in model.state_dict().items()}
         writer = gguf.GGUFWriter(tmp, "llama")
         try:
-            writer.add_name(src_path.resolve().name or "llama")
-            writer.add_file_type(int(file_type))
-            if outtype == "q8_0":
-                writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-            writer.add_vocab_size(args.vocab_size)
-            writer.add_context_length(args.max_seq_len)
-            writer.add_embedding_length(args.dim)
-            writer.add_block_count(args.n_layers)
-            writer.add_feed_forward_length(args.ffn_hidden_dim)
-            writer.add_head_count(args.n_heads)
-            writer.add_head_count_kv(args.kv_heads)
-            writer.add_rope_dimension_count(args.head_dim)
-            writer.add_rope_freq_base(float(args.rope_theta))
-            writer.add_layer_norm_rms_eps(float(args.norm_eps))
-
-            tokens, scores, types = _vocab(tok, args.vocab_size, gguf)
-            writer.add_tokenizer_model("llama")
-            writer.add_tokenizer_pre("default")
-            writer.add_token_list(tokens)
-            writer.add_token_scores(scores)
-            writer.add_token_types(types)
-            writer.add_bos_token_id(tok.bos_id)
-            writer.add_eos_token_id(tok.eos_id)
-            writer.add_unk_token_id(tok.unk_id)
-            if tok.pad_id >= 0:
-                writer.add_pad_token_id(tok.pad_id)
-            writer.add_add_bos_token(True)
-            writer.add_add_eos_token(False)
-            dummy_prefix = _add_dummy_prefix(tok)
-            if dummy_prefix is not None:
-                writer.add_add_space_prefix(dummy_prefix)
-            chat_template = read_chat_template(src_path)
-            if chat_template is not None:
-                writer.add_chat_template(chat_template)  # gguf.Keys.Tokenizer.CHAT_TEMPLATE
-
-            # Declare every tensor first (header), then stream the data one tensor at a time.
-            plans = {}
-            for name, t in state.items():
-                qtype, np_shape, nbytes = _plan(t, outtype, gguf)
-                plans[name] = qtype
-                np_dtype = (
-                    np.dtype(np.uint8)
-                    if qtype == gguf.GGMLQuantizationType.Q8_0
-                    else (
-                        np.dtype(
-                            np.float32 if qtype == gguf.GGMLQuantizationType.F32 else np.float16
-                        )
-                    )
-                )
-                writer.add_tensor_info(names[name], np_shape, np_dtype, nbytes, raw_dtype=qtype)
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-
-            items = state.items()
-            if progress:
-                from tqdm import tqdm
-
-                items = tqdm(items, total=len(state), desc=f"GGUF {outtype}", unit="tensor")
-            for name, t in items:
-                arr = _convert(t, plans[name], gguf)
-                writer.write_tensor_data(arr)
-                del arr
-            writer.flush()
+            _write_hparams(writer, model.args, src_path.resolve().name or "llama", outtype, gguf)
+            _write_tokenizer(writer, tok, model.args.vocab_size, read_chat_template(src_path), gguf)
+            _write_tensors(writer, tensors, outtype, progress, gguf)
         finally:
             writer.close()
     return dst_path

@@ -29,7 +29,9 @@ import math
 import os
 import re
 import struct
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -84,21 +86,38 @@ def _hidden_args(hidden_dim: int, dim: int, where: str) -> tuple[int, float | No
     )
 
 
-def _check_header(
-    where: str, dim: int, hidden: int, n_layers: int, n_heads: int, n_kv: int, vocab: int, seq: int
-) -> None:
-    values = dict(
-        dim=dim,
-        hidden_dim=hidden,
-        n_layers=n_layers,
-        n_heads=n_heads,
-        n_kv_heads=n_kv,
-        vocab_size=vocab,
-        seq_len=seq,
-    )
-    bad = [f"{k}={v}" for k, v in values.items() if not 0 < v < 1 << 24]
-    if bad or dim % n_heads or (dim // n_heads) % 2 or n_heads % n_kv:
-        why = ", ".join(bad) if bad else f"dim={dim}, n_heads={n_heads}, n_kv_heads={n_kv}"
+class _Header(NamedTuple):
+    """The seven int32 every ``model.bin`` header holds, in file order."""
+
+    dim: int
+    hidden_dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    vocab_size: int
+    seq_len: int
+
+    def describe(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self._asdict().items())
+
+
+@dataclass
+class _Layout:
+    """How a ``model.bin`` is laid out: its header, export version (0: legacy), whether the
+    classifier is the embedding table, version 2's Q8_0 group size and where weights start."""
+
+    header: _Header
+    version: int
+    shared: bool
+    group_size: int
+    offset: int
+
+
+def _check_header(where: str, h: _Header) -> None:
+    """Refuse a header whose values no model has (not a model.bin, or another format)."""
+    bad = [f"{k}={v}" for k, v in h._asdict().items() if not 0 < v < 1 << 24]
+    if bad or h.dim % h.n_heads or (h.dim // h.n_heads) % 2 or h.n_heads % h.n_kv_heads:
+        why = ", ".join(bad) or f"dim={h.dim}, n_heads={h.n_heads}, n_kv_heads={h.n_kv_heads}"
         raise Llama2cError(
             f"{where}: not a llama2.c model.bin (implausible header: {why}); expected 7 int32 "
             "dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len, or the "
@@ -114,15 +133,9 @@ def _size_error(where: str, fmt: str, got: int, want: int, what: str) -> Llama2c
     )
 
 
-def read_llama2c(path: str | os.PathLike) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
-    """Read a llama2.c ``model.bin`` (legacy, version 1 or version 2 / Q8_0).
-
-    Returns the architecture and the weights under Meta's names, fp32 (v2 dequantized);
-    ``output.weight`` is a copy of the embedding table when the classifier is shared. The
-    fp32 weights are copy-on-write memory maps of the file, not reads into memory.
-    """
-    p = Path(path)
-    where = str(p)
+def _read_layout(p: Path, where: str) -> _Layout:
+    """The header of ``model.bin`` at ``p``: legacy (7 int32, a negative vocab_size for an
+    unshared classifier) or versions 1/2 behind the 'ak42' magic; checked as plausible."""
     if not p.is_file():
         raise Llama2cError(f"{where}: no such llama2.c model file")
     size = p.stat().st_size
@@ -130,9 +143,12 @@ def read_llama2c(path: str | os.PathLike) -> tuple[ModelArgs, dict[str, torch.Te
         raise Llama2cError(f"{where}: truncated: {size} bytes is shorter than any header")
     with open(p, "rb") as f:
         head = f.read(_HEADER_V1)
-    magic = struct.unpack_from("<I", head)[0]
-    version, group_size = 0, 0
-    if magic == LLAMA2C_MAGIC:
+    if struct.unpack_from("<I", head)[0] != LLAMA2C_MAGIC:
+        h = _Header(*struct.unpack_from("<7i", head))
+        layout = _Layout(
+            h._replace(vocab_size=abs(h.vocab_size)), 0, h.vocab_size > 0, 0, _LEGACY_HEADER
+        )
+    else:
         if len(head) < _HEADER_V1:
             raise Llama2cError(f"{where}: truncated: the 'ak42' header needs 256 bytes")
         version = struct.unpack_from("<i", head, 4)[0]
@@ -141,19 +157,24 @@ def read_llama2c(path: str | os.PathLike) -> tuple[ModelArgs, dict[str, torch.Te
                 f"{where}: llama2.c export version {version} is not supported (only the "
                 "legacy layout and versions 1 and 2)"
             )
-        dim, hidden, n_layers, n_heads, n_kv, vocab, seq = struct.unpack_from("<7i", head, 8)
-        shared = bool(head[36])
-        if version == 2:
-            group_size = struct.unpack_from("<i", head, 37)[0]
-        offset = _HEADER_V1
-    else:
-        dim, hidden, n_layers, n_heads, n_kv, vocab, seq = struct.unpack_from("<7i", head)
-        shared = vocab > 0
-        vocab = abs(vocab)
-        offset = _LEGACY_HEADER
-    _check_header(where, dim, hidden, n_layers, n_heads, n_kv, vocab, seq)
-    head_size = dim // n_heads
-    q_dim, kv_dim, L = n_heads * head_size, n_kv * head_size, n_layers
+        group_size = struct.unpack_from("<i", head, 37)[0] if version == 2 else 0
+        h = _Header(*struct.unpack_from("<7i", head, 8))
+        layout = _Layout(h, version, bool(head[36]), group_size, _HEADER_V1)
+    _check_header(where, layout.header)
+    return layout
+
+
+# (key, numpy dtype, shape) of each array of a model.bin, in file order
+_Plan = list[tuple[str, np.dtype, tuple[int, ...]]]
+
+
+def _plan(layout: _Layout, where: str) -> tuple[str, _Plan, list[tuple[str, tuple[int, ...]]]]:
+    """The format's name, the arrays of the file after its header, and the weight matrices
+    that version 2 stores as Q8_0 (key, shape) — their scales follow as ``key.scales``."""
+    h, version, L = layout.header, layout.version, layout.header.n_layers
+    dim, hidden, vocab = h.dim, h.hidden_dim, h.vocab_size
+    head_size = dim // h.n_heads
+    q_dim, kv_dim = h.n_heads * head_size, h.n_kv_heads * head_size
     matrices = {
         "wq": (L, q_dim, dim),
         "wk": (L, kv_dim, dim),
@@ -163,73 +184,55 @@ def read_llama2c(path: str | os.PathLike) -> tuple[ModelArgs, dict[str, torch.Te
         "w2": (L, dim, hidden),
         "w3": (L, hidden, dim),
     }
-    # (key, dtype, shape) in file order
     f32, i8 = np.dtype("<f4"), np.dtype("i1")
     norms = [("attention_norm", f32, (L, dim)), ("ffn_norm", f32, (L, dim)), ("norm", f32, (dim,))]
+    classifier = [] if layout.shared else [("output", (vocab, dim))]
     if version == 0:
-        plan = [
+        plan: _Plan = [
             ("tok_embeddings", f32, (vocab, dim)),
             ("attention_norm", f32, (L, dim)),
             *[(k, f32, matrices[k]) for k in ("wq", "wk", "wv", "wo")],
             ("ffn_norm", f32, (L, dim)),
             *[(k, f32, matrices[k]) for k in ("w1", "w2", "w3")],
             ("norm", f32, (dim,)),
-            ("freq_cis_real", f32, (seq * head_size // 2,)),
-            ("freq_cis_imag", f32, (seq * head_size // 2,)),
+            ("freq_cis_real", f32, (h.seq_len * head_size // 2,)),
+            ("freq_cis_imag", f32, (h.seq_len * head_size // 2,)),
+            *[(k, f32, s) for k, s in classifier],
         ]
-        if not shared:
-            plan.append(("output", f32, (vocab, dim)))
-        fmt = "legacy (v0)"
-    else:
-        quantized = [("tok_embeddings", (vocab, dim)), *matrices.items()]
-        if not shared:
-            quantized.append(("output", (vocab, dim)))
-        if version == 1:
-            plan = norms + [(k, f32, s) for k, s in quantized]
-            fmt = "version 1"
-        else:
-            fmt = f"version 2 (Q8_0, group size {group_size})"
-            per_matrix = [(k, s[-2] * s[-1]) for k, s in quantized]
-            if group_size <= 0 or any(n % group_size for _, n in per_matrix):
-                raise Llama2cError(
-                    f"{where}: {fmt}: the group size does not divide every weight matrix"
-                )
-            plan = norms + [(k, i8, s) for k, s in quantized]
-            plan += [
-                (f"{k}.scales", f32, (*s[:-2], s[-2] * s[-1] // group_size)) for k, s in quantized
-            ]
-    want = offset + sum(dt.itemsize * math.prod(shape) for _, dt, shape in plan)
-    what = (
-        f"dim={dim}, hidden_dim={hidden}, n_layers={n_layers}, n_heads={n_heads}, "
-        f"n_kv_heads={n_kv}, vocab_size={vocab}, seq_len={seq}, "
-        f"{'shared' if shared else 'unshared'} classifier"
-    )
-    if size != want:
-        raise _size_error(where, f"{fmt} model", size, want, what)
+        return "legacy (v0)", plan, []
+    quantized = [("tok_embeddings", (vocab, dim)), *matrices.items(), *classifier]
+    if version == 1:
+        return "version 1", norms + [(k, f32, s) for k, s in quantized], []
+    group = layout.group_size
+    fmt = f"version 2 (Q8_0, group size {group})"
+    if group <= 0 or any(s[-2] * s[-1] % group for _, s in quantized):
+        raise Llama2cError(f"{where}: {fmt}: the group size does not divide every weight matrix")
+    plan = norms + [(k, i8, s) for k, s in quantized]
+    plan += [(f"{k}.scales", f32, (*s[:-2], s[-2] * s[-1] // group)) for k, s in quantized]
+    return fmt, plan, quantized
 
-    arrays: dict[str, np.ndarray] = {}
-    for key, dt, shape in plan:
-        arrays[key] = np.memmap(p, dtype=dt, mode="c", offset=offset, shape=shape)
-        offset += dt.itemsize * math.prod(shape)
-    if version == 2:
-        for key, shape in quantized:
-            q = arrays.pop(key).astype(np.float32).reshape(*shape[:-2], -1, group_size)
-            s = arrays.pop(f"{key}.scales")
-            arrays[key] = (q * s[..., None]).reshape(shape)
 
-    multiple_of, ffn_mult = _hidden_args(hidden, dim, where)
-    args = ModelArgs(
-        dim=dim,
-        n_layers=n_layers,
-        n_heads=n_heads,
-        n_kv_heads=n_kv,
-        vocab_size=vocab,
+def _model_args(h: _Header, where: str) -> ModelArgs:
+    """The ModelArgs of a llama2.c model: its header, RMSNorm eps 1e-5 and RoPE theta 10000."""
+    multiple_of, ffn_mult = _hidden_args(h.hidden_dim, h.dim, where)
+    return ModelArgs(
+        dim=h.dim,
+        n_layers=h.n_layers,
+        n_heads=h.n_heads,
+        n_kv_heads=h.n_kv_heads,
+        vocab_size=h.vocab_size,
         multiple_of=multiple_of,
         ffn_dim_multiplier=ffn_mult,
         norm_eps=1e-5,
         rope_theta=10000.0,
-        max_seq_len=seq,
+        max_seq_len=h.seq_len,
     ).validate()
+
+
+def _meta_state(
+    arrays: dict[str, np.ndarray], n_layers: int, shared: bool
+) -> dict[str, torch.Tensor]:
+    """llama2.c's arrays (layers stacked) under Meta's per-layer tensor names."""
 
     def t(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a)
@@ -248,7 +251,38 @@ def read_llama2c(path: str | os.PathLike) -> tuple[ModelArgs, dict[str, torch.Te
         state["output.weight"] = state["tok_embeddings.weight"].clone()
     else:
         state["output.weight"] = t(arrays["output"])
-    return args, state
+    return state
+
+
+def read_llama2c(path: str | os.PathLike) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+    """Read a llama2.c ``model.bin`` (legacy, version 1 or version 2 / Q8_0).
+
+    Returns the architecture and the weights under Meta's names, fp32 (v2 dequantized);
+    ``output.weight`` is a copy of the embedding table when the classifier is shared. The
+    fp32 weights are copy-on-write memory maps of the file, not reads into memory.
+    """
+    p = Path(path)
+    where = str(p)
+    layout = _read_layout(p, where)
+    fmt, plan, quantized = _plan(layout, where)
+    offset = layout.offset
+    want = offset + sum(dt.itemsize * math.prod(shape) for _, dt, shape in plan)
+    size = p.stat().st_size
+    if size != want:
+        shared = "shared" if layout.shared else "unshared"
+        what = f"{layout.header.describe()}, {shared} classifier"
+        raise _size_error(where, f"{fmt} model", size, want, what)
+
+    arrays: dict[str, np.ndarray] = {}
+    for key, dt, shape in plan:
+        arrays[key] = np.memmap(p, dtype=dt, mode="c", offset=offset, shape=shape)
+        offset += dt.itemsize * math.prod(shape)
+    for key, shape in quantized:  # version 2: dequantize
+        q = arrays.pop(key).astype(np.float32).reshape(*shape[:-2], -1, layout.group_size)
+        s = arrays.pop(f"{key}.scales")
+        arrays[key] = (q * s[..., None]).reshape(shape)
+    args = _model_args(layout.header, where)
+    return args, _meta_state(arrays, layout.header.n_layers, layout.shared)
 
 
 # -- tokenizer.bin ---------------------------------------------------------------------------
