@@ -282,7 +282,7 @@ def run(a: argparse.Namespace) -> int:
 
     rank = 0
     if a.tp != 1:  # split over the torchrun processes, which all run every batch
-        from llamaforge.cli.checkpoint import load_tensor_parallel
+        from llamaforge.cli.loading import load_tensor_parallel
         from llamaforge.device import resolve_device
 
         gpu = resolve_device(a.device).type == "cuda"
