@@ -14,6 +14,7 @@ from llamaforge.cli.help import add_config_help
 from llamaforge.cli.loading import (
     Loaded,
     add_load_args,
+    add_speed_args,
     check_draft_k,
     load_checkpoint,
     load_draft,
@@ -165,26 +166,7 @@ def _add_fast_args(g: argparse.ArgumentParser) -> None:
         action="store_true",
         help="torch.compile the decoding step (CUDA graphs on a GPU); the first call compiles",
     )
-    f.add_argument(
-        "--quantize",
-        choices=["int8", "int8-bf16"],
-        help="int8 weight-only linear layers, one scale per output channel (CPU or GPU); "
-        "int8-bf16: on the CPU, fp32 activations enter the int8 kernel as bf16 (faster, "
-        "less exact)",
-    )
-    f.add_argument(
-        "--draft",
-        metavar="DIR",
-        help="speculative decoding with this smaller checkpoint (same tokenizer) proposing "
-        "tokens; greedy output is unchanged; the acceptance rate is printed on stderr",
-    )
-    f.add_argument(
-        "--draft-k",
-        type=int,
-        default=4,
-        metavar="N",
-        help="tokens the draft proposes per step (default 4)",
-    )
+    add_speed_args(f)
 
 
 def _model_args_for(a: argparse.Namespace):

@@ -29,6 +29,34 @@ def add_load_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_speed_args(p: Any, per_request: bool = False) -> None:
+    """``--quantize``, ``--draft`` and ``--draft-k`` (what `quantize` and `load_draft` read)
+    on a parser or argument group; ``per_request``: the draft drafts for every running
+    request (the server)."""
+    p.add_argument(
+        "--quantize",
+        choices=["int8", "int8-bf16"],
+        help="int8 weight-only linear layers, one scale per output channel (CPU or GPU); "
+        "int8-bf16: on the CPU, fp32 activations enter the int8 kernel as bf16 (2-3x "
+        "faster there, logits within a few %%)",
+    )
+    p.add_argument(
+        "--draft",
+        metavar="DIR",
+        help="speculative decoding with this smaller checkpoint (same tokenizer) proposing "
+        f"tokens{' for every running request' if per_request else ''}; greedy output is "
+        "unchanged; the acceptance rate is printed on stderr",
+    )
+    p.add_argument(
+        "--draft-k",
+        type=int,
+        default=4,
+        metavar="N",
+        help=f"tokens the draft proposes per {'request and ' if per_request else ''}step "
+        "(default 4)",
+    )
+
+
 class Loaded(NamedTuple):
     """A checkpoint loaded for inference, and where: its device, this process's rank."""
 

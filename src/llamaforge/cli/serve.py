@@ -11,6 +11,7 @@ from typing import Any
 from llamaforge.cli.loading import (
     Loaded,
     add_load_args,
+    add_speed_args,
     check_draft_k,
     load_checkpoint,
     load_draft,
@@ -61,25 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=256,
         help="requests that may wait for a slot before new ones get 429 (default 256)",
     )
-    s.add_argument(
-        "--quantize",
-        choices=["int8", "int8-bf16"],
-        help="int8 weight-only quantisation of the Linear layers (int8-bf16: fp32 activations "
-        "enter the CPU's int8 kernel as bf16, 2-3x faster on the CPU, logits within a few %%)",
-    )
-    s.add_argument(
-        "--draft",
-        metavar="DIR",
-        help="speculative decoding with this smaller checkpoint (same vocabulary) proposing "
-        "tokens for every running request; greedy output is unchanged",
-    )
-    s.add_argument(
-        "--draft-k",
-        type=int,
-        default=4,
-        metavar="N",
-        help="tokens the draft proposes per request and step (default 4)",
-    )
+    add_speed_args(s, per_request=True)
     s.add_argument(
         "--draft-max-batch",
         type=int,

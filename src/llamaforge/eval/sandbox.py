@@ -350,9 +350,14 @@ class _Reports:
         """ "ok" if the child proved it ran to its end, else its last failure report."""
         if self.sent and f"ok\t{self.secret}" in self.lines:
             return "ok"
-        kinds = ("error", "memory", "exit")
-        failures = [line for line in self.lines if line.split("\t")[0] in kinds]
-        return failures[-1] if failures else ""
+        return _last_failure(self.lines)
+
+
+def _last_failure(lines: list[str]) -> str:
+    """The last failure the child reported ("error", "memory" or "exit" and its message),
+    or ""."""
+    failures = [line for line in lines if line.split("\t")[0] in ("error", "memory", "exit")]
+    return failures[-1] if failures else ""
 
 
 def _exited(proc: subprocess.Popen[bytes]) -> bool:
@@ -447,6 +452,14 @@ def _supervise(
     except subprocess.TimeoutExpired:  # unkillable (uninterruptible sleep): leave it
         pass
     return timed_out
+
+
+def _exit_status(returncode: int | None, bwrap: str) -> int | None:
+    """The child's exit status as Popen reports it (-N: killed by signal N); under bwrap,
+    which exits 128 + N for a child killed by signal N, that too."""
+    if bwrap and returncode is not None and 128 < returncode < 128 + 65:
+        return 128 - returncode
+    return returncode
 
 
 def _signal_name(number: int) -> str:
@@ -552,6 +565,13 @@ def _launch(
     return proc, report_r, secret_w
 
 
+def _not_launched(error: OSError, report_r: int, write_end: int) -> SandboxResult:
+    """The result of a child that could not start; its pipes' parent ends closed."""
+    os.close(report_r)
+    os.close(write_end)
+    return SandboxResult("failed", _short(f"sandbox error: {error}"), 0.0)
+
+
 def _check_limits(
     timeout: float,
     memory_mb: int,
@@ -597,11 +617,9 @@ def run_program(
     ) as tmp:
         start = time.monotonic()
         proc, report_r, secret_w = _launch(Path(tmp), program, memory_mb, cpu, bwrap, False)
-        reports = _Reports(secret_w, secrets.token_hex(16))
         if isinstance(proc, OSError):
-            os.close(report_r)
-            reports.close()
-            return SandboxResult("failed", _short(f"sandbox error: {proc}"), 0.0)
+            return _not_launched(proc, report_r, secret_w)
+        reports = _Reports(secret_w, secrets.token_hex(16))
         try:
             timed_out = _supervise(proc, start + timeout, capture, reports, report_r)
         finally:
@@ -614,9 +632,7 @@ def run_program(
             reports.close()
         duration = time.monotonic() - start
     report = reports.verdict_line()
-    returncode = proc.returncode
-    if bwrap and returncode is not None and 128 < returncode < 128 + 65:
-        returncode = 128 - returncode  # bwrap exits 128 + N for a child killed by signal N
+    returncode = _exit_status(proc.returncode, bwrap)
     status, detail = _verdict(timed_out, returncode, report, capture, timeout, memory_mb)
     return SandboxResult(status, _short(detail), duration, capture.text())
 
@@ -888,9 +904,7 @@ def run_tests(
         start = time.monotonic()
         proc, report_r, request_w = _launch(Path(tmp), candidate, memory_mb, cpu, bwrap, True)
         if isinstance(proc, OSError):
-            os.close(report_r)
-            os.close(request_w)
-            return SandboxResult("failed", _short(f"sandbox error: {proc}"), 0.0)
+            return _not_launched(proc, report_r, request_w)
         link = _Link(proc, report_r, request_w, start + timeout)
         status, detail, unsendable, died = _run_harness(link, capture, tests, entry_point)
         duration = time.monotonic() - start
@@ -972,16 +986,14 @@ def _link_failure(
         return "timeout", f"timed out after {timeout:g} s"
     status, detail = "failed", link.failure
     proc = link.proc
-    why = [line for line in link.lines if line.split("\t")[0] in ("error", "memory", "exit")]
+    why = _last_failure(link.lines)
     if why:
-        kind, _, message = why[-1].partition("\t")
+        kind, _, message = why.partition("\t")
         status = "killed" if kind == "memory" else "failed"
         detail = f"{message} (memory limit {memory_mb} MB)" if kind == "memory" else message
     elif died and proc.returncode is not None and proc.returncode != 0:
-        code = proc.returncode
-        if bwrap and 128 < code < 128 + 65:
-            code = 128 - code
-        if code < 0:
+        code = _exit_status(proc.returncode, bwrap)
+        if code is not None and code < 0:
             status, detail = _verdict(False, code, "", capture, timeout, memory_mb)
     elif link.failure.startswith("the program's process ended") and capture.last_line():
         detail = f"{link.failure}: {capture.last_line()}"
