@@ -38,6 +38,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_load_args(s)
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free)")
+    _add_scheduler_args(s)
+    add_speed_args(s, per_request=True)
+    s.add_argument(
+        "--api-key",
+        help="require 'Authorization: Bearer KEY' (default: $LLAMAFORGE_API_KEY, else none)",
+    )
+    s.add_argument(
+        "--template",
+        metavar="NAME|FILE",
+        help="chat template: alpaca, llama2 or a .jinja file (default: the checkpoint's)",
+    )
+    s.add_argument("--model-name", help="the model id clients use (default: the folder's name)")
+    s.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=1 << 20,
+        help="largest request body; larger ones get 413 (default 1 MiB)",
+    )
+    s.add_argument("--log-level", default="warning", help="uvicorn's log level (default warning)")
+    s.set_defaults(func=_serve)
+
+
+def _add_scheduler_args(s: argparse.ArgumentParser) -> None:
+    """The KV cache's slots and positions, the prefill chunk, the queue, and when to
+    speculate."""
     s.add_argument(
         "--max-batch",
         type=int,
@@ -62,7 +87,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=256,
         help="requests that may wait for a slot before new ones get 429 (default 256)",
     )
-    add_speed_args(s, per_request=True)
     s.add_argument(
         "--draft-max-batch",
         type=int,
@@ -70,24 +94,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="speculate only while at most N requests decode; larger batches decode plainly "
         "(default: always)",
     )
-    s.add_argument(
-        "--api-key",
-        help="require 'Authorization: Bearer KEY' (default: $LLAMAFORGE_API_KEY, else none)",
-    )
-    s.add_argument(
-        "--template",
-        metavar="NAME|FILE",
-        help="chat template: alpaca, llama2 or a .jinja file (default: the checkpoint's)",
-    )
-    s.add_argument("--model-name", help="the model id clients use (default: the folder's name)")
-    s.add_argument(
-        "--max-body-bytes",
-        type=int,
-        default=1 << 20,
-        help="largest request body; larger ones get 413 (default 1 MiB)",
-    )
-    s.add_argument("--log-level", default="warning", help="uvicorn's log level (default warning)")
-    s.set_defaults(func=_serve)
 
 
 def _check_args(a: argparse.Namespace) -> None:
