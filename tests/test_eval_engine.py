@@ -471,3 +471,25 @@ def test_cli_writes_json_and_reports_errors(tiny_ckpt, data_dir, tmp_path, capsy
     assert res["tasks"][name]["n_docs"] == 3
     assert math.isfinite(res["tasks"][name]["metrics"][res["tasks"][name]["main_metric"]]["value"])
     assert "Table" in capsys.readouterr().out
+
+
+def test_task_options_take_one_route(tmp_path, monkeypatch, capsys):
+    """Options for a task that is not evaluated are refused alike by `evaluate` and by the
+    command line, there before any dataset is fetched (nothing is cached offline here, so
+    a fetch would fail with another error)."""
+    from llamaforge.cli.eval import main
+    from llamaforge.eval.base import EvalError
+    from llamaforge.eval.runner import evaluate
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("LLAMAFORGE_CACHE", str(tmp_path / "cache"))
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    argv = ["--ckpt", str(ckpt), "--tasks", "boolq", "--data-source", "hub"]
+    assert main([*argv, "--task-option", "gsm8k.maj_k=8"]) == 2
+    err = capsys.readouterr().err
+    assert "options for task(s) not evaluated: ['gsm8k'] (the tasks are boolq)" in err, err
+    assert not (tmp_path / "cache").exists()
+    with pytest.raises(EvalError, match=r"options for task\(s\) not evaluated: \['gsm8k'\]"):
+        evaluate(None, ["boolq"], tmp_path, task_options={"gsm8k": {"maj_k": 8}})  # type: ignore[arg-type]

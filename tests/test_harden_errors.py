@@ -178,7 +178,7 @@ def test_non_finite_native_weights_warn_on_load_and_strict_refuses(nan_ckpt, cap
         load(nan_ckpt, strict=True)
 
 
-@pytest.mark.parametrize("command", ["generate", "chat", "eval"])
+@pytest.mark.parametrize("command", ["generate", "chat", "serve", "eval"])
 def test_strict_commands_refuse_non_finite_weights(nan_ckpt, capsys, command, tmp_path):
     # eval gets a local one-question task, so neither ../shared nor the network is needed
     data = tmp_path / "eval"
@@ -186,7 +186,7 @@ def test_strict_commands_refuse_non_finite_weights(nan_ckpt, capsys, command, tm
     row = {"query": "Passage: x\nQuestion: y?\nAnswer:", "choices": ["no", "yes"], "gold": 1}
     (data / "boolq" / "boolq.jsonl").write_text(json.dumps(row) + "\n")
     eval_args = ["--tasks", "boolq", "--data-dir", str(data)]
-    extra = {"generate": ["--prompt", "x"], "chat": [], "eval": eval_args}[command]
+    extra = {"generate": ["--prompt", "x"], "chat": [], "serve": [], "eval": eval_args}[command]
     argv = [command, "--ckpt", str(nan_ckpt), "--device", "cpu", "--strict", *extra]
     assert main(argv) == 2
     err = capsys.readouterr().err

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from llamaforge.cli.loading import add_load_args, load_checkpoint
+
 HELP = "/reset clears the history (the system message stays), /exit or Ctrl-D leaves"
 
 
@@ -30,22 +32,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         f"are dropped when it outgrows the context). {HELP}. Reads lines from stdin when it "
         "is not a terminal.",
     )
-    c.add_argument("--ckpt", required=True, help="native checkpoint directory")
+    add_load_args(c)
     add_template_args(c)
     c.add_argument("--max-new-tokens", type=int, default=256, help="per reply (default 256)")
     c.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
     c.add_argument("--top-p", type=float, default=0.9, help="nucleus mass (default 0.9)")
     c.add_argument("--seed", type=int, default=None)
-    c.add_argument(
-        "--tokenizer", help="tokenizer.model (or its folder) to use instead of the checkpoint's"
-    )
-    c.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
-    c.add_argument("--dtype", help="float32, bfloat16, float16 (default: as stored)")
-    c.add_argument(
-        "--strict",
-        action="store_true",
-        help="refuse a checkpoint with NaN/Inf weights (default: load it with a warning)",
-    )
     c.set_defaults(func=_chat)
 
 
@@ -63,21 +55,9 @@ def _read_line(interactive: bool) -> str | None:
 
 def _chat(a: argparse.Namespace) -> int:
     from llamaforge.chat_templates import ChatTemplateError
-    from llamaforge.checkpoint.native import load
-    from llamaforge.cli.main import tokenizer_path
-    from llamaforge.device import resolve_device
     from llamaforge.inference.chat import ChatError, ChatSession, resolve_template
 
-    device = resolve_device(a.device or "auto")
-    model, tok = load(
-        a.ckpt,
-        device=device,
-        dtype=a.dtype,
-        tokenizer=tokenizer_path(a.tokenizer),
-        strict=a.strict,
-    )
-    if tok is None:
-        raise ValueError(f"{a.ckpt}: no tokenizer.model in the checkpoint; pass --tokenizer")
+    model, tok, _, _ = load_checkpoint(a)
     template = resolve_template(a.template, tok, a.ckpt)
     session = ChatSession(
         model,

@@ -11,6 +11,16 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from llamaforge.cli.help import add_config_help
+from llamaforge.cli.loading import (
+    Loaded,
+    add_load_args,
+    add_speed_args,
+    check_draft_k,
+    load_checkpoint,
+    load_draft,
+    print_acceptance,
+    quantize,
+)
 from llamaforge.cli.main import tokenizer_path
 
 
@@ -22,6 +32,12 @@ def _model_args_class() -> type:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """The ``info``, ``init`` and ``generate`` commands."""
+    _register_info(subparsers)
+    _register_init(subparsers)
+    _register_generate(subparsers)
+
+
+def _register_info(subparsers: argparse._SubParsersAction) -> None:
     i = subparsers.add_parser(
         "info", help="parameters, FLOPs per token and training memory of a model"
     )
@@ -52,6 +68,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(func=_info)
 
+
+def _register_init(subparsers: argparse._SubParsersAction) -> None:
     n = subparsers.add_parser(
         "init",
         help="write a randomly initialised checkpoint",
@@ -74,6 +92,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     n.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="ModelArgs overrides")
     n.set_defaults(func=_init)
 
+
+def _register_generate(subparsers: argparse._SubParsersAction) -> None:
+    from llamaforge.cli.chat import add_template_args
+
     g = subparsers.add_parser(
         "generate",
         help="generate text from a checkpoint, streamed to stdout",
@@ -83,7 +105,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(--echo: always, --no-echo: never). Sampling is unseeded (each run differs) "
         "unless --seed is given; --temperature 0 is greedy.",
     )
-    g.add_argument("--ckpt", required=True, help="native checkpoint directory")
+    add_load_args(g)
     g.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     g.add_argument("--prompt-file", help="read one prompt from this file")
     g.add_argument(
@@ -102,8 +124,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="each prompt is a user message rendered with the chat template; stop at eos",
     )
-    from llamaforge.cli.chat import add_template_args
-
     add_template_args(g)
     g.add_argument(
         "--seed",
@@ -124,21 +144,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="keep the last tokens of a prompt longer than the context (default: an error)",
     )
     g.add_argument(
-        "--tokenizer", help="tokenizer.model (or its folder) to use instead of the checkpoint's"
-    )
-    g.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
-    g.add_argument("--dtype", help="float32, bfloat16, float16 (default: as stored)")
-    g.add_argument(
         "--tp",
         type=int,
         default=1,
         help="tensor parallelism: split the model over N processes (run under torchrun "
         "--nproc_per_node N; rank 0 prints)",
-    )
-    g.add_argument(
-        "--strict",
-        action="store_true",
-        help="refuse a checkpoint with NaN/Inf weights (default: load it with a warning)",
     )
     _add_fast_args(g)
     g.set_defaults(func=_generate)
@@ -156,26 +166,7 @@ def _add_fast_args(g: argparse.ArgumentParser) -> None:
         action="store_true",
         help="torch.compile the decoding step (CUDA graphs on a GPU); the first call compiles",
     )
-    f.add_argument(
-        "--quantize",
-        choices=["int8", "int8-bf16"],
-        help="int8 weight-only linear layers, one scale per output channel (CPU or GPU); "
-        "int8-bf16: on the CPU, fp32 activations enter the int8 kernel as bf16 (faster, "
-        "less exact)",
-    )
-    f.add_argument(
-        "--draft",
-        metavar="DIR",
-        help="speculative decoding with this smaller checkpoint (same tokenizer) proposing "
-        "tokens; greedy output is unchanged; the acceptance rate is printed on stderr",
-    )
-    f.add_argument(
-        "--draft-k",
-        type=int,
-        default=4,
-        metavar="N",
-        help="tokens the draft proposes per step (default 4)",
-    )
+    add_speed_args(f)
 
 
 def _model_args_for(a: argparse.Namespace):
@@ -189,14 +180,6 @@ def _model_args_for(a: argparse.Namespace):
 
 
 def _info(a: argparse.Namespace) -> int:
-    from llamaforge.training.flops import (
-        activation_memory,
-        count_params,
-        flops_per_token,
-        training_memory,
-    )
-    from llamaforge.units import human_bytes, human_count
-
     if a.layouts:
         from llamaforge.training.flops import layout_table
 
@@ -208,9 +191,30 @@ def _info(a: argparse.Namespace) -> int:
     if args.vocab_size <= 0:
         args.vocab_size = a.vocab_size
     seq = a.seq_len or args.max_seq_len
+    info = _model_info(args, what, seq, a.micro_batch)
+    if a.tp is not None or a.dp is not None:
+        info["layout"] = _layout_info(args, a.tp or 1, a.dp or 1, seq, a.micro_batch)
+    if a.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    _print_info(info, args, a.micro_batch)
+    if "layout" in info:
+        _print_layout(info["layout"], a.micro_batch, seq, a.gpu_memory)
+    return 0
+
+
+def _model_info(args: Any, what: str, seq: int, micro_batch: int) -> dict[str, Any]:
+    """Sizes, FLOPs per token and training memory of a model, JSON-ready."""
+    from llamaforge.training.flops import (
+        activation_memory,
+        count_params,
+        flops_per_token,
+        training_memory,
+    )
+
     counts = count_params(args)
     mem = training_memory(args)
-    info = {
+    return {
         "model": what,
         "args": args.to_dict(),
         "head_dim": args.head_dim,
@@ -226,34 +230,35 @@ def _info(a: argparse.Namespace) -> int:
             "training_total": mem.total,
         },
         "activation_bytes": {
-            mode: activation_memory(args, a.micro_batch * seq, mode)
+            mode: activation_memory(args, micro_batch * seq, mode)
             for mode in ("none", "selective", "manual", "full")
         },
     }
-    layout = None
-    if a.tp is not None or a.dp is not None:
-        from llamaforge.training.flops import AC_FOR_LAYOUT, layout_memory, layout_total
 
-        tp, dp = a.tp or 1, a.dp or 1
-        if tp < 1 or dp < 1:
-            raise ValueError(f"--tp {tp} and --dp {dp} must be >= 1")
-        layout = {
-            "tp": tp,
-            "dp_shard": dp,
-            "gpus": tp * dp,
-            "bytes_per_gpu": {
-                m: layout_memory(
-                    args, tp=tp, dp_shard=dp, seq_len=seq, micro_batch=a.micro_batch, mode=m
-                )  # fmt: skip
-                for m in AC_FOR_LAYOUT
-            },
-        }
-        info["layout"] = layout
-    if a.json:
-        print(json.dumps(info, indent=2))
-        return 0
+
+def _layout_info(args: Any, tp: int, dp: int, seq: int, micro_batch: int) -> dict[str, Any]:
+    """Per-GPU memory with ``tp`` tensor-parallel and ``dp`` FSDP2 ranks, by checkpointing."""
+    from llamaforge.training.flops import AC_FOR_LAYOUT, layout_memory
+
+    if tp < 1 or dp < 1:
+        raise ValueError(f"--tp {tp} and --dp {dp} must be >= 1")
+    return {
+        "tp": tp,
+        "dp_shard": dp,
+        "gpus": tp * dp,
+        "bytes_per_gpu": {
+            m: layout_memory(args, tp=tp, dp_shard=dp, seq_len=seq, micro_batch=micro_batch, mode=m)
+            for m in AC_FOR_LAYOUT
+        },
+    }
+
+
+def _print_info(info: dict[str, Any], args: Any, micro_batch: int) -> None:
+    from llamaforge.units import human_bytes, human_count
+
+    counts, seq, memory = info["params"], info["seq_len"], info["memory_bytes"]
     print(
-        f"{what}: dim {args.dim}, {args.n_layers} layers, {args.n_heads} heads "
+        f"{info['model']}: dim {args.dim}, {args.n_layers} layers, {args.n_heads} heads "
         f"({args.kv_heads} kv), head_dim {args.head_dim}, ffn {args.ffn_hidden_dim}, "
         f"vocab {args.vocab_size}"
     )
@@ -269,36 +274,40 @@ def _info(a: argparse.Namespace) -> int:
         ("adamw_states_fp32", "AdamW states (fp32)"),
         ("training_total", "total"),
     ):
-        print(f"  {label:<20}{human_bytes(info['memory_bytes'][key]):>12}")
-    print(f"  + activations for {a.micro_batch} x {seq} tokens (estimated), by checkpointing:")
+        print(f"  {label:<20}{human_bytes(memory[key]):>12}")
+    print(f"  + activations for {micro_batch} x {seq} tokens (estimated), by checkpointing:")
     for mode, n in info["activation_bytes"].items():
-        total = human_bytes(n + mem.total)
+        total = human_bytes(n + memory["training_total"])
         print(f"    {mode:<18}{human_bytes(n):>12}   (step total {total})")
-    print(f"weights for inference (bf16): {human_bytes(info['memory_bytes']['weights_bf16'])}")
-    if layout is not None:
-        per = layout["bytes_per_gpu"]
+    print(f"weights for inference (bf16): {human_bytes(memory['weights_bf16'])}")
+
+
+def _print_layout(layout: dict[str, Any], micro_batch: int, seq: int, gpu_memory: float) -> None:
+    from llamaforge.training.flops import layout_total
+    from llamaforge.units import human_bytes
+
+    per = layout["bytes_per_gpu"]
+    print(
+        f"per GPU with tp {layout['tp']} × dp_shard {layout['dp_shard']} "
+        f"({layout['gpus']} GPUs; FSDP2 + tensor/sequence parallelism, bf16):"
+    )
+    first = per["none"]
+    for key, label in (
+        ("weights", "weights (fp32)"),
+        ("gradients", "gradients (fp32)"),
+        ("optimizer", "AdamW states (fp32)"),
+        ("gathered", "gathered bf16 blocks"),
+    ):
+        print(f"  {label:<22}{human_bytes(first[key]):>12}")
+    print(f"  activations per micro-batch of {micro_batch} x {seq} (Korthikanti et al.):")
+    limit = gpu_memory * 1024**3
+    for mode, mem in per.items():
+        total = layout_total(mem)
+        fits = "fits" if total <= 0.9 * limit else "does not fit"
         print(
-            f"per GPU with tp {layout['tp']} × dp_shard {layout['dp_shard']} "
-            f"({layout['gpus']} GPUs; FSDP2 + tensor/sequence parallelism, bf16):"
+            f"    {mode:<20}{human_bytes(mem['activations']):>12}   (total "
+            f"{human_bytes(total)}: {fits} in {gpu_memory:g} GiB with a 10 % margin)"
         )
-        first = per["none"]
-        for key, label in (
-            ("weights", "weights (fp32)"),
-            ("gradients", "gradients (fp32)"),
-            ("optimizer", "AdamW states (fp32)"),
-            ("gathered", "gathered bf16 blocks"),
-        ):
-            print(f"  {label:<22}{human_bytes(first[key]):>12}")
-        print(f"  activations per micro-batch of {a.micro_batch} x {seq} (Korthikanti et al.):")
-        limit = a.gpu_memory * 1024**3
-        for mode, mem in per.items():
-            total = layout_total(mem)
-            fits = "fits" if total <= 0.9 * limit else "does not fit"
-            print(
-                f"    {mode:<20}{human_bytes(mem['activations']):>12}   (total "
-                f"{human_bytes(total)}: {fits} in {a.gpu_memory:g} GiB with a 10 % margin)"
-            )
-    return 0
 
 
 def _init(a: argparse.Namespace) -> int:
@@ -320,79 +329,16 @@ def _init(a: argparse.Namespace) -> int:
 
 
 def _generate(a: argparse.Namespace) -> int:
-    from llamaforge.checkpoint.native import load
-    from llamaforge.device import resolve_device
-    from llamaforge.inference.generate import check_sampling, check_utf8, generate_completions
-
-    prompts = list(a.prompt or [])
-    for p in prompts:
-        check_utf8(p, "--prompt")
-    if a.prompt_file:
-        try:
-            prompts.append(Path(a.prompt_file).read_text(encoding="utf-8"))
-        except UnicodeDecodeError as e:
-            raise ValueError(
-                f"{a.prompt_file}: not valid UTF-8 (byte 0x{e.object[e.start]:02x} at offset "
-                f"{e.start})"
-            ) from None
-    if not prompts:
-        raise ValueError("give --prompt TEXT (repeatable) or --prompt-file FILE")
-    try:
-        check_sampling(a.temperature, a.top_p, a.top_k)
-    except ValueError as e:
-        raise ValueError(f"--{e}".replace("_", "-", 1)) from None
-    if not a.chat and (a.template or a.system):
-        raise ValueError("--template and --system need --chat")
-    device = resolve_device(a.device or "auto")
-    tok_file = tokenizer_path(a.tokenizer)
-    rank = 0
-    if a.tp != 1:  # split over the torchrun processes
-        model, tok, rank = load_tensor_parallel(a.ckpt, a.tp, a.device, a.dtype, tok_file, a.strict)
-    else:
-        model, tok = load(a.ckpt, device=device, dtype=a.dtype, tokenizer=tok_file, strict=a.strict)
-    if tok is None:
-        raise ValueError(f"{a.ckpt}: no tokenizer.model in the checkpoint; pass --tokenizer")
+    prompts = _read_prompts(a)
+    _check_generate_args(a)
+    loaded = load_checkpoint(a, tp=a.tp)
     inputs: list[str] | list[list[int]] = prompts
     stops = list(a.stop or ())
     if a.chat:
-        from llamaforge.chat_templates import encode_text
-        from llamaforge.inference.chat import resolve_template, stop_strings
-
-        tpl = resolve_template(a.template, tok, a.ckpt)
-        system = [{"role": "system", "content": a.system}] if a.system else []
-        inputs = [
-            encode_text(
-                tok,
-                tpl.render([*system, {"role": "user", "content": p}], add_generation_prompt=True),
-                tpl.bos_token,
-                tpl.eos_token,
-            )
-            for p in prompts
-        ]
-        stops += stop_strings(tpl)
-
-    if a.draft_k < 1:
-        raise ValueError(f"--draft-k {a.draft_k}: must be at least 1")
-    if a.tp != 1 and (a.compile or a.draft or a.quantize):
-        raise ValueError(
-            "--tp splits the model over processes: it does not combine with "
-            "--compile, --draft or --quantize (use one process for those)"
-        )
-    draft = None
-    if a.draft:
-        draft, _ = load(a.draft, device=device, dtype=model.tok_embeddings.weight.dtype)
-    if a.quantize:
-        from llamaforge.inference.quantize import quantize_int8
-
-        for m in (model, draft) if draft is not None else (model,):
-            quantize_int8(m, cpu_bf16_compute=a.quantize == "int8-bf16")
-    fast = None
-    if a.compile or draft is not None:
-        from llamaforge.inference.generate import FastGenerator
-
-        fast = FastGenerator(model, tok, compile=a.compile, draft=draft, draft_k=a.draft_k)
-
-    stdout = sys.stdout if rank == 0 else open(os.devnull, "w")  # noqa: SIM115 (rank 0 prints)
+        inputs, template_stops = _chat_inputs(a, loaded.tok, prompts)
+        stops += template_stops
+    fast = _fast_generator(a, loaded)
+    stdout = sys.stdout if loaded.rank == 0 else open(os.devnull, "w")  # noqa: SIM115 (rank 0 prints)
     tty = stdout.isatty()
     echo = tty if a.echo is None else a.echo
     out = _Printer(stdout)
@@ -417,20 +363,7 @@ def _generate(a: argparse.Namespace) -> int:
         truncate=a.truncate,
         on_text=stream,
     )
-    if fast is None:
-        results = generate_completions(model, tok, inputs, **settings)
-    else:
-        results, proposed, accepted = [], 0, 0
-        for prompt in inputs:
-            results.append(fast.generate(prompt, **settings))
-            proposed, accepted = proposed + fast.stats.proposed, accepted + fast.stats.accepted
-        if draft is not None:
-            rate = accepted / proposed if proposed else 0.0
-            print(
-                f"speculative decoding: {accepted}/{proposed} drafted tokens accepted "
-                f"({rate:.1%}), draft_k={a.draft_k}",
-                file=sys.stderr,
-            )
+    results = _complete(a, loaded, fast, inputs, settings)
     if len(prompts) > 1:
         for i, (p, r) in enumerate(zip(prompts, results), 1):
             out.end_line()
@@ -441,21 +374,94 @@ def _generate(a: argparse.Namespace) -> int:
     return 0
 
 
-def load_tensor_parallel(
-    ckpt: str, tp: int, device: str | None, dtype: str | None, tokenizer: Any, strict: bool
-) -> tuple[Any, Any, int]:
-    """``--tp N``: join the torchrun group (left at exit) and load ``ckpt`` split over it;
-    returns the model, the tokenizer and this process's rank."""
-    import atexit
+def _read_prompts(a: argparse.Namespace) -> list[str]:
+    """The --prompt texts, then the --prompt-file's; at least one."""
+    from llamaforge.inference.generate import check_utf8
 
-    from llamaforge import parallel as D
+    prompts = list(a.prompt or [])
+    for p in prompts:
+        check_utf8(p, "--prompt")
+    if a.prompt_file:
+        try:
+            prompts.append(Path(a.prompt_file).read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"{a.prompt_file}: not valid UTF-8 (byte 0x{e.object[e.start]:02x} at offset "
+                f"{e.start})"
+            ) from None
+    if not prompts:
+        raise ValueError("give --prompt TEXT (repeatable) or --prompt-file FILE")
+    return prompts
 
-    info = D.init(device or "auto")
-    atexit.register(D.cleanup)
-    model, tok = D.load_tensor_parallel(
-        ckpt, info, tp, dtype=dtype, tokenizer=tokenizer, strict=strict
+
+def _check_generate_args(a: argparse.Namespace) -> None:
+    """The flags that cannot go together, before anything is loaded."""
+    from llamaforge.inference.generate import check_sampling
+
+    try:
+        check_sampling(a.temperature, a.top_p, a.top_k)
+    except ValueError as e:
+        raise ValueError(f"--{e}".replace("_", "-", 1)) from None
+    if not a.chat and (a.template or a.system):
+        raise ValueError("--template and --system need --chat")
+    check_draft_k(a)
+    if a.tp != 1 and (a.compile or a.draft or a.quantize):
+        raise ValueError(
+            "--tp splits the model over processes: it does not combine with "
+            "--compile, --draft or --quantize (use one process for those)"
+        )
+
+
+def _chat_inputs(a: argparse.Namespace, tok: Any, prompts: list[str]) -> tuple[list, list[str]]:
+    """``--chat``: each prompt as a user message (after --system) rendered with the chat
+    template and encoded; and the template's stop strings."""
+    from llamaforge.chat_templates import encode_text
+    from llamaforge.inference.chat import resolve_template, stop_strings
+
+    tpl = resolve_template(a.template, tok, a.ckpt)
+    system = [{"role": "system", "content": a.system}] if a.system else []
+    inputs = [
+        encode_text(
+            tok,
+            tpl.render([*system, {"role": "user", "content": p}], add_generation_prompt=True),
+            tpl.bos_token,
+            tpl.eos_token,
+        )
+        for p in prompts
+    ]
+    return inputs, stop_strings(tpl)
+
+
+def _fast_generator(a: argparse.Namespace, loaded: Loaded) -> Any:
+    """The FastGenerator with --compile or --draft (None without them); --quantize makes
+    the weights int8 either way."""
+    draft = load_draft(a, loaded)
+    quantize(a.quantize, loaded.model, draft)
+    if not (a.compile or draft is not None):
+        return None
+    from llamaforge.inference.generate import FastGenerator
+
+    return FastGenerator(
+        loaded.model, loaded.tok, compile=a.compile, draft=draft, draft_k=a.draft_k
     )
-    return model, tok, info.rank
+
+
+def _complete(
+    a: argparse.Namespace, loaded: Loaded, fast: Any, inputs: list, settings: dict[str, Any]
+) -> list[Any]:
+    """Every input's completion: one batch, or one by one with the fast generator (then
+    the draft's acceptance on stderr)."""
+    if fast is None:
+        from llamaforge.inference.generate import generate_completions
+
+        return generate_completions(loaded.model, loaded.tok, inputs, **settings)
+    results, proposed, accepted = [], 0, 0
+    for prompt in inputs:
+        results.append(fast.generate(prompt, **settings))
+        proposed, accepted = proposed + fast.stats.proposed, accepted + fast.stats.accepted
+    if fast.draft is not None:
+        print_acceptance(accepted, proposed, a.draft_k)
+    return results
 
 
 class _Printer:

@@ -256,7 +256,42 @@ def run(a: argparse.Namespace) -> int:
     if not Path(a.ckpt).is_dir():
         raise CheckpointError(f"{a.ckpt}: no such checkpoint directory (--ckpt)")
     names = [t.strip() for t in a.tasks.split(",") if t.strip()]
-    options = parse_task_options(a.task_option)
+    tasks, data_dir, task_data = _tasks_and_data(a, names)
+
+    from llamaforge.eval.report import render
+    from llamaforge.eval.runner import evaluate
+    from llamaforge.files import atomic_write
+
+    lm, rank = _language_model(a)
+    results = evaluate(
+        lm,
+        tasks,
+        data_dir,
+        shots=a.shots,
+        limit=a.limit,
+        seed=a.seed,
+        cache_dir=a.cache_dir,
+        progress=not a.no_progress,
+        # a result cached on one rank's view but not another's would desynchronise them
+        use_cache=not a.no_cache and a.tp == 1,
+        log_samples=a.log_samples,
+        on_task=_print_task_line if rank == 0 else None,
+        task_data=task_data,
+    )
+    if rank != 0:
+        return 0
+    if a.output:
+        atomic_write(Path(a.output), json.dumps(results, indent=2) + "\n")
+    report = render(results, title=f"Evaluation of {a.ckpt}")
+    if a.report:
+        atomic_write(Path(a.report), report)
+    print(report, end="")
+    return 0
+
+
+def _data_dir(a: argparse.Namespace) -> Path | None:
+    """The local data directory: --data-dir, else the environment's (None when that is not
+    there: the Hub then); --data-source local needs one."""
     local = Path(a.data_dir) if a.data_dir else local_data_dir()
     if a.data_source == "local" and local is None:
         local = default_data_dir()  # the error that says how to name one
@@ -264,44 +299,28 @@ def run(a: argparse.Namespace) -> int:
         if a.data_dir or a.data_source == "local":
             raise EvalError(f"{local}: no such data directory (--data-dir)")
         local = None  # an environment default that is not there: the Hub
+    return local
 
-    from llamaforge.eval.tasks import get_task
 
-    for n in names:
-        get_task(n, **options.get(n, {}))  # bad names and options fail before any download
+def _tasks_and_data(a: argparse.Namespace, names: list[str]) -> tuple[list, Path, dict]:
+    """The configured tasks, the data directory and the tasks' Hugging Face data (fetched
+    only once names and options are known to be good)."""
+    from llamaforge.eval.tasks import get_tasks
+
+    options = parse_task_options(a.task_option)
+    local = _data_dir(a)
+    get_tasks(names, options)  # bad names and options fail before any download
     task_data = resolve_task_data(names, options, local, a.data_source)
     data_dir = local if local is not None else next(iter(task_data.values()))[0]
+    return get_tasks(names, options), data_dir, task_data
 
-    tasks = [get_task(n, **options.pop(n, {})) for n in names]  # bad names fail before loading
-    if options:
-        raise EvalError(f"--task-option for task(s) not in --tasks: {sorted(options)}")
 
+def _language_model(a: argparse.Namespace) -> tuple[Any, int]:
+    """The checkpoint as a LlamaforgeLM, on one device or (--tp) split over the torchrun
+    processes, which all run every batch; and this process's rank."""
     from llamaforge.eval.lm import LlamaforgeLM
-    from llamaforge.eval.report import render
-    from llamaforge.eval.runner import evaluate
 
-    rank = 0
-    if a.tp != 1:  # split over the torchrun processes, which all run every batch
-        from llamaforge.cli.checkpoint import load_tensor_parallel
-        from llamaforge.device import resolve_device
-
-        gpu = resolve_device(a.device).type == "cuda"
-        dtype = a.dtype or ("bfloat16" if gpu else "float32")  # as from_checkpoint
-        model, tok, rank = load_tensor_parallel(a.ckpt, a.tp, a.device, dtype, None, a.strict)
-        lm = LlamaforgeLM(
-            model,
-            tok,
-            batch_size=a.batch_size,
-            max_length=a.max_length,
-            batch_tokens=a.batch_tokens,
-            progress=not a.no_progress and rank == 0,
-            ckpt_dir=a.ckpt,
-            sample_mode=a.sample_mode,
-            share_context=False,  # a shared prefix's KV cache is sized for whole heads
-        )
-        # a result cached on one rank's view but not another's would desynchronise them
-        a.no_cache = True
-    else:
+    if a.tp == 1:
         lm = LlamaforgeLM.from_checkpoint(
             a.ckpt,
             device=a.device,
@@ -313,42 +332,35 @@ def run(a: argparse.Namespace) -> int:
             sample_mode=a.sample_mode,
             strict=a.strict,
         )
+        return lm, 0
+    from llamaforge.cli.loading import load_tensor_parallel
+    from llamaforge.device import resolve_device
 
-    def done(name: str, entry: dict[str, Any]) -> None:
-        if rank != 0:
-            return
-        main = entry["metrics"].get(entry["main_metric"], {})
-        how = "cached" if entry.get("cached") else f"{entry['seconds']:.1f}s"
-        print(
-            f"{name}: {entry['main_metric']} = {main.get('value')} ({entry['n_docs']} docs, {how})",
-            file=sys.stderr,
-        )
-
-    results = evaluate(
-        lm,
-        tasks,
-        data_dir,
-        shots=a.shots,
-        limit=a.limit,
-        seed=a.seed,
-        cache_dir=a.cache_dir,
-        progress=not a.no_progress,
-        use_cache=not a.no_cache,
-        log_samples=a.log_samples,
-        on_task=done,
-        task_data=task_data,
+    gpu = resolve_device(a.device).type == "cuda"
+    dtype = a.dtype or ("bfloat16" if gpu else "float32")  # as from_checkpoint
+    model, tok, rank = load_tensor_parallel(a.ckpt, a.tp, a.device, dtype, None, a.strict)
+    lm = LlamaforgeLM(
+        model,
+        tok,
+        batch_size=a.batch_size,
+        max_length=a.max_length,
+        batch_tokens=a.batch_tokens,
+        progress=not a.no_progress and rank == 0,
+        ckpt_dir=a.ckpt,
+        sample_mode=a.sample_mode,
+        share_context=False,  # a shared prefix's KV cache is sized for whole heads
     )
-    from llamaforge.files import atomic_write
+    return lm, rank
 
-    if rank != 0:
-        return 0
-    if a.output:
-        atomic_write(Path(a.output), json.dumps(results, indent=2) + "\n")
-    report = render(results, title=f"Evaluation of {a.ckpt}")
-    if a.report:
-        atomic_write(Path(a.report), report)
-    print(report, end="")
-    return 0
+
+def _print_task_line(name: str, entry: dict[str, Any]) -> None:
+    """A task's main metric on stderr once it is done."""
+    main = entry["metrics"].get(entry["main_metric"], {})
+    how = "cached" if entry.get("cached") else f"{entry['seconds']:.1f}s"
+    print(
+        f"{name}: {entry['main_metric']} = {main.get('value')} ({entry['n_docs']} docs, {how})",
+        file=sys.stderr,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,8 +5,19 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
-from llamaforge.cli.main import tokenizer_path
+from llamaforge.cli.loading import (
+    Loaded,
+    add_load_args,
+    add_speed_args,
+    check_draft_k,
+    load_checkpoint,
+    load_draft,
+    print_acceptance,
+    quantize,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,9 +35,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "distribution); the acceptance rate is in /metrics, /health and printed at exit. "
         "Stop it with Ctrl-C.",
     )
-    s.add_argument("--ckpt", required=True, help="native checkpoint directory")
+    add_load_args(s)
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free)")
+    _add_scheduler_args(s)
+    add_speed_args(s, per_request=True)
+    s.add_argument(
+        "--api-key",
+        help="require 'Authorization: Bearer KEY' (default: $LLAMAFORGE_API_KEY, else none)",
+    )
+    s.add_argument(
+        "--template",
+        metavar="NAME|FILE",
+        help="chat template: alpaca, llama2 or a .jinja file (default: the checkpoint's)",
+    )
+    s.add_argument("--model-name", help="the model id clients use (default: the folder's name)")
+    s.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=1 << 20,
+        help="largest request body; larger ones get 413 (default 1 MiB)",
+    )
+    s.add_argument("--log-level", default="warning", help="uvicorn's log level (default warning)")
+    s.set_defaults(func=_serve)
+
+
+def _add_scheduler_args(s: argparse.ArgumentParser) -> None:
+    """The KV cache's slots and positions, the prefill chunk, the queue, and when to
+    speculate."""
     s.add_argument(
         "--max-batch",
         type=int,
@@ -51,27 +87,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=256,
         help="requests that may wait for a slot before new ones get 429 (default 256)",
     )
-    s.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
-    s.add_argument("--dtype", help="float32, bfloat16, float16 (default: as stored)")
-    s.add_argument(
-        "--quantize",
-        choices=["int8", "int8-bf16"],
-        help="int8 weight-only quantisation of the Linear layers (int8-bf16: fp32 activations "
-        "enter the CPU's int8 kernel as bf16, 2-3x faster on the CPU, logits within a few %%)",
-    )
-    s.add_argument(
-        "--draft",
-        metavar="DIR",
-        help="speculative decoding with this smaller checkpoint (same vocabulary) proposing "
-        "tokens for every running request; greedy output is unchanged",
-    )
-    s.add_argument(
-        "--draft-k",
-        type=int,
-        default=4,
-        metavar="N",
-        help="tokens the draft proposes per request and step (default 4)",
-    )
     s.add_argument(
         "--draft-max-batch",
         type=int,
@@ -79,35 +94,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="speculate only while at most N requests decode; larger batches decode plainly "
         "(default: always)",
     )
-    s.add_argument(
-        "--api-key",
-        help="require 'Authorization: Bearer KEY' (default: $LLAMAFORGE_API_KEY, else none)",
-    )
-    s.add_argument(
-        "--template",
-        metavar="NAME|FILE",
-        help="chat template: alpaca, llama2 or a .jinja file (default: the checkpoint's)",
-    )
-    s.add_argument("--model-name", help="the model id clients use (default: the folder's name)")
-    s.add_argument(
-        "--tokenizer", help="tokenizer.model (or its folder) to use instead of the checkpoint's"
-    )
-    s.add_argument(
-        "--max-body-bytes",
-        type=int,
-        default=1 << 20,
-        help="largest request body; larger ones get 413 (default 1 MiB)",
-    )
-    s.add_argument("--log-level", default="warning", help="uvicorn's log level (default warning)")
-    s.set_defaults(func=_serve)
 
 
-def _serve(a: argparse.Namespace) -> int:
-    import socket
-    from pathlib import Path
-
-    if a.draft_k < 1:
-        raise ValueError(f"--draft-k {a.draft_k}: must be at least 1")
+def _check_args(a: argparse.Namespace) -> None:
+    check_draft_k(a)
     if a.draft_max_batch is not None and a.draft_max_batch < 1:
         raise ValueError(f"--draft-max-batch {a.draft_max_batch}: must be at least 1")
     for flag in ("max_batch", "prefill_chunk", "max_queue", "max_body_bytes"):
@@ -118,55 +108,40 @@ def _serve(a: argparse.Namespace) -> int:
     if not 0 <= a.port <= 65535:
         raise ValueError(f"--port {a.port}: must be in 0..65535")
 
-    import uvicorn
+
+def _load(a: argparse.Namespace) -> tuple[Loaded, Any]:
+    """The model and, with --draft, its draft (checked against it), quantised as asked."""
+    from llamaforge.serve.engine import check_draft
+
+    loaded = load_checkpoint(a)
+    draft = load_draft(a, loaded, check=lambda model, d: check_draft(model, d, a.draft_k))
+    quantize(a.quantize, loaded.model, draft)
+    context = loaded.model.args.max_seq_len
+    if a.max_seq_len is not None and a.max_seq_len > context:
+        raise ValueError(f"--max-seq-len {a.max_seq_len}: the model's context is {context}")
+    return loaded, draft
+
+
+def _server(a: argparse.Namespace, loaded: Loaded, draft: Any) -> Any:
+    """The `Server` over a new engine; the chat template is optional unless --template."""
+    from pathlib import Path
 
     from llamaforge.chat_templates import ChatTemplateError
-    from llamaforge.checkpoint.native import load
-    from llamaforge.device import resolve_device
     from llamaforge.inference.chat import resolve_template, stop_strings
-    from llamaforge.serve.app import Server, create_app
-    from llamaforge.serve.engine import Engine, check_draft
+    from llamaforge.serve.app import Server
+    from llamaforge.serve.engine import Engine
 
-    device = resolve_device(a.device or "auto")
-    model, tok = load(a.ckpt, device=device, dtype=a.dtype, tokenizer=tokenizer_path(a.tokenizer))
-    if tok is None:
-        raise ValueError(f"{a.ckpt}: no tokenizer.model in the checkpoint; pass --tokenizer")
-    if a.quantize:
-        from llamaforge.inference.quantize import quantize_int8
-
-        model = quantize_int8(model, cpu_bf16_compute=a.quantize == "int8-bf16")
-    draft = None
-    if a.draft is not None:
-        draft, _ = load(a.draft, device=device, dtype=model.tok_embeddings.weight.dtype)
-        try:
-            check_draft(model, draft, a.draft_k)
-        except ValueError as e:
-            raise ValueError(f"--draft {a.draft}: {e}") from None
-        if a.quantize:
-            draft = quantize_int8(draft, cpu_bf16_compute=a.quantize == "int8-bf16")
-        mine = Path(tokenizer_path(a.tokenizer) or Path(a.ckpt) / "tokenizer.model")
-        theirs = Path(a.draft) / "tokenizer.model"
-        if theirs.is_file() and mine.is_file() and theirs.read_bytes() != mine.read_bytes():
-            print(
-                f"warning: --draft {a.draft}: its tokenizer.model differs from the model's; "
-                "the output is still the model's, but few drafted tokens will be accepted",
-                file=sys.stderr,
-            )
-    if a.max_seq_len is not None and a.max_seq_len > model.args.max_seq_len:
-        raise ValueError(
-            f"--max-seq-len {a.max_seq_len}: the model's context is {model.args.max_seq_len}"
-        )
     template, template_error, stops = None, None, []
     try:
-        template = resolve_template(a.template, tok, a.ckpt)
+        template = resolve_template(a.template, loaded.tok, a.ckpt)
         stops = stop_strings(template)
     except ChatTemplateError as e:
         if a.template is not None:
             raise
         template_error = str(e)
     engine = Engine(
-        model,
-        tok,
+        loaded.model,
+        loaded.tok,
         max_batch=a.max_batch,
         max_seq_len=a.max_seq_len,
         prefill_chunk=a.prefill_chunk,
@@ -175,39 +150,52 @@ def _serve(a: argparse.Namespace) -> int:
         draft_k=a.draft_k,
         draft_max_batch=a.draft_max_batch,
     )
-    name = a.model_name or Path(a.ckpt).resolve().name
-    srv = Server(
+    return Server(
         engine,
-        tok,
-        model_name=name,
+        loaded.tok,
+        model_name=a.model_name or Path(a.ckpt).resolve().name,
         template=template,
         template_error=template_error,
         chat_stops=stops,
         max_body_bytes=a.max_body_bytes,
     )
-    api_key = a.api_key or os.environ.get("LLAMAFORGE_API_KEY") or None
-    app = create_app(srv, api_key=api_key)
-    family = socket.AF_INET6 if ":" in a.host else socket.AF_INET
+
+
+def _bind(host: str, port: int) -> Any:
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((a.host, a.port))
+        sock.bind((host, port))
     except OSError as e:
         sock.close()
-        raise OSError(e.errno, f"cannot bind {a.host}:{a.port}: {e.strerror}") from None
-    port = sock.getsockname()[1]
+        raise OSError(e.errno, f"cannot bind {host}:{port}: {e.strerror}") from None
+    return sock
+
+
+def _serve(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import uvicorn
+
+    from llamaforge.serve.app import create_app
+
+    _check_args(a)
+    loaded, draft = _load(a)
+    srv = _server(a, loaded, draft)
+    api_key = a.api_key or os.environ.get("LLAMAFORGE_API_KEY") or None
+    app = create_app(srv, api_key=api_key)
+    sock = _bind(a.host, a.port)
+    engine = srv.engine
     kv = engine.kv_nbytes / 2**20
     spec = f", draft {Path(a.draft).name} k={a.draft_k}" if draft is not None else ""
     print(
-        f"llamaforge serve: {name} on http://{a.host}:{port} ({device}, "
-        f"{a.max_batch} slots x {engine.max_seq_len} positions, KV cache {kv:.1f} MiB"
-        f"{spec}{', API key required' if api_key else ''})",
+        f"llamaforge serve: {srv.model_name} on http://{a.host}:{sock.getsockname()[1]} "
+        f"({loaded.device}, {a.max_batch} slots x {engine.max_seq_len} positions, KV cache "
+        f"{kv:.1f} MiB{spec}{', API key required' if api_key else ''})",
         flush=True,
-    )
-    # Idle keep-alive connections outlive the clients' own expiry (httpx, and so openai:
-    # 5 s), so a client never reuses a connection the server is closing at that moment.
-    config = uvicorn.Config(
-        app, log_level=a.log_level, timeout_graceful_shutdown=5, timeout_keep_alive=30
     )
     stopped: list[bool] = []
 
@@ -217,12 +205,23 @@ def _serve(a: argparse.Namespace) -> int:
         stopped.append(True)
         if draft is not None:
             st = engine.stats
-            print(
-                f"speculative decoding: {st.spec_accepted}/{st.spec_drafted} drafted tokens "
-                f"accepted ({st.acceptance_rate or 0.0:.1%}), draft_k={a.draft_k}",
-                file=sys.stderr,
-            )
+            print_acceptance(st.spec_accepted, st.spec_drafted, a.draft_k)
         print("llamaforge serve: stopped", file=sys.stderr, flush=True)
+
+    # Idle keep-alive connections outlive the clients' own expiry (httpx, and so openai:
+    # 5 s), so a client never reuses a connection the server is closing at that moment.
+    config = uvicorn.Config(
+        app, log_level=a.log_level, timeout_graceful_shutdown=5, timeout_keep_alive=30
+    )
+    _run_uvicorn(config, sock, report)
+    return 0
+
+
+def _run_uvicorn(config: Any, sock: Any, report: Callable[[], None]) -> None:
+    """Serve on ``sock`` until a signal; ``report`` once the server has shut down."""
+    import socket
+
+    import uvicorn
 
     class _Server(uvicorn.Server):
         # uvicorn re-raises SIGTERM/SIGINT once it has shut down (the process then ends
@@ -231,7 +230,5 @@ def _serve(a: argparse.Namespace) -> int:
             await super().shutdown(sockets)
             report()
 
-    server = _Server(config)
-    server.run(sockets=[sock])
+    _Server(config).run(sockets=[sock])
     report()
-    return 0

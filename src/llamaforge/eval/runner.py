@@ -222,23 +222,23 @@ def run_task(
 def _as_tasks(
     tasks: Sequence[Task | str] | str, task_options: Mapping[str, Mapping[str, Any]] | None
 ) -> list[Task]:
+    """Task objects as given, names (or a comma-separated string) built by the registry
+    with their ``task_options``; none, or one twice, is an error."""
     if isinstance(tasks, str):
         tasks = [t for t in tasks.split(",") if t]
-    out: list[Task] = []
-    options = dict(task_options or {})
-    for t in tasks:
-        if isinstance(t, Task):
-            out.append(t)
-            continue
-        from llamaforge.eval.tasks import (
-            get_task,  # the registry, imported only when names are given
-        )
+    names = [t for t in tasks if isinstance(t, str)]
+    built: list[Task] = []
+    if names or task_options:
+        from llamaforge.eval.tasks import get_tasks  # the registry, only when names are given
 
-        out.append(get_task(t, **dict(options.pop(t, {}))))
-    if options:
-        raise EvalError(f"--task-option given for task(s) not evaluated: {sorted(options)}")
+        built = get_tasks(names, task_options)
+    made = iter(built)
+    out = [t if isinstance(t, Task) else next(made) for t in tasks]
     if not out:
         raise EvalError("no tasks to evaluate")
+    evaluated = [t.info.name for t in out]
+    if len(set(evaluated)) != len(evaluated):
+        raise EvalError(f"task given twice: {evaluated}")
     return out
 
 
@@ -307,19 +307,14 @@ def evaluate(
     if limit is not None and limit < 1:
         raise EvalError(f"limit must be at least 1, got {limit}")
     task_list = _as_tasks(tasks, task_options)
-    names = [t.info.name for t in task_list]
-    if len(set(names)) != len(names):
-        raise EvalError(f"task given twice: {names}")
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     memo_file = cache / "file_hashes.json" if use_cache else None
     ckpt_dir = getattr(lm, "ckpt_dir", None)
     if ckpt_hash is None and ckpt_dir is not None and use_cache:
         ckpt_hash = checkpoint_sha256(ckpt_dir, memo_file)
-    describe = getattr(lm, "describe", None)
-    settings = dict(describe()) if callable(describe) else {}
-    key_settings = {k: settings[k] for k in ("dtype", "device", "max_length") if k in settings}
-    if isinstance(key_settings.get("device"), str):
-        key_settings["device"] = key_settings["device"].split(":")[0]
+    settings = _lm_settings(lm)
+    key_settings = _key_settings(settings)
+    results = cache / "results" if use_cache and ckpt_hash else None
     out: dict[str, Any] = {
         "llamaforge_version": __version__,
         "checkpoint": {"path": str(ckpt_dir) if ckpt_dir else None, "sha256": ckpt_hash},
@@ -328,7 +323,7 @@ def evaluate(
             "limit": limit,
             "seed": seed,
             "data_dir": str(data),
-            "cache": str(cache) if use_cache and ckpt_hash else None,
+            "cache": str(cache) if results is not None else None,
             **settings,
         },
         "tasks": {},
@@ -339,38 +334,89 @@ def evaluate(
         lm.progress = progress  # type: ignore[attr-defined]
     for task in task_list:
         name = task.info.name
-        k = task.info.default_shots if shots is None else shots
-        tdir, tfiles, source = task_data.get(name, (data, task.info.files, {}))
-        tdir = Path(tdir)
-        if not tdir.is_dir():
-            raise EvalError(f"{tdir}: no such data directory (pass --data-dir)")
-        dhash = data_sha256(tdir, list(tfiles), memo_file)
-        source = dict(source) or {"kind": "local", "data_dir": str(tdir)}
-        if source.get("kind") != "local":  # the dataset's identity, not just its files
-            ident = json.dumps({k: v for k, v in source.items() if k != "data_dir"}, sort_keys=True)
-            dhash = hashlib.sha256(f"{dhash}\0{ident}".encode()).hexdigest()
+        tdir, dhash, source = _task_data(task, data, task_data, memo_file)
         path = None
-        entry = None
-        if use_cache and ckpt_hash:
+        if results is not None and ckpt_hash:
+            k = task.info.default_shots if shots is None else shots
             key = cache_key(ckpt_hash, task, k, limit, seed, dhash, key_settings)
-            path = cache / "results" / f"{name}-{key[:32]}.json"
-            if path.is_file() and not log_samples:
-                try:
-                    entry = json.loads(path.read_text())
-                    entry["cached"] = True
-                except (OSError, ValueError):
-                    entry = None
-        if entry is None:
-            entry = run_task(lm, task, tdir, shots, limit, seed, log_samples)
-            entry["data_sha256"] = dhash
-            entry["cached"] = False
-            samples = entry.pop("samples", None)
-            if samples is not None:
-                out["samples"][name] = samples
-            if path is not None:
-                atomic_write(path, json.dumps(entry, indent=1, sort_keys=True) + "\n")
+            path = results / f"{name}-{key[:32]}.json"
+        entry, samples = _task_entry(lm, task, tdir, dhash, path, shots, limit, seed, log_samples)
+        if samples is not None:
+            out["samples"][name] = samples
         entry["data_source"] = source
         out["tasks"][name] = entry
         if on_task is not None:
             on_task(name, entry)
     return out
+
+
+def _lm_settings(lm: LanguageModel) -> dict[str, Any]:
+    """The model's evaluation settings (``lm.describe()``), recorded with the results."""
+    describe = getattr(lm, "describe", None)
+    return dict(describe()) if callable(describe) else {}
+
+
+def _key_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings that can change results (not the batch size), the device by its type."""
+    key = {k: settings[k] for k in ("dtype", "device", "max_length") if k in settings}
+    if isinstance(key.get("device"), str):
+        key["device"] = key["device"].split(":")[0]
+    return key
+
+
+def _task_data(
+    task: Task,
+    data: Path,
+    task_data: Mapping[str, tuple[Path, Sequence[str], Mapping[str, Any]]],
+    memo_file: Path | None,
+) -> tuple[Path, str, dict[str, Any]]:
+    """The task's data folder, the hash of its data (its files; for a dataset not read
+    locally, also the dataset's identity) and its ``data_source``."""
+    tdir, tfiles, source = task_data.get(task.info.name, (data, task.info.files, {}))
+    tdir = Path(tdir)
+    if not tdir.is_dir():
+        raise EvalError(f"{tdir}: no such data directory (pass --data-dir)")
+    dhash = data_sha256(tdir, list(tfiles), memo_file)
+    source = dict(source) or {"kind": "local", "data_dir": str(tdir)}
+    if source.get("kind") != "local":  # the dataset's identity, not just its files
+        ident = json.dumps({k: v for k, v in source.items() if k != "data_dir"}, sort_keys=True)
+        dhash = hashlib.sha256(f"{dhash}\0{ident}".encode()).hexdigest()
+    return tdir, dhash, source
+
+
+def _task_entry(
+    lm: LanguageModel,
+    task: Task,
+    data_dir: Path,
+    data_hash: str,
+    path: Path | None,
+    shots: int | None,
+    limit: int | None,
+    seed: int,
+    log_samples: bool,
+) -> tuple[dict[str, Any], Any]:
+    """The task's entry and its per-doc samples (None unless run with ``log_samples``): the
+    one cached at ``path`` when there is one (never with ``log_samples``), else a fresh run,
+    cached there."""
+    entry = _cached(path) if path is not None and not log_samples else None
+    if entry is not None:
+        return entry, None
+    entry = run_task(lm, task, data_dir, shots, limit, seed, log_samples)
+    entry["data_sha256"] = data_hash
+    entry["cached"] = False
+    samples = entry.pop("samples", None)
+    if path is not None:
+        atomic_write(path, json.dumps(entry, indent=1, sort_keys=True) + "\n")
+    return entry, samples
+
+
+def _cached(path: Path) -> dict[str, Any] | None:
+    """The cached entry at ``path`` (marked cached), or None when there is none to read."""
+    if not path.is_file():
+        return None
+    try:
+        entry = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    entry["cached"] = True
+    return entry

@@ -350,9 +350,14 @@ class _Reports:
         """ "ok" if the child proved it ran to its end, else its last failure report."""
         if self.sent and f"ok\t{self.secret}" in self.lines:
             return "ok"
-        kinds = ("error", "memory", "exit")
-        failures = [line for line in self.lines if line.split("\t")[0] in kinds]
-        return failures[-1] if failures else ""
+        return _last_failure(self.lines)
+
+
+def _last_failure(lines: list[str]) -> str:
+    """The last failure the child reported ("error", "memory" or "exit" and its message),
+    or ""."""
+    failures = [line for line in lines if line.split("\t")[0] in ("error", "memory", "exit")]
+    return failures[-1] if failures else ""
 
 
 def _exited(proc: subprocess.Popen[bytes]) -> bool:
@@ -381,6 +386,16 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
             pass
 
 
+def _read_ready(
+    sel: selectors.BaseSelector, ready: set[int], readers: dict[int, Callable[[int], bool]]
+) -> None:
+    """Read each descriptor of ``readers`` (fd -> its reader, True at the end of its input)
+    that is in ``ready``; one at its end leaves ``sel``."""
+    for fd, read in readers.items():
+        if fd in ready and read(fd):
+            sel.unregister(fd)
+
+
 def _supervise(
     proc: subprocess.Popen[bytes],
     deadline: float,
@@ -394,14 +409,14 @@ def _supervise(
     out = proc.stdout.fileno()
     os.set_blocking(out, False)
     os.set_blocking(report_r, False)
-    report_eof = False
+    readers = {out: capture.read, report_r: reports.read}
     pidfd: int | None = None
     if hasattr(os, "pidfd_open"):
         try:
             pidfd = os.pidfd_open(proc.pid)  # readable once the process has exited
         except OSError:
             pidfd = None
-    timed_out, eof = False, False
+    timed_out = False
     with selectors.DefaultSelector() as sel:
         sel.register(out, selectors.EVENT_READ)
         sel.register(report_r, selectors.EVENT_READ)
@@ -420,30 +435,15 @@ def _supervise(
                 else:
                     time.sleep(wait)
                     ready = set()
-                if out in ready:
-                    eof = capture.read(out)
-                    if eof:
-                        sel.unregister(out)
-                if report_r in ready:
-                    report_eof = reports.read(report_r)
-                    if report_eof:
-                        sel.unregister(report_r)
+                _read_ready(sel, ready, readers)
                 if pidfd is not None and pidfd in ready:
                     break
                 if pidfd is None and _exited(proc):
                     break
             _kill_group(proc)  # on timeout; otherwise the children it left behind
             drain_until = time.monotonic() + 1.0
-            while not (eof and report_eof) and time.monotonic() < drain_until:
-                ready = {key.fd for key, _ in sel.select(0.05)}
-                if out in ready:
-                    eof = capture.read(out)
-                    if eof:
-                        sel.unregister(out)
-                if report_r in ready:
-                    report_eof = reports.read(report_r)
-                    if report_eof:
-                        sel.unregister(report_r)
+            while any(fd in sel.get_map() for fd in readers) and time.monotonic() < drain_until:
+                _read_ready(sel, {key.fd for key, _ in sel.select(0.05)}, readers)
         finally:
             if pidfd is not None:
                 os.close(pidfd)
@@ -452,6 +452,14 @@ def _supervise(
     except subprocess.TimeoutExpired:  # unkillable (uninterruptible sleep): leave it
         pass
     return timed_out
+
+
+def _exit_status(returncode: int | None, bwrap: str) -> int | None:
+    """The child's exit status as Popen reports it (-N: killed by signal N); under bwrap,
+    which exits 128 + N for a child killed by signal N, that too."""
+    if bwrap and returncode is not None and 128 < returncode < 128 + 65:
+        return 128 - returncode
+    return returncode
 
 
 def _signal_name(number: int) -> str:
@@ -557,6 +565,13 @@ def _launch(
     return proc, report_r, secret_w
 
 
+def _not_launched(error: OSError, report_r: int, write_end: int) -> SandboxResult:
+    """The result of a child that could not start; its pipes' parent ends closed."""
+    os.close(report_r)
+    os.close(write_end)
+    return SandboxResult("failed", _short(f"sandbox error: {error}"), 0.0)
+
+
 def _check_limits(
     timeout: float,
     memory_mb: int,
@@ -602,11 +617,9 @@ def run_program(
     ) as tmp:
         start = time.monotonic()
         proc, report_r, secret_w = _launch(Path(tmp), program, memory_mb, cpu, bwrap, False)
-        reports = _Reports(secret_w, secrets.token_hex(16))
         if isinstance(proc, OSError):
-            os.close(report_r)
-            reports.close()
-            return SandboxResult("failed", _short(f"sandbox error: {proc}"), 0.0)
+            return _not_launched(proc, report_r, secret_w)
+        reports = _Reports(secret_w, secrets.token_hex(16))
         try:
             timed_out = _supervise(proc, start + timeout, capture, reports, report_r)
         finally:
@@ -619,9 +632,7 @@ def run_program(
             reports.close()
         duration = time.monotonic() - start
     report = reports.verdict_line()
-    returncode = proc.returncode
-    if bwrap and returncode is not None and 128 < returncode < 128 + 65:
-        returncode = 128 - returncode  # bwrap exits 128 + N for a child killed by signal N
+    returncode = _exit_status(proc.returncode, bwrap)
     status, detail = _verdict(timed_out, returncode, report, capture, timeout, memory_mb)
     return SandboxResult(status, _short(detail), duration, capture.text())
 
@@ -887,79 +898,16 @@ def run_tests(
     runs in the child instead, with `run_program`'s verdict, and the detail says so."""
     cpu, bwrap = _check_limits(timeout, memory_mb, max_output_bytes, cpu_seconds, isolate)
     capture = _Capture(max_output_bytes)
-    status, detail = "passed", "passed"
     with tempfile.TemporaryDirectory(
         prefix="llamaforge-sandbox-", ignore_cleanup_errors=True
     ) as tmp:
         start = time.monotonic()
         proc, report_r, request_w = _launch(Path(tmp), candidate, memory_mb, cpu, bwrap, True)
         if isinstance(proc, OSError):
-            os.close(report_r)
-            os.close(request_w)
-            return SandboxResult("failed", _short(f"sandbox error: {proc}"), 0.0)
-        assert proc.stdout is not None
-        out = proc.stdout.fileno()
-
-        def drain() -> None:
-            while True:
-                try:
-                    data = os.read(out, 65536)
-                except OSError:
-                    return
-                if not data:
-                    return
-                capture.feed(data)
-
-        drainer = threading.Thread(target=drain, daemon=True)
-        drainer.start()
+            return _not_launched(proc, report_r, request_w)
         link = _Link(proc, report_r, request_w, start + timeout)
-        unsendable = ""
-        try:
-            names = link.wait_ready()
-            namespace: dict[str, object] = {"__name__": "__main__", "__builtins__": builtins}
-            namespace.update({name: _Proxy(link, name) for name in names})
-            exec(compile(tests, "<tests>", "exec"), namespace)
-            if entry_point is not None:
-                check = namespace["check"]
-                assert callable(check), "the tests define no check()"
-                check(namespace[entry_point])
-        except _Abort:
-            status, detail = "failed", link.failure
-        except _Unsendable as exc:
-            unsendable = str(exc)
-        except Exception as exc:
-            status = "failed"
-            lines = traceback.format_exception_only(type(exc), exc)
-            detail = "".join(lines).strip().splitlines()[-1] if lines else type(exc).__name__
-        finally:
-            died = _exited(proc)  # on its own, before the harness kills it
-            _kill_group(proc)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-            drainer.join(timeout=2)
-            proc.stdout.close()
-            os.close(report_r)
-            os.close(request_w)
+        status, detail, unsendable, died = _run_harness(link, capture, tests, entry_point)
         duration = time.monotonic() - start
-    if link.failure == "timeout":
-        status, detail = "timeout", f"timed out after {timeout:g} s"
-    elif link.failure:  # even if the tests swallowed the _Abort
-        status, detail = "failed", link.failure
-        why = [line for line in link.lines if line.split("\t")[0] in ("error", "memory", "exit")]
-        if why:
-            kind, _, message = why[-1].partition("\t")
-            status = "killed" if kind == "memory" else "failed"
-            detail = f"{message} (memory limit {memory_mb} MB)" if kind == "memory" else message
-        elif died and proc.returncode is not None and proc.returncode != 0:
-            code = proc.returncode
-            if bwrap and 128 < code < 128 + 65:
-                code = 128 - code
-            if code < 0:
-                status, detail = _verdict(False, code, "", capture, timeout, memory_mb)
-        elif link.failure.startswith("the program's process ended") and capture.last_line():
-            detail = f"{link.failure}: {capture.last_line()}"
     if unsendable:
         if program is None:
             check_call = f"\ncheck({entry_point})\n" if entry_point is not None else ""
@@ -968,7 +916,88 @@ def run_tests(
         note = f" (in-child verdict: {unsendable})"
         return SandboxResult(result.status, _short(result.detail + note), result.duration,
                              result.output)  # fmt: skip
+    if link.failure:  # even if the tests swallowed the _Abort
+        status, detail = _link_failure(link, died, bwrap, capture, timeout, memory_mb)
     return SandboxResult(status, _short(detail), duration, capture.text())
+
+
+def _drain(fd: int, capture: _Capture) -> None:
+    """Feed ``fd``'s bytes to ``capture`` until its end (run on a thread of its own)."""
+    while True:
+        try:
+            data = os.read(fd, 65536)
+        except OSError:
+            return
+        if not data:
+            return
+        capture.feed(data)
+
+
+def _run_harness(
+    link: _Link, capture: _Capture, tests: str, entry_point: str | None
+) -> tuple[str, str, str, bool]:
+    """Run the trusted ``tests`` here against proxies of the child's callables, its output
+    drained meanwhile; then end the child and close its pipes. Returns the status, the
+    detail, why the tests must run in the child instead ("" if they need not) and whether
+    the child had ended on its own."""
+    proc = link.proc
+    assert proc.stdout is not None
+    drainer = threading.Thread(target=_drain, args=(proc.stdout.fileno(), capture), daemon=True)
+    drainer.start()
+    status, detail, unsendable = "passed", "passed", ""
+    try:
+        names = link.wait_ready()
+        namespace: dict[str, object] = {"__name__": "__main__", "__builtins__": builtins}
+        namespace.update({name: _Proxy(link, name) for name in names})
+        exec(compile(tests, "<tests>", "exec"), namespace)
+        if entry_point is not None:
+            check = namespace["check"]
+            assert callable(check), "the tests define no check()"
+            check(namespace[entry_point])
+    except _Abort:
+        status, detail = "failed", link.failure
+    except _Unsendable as exc:
+        unsendable = str(exc)
+    except Exception as exc:
+        status = "failed"
+        lines = traceback.format_exception_only(type(exc), exc)
+        detail = "".join(lines).strip().splitlines()[-1] if lines else type(exc).__name__
+    finally:
+        died = _exited(proc)  # on its own, before the harness kills it
+        _kill_group(proc)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        drainer.join(timeout=2)
+        proc.stdout.close()
+        os.close(link.report_r)
+        os.close(link.request_w)
+    return status, detail, unsendable, died
+
+
+def _link_failure(
+    link: _Link, died: bool, bwrap: str, capture: _Capture, timeout: float, memory_mb: int
+) -> tuple[str, str]:
+    """The status and detail of tests the link aborted: a timeout, what the child reported
+    last (an error, the memory limit, its exit), the signal that killed it, or the
+    failure with the child's last output line."""
+    if link.failure == "timeout":
+        return "timeout", f"timed out after {timeout:g} s"
+    status, detail = "failed", link.failure
+    proc = link.proc
+    why = _last_failure(link.lines)
+    if why:
+        kind, _, message = why.partition("\t")
+        status = "killed" if kind == "memory" else "failed"
+        detail = f"{message} (memory limit {memory_mb} MB)" if kind == "memory" else message
+    elif died and proc.returncode is not None and proc.returncode != 0:
+        code = _exit_status(proc.returncode, bwrap)
+        if code is not None and code < 0:
+            status, detail = _verdict(False, code, "", capture, timeout, memory_mb)
+    elif link.failure.startswith("the program's process ended") and capture.last_line():
+        detail = f"{link.failure}: {capture.last_line()}"
+    return status, detail
 
 
 def check_candidates(

@@ -2,6 +2,6 @@
 
 engine.py: the scheduler and its slot KV cache (torch); app.py: the FastAPI endpoints;
 protocol.py: request bodies and OpenAI's error shape; metrics.py: Prometheus metrics.
-The command itself: llamaforge/serve_cli.py. Nothing is imported here, so ``--help`` stays
+The command itself: llamaforge/cli/serve.py. Nothing is imported here, so ``--help`` stays
 light.
 """

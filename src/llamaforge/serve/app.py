@@ -194,9 +194,15 @@ class Server:
             self.engine.cancel(i)
 
     async def collect(
-        self, request: Request, q: asyncio.Queue[tuple[int, Output]], n: int, ids: list[int]
+        self,
+        request: Request,
+        q: asyncio.Queue[tuple[int, Output]],
+        ids: list[int],
+        endpoint: str,
     ) -> list[list[Output]]:
-        """Every Output of ``n`` requests, cancelling them if the client goes away."""
+        """Every Output of the requests ``ids``, cancelling them if the client goes away;
+        their latency is recorded under ``endpoint``."""
+        t0, n = time.monotonic(), len(ids)
         outs: list[list[Output]] = [[] for _ in range(n)]
         done = 0
         try:
@@ -215,6 +221,7 @@ class Server:
         except BaseException:
             self.cancel(ids)
             raise
+        self.metrics.latency.labels(endpoint).observe(time.monotonic() - t0)
         return outs
 
     def usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -279,12 +286,79 @@ def _max_tokens(requested: int | None, prompt_len: int, context: int) -> int:
     return requested if requested is not None else max(context - prompt_len, 0)
 
 
+def _response_base(srv: Server, prefix: str, kind: str) -> dict[str, Any]:
+    """The fields every response and chunk of one request repeats."""
+    rid = f"{prefix}-{uuid.uuid4().hex}"
+    return {"id": rid, "object": kind, "created": int(time.time()), "model": srv.model_name}
+
+
+def _include_usage(req: CompletionRequest | ChatRequest) -> bool:
+    return bool(req.stream_options and req.stream_options.include_usage)
+
+
+def _event_stream(
+    srv: Server,
+    q: asyncio.Queue[tuple[int, Output]],
+    ids: list[int],
+    *,
+    endpoint: str,
+    base: dict[str, Any],
+    include_usage: bool,
+    prompt_tokens: int,
+    choices: Callable[[int, Output], list[dict[str, Any]]],
+    opening: list[dict[str, Any]] | None = None,
+) -> StreamingResponse:
+    """The Server-Sent Events of the requests ``ids``: a chunk per choice of ``opening``,
+    then per choice of ``choices(index, output)`` for each Output as it arrives, the usage
+    chunk when ``include_usage``, and ``[DONE]``. An engine error ends the stream with
+    OpenAI's error body; requests still running when it ends early (an error, the client
+    gone away) are cancelled."""
+
+    def chunk(choice: dict[str, Any]) -> bytes:
+        c: dict[str, Any] = {**base, "choices": [choice]}
+        if include_usage:
+            c["usage"] = None
+        return _sse(c)
+
+    async def events() -> AsyncIterator[bytes]:
+        t0, first, done, gen = time.monotonic(), True, 0, [0] * len(ids)
+        try:
+            for choice in opening or []:
+                yield chunk(choice)
+            while done < len(ids):
+                i, out = await q.get()
+                if out.error is not None:
+                    yield _sse(APIError(500, out.error, code="engine_error").body())
+                    yield SSE_DONE
+                    return
+                if first:
+                    srv.metrics.ttft.observe(time.monotonic() - t0)
+                    first = False
+                gen[i] = out.completion_tokens
+                if out.finished:
+                    done += 1
+                for choice in choices(i, out):
+                    yield chunk(choice)
+            if include_usage:
+                yield _sse({**base, "choices": [], "usage": srv.usage(prompt_tokens, sum(gen))})
+            yield SSE_DONE
+            srv.metrics.latency.labels(endpoint).observe(time.monotonic() - t0)
+        finally:
+            if done < len(ids):
+                srv.cancel(ids)
+
+    return StreamingResponse(
+        events(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
 # ------------------------------------------------------------------------- the handlers
 
 
-async def completions(srv: Server, request: Request) -> Response:
-    req: CompletionRequest = await srv.parse(request, CompletionRequest)
-    srv.check_model(req.model)
+def _completion_prompts(srv: Server, req: CompletionRequest) -> tuple[list[list[int]], list[str]]:
+    """The prompts as token ids and as text (token prompts decoded), each checked."""
     p = req.prompt
     if isinstance(p, str):
         texts: list[str | None] = [p]
@@ -306,12 +380,51 @@ async def completions(srv: Server, request: Request) -> Response:
         if bad is not None:
             raise APIError(400, f"prompt: token id {bad} is outside 0..{vocab - 1}", param="prompt")
     prompt_texts = [t if t is not None else srv.tok.decode(ids) for t, ids in zip(texts, prompts)]
-    context = srv.engine.max_seq_len
+    return prompts, prompt_texts
+
+
+class _Completion:
+    """One /v1/completions request's choices, whole or as streamed chunks."""
+
+    def __init__(self, srv: Server, req: CompletionRequest, prompt_texts: list[str]) -> None:
+        self.srv, self.req, self.prompt_texts = srv, req, prompt_texts
+        self.started = [False] * len(prompt_texts)  # streaming: a first chunk was sent
+
+    def logprobs(self, i: int, outs: list[Output], echo_first: bool) -> dict[str, Any] | None:
+        if self.req.logprobs is None:
+            return None
+        infos: list[TokenInfo | None] = []
+        offset = 0 if self.req.echo else len(self.prompt_texts[i])
+        if echo_first:
+            infos += outs[0].prompt_logprobs or [] if outs else []
+        for o in outs:
+            infos += o.tokens
+        return self.srv.legacy_logprobs(infos, offset)
+
+    def choice(self, i: int, outs: list[Output], echo: bool) -> dict[str, Any]:
+        text = "".join(o.text for o in outs)
+        return {
+            "index": i,
+            "text": self.prompt_texts[i] + text if echo else text,
+            "logprobs": self.logprobs(i, outs, echo),
+            "finish_reason": outs[-1].finish_reason,
+        }
+
+    def chunk_choices(self, i: int, out: Output) -> list[dict[str, Any]]:
+        echo = self.req.echo and not self.started[i]
+        self.started[i] = True
+        return [self.choice(i, [out], echo)]
+
+
+async def completions(srv: Server, request: Request) -> Response:
+    req: CompletionRequest = await srv.parse(request, CompletionRequest)
+    srv.check_model(req.model)
+    prompts, prompt_texts = _completion_prompts(srv, req)
     if req.max_tokens == 0 and not req.echo:
         raise APIError(400, "max_tokens: 0 needs echo=true", param="max_tokens")
     longest = max(len(ids) for ids in prompts)
     params = SamplingParams(
-        max_tokens=_max_tokens(req.max_tokens, longest, context),
+        max_tokens=_max_tokens(req.max_tokens, longest, srv.engine.max_seq_len),
         temperature=req.temperature,
         top_p=req.top_p,
         stop=req.stops(),
@@ -320,96 +433,24 @@ async def completions(srv: Server, request: Request) -> Response:
         prompt_logprobs=req.echo and req.logprobs is not None,
     )
     q, ids = await srv.run(request, prompts, params, "max_tokens", req.stream)
-    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    base = {"id": rid, "object": "text_completion", "created": created, "model": srv.model_name}
-
-    def logprobs_of(i: int, outs: list[Output], echo_first: bool) -> dict[str, Any] | None:
-        if req.logprobs is None:
-            return None
-        infos: list[TokenInfo | None] = []
-        offset = 0 if req.echo else len(prompt_texts[i])
-        if echo_first:
-            infos += outs[0].prompt_logprobs or [] if outs else []
-        for o in outs:
-            infos += o.tokens
-        return srv.legacy_logprobs(infos, offset)
-
-    if not req.stream:
-        t0 = time.monotonic()
-        all_outs = await srv.collect(request, q, len(prompts), ids)
-        choices, n_prompt, n_gen = [], 0, 0
-        for i, outs in enumerate(all_outs):
-            text = "".join(o.text for o in outs)
-            if req.echo:
-                text = prompt_texts[i] + text
-            choices.append(
-                {
-                    "index": i,
-                    "text": text,
-                    "logprobs": logprobs_of(i, outs, req.echo),
-                    "finish_reason": outs[-1].finish_reason,
-                }
-            )
-            n_prompt += len(prompts[i])
-            n_gen += outs[-1].completion_tokens
-        srv.metrics.latency.labels("completions").observe(time.monotonic() - t0)
-        return JSONResponse({**base, "choices": choices, "usage": srv.usage(n_prompt, n_gen)})
-
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-    async def stream() -> AsyncIterator[bytes]:
-        t0, first, done, gen = time.monotonic(), True, 0, [0] * len(prompts)
-        started = [False] * len(prompts)
-        try:
-            while done < len(prompts):
-                i, out = await q.get()
-                if out.error is not None:
-                    yield _sse(APIError(500, out.error, code="engine_error").body())
-                    yield SSE_DONE
-                    return
-                if first:
-                    srv.metrics.ttft.observe(time.monotonic() - t0)
-                    first = False
-                text = out.text
-                if req.echo and not started[i]:
-                    text = prompt_texts[i] + text
-                lp = logprobs_of(i, [out], req.echo and not started[i])
-                started[i] = True
-                gen[i] = out.completion_tokens
-                if out.finished:
-                    done += 1
-                chunk = {
-                    **base,
-                    "choices": [
-                        {
-                            "index": i,
-                            "text": text,
-                            "logprobs": lp,
-                            "finish_reason": out.finish_reason,
-                        }
-                    ],
-                }
-                if include_usage:
-                    chunk["usage"] = None
-                yield _sse(chunk)
-            if include_usage:
-                usage = srv.usage(sum(len(x) for x in prompts), sum(gen))
-                yield _sse({**base, "choices": [], "usage": usage})
-            yield SSE_DONE
-            srv.metrics.latency.labels("completions").observe(time.monotonic() - t0)
-        finally:
-            if done < len(prompts):
-                srv.cancel(ids)
-
-    return _streaming(stream())
-
-
-def _streaming(gen: AsyncIterator[bytes]) -> StreamingResponse:
-    return StreamingResponse(
-        gen,
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    base = _response_base(srv, "cmpl", "text_completion")
+    completion = _Completion(srv, req, prompt_texts)
+    n_prompt = sum(len(x) for x in prompts)
+    if req.stream:
+        return _event_stream(
+            srv,
+            q,
+            ids,
+            endpoint="completions",
+            base=base,
+            include_usage=_include_usage(req),
+            prompt_tokens=n_prompt,
+            choices=completion.chunk_choices,
+        )
+    all_outs = await srv.collect(request, q, ids, "completions")
+    choices = [completion.choice(i, outs, req.echo) for i, outs in enumerate(all_outs)]
+    usage = srv.usage(n_prompt, sum(outs[-1].completion_tokens for outs in all_outs))
+    return JSONResponse({**base, "choices": choices, "usage": usage})
 
 
 def render_chat(srv: Server, messages: list[Any]) -> list[int]:
@@ -436,10 +477,7 @@ def render_chat(srv: Server, messages: list[Any]) -> list[int]:
     return encode_text(srv.tok, rendered, srv.template.bos_token, srv.template.eos_token)
 
 
-async def chat_completions(srv: Server, request: Request) -> Response:
-    req: ChatRequest = await srv.parse(request, ChatRequest)
-    srv.check_model(req.model)
-    prompt = render_chat(srv, req.messages)
+def _chat_params(srv: Server, req: ChatRequest, prompt: list[int]) -> SamplingParams:
     context = srv.engine.max_seq_len
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else None
     if requested is None:
@@ -454,7 +492,7 @@ async def chat_completions(srv: Server, request: Request) -> Response:
     k = req.top_logprobs or 0
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs: needs logprobs=true", param="top_logprobs")
-    params = SamplingParams(
+    return SamplingParams(
         max_tokens=_max_tokens(requested, len(prompt), context),
         temperature=req.temperature,
         top_p=req.top_p,
@@ -462,81 +500,58 @@ async def chat_completions(srv: Server, request: Request) -> Response:
         seed=req.seed,
         logprobs=k if req.logprobs else None,
     )
+
+
+def _chat_delta(
+    delta: dict[str, Any], lp: list[dict[str, Any]] | None = None, finish: str | None = None
+) -> dict[str, Any]:
+    """One streamed chat choice."""
+    return {
+        "index": 0,
+        "delta": delta,
+        "logprobs": {"content": lp} if lp is not None else None,
+        "finish_reason": finish,
+    }
+
+
+async def chat_completions(srv: Server, request: Request) -> Response:
+    req: ChatRequest = await srv.parse(request, ChatRequest)
+    srv.check_model(req.model)
+    prompt = render_chat(srv, req.messages)
+    params = _chat_params(srv, req, prompt)
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     q, ids = await srv.run(request, [prompt], params, param, req.stream)
-    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    base = {
-        "id": rid,
-        "object": "chat.completion",
-        "created": created,
-        "model": srv.model_name,
-        "system_fingerprint": None,
+    base = {**_response_base(srv, "chatcmpl", "chat.completion"), "system_fingerprint": None}
+    if req.stream:
+
+        def chunk_choices(_i: int, out: Output) -> list[dict[str, Any]]:
+            lp = srv.chat_logprobs(out.tokens) if req.logprobs else None
+            chosen = [_chat_delta({"content": out.text}, lp)] if out.text or lp else []
+            if out.finished:
+                chosen.append(_chat_delta({}, None, out.finish_reason))
+            return chosen
+
+        return _event_stream(
+            srv,
+            q,
+            ids,
+            endpoint="chat",
+            base={**base, "object": "chat.completion.chunk"},
+            include_usage=_include_usage(req),
+            prompt_tokens=len(prompt),
+            choices=chunk_choices,
+            opening=[_chat_delta({"role": "assistant", "content": ""})],
+        )
+    outs = (await srv.collect(request, q, ids, "chat"))[0]
+    infos = [t for o in outs for t in o.tokens]
+    choice = {
+        "index": 0,
+        "message": {"role": "assistant", "content": "".join(o.text for o in outs)},
+        "logprobs": {"content": srv.chat_logprobs(infos)} if req.logprobs else None,
+        "finish_reason": outs[-1].finish_reason,
     }
-    if not req.stream:
-        t0 = time.monotonic()
-        outs = (await srv.collect(request, q, 1, ids))[0]
-        infos = [t for o in outs for t in o.tokens]
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": "".join(o.text for o in outs)},
-            "logprobs": {"content": srv.chat_logprobs(infos)} if req.logprobs else None,
-            "finish_reason": outs[-1].finish_reason,
-        }
-        srv.metrics.latency.labels("chat").observe(time.monotonic() - t0)
-        usage = srv.usage(len(prompt), outs[-1].completion_tokens)
-        return JSONResponse({**base, "choices": [choice], "usage": usage})
-
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    base["object"] = "chat.completion.chunk"
-
-    async def stream() -> AsyncIterator[bytes]:
-        t0, finished, gen = time.monotonic(), False, 0
-
-        def chunk(delta: dict, lp: list | None = None, finish: str | None = None) -> bytes:
-            c: dict[str, Any] = {
-                **base,
-                "choices": [
-                    {
-                        "index": 0,
-                        "delta": delta,
-                        "logprobs": {"content": lp} if lp is not None else None,
-                        "finish_reason": finish,
-                    }
-                ],
-            }
-            if include_usage:
-                c["usage"] = None
-            return _sse(c)
-
-        try:
-            yield chunk({"role": "assistant", "content": ""})
-            first = True
-            while not finished:
-                _, out = await q.get()
-                if out.error is not None:
-                    finished = True
-                    yield _sse(APIError(500, out.error, code="engine_error").body())
-                    yield SSE_DONE
-                    return
-                if first:
-                    srv.metrics.ttft.observe(time.monotonic() - t0)
-                    first = False
-                gen = out.completion_tokens
-                lp = srv.chat_logprobs(out.tokens) if req.logprobs else None
-                if out.text or lp:
-                    yield chunk({"content": out.text}, lp)
-                if out.finished:
-                    finished = True
-                    yield chunk({}, None, out.finish_reason)
-            if include_usage:
-                yield _sse({**base, "choices": [], "usage": srv.usage(len(prompt), gen)})
-            yield SSE_DONE
-            srv.metrics.latency.labels("chat").observe(time.monotonic() - t0)
-        finally:
-            if not finished:
-                srv.cancel(ids)
-
-    return _streaming(stream())
+    usage = srv.usage(len(prompt), outs[-1].completion_tokens)
+    return JSONResponse({**base, "choices": [choice], "usage": usage})
 
 
 async def tokenize(srv: Server, request: Request) -> Response:
@@ -568,58 +583,42 @@ async def detokenize(srv: Server, request: Request) -> Response:
     return JSONResponse({"prompt": srv.tok.decode(req.tokens)})
 
 
-def create_app(srv: Server, *, api_key: str | None = None, manage_engine: bool = True) -> Any:
-    """The ASGI app; ``manage_engine`` starts the engine's thread with the app and stops it
-    at shutdown."""
+async def _api_error(_request: Request, e: APIError) -> Response:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
-    @asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        if manage_engine:
-            srv.engine.start()
+
+async def _http_error(_request: Request, e: StarletteHTTPException) -> Response:
+    err = APIError(e.status_code, str(e.detail))
+    return JSONResponse(err.body(), status_code=e.status_code)
+
+
+async def _internal_error(_request: Request, e: Exception) -> Response:
+    err = APIError(500, f"internal error: {type(e).__name__}: {e}", code="internal_error")
+    return JSONResponse(err.body(), status_code=500)
+
+
+def _counted(
+    srv: Server, endpoint: str, fn: Callable[[Server, Request], Awaitable[Response]]
+) -> Callable[[Request], Awaitable[Response]]:
+    """``fn`` as a route, each request counted by endpoint and status."""
+
+    async def handler(request: Request) -> Response:
+        status = 500
         try:
-            yield
+            response = await fn(srv, request)
+            status = response.status_code
+            return response
+        except APIError as e:
+            status = e.status
+            raise
         finally:
-            if manage_engine:
-                srv.engine.stop()
+            srv.metrics.requests.labels(endpoint, str(status)).inc()
 
-    app = FastAPI(title="llamaforge", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.server = srv
+    return handler
 
-    @app.exception_handler(APIError)
-    async def _api_error(_request: Request, e: APIError) -> Response:
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_request: Request, e: StarletteHTTPException) -> Response:
-        err = APIError(e.status_code, str(e.detail))
-        return JSONResponse(err.body(), status_code=e.status_code)
-
-    @app.exception_handler(Exception)
-    async def _internal(_request: Request, e: Exception) -> Response:
-        err = APIError(500, f"internal error: {type(e).__name__}: {e}", code="internal_error")
-        return JSONResponse(err.body(), status_code=500)
-
-    def counted(
-        endpoint: str, fn: Callable[[Server, Request], Awaitable[Response]]
-    ) -> Callable[[Request], Awaitable[Response]]:
-        async def handler(request: Request) -> Response:
-            status = 500
-            try:
-                response = await fn(srv, request)
-                status = response.status_code
-                return response
-            except APIError as e:
-                status = e.status
-                raise
-            finally:
-                srv.metrics.requests.labels(endpoint, str(status)).inc()
-
-        return handler
-
-    app.add_api_route("/v1/completions", counted("completions", completions), methods=["POST"])
-    app.add_api_route("/v1/chat/completions", counted("chat", chat_completions), methods=["POST"])
-    app.add_api_route("/tokenize", counted("tokenize", tokenize), methods=["POST"])
-    app.add_api_route("/detokenize", counted("detokenize", detokenize), methods=["POST"])
+def _add_info_routes(app: FastAPI, srv: Server, manage_engine: bool) -> None:
+    """The GET endpoints: /v1/models, /health, /metrics and /tokenizer_info."""
 
     @app.get("/v1/models")
     async def models() -> Response:
@@ -671,4 +670,32 @@ def create_app(srv: Server, *, api_key: str | None = None, manage_engine: bool =
             }
         )
 
+
+def create_app(srv: Server, *, api_key: str | None = None, manage_engine: bool = True) -> Any:
+    """The ASGI app; ``manage_engine`` starts the engine's thread with the app and stops it
+    at shutdown."""
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if manage_engine:
+            srv.engine.start()
+        try:
+            yield
+        finally:
+            if manage_engine:
+                srv.engine.stop()
+
+    app = FastAPI(title="llamaforge", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.server = srv
+    app.add_exception_handler(APIError, _api_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _internal_error)
+    for path, endpoint, fn in (
+        ("/v1/completions", "completions", completions),
+        ("/v1/chat/completions", "chat", chat_completions),
+        ("/tokenize", "tokenize", tokenize),
+        ("/detokenize", "detokenize", detokenize),
+    ):
+        app.add_api_route(path, _counted(srv, endpoint, fn), methods=["POST"])
+    _add_info_routes(app, srv, manage_engine)
     return _Auth(app, api_key) if api_key else app

@@ -1,4 +1,5 @@
-"""The task registry: `TASKS` (name -> Task subclass) and `get_task(name, **options)`.
+"""The task registry: `TASKS` (name -> Task subclass), `get_task(name, **options)` and
+`get_tasks(names, options)`.
 
 Tasks read their files from a data folder laid out like ``shared/data/eval`` (``boolq/``,
 ``arc/``, ``mmlu/test`` ...); every task also takes ``path=`` to point at another file in a
@@ -7,6 +8,7 @@ standard public format (see each class's ``fmt``).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from llamaforge.eval.base import EvalError, Task
@@ -61,4 +63,22 @@ def get_task(name: str, **options: Any) -> Task:
     return TASKS[name](options=dict(options))
 
 
-__all__ = ["TASKS", "get_task"]
+def get_tasks(
+    names: Sequence[str], options: Mapping[str, Mapping[str, Any]] | None = None
+) -> list[Task]:
+    """The tasks ``names``, each configured with ``options[name]``: the one route by which
+    task options reach tasks (the command line's ``--task-option``, `runner.evaluate`'s
+    ``task_options``). Unknown names and options, and options for a task not named, raise
+    EvalError."""
+    given = dict(options or {})
+    tasks = [get_task(name, **dict(given.get(name, {}))) for name in names]
+    unused = sorted(set(given) - set(names))
+    if unused:
+        raise EvalError(
+            f"options for task(s) not evaluated: {unused} (the tasks are "
+            f"{', '.join(names) or 'none'})"
+        )
+    return tasks
+
+
+__all__ = ["TASKS", "get_task", "get_tasks"]
