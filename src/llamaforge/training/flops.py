@@ -113,6 +113,15 @@ def activation_memory(
     return tokens * (per_layer[mode] + logits)
 
 
+def inference_memory(args: ModelArgs, *, dtype_bytes: float, batch: int, length: int) -> int:
+    """Bytes one device needs to generate with the whole model: its weights and the key /
+    value cache of ``batch`` rows of ``length`` positions, both ``dtype_bytes`` a value,
+    and the last position's fp32 logits."""
+    weights = count_params(args)["total"] * dtype_bytes
+    cache = 2 * args.n_layers * args.kv_heads * args.head_dim * batch * length * dtype_bytes
+    return int(weights + cache + 4 * batch * args.vocab_size)
+
+
 # -- the paper's carbon estimate (SPEC §1.10) ----------------------------------------------
 
 PUE = 1.1  # the paper's datacenter power usage effectiveness (SPEC §1.10)

@@ -9,11 +9,13 @@ compile → FSDP2/DDP → materialised shards → optimizer), ``resume``, ``trai
 pluggable — any iterator of (inputs, targets) batches with ``state_dict``/
 ``load_state_dict`` — and so is the loss.
 
-Host synchronisations: a step keeps its loss, gradient norm and "finite" flag on the
-device; the host reads them only on logging steps (``log_every``), checkpoint steps and
-every ``sync_every`` steps, where the SIGTERM/SIGINT flag rides on the loss all-reduce
-that happens anyway. A non-finite step is skipped on the device (fused AdamW's
-``found_inf``) on a GPU, and with a host check on the CPU, where it costs nothing.
+Host synchronisations: a step keeps its loss, gradient norm, "finite" flag and token
+counts on the device; the host reads them only on logging steps (``log_every``),
+checkpoint steps and every ``sync_every`` steps, where the SIGTERM/SIGINT flag and the
+tokens ride on the loss all-reduce that happens anyway. Throughput and MFU count real
+tokens: a loader with padding says how many a batch holds (``Loader.real_tokens``). A
+non-finite step is skipped on the device (fused AdamW's ``found_inf``) on a GPU, and with a
+host check on the CPU, where it costs nothing.
 """
 
 from __future__ import annotations
@@ -506,8 +508,8 @@ class Trainer:
         base = {name for name, _ in model.named_parameters()}
         if self.prepare_model is not None:
             self.prepare_model(model)
-        counts = trained_params(model, base)
-        self.flops_per_token = flops_per_token(self.args, self.seq_len, **counts)
+        self.param_counts = trained_params(model, base)
+        self.flops_per_token = flops_per_token(self.args, self.seq_len, **self.param_counts)
         return model
 
     def _init_weights(self, model: torch.nn.Module) -> None:
