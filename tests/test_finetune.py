@@ -238,6 +238,55 @@ def test_shipped_finetune_configs_load(path):
         cfg.lora.validate()
 
 
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_tokens_count_the_real_tokens_of_rows_of_very_different_lengths(
+    base, tmp_path, small_tokenizer, packing
+):
+    """metrics.jsonl's tokens (and tokens_per_s, mfu) count what the rows hold, not
+    batch_size × max_len nor the padded width: a step over the whole data set (one epoch)
+    reports the sum of the examples' lengths."""
+    from llamaforge.finetune.data import InstructDataConfig, PackedLoader, build_dataset
+
+    rows = [
+        {"instruction": f"Say {c}" + " again" * (8 * (i * 5 % 8)), "input": "", "output": c}
+        for i, c in enumerate(COLOURS)
+    ]
+    path = tmp_path / "lengths.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data_cfg = InstructDataConfig(paths=[str(path)], max_len=384, val_fraction=0.0)
+    train = build_dataset(data_cfg, small_tokenizer).train
+    lengths = [e.positions for e in train]
+    assert len(train) == 8 and max(lengths) > 3 * min(lengths)
+    if packing:  # one step = the packed rows of one epoch
+        batch = len(PackedLoader(train, 1, 384)._units(0))
+        extra = ["data.packing=true", f"batch_size={batch}", "micro_batch=1"]
+    else:
+        extra = ["batch_size=8", "micro_batch=4"]
+    out = tmp_path / "run"
+    argv = args(base, path, out, *extra, "data.max_len=384", "data.val_fraction=0", "steps=2")
+    argv.append("gen_eval=0")
+    assert main(argv) == 0
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["tokens"] for r in metrics] == [sum(lengths), 2 * sum(lengths)]
+    for r in metrics:
+        assert 0 < r["tokens_per_s"] <= r["padded_tokens_per_s"]
+        if not packing:  # every rank's rows are padded to its longest
+            assert r["tokens_per_s"] < r["padded_tokens_per_s"]
+    assert json.loads((out / "summary.json").read_text())["tokens"] == 2 * sum(lengths)
+
+
+def test_before_after_evaluation_is_skipped_when_it_does_not_fit(base, data, tmp_path, capsys):
+    out = tmp_path / "small"
+    assert main(args(base, data, out, "steps=2", "eval_memory_gib=0.0001")) == 0
+    err = capsys.readouterr().err
+    assert err.count("before/after evaluation skipped") == 1, err
+    assert "more than 90 % of 104.9 KiB (eval_memory_gib=0.0001)" in err
+    assert "held-out instructions" not in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["evaluation"]["skipped"].startswith("before/after evaluation skipped")
+    assert (out / "model" / "params.json").is_file()  # the run itself is complete
+
+
 def test_eval_tasks_run_before_and_after(base, data, tmp_path, capsys):
     from .conftest import shared_file
 

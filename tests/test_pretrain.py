@@ -235,6 +235,21 @@ def test_indivisible_batch_tokens_is_a_clear_error(corpus, tmp_path, capsys):
     assert not (tmp_path / "bad" / "metrics.jsonl").exists()
 
 
+def test_dry_run_plans_the_prepared_data_as_the_run_draws_it(corpus, tmp_path, capsys):
+    out = tmp_path / "planned"
+    extra = ("steps=4", "eval_batches=0")
+    argv = ["pretrain", *overrides(corpus, out, *extra), "--dry-run", "--json", "--gpu", "L4"]
+    assert cli_main(argv) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert not out.exists()  # nothing written, nothing trained
+    assert plan["data"]["prepared"] and plan["data"]["source_tokens"]["stories"] > 0
+    assert plan["steps"] == 4 and plan["tokens"] == 4 * 256 and plan["batch"]["accumulation"] == 2
+    assert plan["model"]["args"]["vocab_size"] == 300  # the data's tokenizer
+    summary = run_pretrain(cfg_of(corpus, out, *extra))
+    assert summary["step"] == plan["steps"] and summary["tokens"] == plan["tokens"]
+    assert summary["epochs"] == pytest.approx(plan["data"]["epochs"])
+
+
 TABLE2 = {"7B": 6_738_415_616, "13B": 13_015_864_320, "33B": 32_528_943_616, "65B": 65_285_660_672}
 
 

@@ -209,3 +209,36 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkey
     root = first.parent
     assert [p.name for p in root.iterdir()] == ["step-000001"]  # no partial step-2 left
     assert t.checkpointer.latest() == first
+
+
+def test_throughput_and_mfu_count_the_loaders_real_tokens(tmp_path):
+    """A loader with padding says how many of a batch's positions are real (real_tokens):
+    tokens, tokens_per_s and mfu count those; padded_tokens_per_s every position."""
+    import json
+
+    class PaddedLoader(ListLoader):
+        real_tokens = 40  # of the 4 × 16 = 64 positions of each batch
+
+    cfg = load_config(
+        TrainConfig,
+        None,
+        ["model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.multiple_of=16",
+         f"batch_tokens={4 * SEQ}", "micro_batch=2", "steps=3", "device=cpu",
+         "progress=false", "tensorboard=false", "peak_flops=1e12", f"out={tmp_path}"],
+    )  # fmt: skip
+    t = Trainer(
+        cfg,
+        DistInfo(),
+        args=model_args(cfg, VOCAB, SEQ),
+        seq_len=SEQ,
+        loader=PaddedLoader([batch(4)]),
+        all_targets_count=False,
+    ).build()
+    r = t.train_step(*batch(4), tokens=40)
+    assert (float(r.tokens), float(r.positions)) == (40.0, 64.0)
+    t.fit()
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["tokens"] for r in rows] == [40, 80, 120]
+    for row in rows:
+        assert row["padded_tokens_per_s"] == pytest.approx(row["tokens_per_s"] * 64 / 40)
+        assert row["mfu"] == pytest.approx(t.flops_per_token * row["tokens_per_s"] / 1e12)

@@ -19,29 +19,31 @@ class DeviceSpec:
     name: str  # matched as a substring of torch.cuda.get_device_name(), in table order
     peak_flops: float  # dense bf16 tensor-core FLOP/s
     watts: float  # board power (TDP), for the paper's carbon estimate
+    memory_gib: float = 0.0  # the largest variant's memory, for plans (0: unknown)
 
 
 # Vendor datasheet figures. More specific names come first ("H100 PCIe" before "H100").
+# Memory: the datasheet's GB, of the largest variant (A100 80GB, V100 32GB).
 DEVICES: tuple[DeviceSpec, ...] = (
-    DeviceSpec("GB200", 2.5e15, 1200),
-    DeviceSpec("B200", 2.25e15, 1000),
-    DeviceSpec("H200", 989.5e12, 700),
-    DeviceSpec("H100 PCIe", 756e12, 350),
-    DeviceSpec("H100 NVL", 835e12, 400),
-    DeviceSpec("H100", 989.5e12, 700),
-    DeviceSpec("H800", 989.5e12, 700),
-    DeviceSpec("GH200", 989.5e12, 700),
-    DeviceSpec("A100-PCIE", 312e12, 300),
-    DeviceSpec("A100", 312e12, 400),  # SXM: the paper's 400 W A100-80GB
-    DeviceSpec("A800", 312e12, 400),
-    DeviceSpec("L40S", 362e12, 350),
-    DeviceSpec("L40", 181e12, 300),
-    DeviceSpec("L4", 121e12, 72),
-    DeviceSpec("A10G", 70e12, 300),
-    DeviceSpec("A10", 125e12, 150),
-    DeviceSpec("RTX 4090", 165e12, 450),
-    DeviceSpec("RTX 3090", 71e12, 350),
-    DeviceSpec("V100", 125e12, 300),  # fp16 tensor cores; no bf16
+    DeviceSpec("GB200", 2.5e15, 1200, 186),
+    DeviceSpec("B200", 2.25e15, 1000, 180),
+    DeviceSpec("H200", 989.5e12, 700, 141),
+    DeviceSpec("H100 PCIe", 756e12, 350, 80),
+    DeviceSpec("H100 NVL", 835e12, 400, 94),
+    DeviceSpec("H100", 989.5e12, 700, 80),
+    DeviceSpec("H800", 989.5e12, 700, 80),
+    DeviceSpec("GH200", 989.5e12, 700, 96),
+    DeviceSpec("A100-PCIE", 312e12, 300, 80),
+    DeviceSpec("A100", 312e12, 400, 80),  # SXM: the paper's 400 W A100-80GB
+    DeviceSpec("A800", 312e12, 400, 80),
+    DeviceSpec("L40S", 362e12, 350, 48),
+    DeviceSpec("L40", 181e12, 300, 48),
+    DeviceSpec("L4", 121e12, 72, 24),
+    DeviceSpec("A10G", 70e12, 300, 24),
+    DeviceSpec("A10", 125e12, 150, 24),
+    DeviceSpec("RTX 4090", 165e12, 450, 24),
+    DeviceSpec("RTX 3090", 71e12, 350, 24),
+    DeviceSpec("V100", 125e12, 300, 32),  # fp16 tensor cores; no bf16
 )
 
 def device_spec(device_name: str) -> DeviceSpec | None:
@@ -111,3 +113,10 @@ def peak_memory_bytes(device: torch.device) -> int:
         return int(torch.cuda.max_memory_allocated(device))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss) * (1 if sys.platform == "darwin" else 1024)
+
+
+def device_memory_bytes(device: torch.device) -> int:
+    """Memory one device has: a GPU's total memory, else this machine's physical memory."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))

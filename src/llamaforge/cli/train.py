@@ -72,31 +72,105 @@ def _quickstart(a: argparse.Namespace) -> int:
     return 0 if summary["val_loss"] < summary["unigram_loss"] else 1
 
 
+# the flags of a --dry-run (each an error without it)
+PLAN_FLAGS = ("world_size", "gpu", "gpu_memory", "mfu", "preset", "examples", "json")
+
+
 def _training_command(
     subparsers: argparse._SubParsersAction,
     name: str,
     config_class: Callable[[], type],
     intro: str,
     run: Callable[[str | None, list[str]], None],
+    plan: Callable[[str | None, list[str], argparse.Namespace], dict[str, Any]],
     **parser_kwargs: Any,
 ) -> None:
     """``llamaforge NAME [CONFIG] [KEY=VALUE ...] [--resume R] [--out DIR]``: a TOML config,
-    overrides, and two flags that are overrides too."""
+    overrides, and two flags that are overrides too; ``--dry-run`` prints ``plan``'s plan
+    instead of running."""
     p = subparsers.add_parser(name, add_help=False, **parser_kwargs)
     add_config_help(p, config_class, intro)
     p.add_argument("config", nargs="?", help=f"a TOML file (configs/{name}/*.toml)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.add_argument("--resume", help="same as resume=...: auto (the default), none, or a step-N dir")
     p.add_argument("--out", help="same as out=...: the run directory")
+    _add_plan_flags(p, examples=name == "finetune")
 
     def handler(a: argparse.Namespace) -> int:
         config, overrides = a.config, list(a.overrides)
         if config is not None and "=" in config:  # no config file: only overrides
             config, overrides = None, [config, *overrides]
-        run(config, [*overrides, *flag_overrides(a, "resume", "out")])
+        overrides += flag_overrides(a, "resume", "out")
+        if a.dry_run:
+            _print_plan(plan(config, overrides, a), as_json=a.json)
+            return 0
+        given = [f for f in PLAN_FLAGS if getattr(a, f, None) not in (None, False)]
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            raise ValueError(f"{flag}: a flag of the plan; add --dry-run (or leave it out)")
+        run(config, overrides)
         return 0
 
     p.set_defaults(func=handler)
+
+
+def _add_plan_flags(p: argparse.ArgumentParser, *, examples: bool) -> None:
+    g = p.add_argument_group(
+        "plan (--dry-run)",
+        "Resolve the run as it would run (config, overrides, data) with the model on the "
+        "meta device, print its plan and exit without training: tokens or examples, steps "
+        "and epochs, the lr schedule, the layout, memory per GPU by component and the time "
+        "at --mfu on --gpu. The model: init's params.json, else --preset.",
+    )
+    g.add_argument("--dry-run", action="store_true", help="print the plan; train nothing")
+    g.add_argument(
+        "--world-size",
+        "--gpus",
+        dest="world_size",
+        type=int,
+        metavar="N",
+        help="GPUs (processes) to plan for (default: torchrun's WORLD_SIZE, else 1)",
+    )
+    g.add_argument(
+        "--gpu", metavar="NAME", help="e.g. H100, A100, L4 (default: this machine's GPU, else A100)"
+    )
+    g.add_argument("--gpu-memory", type=float, metavar="GIB", help="per GPU (default: the GPU's)")
+    g.add_argument("--mfu", type=float, help="model FLOPs utilisation for the time (default 0.4)")
+    g.add_argument("--preset", help="model size when init's params.json is not there (e.g. 7B)")
+    if examples:
+        g.add_argument(
+            "--examples",
+            type=int,
+            metavar="N",
+            help="training examples, instead of reading data.paths (each then counts as "
+            "data.max_len tokens: an upper bound)",
+        )
+    g.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def _plan_target(a: argparse.Namespace) -> Any:
+    """The ``Target`` of the plan flags; the world size of torchrun when it runs us."""
+    import os
+
+    from llamaforge.training.plan import DEFAULT_MFU, Target
+
+    return Target(
+        world_size=a.world_size or int(os.environ.get("WORLD_SIZE", "1")),
+        gpu=a.gpu,
+        mfu=DEFAULT_MFU if a.mfu is None else a.mfu,
+        gpu_memory_gib=a.gpu_memory or 0.0,
+    )
+
+
+def _print_plan(plan: dict[str, Any], *, as_json: bool) -> None:
+    """On rank 0 only (every torchrun process plans the same run)."""
+    import json
+    import os
+
+    from llamaforge.training.plan import format_plan
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(plan, indent=2) if as_json else format_plan(plan))
 
 
 def _register_quickstart_instruct(subparsers: argparse._SubParsersAction) -> None:
@@ -142,6 +216,14 @@ def _register_pretrain(subparsers: argparse._SubParsersAction) -> None:
             check_prepared(Path(cfg.data.dir), Path(cfg.data.tokenizer), cause=e)
             raise
 
+    def plan(config: str | None, overrides: list[str], a: argparse.Namespace) -> dict[str, Any]:
+        from llamaforge.config import load_config
+        from llamaforge.training.plan import plan_pretrain
+        from llamaforge.training.pretrain import PretrainConfig
+
+        cfg = load_config(PretrainConfig, config, overrides)
+        return plan_pretrain(cfg, _plan_target(a), a.preset)
+
     _training_command(
         subparsers,
         "pretrain",
@@ -149,6 +231,7 @@ def _register_pretrain(subparsers: argparse._SubParsersAction) -> None:
         "Settings and defaults (TOML tables for the dotted ones; model.* null = the "
         "preset's value):",
         run,
+        plan,
         help="train a LLaMA from scratch on prepared data (one process, or many via torchrun)",
         description="Pretrain with the paper's recipe (AdamW 0.9/0.95, wd 0.1, clip 1.0, "
         "warmup + cosine to 10 %) on shards from `llamaforge data prepare`. Writes "
@@ -201,12 +284,20 @@ def _register_finetune(subparsers: argparse._SubParsersAction) -> None:
 
         run_finetune(load_config(FinetuneConfig, config, overrides))
 
+    def plan(config: str | None, overrides: list[str], a: argparse.Namespace) -> dict[str, Any]:
+        from llamaforge.config import load_config
+        from llamaforge.finetune.run import FinetuneConfig, plan_finetune
+
+        cfg = load_config(FinetuneConfig, config, overrides)
+        return plan_finetune(cfg, _plan_target(a), examples=a.examples, preset=a.preset)
+
     _training_command(
         subparsers,
         "finetune",
         _finetune_config,
         "Settings and defaults (model.* come from init):",
         run,
+        plan,
         help="instruction finetuning (LLaMA-I): full or LoRA, on the pretraining machinery",
         description="Finetune the native checkpoint `init` on instruction data (Alpaca, "
         "Dolly, self-instruct, ShareGPT, OpenAI messages, question/answer JSON(L) or saved "

@@ -571,6 +571,7 @@ class _Loader:
         self.seed, self.shuffle, self.device = seed, shuffle, torch.device(device)
         self.epoch_index, self.position = 0, 0
         self._cache: dict[int, list[Any]] = {}
+        self.real_tokens = 0  # non-padding positions of the last batch (the trainer's count)
 
     def _units(self, epoch: int) -> list[Any]:
         raise NotImplementedError
@@ -662,6 +663,7 @@ class PaddedLoader(_Loader):
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         rows = [self.examples[i] for i in self._take()]
         width = self.seq_len or max(e.positions for e in rows)
+        self.real_tokens = sum(e.positions for e in rows)
         x = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         y = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
         for r, e in enumerate(rows):
@@ -735,6 +737,7 @@ class PackedLoader(_Loader):
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         rows = self._take()
         S = self.seq_len
+        self.real_tokens = sum(self._lengths[i] for members in rows for i in members)
         x = torch.full((len(rows), S), self.pad_id, dtype=torch.long)
         y = torch.full((len(rows), S), IGNORE_INDEX, dtype=torch.long)
         pos = torch.zeros((len(rows), S), dtype=torch.long)

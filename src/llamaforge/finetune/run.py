@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from llamaforge import parallel as D
 from llamaforge.config import ConfigError, setting
 from llamaforge.files import atomic_write
@@ -32,7 +34,11 @@ from llamaforge.finetune.data import (
     read_examples,
 )
 from llamaforge.finetune.lora import LoraConfig
+from llamaforge.model import ModelArgs
+from llamaforge.tokenizer import Tokenizer
+from llamaforge.training.flops import count_params
 from llamaforge.training.optim import cross_entropy
+from llamaforge.training.plan import Target
 from llamaforge.training.trainer import OptimSection, TrainConfig, Trainer, model_args, run_training
 
 FULL_LR, LORA_LR = 2e-5, 2e-4
@@ -61,15 +67,17 @@ class FinetuneConfig(TrainConfig):
     eval_shots: int = setting(-1, "shots for eval_tasks (-1: the paper's per task)")
     eval_limit: int = setting(0, "documents per eval task (0: all)")
     eval_data_dir: str = setting("", "benchmark data (default: as llamaforge eval)")
+    eval_memory_gib: float = setting(
+        0.0,
+        "memory the before/after evaluation may use on its one device, GiB (0: the device's); "
+        "it is skipped, with the reason, when the whole model does not fit",
+    )
     out: str = setting("runs/finetune", "run directory")
 
 
-def resolve(cfg: FinetuneConfig, dataset: InstructDataset, world_size: int) -> FinetuneConfig:
-    """Derive batch_tokens, steps and warmup from the examples; errors name the setting."""
-    if not cfg.init:
-        raise ConfigError("init: set the base model, a native checkpoint directory (init=DIR)")
-    if not Path(cfg.init).is_dir():
-        raise ConfigError(f"init={cfg.init!r}: no such checkpoint directory")
+def resolve(cfg: FinetuneConfig, units: int, world_size: int) -> FinetuneConfig:
+    """Derive batch_tokens, steps and warmup from ``units`` rows an epoch
+    (``units_per_epoch``); errors name the setting."""
     if cfg.batch_tokens:
         raise ConfigError("batch_tokens: finetuning counts examples; set batch_size instead")
     rows = cfg.micro_batch * world_size
@@ -78,7 +86,7 @@ def resolve(cfg: FinetuneConfig, dataset: InstructDataset, world_size: int) -> F
             f"batch_size={cfg.batch_size} must be a positive multiple of micro_batch × "
             f"world_size = {rows}"
         )
-    steps, warmup, lr = schedule(cfg, units_per_epoch(dataset, cfg))
+    steps, warmup, lr = schedule(cfg, units)
     optim = dataclasses.replace(cfg.optim, warmup_steps=warmup, lr=lr)
     if cfg.lora.enabled:
         cfg.lora.validate()
@@ -104,56 +112,80 @@ def units_per_epoch(dataset: InstructDataset, cfg: FinetuneConfig) -> int:
     return len(dataset.train)
 
 
-def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
-    """Finetune ``cfg.init`` on ``cfg.data``; returns the summary (with before/after
-    evaluations when asked)."""
+def base_tokenizer(cfg: FinetuneConfig) -> Tokenizer:
+    """The tokenizer of the base checkpoint ``init``; a ConfigError when ``init`` is not set
+    or is not a native checkpoint."""
     from llamaforge.checkpoint.native import read_params
-    from llamaforge.tokenizer import Tokenizer
 
     if not cfg.init:
         raise ConfigError("init: set the base model, a native checkpoint directory (init=DIR)")
+    if not Path(cfg.init).is_dir():
+        raise ConfigError(f"init={cfg.init!r}: no such checkpoint directory")
     tok_path = Path(cfg.init) / "tokenizer.model"
     if not tok_path.is_file():
         raise ConfigError(f"init={cfg.init!r}: no tokenizer.model in the base checkpoint")
     read_params(cfg.init)  # a clear error for a directory that is not a checkpoint
-    tok = Tokenizer(tok_path)
+    return Tokenizer(tok_path)
+
+
+def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Finetune ``cfg.init`` on ``cfg.data``; returns the summary (with before/after
+    evaluations when asked, or the reason they were skipped)."""
+    tok = base_tokenizer(cfg)
     dataset = build_dataset(cfg.data, tok)
     info = D.init(cfg.device)
     try:
-        cfg = resolve(cfg, dataset, info.world_size)
-        seq_len = cfg.data.max_len
-        args = model_args(cfg, tok.vocab_size, seq_len)
-        common: dict[str, Any] = dict(rank=info.rank, world_size=info.world_size,
-                                      seed=cfg.data.seed, device=info.device)  # fmt: skip
-        loader: PackedLoader | PaddedLoader
-        if cfg.data.packing:
-            loader = PackedLoader(dataset.train, cfg.batch_size, seq_len, **common)
-        else:  # each rank reads its contiguous part of every global batch
-            loader = PaddedLoader(dataset.train, cfg.batch_size, **common)
-        val = validation_batches(dataset, cfg)
-        trainer = FinetuneTrainer(
-            cfg,
-            info,
-            args=args,
-            seq_len=seq_len,
-            loader=loader,
-            val_batches=val,
-            loss_fn=cross_entropy,
-            all_targets_count=False,  # prompt and padding targets are -100
-            logits_where_trained=True,
-            name="finetune",
-            **lora_hooks(cfg),
-        )
-        D.print0(_describe_data(dataset, cfg))
-        summary = run_training(trainer, tokenizer=tok, epochs=lambda: loader.epoch)
+        cfg = resolve(cfg, units_per_epoch(dataset, cfg), info.world_size)
+        args = model_args(cfg, tok.vocab_size, cfg.data.max_len)
+        summary = _train(cfg, info, args, tok, dataset)
     finally:
         D.cleanup()
     summary["data"] = dataset.report
     if info.is_main:
         if summary.get("model") or summary.get("adapter"):
-            summary["evaluation"] = evaluate_before_after(cfg, dataset, summary)
+            summary["evaluation"] = _before_after(cfg, args, dataset, summary)
         atomic_write(Path(cfg.out) / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _train(
+    cfg: FinetuneConfig, info: D.DistInfo, args: ModelArgs, tok: Tokenizer, dataset: InstructDataset
+) -> dict[str, Any]:
+    """The training run; its model and optimizer are freed when it returns."""
+    seq_len = cfg.data.max_len
+    common: dict[str, Any] = dict(rank=info.rank, world_size=info.world_size,
+                                  seed=cfg.data.seed, device=info.device)  # fmt: skip
+    loader: PackedLoader | PaddedLoader
+    if cfg.data.packing:
+        loader = PackedLoader(dataset.train, cfg.batch_size, seq_len, **common)
+    else:  # each rank reads its contiguous part of every global batch
+        loader = PaddedLoader(dataset.train, cfg.batch_size, **common)
+    trainer = FinetuneTrainer(
+        cfg,
+        info,
+        args=args,
+        seq_len=seq_len,
+        loader=loader,
+        val_batches=validation_batches(dataset, cfg),
+        **trainer_options(cfg),
+    )
+    D.print0(_describe_data(dataset, cfg))
+    return run_training(trainer, tokenizer=tok, epochs=lambda: loader.epoch)
+
+
+def trainer_options(cfg: FinetuneConfig, *, plan: bool = False) -> dict[str, Any]:
+    """What a finetuning Trainer is given besides its data: the masked loss, logits at
+    trained positions only and the LoRA hooks. ``plan``: an nf4 base is built as int8 (the
+    same layers; bitsandbytes and a GPU are not needed to plan it)."""
+    if plan and cfg.lora.quantize == "nf4":
+        cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, quantize="int8"))
+    return dict(
+        loss_fn=cross_entropy,
+        all_targets_count=False,  # prompt and padding targets are -100
+        logits_where_trained=True,
+        name="finetune",
+        **lora_hooks(cfg),
+    )
 
 
 def lora_hooks(cfg: FinetuneConfig) -> dict[str, Any]:
@@ -167,6 +199,86 @@ def lora_hooks(cfg: FinetuneConfig) -> dict[str, Any]:
         "prepare_model": lambda model: apply_lora(model, cfg.lora),
         "after_init": lambda model: init_lora_(model, cfg.seed),
     }
+
+
+def plan_finetune(
+    cfg: FinetuneConfig, target: Target, *, examples: int | None = None, preset: str | None = None
+) -> dict[str, Any]:
+    """The plan of ``llamaforge finetune`` with ``cfg`` on ``target`` (``training.plan``):
+    the data read and tokenized as the run reads it (or ``examples`` stated instead, each
+    taken as ``data.max_len`` positions: an upper bound on the tokens), the schedule from
+    ``resolve``, the model from init's params.json or ``preset``, and whether the
+    before/after evaluation fits one GPU."""
+    from llamaforge.presets import get_preset
+    from llamaforge.training.plan import NoData, planned_model, planning_info, training_plan
+
+    planned, source = planned_model(cfg, preset)
+    tok = Tokenizer(Path(cfg.init) / "tokenizer.model") if planned.init else None
+    dataset = None
+    if examples is not None:
+        if examples < 1:
+            raise ValueError(f"--examples {examples}: expected at least 1")
+        units, epoch_tokens = examples, examples * cfg.data.max_len
+    elif tok is None:
+        raise ConfigError(
+            f"init={cfg.init!r}: no tokenizer.model to read data.paths with; state the number "
+            "of training examples with --examples N"
+        )
+    else:
+        dataset = build_dataset(cfg.data, tok)
+        units, epoch_tokens = units_per_epoch(dataset, cfg), dataset.report["train"]["positions"]
+    resolved = resolve(planned, units, target.world_size)
+    vocab = tok.vocab_size if tok is not None else get_preset(resolved.model.preset).vocab_size
+    args = model_args(resolved, vocab, resolved.data.max_len)
+    trainer = FinetuneTrainer(
+        resolved,
+        planning_info(resolved, target.world_size),
+        args=args,
+        seq_len=resolved.data.max_len,
+        loader=NoData(),
+        **trainer_options(resolved, plan=True),
+    )
+    epochs = resolved.steps * resolved.batch_size / units
+    if dataset is not None:
+        data: dict[str, Any] = {
+            "report": dataset.report,
+            "lines": [_describe_data(dataset, resolved)],
+        }
+    else:
+        data = {
+            "examples": examples,
+            "upper_bound": True,
+            "lines": [
+                f"{examples:,} examples stated (--examples; data.paths not read), each taken as "
+                f"{cfg.data.max_len} positions: the tokens are an upper bound"
+            ],
+        }
+    plan = training_plan(
+        trainer,
+        target,
+        model_source=source,
+        tokens=epochs * epoch_tokens,
+        data=data,
+        buffer_bytes=_nf4_bytes if resolved.lora.quantize == "nf4" else None,
+    )
+    plan["epochs"] = epochs
+    spec = target.spec()
+    memory, where = target.memory_bytes(spec), f"one {spec.name}"
+    plan["evaluation"] = evaluation_plan(resolved, args, memory, where)
+    return plan
+
+
+def _nf4_bytes(model: torch.nn.Module) -> int:
+    """The buffers of a planning model whose quantised base was built as int8, priced as
+    nf4 (``plan_finetune``)."""
+    from llamaforge.finetune.lora import QuantLinear
+    from llamaforge.training.flops import quantized_weight_bytes
+
+    return sum(
+        quantized_weight_bytes(m.in_features * m.out_features, m.out_features, "nf4")
+        for m in model.modules()
+        if isinstance(m, QuantLinear) and m.quantize != "none"
+    )
 
 
 class FinetuneTrainer(Trainer):
@@ -344,6 +456,77 @@ def evaluate_before_after(
     if out:
         D.print0(format_evaluation(out))
     return out
+
+
+def evaluation_plan(
+    cfg: FinetuneConfig, args: ModelArgs, limit: int, where: str, base_dtype: str | None = None
+) -> dict[str, Any]:
+    """Whether the before/after evaluation fits: it loads each model whole on one device —
+    the base in its stored dtype (``base_dtype``, default init's params.json, else
+    bfloat16), the finetuned model as exported (fp32, the master weights; or the base plus
+    an unmerged adapter) — with the cache of ``gen_eval`` answers. ``skip`` is the line
+    printed instead of running it when that is more than 90 % of ``limit`` bytes."""
+    from llamaforge.training.flops import inference_memory
+    from llamaforge.training.plan import MARGIN
+    from llamaforge.units import human_bytes, human_count
+
+    if cfg.gen_eval <= 0 and not cfg.eval_tasks:
+        return {
+            "needed": 0,
+            "limit": limit,
+            "skip": None,
+            "line": "none (gen_eval=0, no eval_tasks)",
+        }
+    if base_dtype is None:
+        base_dtype = "bfloat16"
+        if cfg.init and (Path(cfg.init) / "params.json").is_file():
+            from llamaforge.checkpoint.native import read_params
+
+            base_dtype = str(read_params(cfg.init)[1].get("dtype", base_dtype))
+    exported = not cfg.lora.enabled or cfg.lora.merge
+    dtype = "float32" if exported else base_dtype
+    size = max(getattr(torch, dtype).itemsize, getattr(torch, base_dtype).itemsize)
+    length = min(args.max_seq_len, cfg.data.max_len + cfg.gen_max_new_tokens)
+    needed = inference_memory(args, dtype_bytes=size, batch=max(1, cfg.gen_eval), length=length)
+    what = (
+        f"the whole {human_count(count_params(args)['total'])}-parameter model on one device "
+        f"({dtype} weights and the answers' cache: {human_bytes(needed)})"
+    )
+    if needed <= MARGIN * limit:
+        line = f"before and after on one device: {what}, within {human_bytes(limit)} ({where})"
+        return {"needed": needed, "limit": limit, "skip": None, "line": line}
+    skip = (
+        f"before/after evaluation skipped: it needs {what}, more than 90 % of "
+        f"{human_bytes(limit)} ({where}); evaluate {cfg.out}/model apart on a larger device"
+    )
+    return {"needed": needed, "limit": limit, "skip": skip, "line": skip}
+
+
+def _before_after(
+    cfg: FinetuneConfig, args: ModelArgs, dataset: InstructDataset, summary: dict[str, Any]
+) -> dict[str, Any]:
+    """``evaluate_before_after`` on this process's device when the model fits it, else
+    ``{"skipped": reason}`` and the reason printed."""
+    import gc
+
+    from llamaforge.device import device_memory_bytes, device_name, resolve_device
+
+    gc.collect()  # the training run's model and optimizer
+    device = resolve_device("auto")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if cfg.eval_memory_gib > 0:
+        limit, where = (
+            int(cfg.eval_memory_gib * 1024**3),
+            f"eval_memory_gib={cfg.eval_memory_gib:g}",
+        )
+    else:
+        limit, where = device_memory_bytes(device), device_name(device)
+    plan = evaluation_plan(cfg, args, limit, where)
+    if plan["skip"]:
+        D.print0(plan["skip"])
+        return {"skipped": plan["skip"]}
+    return evaluate_before_after(cfg, dataset, summary)
 
 
 def _eval_tasks(ckpt: Path, cfg: FinetuneConfig) -> dict[str, Any]:

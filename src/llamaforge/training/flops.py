@@ -28,16 +28,33 @@ def count_params(args: ModelArgs) -> dict[str, int]:
     }
 
 
-def flops_per_token(args: ModelArgs, seq_len: int | None = None) -> int:
-    """Training FLOPs per token, 6N + 12·L·d·T (PaLM appendix B).
+def flops_per_token(
+    args: ModelArgs, seq_len: int | None = None, *, trained: int | None = None, adapters: int = 0
+) -> int:
+    """Training FLOPs per token, 6N + 12·L·d·T (PaLM appendix B) when every weight trains.
 
     N counts every weight that takes part in a matmul: everything but the input
-    embedding table, which is a lookup. The second term is attention's QKᵀ and AV over a
-    context of T tokens (no causal discount, as PaLM and torchtitan count it).
+    embedding table, which is a lookup, plus ``adapters`` (e.g. LoRA's A and B). Each
+    weight costs 2 FLOPs a token forward, 2 backward to its input and 2 more for its own
+    gradient, which only the ``trained`` ones (default: all N) compute: 4N + 2·trained,
+    so a frozen base (LoRA) is not counted as work it skips. The last term is attention's
+    QKᵀ and AV over a context of T tokens (no causal discount, as PaLM and torchtitan
+    count it).
     """
     t = seq_len or args.max_seq_len
-    n = count_params(args)["non_embedding"]
-    return 6 * n + 12 * args.n_layers * args.dim * t
+    n = count_params(args)["non_embedding"] + adapters
+    return 4 * n + 2 * (n if trained is None else trained) + 12 * args.n_layers * args.dim * t
+
+
+def quantized_weight_bytes(numel: int, rows: int, mode: str) -> int:
+    """Bytes of a frozen weight of ``numel`` values in ``rows`` output rows stored as
+    ``int8`` (a byte a value and an fp32 scale a row) or ``nf4`` (half a byte a value and
+    bitsandbytes' fp32 absmax per block of 64 values), as LoRA's quantised base keeps it."""
+    if mode == "int8":
+        return numel + 4 * rows
+    if mode == "nf4":
+        return -(-numel // 2) + 4 * -(-numel // 64)
+    raise ValueError(f"quantize={mode!r}: expected int8 or nf4")
 
 
 @dataclass
@@ -94,6 +111,15 @@ def activation_memory(
         raise ValueError(f"mode={mode!r}: expected one of {sorted(per_layer)}")
     logits = (act_bytes + 8) * args.vocab_size
     return tokens * (per_layer[mode] + logits)
+
+
+def inference_memory(args: ModelArgs, *, dtype_bytes: float, batch: int, length: int) -> int:
+    """Bytes one device needs to generate with the whole model: its weights and the key /
+    value cache of ``batch`` rows of ``length`` positions, both ``dtype_bytes`` a value,
+    and the last position's fp32 logits."""
+    weights = count_params(args)["total"] * dtype_bytes
+    cache = 2 * args.n_layers * args.kv_heads * args.head_dim * batch * length * dtype_bytes
+    return int(weights + cache + 4 * batch * args.vocab_size)
 
 
 # -- the paper's carbon estimate (SPEC §1.10) ----------------------------------------------

@@ -9,11 +9,13 @@ compile → FSDP2/DDP → materialised shards → optimizer), ``resume``, ``trai
 pluggable — any iterator of (inputs, targets) batches with ``state_dict``/
 ``load_state_dict`` — and so is the loss.
 
-Host synchronisations: a step keeps its loss, gradient norm and "finite" flag on the
-device; the host reads them only on logging steps (``log_every``), checkpoint steps and
-every ``sync_every`` steps, where the SIGTERM/SIGINT flag rides on the loss all-reduce
-that happens anyway. A non-finite step is skipped on the device (fused AdamW's
-``found_inf``) on a GPU, and with a host check on the CPU, where it costs nothing.
+Host synchronisations: a step keeps its loss, gradient norm, "finite" flag and token
+counts on the device; the host reads them only on logging steps (``log_every``),
+checkpoint steps and every ``sync_every`` steps, where the SIGTERM/SIGINT flag and the
+tokens ride on the loss all-reduce that happens anyway. Throughput and MFU count real
+tokens: a loader with padding says how many a batch holds (``Loader.real_tokens``). A
+non-finite step is skipped on the device (fused AdamW's ``found_inf``) on a GPU, and with a
+host check on the CPU, where it costs nothing.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import signal
 import sys
 import time
@@ -243,7 +246,11 @@ class TrainingError(RuntimeError):
 
 class Loader(Protocol):
     """This rank's batches of micro_batch × accumulation rows each: (inputs, targets) or
-    (inputs, targets, extras), extras being model keyword arguments (one row per row)."""
+    (inputs, targets, extras), extras being model keyword arguments (one row per row).
+
+    A loader whose rows hold padding also has ``real_tokens``: the positions of the batch
+    ``__next__`` last returned that are not padding (a host int it knows from the lengths);
+    without it every position of a batch counts as a real token."""
 
     def __next__(self) -> Any: ...
     def state_dict(self) -> dict[str, Any]: ...
@@ -310,12 +317,69 @@ class StopFlag:
 @dataclass
 class StepResult:
     """One optimizer step, on the device: summed loss / global target count, the global
-    gradient norm (before clipping) and whether the update was applied."""
+    gradient norm (before clipping), whether the update was applied, and the tokens the
+    step computed over every data-parallel rank (``tokens``: real ones, padding excluded;
+    ``positions``: every position of the padded rows)."""
 
     loss: torch.Tensor
     grad_norm: torch.Tensor
     finite: torch.Tensor
     stop: torch.Tensor  # > 0 when some rank received SIGTERM/SIGINT before the step
+    tokens: torch.Tensor
+    positions: torch.Tensor
+
+
+@dataclass
+class _Loop:
+    """What the training loop carries from step to step: counters kept on the device (the
+    host reads them on sync steps only) and the host's readings at the last sync."""
+
+    end: int
+    first_step: int
+    peak_flops: float | None
+    writer: MetricsWriter | None
+    bar: Any  # tqdm on rank 0, or None
+    tokens: torch.Tensor  # real tokens since the run began (float64; checkpointed)
+    positions: torch.Tensor  # positions computed, padding included, in this process
+    skipped_run: torch.Tensor  # consecutive skipped steps
+    skipped_count: torch.Tensor
+    last_saved: int
+    t_train: float
+    t_last: float
+    tokens_last: float
+    positions_last: float = 0.0
+    loss: float = math.nan
+    grad_norm: float = math.nan
+    val_loss: float | None = None
+    stopped: bool = False
+    skipped_total: int = 0
+
+    def count(self, r: StepResult) -> None:
+        """Add a step's results, on the device."""
+        self.skipped_run = (self.skipped_run + 1) * (~r.finite)
+        self.skipped_count = self.skipped_count + (~r.finite)
+        self.tokens += r.tokens
+        self.positions += r.positions
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def trained_params(model: torch.nn.Module, base: set[str]) -> dict[str, int]:
+    """``flops_per_token``'s ``trained`` (parameters that get a gradient, the input
+    embedding table aside) and ``adapters`` (parameters not in ``base``, the names of the
+    plain model's) of a model on any device (a DTensor counts its global shape)."""
+    trained = adapters = 0
+    for name, p in model.named_parameters():
+        name = D.unwrapped_name(name)
+        if p.requires_grad and name != "tok_embeddings.weight":
+            trained += p.numel()
+        if name not in base:
+            adapters += p.numel()
+    return {"trained": trained, "adapters": adapters}
 
 
 # -- the trainer ----------------------------------------------------------------------------
@@ -390,8 +454,7 @@ class Trainer:
         self.outputs: dict[str, Any] = {}  # extra paths for the summary (e.g. an adapter)
         self.model: torch.nn.Module
         self.optimizer: torch.optim.AdamW
-        self._zero = torch.zeros((), device=self.device)
-        self._one = torch.ones((), device=self.device)
+        self.flops_per_token = flops_per_token(args, seq_len)  # exact once the model is built
 
     # -- build ----------------------------------------------------------------------------
 
@@ -403,10 +466,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         if self.device.type == "cuda":
             torch.cuda.manual_seed(cfg.seed)
-        model: torch.nn.Module = build_model(self.args, device="meta", init=False)
-        self.n_params = model.num_params()  # type: ignore[operator]
-        if self.prepare_model is not None:
-            self.prepare_model(model)
+        self._zero = torch.zeros((), device=self.device)
+        self._one = torch.ones((), device=self.device)
+        model = self.meta_model()
         sharded = self.fsdp or self.tp > 1  # materialised shard by shard after parallelize
         if not sharded:  # DDP broadcasts rank 0's weights when it wraps: materialise first
             model = model.to_empty(device=self.device)
@@ -436,6 +498,19 @@ class Trainer:
         # FSDP2's MixedPrecisionPolicy casts the parameters itself; otherwise autocast does
         self.autocast = None if self.fsdp else self.amp
         return self
+
+    def meta_model(self) -> torch.nn.Module:
+        """The model on the meta device (nothing allocated) with ``prepare_model`` applied;
+        sets ``n_params`` and ``flops_per_token`` (which counts what trains: a frozen base
+        skips its weight gradients). ``build`` starts here, and so does a plan."""
+        model: torch.nn.Module = build_model(self.args, device="meta", init=False)
+        self.n_params = model.num_params()  # type: ignore[operator]
+        base = {name for name, _ in model.named_parameters()}
+        if self.prepare_model is not None:
+            self.prepare_model(model)
+        self.param_counts = trained_params(model, base)
+        self.flops_per_token = flops_per_token(self.args, self.seq_len, **self.param_counts)
+        return model
 
     def _init_weights(self, model: torch.nn.Module) -> None:
         """Random init (sharding-independent), then ``init``'s weights when given."""
@@ -510,9 +585,11 @@ class Trainer:
         y: torch.Tensor,
         lr: float | None = None,
         extras: dict[str, torch.Tensor] | None = None,
+        tokens: int | None = None,
     ) -> StepResult:
         """Forward and backward over this rank's micro-batches, clip, and the AdamW update
         unless the loss or gradient norm is non-finite. Nothing here waits for the device.
+        ``tokens``: the batch's real (non-padding) tokens, default every position of x.
 
         loss = Σ per-token losses over every micro-batch and rank / global target count.
         DDP and FSDP2 average gradients over the data-parallel ranks, hence the dp factor in
@@ -539,8 +616,11 @@ class Trainer:
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip)
         norm = D.full_tensor(norm)  # a global norm: the same on every rank
         stop = self._one if self.stop_flag.signum is not None else self._zero
-        # the loss all-reduce carries the stop flag: one collective, no host sync
-        totals = D.all_reduce_sum(torch.stack([loss_sum, stop.double()]))
+        # the loss all-reduce carries the stop flag and the token counts: one collective, and
+        # no host sync (new_full passes the host's counts to a fill kernel, not a copy)
+        real = x.numel() if tokens is None else tokens
+        counts = [loss_sum.new_full((), float(n)) for n in (real, x.numel())]
+        totals = D.all_reduce_sum(torch.stack([loss_sum, stop.double(), *counts]))
         loss_v = totals[0] / (count * tp)
         finite = torch.isfinite(loss_v) & torch.isfinite(norm)
         if getattr(self.optimizer, "defaults", {}).get("fused"):
@@ -550,7 +630,14 @@ class Trainer:
         elif bool(finite):  # a host check: free on the CPU
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss=loss_v, grad_norm=norm, finite=finite, stop=totals[1])
+        return StepResult(
+            loss=loss_v,
+            grad_norm=norm,
+            finite=finite,
+            stop=totals[1],
+            tokens=totals[2] / tp,
+            positions=totals[3] / tp,
+        )
 
     # -- validation -------------------------------------------------------------------------
 
@@ -594,11 +681,33 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Train from ``self.step`` to ``steps`` (or ``stop_at``); returns the loop's
-        results for ``finalize``."""
+        results for ``finalize``. A step queues its work on the device and goes on; only
+        a sync step (``_sync``) waits to read what the device computed."""
+        loop = self._start_loop()
+        try:
+            while self.step < loop.end and not loop.stopped:
+                lr = self.lr_at(self.step)
+                x, y, extras = _unpack(next(self.loader))
+                tokens = getattr(self.loader, "real_tokens", None)
+                r = self.train_step(x, y, lr, extras, tokens=tokens)
+                loop.count(r)
+                self.step += 1
+                self._after_step(loop, r, lr)
+        finally:
+            loop.close()
+        return {
+            "loss": loop.loss,
+            "grad_norm": loop.grad_norm,
+            "val_loss": loop.val_loss,
+            "stopped": loop.stopped,
+            "skipped_steps": loop.skipped_total,
+            "steps_this_run": self.step - loop.first_step,
+            "train_seconds": time.perf_counter() - loop.t_train,
+        }
+
+    def _start_loop(self) -> _Loop:
+        """The metrics writer (rank 0), the progress bar and the loop's counters."""
         cfg, info, device = self.cfg, self.info, self.device
-        end = min(cfg.steps, cfg.stop_at) if cfg.stop_at > 0 else cfg.steps
-        fpt = flops_per_token(self.args, self.seq_len)
-        peak = device_peak_flops(device, cfg.peak_flops)
         writer = (
             MetricsWriter(
                 self.out,
@@ -617,104 +726,114 @@ class Trainer:
             bar = tqdm(
                 total=cfg.steps, initial=self.step, desc=self.name, unit="step", file=sys.stderr
             )
-        loss_v, norm_v, val_loss = float("nan"), float("nan"), None
-        last_saved = self.step if self.resumed_from is not None else -1
-        stopped, skipped_total = False, 0
-        skipped_run = torch.zeros((), device=device)  # consecutive skipped steps, on device
-        skipped_count = torch.zeros((), device=device)
-        first_step = self.step
-        t_train = time.perf_counter()
-        t_last, step_last = t_train, self.step
+        seen = float(self.tokens_seen)
+        now = time.perf_counter()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        try:
-            while self.step < end:
-                lr = self.lr_at(self.step)
-                x, y, extras = _unpack(next(self.loader))
-                r = self.train_step(x, y, lr, extras)
-                skipped_run = (skipped_run + 1) * (~r.finite)
-                skipped_count = skipped_count + (~r.finite)
-                self.step += 1
-                self.tokens_seen += cfg.batch_tokens
-                step = self.step
-                every = cfg.checkpoint.every
-                log_now = step % cfg.log_every == 0 or step == end
-                ckpt_now = (every > 0 and step % every == 0) or step == end
-                val_now = bool(self.val) and (
-                    (cfg.eval_every > 0 and step % cfg.eval_every == 0) or step == cfg.steps
-                )
-                if not (log_now or ckpt_now or val_now or step % cfg.sync_every == 0):
-                    if bar is not None:
-                        bar.update(1)
-                    continue
-                # -- a sync step: the host reads what the device computed -----------------
-                loss_v, norm_v = float(r.loss), float(r.grad_norm)
-                finite, run = bool(r.finite), int(skipped_run)
-                new_skips = int(skipped_count) - skipped_total
-                skipped_total += new_skips
-                signalled = float(r.stop) > 0
-                if new_skips:
-                    D.print0(
-                        f"warning: step {step}: {new_skips} step(s) with a non-finite loss or "
-                        f"gradient norm since the last sync were skipped ({run} in a row now, "
-                        f"limit {cfg.max_skipped_steps}); last loss {loss_v}, norm {norm_v}"
-                    )
-                now = time.perf_counter()
-                tok_s = cfg.batch_tokens * (step - step_last) / max(1e-9, now - t_last)
-                row: dict[str, Any] = {
-                    "step": step,
-                    "loss": loss_v,
-                    "lr": lr,
-                    "grad_norm": norm_v,
-                    "tokens": self.tokens_seen,
-                    "tokens_per_s": tok_s,
-                    "tokens_per_s_per_device": tok_s / info.world_size,
-                    "mfu": fpt * tok_s / (peak * info.world_size) if peak else None,
-                    "peak_mem_bytes": _peak_memory(device),
-                }
-                if not finite:
-                    row["skipped"] = True
-                if val_now:
-                    val_loss = self.validate()
-                    row["val_loss"] = val_loss
-                if writer is not None and log_now:
-                    writer.write(row)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
-                if run > cfg.max_skipped_steps:
-                    latest = self.checkpointer.latest()
-                    last = f"the last checkpoint is {latest}" if latest else "no checkpoint"
-                    raise TrainingError(
-                        f"step {step}: the loss or gradient was not finite for {run} steps in "
-                        f"a row (max_skipped_steps={cfg.max_skipped_steps}); {last}. Lower "
-                        f"optim.lr (now {cfg.optim.lr}) or check the data."
-                    )
-                if (ckpt_now or signalled) and step != last_saved:
-                    if finite:
-                        self.save()
-                        last_saved = step
-                    else:
-                        D.print0(f"step {step}: skipped (non-finite): no checkpoint written")
-                t_last, step_last = time.perf_counter(), step  # checkpoints are not throughput
-                if signalled:
-                    D.print0(f"signal received: stopped after step {step}")
-                    stopped = True
-                    break
-        finally:
-            if bar is not None:
-                bar.close()
-            if writer is not None:
-                writer.close()
-        return {
-            "loss": loss_v,
-            "grad_norm": norm_v,
-            "val_loss": val_loss,
-            "stopped": stopped,
-            "skipped_steps": skipped_total,
-            "steps_this_run": self.step - first_step,
-            "train_seconds": time.perf_counter() - t_train,
+        return _Loop(
+            end=min(cfg.steps, cfg.stop_at) if cfg.stop_at > 0 else cfg.steps,
+            first_step=self.step,
+            peak_flops=device_peak_flops(device, cfg.peak_flops),
+            writer=writer,
+            bar=bar,
+            tokens=torch.full((), seen, dtype=torch.float64, device=device),
+            positions=torch.zeros((), dtype=torch.float64, device=device),
+            skipped_run=torch.zeros((), device=device),
+            skipped_count=torch.zeros((), device=device),
+            last_saved=self.step if self.resumed_from is not None else -1,
+            t_train=now,
+            t_last=now,
+            tokens_last=seen,
+        )
+
+    def _after_step(self, loop: _Loop, r: StepResult, lr: float) -> None:
+        """Sync on logging, checkpoint and validation steps and every ``sync_every``."""
+        cfg, step = self.cfg, self.step
+        every = cfg.checkpoint.every
+        log_now = step % cfg.log_every == 0 or step == loop.end
+        ckpt_now = (every > 0 and step % every == 0) or step == loop.end
+        val_now = bool(self.val) and (
+            (cfg.eval_every > 0 and step % cfg.eval_every == 0) or step == cfg.steps
+        )
+        if log_now or ckpt_now or val_now or step % cfg.sync_every == 0:
+            self._sync(loop, r, lr, log=log_now, checkpoint=ckpt_now, validate=val_now)
+        elif loop.bar is not None:
+            loop.bar.update(1)
+
+    def _sync(
+        self, loop: _Loop, r: StepResult, lr: float, *, log: bool, checkpoint: bool, validate: bool
+    ) -> None:
+        """A sync step: the host reads what the device computed, reports skipped steps,
+        logs a metrics row, validates, stops after too many non-finite steps in a row,
+        saves a checkpoint and stops on a signal."""
+        cfg, step = self.cfg, self.step
+        loop.loss, loop.grad_norm = float(r.loss), float(r.grad_norm)
+        finite, run = bool(r.finite), int(loop.skipped_run)
+        new_skips = int(loop.skipped_count) - loop.skipped_total
+        loop.skipped_total += new_skips
+        signalled = float(r.stop) > 0
+        if new_skips:
+            D.print0(
+                f"warning: step {step}: {new_skips} step(s) with a non-finite loss or "
+                f"gradient norm since the last sync were skipped ({run} in a row now, "
+                f"limit {cfg.max_skipped_steps}); last loss {loop.loss}, norm {loop.grad_norm}"
+            )
+        row = self._metrics_row(loop, lr, finite)
+        if validate:
+            loop.val_loss = row["val_loss"] = self.validate()
+        if loop.writer is not None and log:
+            loop.writer.write(row)
+        if loop.bar is not None:
+            loop.bar.update(1)
+            tok_s = f"{row['tokens_per_s']:.0f}"
+            loop.bar.set_postfix(loss=f"{loop.loss:.4f}", lr=f"{lr:.2e}", tok_s=tok_s)
+        if run > cfg.max_skipped_steps:
+            latest = self.checkpointer.latest()
+            last = f"the last checkpoint is {latest}" if latest else "no checkpoint"
+            raise TrainingError(
+                f"step {step}: the loss or gradient was not finite for {run} steps in "
+                f"a row (max_skipped_steps={cfg.max_skipped_steps}); {last}. Lower "
+                f"optim.lr (now {cfg.optim.lr}) or check the data."
+            )
+        if (checkpoint or signalled) and step != loop.last_saved:
+            if finite:
+                self.save()
+                loop.last_saved = step
+            else:
+                D.print0(f"step {step}: skipped (non-finite): no checkpoint written")
+        loop.t_last = time.perf_counter()  # checkpoints and validation are not throughput
+        if signalled:
+            D.print0(f"signal received: stopped after step {step}")
+            loop.stopped = True
+
+    def _metrics_row(self, loop: _Loop, lr: float, finite: bool) -> dict[str, Any]:
+        """The metrics.jsonl row of this sync step. Throughput counts the tokens computed
+        since the last sync: ``tokens_per_s`` (and ``mfu``) the real ones, padding
+        excluded, ``padded_tokens_per_s`` every position of the padded rows; ``tokens``
+        is the run's real tokens so far."""
+        now = time.perf_counter()
+        tokens, positions = torch.stack([loop.tokens, loop.positions]).tolist()
+        self.tokens_seen = round(tokens)
+        seconds = max(1e-9, now - loop.t_last)
+        tok_s = (tokens - loop.tokens_last) / seconds
+        padded_s = (positions - loop.positions_last) / seconds
+        loop.tokens_last, loop.positions_last = tokens, positions
+        world, peak = self.info.world_size, loop.peak_flops
+        row: dict[str, Any] = {
+            "step": self.step,
+            "loss": loop.loss,
+            "lr": lr,
+            "grad_norm": loop.grad_norm,
+            "tokens": self.tokens_seen,
+            "tokens_per_s": tok_s,
+            "tokens_per_s_per_device": tok_s / world,
+            "padded_tokens_per_s": padded_s,
+            "mfu": self.flops_per_token * tok_s / (peak * world) if peak else None,
+            "peak_mem_bytes": _peak_memory(self.device),
         }
+        if not finite:
+            row["skipped"] = True
+        return row
 
     # -- the end of a run -------------------------------------------------------------------
 
