@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from llamaforge.eval.base import EvalError
+from llamaforge.eval.hub import default_data_dir, local_data_dir
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -121,27 +121,6 @@ def parse_task_options(items: list[str]) -> dict[str, dict[str, Any]]:
             raise ConfigError(f"--task-option {item!r}: expected TASK.KEY=VALUE")
         out.setdefault(task, {})[opt] = parse_value(raw.strip())
     return out
-
-
-def local_data_dir() -> Path | None:
-    """$LLAMAFORGE_EVAL_DATA, else $LLAMAFORGE_SHARED_DATA/eval, else None."""
-    env = os.environ.get("LLAMAFORGE_EVAL_DATA")
-    if env:
-        return Path(env)
-    shared = os.environ.get("LLAMAFORGE_SHARED_DATA")
-    if shared:
-        return Path(shared) / "eval"
-    return None
-
-
-def default_data_dir() -> Path:
-    local = local_data_dir()
-    if local is not None:
-        return local
-    raise EvalError(
-        "no benchmark data directory: pass --data-dir, or set LLAMAFORGE_EVAL_DATA "
-        "(or LLAMAFORGE_SHARED_DATA, whose eval/ folder is used)"
-    )
 
 
 PAPER_TABLES = {

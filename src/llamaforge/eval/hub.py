@@ -315,3 +315,27 @@ def fetch_task_data(task: str, hub_dir: Path | None = None) -> HubData:
     else:
         source["splits"] = sources
     return HubData(folder, tuple(s.file for s in spec.splits), dict(spec.options), source)
+
+
+# -- where the benchmark files are ------------------------------------------------------------
+
+
+def local_data_dir() -> Path | None:
+    """$LLAMAFORGE_EVAL_DATA, else $LLAMAFORGE_SHARED_DATA/eval, else None."""
+    env = os.environ.get("LLAMAFORGE_EVAL_DATA")
+    if env:
+        return Path(env)
+    shared = os.environ.get("LLAMAFORGE_SHARED_DATA")
+    if shared:
+        return Path(shared) / "eval"
+    return None
+
+
+def default_data_dir() -> Path:
+    local = local_data_dir()
+    if local is not None:
+        return local
+    raise EvalError(
+        "no benchmark data directory: pass --data-dir, or set LLAMAFORGE_EVAL_DATA "
+        "(or LLAMAFORGE_SHARED_DATA, whose eval/ folder is used)"
+    )

@@ -530,7 +530,7 @@ def _before_after(
 
 
 def _eval_tasks(ckpt: Path, cfg: FinetuneConfig) -> dict[str, Any]:
-    from llamaforge.cli.eval import default_data_dir
+    from llamaforge.eval.hub import default_data_dir
     from llamaforge.eval.lm import LlamaforgeLM
     from llamaforge.eval.runner import evaluate
 
