@@ -703,30 +703,24 @@ workers = 2
 def test_the_stdlib_config_gives_the_same_shards_with_1_2_and_4_tasks(
     tmp_path, meta_tokenizer_path
 ):
-    """configs/data/stdlib.toml (its ``code`` source on ``@stdlib`` and its ``stdlib_docs``
-    source), on a part of this machine's standard library (the whole takes minutes here),
-    Meta's tokenizer instead of training one: the in-process path and 1, 2 and 4 tasks give
-    the same shards; the docs are read once, not once a task."""
-    subset = [str(stdlib_dir() / d) for d in ("json", "email", "http")]
+    """configs/data/stdlib.toml as it is (its ``code`` source on ``@stdlib`` and its
+    ``stdlib_docs`` source: this machine's whole standard library), Meta's tokenizer instead
+    of training one: 1, 2 and 4 tasks give the same shards; the docs are read once, not once
+    a task."""
     outputs = {}
-    for tasks in (0, 1, 2, 4):
+    for tasks in (1, 2, 4):
         cfg = load_data_config(REPO / "configs" / "data" / "stdlib.toml")
-        assert [(s.name, s.kind) for s in cfg.sources] == [
-            ("code", "code"),
-            ("docs", "stdlib_docs"),
-        ]
+        kinds = [(s.name, s.kind, s.paths) for s in cfg.sources]
+        assert kinds == [("code", "code", ["@stdlib"]), ("docs", "stdlib_docs", [])]
         cfg.tokenizer, cfg.output = str(meta_tokenizer_path), str(tmp_path / f"tasks{tasks}")
         cfg.executor.tasks, cfg.executor.workers = tasks, 2
-        code, docs = cfg.sources
-        assert code.paths == ["@stdlib"] and docs.paths == []
-        code.paths, docs.paths = subset, [str(topics_file()), *subset]
         results = prepare(cfg, progress=False, log=_quiet)
         assert all(r["complete"] for r in results), results
         outputs[tasks] = {s: source_output(Path(cfg.output) / s) for s in ("code", "docs")}
     topics = len(list(file_docs([topics_file()])))
-    assert outputs[1]["docs"]["clean"]["documents_out"] == topics + 10  # 10 long docstrings
-    for tasks in (0, 2, 4):
-        assert outputs[tasks] == outputs[1], tasks
+    assert outputs[1]["docs"]["clean"]["documents_out"] > topics > 10
+    assert outputs[2] == outputs[1]
+    assert outputs[4] == outputs[1]
 
 
 def test_stdlib_docs_default_paths_and_max_bytes(tmp_path, meta_tokenizer_path):

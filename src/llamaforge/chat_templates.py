@@ -640,7 +640,8 @@ def _pool_after_fork() -> None:
     _POOL = _Pool()
 
 
-os.register_at_fork(after_in_child=_pool_after_fork)
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_pool_after_fork)
 atexit.register(lambda: _POOL.close())
 
 
