@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -15,9 +16,11 @@ import pytest
 
 from llamaforge.config import ConfigError
 from llamaforge.data.prepare import load_data_config, prepare
+from llamaforge.data.sources import KINDS
+from llamaforge.data.stdlib import file_docs, python_files, stdlib_dir, topics_file
 
 from .conftest import REPO
-from .data_corpus import source_output, write_config
+from .data_corpus import WORDS, build_corpus, source_output, write_config
 
 SOURCES = ("web", "code", "books", "stories")
 
@@ -606,3 +609,133 @@ paths = ["{docs}"]
     assert outputs["three"] == outputs["one"]
     assert outputs["one"]["qa"]["train"][0] + outputs["one"]["qa"]["val"][0] == 10
     assert outputs["one"]["docs"]["train"][0] + outputs["one"]["docs"]["val"][0] == 36
+
+
+# ----------------------------------------------------------------------------- every kind
+
+
+def _words(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def _kind_inputs(root: Path, kind: str) -> tuple[list[str], dict]:
+    """A few files (units) of source kind ``kind`` under ``root``: its paths and options."""
+    rng = random.Random(11)
+    if kind in ("web", "code", "books", "generic"):
+        dirs = build_corpus(root)
+        folder = {"generic": "stories"}.get(kind, kind)
+        options = {
+            "web": {"quality": "c4", "languages": [], "c4_min_sentences": 3},
+            "books": {"min_words": 50},
+        }.get(kind, {})
+        return [str(dirs[folder])], options
+    if kind == "stdlib_docs":  # a part of the real standard library, by the real kind
+        return [str(stdlib_dir() / d) for d in ("json", "email", "http", "xml")], {}
+    for i in range(5):
+        if kind == "wikipedia":
+            pages = "".join(
+                f"<page><title>Page {i}.{j}</title><ns>0</ns><id>{10 * i + j}</id><revision>"
+                f"<text>{_words(rng, 40)}.\n== Part ==\n{_words(rng, 30)}.</text></revision></page>"
+                for j in range(3)
+            )
+            (root / f"wiki{i}.xml").parent.mkdir(parents=True, exist_ok=True)
+            (root / f"wiki{i}.xml").write_text(f'<mediawiki xml:lang="en">{pages}</mediawiki>\n')
+        elif kind == "arxiv":
+            paper = root / f"paper{i}"
+            paper.mkdir(parents=True)
+            (paper / "main.tex").write_text(
+                "\\documentclass{article}\n\\newcommand{\\R}{\\mathbb{R}}\n\\begin{document}\n"
+                f"\\section{{Part {i}}}\n{_words(rng, 50)} in $\\R^{i}$.\n\\input{{more}}\n"
+                "\\end{document}\n"
+            )
+            (paper / "more.tex").write_text(f"\\section{{More}}\n{_words(rng, 40)}.\n")
+        elif kind == "stackexchange":
+            site = root / f"site{i}"
+            site.mkdir(parents=True)
+            rows = "".join(
+                f'<row Id="{q}" PostTypeId="1" Score="{q}" Title="{_words(rng, 5)}" '
+                f'Body="&lt;p&gt;{_words(rng, 20)}?&lt;/p&gt;" />'
+                f'<row Id="{100 + q}" PostTypeId="2" ParentId="{q}" Score="1" '
+                f'Body="&lt;p&gt;{_words(rng, 15)}.&lt;/p&gt;" />'
+                for q in range(1, 4)
+            )
+            (site / "Posts.xml").write_text(f'<?xml version="1.0"?>\n<posts>{rows}</posts>\n')
+    return [str(root)], {"min_chars": 50} if kind == "arxiv" else {}
+
+
+def _toml(value: dict) -> str:
+    return "{ " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in value.items()) + " }"
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_each_kind_gives_the_same_shards_with_1_2_and_4_tasks(kind, tmp_path, meta_tokenizer_path):
+    """Each kind's units are split once over the tasks: 1, 2 and 4 tasks give the same
+    documents, filter counts and token bytes of every split (shard files begin elsewhere)."""
+    paths, options = _kind_inputs(tmp_path / "in", kind)
+    outputs = {}
+    for tasks in (1, 2, 4):
+        out = tmp_path / f"tasks{tasks}"
+        config = tmp_path / f"tasks{tasks}.toml"
+        config.write_text(f"""
+tokenizer = "{meta_tokenizer_path}"
+output = "{out}"
+val_fraction = 0.2
+shard_tokens = 500
+[[sources]]
+name = "s"
+kind = "{kind}"
+paths = {json.dumps(paths)}
+options = {_toml(options)}
+[executor]
+tasks = {tasks}
+workers = 2
+""")
+        (result,) = prepare(load_data_config(config), progress=False, log=_quiet)
+        assert result["complete"], result
+        outputs[tasks] = source_output(out / "s")
+        units = json.loads((out / "s" / "work" / "plan.json").read_text())["units"]
+        assert len(units) >= 4  # every task of 4 has a unit to read
+    assert outputs[1]["clean"]["documents_out"] >= 4
+    assert outputs[2] == outputs[1], kind
+    assert outputs[4] == outputs[1], kind
+
+
+def test_the_stdlib_config_gives_the_same_shards_with_1_2_and_4_tasks(
+    tmp_path, meta_tokenizer_path
+):
+    """configs/data/stdlib.toml as it is (its ``code`` source on ``@stdlib`` and its
+    ``stdlib_docs`` source: this machine's whole standard library), Meta's tokenizer instead
+    of training one: 1, 2 and 4 tasks give the same shards; the docs are read once, not once
+    a task."""
+    outputs = {}
+    for tasks in (1, 2, 4):
+        cfg = load_data_config(REPO / "configs" / "data" / "stdlib.toml")
+        kinds = [(s.name, s.kind, s.paths) for s in cfg.sources]
+        assert kinds == [("code", "code", ["@stdlib"]), ("docs", "stdlib_docs", [])]
+        cfg.tokenizer, cfg.output = str(meta_tokenizer_path), str(tmp_path / f"tasks{tasks}")
+        cfg.executor.tasks, cfg.executor.workers = tasks, 2
+        results = prepare(cfg, progress=False, log=_quiet)
+        assert all(r["complete"] for r in results), results
+        outputs[tasks] = {s: source_output(Path(cfg.output) / s) for s in ("code", "docs")}
+    topics = len(list(file_docs([topics_file()])))
+    assert outputs[1]["docs"]["clean"]["documents_out"] > topics > 10
+    assert outputs[2] == outputs[1]
+    assert outputs[4] == outputs[1]
+
+
+def test_stdlib_docs_default_paths_and_max_bytes(tmp_path, meta_tokenizer_path):
+    """Without paths, stdlib_docs reads the topics module, then every other file of the
+    standard library (each a unit for the tasks); ``max_bytes`` (a cap on the documents
+    read so far) makes it one task, whatever ``tasks`` says."""
+    from llamaforge.data.config import SourceConfig, source_paths
+    from llamaforge.data.pipeline import make_job
+
+    cfg = load_data_config(REPO / "configs" / "data" / "stdlib.toml")
+    files = source_paths(cfg, SourceConfig(name="d", kind="stdlib_docs"))
+    rest = [p for p in python_files(stdlib_dir()) if p != topics_file()]
+    assert files == [topics_file(), *rest]
+    cfg.executor.tasks = 3
+    job = make_job(cfg, SourceConfig(name="d", kind="stdlib_docs"), str(meta_tokenizer_path))
+    assert job.tasks == 3 and len(job.units) == len(files)
+    capped = SourceConfig(name="d", kind="stdlib_docs", options={"max_bytes": 20_000})
+    assert make_job(cfg, capped, str(meta_tokenizer_path)).tasks == 1

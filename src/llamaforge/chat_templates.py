@@ -12,10 +12,10 @@ tokens are trained is found without markers in the template: for each assistant 
 ``render(messages[:k], add_generation_prompt=True)`` is the prompt inference would send, and
 ``render(messages[:k+1])`` the conversation with the answer; their difference is the answer.
 
-Tokenization scheme (one, used for everything). A rendered text is cut at the template's
-``bos_token``/``eos_token`` strings, which become the tokenizer's bos/eos ids (SentencePiece
-never sees ``"<s>"`` as text); each text piece between them is encoded by SentencePiece on its
-own, dummy prefix included: this is how Meta's Llama-2 chat code encodes each turn
+Tokenization scheme (one, used for everything). The ``bos_token``/``eos_token`` strings *the
+template itself writes* become the tokenizer's bos/eos ids (SentencePiece never sees ``"<s>"``
+as text); each text piece between them is encoded by SentencePiece on its own, dummy prefix
+included: this is how Meta's Llama-2 chat code encodes each turn
 (``encode(f"[INST] ... [/INST] answer ", bos=True, eos=True)``) and how HF's Llama tokenizers
 treat special tokens. Boundaries are found in *tokens*, not characters: the prompt of turn k is
 ``encode(render(messages[:k], add_generation_prompt=True))`` — exactly the ids inference feeds
@@ -25,13 +25,50 @@ trained on the very tokens it will have to produce after the generation prompt. 
 SentencePiece would merge characters across a boundary (a generation prompt that ends inside
 a word), the prefix check fails with an error instead of training on tokens inference never
 sees; both built-in templates end their prompts at whitespace, a newline or a special token.
+
+No turn forgery. Text in a message (its content or any other string in it) never becomes a
+special token: before rendering, each occurrence of ``bos_token``/``eos_token`` in the
+messages is replaced by a private-use character that occurs nowhere in them (nor in the
+template); the specials found in the rendered text are therefore the template's own, and the
+characters are turned back into the original text inside the pieces SentencePiece encodes as
+plain text (``"</s>"`` in a message is ``▁</``, ``s``, ``>``, as in Meta's own chat code).
+``render`` returns a :class:`RenderedChat` (a ``str``) that carries where those specials are,
+and ``encode_text`` cuts it only there; a plain ``str`` (a raw completion prompt) is still cut
+at every bos/eos string. For conversations without such text, the ids are exactly HF's
+``apply_chat_template`` + tokenizer and Meta's. A template that builds a special out of
+message text by transforming it (``content | lower`` of ``"<S>"``) is beyond this guard.
+
+Limits. The built-in templates are rendered in this process (their work is linear in the
+conversation). Any other template (a file, a checkpoint's ``chat_template.jinja``) is rendered
+in a worker process (POSIX), one of a small pool, which is killed when a render takes longer
+than ``time_limit`` (2 s: a template renders a conversation in milliseconds; a slow machine has
+a 100-fold margin) and whose address space may grow by at most ``memory_limit`` (256 MiB, plus
+16 times the size of the messages; Linux) while rendering. A render may write at most
+``max_output_chars`` (1 MiB of text, about 250k LLaMA tokens, 60 times the largest LLaMA-2
+context) plus four times the characters of the messages. ``*`` building a string or list over
+that limit and ``tojson`` with an ``indent`` over 64 are refused before they allocate. A template
+that runs over a limit, recurses too deeply, raises (``1/0``, an undefined name, an unsafe
+attribute, its own ``raise_exception``) or dies is a one-line ChatTemplateError naming the
+template and what went wrong (the limits: :class:`ChatTemplateLimitError`); a template that
+``include``s, ``import``s or ``extends`` another, or does not parse, is one at load time.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
+import os
+import pickle
 import re
-from collections.abc import Mapping, Sequence
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -48,6 +85,8 @@ __all__ = [
     "IGNORE_INDEX",
     "ChatTemplate",
     "ChatTemplateError",
+    "ChatTemplateLimitError",
+    "RenderedChat",
     "encode_text",
     "load_template",
     "tokenize_conversation",
@@ -108,8 +147,61 @@ LLAMA2 = (
 BUILTIN_TEMPLATES: dict[str, str] = {"alpaca": ALPACA, "llama2": LLAMA2}
 
 
+# sources rendered in this process: their work is linear in the conversation
+_TRUSTED = frozenset(BUILTIN_TEMPLATES.values())
+
+
 class ChatTemplateError(ValueError):
     """A template that cannot be loaded or rendered, or a conversation it refuses."""
+
+
+class ChatTemplateLimitError(ChatTemplateError):
+    """A render that ran over the template's time, memory or output limit."""
+
+
+class _Failure(Exception):
+    """What went wrong in a render or a compile: one line, without the template's name."""
+
+    def __init__(self, message: str, limit: bool = False) -> None:
+        super().__init__(message)
+        self.limit = limit
+
+
+def _one_line(e: BaseException | str, limit: int = 300) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# ----------------------------------------------------------------------------- environment
+
+# the largest string or list ``*`` may build in the render under way (its output limit)
+_max_built: ContextVar[int] = ContextVar("_max_built", default=1 << 20)
+_MAX_INT_BITS = 1 << 16  # integers a template computes: any count fits, no slow bignums
+_MAX_INDENT = 64  # tojson's indent
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """transformers' sandbox, with ``*`` and ``**`` checked before they allocate: ``'a' *
+    4000000000`` would take gigabytes before the output or memory limit could see it."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        ints = type(left) is int and type(right) is int
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and type(n) is int:
+                    if len(seq) * n > _max_built.get():
+                        raise _Failure(
+                            f"'*' would build a {type(seq).__name__} of {len(seq) * n} items "
+                            f"(the limit: {_max_built.get()})",
+                            limit=True,
+                        )
+            if ints and left.bit_length() + right.bit_length() > _MAX_INT_BITS:
+                raise _Failure(f"'*' would compute an integer over {_MAX_INT_BITS} bits", True)
+        elif ints and right > 0 and left.bit_length() * right > _MAX_INT_BITS:
+            raise _Failure(f"'**' would compute an integer over {_MAX_INT_BITS} bits", True)
+        return super().call_binop(context, operator, left, right)
 
 
 class _Generation(jinja2.ext.Extension):
@@ -133,10 +225,18 @@ def _raise_exception(message: str) -> None:
 def _tojson(
     x: Any,
     ensure_ascii: bool = False,
-    indent: int | None = None,
+    indent: int | str | None = None,
     separators: Any = None,
     sort_keys: bool = False,
 ) -> str:
+    if indent is not None and not (
+        (type(indent) is int and 0 <= indent <= _MAX_INDENT)
+        or (isinstance(indent, str) and len(indent) <= _MAX_INDENT)
+    ):
+        raise _Failure(
+            f"tojson: indent must be an integer or a string of 0 to {_MAX_INDENT}, "
+            f"got {_one_line(repr(indent), 40)}"
+        )
     return json.dumps(
         x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
     )
@@ -147,8 +247,8 @@ def _strftime_now(fmt: str) -> str:
 
 
 @lru_cache(maxsize=1)
-def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(
+def _environment() -> _Sandbox:
+    env = _Sandbox(
         trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, jinja2.ext.loopcontrols]
     )
     env.filters["tojson"] = _tojson
@@ -157,40 +257,554 @@ def _environment() -> ImmutableSandboxedEnvironment:
     return env
 
 
+_OTHER_TEMPLATES = {
+    jinja2.nodes.Extends: "extends",
+    jinja2.nodes.Include: "include",
+    jinja2.nodes.Import: "import",
+    jinja2.nodes.FromImport: "from ... import",
+}
+
+
+def _parse(source: str) -> jinja2.nodes.Template:
+    """The template's syntax tree; a _Failure when it does not parse or loads another template
+    (a chat template is one self-contained file). Parsing evaluates nothing."""
+    try:
+        tree = _environment().parse(source)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise _Failure(f"invalid Jinja at line {e.lineno}: {_one_line(e.message or e)}") from None
+    except RecursionError:
+        raise _Failure("invalid Jinja: nested too deeply to parse") from None
+    for node in tree.find_all(tuple(_OTHER_TEMPLATES)):
+        raise _Failure(
+            f"line {node.lineno}: {{% {_OTHER_TEMPLATES[type(node)]} %}} is not allowed: "
+            "a chat template must be one self-contained file"
+        )
+    return tree
+
+
+@lru_cache(maxsize=32)
+def _compile(source: str) -> jinja2.Template:
+    """The compiled template (a _Failure when it does not compile, e.g. an unknown filter).
+    Jinja evaluates constant expressions while compiling (``'%09999999999d' % 1`` included):
+    only the built-ins are compiled outside a worker."""
+    tree = _parse(source)
+    try:
+        return _environment().from_string(tree)
+    except jinja2.exceptions.TemplateSyntaxError as e:  # an unknown filter or test
+        raise _Failure(f"invalid Jinja at line {e.lineno}: {_one_line(e.message or e)}") from None
+    except (RecursionError, SyntaxError, MemoryError, ValueError, OverflowError) as e:
+        # Python's own limits ("too many statically nested blocks")
+        what = e.msg if isinstance(e, SyntaxError) else e
+        raise _Failure(f"cannot be compiled ({type(e).__name__}: {_one_line(what)})") from None
+
+
+# ----------------------------------------------------------------------------- rendering
+
+Span = tuple[int, int, str]  # (start, end, "bos" | "eos") of a special the template wrote
+
+
+class RenderedChat(str):
+    """A rendered template: the text, and in ``specials`` where the template itself wrote
+    ``bos_token``/``eos_token`` (``(start, end, "bos" | "eos")``); ``encode_text`` cuts it
+    only there. Slicing or concatenating it gives a plain ``str``."""
+
+    specials: tuple[Span, ...]
+
+    def __new__(cls, text: str, specials: Sequence[Sequence[Any]] = ()) -> RenderedChat:
+        obj = super().__new__(cls, text)
+        obj.specials = tuple((int(a), int(b), str(k)) for a, b, k in specials)
+        return obj
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (RenderedChat, (str(self), self.specials))
+
+
+@lru_cache(maxsize=16)
+def _special_pattern(bos_token: str, eos_token: str) -> re.Pattern[str] | None:
+    alternatives = sorted({s for s in (bos_token, eos_token) if s}, key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, alternatives))) if alternatives else None
+
+
+def _find_specials(text: str, bos_token: str, eos_token: str) -> list[Span]:
+    pattern = _special_pattern(bos_token, eos_token)
+    if pattern is None:
+        return []
+    return [
+        (m.start(), m.end(), "eos" if m.group() == eos_token else "bos")
+        for m in pattern.finditer(text)
+    ]
+
+
+_PRIVATE_USE = re.compile("[\ue000-\uf8ff]")
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string in a message: keys and values, nested."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, Mapping):
+        for k, v in value.items():
+            yield from _strings(k)
+            yield from _strings(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _strings(v)
+
+
+def _mark(
+    messages: list[dict[str, Any]], bos: str, eos: str, source: str
+) -> tuple[list[Any], dict[int, str], int]:
+    """``messages`` with each bos/eos string in them replaced by a private-use character found
+    nowhere in them, in the template or in the specials; the ``str.translate`` table that
+    turns those characters back; the messages' size in characters."""
+    specials = [s for s in dict.fromkeys((bos, eos)) if s]
+    used = set(_PRIVATE_USE.findall(source + bos + eos))
+    size, found = 0, False
+    for s in _strings(messages):
+        size += len(s)
+        found = found or any(sp in s for sp in specials)
+        used.update(_PRIVATE_USE.findall(s))
+    if not found:
+        return messages, {}, size
+    free = [chr(c) for c in range(0xE000, 0xF900) if chr(c) not in used][: len(specials)]
+    if len(free) < len(specials):
+        raise _Failure("the messages use every private-use character: cannot mark bos/eos text")
+    marks = dict(zip(specials, free))
+    pattern = _special_pattern(bos, eos)
+    assert pattern is not None
+
+    def sub(value: Any) -> Any:
+        if isinstance(value, str):
+            return pattern.sub(lambda m: marks[m.group()], value)
+        if isinstance(value, Mapping):
+            return {sub(k): sub(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [sub(v) for v in value]
+        if isinstance(value, tuple):
+            return tuple(sub(v) for v in value)
+        return value
+
+    return [sub(m) for m in messages], {ord(c): s for s, c in marks.items()}, size
+
+
+def _render_one(
+    template: jinja2.Template,
+    messages: list[Any],
+    add_generation_prompt: bool,
+    bos: str,
+    eos: str,
+    restore: dict[int, str],
+    max_chars: int,
+) -> tuple[str, list[Span]]:
+    """The text of ``messages`` (marked by ``_mark``) and the specials the template wrote;
+    stops as soon as the output passes ``max_chars``."""
+    chunks, size = [], 0
+    token = _max_built.set(max_chars)
+    try:
+        for chunk in template.generate(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=bos,
+            eos_token=eos,
+        ):
+            size += len(chunk)
+            if size > max_chars:
+                raise _Failure(
+                    f"renders more than {max_chars} characters (its max_output_chars plus 4 "
+                    "times the messages' characters)",
+                    limit=True,
+                )
+            chunks.append(chunk)
+    finally:
+        _max_built.reset(token)
+    rendered = "".join(chunks)
+    if not restore:
+        return rendered, _find_specials(rendered, bos, eos)
+    # the specials are the template's own; the marks in the text between them are message text
+    parts: list[str] = []
+    spans: list[Span] = []
+    pos = length = 0
+    for start, end, kind in _find_specials(rendered, bos, eos):
+        piece = rendered[pos:start].translate(restore)
+        parts += [piece, rendered[start:end]]
+        length += len(piece)
+        spans.append((length, length + end - start, kind))
+        length += end - start
+        pos = end
+    parts.append(rendered[pos:].translate(restore))
+    return "".join(parts), spans
+
+
+def _template_line(e: BaseException) -> int | None:
+    """The template line an error was raised at (Jinja rewrites its tracebacks so)."""
+    line, tb = None, e.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == "<template>":
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
+
+
+def _describe(e: Exception, memory_limit: int) -> _Failure:
+    if isinstance(e, _Failure):
+        return e
+    if isinstance(e, jinja2.exceptions.TemplateError):  # raise_exception, unsafe access, ...
+        return _Failure(_one_line(e))
+    line = _template_line(e)
+    at = f"line {line}: " if line else ""
+    if isinstance(e, MemoryError):
+        mib = f"{memory_limit / 2**20:g} MiB"
+        return _Failure(f"{at}needs more memory than its memory_limit ({mib})", limit=True)
+    if isinstance(e, RecursionError):
+        return _Failure(f"{at}recurses too deeply (RecursionError)")
+    return _Failure(f"{at}{type(e).__name__}: {_one_line(e)}")
+
+
+def _render_job(template: jinja2.Template, job: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Renders ``messages[:n]`` for each ``(n, add_generation_prompt)`` of ``job["prefixes"]``:
+    a dict per render (``text``, ``specials``) or, at the first failure, one with ``error``
+    (and ``limit``), and no more."""
+    bos, eos = job["bos"], job["eos"]
+    try:
+        messages, restore, size = _mark(job["messages"], bos, eos, job["source"])
+        max_chars = job["max_output_chars"] + 4 * size
+        for n, agp in job["prefixes"]:
+            text, specials = _render_one(template, messages[:n], agp, bos, eos, restore, max_chars)
+            yield {"text": text, "specials": specials}
+    except Exception as e:
+        failure = _describe(e, job["memory_limit"])
+        yield {"error": str(failure), "limit": failure.limit}
+
+
+# ----------------------------------------------------------------------------- the workers
+
+_START_TIMEOUT = 120.0  # seconds for a worker to start (import jinja2) on a loaded machine
+_WORKERS = 4  # renders of non-built-in templates at once, per process
+_WORKER_CODE = "from llamaforge.chat_templates import _worker_main; _worker_main()"
+
+
+def _frame(data: bytes) -> bytes:
+    return len(data).to_bytes(8, "little") + data
+
+
+class _Worker:
+    """A child process that renders jobs: pickled jobs in, JSON replies out, each an 8-byte
+    length and the bytes. Killed when a reply does not come in time."""
+
+    def __init__(self) -> None:
+        root = str(Path(__file__).resolve().parents[1])  # the child imports this very module
+        path = os.environ.get("PYTHONPATH")
+        env = {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else "")}
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", _WORKER_CODE],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=env,
+            )
+        except OSError as e:
+            raise _Failure(f"cannot start a process to render it ({_one_line(e)})") from None
+        self.buf = bytearray()
+        try:
+            self.recv(time.monotonic() + _START_TIMEOUT)
+        except (TimeoutError, EOFError):
+            err = self.stop()
+            raise _Failure(
+                f"the process to render it did not start ({err or 'no message'})"
+            ) from None
+
+    def send(self, job: dict[str, Any]) -> None:
+        try:
+            data = pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as e:
+            raise _Failure(
+                f"cannot pass the messages to the process that renders it ({_one_line(e)})"
+            ) from None
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(_frame(data))
+        self.proc.stdin.flush()
+
+    def recv(self, deadline: float) -> dict[str, Any]:
+        head = self._read(8, deadline)
+        return json.loads(self._read(int.from_bytes(head, "little"), deadline))
+
+    def _read(self, n: int, deadline: float) -> bytes:
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()  # read unbuffered: select must see every byte
+        while len(self.buf) < n:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise TimeoutError
+            chunk = os.read(fd, max(n - len(self.buf), 1 << 16))
+            if not chunk:
+                raise EOFError
+            self.buf += chunk
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
+
+    def how_it_ended(self) -> str:
+        try:
+            code = self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            return "stopped answering"
+        if code < 0:
+            name = signal.Signals(-code).name
+            why = ", perhaps out of memory" if name == "SIGKILL" else ""
+            return f"killed by {name}{why}"
+        return f"exit code {code}"
+
+    def stop(self) -> str:
+        """Kills the process; the last line it wrote to stderr, if any."""
+        self.proc.kill()
+        try:
+            _, err = self.proc.communicate(timeout=10)
+        except (subprocess.TimeoutExpired, OSError, ValueError):
+            err = b""
+        lines = (err or b"").decode(errors="replace").strip().splitlines()
+        return lines[-1] if lines else ""
+
+    def close(self) -> None:
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()  # the worker's read ends: it exits
+            self.proc.wait(timeout=2)
+        except (OSError, subprocess.TimeoutExpired):
+            self.stop()
+
+
+class _Pool:
+    """Up to ``_WORKERS`` workers of this process, reused; one busy with a render is held by
+    its caller, and killed (then replaced) when the render runs over its time limit."""
+
+    def __init__(self) -> None:
+        self.idle: list[_Worker] = []
+        self.lock = threading.Lock()
+        self.slots = threading.BoundedSemaphore(_WORKERS)
+
+    @contextmanager
+    def _worker(self) -> Iterator[_Worker]:
+        with self.slots:
+            with self.lock:
+                worker = self.idle.pop() if self.idle else None
+            if worker is None or worker.proc.poll() is not None:
+                worker = _Worker()
+            try:
+                yield worker
+            except BaseException:
+                worker.stop()  # mid-job: its pipe is out of step
+                raise
+            with self.lock:
+                self.idle.append(worker)
+
+    def run(self, job: dict[str, Any], time_limit: float) -> list[dict[str, Any]]:
+        """The worker's replies to ``job`` (see _render_job)."""
+        with self._worker() as worker:
+            try:
+                worker.send(job)
+            except OSError:
+                raise _Failure(f"the process rendering it died ({worker.how_it_ended()})") from None
+            replies: list[dict[str, Any]] = []
+            for _ in range(max(1, len(job["prefixes"]))):  # a job without renders: compile
+                try:
+                    replies.append(worker.recv(time.monotonic() + time_limit))
+                except TimeoutError:
+                    what = "render" if job["prefixes"] else "compile"
+                    raise _Failure(
+                        f"takes longer than {time_limit:g} s to {what} (its time_limit); stopped",
+                        limit=True,
+                    ) from None
+                except EOFError:
+                    raise _Failure(
+                        f"the process rendering it died ({worker.how_it_ended()})"
+                    ) from None
+                if "error" in replies[-1]:
+                    break
+            return replies
+
+    def close(self) -> None:
+        with self.lock:
+            idle, self.idle = self.idle, []
+        for worker in idle:
+            worker.close()
+
+
+_POOL = _Pool()
+_INHERITED: list[_Pool] = []  # a forked child's copy of its parent's pool: not its to stop
+
+
+def _pool_after_fork() -> None:
+    global _POOL
+    _INHERITED.append(_POOL)
+    _POOL = _Pool()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_pool_after_fork)
+atexit.register(lambda: _POOL.close())
+
+
+def _address_space() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return None
+
+
+@contextmanager
+def _job_limits(job: dict[str, Any], size: int) -> Iterator[None]:
+    """In the worker: its address space may grow by the job's memory limit (plus 16 times the
+    job's size); an alarm ends the process should its parent be gone and a render never end."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    now = _address_space()
+    if now is not None:
+        limit = now + job["memory_limit"] + 16 * size
+        if hard != resource.RLIM_INFINITY:
+            limit = min(limit, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    signal.setitimer(signal.ITIMER_REAL, job["time_limit"] * len(job["prefixes"]) + 30)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def _worker_main() -> None:
+    """The worker process: renders the jobs read from stdin until it closes (see _Worker)."""
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)  # the alarm of _job_limits ends the process
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    inp, out = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # nothing but replies on the reply pipe
+
+    def send(reply: dict[str, Any]) -> None:
+        out.write(_frame(json.dumps(reply).encode()))
+        out.flush()
+
+    send({"ready": os.getpid()})
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)  # stderr was for start-up errors; a full pipe must never block a render
+    os.close(null)
+    while True:
+        head = inp.read(8)
+        if len(head) < 8:
+            return
+        data = inp.read(int.from_bytes(head, "little"))
+        job = pickle.loads(data)
+        with _job_limits(job, len(data)):
+            try:
+                template = _compile(job["source"])
+            except _Failure as e:
+                send({"error": str(e), "limit": e.limit})
+                continue
+            except MemoryError:
+                send({"error": "needs more memory to compile than its memory_limit", "limit": True})
+                continue
+            if not job["prefixes"]:
+                send({"compiled": True})
+            for reply in _render_job(template, job):
+                send(reply)
+
+
+# ----------------------------------------------------------------------------- templates
+
+
+def _plain(name: str, messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping):
+            raise ChatTemplateError(
+                f"chat template {name}: message {i} is a {type(m).__name__}; expected a "
+                "mapping with 'role' and 'content'"
+            )
+        out.append(dict(m))
+    return out
+
+
 @dataclass(frozen=True)
 class ChatTemplate:
-    """A compiled chat template and the bos/eos strings it is rendered with."""
+    """A compiled chat template, the bos/eos strings it is rendered with, and the limits of a
+    render (see the module doc): ``time_limit`` seconds, ``max_output_chars`` characters
+    (plus 4 times the messages' characters), ``memory_limit`` bytes (plus 16 times the
+    messages' size). The built-in templates render in this process, without time limit."""
 
     name: str
     source: str
     bos_token: str = "<s>"
     eos_token: str = "</s>"
+    time_limit: float = 2.0
+    max_output_chars: int = 1 << 20
+    memory_limit: int = 256 << 20
 
     def __post_init__(self) -> None:
+        for field, value in (
+            ("time_limit", self.time_limit),
+            ("max_output_chars", self.max_output_chars),
+            ("memory_limit", self.memory_limit),
+        ):
+            number = (float, int) if field == "time_limit" else (int,)
+            if type(value) not in number or not value > 0:
+                raise ChatTemplateError(
+                    f"chat template {self.name}: {field} must be a positive "
+                    f"{'number' if field == 'time_limit' else 'integer'}, got {value!r}"
+                )
+        # the built-ins compile and render here; any other template only parses here, and
+        # compiles in a worker (which checks it now: errors come at load, not at first use)
+        local = None
         try:
-            template = _environment().from_string(self.source)
-        except jinja2.exceptions.TemplateSyntaxError as e:
-            raise ChatTemplateError(
-                f"chat template {self.name}: invalid Jinja at line {e.lineno}: {e.message}"
-            ) from None
-        object.__setattr__(self, "_template", template)
+            _parse(self.source)
+            if self.source in _TRUSTED:
+                local = _compile(self.source)
+        except _Failure as e:
+            raise ChatTemplateError(f"chat template {self.name}: {e}") from None
+        object.__setattr__(self, "_local", local)
+        if local is None:
+            self._render([], [])
 
     def render(
         self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = False
-    ) -> str:
-        """The template's text for ``messages``; a ``raise_exception`` in the template (e.g.
-        roles that do not alternate) is a ChatTemplateError."""
+    ) -> RenderedChat:
+        """The template's text for ``messages``: a :class:`RenderedChat`, the ``str`` that
+        knows which bos/eos strings the template wrote. A ``raise_exception`` in the template
+        (e.g. roles that do not alternate), any other error in it or a limit it runs over is
+        a ChatTemplateError (ChatTemplateLimitError for the limits)."""
+        return self._render(messages, [(len(messages), add_generation_prompt)])[0]
+
+    def _render(
+        self, messages: Sequence[Mapping[str, Any]], prefixes: list[tuple[int, bool]]
+    ) -> list[RenderedChat]:
+        """``messages[:n]`` rendered for each ``(n, add_generation_prompt)`` of ``prefixes``
+        (one trip to the worker for all)."""
+        job = {
+            "source": self.source,
+            "bos": self.bos_token,
+            "eos": self.eos_token,
+            "messages": _plain(self.name, messages),
+            "prefixes": prefixes,
+            "time_limit": self.time_limit,
+            "max_output_chars": self.max_output_chars,
+            "memory_limit": self.memory_limit,
+        }
+        local: jinja2.Template | None = self._local  # type: ignore[attr-defined]
         try:
-            return str(
-                self._template.render(  # type: ignore[attr-defined]
-                    messages=[dict(m) for m in messages],
-                    add_generation_prompt=add_generation_prompt,
-                    bos_token=self.bos_token,
-                    eos_token=self.eos_token,
-                )
-            )
-        except jinja2.exceptions.TemplateError as e:
-            raise ChatTemplateError(f"chat template {self.name}: {e}") from None
+            if local is not None:
+                replies = list(_render_job(local, job))
+            else:
+                replies = _POOL.run(job, self.time_limit)
+        except _Failure as e:
+            replies = [{"error": str(e), "limit": e.limit}]
+        out = []
+        for r in replies:
+            if "error" in r:
+                cls = ChatTemplateLimitError if r["limit"] else ChatTemplateError
+                raise cls(f"chat template {self.name}: {r['error']}")
+            if "text" in r:
+                out.append(RenderedChat(r["text"], r["specials"]))
+        return out
 
 
 def load_template(
@@ -204,11 +818,18 @@ def load_template(
     if path.suffix in (".jinja", ".j2", ".jinja2", ".txt") or path.exists():
         if not path.is_file():
             raise ChatTemplateError(f"chat template file {path} not found")
-        return ChatTemplate(str(path), path.read_text(encoding="utf-8"), bos_token, eos_token)
+        try:
+            source = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ChatTemplateError(f"chat template file {path}: {_one_line(e)}") from None
+        return ChatTemplate(str(path), source, bos_token, eos_token)
     raise ChatTemplateError(
         f"unknown chat template {key!r}: expected one of the built-ins "
         f"{sorted(BUILTIN_TEMPLATES)} or the path of a .jinja file"
     )
+
+
+# ----------------------------------------------------------------------------- tokens
 
 
 class _Tokenizer(Protocol):
@@ -221,17 +842,24 @@ class _Tokenizer(Protocol):
 def encode_text(
     tokenizer: _Tokenizer, text: str, bos_token: str = "<s>", eos_token: str = "</s>"
 ) -> list[int]:
-    """Ids of a rendered template: ``bos_token``/``eos_token`` become the bos/eos ids, each
-    text piece between them is encoded by SentencePiece on its own (dummy prefix included)."""
-    specials = {bos_token: tokenizer.bos_id, eos_token: tokenizer.eos_id}
-    alternatives = sorted((s for s in specials if s), key=len, reverse=True)
-    pattern = "(" + "|".join(map(re.escape, alternatives)) + ")"
+    """Ids of a rendered template: its specials become the bos/eos ids, each text piece between
+    them is encoded by SentencePiece on its own (dummy prefix included). A
+    :class:`RenderedChat` is cut only where the template wrote bos/eos (message text is never
+    a special token; ``bos_token``/``eos_token`` are not used), a plain ``str`` at every
+    ``bos_token``/``eos_token``."""
+    if isinstance(text, RenderedChat):
+        cuts: Sequence[Span] = text.specials
+    else:
+        cuts = _find_specials(text, bos_token, eos_token)
     ids: list[int] = []
-    for i, piece in enumerate(re.split(pattern, text)):
-        if i % 2:
-            ids.append(specials[piece])
-        elif piece:
-            ids += tokenizer.encode(piece, bos=False, eos=False)
+    pos = 0
+    for start, end, kind in cuts:
+        if start > pos:
+            ids += tokenizer.encode(text[pos:start], bos=False, eos=False)
+        ids.append(tokenizer.bos_id if kind == "bos" else tokenizer.eos_id)
+        pos = end
+    if pos < len(text):
+        ids += tokenizer.encode(text[pos:], bos=False, eos=False)
     return ids
 
 
@@ -255,15 +883,18 @@ def tokenize_conversation(
     def enc(text: str) -> list[int]:
         return encode_text(tokenizer, text, tpl.bos_token, tpl.eos_token)
 
-    full_text = tpl.render(messages)
+    turns = [
+        k for k, m in enumerate(messages) if isinstance(m, Mapping) and m.get("role") == "assistant"
+    ]
+    prefixes = [(len(messages), False)]
+    for k in turns:  # the prompt of each answer, then the conversation up to it
+        prefixes += [(k, True), (k + 1, False)]
+    full_text, *renders = tpl._render(messages, prefixes)
     ids = enc(full_text)
-    turns = [k for k, m in enumerate(messages) if m.get("role") == "assistant"]
     if not turns:
         raise ChatTemplateError("the conversation has no assistant message to train on")
     labels = list(ids) if train_on_prompt else [IGNORE_INDEX] * len(ids)
-    for k in turns:
-        prompt_text = tpl.render(messages[:k], add_generation_prompt=True)
-        turn_text = tpl.render(messages[: k + 1])
+    for k, prompt_text, turn_text in zip(turns, renders[::2], renders[1::2]):
         if not turn_text.startswith(prompt_text) or len(turn_text) == len(prompt_text):
             raise ChatTemplateError(
                 f"chat template {tpl.name}: rendering assistant message {k} adds nothing after "

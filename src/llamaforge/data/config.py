@@ -117,15 +117,17 @@ def check_executor(ex: ExecutorConfig) -> None:
 
 def source_paths(cfg: DataConfig, src: SourceConfig) -> list[Path]:
     """The files of a source. ``@stdlib`` is the running Python's standard library sources
-    (without site-packages, tests and demos)."""
-    from llamaforge.data.stdlib import python_files, stdlib_dir
+    (without site-packages, tests and demos); for kind ``stdlib_docs`` (whose paths default
+    to it) the pydoc topics module first, and only ``.py`` files of folders and globs."""
+    from llamaforge.data.stdlib import docs_files, python_files, stdlib_dir
 
+    docs = src.kind == "stdlib_docs"
     files: list[Path] = []
     patterns = [p for p in src.paths if p != "@stdlib"]
-    if "@stdlib" in src.paths:
-        files += list(python_files(stdlib_dir()))
+    if "@stdlib" in src.paths or (docs and not src.paths):
+        files += docs_files() if docs else list(python_files(stdlib_dir()))
     if patterns:
-        files += expand_paths(patterns)
+        files += expand_paths(patterns, suffixes={".py"} if docs else None)
     return list(dict.fromkeys(files))
 
 

@@ -154,8 +154,8 @@ def plan_units(kind: str, options: dict[str, Any], paths: list[Path]) -> list[li
                 last = None
             units.append([str(p)])
         return units
-    if kind == "stdlib_docs" or not paths:
-        return [[str(p) for p in paths]]
+    if not paths:
+        return [[]]
     return [[str(p)] for p in paths]
 
 
@@ -377,8 +377,8 @@ def _read_steps() -> tuple[type, ...]:
                 else:
                     if self.raw:
                         options["dedup"] = False
-                    if not paths and src.kind != "stdlib_docs":
-                        return
+                    if not paths:
+                        return  # every unit is some task's, once: none here
                     docs = source_fn(src.kind, f"source {src.name}")(paths, options, self.fstats)
                 for i, text in enumerate(docs):
                     self.stat_update("documents")
@@ -1085,7 +1085,7 @@ def logging_root(cfg: DataConfig) -> Path:
 
 def make_job(cfg: DataConfig, src: SourceConfig, tokenizer: str) -> SourceJob:
     tasks = cfg.executor.tasks
-    paths = source_paths(cfg, src) if src.kind != "stdlib_docs" else []
+    paths = source_paths(cfg, src)
     if src.kind == "web":
         units = web_range_units(paths, src.options, cfg.executor.split_bytes)
     else:
@@ -1093,6 +1093,8 @@ def make_job(cfg: DataConfig, src: SourceConfig, tokenizer: str) -> SourceJob:
     dedup = dedup_mode(src)
     if _global_classifier(src) and not dedup:
         tasks = 1  # the classifier's negatives are all the pages: one task sees them
+    if src.kind == "stdlib_docs" and src.options.get("max_bytes") is not None:
+        tasks = 1  # a cap on the documents read so far, in order: one task reads them
     # absolute paths: Slurm and Ray workers need not start in this working directory
     units = [[os.path.abspath(p) for p in u] for u in units]
     src = copy.deepcopy(src)
