@@ -259,8 +259,16 @@ def test_the_default_reply_length_fits_the_model(small_tokenizer, ckpts):
     """256 tokens per reply, or half the context when that is less: a model of 256 positions
     (the quickstart's) chats with the defaults."""
     assert [default_max_new_tokens(n) for n in (2048, 512, 256, 96, 3)] == [256, 256, 128, 48, 1]
-    session = ChatSession(tiny_model(small_tokenizer.vocab_size, 96), small_tokenizer, "llama2")
+    small = tiny_model(small_tokenizer.vocab_size, 96)
+    session = ChatSession(small, small_tokenizer, "llama2", temperature=0)
     assert session.max_new_tokens == 48
+    # a message too long for 48 new tokens (but not for the context) gets what room is left
+    # with the default; a length asked for is kept, so it is refused
+    long = "word " * 20
+    assert 48 < len(session.encode([{"role": "user", "content": long}])) < 90
+    assert session.send(long) is not None
+    with pytest.raises(ChatError, match="too long"):
+        ChatSession(small, small_tokenizer, "llama2", max_new_tokens=48).send(long)
     assert ChatSession(ckpts["model"], small_tokenizer, "llama2").max_new_tokens == 128
     reply = llamaforge.chat(ckpts["with"], "hello", temperature=0, device="cpu")
     assert reply == ChatSession(ckpts["model"], small_tokenizer, "llama2", temperature=0).send(

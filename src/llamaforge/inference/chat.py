@@ -154,7 +154,8 @@ class _Stream:
 class ChatSession:
     """A conversation with ``model``: ``send`` a user message, get the reply; ``history`` is
     the conversation so far (the system message first, if any), ``reset`` clears it.
-    ``max_new_tokens`` None: `default_max_new_tokens` of the model's context."""
+    ``max_new_tokens`` None: `default_max_new_tokens` of the model's context, or what is left
+    of it after a message too long for that (the oldest turns are dropped first)."""
 
     def __init__(
         self,
@@ -168,6 +169,8 @@ class ChatSession:
         top_p: float = 0.9,
         seed: int | None = None,
     ) -> None:
+        # the default length gives way to a long message (what is left of the context)
+        self.flexible = max_new_tokens is None
         if max_new_tokens is None:
             max_new_tokens = default_max_new_tokens(model.args.max_seq_len)
         if max_new_tokens < 1:
@@ -208,6 +211,8 @@ class ChatSession:
             if len(ids) <= budget:
                 return ids, history
             turns = history[head:]
+            if not turns and self.flexible and len(ids) < self.model.args.max_seq_len:
+                return ids, history  # the reply stops at the end of the context
             if not turns:
                 raise ChatError(
                     f"the message is too long: with the template ({self.template.name}) "
