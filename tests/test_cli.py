@@ -628,3 +628,106 @@ def test_the_extras_come_from_pyproject():
     assert extra("datasets", "eval") == "eval" and extra("datasets", "data prepare") == "data"
     assert extra("no_such_package") is None and extra("llamaforge.nothing") is None
     assert missing_extra(ImportError("cannot import name 'x'", name="fastapi")) is None
+
+
+# ----------------------------------------------------------------------------- the next step
+
+
+def test_pretrain_command_is_the_quickest_config_beside_the_data_config():
+    from llamaforge.cli.train import pretrain_command
+
+    stdlib = pretrain_command(
+        "data/stdlib", "data/stdlib/tokenizer.model", REPO / "configs/data/stdlib.toml"
+    )
+    assert stdlib == f"llamaforge pretrain {(REPO / 'configs/pretrain/tiny-cpu.toml').as_posix()}"
+    shared = pretrain_command(
+        "data/shared", "../shared/data/tokenizer/llama/tokenizer.model", "configs/data/shared.toml"
+    )
+    assert shared == "llamaforge pretrain configs/pretrain/llama-110M-1gpu.toml"  # of 5 configs
+    mine = pretrain_command("my data", "my data/t.model", "elsewhere/data.toml")
+    assert mine.startswith("llamaforge pretrain 'data.dir=my data' 'data.tokenizer=my data/t.")
+
+
+@pytest.mark.slow
+def test_data_prepare_then_pretrain_then_generate_as_printed(
+    tmp_path, small_tokenizer_path, capsys
+):
+    """Each command ends with `next: COMMAND` for what it made, and that command runs:
+    data prepare → pretrain (here with a tiny model and 2 steps added) → generate."""
+    from .conftest import run_next
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(
+        json.dumps({"text": f"Note {i}: the quick brown fox jumps over the lazy dog {i % 7}."})
+        + "\n" for i in range(400)
+    ))  # fmt: skip
+    data = tmp_path / "data.toml"
+    data.write_text(
+        f'tokenizer = "{small_tokenizer_path}"\noutput = "{tmp_path / "out"}"\n'
+        f'[[sources]]\nname = "notes"\nkind = "generic"\npaths = ["{docs}"]\n'
+    )
+    out, _ = cli(capsys, "data", "prepare", data, "--quiet")
+    assert out.strip().splitlines()[-1].startswith("next: llamaforge pretrain data.dir=")
+    tiny = ["steps=2", "batch_tokens=256", "micro_batch=4", "data.seq_len=64", "model.dim=32",
+            "model.n_layers=1", "model.n_heads=2", "eval_batches=0", "device=cpu", "plot=false",
+            f"out={tmp_path / 'run'}"]  # fmt: skip
+    pretrained = run_next(out, *tiny).stderr  # the run's summary goes to stderr
+    last = pretrained.strip().splitlines()[-1]
+    assert last == f"next: llamaforge generate --ckpt {tmp_path / 'run' / 'model'} --prompt The"
+    generated = run_next(pretrained, "--max-new-tokens", "8", "--device", "cpu").stdout
+    assert generated.strip()
+
+
+@pytest.mark.slow
+def test_convert_prints_a_command_that_runs_the_result(tmp_path, small_tokenizer, capsys):
+    import llamaforge
+    from llamaforge.chat_templates import LLAMA2
+    from llamaforge.model import ModelArgs, build_model
+
+    from .conftest import run_next
+
+    args = ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=small_tokenizer.vocab_size,
+                     multiple_of=16, max_seq_len=128)  # fmt: skip
+    model = build_model(args)
+    src = llamaforge.save(model, small_tokenizer, tmp_path / "src", chat_template=LLAMA2)
+    out, _ = cli(capsys, "convert", "--from", "native", "--to", "native", src, tmp_path / "n")
+    assert out.strip().splitlines()[-1] == f"next: llamaforge chat --ckpt {tmp_path / 'n'}"
+    assert run_next(out, "--device", "cpu", input="hello\n").stdout.strip()
+    out, _ = cli(capsys, "convert", "--from", "native", "--to", "hf", src, tmp_path / "hf")
+    assert out.strip().splitlines()[-1].startswith("next: python -c 'from transformers import")
+    assert run_next(out).stdout.strip()
+    out, _ = cli(capsys, "convert", "--from", "native", "--to", "gguf", src, tmp_path / "m.gguf")
+    assert out.strip().splitlines()[-1] == (
+        f"next: llama-cli -m {tmp_path / 'm.gguf'} -p The -n 32  # llama.cpp"
+    )
+
+
+@pytest.mark.slow
+def test_finetune_with_an_unmerged_adapter_prints_merge_then_chat(
+    tmp_path, small_tokenizer_path, capsys
+):
+    """LoRA without lora.merge leaves an adapter: the printed next step merges it into the
+    base, then chats with the template it was trained with; both commands run."""
+    from .conftest import run_next
+
+    base = tmp_path / "base"
+    cli(capsys, "init", "--preset", "1M", "--tokenizer", small_tokenizer_path, "--out", base,
+        "dim=32", "n_layers=1", "n_heads=2", "max_seq_len=128")  # fmt: skip
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(
+        json.dumps({"instruction": f"Say {w}.", "input": "", "output": w}) + "\n"
+        for w in "red green blue black white yellow brown pink".split() * 3
+    ))  # fmt: skip
+    _, err = cli(capsys, "finetune", f"init={base}", f"data.paths=['{data}']", "data.max_len=128",
+                 "batch_size=4", "micro_batch=4", "steps=2", "gen_eval=0", "eval_batches=0",
+                 "lora.enabled=true", "lora.rank=2", "device=cpu", "progress=false",
+                 f"--out={tmp_path / 'ft'}")  # fmt: skip
+    merged, adapter = tmp_path / "ft" / "merged", tmp_path / "ft" / "adapter"
+    last = err.strip().splitlines()[-1]
+    assert last == (
+        f"next: llamaforge lora merge {base} {adapter} {merged} && "
+        f"llamaforge chat --ckpt {merged} --template alpaca"
+    )
+    merge, chat = last.split(" && ")
+    run_next(merge)
+    assert run_next("next: " + chat, "--device", "cpu", input="Say red.\n").stdout.strip()
