@@ -118,3 +118,37 @@ def save_tiny(tmp_path_factory, small_tokenizer) -> Callable[..., Path]:
 def _seed_and_threads():
     torch.manual_seed(0)
     yield
+
+
+def next_argv(output: str) -> list[str]:
+    """The argv of the last ``next: COMMAND`` line in a command's ``output``, as this checkout
+    runs it: ``llamaforge`` is ``python -m llamaforge``, ``python`` this interpreter."""
+    import shlex
+    import sys
+
+    lines = [ln for ln in output.splitlines() if ln.startswith("next: ")]
+    assert lines, f"no 'next:' line in {output[-2000:]!r}"
+    argv = shlex.split(lines[-1][len("next: ") :], comments=True)
+    if argv[0] == "llamaforge":
+        return [sys.executable, "-m", "llamaforge", *argv[1:]]
+    if argv[0] == "python":
+        return [sys.executable, *argv[1:]]
+    return argv
+
+
+def run_next(output: str, *extra: str, input: str | None = None, cwd=None):
+    """Run the last ``next:`` command of ``output`` (plus ``extra`` arguments) in a fresh
+    process, as a user pastes it; returns the finished process after checking it exits 0."""
+    import subprocess
+
+    proc = subprocess.run(
+        [*next_argv(output), *extra],
+        input=input,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+        timeout=600,
+    )
+    assert proc.returncode == 0, f"{proc.args} → exit {proc.returncode}\n{proc.stderr[-3000:]}"
+    return proc

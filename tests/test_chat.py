@@ -19,7 +19,13 @@ from llamaforge.chat_templates import (
 )
 from llamaforge.checkpoint.native import CheckpointError, read_chat_template
 from llamaforge.cli.main import main
-from llamaforge.inference.chat import ChatError, ChatSession, _Stream, stop_strings
+from llamaforge.inference.chat import (
+    ChatError,
+    ChatSession,
+    _Stream,
+    default_max_new_tokens,
+    stop_strings,
+)
 
 from .conftest import REPO, tiny_model
 
@@ -237,3 +243,87 @@ def test_missing_template_is_a_clear_error(capsys, monkeypatch, ckpts, command):
 def test_generate_template_without_chat_is_refused(capsys, ckpts):
     status = main(["generate", "--ckpt", str(ckpts["with"]), "--prompt", "x", "--system", "s"])
     assert status == 2 and "need --chat" in capsys.readouterr().err
+
+
+def test_the_default_reply_length_fits_the_model(small_tokenizer, ckpts):
+    """256 tokens per reply, or half the context when that is less: a model of 256 positions
+    (the quickstart's) chats with the defaults."""
+    assert [default_max_new_tokens(n) for n in (2048, 512, 256, 96, 3)] == [256, 256, 128, 48, 1]
+    small = tiny_model(small_tokenizer.vocab_size, max_seq_len=96)
+    session = ChatSession(small, small_tokenizer, "llama2", temperature=0)
+    assert session.max_new_tokens == 48
+    # a message too long for 48 new tokens (but not for the context) gets what room is left
+    # with the default; a length asked for is kept, so it is refused
+    long = "word " * 20
+    assert 48 < len(session.encode([{"role": "user", "content": long}])) < 90
+    assert session.send(long) is not None
+    with pytest.raises(ChatError, match="too long"):
+        ChatSession(small, small_tokenizer, "llama2", max_new_tokens=48).send(long)
+    assert ChatSession(ckpts["model"], small_tokenizer, "llama2").max_new_tokens == 128
+    reply = llamaforge.chat(ckpts["with"], "hello", temperature=0, device="cpu")
+    assert reply == ChatSession(ckpts["model"], small_tokenizer, "llama2", temperature=0).send(
+        "hello"
+    )
+
+
+def test_read_message_continues_lines_and_reads_blocks():
+    from llamaforge.cli.chat import read_message
+
+    def messages(text: str) -> list[str]:
+        lines = iter(text.split("\n"))
+
+        def read(prompt: str) -> str | None:
+            return next(lines, None)
+
+        out = []
+        while (m := read_message(read)) is not None:
+            out.append(m)
+        return out
+
+    typed = (
+        "one line\n"
+        "What is the name of the function defined here?\\\n"
+        "def parse(line, strict=True):\n"
+        'a\\\nb\\\nc\n'
+        '"""\nQuestion:\n\n    indented code\n"""\n'
+        '"""first line\nlast line"""\n'
+        '"""all on one line"""\n'
+        "C:\\path\\ not continued\n"
+        '"""\nunclosed at EOF'
+    )
+    assert messages(typed) == [
+        "one line",
+        "What is the name of the function defined here?\ndef parse(line, strict=True):",
+        "a\nb\nc",
+        "Question:\n\n    indented code",
+        "first line\nlast line",
+        "all on one line",
+        "C:\\path\\ not continued",
+        "unclosed at EOF",
+    ]
+
+
+def test_cli_chat_multiline_messages_and_default_length_from_a_pipe(small_tokenizer, ckpts):
+    """`llamaforge chat --ckpt CKPT` with nothing else, on a model of 256 positions, given the
+    demo's kind of question (a line ending with a backslash, then a `def` line) and a
+    triple-quoted block with a blank line, piped: each is one message."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    first = "What is the name of the function defined here?\ndef parse(line, strict=True):"
+    second = "Question:\n\ndef f(x):"
+    typed = first.replace("\n", "\\\n") + '\n"""\n' + second + '\n"""\n'
+    proc = subprocess.run(
+        [sys.executable, "-m", "llamaforge", "chat", "--ckpt", str(ckpts["with"]),
+         "--temperature", "0", "--device", "cpu"],
+        input=typed, capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "replies of up to 128 tokens, half of the model's context of 256" in proc.stderr
+    session = ChatSession(ckpts["model"], small_tokenizer, "llama2", temperature=0)
+    assert proc.stdout == f"{session.send(first)}\n{session.send(second)}\n"
+
+
+def test_chat_help_documents_multiline_input(capsys):
+    assert main(["chat", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "end a line with \\ to continue the message on the next line" in out
+    assert 'between two """ lines' in out

@@ -528,3 +528,206 @@ def test_tiny_cpu_config_size_as_documented():
     assert count_params(args)["total"] == 737_856
     assert "737,856" in (REPO / "configs" / "pretrain" / "tiny-cpu.toml").read_text()
     assert "737,856 parameters" in (REPO / "README.md").read_text()
+
+
+# ----------------------------------------------------------------------------- missing extras
+
+# (the module made unimportable, the program, its arguments, the extra to name)
+EXTRA_CASES = [
+    ("uvicorn", "llamaforge serve", "--ckpt {ckpt}", "serve"),  # imported before fastapi
+    ("fastapi", "llamaforge serve", "--ckpt {ckpt}", "serve"),
+    ("gguf", "llamaforge convert", "--from native --to gguf {ckpt} {tmp}/m.gguf", "convert"),
+    ("datatrove", "llamaforge data prepare", "{data} --tasks 1 --quiet", "data"),
+    ("ray", "llamaforge data prepare", "{data} --executor ray --tasks 1", "ray"),
+    ("lm_eval", "llamaforge-lm-eval", "--help", "eval"),
+]
+
+# run in a fresh interpreter: a meta-path finder makes one module unimportable (as if its
+# package were not installed), then the real command runs; prints [status, stderr] per case
+BLOCKED_RUN = """
+import contextlib, io, json, sys
+from llamaforge.cli.main import lm_eval_main, main
+
+class Missing:
+    name = None
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname.split(".")[0] == self.name:
+            raise ModuleNotFoundError(f"No module named {fullname!r}", name=fullname)
+        return None
+
+finder = Missing()
+sys.meta_path.insert(0, finder)
+results = []
+for module, program, args in json.loads(sys.argv[1]):
+    finder.name, err = module, io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        if program == "llamaforge-lm-eval":
+            status = lm_eval_main(args)
+        else:
+            status = main(program.split()[1:] + args)
+    results.append([status, err.getvalue()])
+print(json.dumps(results))
+"""
+
+
+def test_a_missing_extra_is_one_line_naming_it(tmp_path, small_tokenizer_path):
+    """Each command whose optional package is not installed says which extra to install,
+    in one line (exit 2), whichever module of the extra is missing."""
+    import llamaforge
+    from llamaforge.model import ModelArgs, build_model
+    from llamaforge.tokenizer import Tokenizer
+
+    tok = Tokenizer(small_tokenizer_path)
+    args = ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=tok.vocab_size, max_seq_len=32)
+    ckpt = llamaforge.save(build_model(args), tok, tmp_path / "ckpt")
+    (tmp_path / "docs.jsonl").write_text(
+        "".join(json.dumps({"text": f"Note {i}: the quick brown fox."}) + "\n" for i in range(50))
+    )
+    data = tmp_path / "data.toml"
+    data.write_text(
+        f'tokenizer = "{small_tokenizer_path}"\noutput = "{tmp_path / "out"}"\n'
+        f'[[sources]]\nname = "notes"\nkind = "generic"\npaths = ["{tmp_path / "docs.jsonl"}"]\n'
+    )
+    fill = {"ckpt": ckpt, "tmp": tmp_path, "data": data}
+    cases = [[m, prog, args.format(**fill).split()] for m, prog, args, _ in EXTRA_CASES]
+    proc = subprocess.run(
+        [sys.executable, "-c", BLOCKED_RUN, json.dumps(cases)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for (module, program, _, extra), (status, err) in zip(EXTRA_CASES, json.loads(proc.stdout)):
+        assert status == 2 and "Traceback" not in err, (module, err)
+        assert err.strip().splitlines()[-1] == (
+            f"{program}: error: this command needs the '{extra}' extra (no module named "
+            f"{module}): pip install 'llamaforge[{extra}]'"
+        ), err
+
+
+def test_the_extras_come_from_pyproject():
+    """The module → extra table is pyproject.toml's [project.optional-dependencies]; a module
+    in several extras goes with the command's own."""
+    from llamaforge.cli.main import missing_extra, optional_dependencies
+    from llamaforge.config import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = optional_dependencies()
+    assert set(extras) == set(project["optional-dependencies"])
+    assert "llamaforge" not in {d.lower() for dists in extras.values() for d in dists}
+
+    def extra(module: str, command: str = "") -> str | None:
+        return missing_extra(ModuleNotFoundError(f"No module named {module!r}", name=module),
+                             command)  # fmt: skip
+
+    assert [extra(m) for m in ("fastapi", "uvicorn", "prometheus_client")] == ["serve"] * 3
+    assert [extra(m) for m in ("gguf", "google.protobuf", "tokenizers")] == ["convert"] * 3
+    assert [extra(m) for m in ("datatrove", "datasketch", "sklearn.utils")] == ["data"] * 3
+    assert (extra("ray"), extra("lm_eval"), extra("llama_cpp")) == ("ray", "eval", "bench-serve")
+    assert extra("datasets", "eval") == "eval" and extra("datasets", "data prepare") == "data"
+    assert extra("no_such_package") is None and extra("llamaforge.nothing") is None
+    assert missing_extra(ImportError("cannot import name 'x'", name="fastapi")) is None
+
+
+# ----------------------------------------------------------------------------- the next step
+
+
+def test_pretrain_command_is_the_quickest_config_beside_the_data_config():
+    from llamaforge.cli.train import pretrain_command
+
+    stdlib = pretrain_command(
+        "data/stdlib", "data/stdlib/tokenizer.model", REPO / "configs/data/stdlib.toml"
+    )
+    assert stdlib == f"llamaforge pretrain {(REPO / 'configs/pretrain/tiny-cpu.toml').as_posix()}"
+    shared = pretrain_command(
+        "data/shared", "../shared/data/tokenizer/llama/tokenizer.model", "configs/data/shared.toml"
+    )
+    assert shared == "llamaforge pretrain configs/pretrain/llama-110M-1gpu.toml"  # of 5 configs
+    mine = pretrain_command("my data", "my data/t.model", "elsewhere/data.toml")
+    assert mine.startswith("llamaforge pretrain 'data.dir=my data' 'data.tokenizer=my data/t.")
+
+
+@pytest.mark.slow
+def test_data_prepare_then_pretrain_then_generate_as_printed(
+    tmp_path, small_tokenizer_path, capsys
+):
+    """Each command ends with `next: COMMAND` for what it made, and that command runs:
+    data prepare → pretrain (here with a tiny model and 2 steps added) → generate."""
+    from .conftest import run_next
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(
+        json.dumps({"text": f"Note {i}: the quick brown fox jumps over the lazy dog {i % 7}."})
+        + "\n" for i in range(400)
+    ))  # fmt: skip
+    data = tmp_path / "data.toml"
+    data.write_text(
+        f'tokenizer = "{small_tokenizer_path}"\noutput = "{tmp_path / "out"}"\n'
+        f'[[sources]]\nname = "notes"\nkind = "generic"\npaths = ["{docs}"]\n'
+    )
+    out, _ = cli(capsys, "data", "prepare", data, "--quiet")
+    assert out.strip().splitlines()[-1].startswith("next: llamaforge pretrain data.dir=")
+    tiny = ["steps=2", "batch_tokens=256", "micro_batch=4", "data.seq_len=64", "model.dim=32",
+            "model.n_layers=1", "model.n_heads=2", "eval_batches=0", "device=cpu", "plot=false",
+            f"out={tmp_path / 'run'}"]  # fmt: skip
+    pretrained = run_next(out, *tiny).stderr  # the run's summary goes to stderr
+    last = pretrained.strip().splitlines()[-1]
+    assert last == f"next: llamaforge generate --ckpt {tmp_path / 'run' / 'model'} --prompt The"
+    generated = run_next(pretrained, "--max-new-tokens", "8", "--device", "cpu").stdout
+    assert generated.strip()
+
+
+@pytest.mark.slow
+def test_convert_prints_a_command_that_runs_the_result(tmp_path, small_tokenizer, capsys):
+    import llamaforge
+    from llamaforge.chat_templates import LLAMA2
+    from llamaforge.model import ModelArgs, build_model
+
+    from .conftest import run_next
+
+    args = ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=small_tokenizer.vocab_size,
+                     multiple_of=16, max_seq_len=128)  # fmt: skip
+    model = build_model(args)
+    src = llamaforge.save(model, small_tokenizer, tmp_path / "src", chat_template=LLAMA2)
+    out, _ = cli(capsys, "convert", "--from", "native", "--to", "native", src, tmp_path / "n")
+    assert out.strip().splitlines()[-1] == f"next: llamaforge chat --ckpt {tmp_path / 'n'}"
+    assert run_next(out, "--device", "cpu", input="hello\n").stdout.strip()
+    out, _ = cli(capsys, "convert", "--from", "native", "--to", "hf", src, tmp_path / "hf")
+    assert out.strip().splitlines()[-1].startswith("next: python -c 'from transformers import")
+    assert run_next(out).stdout.strip()
+    out, _ = cli(capsys, "convert", "--from", "native", "--to", "gguf", src, tmp_path / "m.gguf")
+    assert out.strip().splitlines()[-1] == (
+        f"next: llama-cli -m {tmp_path / 'm.gguf'} -p The -n 32  # llama.cpp"
+    )
+
+
+@pytest.mark.slow
+def test_finetune_with_an_unmerged_adapter_prints_merge_then_chat(
+    tmp_path, small_tokenizer_path, capsys
+):
+    """LoRA without lora.merge leaves an adapter: the printed next step merges it into the
+    base, then chats with the template it was trained with; both commands run."""
+    from .conftest import run_next
+
+    base = tmp_path / "base"
+    cli(capsys, "init", "--preset", "1M", "--tokenizer", small_tokenizer_path, "--out", base,
+        "dim=32", "n_layers=1", "n_heads=2", "max_seq_len=128")  # fmt: skip
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(
+        json.dumps({"instruction": f"Say {w}.", "input": "", "output": w}) + "\n"
+        for w in "red green blue black white yellow brown pink".split() * 3
+    ))  # fmt: skip
+    _, err = cli(capsys, "finetune", f"init={base}", f"data.paths=['{data}']", "data.max_len=128",
+                 "batch_size=4", "micro_batch=4", "steps=2", "gen_eval=0", "eval_batches=0",
+                 "lora.enabled=true", "lora.rank=2", "device=cpu", "progress=false",
+                 f"--out={tmp_path / 'ft'}")  # fmt: skip
+    merged, adapter = tmp_path / "ft" / "merged", tmp_path / "ft" / "adapter"
+    last = err.strip().splitlines()[-1]
+    assert last == (
+        f"next: llamaforge lora merge {base} {adapter} {merged} && "
+        f"llamaforge chat --ckpt {merged} --template alpaca"
+    )
+    merge, chat = last.split(" && ")
+    run_next(merge)
+    assert run_next("next: " + chat, "--device", "cpu", input="Say red.\n").stdout.strip()

@@ -127,7 +127,11 @@ def test_the_command_maps_flags_to_settings_and_exits_on_the_scores(monkeypatch,
 
 @pytest.mark.slow
 def test_quickstart_instruct_end_to_end(tmp_path, monkeypatch, capsys):
+    import llamaforge
     from llamaforge.cli.main import main
+    from llamaforge.inference.chat import ChatSession, resolve_template
+
+    from .conftest import run_next
 
     monkeypatch.chdir(tmp_path)  # no runs/quickstart/model here: it pretrains one
     out = tmp_path / "demo"
@@ -154,7 +158,7 @@ def test_quickstart_instruct_end_to_end(tmp_path, monkeypatch, capsys):
         "examples=3",
     ]
     assert main(["quickstart-instruct", f"--out={out}", *tiny]) in (0, 1)
-    text = capsys.readouterr().out
+    text, err = capsys.readouterr()
     assert "held-out instructions (6" in text and "exact match" in text
     summary = json.loads((out / "summary.json").read_text())
     assert summary["pretrained"] and summary["base"] == str(out / "base" / "model")
@@ -168,6 +172,21 @@ def test_quickstart_instruct_end_to_end(tmp_path, monkeypatch, capsys):
     rows = [json.loads(x) for x in (out / "answers.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and len(summary["examples"]) == 3
     assert set(rows[0]) >= {"task", "instruction", "reference", "before", "after"}
+    # finetuning said how to chat with its model; the demo ends with it, and with how to
+    # type one of its questions (two lines: the first ends with a backslash)
+    model = out / "finetune" / "model"
+    assert f"next: llamaforge chat --ckpt {model}" in err.splitlines()
+    last = text.strip().splitlines()
+    assert last[-1] == f"next: llamaforge chat --ckpt {model} --temperature 0"
+    typed = [ln[8:] for ln in last[-3:-1]]
+    assert [ln[:8] for ln in last[-3:-1]] == ["    >>> ", "    ... "] and typed[0][-1] == "\\"
+    replied = run_next(text, "--device", "cpu", input="\n".join(typed) + "\n")
+    assert "replies of up to 64 tokens, half of the model's context of 128" in replied.stderr
+    tuned, tok = llamaforge.load(model)
+    session = ChatSession(tuned, tok, resolve_template(None, tok, model), temperature=0)
+    question = typed[0][:-1] + "\n" + typed[1]
+    assert question == summary["examples"][0]["instruction"]  # one message, as in training
+    assert replied.stdout == session.send(question) + "\n"
 
     # a second run reuses the base it pretrained
     assert main(["quickstart-instruct", f"--out={out}", *tiny]) in (0, 1)

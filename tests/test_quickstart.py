@@ -5,9 +5,11 @@ import pytest
 import llamaforge
 from llamaforge.demos.quickstart import quickstart_config, run_quickstart
 
+from .conftest import run_next
+
 
 @pytest.mark.slow
-def test_quickstart_learns_and_leaves_a_usable_checkpoint(tmp_path):
+def test_quickstart_learns_and_leaves_a_usable_checkpoint(tmp_path, capsys):
     cfg = quickstart_config(
         [
             f"out={tmp_path / 'run'}",
@@ -23,7 +25,8 @@ def test_quickstart_learns_and_leaves_a_usable_checkpoint(tmp_path):
         ]
     )
     assert cfg.data.dir == str(tmp_path / "run" / "data")
-    summary = run_quickstart(cfg, log=lambda s: None)
+    logs: list[str] = []
+    summary = run_quickstart(cfg, log=logs.append)
     assert summary["val_loss"] < summary["unigram_loss"] - 0.5
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 200 and lines[-1]["loss"] < lines[0]["loss"]
@@ -35,6 +38,12 @@ def test_quickstart_learns_and_leaves_a_usable_checkpoint(tmp_path):
     assert set(epochs) == {"code", "docs"} and all(e > 0 for e in epochs.values())
     meta = json.loads((tmp_path / "run" / "data" / "code" / "meta.json").read_text())
     assert meta["clean"]["removed"]["duplicate_file"] >= 1  # the cleaners ran
+    # it ends with the command that samples the checkpoint, and that command works as printed
+    ckpt = tmp_path / "run" / "model"
+    assert logs[-1] == f"\nnext: llamaforge generate --ckpt {ckpt} --prompt 'def '"
+    assert run_next(logs[-1]).stdout.strip()  # the continuation of 'def '
+    # the pretraining inside it said the same (stderr: the run's summary)
+    assert f"next: llamaforge generate --ckpt {ckpt} --prompt The" in capsys.readouterr().err
 
 
 def test_quickstart_accepts_the_power_watts_hint():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -49,4 +50,30 @@ def run(a: argparse.Namespace) -> int:
         progress=not a.quiet,
     )
     print(f"wrote {out} ({a.target})")
+    print(f"next: {next_step(out, a.target, a.shards)}")
     return 0
+
+
+def next_step(out: Path, target: str, shards: int = 1) -> str:
+    """The command line that runs the converted checkpoint ``out`` of layout ``target``:
+    llamaforge for native, transformers for hf, llama.cpp for gguf, and Meta's llama
+    repository's example script for meta."""
+    import json
+    import shlex
+
+    if target == "native":
+        from llamaforge.inference.chat import next_command
+
+        return next_command(out)
+    if target == "hf":
+        code = (
+            'from transformers import pipeline; print(pipeline("text-generation", '
+            f'{json.dumps(str(out))})("The", max_new_tokens=32)[0]["generated_text"])'
+        )
+        return shlex.join(["python", "-c", code])
+    if target == "gguf":
+        return shlex.join(["llama-cli", "-m", str(out), "-p", "The", "-n", "32"]) + "  # llama.cpp"
+    return shlex.join(
+        ["torchrun", "--nproc_per_node", str(shards), "example_text_completion.py",
+         "--ckpt_dir", str(out), "--tokenizer_path", str(out / "tokenizer.model")]
+    ) + "  # in a clone of github.com/meta-llama/llama"  # fmt: skip

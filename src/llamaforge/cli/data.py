@@ -83,6 +83,10 @@ def _prepare(a: argparse.Namespace) -> int:
     if failed:
         print(f"failed sources: {', '.join(failed)}", file=sys.stderr)
         return 1
+    if not any("submitted" in r for r in results):  # a Slurm job still has to run
+        from llamaforge.cli.train import pretrain_command
+
+        print(f"next: {pretrain_command(cfg.output, cfg.tokenizer, a.config)}")
     return 0
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
 from llamaforge import __version__
@@ -47,6 +48,97 @@ TRAINING_COMMANDS = frozenset({"quickstart", "quickstart-instruct", "pretrain", 
 # libraries whose exceptions (RuntimeError from pybind/Rust, their own types) are reported
 # as one line at the command boundary rather than as a traceback
 LIBRARIES = frozenset({"torch", "sentencepiece", "gguf", "safetensors", "safetensors_rust"})
+
+
+# distributions imported under another name than their own (scikit-learn: sklearn)
+IMPORT_NAMES = {
+    "scikit-learn": "sklearn",
+    "protobuf": "google.protobuf",
+    "llama-cpp-python": "llama_cpp",
+}
+
+
+def optional_dependencies() -> dict[str, list[str]]:
+    """pyproject.toml's ``[project.optional-dependencies]``: each extra's distribution names
+    (requirements on llamaforge itself left out). Read from the source tree's pyproject.toml
+    when this package runs from a checkout, else from the installed distribution's metadata;
+    empty when neither is found."""
+    from pathlib import Path
+
+    name = re.compile(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
+    extras: dict[str, list[str]] = {}
+    pyproject = Path(__file__).resolve().parents[3] / "pyproject.toml"
+    table = None
+    if pyproject.is_file():
+        from llamaforge.config import tomllib
+
+        try:
+            project = tomllib.loads(pyproject.read_text(encoding="utf-8")).get("project", {})
+        except (OSError, ValueError):
+            project = {}
+        if project.get("name") == "llamaforge":
+            table = project.get("optional-dependencies", {})
+    if table is None:  # an installed package: Requires-Dist: fastapi>=0.110; extra == "serve"
+        from importlib import metadata
+
+        try:
+            requires = metadata.requires("llamaforge") or []
+        except metadata.PackageNotFoundError:
+            requires = []
+        table = {}
+        for req in requires:
+            extra = re.search(r"""extra\s*==\s*["']([^"']+)["']""", req)
+            if extra:
+                table.setdefault(extra.group(1), []).append(req)
+    for extra, reqs in table.items():
+        dists = [m.group(1) for m in map(name.match, reqs) if m]
+        extras[extra] = [d for d in dists if d.lower() != "llamaforge"]
+    return extras
+
+
+def missing_extra(e: BaseException, command: str = "") -> str | None:
+    """The extra that installs the module a ModuleNotFoundError names (``fastapi`` →
+    ``serve``), or None when no extra does; among several, the one named like ``command``'s
+    first word (``datasets`` is in ``data`` and ``eval``), else the first."""
+    missing = getattr(e, "name", None)
+    if not isinstance(e, ModuleNotFoundError) or not missing:
+        return None
+    found = []
+    for extra, dists in optional_dependencies().items():
+        for dist in dists:
+            module = IMPORT_NAMES.get(dist.lower(), re.sub(r"[-.]", "_", dist.lower()))
+            # the module or one of its submodules (sklearn.utils), or the package around it
+            if f"{missing}.".startswith(f"{module}.") or module.startswith(f"{missing}."):
+                found.append(extra)
+    first = command.split(" ")[0]
+    return first if first in found else found[0] if found else None
+
+
+def missing_extra_message(e: BaseException, command: str = "") -> str | None:
+    """``this command needs the 'serve' extra (no module named fastapi): pip install
+    'llamaforge[serve]'`` for a ModuleNotFoundError an extra would fix, else None."""
+    extra = missing_extra(e, command)
+    if extra is None:
+        return None
+    return (
+        f"this command needs the '{extra}' extra (no module named {getattr(e, 'name', '')}): "
+        f"pip install 'llamaforge[{extra}]'"
+    )
+
+
+def lm_eval_main(argv: list[str] | None = None) -> int:
+    """``llamaforge-lm-eval``: lm-eval's command line with the "llamaforge" model registered
+    (`llamaforge.eval.harness`); without the 'eval' extra, one line naming it (exit 2)."""
+    try:
+        from llamaforge.eval.harness import cli_main
+    except ModuleNotFoundError as e:
+        message = missing_extra_message(e, "eval")
+        if message is None:
+            raise
+        print(f"llamaforge-lm-eval: error: {message}", file=sys.stderr)
+        return 2
+    cli_main(argv)
+    return 0
 
 
 def _debug(a: argparse.Namespace | None = None) -> bool:
@@ -159,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run ``llamaforge ARGV``; the exit status: the handler's, 2 for a usage, config or
     input error (one ``llamaforge CMD: error: ...`` line on stderr), an exception's integer
-    ``exit_code`` attribute (e.g. 1 for a training failure), 130 on Ctrl-C. An OSError
+    ``exit_code`` attribute (e.g. 1 for a training failure), 130 on Ctrl-C, 2 with the extra
+    to install for a module that one of pyproject.toml's extras provides. An OSError
     (``no space left on device: PATH``), a RuntimeError from torch, sentencepiece, gguf or
     safetensors, and DCP's CheckpointException are one line too: exit 1 for a training
     command, else 2. ``--debug`` or ``LLAMAFORGE_DEBUG=1`` prints the traceback as well.
@@ -200,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
             message = str(e)
         elif isinstance(e, USAGE_ERRORS):
             message, code = str(e), 2
+        elif (needs := missing_extra_message(e, what)) is not None:
+            message, code = needs, 2
         else:
             message = error_message(e)  # type: ignore[assignment]
             if message is None:

@@ -6,6 +6,7 @@ command runs (or its --help)."""
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -275,6 +276,38 @@ def check_prepared(
         f"prepare {config}` (a data config whose output is {data_dir}; it also trains the "
         "tokenizer), then rerun this command"
     ) from cause
+
+
+def pretrain_command(data_dir: str, tokenizer: str, data_config: str | Path) -> str:
+    """The command that pretrains on data ``llamaforge data prepare DATA_CONFIG`` has just
+    written: the quickest (fewest steps × batch_tokens) pretrain config beside the data
+    config (``configs/pretrain/`` for ``configs/data/X.toml``) that reads ``data_dir`` with
+    ``tokenizer``, else pretrain's defaults with ``data.dir`` and ``data.tokenizer`` set
+    (and a shell comment on the settings that size the run)."""
+    import shlex
+
+    from llamaforge.config import tomllib
+
+    def same(a: object, b: str) -> bool:
+        return isinstance(a, str) and Path(a).resolve() == Path(b).resolve()
+
+    best: tuple[float, Path] | None = None
+    for candidate in sorted((Path(data_config).parent.parent / "pretrain").glob("*.toml")):
+        try:
+            cfg = tomllib.loads(candidate.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        data = cfg.get("data", {})
+        if same(data.get("dir"), data_dir) and same(data.get("tokenizer"), tokenizer):
+            size = float(cfg.get("steps", math.inf)) * float(cfg.get("batch_tokens", math.inf))
+            if best is None or size < best[0]:
+                best = (size, candidate)
+    if best is not None:
+        return shlex.join(["llamaforge", "pretrain", best[1].as_posix()])
+    overrides = [f"data.dir={data_dir}", f"data.tokenizer={tokenizer}"]
+    return shlex.join(["llamaforge", "pretrain", *overrides]) + (
+        "  # the paper's 4M-token steps: batch_tokens=N steps=N model.preset=P for another run"
+    )
 
 
 def _register_finetune(subparsers: argparse._SubParsersAction) -> None:

@@ -31,6 +31,7 @@ from typing import Any
 from llamaforge.config import ConfigError, load_config, setting
 from llamaforge.demos.quickstart import CONFIG_FILE, QuickstartConfig, run_quickstart
 from llamaforge.demos.stdlib_tasks import (
+    QUESTIONS,
     TASKS,
     StdlibTask,
     generate_tasks,
@@ -266,4 +267,24 @@ def format_report(summary: dict[str, Any]) -> str:
         f"answers: {Path(summary['finetune']['run']).parent / 'answers.jsonl'}   "
         f"({summary['seconds']} s)"
     )
-    return "\n".join(lines)
+    return "\n".join([*lines, *chat_hint(summary)])
+
+
+def chat_hint(summary: dict[str, Any]) -> list[str]:
+    """How to ask the finetuned model a question of the demo's (a question and a line of
+    code: one message of two lines) in ``llamaforge chat``; the last line is the command."""
+    from llamaforge.inference.chat import next_command
+
+    rows = summary["examples"]
+    example = rows[0]["instruction"] if rows else f"{QUESTIONS['function_name']}\ndef f(x):"
+    lines = example.split("\n")
+    typed = [
+        f"    {'...' if i else '>>>'} {line}" + ("\\" if i < len(lines) - 1 else "")
+        for i, line in enumerate(lines)
+    ]
+    return [
+        "ask it a held-out question (one message: a line ending with \\ goes on to the next), "
+        "greedily as measured:",
+        *typed,
+        f"next: {next_command(summary['finetune']['model'])} --temperature 0",
+    ]

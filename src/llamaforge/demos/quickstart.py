@@ -24,7 +24,9 @@ from llamaforge.checkpoint.native import load
 from llamaforge.config import load_config, setting
 from llamaforge.data.mixture import open_sources
 from llamaforge.data.prepare import DataConfig, SourceConfig, prepare
+from llamaforge.device import resolve_device
 from llamaforge.files import atomic_write
+from llamaforge.inference.chat import next_command
 from llamaforge.inference.generate import generate
 from llamaforge.tokenizer import Tokenizer
 from llamaforge.training.pretrain import PretrainConfig, run_pretrain
@@ -79,12 +81,6 @@ def data_config(cfg: QuickstartConfig) -> DataConfig:
     )
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def unigram_cross_entropy(train: np.ndarray, val: np.ndarray, vocab_size: int) -> float:
     """Loss (nats/token) on ``val`` of a model that knows only the train token frequencies
     (add-one smoothed): what a language model must beat to have learned anything."""
@@ -134,7 +130,7 @@ def run_quickstart(cfg: QuickstartConfig, log: Callable[[str], None] = print) ->
     val_loss = float(result["val_loss"])
     log("3/4 saved")
     ckpt = Path(result["model"])
-    model, tok = load(ckpt, device=_device(cfg.device))
+    model, tok = load(ckpt, device=resolve_device(cfg.device))
     metrics_path = out / "metrics.jsonl"
     log("4/4 sample")
     prompts = ["The", "def ", "import "][: cfg.samples]
@@ -167,5 +163,5 @@ def run_quickstart(cfg: QuickstartConfig, log: Callable[[str], None] = print) ->
     log(f"checkpoint: {ckpt}   metrics: {metrics_path}   ({summary['seconds']} s)")
     for text in summary["samples"]:
         log("--- sample ---\n" + text)
-    log(f"\nnext: llamaforge generate --ckpt {ckpt} --prompt 'def '")
+    log(f"\nnext: {next_command(ckpt, prompt='def ')}")
     return summary

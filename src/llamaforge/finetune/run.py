@@ -141,10 +141,13 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     finally:
         D.cleanup()
     summary["data"] = dataset.report
+    summary["next"] = next_step(cfg, summary)
     if info.is_main:
         if summary.get("model") or summary.get("adapter"):
             summary["evaluation"] = _before_after(cfg, args, dataset, summary)
         atomic_write(Path(cfg.out) / "summary.json", json.dumps(summary, indent=2) + "\n")
+        if summary["next"]:  # after the evaluation: the run's last line
+            D.print0(f"next: {summary['next']}")
     return summary
 
 
@@ -186,6 +189,24 @@ def trainer_options(cfg: FinetuneConfig, *, plan: bool = False) -> dict[str, Any
         name="finetune",
         **lora_hooks(cfg),
     )
+
+
+def next_step(cfg: FinetuneConfig, summary: dict[str, Any]) -> str | None:
+    """The command line that chats with what the run made: the finetuned model, or an
+    unmerged adapter once ``llamaforge lora merge`` has folded it into the base."""
+    import shlex
+
+    from llamaforge.inference.chat import next_command
+
+    if summary.get("model"):
+        return next_command(summary["model"])
+    if not summary.get("adapter"):
+        return None
+    merged = str(Path(cfg.out) / "merged")
+    merge = ["llamaforge", "lora", "merge", cfg.init, summary["adapter"], merged]
+    # the merged model has the base's chat template, if any: name the one trained with
+    chat = ["llamaforge", "chat", "--ckpt", merged, "--template", cfg.data.template]
+    return f"{shlex.join(merge)} && {shlex.join(chat)}"
 
 
 def lora_hooks(cfg: FinetuneConfig) -> dict[str, Any]:
@@ -287,6 +308,9 @@ class FinetuneTrainer(Trainer):
     and the chat template go with them."""
 
     cfg: FinetuneConfig
+
+    def next_step(self, summary: dict[str, Any]) -> str | None:
+        return None  # run_finetune prints it after the evaluation
 
     def export(self, model_dir: Path, tokenizer: Any, extra: dict[str, Any]) -> Path | None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

@@ -10,11 +10,14 @@ tokens a finetuned model was trained on). Generation stops at eos, or at the tex
 template closes an assistant turn with or opens the next user turn with (``stop_strings``).
 When the prompt plus ``max_new_tokens`` would not fit the model's context, the oldest
 user/assistant turns are dropped from the history (the system message stays) until it does.
+``max_new_tokens`` defaults to 256, or half the context when that is less
+(`default_max_new_tokens`), so a prompt always has room.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,9 +28,37 @@ if TYPE_CHECKING:
     from llamaforge.model import Transformer
     from llamaforge.tokenizer import Tokenizer
 
-__all__ = ["ChatError", "ChatSession", "chat", "resolve_template", "stop_strings"]
+__all__ = [
+    "ChatError",
+    "ChatSession",
+    "chat",
+    "default_max_new_tokens",
+    "next_command",
+    "resolve_template",
+    "stop_strings",
+]
 
 Message = dict[str, str]
+
+# tokens per reply when none is asked for, on a model whose context is at least twice that
+MAX_NEW_TOKENS = 256
+
+
+def default_max_new_tokens(max_seq_len: int) -> int:
+    """Tokens per reply when none is asked for: `MAX_NEW_TOKENS`, or half of a context of
+    ``max_seq_len`` tokens when that is less (the other half is the prompt's)."""
+    return max(1, min(MAX_NEW_TOKENS, max_seq_len // 2))
+
+
+def next_command(ckpt: str | os.PathLike, prompt: str = "The") -> str:
+    """The command line that talks to the native checkpoint ``ckpt`` with its defaults:
+    ``llamaforge chat --ckpt CKPT`` when it has a chat template (a finetuned model), else
+    ``llamaforge generate --ckpt CKPT --prompt PROMPT``."""
+    from llamaforge.checkpoint.native import read_chat_template
+
+    if read_chat_template(ckpt) is not None:
+        return shlex.join(["llamaforge", "chat", "--ckpt", os.fspath(ckpt)])
+    return shlex.join(["llamaforge", "generate", "--ckpt", os.fspath(ckpt), "--prompt", prompt])
 
 
 class ChatError(ValueError):
@@ -122,7 +153,9 @@ class _Stream:
 
 class ChatSession:
     """A conversation with ``model``: ``send`` a user message, get the reply; ``history`` is
-    the conversation so far (the system message first, if any), ``reset`` clears it."""
+    the conversation so far (the system message first, if any), ``reset`` clears it.
+    ``max_new_tokens`` None: `default_max_new_tokens` of the model's context, or what is left
+    of it after a message too long for that (the oldest turns are dropped first)."""
 
     def __init__(
         self,
@@ -131,11 +164,15 @@ class ChatSession:
         template: ChatTemplate | str | os.PathLike,
         *,
         system: str | None = None,
-        max_new_tokens: int = 256,
+        max_new_tokens: int | None = None,
         temperature: float = 0.7,
         top_p: float = 0.9,
         seed: int | None = None,
     ) -> None:
+        # the default length gives way to a long message (what is left of the context)
+        self.flexible = max_new_tokens is None
+        if max_new_tokens is None:
+            max_new_tokens = default_max_new_tokens(model.args.max_seq_len)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         if max_new_tokens >= model.args.max_seq_len:
@@ -174,6 +211,8 @@ class ChatSession:
             if len(ids) <= budget:
                 return ids, history
             turns = history[head:]
+            if not turns and self.flexible and len(ids) < self.model.args.max_seq_len:
+                return ids, history  # the reply stops at the end of the context
             if not turns:
                 raise ChatError(
                     f"the message is too long: with the template ({self.template.name}) "
@@ -221,7 +260,7 @@ def chat(
     *,
     tokenizer: Tokenizer | None = None,
     template: ChatTemplate | str | os.PathLike | None = None,
-    max_new_tokens: int = 256,
+    max_new_tokens: int | None = None,
     temperature: float = 0.7,
     top_p: float = 0.9,
     seed: int | None = None,

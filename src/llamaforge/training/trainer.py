@@ -888,10 +888,20 @@ class Trainer:
             "checkpoints": str(self.checkpointer.root),
             "plot": plot,
         }
+        summary["next"] = self.next_step(summary)
         if info.is_main:
             atomic_write(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
             D.print0(format_summary(summary))
         return summary
+
+    def next_step(self, summary: dict[str, Any]) -> str | None:
+        """The command line that uses what the run made, printed last (None: nothing to
+        use, or the subclass prints it itself)."""
+        if not summary["model"]:
+            return None
+        from llamaforge.inference.chat import next_command
+
+        return next_command(summary["model"])
 
     def describe(self) -> str:
         """The one line a run prints before its first step."""
@@ -929,9 +939,11 @@ def format_summary(s: dict[str, Any]) -> str:
     else:
         lines.append("carbon: no power figure for this device (set power_watts=...)")
     if s["model"]:
-        lines.append(f"model: {s['model']}  (llamaforge generate --ckpt {s['model']})")
+        lines.append(f"model: {s['model']}")
     if s["plot"]:
         lines.append(f"loss curve: {s['plot']}")
+    if s.get("next"):
+        lines.append(f"next: {s['next']}")
     return "\n".join(lines)
 
 

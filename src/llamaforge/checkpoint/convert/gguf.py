@@ -16,7 +16,7 @@ Output types (``GGUF_TYPES``):
   ``gguf`` package's own quantiser; a weight whose row length is not a multiple of 32 cannot
   be split into Q8_0 blocks and is stored as float16 instead; norm gains stay float32.
 
-Requires the ``gguf`` package (``pip install gguf``).
+Requires the ``gguf`` package (the 'convert' extra: ``pip install 'llamaforge[convert]'``).
 """
 
 from __future__ import annotations
@@ -61,10 +61,8 @@ class ConvertError(ValueError):
 
 
 def _gguf():
-    try:
-        import gguf
-    except ImportError:
-        raise ConvertError("GGUF export needs the 'gguf' package: pip install gguf") from None
+    import gguf  # the 'convert' extra; `llamaforge convert` names it when it is missing
+
     return gguf
 
 
