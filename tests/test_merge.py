@@ -253,7 +253,51 @@ def test_an_adapter_for_another_shape_is_refused_before_anything_is_written(tmp_
     assert not (tmp_path / "bad").exists()
 
 
-# -- under torchrun: the export ------------------------------------
+# -- under torchrun: the init checkpoint and the export ------------------------------------
+
+LOAD_SCRIPT = """
+import json, sys, time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from llamaforge import parallel as D
+from llamaforge.checkpoint.native import iter_tensors, read_params
+from llamaforge.finetune.merge import shared_weights_sha256
+from llamaforge.model import build_model
+from llamaforge.parallel.apply import shard_of
+from llamaforge.training.trainer import load_native_weights
+
+dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+info = D.init("cpu")
+flags = Path(sys.argv[3])
+for ckpt, layout in ((sys.argv[1], D.make_layout(2)), (sys.argv[2], D.make_layout(2, tp=2))):
+    args = read_params(ckpt)[0]
+    model = build_model(args, device="meta", init=False)
+    model = D.parallelize(model, info, layout=layout).to_empty(device=info.device)
+    D.init_params(model, 0)
+    # rank 1 loads while rank 0 waits for it: a load that needs rank 0 (a broadcast from
+    # it) never finishes
+    flag = flags / f"{layout.describe()}-loaded".replace(" ", "_")
+    if info.rank == 1:
+        load_native_weights(model, ckpt, args, info)
+        flag.touch()
+    else:
+        deadline = time.monotonic() + 60
+        while not flag.exists():
+            assert time.monotonic() < deadline, "rank 1 did not load without rank 0"
+            time.sleep(0.1)
+        load_native_weights(model, ckpt, args, info)
+    params = dict(model.named_parameters())
+    for name, full in iter_tensors(ckpt):
+        p = params[name]
+        assert torch.equal(p.to_local(), shard_of(full.float(), p)), (layout.describe(), name)
+    D.barrier()
+print(json.dumps({"rank": info.rank, "sha": shared_weights_sha256(sys.argv[1], info)}))
+D.cleanup()
+"""
 
 
 def _torchrun(*argv: str, nproc: int = 2) -> subprocess.CompletedProcess:
@@ -264,6 +308,22 @@ def _torchrun(*argv: str, nproc: int = 2) -> subprocess.CompletedProcess:
          "--master_port", port, *argv],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_each_rank_reads_only_its_part_of_the_init_checkpoint(tmp_path):
+    """FSDP2 (uneven rows) and tensor parallelism over 2 ranks: each rank reads its own block
+    of every tensor with no collective (rank 1 loads alone), in the stored bf16 cast to the
+    fp32 parameters; the base's hash is shared out and agrees on both ranks."""
+    fsdp = without_recorded_hash(random_base(tmp_path / "fsdp"))  # vocab 259: rows split 130/129
+    tp_args = ModelArgs(**{**SMALL.to_dict(), "vocab_size": 256})
+    tp = random_base(tmp_path / "tp", tp_args)
+    (tmp_path / "load.py").write_text(LOAD_SCRIPT)
+    proc = _torchrun(str(tmp_path / "load.py"), str(fsdp), str(tp), str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json_objects(proc.stdout)
+    assert sorted(r["rank"] for r in rows) == [0, 1]
+    assert {r["sha"] for r in rows} == {combine_sha256s(file_sha256s(fsdp))}
 
 
 @pytest.mark.slow
