@@ -2,13 +2,13 @@
 finetune export with ``lora.merge = true``.
 
 The merged checkpoint mirrors the base file for file: each weight file of the base is read
-one tensor at a time in its stored dtype (safetensors, memory-mapped), a targeted weight
-becomes ``W + scaling · B A`` (computed in fp32, stored back in W's dtype; exactly what
-merging the loaded fp32 model gives), and its bytes go to the same offset of a file with the
-base's header, so the shard layout, tensor order and index stay the base's. Host memory
-holds one tensor (and its fp32 update) and the adapter, never a shard or the model; the
-output's ``weights_sha256`` is hashed on the way out, and the base's on the way in when it
-has none recorded.
+a block of rows at a time in its stored dtype (safetensors' ``get_slice``), a targeted
+weight becomes ``W + scaling · B A`` (computed in fp32, stored back in W's dtype: what
+merging the loaded fp32 model gives), and the bytes go to the same offsets of a file with
+the base's header, so the shard layout, tensor order and index stay the base's. Host memory
+holds the adapter and one block (16 MiB in fp32) with its update, never a tensor, a shard
+or the model; the output's ``weights_sha256`` is hashed on the way out, and the base's on
+the way in when it has none recorded.
 
 The base's identity: a checkpoint records its ``weights_sha256`` when it is written, so the
 check against the adapter's recorded ``base_sha256`` is free. A base without one is hashed
@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -114,26 +116,53 @@ def _ab_names(weight: str) -> tuple[str, str]:
     return f"{stem}.lora_A.weight", f"{stem}.lora_B.weight"
 
 
-def _header(path: Path) -> tuple[bytes, list[tuple[int, int, str]]]:
+# the rows merged at once: at most this many bytes in fp32, whatever the tensor's size
+_BLOCK_BYTES = 16 << 20
+
+
+def _header(path: Path) -> tuple[bytes, list[tuple[int, int, str, list[int]]]]:
     """The safetensors file's leading bytes (length and JSON header) and its tensors as
-    (begin, end, name), byte offsets after the header, in file order."""
+    (begin, end, name, shape), byte offsets after the header, in file order."""
     with open(path, "rb") as f:
         size = f.read(8)
         n = int.from_bytes(size, "little") if len(size) == 8 else -1
         raw = f.read(n) if 0 <= n <= os.path.getsize(path) else b""
     try:
         header = json.loads(raw)
-        entries = [(*v["data_offsets"], k) for k, v in header.items() if k != "__metadata__"]
+        entries = [
+            (*v["data_offsets"], k, list(v["shape"]))
+            for k, v in header.items()
+            if k != "__metadata__"
+        ]
     except (ValueError, TypeError, KeyError) as e:
         raise CheckpointError(f"{path}: not a safetensors file (header: {e})") from None
     return size + raw, sorted(entries)
+
+
+def _row_blocks(shape: list[int]) -> Iterator[slice]:
+    """Slices of the first dimension, each at most ``_BLOCK_BYTES`` in fp32."""
+    rows = shape[0] if shape else 1
+    step = max(1, _BLOCK_BYTES // (4 * math.prod(shape[1:])) if shape else 1)
+    for i in range(0, rows, step):
+        yield slice(i, min(rows, i + step))
+
+
+def _read_rows(src: Path, name: str, rows: slice) -> torch.Tensor:
+    """Rows of a stored tensor, in its stored dtype. One handle per block: the pages it
+    maps leave with it, so what a tensor or a shard has read never adds up in memory."""
+    try:
+        with safe_open(str(src), framework="pt") as f:
+            stored = f.get_slice(name)
+            return stored[rows] if stored.get_shape() else f.get_tensor(name)
+    except Exception as e:  # safetensors raises its own error types on corrupt files
+        raise CheckpointError(f"{src}: cannot read tensor {name} ({e})") from None
 
 
 @torch.no_grad()
 def _merged(
     name: str, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, where: Path
 ) -> torch.Tensor:
-    """``W + scaling · B A`` in fp32, stored in W's dtype (the update made in place)."""
+    """``W + scaling · B A`` in fp32, stored in W's dtype (rows of W and B)."""
     d = b @ a
     d.mul_(scaling)
     d.add_(w)
@@ -149,33 +178,31 @@ def merge_file(
     src: Path, dst: Path, deltas: Deltas, scaling: float, *, hash_input: bool
 ) -> tuple[str, str | None, torch.dtype | None]:
     """Write ``dst``: the safetensors file ``src`` with the targeted weights merged (consumed
-    from ``deltas``), one tensor in memory at a time. Returns the sha256 of ``dst``'s bytes,
-    of ``src``'s (when ``hash_input``) and the dtype of its first tensor."""
+    from ``deltas``), a block of rows in memory at a time. Returns the sha256 of ``dst``'s
+    bytes, of ``src``'s (when ``hash_input``) and the dtype of its first tensor."""
     head, entries = _header(src)
     out_hash = hashlib.sha256(head)
     in_hash = hashlib.sha256(head) if hash_input else None
     pos, dtype = 0, None
     with open(dst, "wb") as out:
         out.write(head)
-        for begin, end, name in entries:
+        for begin, end, name, shape in entries:
             if begin != pos:
                 raise CheckpointError(f"{src}: tensor {name} starts at byte {begin}, not {pos}")
-            # one handle per tensor: its pages leave the mapping with it, so a shard's read
-            # pages never add up in memory
-            with safe_open(str(src), framework="pt") as f:
-                t = f.get_tensor(name)
-            dtype = dtype or t.dtype
-            if in_hash is not None:
-                in_hash.update(_raw(t))
-            if name in deltas:
-                t = _merged(name, t, *deltas.pop(name), scaling, src)
-            raw = _raw(t)
-            if len(raw) != end - begin:
+            delta = deltas.pop(name, None)
+            for rows in _row_blocks(shape):
+                part = _read_rows(src, name, rows)
+                dtype = dtype or part.dtype
+                if in_hash is not None:
+                    in_hash.update(_raw(part))
+                if delta is not None:
+                    part = _merged(name, part, delta[0], delta[1][rows], scaling, src)
+                raw = _raw(part)
+                out.write(raw)
+                out_hash.update(raw)
+                pos += len(raw)
+            if pos != end:
                 raise CheckpointError(f"{src}: tensor {name} is not {end - begin} bytes")
-            out.write(raw)
-            out_hash.update(raw)
-            pos = end
-            del t, raw
     if os.path.getsize(src) != len(head) + pos:
         raise CheckpointError(f"{src}: bytes after the last tensor: not a safetensors file")
     return out_hash.hexdigest(), in_hash.hexdigest() if in_hash else None, dtype
