@@ -136,10 +136,13 @@ def test_streaming_merge_is_the_fp32_model_merge_with_the_base_shards(tmp_path, 
     assert block["weights_sha256"] == combine_sha256s(file_sha256s(out))
 
 
-def test_a_single_file_base_merges_into_a_single_file(tmp_path):
+def test_a_single_file_base_and_a_peft_adapter(tmp_path):
     base = random_base(tmp_path / "base", max_shard_size=1 << 30)
     adapter = random_adapter(base, tmp_path / "adapter", LoraConfig(rank=2))
+    (adapter / LLAMAFORGE_FILE).unlink()  # as peft writes it: no base recorded
     out = merge_command(base, adapter, tmp_path / "merged")
+    merged = json.loads((out / PARAMS_FILE).read_text())["llamaforge"]["lora_merged"]
+    assert merged["base_sha256"] == weights_sha256(base)
     assert weight_files(out) == ["model.safetensors"] and not (out / INDEX_FILE).exists()
     ref = reference_merge(base, adapter)
     assert all(torch.equal(t, ref[n]) for n, t in iter_tensors(out))

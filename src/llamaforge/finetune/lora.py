@@ -774,9 +774,11 @@ def check_base_sha256(
     for an adapter of format 1, which recorded the hash of the fp32 tensor values. Without
     the value the adapter's format needs, nothing is checked."""
     recorded = ours.get("base_sha256")
+    if recorded is None:  # e.g. an adapter made by peft: nothing to check against
+        return
     legacy = ours.get("format_version", 1) < 2
     mine = (tensors_hash() if tensors_hash else None) if legacy else weights_sha256
-    if recorded is None or mine is None or recorded == mine:
+    if mine is None or recorded == mine:
         return
     kind = "fp32 tensor values (adapter format 1)" if legacy else "weights"
     raise LoraError(

@@ -245,16 +245,19 @@ def merge_adapter(
     )
     template = chat_template if chat_template is not None else read_chat_template(base)
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        written, read = {}, {}
+        written: dict[str, str] = {}
+        read: dict[str, str] = {}
         for fname in weight_files(base):
-            written[fname], read[fname], dtype = merge_file(
+            written[fname], digest, dtype = merge_file(
                 base / fname, tmp / fname, deltas, cfg.scaling, hash_input=base_sha256 is None
             )
+            if digest is not None:
+                read[fname] = digest
             stored_dtype = stored_dtype or dtype
         if deltas:  # every targeted name is a tensor the base's params.json implies
             raise CheckpointError(f"{base}: no stored tensor {next(iter(deltas))}")
         if base_sha256 is None:  # hashed on the way in: checked before anything is in place
-            base_sha256 = combine_sha256s(read)  # type: ignore[arg-type]
+            base_sha256 = combine_sha256s(read)
             check_base_sha256(src, ours, weights_sha256=base_sha256)
         if (base / INDEX_FILE).is_file():
             shutil.copyfile(base / INDEX_FILE, tmp / INDEX_FILE)
