@@ -69,7 +69,7 @@ def test_full_finetune_from_the_cli(base, data, tmp_path, capsys):
     assert ev["before"]["n"] == ev["after"]["n"] > 0
     params = json.loads((out / "model" / "params.json").read_text())
     ft = params["llamaforge"]["finetune"]
-    from llamaforge.finetune.lora import weights_sha256
+    from llamaforge.checkpoint.native import weights_sha256
 
     assert ft["base"] == str(base) and ft["base_sha256"] == weights_sha256(base)
     from llamaforge.chat_templates import load_template

@@ -10,10 +10,16 @@ Saving writes everything into a hidden sibling directory and renames it into pla
 crash never leaves a directory that loads as if complete. Loading builds the model on the
 meta device and assigns tensors read one at a time from the memory-mapped files, so the
 weights are never held twice.
+
+The checkpoint's identity is ``weights_sha256``: the sha256 of each weight file's bytes,
+combined over the files. It is computed once, when the checkpoint is written, and recorded
+in params.json's "llamaforge" block; readers take the recorded value (a checkpoint written
+before it was recorded is hashed from its files, streamed).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -25,7 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from llamaforge.files import atomic_dir, read_json_object
+from llamaforge.files import atomic_dir, read_json_object, sha256_file
 from llamaforge.model import ModelArgs, Transformer
 from llamaforge.tokenizer import Tokenizer
 
@@ -152,19 +158,39 @@ def save_state(
             max_shard_size=max_shard_size,
             where=str(out),
         )
-        params = args.to_dict()
-        params["llamaforge"] = {
-            "format_version": FORMAT_VERSION,
-            "dtype": str(written).removeprefix("torch."),
-            **(extra or {}),
-        }
-        if tokenizer is not None:
-            tokenizer.save(tmp / TOKENIZER_FILE)
-            params["llamaforge"]["tokenizer_sha256"] = tokenizer.sha256()
-        if chat_template is not None:
-            (tmp / CHAT_TEMPLATE_FILE).write_text(chat_template, encoding="utf-8")
-        (tmp / PARAMS_FILE).write_text(json.dumps(params, indent=2) + "\n")
+        write_metadata(
+            tmp, args, tokenizer, dtype=written, extra=extra, chat_template=chat_template
+        )
     return out
+
+
+def write_metadata(
+    directory: Path,
+    args: ModelArgs,
+    tokenizer: Tokenizer | None,
+    *,
+    dtype: torch.dtype | str | None,
+    extra: dict[str, Any] | None = None,
+    chat_template: str | None = None,
+    weights_sha256: str | None = None,
+) -> None:
+    """Complete a checkpoint directory whose weight files are written: params.json (Meta's
+    fields and the "llamaforge" block: format version, dtype, ``extra``, the tokenizer's
+    sha256 and the weights' ``weights_sha256``, computed from the files unless given),
+    tokenizer.model and chat_template.jinja."""
+    params = args.to_dict()
+    block = params["llamaforge"] = {
+        "format_version": FORMAT_VERSION,
+        "dtype": str(dtype).removeprefix("torch."),
+        **(extra or {}),
+    }
+    if tokenizer is not None:
+        tokenizer.save(directory / TOKENIZER_FILE)
+        block["tokenizer_sha256"] = tokenizer.sha256()
+    if chat_template is not None:
+        (directory / CHAT_TEMPLATE_FILE).write_text(chat_template, encoding="utf-8")
+    block["weights_sha256"] = weights_sha256 or combine_sha256s(file_sha256s(directory))
+    (directory / PARAMS_FILE).write_text(json.dumps(params, indent=2) + "\n")
 
 
 def save(
@@ -215,24 +241,101 @@ def _weight_files(ckpt: Path) -> dict[str, list[str]]:
     raise CheckpointError(f"{ckpt}: no {WEIGHTS_FILE} or {INDEX_FILE}: not a native checkpoint")
 
 
-def _stored(ckpt: Path, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(name, tensor)`` of every stored tensor, read one at a time onto ``device``; a
-    missing or unreadable file is a CheckpointError naming it."""
+def _open_files(ckpt: Path, device: str = "cpu") -> Iterator[tuple[Path, list[str], Any]]:
+    """``(path, tensor names, open safetensors handle)`` of every weight file, in stored
+    order; a missing or unreadable file is a CheckpointError naming it."""
     for fname, names in _weight_files(ckpt).items():
         path = ckpt / fname
         if not path.is_file():
             raise CheckpointError(f"{path}: missing shard listed in {INDEX_FILE}")
         try:
-            handle = safe_open(str(path), framework="pt", device=str(device))
+            handle = safe_open(str(path), framework="pt", device=device)
         except Exception as e:  # safetensors raises its own error types on corrupt files
             raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from None
         with handle as f:
-            for name in names or list(f.keys()):
+            yield path, names or list(f.keys()), f
+
+
+def _stored(ckpt: Path, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` of every stored tensor, read one at a time onto ``device``."""
+    for path, names, f in _open_files(ckpt, str(device)):
+        for name in names:
+            try:
+                t = f.get_tensor(name)
+            except Exception as e:
+                raise CheckpointError(f"{path}: cannot read tensor {name} ({e})") from None
+            yield name, t
+
+
+def weight_files(ckpt_dir: str | os.PathLike) -> list[str]:
+    """The names of a checkpoint's weight files (one, or the shards of its index)."""
+    return list(_weight_files(Path(ckpt_dir)))
+
+
+def file_sha256s(
+    ckpt_dir: str | os.PathLike, *, rank: int = 0, world_size: int = 1
+) -> dict[str, str]:
+    """Weight file name → sha256 of its bytes (streamed), for the files ``rank`` takes of
+    ``world_size`` (every ``world_size``-th from the ``rank``-th): processes that share
+    the work hash each file once between them."""
+    ckpt = Path(ckpt_dir)
+    out = {}
+    for fname in weight_files(ckpt)[rank::world_size]:
+        path = ckpt / fname
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing shard listed in {INDEX_FILE}")
+        out[fname] = sha256_file(path)
+    return out
+
+
+def combine_sha256s(digests: dict[str, str]) -> str:
+    """``weights_sha256`` from every weight file's sha256 (``file_sha256s``)."""
+    lines = "".join(f"{name}\0{digest}\n" for name, digest in sorted(digests.items()))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def recorded_weights_sha256(ckpt_dir: str | os.PathLike) -> str | None:
+    """The ``weights_sha256`` recorded in params.json when the checkpoint was written, or
+    None (written before it was recorded)."""
+    value = read_params(ckpt_dir)[1].get("weights_sha256")
+    return value if isinstance(value, str) else None
+
+
+def weights_sha256(ckpt_dir: str | os.PathLike) -> str:
+    """A checkpoint's identity: the sha256 of its weight files' bytes, combined. The value
+    recorded at saving is taken as it is (free); without one the files are hashed (streamed,
+    seconds per GB). Same weights stored in another dtype or sharding hash differently."""
+    return recorded_weights_sha256(ckpt_dir) or combine_sha256s(file_sha256s(ckpt_dir))
+
+
+def tensor_shapes(ckpt_dir: str | os.PathLike, args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Name → shape of every stored tensor, read from the files' headers (no tensor data)
+    and checked against ``args`` like ``load`` checks the tensors."""
+    ckpt = Path(ckpt_dir)
+    shapes = {}
+    for _path, names, f in _open_files(ckpt):
+        for name in names:
+            shapes[name] = tuple(f.get_slice(name).get_shape())
+    meta = ((n, torch.empty(shape, device="meta")) for n, shape in shapes.items())
+    for _ in checked(meta, args, str(ckpt), params=str(ckpt / PARAMS_FILE)):
+        pass
+    return shapes
+
+
+def read_parts(
+    ckpt_dir: str | os.PathLike, parts: dict[str, tuple[slice, ...]]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, part)`` for every tensor named in ``parts``: the block its slices select (one
+    per dimension, step 1), read from the file in the stored dtype without reading the rest
+    of the tensor (safetensors' ``get_slice``), files in stored order."""
+    for path, names, f in _open_files(Path(ckpt_dir)):
+        for name in names:
+            if name in parts:
                 try:
-                    t = f.get_tensor(name)
+                    part = f.get_slice(name)[parts[name]]
                 except Exception as e:
                     raise CheckpointError(f"{path}: cannot read tensor {name} ({e})") from None
-                yield name, t
+                yield name, part
 
 
 def open_checkpoint(

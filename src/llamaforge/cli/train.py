@@ -350,9 +350,9 @@ def _register_lora(subparsers: argparse._SubParsersAction) -> None:
     m = sub.add_parser(
         "merge",
         help="fold an adapter into its base: a plain native checkpoint",
-        description="Load the native checkpoint BASE, apply the PEFT LoRA adapter ADAPTER "
-        "(made by llamaforge or by peft for the HF export of BASE), merge W += scaling·B·A "
-        "and write the native checkpoint OUT.",
+        description="Fold the PEFT LoRA adapter ADAPTER (made by llamaforge or by peft for "
+        "the HF export of BASE) into the native checkpoint BASE: W += scaling·B·A, shard by "
+        "shard in BASE's dtype, written as the native checkpoint OUT with BASE's shards.",
     )
     m.add_argument("base", type=Path, help="native base checkpoint directory")
     m.add_argument("adapter", type=Path, help="PEFT adapter directory")
@@ -362,7 +362,7 @@ def _register_lora(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _lora_merge(a: argparse.Namespace) -> int:
-    from llamaforge.finetune.lora import merge_command
+    from llamaforge.finetune.merge import merge_command
 
     print(merge_command(a.base, a.adapter, a.out, force=a.force))
     return 0

@@ -12,7 +12,7 @@ model starts equal to the base. Every base parameter is frozen: only adapters tr
 On disk an adapter is PEFT's ``adapter_config.json`` + ``adapter_model.safetensors`` for the
 Hugging Face Llama layout (what ``peft.PeftModel.from_pretrained`` loads onto the
 ``convert --target hf`` export of the base), plus ``llamaforge_adapter.json`` with the base's
-identity (weights sha256 and architecture). That block lives in its own file because peft
+identity (files' weights_sha256, architecture). That block lives in its own file because peft
 0.21 loads an ``adapter_config.json`` with unknown keys only after a warning telling the user
 to upgrade peft. HF's q/k rows are per-head half-split where Meta's are interleaved:
 P(W + BA) = PW + (PB)A, so ``lora_B`` of wq/wk is permuted (``permute_to_hf`` with n_heads /
@@ -38,8 +38,8 @@ Training (the trainer's order; tested with FSDP2 on two processes in tests/test_
     init_lora_(model, seed)                     # A kaiming-uniform, B = 0, shard-independent
     optimizer = build_optimizer(model, ...)     # takes requires_grad params: the adapters
 
-Then ``save_adapter`` (every rank: it gathers DTensors) or, for ``merge``, gather the full
-state dict and ``merge_state_dict`` it into a plain native checkpoint.
+Then ``save_adapter`` (every rank: it gathers DTensors); ``llamaforge.finetune.merge`` folds
+a saved adapter into its base's files, shard by shard (``lora merge``, ``lora.merge``).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ import math
 import os
 import re
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,7 +74,9 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_WEIGHTS_BIN = "adapter_model.bin"
 LLAMAFORGE_FILE = "llamaforge_adapter.json"
-FORMAT_VERSION = 1
+# 2: base_sha256 is the base checkpoint's weights_sha256 (its files); 1 recorded the hash of
+# its fp32 tensor values (``tensors_sha256``), still checked for adapters written then
+FORMAT_VERSION = 2
 
 # Meta short name -> HF module path inside a decoder layer (PEFT target name = last part)
 _HF_MODULE = {
@@ -468,25 +470,6 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def merge_state_dict(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
-    """A plain Meta-named state dict from a full (gathered) one with adapters:
-    ``W + scaling · B A`` computed in fp32, stored in W's dtype, adapter tensors dropped.
-    For exports from a sharded run (``get_model_state_dict(full_state_dict=True)``)."""
-    out: dict[str, torch.Tensor] = {}
-    for name, t in state.items():
-        name = unwrapped_name(name)
-        if ".lora_" in name:
-            continue
-        if name.endswith(".weight_scale"):
-            raise LoraError(f"merge_state_dict: {name}: merge from an unquantised base instead")
-        prefix = name.removesuffix("weight")
-        a, b = state.get(prefix + "lora_A.weight"), state.get(prefix + "lora_B.weight")
-        if a is not None and b is not None:
-            t = (t.float() + (b.float() @ a.float()) * scaling).to(t.dtype)
-        out[name] = t
-    return out
-
-
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold ``W += scaling · B A`` into the base weights (in fp32) and put plain
@@ -525,11 +508,12 @@ def _combine(lines: Iterable[str]) -> str:
     return hashlib.sha256("\n".join(sorted(lines)).encode()).hexdigest()
 
 
-def weights_sha256(source: nn.Module | str | os.PathLike) -> str:
-    """Identity of a base model: sha256 over (name, shape, fp32 value) of every tensor, order
-    free. A native checkpoint directory and the model loaded from it (in its stored dtype or
-    fp32) give the same hash; adapters are ignored. Reads every weight once (seconds per GB).
-    """
+def tensors_sha256(source: nn.Module | str | os.PathLike) -> str:
+    """The base's identity that adapters of format 1 recorded: sha256 over (name, shape,
+    fp32 value) of every tensor, order free. A native checkpoint directory and the model
+    loaded from it (in its stored dtype or fp32) give the same hash; adapters are ignored.
+    Reads every weight once (seconds per GB). Newer adapters record the base checkpoint's
+    ``weights_sha256`` (its files) instead."""
     if isinstance(source, nn.Module):
         lines = []
         for name, t in source.state_dict().items():
@@ -538,7 +522,7 @@ def weights_sha256(source: nn.Module | str | os.PathLike) -> str:
                 continue
             if name.endswith("weight_scale") or not t.is_floating_point():
                 raise LoraError(
-                    f"weights_sha256: {name} is quantised; hash the base checkpoint instead"
+                    f"tensors_sha256: {name} is quantised; hash the base checkpoint instead"
                 )
             full = getattr(t, "full_tensor", None)
             lines.append(_tensor_digest(name, full() if full is not None else t))
@@ -618,7 +602,8 @@ def save_adapter(
 
     ``base``: the base model's path or name (``base_model_name_or_path``); when it is a native
     checkpoint directory and ``base_sha256`` is not given, its ``weights_sha256`` is recorded
-    (else that of the model's own base weights, unless quantised). Under torch.distributed,
+    (read from its params.json, or hashed from its files by rank 0 once the others are
+    done); else none, and loading cannot check the base's weights. Under torch.distributed,
     call it on every rank (FSDP2 shards are gathered); rank 0 writes.
     """
     from safetensors.torch import save_file
@@ -637,15 +622,13 @@ def save_adapter(
                 f"save_adapter: {name} has rank={m.rank}, scaling={m.scaling:g} but the config "
                 f"says rank={cfg.rank}, scaling={cfg.scaling:g}"
             )
-    from_dir = base is not None and (Path(base) / "params.json").is_file()
-    if base_sha256 is None and not from_dir:
-        if all(m.quantize == "none" for _, m in lora_modules(model)):
-            base_sha256 = weights_sha256(model)  # collective under FSDP2, like the above
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return out  # every rank gathers, rank 0 writes
-    if base_sha256 is None and from_dir:
-        base_sha256 = weights_sha256(base)  # type: ignore[arg-type]
+    if base_sha256 is None and base is not None and (Path(base) / "params.json").is_file():
+        from llamaforge.checkpoint.native import weights_sha256
+
+        base_sha256 = weights_sha256(base)
     tensors = {
         peft_name(n): _permute_b(n, t, args, to_hf=True).to("cpu").contiguous()
         for n, t in state.items()
@@ -758,6 +741,51 @@ def _identity(args: Any) -> dict[str, Any]:
     }
 
 
+def check_base_params(src: Path, ours: dict[str, Any], args: Any) -> None:
+    """Refuse an adapter whose recorded base (``ours``: its llamaforge_adapter.json) has
+    another architecture than ``args``, naming both."""
+    recorded = ours.get("base_params")
+    if recorded is None:
+        return
+    try:
+        theirs = _identity(ModelArgs.from_dict(recorded, source=str(src / LLAMAFORGE_FILE)))
+    except (TypeError, ValueError) as e:
+        raise LoraError(f"{src / LLAMAFORGE_FILE}: base_params: {e}") from None
+    mine = _identity(args)
+    diff = [k for k in mine if mine[k] != theirs[k]]
+    if diff:
+        raise LoraError(
+            f"{src}: adapter was made for another base: "
+            + ", ".join(f"{k}={theirs[k]}" for k in diff)
+            + "; this model has "
+            + ", ".join(f"{k}={mine[k]}" for k in diff)
+        )
+
+
+def check_base_sha256(
+    src: Path,
+    ours: dict[str, Any],
+    *,
+    weights_sha256: str | None = None,
+    tensors_hash: Callable[[], str] | None = None,
+) -> None:
+    """Refuse an adapter whose recorded base hash is not this base's: ``weights_sha256`` (the
+    base checkpoint's files) for the current format, ``tensors_hash()`` (called only then)
+    for an adapter of format 1, which recorded the hash of the fp32 tensor values. Without
+    the value the adapter's format needs, nothing is checked."""
+    recorded = ours.get("base_sha256")
+    if recorded is None:  # e.g. an adapter made by peft: nothing to check against
+        return
+    legacy = ours.get("format_version", 1) < 2
+    mine = (tensors_hash() if tensors_hash else None) if legacy else weights_sha256
+    if mine is None or recorded == mine:
+        return
+    kind = "fp32 tensor values (adapter format 1)" if legacy else "weights"
+    raise LoraError(
+        f"{src}: adapter was trained on base {kind} sha256 {recorded}, this base is {mine}"
+    )
+
+
 def load_adapter(
     model: nn.Module,
     adapter_dir: str | os.PathLike,
@@ -771,33 +799,18 @@ def load_adapter(
 
     An adapter recorded for another base is an error naming both: a different architecture
     (from ``llamaforge_adapter.json``, or tensor shapes that do not fit), or — when
-    ``base_sha256`` (e.g. ``weights_sha256(base_dir)``) is given — a different weights hash.
+    ``base_sha256`` (the base checkpoint's ``checkpoint.native.weights_sha256``) is given — a
+    different weights hash (for an adapter of format 1, ``tensors_sha256`` of ``model``).
     """
     src = Path(adapter_dir)
     cfg, tensors, ours = read_adapter(src)
     cfg.quantize = quantize
     cfg.validate()
     args = _model_args(model)
-    recorded = ours.get("base_params")
-    if recorded is not None:
-        try:
-            theirs = _identity(ModelArgs.from_dict(recorded, source=str(src / LLAMAFORGE_FILE)))
-        except (TypeError, ValueError) as e:
-            raise LoraError(f"{src / LLAMAFORGE_FILE}: base_params: {e}") from None
-        mine = _identity(args)
-        diff = [k for k in mine if mine[k] != theirs[k]]
-        if diff:
-            raise LoraError(
-                f"{src}: adapter was made for another base: "
-                + ", ".join(f"{k}={theirs[k]}" for k in diff)
-                + "; this model has "
-                + ", ".join(f"{k}={mine[k]}" for k in diff)
-            )
-    recorded_sha = ours.get("base_sha256")
-    if base_sha256 is not None and recorded_sha is not None and recorded_sha != base_sha256:
-        raise LoraError(
-            f"{src}: adapter was trained on base weights sha256 {recorded_sha}, this base is "
-            f"{base_sha256}"
+    check_base_params(src, ours, args)
+    if base_sha256 is not None:
+        check_base_sha256(
+            src, ours, weights_sha256=base_sha256, tensors_hash=lambda: tensors_sha256(model)
         )
     if any(isinstance(m, LoraLinear) for m in model.modules()):
         raise LoraError(f"{src}: the model already has LoRA adapters; load into a plain model")
@@ -824,54 +837,3 @@ def load_adapter(
                 )
             p.copy_(_permute_b(name, t, args, to_hf=False))
     return cfg
-
-
-# -- command line ----------------------------------------------------------------------------
-
-
-def merge_command(
-    base_dir: str | os.PathLike,
-    adapter_dir: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    force: bool = False,
-) -> Path:
-    """``llamaforge lora merge BASE ADAPTER OUT``: native base + adapter → a plain native
-    checkpoint (merged in fp32, saved in the base's stored dtype, tokenizer and chat
-    template copied)."""
-    from llamaforge.checkpoint.native import (
-        CheckpointError,
-        load,
-        read_chat_template,
-        read_params,
-        save,
-    )
-
-    out = Path(out_dir)
-    if out.exists() and not force:
-        raise CheckpointError(f"{out}: already exists; pass --force to replace it")
-    _, extra = read_params(base_dir)
-    stored = extra.get("dtype")
-    ours_file = Path(adapter_dir) / LLAMAFORGE_FILE
-    sha = None
-    if ours_file.is_file() and _read_json(ours_file).get("base_sha256"):
-        sha = weights_sha256(base_dir)
-    model, tok = load(base_dir, dtype=torch.float32)
-    cfg = load_adapter(model, adapter_dir, base_sha256=sha)
-    merge_lora(model)
-    info = {
-        "base": str(base_dir),
-        "adapter": str(adapter_dir),
-        "base_sha256": sha,
-        "rank": cfg.rank,
-        "alpha": cfg.alpha,
-        "targets": list(cfg.target_names()),
-    }
-    return save(
-        model,
-        tok,
-        out,
-        dtype=stored,
-        overwrite=force,
-        extra={"lora_merged": info},
-        chat_template=read_chat_template(base_dir),
-    )

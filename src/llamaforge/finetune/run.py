@@ -313,13 +313,20 @@ class FinetuneTrainer(Trainer):
         return None  # run_finetune prints it after the evaluation
 
     def export(self, model_dir: Path, tokenizer: Any, extra: dict[str, Any]) -> Path | None:
+        """Every rank calls it. The base's ``weights_sha256`` is its recorded value, or each
+        rank hashes its share of the base's files. With LoRA the adapters are gathered and
+        rank 0 writes the adapter and, with ``lora.merge``, folds it into the base's files
+        shard by shard (``finetune.merge``) while the other ranks go on: none waits in a
+        collective for it. Full finetuning gathers the model and rank 0 saves it."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+        from llamaforge.chat_templates import load_template
         from llamaforge.checkpoint.native import save_state
-        from llamaforge.finetune.lora import merge_state_dict, save_adapter, weights_sha256
+        from llamaforge.finetune.lora import save_adapter
+        from llamaforge.finetune.merge import merge_adapter, shared_weights_sha256
 
         cfg = self.cfg
-        base_sha = weights_sha256(cfg.init) if self.info.is_main else None
+        base_sha = shared_weights_sha256(cfg.init, self.info)
         extra = {
             **extra,
             "finetune": {
@@ -330,6 +337,7 @@ class FinetuneTrainer(Trainer):
                 "lora": dataclasses.asdict(cfg.lora) if cfg.lora.enabled else None,
             },
         }
+        template = load_template(cfg.data.template).source
         if cfg.lora.enabled:
             adapter = save_adapter(
                 self.model,
@@ -342,15 +350,21 @@ class FinetuneTrainer(Trainer):
             self.outputs["adapter"] = str(adapter)
             if not cfg.lora.merge:
                 return None
+            if self.info.is_main:
+                merge_adapter(
+                    cfg.init,
+                    adapter,
+                    model_dir,
+                    overwrite=True,
+                    extra=extra,
+                    chat_template=template,
+                    base_sha256=base_sha,
+                )
+            return model_dir
         full = get_model_state_dict(
             self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
-        if cfg.lora.enabled:
-            full = merge_state_dict(full, cfg.lora.scaling)
         if self.info.is_main:
-            from llamaforge.chat_templates import load_template
-
-            template = load_template(cfg.data.template).source
             save_state(
                 full.items(),
                 self.args,

@@ -276,17 +276,70 @@ def load_native_weights(
     model: torch.nn.Module, ckpt_dir: str, args: ModelArgs, info: D.DistInfo
 ) -> None:
     """Copy a native checkpoint's weights into ``model`` (sharded or not, with adapters or
-    not). Under FSDP2 rank 0 reads the files and the shards are scattered from it."""
+    not). A sharded model (FSDP2, tensor parallelism: DTensor parameters) has every rank
+    read only its own block of each tensor from the files (``read_parts``), with no
+    collective; otherwise rank 0 reads the files and DDP's other ranks get its weights."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     from llamaforge.checkpoint.native import checked, iter_tensors
 
+    if any(_is_dtensor(p) for p in model.parameters()):
+        _load_own_parts(model, ckpt_dir, args)
+        return
     broadcast = info.world_size > 1
     state: dict[str, torch.Tensor] = {}
     if info.is_main or not broadcast:
         state = dict(checked(iter_tensors(ckpt_dir), args, str(ckpt_dir)))
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast, strict=False)
     set_model_state_dict(model, state, options=options)
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _own_block(p: Any) -> tuple[slice, ...] | None:
+    """The block of the full tensor that this rank's shard of the DTensor ``p`` holds, one
+    slice per dimension; None when the shard is not one block (FSDP2 over tensor-parallel
+    shards of the same dimension: a strided shard)."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if any(type(pl) not in (Shard, Replicate) for pl in p.placements):
+        return None
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    if tuple(shape) != tuple(p.to_local().shape):
+        return None
+    return tuple(slice(o, o + n) for o, n in zip(offset, shape))
+
+
+@torch.no_grad()
+def _load_own_parts(model: torch.nn.Module, ckpt_dir: str, args: ModelArgs) -> None:
+    """Every parameter's own block read from the checkpoint; a shard that is not one block
+    reads the whole tensor and keeps its piece. Parameters the checkpoint lacks (adapters)
+    keep their values."""
+    from llamaforge.checkpoint.native import CheckpointError, read_parts, tensor_shapes
+    from llamaforge.parallel.apply import shard_of
+
+    shapes = tensor_shapes(ckpt_dir, args)  # names and shapes checked against params.json
+    params = {D.unwrapped_name(n): p for n, p in model.named_parameters()}
+    blocks: dict[str, tuple[slice, ...]] = {}
+    for name in shapes:
+        p = params.get(name)
+        if p is None or not p.is_floating_point():
+            raise CheckpointError(
+                f"{ckpt_dir}: {name} is not a floating-point parameter of this sharded model "
+                "(quantised base weights load in one process or under DDP)"
+            )
+        blocks[name] = (_own_block(p) if _is_dtensor(p) else None) or (slice(None),)
+    for name, part in read_parts(ckpt_dir, blocks):
+        p = params[name]
+        local = p.to_local() if _is_dtensor(p) else p
+        if blocks[name] == (slice(None),) and local is not p:
+            part = shard_of(part.to(local.dtype), p)
+        local.copy_(part)
 
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
