@@ -438,3 +438,111 @@ def test_repeated_log_lines_are_rate_limited():
     now[0] = 61.0
     logger.warning("accept failed: %d", 1000)
     assert records[-1] == "accept failed: 1000 [and 997 more like it in 60 s, not logged]"
+
+
+# ------------------------------------------------------------------ hostile under load
+
+STORIES = ["Once upon a time", "The little dog", "Lily and Tom", "One day", "The sun", "A cat"]
+
+
+def normal_requests() -> list[tuple[str, dict]]:
+    """Greedy completions and chats, streamed and not: 24 requests."""
+    jobs = []
+    for p in STORIES:
+        for stream in (False, True):
+            jobs.append(("/v1/completions", {**greedy(p), "max_tokens": 12, "stream": stream}))
+            msgs = [{"role": "user", "content": p}]
+            body = {"messages": msgs, "max_tokens": 8, "temperature": 0, "stream": stream}
+            jobs.append(("/v1/chat/completions", body))
+    return jobs
+
+
+async def answer(c: httpx.AsyncClient, path: str, body: dict) -> str:
+    """The text of one request, from its SSE chunks when it streams."""
+    chat = path.endswith("chat/completions")
+    if not body.get("stream"):
+        r = await c.post(path, json=body)
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        return choice["message"]["content"] if chat else choice["text"]
+    text = ""
+    async with c.stream("POST", path, json=body) as r:
+        assert r.status_code == 200
+        async for line in r.aiter_lines():
+            if not line or line == "data: [DONE]":
+                continue
+            choices = json.loads(line[6:])["choices"]
+            if choices:
+                text += (choices[0]["delta"].get("content") or "") if chat else choices[0]["text"]
+    return text
+
+
+async def raw_exchange(port: int, data: bytes) -> bytes:
+    """Send ``data`` on a new connection, then read until the server closes it."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    got = await asyncio.wait_for(reader.read(), 30)
+    writer.close()
+    return got
+
+
+async def hostile(c: httpx.AsyncClient, port: int, kind: str) -> None:
+    """One hostile request of ``kind``, checked against the answer it must get."""
+    if kind in ("seed", "type", "unsupported", "oversize"):
+        body = {
+            "seed": greedy("Once", seed=2**64),
+            "type": greedy("Once", max_tokens="5"),
+            "unsupported": greedy("Once", logit_bias={"7": 100}),
+            "oversize": {"prompt": "z" * (2 << 20)},
+        }[kind]
+        r = await c.post("/v1/completions", json=body)
+        assert r.status_code == (413 if kind == "oversize" else 400), r.text
+    elif kind == "disconnect":
+        body = {"prompt": "Once upon a time", "max_tokens": 60, "stream": True}
+        async with c.stream("POST", "/v1/completions", json=body) as r:
+            async for _ in r.aiter_lines():
+                break  # gone after the first line
+    elif kind == "half_head":
+        got = await raw_exchange(port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+        assert got.startswith(b"HTTP/1.1 408"), got
+    elif kind == "half_body":
+        head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n{"
+        assert (await raw_exchange(port, head)).startswith(b"HTTP/1.1 408")
+    else:  # silent
+        assert await raw_exchange(port, b"") == b""
+
+
+def test_hostile_requests_mixed_with_normal_ones(chat_ckpt):  # noqa: F811
+    """24 greedy requests (completions and chats, streamed and not) all at once with 36
+    hostile ones (bad seeds, wrong types, unsupported fields, oversize bodies, disconnects
+    mid-stream, half-sent headers and bodies, silent connections): every normal request gets
+    the text the server gives it alone, every hostile one its error, and the server ends idle
+    with a clean log."""
+    srv = ServerProcess(
+        "--ckpt", str(chat_ckpt), "--max-batch", "4", "--max-connections", "128",
+        "--header-timeout", "2", "--body-timeout", "2",
+    )  # fmt: skip
+    jobs = normal_requests()
+    kinds = ["seed", "type", "unsupported", "oversize", "disconnect", "half_head", "half_body",
+             "silent", "seed"] * 4  # fmt: skip
+
+    async def run() -> tuple[list[str], list[str]]:
+        limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+        async with (
+            httpx.AsyncClient(base_url=srv.url, timeout=120, limits=limits) as c,
+            httpx.AsyncClient(base_url=srv.url, timeout=120) as rogue,
+        ):
+            alone = [await answer(c, path, body) for path, body in jobs]
+            tasks = [answer(c, path, body) for path, body in jobs]
+            tasks += [hostile(rogue, srv.port, kind) for kind in kinds]
+            together = await asyncio.gather(*tasks)
+        return alone, list(together[: len(jobs)])
+
+    try:
+        alone, together = asyncio.run(run())
+        assert all(alone) and together == alone
+        h = idle(srv)
+        assert h["status"] == "ok" and h["running"] == 0
+        assert_no_tracebacks(srv)
+    finally:
+        srv.stop()
