@@ -82,6 +82,7 @@ COMPLETIONS = [  # (body, param): each a 400 naming param
     (greedy("x", seed=2**64), "seed"),
     (greedy("x", seed=-(2**63) - 1), "seed"),
     (greedy("x", seed="5"), "seed"),
+    (greedy("x", seed="\ud800"), "seed"),  # a lone surrogate in the error message
     (greedy("x", max_tokens="5"), "max_tokens"),
     (greedy("x", max_tokens=5.0), "max_tokens"),
     (greedy("x", max_tokens=True), "max_tokens"),
@@ -149,6 +150,7 @@ def test_every_bad_field_is_a_400_naming_it_and_the_server_keeps_serving(server,
         assert_error(post(server, path, body), 400, param)
     for body in RAW:
         assert_error(post(server, "/v1/completions", body), 400)
+    assert_error(post(server, "/v1/completions", greedy("x", model="\ud800")), 404, "model")
     # what changes nothing is accepted: a client's defaults
     ok = greedy("Once", n=1, logit_bias={}, presence_penalty=0, user="u", seed=2**63 - 1)
     assert post(server, "/v1/completions", ok).status_code == 200

@@ -43,12 +43,12 @@ log = logging.getLogger(__name__)
 
 RESERVED_FDS = 64  # the model's files, the engine, the loop, logging …
 MAX_BACKLOG = 2048
-# the loggers a client can make write: uvicorn's, asyncio's (accept errors) and ours
+# the loggers a client can make write: uvicorn's, asyncio's (accept errors) and ours; not
+# uvicorn.access (--log-level info): one line per request, each worth keeping
 CLIENT_LOGGERS = (
     "asyncio",
     "uvicorn",
     "uvicorn.error",
-    "uvicorn.access",
     "llamaforge.serve.app",
     "llamaforge.serve.engine",
     "llamaforge.serve.net",

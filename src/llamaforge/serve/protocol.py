@@ -72,10 +72,11 @@ class APIError(Exception):
 
 def shown(value: Any, limit: int = 60) -> str:
     """``value`` as JSON for an error message, cut to ``limit`` characters."""
+    text = json.dumps(value, ensure_ascii=False, default=str)
     try:
-        text = json.dumps(value, ensure_ascii=False, default=str)
-    except (TypeError, ValueError):  # cycles cannot come from JSON; keep the message anyway
-        text = repr(value)
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800" in the JSON): escape it
+        text = json.dumps(value, default=str)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
