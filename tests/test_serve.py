@@ -421,6 +421,10 @@ def test_api_key_queue_limit_and_no_template(keyed):
 def test_cli_refusals(l2c_ckpt, capsys):  # noqa: F811
     assert main(["serve", "--ckpt", str(l2c_ckpt), "--max-batch", "0"]) == 2
     assert "--max-batch 0" in capsys.readouterr().err
+    assert main(["serve", "--ckpt", str(l2c_ckpt), "--header-timeout", "0"]) == 2
+    assert "--header-timeout 0.0: must be > 0 seconds" in capsys.readouterr().err
+    assert main(["serve", "--ckpt", str(l2c_ckpt), "--max-connections", str(10**9)]) == 2
+    assert "the open-file limit (ulimit -n) is" in capsys.readouterr().err
     code = "import sys; from llamaforge.cli.main import main; main(['serve', '--help'])\n"
     code += "assert 'torch' not in sys.modules and 'fastapi' not in sys.modules"
     r = subprocess.run(
