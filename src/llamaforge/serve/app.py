@@ -225,6 +225,7 @@ class Server:
                 429, f"the server is busy: {e}; retry later", headers={"Retry-After": "1"}
             ) from None
         except EngineStopped as e:
+            self.cancel(ids)
             raise APIError(503, f"{e}; the server cannot generate", code="engine_stopped") from None
         except ContextLengthExceeded as e:
             self.cancel(ids)
@@ -388,6 +389,11 @@ def _event_stream(
                 yield _sse({**base, "choices": [], "usage": srv.usage(prompt_tokens, sum(gen))})
             yield SSE_DONE
             srv.metrics.latency.labels(endpoint).observe(time.monotonic() - t0)
+        except Exception as e:  # a bug mid-stream: this stream alone ends with the error
+            log.exception("%s: internal error mid-stream", endpoint)
+            err = APIError(500, f"internal error: {type(e).__name__}: {e}", code="internal_error")
+            yield _sse(err.body())
+            yield SSE_DONE
         finally:
             if done < len(ids):
                 srv.cancel(ids)
