@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import re
+import resource
 import subprocess
 import sys
 import threading
@@ -37,7 +38,14 @@ class ServerProcess:
     """``python -m llamaforge serve ... --port 0`` on 127.0.0.1; its port read from the first
     line it prints; stopped by `stop`."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None, timeout: float = 180):
+    def __init__(
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        timeout: float = 180,
+        open_files: int | None = None,
+    ):
+        """``open_files``: the server's open-file limit (soft and hard)."""
         cmd = [sys.executable, "-m", "llamaforge", "serve", "--port", "0", *args]
         # one CPU thread: the test models are tiny (see test_serve_engine._one_thread)
         full_env = {
@@ -46,8 +54,18 @@ class ServerProcess:
             "LLAMAFORGE_THREADS": "1",
             **(env or {}),
         }
+
+        def limit_files() -> None:
+            if open_files is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+
         self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=full_env,
+            preexec_fn=limit_files,
         )
         self.stderr: list[str] = []
         threading.Thread(target=self._drain_stderr, daemon=True).start()
@@ -55,7 +73,8 @@ class ServerProcess:
         reader = threading.Thread(target=lambda: line.append(self.proc.stdout.readline()))
         reader.start()
         reader.join(timeout)
-        m = re.search(r"http://127\.0\.0\.1:(\d+)", line[0] if line else "")
+        self.banner = line[0] if line else ""
+        m = re.search(r"http://127\.0\.0\.1:(\d+)", self.banner)
         if not m:
             self.stop()
             raise RuntimeError(f"server did not start: {line} {''.join(self.stderr)[-2000:]}")
@@ -402,6 +421,10 @@ def test_api_key_queue_limit_and_no_template(keyed):
 def test_cli_refusals(l2c_ckpt, capsys):  # noqa: F811
     assert main(["serve", "--ckpt", str(l2c_ckpt), "--max-batch", "0"]) == 2
     assert "--max-batch 0" in capsys.readouterr().err
+    assert main(["serve", "--ckpt", str(l2c_ckpt), "--header-timeout", "0"]) == 2
+    assert "--header-timeout 0.0: must be > 0 seconds" in capsys.readouterr().err
+    assert main(["serve", "--ckpt", str(l2c_ckpt), "--max-connections", str(10**9)]) == 2
+    assert "the open-file limit (ulimit -n) is" in capsys.readouterr().err
     code = "import sys; from llamaforge.cli.main import main; main(['serve', '--help'])\n"
     code += "assert 'torch' not in sys.modules and 'fastapi' not in sys.modules"
     r = subprocess.run(

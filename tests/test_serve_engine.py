@@ -5,13 +5,15 @@ is empty again afterwards."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
 import llamaforge
 from llamaforge.checkpoint.convert.llama2c import import_llama2c
 from llamaforge.inference.generate import generate_completions
-from llamaforge.serve.engine import Engine, Output, QueueFull, SamplingParams
+from llamaforge.serve.engine import Engine, EngineStopped, Output, QueueFull, SamplingParams
 
 from .conftest import shared_file
 
@@ -205,3 +207,118 @@ def test_non_streamed_request_gets_one_output_with_everything(loaded):
     (out,) = whole
     assert out.text == "".join(o.text for o in streamed) and out.finish_reason == "length"
     assert [t.id for t in out.tokens] == [t.id for o in streamed for t in o.tokens]
+
+
+# ------------------------------------------------------- failures stay with their request
+
+
+def _threaded(
+    engine: Engine, jobs: list[tuple[list[int], SamplingParams]], then=lambda: None
+) -> list[list[Output]]:
+    """Submit every job, call ``then``, start the engine's thread if it is not running (so
+    that it finds them all at once), and wait (bounded) until each has its final Output."""
+    import threading
+
+    outs: list[list[Output]] = [[] for _ in jobs]
+    done = [threading.Event() for _ in jobs]
+
+    def emitter(i: int):
+        def emit(out: Output) -> None:
+            outs[i].append(out)
+            if out.finished:
+                done[i].set()
+
+        return emit
+
+    for i, (prompt, params) in enumerate(jobs):
+        engine.submit(prompt, params, emitter(i))
+    then()
+    engine.start()
+    for i, event in enumerate(done):
+        assert event.wait(30), f"request {i} was never answered"
+    return outs
+
+
+def _text(outs: list[Output]) -> str:
+    return "".join(o.text for o in outs)
+
+
+def test_submit_refuses_what_the_engine_cannot_take(loaded):
+    model, tok = loaded
+    engine = Engine(model, tok, max_batch=1)
+    for seed in (2**64, -(2**63) - 1):
+        with pytest.raises(ValueError, match="seed"):
+            engine.submit([1], SamplingParams(max_tokens=1, seed=seed), print)
+    with pytest.raises(ValueError, match="stop"):
+        engine.submit([1], SamplingParams(max_tokens=1, stop=[""]), print)
+    engine.submit([1], SamplingParams(max_tokens=1, seed=2**64 - 1), print)  # torch takes it
+
+
+def test_a_request_failing_in_the_engine_fails_alone_and_frees_its_slot(loaded):
+    """Requests whose admission raises (their seed set out of torch's range after submit
+    checked it: what any bug in admitting one request looks like), admitted beside a good
+    one, get an error each; the good requests get their text, every slot is free again, and
+    more such requests than slots leave an engine that serves."""
+    model, tok = loaded
+    engine = Engine(model, tok, max_batch=2)
+    prompts = [tok.encode(p) for p in PROMPTS[:2]]
+    alone = [_text(run_all(engine, [(p, SamplingParams(12, 0.0))])[0]) for p in prompts]
+    bad = [SamplingParams(12, 0.0, seed=1) for _ in range(3)]
+    jobs = [(prompts[0], SamplingParams(12, 0.0)), *((prompts[1], b) for b in bad)]
+    jobs.append((prompts[1], SamplingParams(12, 0.0)))
+
+    def break_seeds() -> None:
+        for b in bad:
+            b.seed = 2**64
+
+    try:
+        outs = _threaded(engine, jobs, then=break_seeds)
+        for i in (1, 2, 3):
+            assert outs[i][-1].error and "internal error" in outs[i][-1].error, outs[i]
+        for got, want in ((outs[0], alone[0]), (outs[4], alone[1])):
+            assert _text(got) == want and not got[-1].error
+        (again,) = _threaded(engine, [(prompts[0], SamplingParams(12, 0.0))])
+        assert _text(again) == alone[0]
+        assert engine.health() is None
+    finally:
+        engine.stop()
+    assert engine._free == {0, 1} and engine.stats.running == 0
+
+
+def test_health_reports_a_wedged_engine_and_a_stopped_one(loaded):
+    """An engine stuck inside a step (here: a consumer that blocks the thread) is reported
+    by `health` after ``stall_timeout``, and is healthy again once it moves; a stopped engine
+    refuses new requests and has answered every one it held."""
+    import threading
+
+    model, tok = loaded
+    engine = Engine(model, tok, max_batch=2, stall_timeout=0.5)
+    engine.start()
+    release = threading.Event()
+    outs: list[Output] = []
+
+    def stuck(out: Output) -> None:
+        release.wait(30)
+        outs.append(out)
+
+    try:
+        time.sleep(1.0)  # idle for longer than stall_timeout: that is not a stall
+        assert engine.health() is None
+        engine.submit(tok.encode("Once"), SamplingParams(3, 0.0, stop=["zzz"]), stuck)
+        deadline = time.monotonic() + 20
+        while engine.health() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "no progress" in (engine.health() or "")
+        release.set()
+        deadline = time.monotonic() + 20
+        while not (outs and outs[-1].finished) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert outs[-1].finish_reason and engine.health() is None
+        held: list[Output] = []
+        engine.submit(tok.encode("Once"), SamplingParams(100, 1.0), held.append)
+    finally:
+        engine.stop()
+    assert engine.health() == "the engine thread has stopped"
+    assert held and held[-1].finished
+    with pytest.raises(EngineStopped):
+        engine.submit([1], SamplingParams(max_tokens=1), print)

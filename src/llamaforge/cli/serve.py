@@ -57,7 +57,41 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="largest request body; larger ones get 413 (default 1 MiB)",
     )
     s.add_argument("--log-level", default="warning", help="uvicorn's log level (default warning)")
+    _add_limit_args(s)
     s.set_defaults(func=_serve)
+
+
+def _add_limit_args(s: argparse.ArgumentParser) -> None:
+    """What one client may hold: timeouts and connections (llamaforge/serve/net.py)."""
+    seconds = {"type": float, "metavar": "S"}
+    s.add_argument(
+        "--header-timeout",
+        **seconds,
+        help="a request's line and headers must arrive within S seconds (default 10)",
+    )
+    s.add_argument(
+        "--body-timeout",
+        **seconds,
+        help="a request's body must arrive within S seconds of its headers (default 30)",
+    )
+    s.add_argument(
+        "--keep-alive",
+        **seconds,
+        help="an idle kept-alive connection is closed after S seconds (default 30)",
+    )
+    s.add_argument(
+        "--max-connections",
+        type=int,
+        metavar="N",
+        help="open connections; one more gets a 503 (default: 1024, or what the open-file "
+        "limit allows)",
+    )
+    s.add_argument(
+        "--stall-timeout",
+        **seconds,
+        help="/health answers 503 when the engine has made no progress for S seconds while "
+        "requests wait (default 60)",
+    )
 
 
 def _add_scheduler_args(s: argparse.ArgumentParser) -> None:
@@ -105,6 +139,12 @@ def _check_args(a: argparse.Namespace) -> None:
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(a, flag)}: must be >= 1")
     if a.max_seq_len is not None and a.max_seq_len < 2:
         raise ValueError(f"--max-seq-len {a.max_seq_len}: must be >= 2")
+    for flag in ("header_timeout", "body_timeout", "keep_alive", "stall_timeout"):
+        value = getattr(a, flag)
+        if value is not None and not 0 < value < float("inf"):
+            raise ValueError(f"--{flag.replace('_', '-')} {value}: must be > 0 seconds")
+    if a.max_connections is not None and a.max_connections < 1:
+        raise ValueError(f"--max-connections {a.max_connections}: must be >= 1")
     if not 0 <= a.port <= 65535:
         raise ValueError(f"--port {a.port}: must be in 0..65535")
 
@@ -149,6 +189,7 @@ def _server(a: argparse.Namespace, loaded: Loaded, draft: Any) -> Any:
         draft=draft,
         draft_k=a.draft_k,
         draft_max_batch=a.draft_max_batch,
+        **({"stall_timeout": a.stall_timeout} if a.stall_timeout is not None else {}),
     )
     return Server(
         engine,
@@ -178,11 +219,16 @@ def _bind(host: str, port: int) -> Any:
 def _serve(a: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import uvicorn
-
     from llamaforge.serve.app import create_app
+    from llamaforge.serve.net import Limits, plan_connections, uvicorn_config
 
     _check_args(a)
+    max_connections, backlog = plan_connections(a.max_connections)
+    given = {
+        k: getattr(a, k) for k in ("header_timeout", "body_timeout", "keep_alive")
+        if getattr(a, k) is not None
+    }  # fmt: skip
+    limits = Limits(**given, max_connections=max_connections)
     loaded, draft = _load(a)
     srv = _server(a, loaded, draft)
     api_key = a.api_key or os.environ.get("LLAMAFORGE_API_KEY") or None
@@ -194,7 +240,8 @@ def _serve(a: argparse.Namespace) -> int:
     print(
         f"llamaforge serve: {srv.model_name} on http://{a.host}:{sock.getsockname()[1]} "
         f"({loaded.device}, {a.max_batch} slots x {engine.max_seq_len} positions, KV cache "
-        f"{kv:.1f} MiB{spec}{', API key required' if api_key else ''})",
+        f"{kv:.1f} MiB{spec}{', API key required' if api_key else ''}, at most "
+        f"{limits.max_connections} connections)",
         flush=True,
     )
     stopped: list[bool] = []
@@ -208,12 +255,7 @@ def _serve(a: argparse.Namespace) -> int:
             print_acceptance(st.spec_accepted, st.spec_drafted, a.draft_k)
         print("llamaforge serve: stopped", file=sys.stderr, flush=True)
 
-    # Idle keep-alive connections outlive the clients' own expiry (httpx, and so openai:
-    # 5 s), so a client never reuses a connection the server is closing at that moment.
-    config = uvicorn.Config(
-        app, log_level=a.log_level, timeout_graceful_shutdown=5, timeout_keep_alive=30
-    )
-    _run_uvicorn(config, sock, report)
+    _run_uvicorn(uvicorn_config(app, limits, backlog, a.log_level), sock, report)
     return 0
 
 

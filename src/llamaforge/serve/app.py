@@ -10,7 +10,9 @@ The engine thread talks to the event loop with ``loop.call_soon_threadsafe``; a 
 disconnects (a closed stream, a dropped non-streaming request) cancels its requests, which
 frees their cache slots. Bodies are read with a size limit and parsed here (never by
 FastAPI), so every bad request is a 400/413 in OpenAI's shape; nothing from a request names
-a file.
+a file. Chat templates are rendered and prompts encoded in worker threads, so a slow render
+or a long prompt never stalls the event loop (the other clients). An unexpected exception
+in a handler is logged and answered as a 500 for that request alone.
 """
 
 from __future__ import annotations
@@ -18,23 +20,35 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from llamaforge.chat_templates import ChatTemplate, ChatTemplateError, encode_text
 from llamaforge.inference.generate import check_utf8
-from llamaforge.serve.engine import Engine, Output, QueueFull, SamplingParams, TokenInfo
+from llamaforge.serve.engine import (
+    ContextLengthExceeded,
+    Engine,
+    EngineStopped,
+    Output,
+    QueueFull,
+    SamplingParams,
+    TokenInfo,
+)
 from llamaforge.serve.metrics import ServeMetrics
 from llamaforge.serve.protocol import (
     APIError,
+    Body,
     ChatRequest,
     CompletionRequest,
     DetokenizeRequest,
@@ -44,6 +58,15 @@ from llamaforge.serve.protocol import (
 from llamaforge.tokenizer import Tokenizer
 
 DEFAULT_MAX_BODY = 1 << 20
+RENDER_THREADS = 4  # chat templates and prompt encoding, off the event loop
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+B = TypeVar("B", bound=Body)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 class _Auth:
@@ -89,6 +112,14 @@ class Server:
         self.bos_piece = tokenizer.id_to_piece(tokenizer.bos_id)
         self.eos_piece = tokenizer.id_to_piece(tokenizer.eos_id)
         self._pieces: dict[int, str] = {}
+        self._workers = ThreadPoolExecutor(RENDER_THREADS, thread_name_prefix="llamaforge-render")
+
+    async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in a worker thread: the event loop serves other clients meanwhile."""
+        return await asyncio.get_running_loop().run_in_executor(self._workers, fn, *args)
+
+    def close(self) -> None:
+        self._workers.shutdown(wait=False, cancel_futures=True)
 
     # -- request bodies ---------------------------------------------------------------
 
@@ -97,26 +128,35 @@ class Server:
         if length is not None and length.isdigit() and int(length) > self.max_body:
             raise APIError(413, f"request body over {self.max_body} bytes", code="body_too_large")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.max_body:
-                raise APIError(
-                    413, f"request body over {self.max_body} bytes", code="body_too_large"
-                )
-            chunks.append(chunk)
         try:
-            return json.loads(b"".join(chunks))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > self.max_body:
+                    raise APIError(
+                        413, f"request body over {self.max_body} bytes", code="body_too_large"
+                    )
+                chunks.append(chunk)
+        except ClientDisconnect:  # gone, or timed out by the server (nobody reads this)
+            raise APIError(
+                400, "the client went away before sending its whole body", code="incomplete_body"
+            ) from None
+        try:
+            return json.loads(b"".join(chunks), parse_constant=_no_constant)
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UTF-8, huge ints, NaN
+            msg = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+            raise APIError(400, f"the body is not valid JSON: {msg}", code="invalid_json") from None
 
-    async def parse(self, request: Request, cls: type[BaseModel]) -> Any:
+    async def parse(self, request: Request, cls: type[B]) -> B:
+        """The body as ``cls``: typed, in range, and `Body.check`-ed; else a 400."""
         body = await self.read_json(request)
         if not isinstance(body, dict):
             raise APIError(400, "the body must be a JSON object", code="invalid_json")
         try:
-            return cls.model_validate(body)
+            req = cls.model_validate(body)
         except ValidationError as e:
             raise validation_error(e) from None
+        req.check()
+        return req
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:
@@ -184,9 +224,15 @@ class Server:
             raise APIError(
                 429, f"the server is busy: {e}; retry later", headers={"Retry-After": "1"}
             ) from None
-        except ValueError as e:
+        except EngineStopped as e:
+            self.cancel(ids)
+            raise APIError(503, f"{e}; the server cannot generate", code="engine_stopped") from None
+        except ContextLengthExceeded as e:
             self.cancel(ids)
             raise APIError(400, str(e), param=param, code="context_length_exceeded") from None
+        except ValueError as e:
+            self.cancel(ids)
+            raise APIError(400, str(e), code="invalid_value") from None
         return q, ids
 
     def cancel(self, ids: list[int]) -> None:
@@ -343,6 +389,11 @@ def _event_stream(
                 yield _sse({**base, "choices": [], "usage": srv.usage(prompt_tokens, sum(gen))})
             yield SSE_DONE
             srv.metrics.latency.labels(endpoint).observe(time.monotonic() - t0)
+        except Exception as e:  # a bug mid-stream: this stream alone ends with the error
+            log.exception("%s: internal error mid-stream", endpoint)
+            err = APIError(500, f"internal error: {type(e).__name__}: {e}", code="internal_error")
+            yield _sse(err.body())
+            yield SSE_DONE
         finally:
             if done < len(ids):
                 srv.cancel(ids)
@@ -358,8 +409,17 @@ def _event_stream(
 
 
 def _completion_prompts(srv: Server, req: CompletionRequest) -> tuple[list[list[int]], list[str]]:
-    """The prompts as token ids and as text (token prompts decoded), each checked."""
+    """The prompts as token ids and as text (token prompts decoded), each checked (in a
+    worker thread: encoding a long prompt takes a while)."""
     p = req.prompt
+    n = 1 if isinstance(p, str) or all(isinstance(x, int) for x in p) else len(p)
+    if n > srv.engine.max_queue:
+        raise APIError(
+            400,
+            f"prompt: {n} prompts in one request; this server takes at most "
+            f"{srv.engine.max_queue} (--max-queue)",
+            param="prompt",
+        )
     if isinstance(p, str):
         texts: list[str | None] = [p]
         prompts = [srv.encode_prompt(p)]
@@ -417,9 +477,9 @@ class _Completion:
 
 
 async def completions(srv: Server, request: Request) -> Response:
-    req: CompletionRequest = await srv.parse(request, CompletionRequest)
+    req = await srv.parse(request, CompletionRequest)
     srv.check_model(req.model)
-    prompts, prompt_texts = _completion_prompts(srv, req)
+    prompts, prompt_texts = await srv.off_loop(_completion_prompts, srv, req)
     if req.max_tokens == 0 and not req.echo:
         raise APIError(400, "max_tokens: 0 needs echo=true", param="max_tokens")
     longest = max(len(ids) for ids in prompts)
@@ -453,7 +513,9 @@ async def completions(srv: Server, request: Request) -> Response:
     return JSONResponse({**base, "choices": choices, "usage": usage})
 
 
-def render_chat(srv: Server, messages: list[Any]) -> list[int]:
+def render_chat(srv: Server, messages: list[Any], generation_prompt: bool = True) -> list[int]:
+    """``messages`` rendered with the chat template and encoded (in a worker thread: see
+    `Server.off_loop`); a conversation the template refuses is a 400."""
     if srv.template is None:
         raise APIError(
             400,
@@ -471,7 +533,7 @@ def render_chat(srv: Server, messages: list[Any]) -> list[int]:
             raise APIError(400, str(e), param=f"messages.{i}.content") from None
         msgs.append({"role": "system" if m.role == "developer" else m.role, "content": text})
     try:
-        rendered = srv.template.render(msgs, add_generation_prompt=True)
+        rendered = srv.template.render(msgs, add_generation_prompt=generation_prompt)
     except ChatTemplateError as e:
         raise APIError(400, str(e), param="messages") from None
     return encode_text(srv.tok, rendered, srv.template.bos_token, srv.template.eos_token)
@@ -490,8 +552,6 @@ def _chat_params(srv: Server, req: ChatRequest, prompt: list[int]) -> SamplingPa
             code="context_length_exceeded",
         )
     k = req.top_logprobs or 0
-    if req.top_logprobs is not None and not req.logprobs:
-        raise APIError(400, "top_logprobs: needs logprobs=true", param="top_logprobs")
     return SamplingParams(
         max_tokens=_max_tokens(requested, len(prompt), context),
         temperature=req.temperature,
@@ -515,9 +575,9 @@ def _chat_delta(
 
 
 async def chat_completions(srv: Server, request: Request) -> Response:
-    req: ChatRequest = await srv.parse(request, ChatRequest)
+    req = await srv.parse(request, ChatRequest)
     srv.check_model(req.model)
-    prompt = render_chat(srv, req.messages)
+    prompt = await srv.off_loop(render_chat, srv, req.messages)
     params = _chat_params(srv, req, prompt)
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     q, ids = await srv.run(request, [prompt], params, param, req.stream)
@@ -554,33 +614,37 @@ async def chat_completions(srv: Server, request: Request) -> Response:
     return JSONResponse({**base, "choices": [choice], "usage": usage})
 
 
+def _tokenize_text(srv: Server, req: TokenizeRequest) -> list[int]:
+    text = req.prompt or ""
+    try:
+        check_utf8(text, "prompt")
+    except ValueError as e:
+        raise APIError(400, str(e), param="prompt") from None
+    # the bos/eos pieces in text become their ids, as chat templates are encoded
+    tokens = encode_text(srv.tok, text, srv.bos_piece, srv.eos_piece)
+    return [srv.tok.bos_id, *tokens] if req.add_special_tokens else tokens
+
+
 async def tokenize(srv: Server, request: Request) -> Response:
-    req: TokenizeRequest = await srv.parse(request, TokenizeRequest)
+    req = await srv.parse(request, TokenizeRequest)
     if (req.prompt is None) == (req.messages is None):
         raise APIError(400, "give exactly one of prompt and messages", param="prompt")
     if req.messages is not None:
-        tokens = render_chat(srv, req.messages)
+        tokens = await srv.off_loop(render_chat, srv, req.messages, req.add_generation_prompt)
     else:
-        try:
-            check_utf8(req.prompt or "", "prompt")
-        except ValueError as e:
-            raise APIError(400, str(e), param="prompt") from None
-        # the bos/eos pieces in text become their ids, as chat templates are encoded
-        tokens = encode_text(srv.tok, req.prompt or "", srv.bos_piece, srv.eos_piece)
-        if req.add_special_tokens:
-            tokens = [srv.tok.bos_id, *tokens]
+        tokens = await srv.off_loop(_tokenize_text, srv, req)
     return JSONResponse(
         {"tokens": tokens, "count": len(tokens), "max_model_len": srv.engine.max_seq_len}
     )
 
 
 async def detokenize(srv: Server, request: Request) -> Response:
-    req: DetokenizeRequest = await srv.parse(request, DetokenizeRequest)
+    req = await srv.parse(request, DetokenizeRequest)
     vocab = srv.tok.vocab_size
     bad = next((t for t in req.tokens if not 0 <= t < vocab), None)
     if bad is not None:
         raise APIError(400, f"tokens: id {bad} is outside 0..{vocab - 1}", param="tokens")
-    return JSONResponse({"prompt": srv.tok.decode(req.tokens)})
+    return JSONResponse({"prompt": await srv.off_loop(srv.tok.decode, req.tokens)})
 
 
 async def _api_error(_request: Request, e: APIError) -> Response:
@@ -611,6 +675,10 @@ def _counted(
         except APIError as e:
             status = e.status
             raise
+        except Exception as e:  # a bug: this request alone gets a 500, the log the traceback
+            log.exception("%s: internal error", endpoint)
+            msg = f"internal error: {type(e).__name__}: {e}"
+            raise APIError(500, msg, code="internal_error") from None
         finally:
             srv.metrics.requests.labels(endpoint, str(status)).inc()
 
@@ -640,8 +708,9 @@ def _add_info_routes(app: FastAPI, srv: Server, manage_engine: bool) -> None:
 
     @app.get("/health")
     async def health() -> Response:
-        if not srv.engine.alive and manage_engine:
-            return JSONResponse({"status": "engine stopped"}, status_code=503)
+        problem = srv.engine.health()
+        if problem is not None and (manage_engine or srv.engine.alive):
+            return JSONResponse({"status": "unavailable", "error": problem}, status_code=503)
         s = srv.engine.stats
         running = s.running + s.prefilling
         body: dict[str, Any] = {"status": "ok", "waiting": s.waiting, "running": running}
@@ -684,6 +753,7 @@ def create_app(srv: Server, *, api_key: str | None = None, manage_engine: bool =
         finally:
             if manage_engine:
                 srv.engine.stop()
+            srv.close()
 
     app = FastAPI(title="llamaforge", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = srv

@@ -41,10 +41,10 @@ tokens than without a draft (the draft consumes random numbers too).
 from __future__ import annotations
 
 import itertools
+import logging
 import queue
 import threading
 import time
-import traceback
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -57,8 +57,10 @@ from llamaforge.model import ModelArgs, Transformer
 from llamaforge.tokenizer import Tokenizer
 
 __all__ = [
+    "ContextLengthExceeded",
     "Engine",
     "EngineStats",
+    "EngineStopped",
     "Output",
     "QueueFull",
     "SamplingParams",
@@ -66,9 +68,21 @@ __all__ = [
     "TokenInfo",
 ]
 
+log = logging.getLogger(__name__)
+
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+
 
 class QueueFull(RuntimeError):
     """More requests are waiting than the engine's ``max_queue``."""
+
+
+class EngineStopped(RuntimeError):
+    """The engine's thread has ended: nothing more is admitted."""
+
+
+class ContextLengthExceeded(ValueError):
+    """The prompt and ``max_tokens`` together exceed the engine's context."""
 
 
 @dataclass
@@ -82,11 +96,18 @@ class SamplingParams:
     prompt_logprobs: bool = False  # the prompt's token logprobs too (echo)
 
     def check(self) -> None:
-        if self.max_tokens < 0:
-            raise ValueError(f"max_tokens {self.max_tokens}: must be >= 0")
+        """Raise ValueError naming the first setting the engine cannot take."""
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
+            raise ValueError(f"max_tokens {self.max_tokens!r}: must be an integer >= 0")
         check_sampling(self.temperature, self.top_p)
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError(f"logprobs {self.logprobs}: must be in 0..20")
+        if self.seed is not None and not (
+            isinstance(self.seed, int) and SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]
+        ):
+            raise ValueError(f"seed {self.seed!r}: must be an integer in {SEED_RANGE[0]}..2**64-1")
+        if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"stop {self.stop!r}: must be a sequence of non-empty strings")
 
 
 @dataclass
@@ -265,7 +286,13 @@ def check_draft(model: Transformer, draft: Transformer, draft_k: int) -> None:
 
 class Engine:
     """Continuous batching over one model. `submit` and `cancel` are thread-safe; the model
-    runs only in the engine's thread (`start`/`stop`)."""
+    runs only in the engine's thread (`start`/`stop`).
+
+    Whatever one request raises (while admitted, prefilled or decoded) fails that request
+    alone: it is answered with an error Output and its slot is freed. An exception in a
+    batched forward fails the requests in that batch. The thread itself goes on until `stop`;
+    `health` says when it has ended or has made no progress for ``stall_timeout`` seconds
+    while requests wait."""
 
     def __init__(
         self,
@@ -279,6 +306,7 @@ class Engine:
         draft: Transformer | None = None,
         draft_k: int = 4,
         draft_max_batch: int | None = None,
+        stall_timeout: float = 60.0,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch {max_batch}: must be at least 1")
@@ -323,7 +351,11 @@ class Engine:
         self._running: list[_Request] = []  # running[i].slot == i
         self._free = set(range(max_batch))
         self._queued = 0  # submitted, not yet admitted (read by submit from other threads)
+        self._closed = False  # the thread has ended: submit refuses (under _lock)
         self._lock = threading.Lock()
+        self.stall_timeout = stall_timeout
+        self._beat = time.monotonic()  # when the thread last made progress or went idle
+        self._busy = False  # the thread is in a step (not waiting for work)
 
     # -- the HTTP side ----------------------------------------------------------------
 
@@ -336,25 +368,28 @@ class Engine:
     ) -> int:
         """Queue a request; ``emit`` is called from the engine thread with each Output (as
         tokens come when ``stream``, else once at the end). Raises ValueError for a request
-        that cannot run, QueueFull when too many wait."""
+        that cannot run (ContextLengthExceeded: too long), QueueFull when too many wait,
+        EngineStopped once the engine's thread has ended."""
         params.check()
         if not prompt:
             raise ValueError("the prompt is empty")
         vocab = self.model.args.vocab_size
-        bad = next((t for t in prompt if not 0 <= t < vocab), None)
+        bad = next((t for t in prompt if not (isinstance(t, int) and 0 <= t < vocab)), None)
         if bad is not None:
             raise ValueError(f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
         if len(prompt) + params.max_tokens > self.max_seq_len:
-            raise ValueError(
+            raise ContextLengthExceeded(
                 f"the prompt has {len(prompt)} tokens and max_tokens is {params.max_tokens}: "
                 f"together more than the context of {self.max_seq_len} tokens"
             )
-        with self._lock:
+        req = _Request(next(self._ids), list(prompt), params, emit, stream=stream)
+        with self._lock:  # the thread closes under the lock: nothing queued is left unanswered
+            if self._closed:
+                raise EngineStopped("the engine has stopped")
             if self._queued >= self.max_queue:
                 raise QueueFull(f"{self._queued} requests are waiting (limit {self.max_queue})")
             self._queued += 1
-        req = _Request(next(self._ids), list(prompt), params, emit, stream=stream)
-        self._inbox.put(("add", req))
+            self._inbox.put(("add", req))
         self._wake.set()
         return req.id
 
@@ -364,6 +399,7 @@ class Engine:
 
     def start(self) -> None:
         if self._thread is None:
+            self._beat = time.monotonic()
             self._thread = threading.Thread(
                 target=self._loop, name="llamaforge-engine", daemon=True
             )
@@ -385,23 +421,59 @@ class Engine:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def health(self) -> str | None:
+        """None while the engine serves; else what is wrong: its thread has ended, or it has
+        made no progress for ``stall_timeout`` seconds with requests to run (wedged)."""
+        if not self.alive:
+            return "the engine thread has stopped"
+        stalled = time.monotonic() - self._beat
+        if (self._busy or self._queued) and stalled > self.stall_timeout:
+            return (
+                f"the engine has made no progress for {stalled:.1f} s ({self._queued} requests "
+                f"waiting, {len(self._running) + len(self._prefilling)} running)"
+            )
+        return None
+
     # -- the engine thread ------------------------------------------------------------
 
     def _loop(self) -> None:
-        with torch.inference_mode():
-            while not self._stop.is_set():
-                self._drain()
-                if not (self._waiting or self._prefilling or self._running):
-                    self._update_stats()  # cancellations may have emptied the batch
-                    self._wake.wait(0.5)
-                    self._wake.clear()
-                    continue
-                try:
-                    self.step()
-                except Exception as e:  # a failed forward: fail what was in flight, go on
-                    traceback.print_exc()
-                    self._fail_all(f"internal error: {type(e).__name__}: {e}")
-            self._fail_all("the server is shutting down", waiting=True)
+        try:
+            with torch.inference_mode():
+                while not self._stop.is_set():
+                    try:
+                        self._turn()
+                    except Exception:  # failing the requests failed too: keep the thread
+                        log.exception("engine: could not fail the requests in flight")
+                        time.sleep(0.1)
+        finally:
+            self._close()
+
+    def _turn(self) -> None:
+        """Take new work, then one step (or a short wait when there is none). An exception
+        outside one request's own work (a batched forward) fails the requests in flight."""
+        self._drain()
+        if not (self._waiting or self._prefilling or self._running):
+            self._busy, self._beat = False, time.monotonic()
+            self._update_stats()  # cancellations may have emptied the batch
+            self._wake.wait(0.5)
+            self._wake.clear()
+            return
+        if not self._busy:  # work after a wait: the stall clock starts now
+            self._busy, self._beat = True, time.monotonic()
+        try:
+            if self.step():
+                self._beat = time.monotonic()
+        except Exception as e:
+            log.exception("engine: a step failed; failing the requests in flight")
+            self._fail_all(f"internal error: {type(e).__name__}: {e}")
+
+    def _close(self) -> None:
+        """The thread's last act: refuse new requests, answer every one it holds."""
+        with self._lock:
+            self._closed = True
+        self._drain()
+        why = "the server is shutting down" if self._stop.is_set() else "the engine stopped"
+        self._fail_all(why, waiting=True)
 
     def _drain(self) -> None:
         cancelled: set[int] = set()
@@ -415,14 +487,9 @@ class Engine:
             else:
                 cancelled.add(item)
         if cancelled:
-            for req in [r for r in self._waiting if r.id in cancelled]:
-                self._waiting.remove(req)
-                self._dequeued()
-            for req in [r for r in self._prefilling if r.id in cancelled]:
-                self._prefilling.remove(req)
-                self._free.add(req.slot)
-            for req in [r for r in self._running if r.id in cancelled]:
-                self._retire(req)
+            for req in [*self._waiting, *self._prefilling, *self._running]:
+                if req.id in cancelled:
+                    self._drop(req)
 
     def _dequeued(self) -> None:
         with self._lock:
@@ -430,23 +497,21 @@ class Engine:
 
     def _fail_all(self, message: str, waiting: bool = False) -> None:
         victims = self._prefilling + self._running + (list(self._waiting) if waiting else [])
-        for req in self._prefilling:
-            self._free.add(req.slot)
-        self._prefilling.clear()
-        while self._running:
-            self._retire(self._running[-1])
+        for req in [*self._prefilling, *reversed(self._running)]:  # the last row: no moves
+            self._drop(req)
         if waiting:
-            for _ in self._waiting:
-                self._dequeued()
-            self._waiting.clear()
+            for req in list(self._waiting):
+                self._drop(req)
         for req in victims:
             self._send(req, Output("", [], error=message))
         self._update_stats()
 
     @torch.inference_mode()
-    def step(self) -> None:
-        """One scheduler step (the engine thread calls it; tests may too, with no thread)."""
-        self._admit()
+    def step(self) -> bool:
+        """One scheduler step (the engine thread calls it; tests may too, with no thread);
+        whether it made progress (admitted, prefilled or decoded anything)."""
+        admitted = self._admit()
+        busy = bool(self._prefilling or self._running)
         self._prefill()
         if self._running:
             if self.draft is not None and len(self._running) <= self.draft_max_batch:
@@ -455,6 +520,7 @@ class Engine:
                 self._decode()
         self.stats.steps += 1
         self._update_stats()
+        return admitted or busy
 
     def _update_stats(self) -> None:
         s = self.stats
@@ -465,59 +531,77 @@ class Engine:
         )
         s.kv_used = sum(r.cached for r in self._running) + sum(r.cached for r in self._prefilling)
 
-    def _admit(self) -> None:
+    def _admit(self) -> bool:
+        """Give waiting requests free slots; whether any left the queue."""
+        admitted = False
         while self._waiting and self._free:
             req = self._waiting.popleft()
             self._dequeued()
+            admitted = True
             req.slot = max(self._free)  # low slots are where running rows live
             self._free.discard(req.slot)
-            req.tracker = _TextTracker(self.tokenizer, req.prompt)
-            if req.params.seed is not None:
-                req.generator = torch.Generator(device=self.device)
-                req.generator.manual_seed(req.params.seed)
-            elif req.params.temperature > 0:
-                req.generator = torch.Generator(device=self.device)
-                req.generator.seed()
-            if req.params.prompt_logprobs:
-                req.prompt_lp = [TokenInfo(req.prompt[0])]
+            try:
+                self._open(req)
+            except Exception as e:
+                self._fail(req, e)
+                continue
             self._prefilling.append(req)
             self.stats.prompt_tokens += len(req.prompt)
+        return admitted
+
+    def _open(self, req: _Request) -> None:
+        """What a request needs before its prefill: its text tracker and generator."""
+        req.tracker = _TextTracker(self.tokenizer, req.prompt)
+        if req.params.seed is not None:
+            req.generator = torch.Generator(device=self.device)
+            req.generator.manual_seed(req.params.seed)
+        elif req.params.temperature > 0:
+            req.generator = torch.Generator(device=self.device)
+            req.generator.seed()
+        if req.params.prompt_logprobs:
+            req.prompt_lp = [TokenInfo(req.prompt[0])]
 
     def _prefill(self) -> None:
         budget = self.prefill_chunk
         for req in list(self._prefilling):
             if budget <= 0:
                 break
-            start = req.cached
-            end = min(len(req.prompt), start + budget)
-            budget -= end - start
-            chunk = torch.tensor([req.prompt[start:end]], dtype=torch.long, device=self.device)
-            self.cache.prefill(req.slot)
-            full = req.params.prompt_logprobs
-            logits = self.model(chunk, start, cache=self.cache, last_only=not full)[0].float()
-            if self.draft is not None:
-                assert self.draft_cache is not None
-                self.draft_cache.prefill(req.slot)
-                # explicit positions: a draft with a shorter context still drafts (badly)
-                positions = torch.arange(start, end, device=self.device)
-                cache = self.draft_cache
-                self.draft(chunk, start, positions=positions, cache=cache, last_only=True)
-            req.cached = end
-            if full:
-                self._prompt_logprobs(req, logits, start, end)
-            if end < len(req.prompt):
-                continue
-            self._prefilling.remove(req)
-            self._to_running(req)
-            if req.params.max_tokens == 0:
-                req.finish = "length"
-                self._finish(req)
-                continue
-            last = logits[-1:]
-            if not bool(torch.isfinite(last).all()):
-                self._error(req, "the model's logits are NaN or Inf: no text can be generated")
-                continue
-            self._accept(req, last)
+            end = min(len(req.prompt), req.cached + budget)
+            budget -= end - req.cached
+            try:
+                self._prefill_chunk(req, end)
+            except Exception as e:
+                self._fail(req, e)
+
+    def _prefill_chunk(self, req: _Request, end: int) -> None:
+        """Prefill ``req``'s prompt up to ``end``; a finished prompt starts decoding."""
+        start = req.cached
+        chunk = torch.tensor([req.prompt[start:end]], dtype=torch.long, device=self.device)
+        self.cache.prefill(req.slot)
+        full = req.params.prompt_logprobs
+        logits = self.model(chunk, start, cache=self.cache, last_only=not full)[0].float()
+        if self.draft is not None:
+            assert self.draft_cache is not None
+            self.draft_cache.prefill(req.slot)
+            # explicit positions: a draft with a shorter context still drafts (badly)
+            positions = torch.arange(start, end, device=self.device)
+            self.draft(chunk, start, positions=positions, cache=self.draft_cache, last_only=True)
+        req.cached = end
+        if full:
+            self._prompt_logprobs(req, logits, start, end)
+        if end < len(req.prompt):
+            return
+        self._prefilling.remove(req)
+        self._to_running(req)
+        if req.params.max_tokens == 0:
+            req.finish = "length"
+            self._finish(req)
+            return
+        last = logits[-1:]
+        if not bool(torch.isfinite(last).all()):
+            self._error(req, "the model's logits are NaN or Inf: no text can be generated")
+            return
+        self._accept(req, last)
 
     def _prompt_logprobs(self, req: _Request, logits: torch.Tensor, start: int, end: int) -> None:
         assert req.prompt_lp is not None
@@ -581,7 +665,10 @@ class Engine:
             if not finite[i]:
                 self._error(req, "the model's logits are NaN or Inf: no text can be generated")
                 continue
-            self._accept(req, logits[i : i + 1], greedy[i])
+            try:
+                self._accept(req, logits[i : i + 1], greedy[i])
+            except Exception as e:
+                self._fail(req, e)
 
     def _speculate(self) -> None:
         """One speculative step for every running row (see the module's docstring)."""
@@ -592,33 +679,19 @@ class Engine:
         base = torch.tensor(base_host, dtype=torch.long, device=dev)
         proposal = [torch.tensor([r.pending for r in rows], dtype=torch.long, device=dev)]
         draft_logits = []
+        failed: dict[int, str] = {}  # row -> its error
         for j in range(k):  # the draft proposes k tokens per row, one batched step each
             dl = self._forward_rows(
                 self.draft, self.draft_cache, proposal[-1][:, None], (base + j)[:, None]
             )[:, -1].float()
             draft_logits.append(dl)
-            proposal.append(self._propose(rows, dl))
+            proposal.append(self._propose(rows, dl, failed))
         tokens = torch.stack(proposal, dim=1)  # (n, k+1): the pending token, then k drafted
         steps = torch.arange(k + 1, device=dev)
         verify = self._forward_rows(self.model, self.cache, tokens, base[:, None] + steps)
         verify = verify.float()  # (n, k+1, vocab)
         drafted = tokens[:, 1:]
-        dlogits = torch.stack(draft_logits, dim=1)  # (n, k, vocab)
-        finite = torch.isfinite(verify.amax(dim=-1)).all(dim=-1).tolist()
-        draft_finite = torch.isfinite(dlogits.amax(dim=-1)).all(dim=-1).tolist()
-        results: list[tuple[int, list[int]] | str] = []
-        for i, req in enumerate(rows):
-            p = req.params
-            if not finite[i]:
-                results.append("the model's logits are NaN or Inf: no text can be generated")
-            elif p.temperature > 0 and not draft_finite[i]:
-                results.append("the draft model's logits are NaN or Inf: no text can be sampled")
-            else:
-                sampling = (p.temperature, p.top_p, None, req.generator)
-                n, new = verify_drafted(verify[i], dlogits[i], drafted[i], sampling)
-                results.append((n, new.tolist()))
-                self.stats.spec_drafted += k
-                self.stats.spec_accepted += n
+        results = self._verify(rows, verify, torch.stack(draft_logits, dim=1), drafted, failed)
         # Rows that kept all k proposals: the draft never ran its last one; add it (at
         # base + k). The other rows write a token their cache gets anyway: their next
         # pending token at its position (or, for a failed row, the current one again).
@@ -650,24 +723,72 @@ class Engine:
             if isinstance(r, str):
                 self._error(req, r)
                 continue
-            n, new = r
-            for j, token in enumerate(new):
-                req.cached = base_host[i] + j + 1  # as plain decoding would have it
-                if self._take(req, token, verify[i, j : j + 1], flush=False):
-                    break
-            else:
-                req.cached = base_host[i] + n + 1
-                req.pending = new[-1]
-                self._flush(req, final=False)
+            try:
+                self._keep(req, r[1], base_host[i], verify[i])
+            except Exception as e:
+                self._fail(req, e)
 
-    def _propose(self, rows: list[_Request], logits: torch.Tensor) -> torch.Tensor:
+    def _verify(
+        self,
+        rows: list[_Request],
+        verify: torch.Tensor,
+        dlogits: torch.Tensor,
+        drafted: torch.Tensor,
+        failed: dict[int, str],
+    ) -> list[tuple[int, list[int]] | str]:
+        """Each row's ``(accepted proposals, kept tokens)`` from the model's logits
+        ``verify`` (n, k+1, vocab) and the draft's ``dlogits`` (n, k, vocab), or its error."""
+        k = self.draft_k
+        finite = torch.isfinite(verify.amax(dim=-1)).all(dim=-1).tolist()
+        draft_finite = torch.isfinite(dlogits.amax(dim=-1)).all(dim=-1).tolist()
+        results: list[tuple[int, list[int]] | str] = []
+        for i, req in enumerate(rows):
+            p = req.params
+            if i in failed:
+                results.append(failed[i])
+            elif not finite[i]:
+                results.append("the model's logits are NaN or Inf: no text can be generated")
+            elif p.temperature > 0 and not draft_finite[i]:
+                results.append("the draft model's logits are NaN or Inf: no text can be sampled")
+            else:
+                try:
+                    sampling = (p.temperature, p.top_p, None, req.generator)
+                    n, new = verify_drafted(verify[i], dlogits[i], drafted[i], sampling)
+                except Exception as e:
+                    results.append(self._internal(req, e))
+                    continue
+                results.append((n, new.tolist()))
+                self.stats.spec_drafted += k
+                self.stats.spec_accepted += n
+        return results
+
+    def _keep(self, req: _Request, new: list[int], base: int, logits: torch.Tensor) -> None:
+        """Follow a row's kept tokens ``new`` (its accepted proposals and the model's own),
+        one at a time as plain decoding would, until one finishes the request; ``logits``
+        (k+1, vocab) are the model's for each."""
+        for j, token in enumerate(new):
+            req.cached = base + j + 1  # as plain decoding would have it
+            if self._take(req, token, logits[j : j + 1], flush=False):
+                return
+        req.cached = base + len(new)
+        req.pending = new[-1]
+        self._flush(req, final=False)
+
+    def _propose(
+        self, rows: list[_Request], logits: torch.Tensor, failed: dict[int, str]
+    ) -> torch.Tensor:
         """The draft's next token (n,) for each row from its logits (n, vocab): greedy, or
-        sampled with the row's own settings and generator."""
+        sampled with the row's own settings and generator (a row whose sampling raises goes
+        into ``failed`` and proposes the greedy token meanwhile)."""
         nxt = logits.argmax(dim=-1)
         for i, req in enumerate(rows):
             p = req.params
-            if p.temperature > 0 and bool(torch.isfinite(logits[i]).all()):
+            if i in failed or p.temperature <= 0 or not bool(torch.isfinite(logits[i]).all()):
+                continue
+            try:
                 nxt[i] = sample(logits[i : i + 1], p.temperature, p.top_p, None, req.generator)[0]
+            except Exception as e:
+                failed[i] = self._internal(req, e)
         return nxt
 
     def _accept(self, req: _Request, logits: torch.Tensor, greedy: int | None = None) -> None:
@@ -750,10 +871,32 @@ class Engine:
             self._retire(req)
         self._flush(req, final=True)
 
+    def _internal(self, req: _Request, e: Exception) -> str:
+        """Log what ``req`` raised; the message its client gets."""
+        log.error("engine: request %d failed: %s: %s", req.id, type(e).__name__, e, exc_info=e)
+        return f"internal error: {type(e).__name__}: {e}"
+
+    def _fail(self, req: _Request, e: Exception) -> None:
+        """``req`` alone raised ``e``: answer it with the error and free its slot."""
+        self._error(req, self._internal(req, e))
+
     def _error(self, req: _Request, message: str) -> None:
+        self._drop(req)
+        self._send(req, Output("", [], error=message))
+
+    def _drop(self, req: _Request) -> None:
+        """Take ``req`` out of the scheduler, wherever it is, and free its slot."""
         if req in self._running:
             self._retire(req)
-        self._send(req, Output("", [], error=message))
+        elif req in self._prefilling:
+            self._prefilling.remove(req)
+            self._free.add(req.slot)
+        elif req in self._waiting:
+            self._waiting.remove(req)
+            self._dequeued()
+        elif req.slot >= 0:  # failed while being admitted
+            self._free.add(req.slot)
+        req.slot = -1
 
     def _retire(self, req: _Request) -> None:
         """Free ``req``'s slot, moving the last running row into it."""
@@ -766,9 +909,10 @@ class Engine:
             self._running[i] = last
         freed = len(self._running)
         self._free.add(freed)
+        req.slot = -1
 
     def _send(self, req: _Request, out: Output) -> None:
         try:
             req.emit(out)
         except Exception:  # a consumer gone away must not stop the engine
-            traceback.print_exc()
+            log.exception("engine: could not deliver request %d's output", req.id)

@@ -1,15 +1,35 @@
 """OpenAI's request bodies (pydantic) and error shape.
 
-Only what the server implements is accepted with meaning; fields OpenAI defines that change
-nothing here (``user``, penalties of 0, ``logit_bias`` empty …) are ignored, as are unknown
-fields (clients send extra ones). ``n`` other than 1 is refused.
+Types are strict, as OpenAI's API declares them: ``"5"`` is not an integer, ``"yes"`` not a
+boolean, ``1`` is a number but ``true`` is not; NaN and infinities are refused. Every number
+has the range the engine can take (``seed`` is a signed 64-bit integer, as OpenAI's). Fields
+OpenAI defines that this server does not implement are accepted only with a value that changes
+nothing (``logit_bias: {}``, ``tools: []``, ``response_format: {"type": "text"}``, penalties
+of 0, ``n`` of 1 …); any other value is a 400 naming the field (`Body.check`). Fields that
+never change the output (``user``, ``store``, ``metadata`` …) and unknown fields are ignored:
+clients send extra ones.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import json
+from collections.abc import Callable
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    WrapValidator,
+)
+from pydantic_core import PydanticCustomError
+
+INT64 = (-(2**63), 2**63 - 1)
+MAX_TOKENS = 2**31 - 1  # far beyond any context; keeps error messages short
 
 
 class APIError(Exception):
@@ -19,6 +39,7 @@ class APIError(Exception):
         400: "invalid_request_error",
         401: "authentication_error",
         404: "not_found_error",
+        408: "invalid_request_error",
         413: "invalid_request_error",
         429: "rate_limit_error",
         500: "server_error",
@@ -49,40 +70,122 @@ class APIError(Exception):
         }
 
 
+def shown(value: Any, limit: int = 60) -> str:
+    """``value`` as JSON for an error message, cut to ``limit`` characters."""
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800" in the JSON): escape it
+        text = json.dumps(value, default=str)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def validation_error(e: ValidationError) -> APIError:
-    """The first pydantic error as a 400 naming the field (``messages.0.role``)."""
+    """The first pydantic error as a 400 naming the field (``messages.0.role``) and the value
+    given."""
     err = e.errors()[0]
     param = ".".join(str(p) for p in err.get("loc", ()) if not str(p).startswith("function-"))
     msg = err.get("msg", "invalid value")
+    if err.get("type") != "missing" and "input" in err:
+        msg = f"{msg} (got {shown(err['input'])})"
     return APIError(400, f"{param or 'body'}: {msg}", param=param or None, code="invalid_value")
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+def _one_of(what: str) -> WrapValidator:
+    """A union's error as one sentence (pydantic reports each alternative)."""
+
+    def wrap(value: Any, handler: Callable[[Any], Any]) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            raise PydanticCustomError("union_type", f"must be {what}") from None
+
+    return WrapValidator(wrap)
 
 
-class StreamOptions(_Body):
-    include_usage: bool = False
+def _unset(v: Any) -> bool:
+    return v is None
 
 
-class _Sampling(_Body):
-    model: str | None = None
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
+def _empty(v: Any) -> bool:
+    return v is None or v == {} or v == []
+
+
+def _no_choice(v: Any) -> bool:  # "auto" with no tools is "none"
+    return v is None or v in ("none", "auto")
+
+
+def _one(v: Any) -> bool:
+    return v is None or (type(v) is int and v == 1)
+
+
+def _zero(v: Any) -> bool:
+    return v is None or (type(v) in (int, float) and v == 0)
+
+
+Prompt = Annotated[
+    StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]],
+    _one_of("a string, a list of strings, a list of token ids or a list of token-id lists"),
+]
+Stop = Annotated[StrictStr | list[StrictStr] | None, _one_of("a string or a list of strings")]
+
+
+class Body(BaseModel):
+    """A request body: strict types, unknown fields ignored, and `check` for what pydantic
+    cannot say (fields this server does not implement, combinations)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+
+    # field -> (is the value one that changes nothing?, the values accepted)
+    UNSUPPORTED: ClassVar[dict[str, tuple[Callable[[Any], bool], str]]] = {}
+
+    def check(self) -> None:
+        """Raise APIError (400, naming the field) for a value this server does not
+        implement."""
+        for name, (noop, accepted) in self.UNSUPPORTED.items():
+            value = getattr(self, name)
+            if not noop(value):
+                raise APIError(
+                    400,
+                    f"{name}: not supported by this server (got {shown(value)}; accepted: "
+                    f"{accepted})",
+                    param=name,
+                    code="unsupported_parameter",
+                )
+
+
+class StreamOptions(Body):
+    include_usage: StrictBool = False
+
+
+class _Sampling(Body):
+    model: StrictStr | None = None
+    temperature: float = Field(1.0, ge=0.0, le=2.0)  # strict: an int is a number, a bool not
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
+    stop: Stop = None
+    seed: Annotated[StrictInt, Field(ge=INT64[0], le=INT64[1])] | None = None
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1)
-    user: str | None = None
-    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0)
-    presence_penalty: float = Field(0.0, ge=0.0, le=0.0)
+    user: StrictStr | None = None
+    n: Any = None
+    frequency_penalty: Any = None
+    presence_penalty: Any = None
+    logit_bias: Any = None
 
-    @model_validator(mode="after")
-    def _stream_options_need_stream(self) -> _Sampling:
+    UNSUPPORTED = {
+        "n": (_one, "1"),
+        "frequency_penalty": (_zero, "0"),
+        "presence_penalty": (_zero, "0"),
+        "logit_bias": (_empty, "{}"),
+    }
+
+    def check(self) -> None:
+        super().check()
         if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed with stream=true")
-        return self
+            raise APIError(
+                400, "stream_options: only allowed with stream=true", param="stream_options"
+            )
+        self.stops()
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -94,22 +197,37 @@ class _Sampling(_Body):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=0)
-    echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=5)
-    suffix: None = None
-    best_of: int | None = Field(None, ge=1, le=1)
+    prompt: Prompt
+    max_tokens: Annotated[StrictInt, Field(ge=0, le=MAX_TOKENS)] | None = 16
+    echo: StrictBool = False
+    logprobs: Annotated[StrictInt, Field(ge=0, le=5)] | None = None
+    suffix: Any = None
+    best_of: Any = None
+
+    UNSUPPORTED = {
+        **_Sampling.UNSUPPORTED,
+        "suffix": (lambda v: v is None or v == "", '""'),
+        "best_of": (_one, "1"),
+    }
 
 
-class TextPart(_Body):
+class TextPart(Body):
     type: Literal["text"]
-    text: str
+    text: StrictStr
 
 
-class Message(_Body):
+Content = Annotated[
+    StrictStr | list[TextPart] | None, _one_of('a string or a list of {"type": "text"} parts')
+]
+
+
+class Message(Body):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    content: Content = None
+    tool_calls: Any = None
+    function_call: Any = None
+
+    UNSUPPORTED = {"tool_calls": (_empty, "[]"), "function_call": (_unset, "null")}
 
     def text(self) -> str:
         if self.content is None:
@@ -119,20 +237,65 @@ class Message(_Body):
         return "".join(p.text for p in self.content)
 
 
+def check_messages(messages: list[Message]) -> None:
+    """`Message.check` of each message, the field named ``messages.I.FIELD``."""
+    for i, m in enumerate(messages):
+        try:
+            m.check()
+        except APIError as e:
+            e.param, e.message = f"messages.{i}.{e.param}", f"messages.{i}.{e.message}"
+            e.args = (e.message,)
+            raise
+
+
 class ChatRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    max_tokens: Annotated[StrictInt, Field(ge=1, le=MAX_TOKENS)] | None = None
+    max_completion_tokens: Annotated[StrictInt, Field(ge=1, le=MAX_TOKENS)] | None = None
+    logprobs: StrictBool = False
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    modalities: Any = None
+    audio: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+    reasoning_effort: Any = None
+    parallel_tool_calls: StrictBool | None = None  # only about tools: nothing to change
+
+    UNSUPPORTED = {
+        **_Sampling.UNSUPPORTED,
+        "tools": (_empty, "[]"),
+        "tool_choice": (_no_choice, '"none", "auto"'),
+        "functions": (_empty, "[]"),
+        "function_call": (_no_choice, '"none", "auto"'),
+        "response_format": (lambda v: v is None or v == {"type": "text"}, '{"type": "text"}'),
+        "modalities": (lambda v: v is None or v == ["text"], '["text"]'),
+        "audio": (_unset, "null"),
+        "prediction": (_unset, "null"),
+        "web_search_options": (_unset, "null"),
+        "reasoning_effort": (_unset, "null"),
+    }
+
+    def check(self) -> None:
+        super().check()
+        check_messages(self.messages)
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs: needs logprobs=true", param="top_logprobs")
 
 
-class TokenizeRequest(_Body):
-    prompt: str | None = None
+class TokenizeRequest(Body):
+    prompt: StrictStr | None = None
     messages: list[Message] | None = None
-    add_special_tokens: bool = True
-    add_generation_prompt: bool = True
+    add_special_tokens: StrictBool = True
+    add_generation_prompt: StrictBool = True
+
+    def check(self) -> None:
+        check_messages(self.messages or [])
 
 
-class DetokenizeRequest(_Body):
-    tokens: list[int]
+class DetokenizeRequest(Body):
+    tokens: list[StrictInt]
