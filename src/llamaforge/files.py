@@ -20,6 +20,7 @@ output stays in place and the temporary is removed. Temporary names start with a
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import secrets
@@ -30,7 +31,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["NoSpaceError", "atomic_dir", "atomic_open", "atomic_path", "atomic_write"]
+__all__ = [
+    "NoSpaceError",
+    "atomic_dir",
+    "atomic_open",
+    "atomic_path",
+    "atomic_write",
+    "sha256_file",
+]
 
 # a device with less than this free after a failed write is taken to be full
 _FULL_BYTES = 1 << 20

@@ -35,7 +35,7 @@ from llamaforge.eval.base import (
     Rolling,
     Task,
 )
-from llamaforge.files import atomic_write
+from llamaforge.files import atomic_write, sha256_file
 
 CACHE_FORMAT = 1
 _HASH_CHUNK = 1 << 20
@@ -70,11 +70,7 @@ def file_sha256(path: Path, memo_file: Path | None = None) -> str:
         if isinstance(disk, dict) and isinstance(disk.get(skey), str):
             _memo[key] = disk[skey]
             return disk[skey]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    digest = h.hexdigest()
+    digest = sha256_file(path, _HASH_CHUNK)
     _memo[key] = digest
     if memo_file is not None:
         disk = disk if isinstance(disk, dict) else {}
