@@ -24,7 +24,7 @@ from llamaforge.training.pretrain import run_pretrain
 
 from .conftest import tiny_model
 from .test_harden_errors import flip_a_byte
-from .test_pretrain import cfg_of, corpus, metrics  # noqa: F401 (corpus: a fixture)
+from .test_pretrain import cfg_of, corpus, metrics, run  # noqa: F401 (corpus: a fixture)
 
 
 def one_line(e: pytest.ExceptionInfo) -> str:
@@ -382,3 +382,28 @@ def test_a_newest_checkpoint_damaged_in_place_is_skipped_and_the_run_matches(
     assert "at step 5" in err
     assert second["step"] == 10 and metrics(part) == ref  # steps 6-10 replayed: bitwise
     assert second["val_loss"] == full["val_loss"]
+
+
+@pytest.mark.slow
+def test_two_ranks_hash_their_shares_and_skip_a_damaged_checkpoint_together(
+    corpus,  # noqa: F811
+    tmp_path,
+):
+    one = tmp_path / "one"
+    run_pretrain(cfg_of(corpus, one))
+    ref = metrics(one)
+    two = tmp_path / "two"
+    run(corpus, two, "parallel.data=fsdp", "stop_at=7", nproc=2)
+    step7 = two / "checkpoints" / "step-000007"
+    state = json.loads((step7 / "state.json").read_text())
+    files = sorted(p.name for p in step7.iterdir() if p.name != "state.json")
+    assert sorted(state["sha256"]) == files and "__1_0.distcp" in files
+    # the ranks hash every second file of .metadata, __0_0, __1_0: this one is rank 1's, and
+    # rank 0 learns of it through the gathered hashes
+    flip_a_byte(step7 / "__0_0.distcp")
+    proc = run(corpus, two, "parallel.data=fsdp", nproc=2)
+    assert f"skipping damaged checkpoint {step7}" in proc.stderr and "at step 5" in proc.stderr
+    got = metrics(two)
+    assert sorted(got) == list(range(1, 11))
+    for step in got:
+        assert abs(got[step] - ref[step]) < 1e-4, (step, got[step], ref[step])
