@@ -183,7 +183,7 @@ def _check_architecture(config: dict[str, Any], where: str) -> None:
         not isinstance(arch, list) or not arch or any(a not in _ARCHITECTURES for a in arch)
     ):
         raise CheckpointError(
-            f"{where}: architectures={arch!r}; only LlamaForCausalLM is supported"
+            f"{where}: architectures={arch!r}: expected a list of {' or '.join(_ARCHITECTURES)}"
         )
     for key, allowed in _ARCHITECTURE.items():
         value = config.get(key, allowed[0])
@@ -192,7 +192,9 @@ def _check_architecture(config: dict[str, Any], where: str) -> None:
             raise CheckpointError(f"{where}: {key}={value!r} is not supported (LLaMA's is {shown})")
     rope = config.get("rope_parameters") or {}
     if not isinstance(rope, dict) or rope.get("rope_type", "default") != "default":
-        raise CheckpointError(f"{where}: rope_parameters={rope!r}: RoPE scaling is not supported")
+        raise CheckpointError(
+            f"{where}: rope_parameters={rope!r} is not supported (only LLaMA's default RoPE)"
+        )
 
 
 def _hf_int(config: dict[str, Any], key: str, where: str, default: int | None = None) -> int:
