@@ -1,6 +1,6 @@
-"""Bad inputs become clear one-line errors (issue 15): damaged or mismatched training
-checkpoints, out-of-vocabulary shards, generate/decode arguments, non-finite native
-weights, and the CLI's error mapping."""
+"""Bad inputs become clear one-line errors (issue 15): damaged (missing, truncated, or of the
+same size with other content) or mismatched training checkpoints, out-of-vocabulary shards,
+generate/decode arguments, non-finite native weights, and the CLI's error mapping."""
 
 from __future__ import annotations
 
@@ -45,7 +45,14 @@ def _shard(ckpt):
     return max((p for p in ckpt.iterdir() if p.suffix == ".distcp"), key=lambda p: p.stat().st_size)
 
 
-@pytest.mark.parametrize("damage", ["missing", "truncated", "state"])
+def flip_a_byte(f):
+    """Damage ``f`` without changing its size (a bad sector, a bit flip in transit)."""
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "state", "flipped", "state edited"])
 def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning(tmp_path, damage, capsys):
     t = _saved(tmp_path)
     good, bad = (p for _, p in t.checkpointer.list())
@@ -54,6 +61,11 @@ def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning(tmp_path, damage,
     elif damage == "truncated":
         f = _shard(bad)
         f.write_bytes(f.read_bytes()[:-100])
+    elif damage == "flipped":  # the same size: only the content hash can tell
+        flip_a_byte(_shard(bad))
+    elif damage == "state edited":  # still valid JSON of the same size, another step
+        state = bad / "state.json"
+        state.write_text(state.read_text().replace('"step": 2', '"step": 3'))
     else:
         (bad / "state.json").write_text('{"step": 2, "tok')
     with pytest.raises(CheckpointerError, match=str(bad)):

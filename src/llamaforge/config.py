@@ -103,6 +103,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) > 2**1023:  # float() would raise OverflowError
+            raise ConfigError(f"{where}: {value} is too large for a float")
         return float(value)
     if tp is Path and isinstance(value, str):
         return Path(value)

@@ -242,6 +242,8 @@ def read_json_object(path: str | os.PathLike, error: type[Exception] = ValueErro
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise error(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:  # thousands of nested brackets
+        raise error(f"{path}: not valid JSON (nested too deeply)") from None
     if not isinstance(data, dict):
         raise error(f"{path}: expected a JSON object")
     return data

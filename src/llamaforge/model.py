@@ -12,6 +12,7 @@ checkpointing, mixed precision — lives outside this file.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -23,6 +24,48 @@ from llamaforge import config
 
 # Keys of Meta's params.json that carry no architectural meaning for us.
 _IGNORED_PARAMS = {"max_batch_size"}
+
+# The range of each field a params.json (or a Hugging Face config) may declare: far above any
+# released LLaMA (dim 16384, 126 layers, a 53k SwiGLU hidden size, a 256k vocabulary, a 1M
+# context), low enough that a hostile file cannot make a server size a petabyte KV cache.
+# The LLAMAFORGE_MAX_SEQ_LEN environment variable raises max_seq_len's bound.
+INT_LIMITS = {
+    "dim": 2**16,
+    "n_layers": 2**10,
+    "n_heads": 2**10,
+    "vocab_size": 2**22,
+    "multiple_of": 2**18,
+    "max_seq_len": 2**20,
+}
+MAX_FFN_HIDDEN = 2**18
+# the float fields: finite, > 0, and below the bound (or at most it: True)
+FLOAT_LIMITS = {
+    "norm_eps": (1.0, False),
+    "rope_theta": (1e15, True),
+    "ffn_dim_multiplier": (64.0, True),
+}
+MAX_SEQ_LEN_ENV = "LLAMAFORGE_MAX_SEQ_LEN"
+_HINTS = {
+    "max_seq_len": f" ({MAX_SEQ_LEN_ENV} raises the bound)",
+    "vocab_size": " (-1 in a params.json: the tokenizer's size)",
+}
+
+
+def int_limits() -> dict[str, int]:
+    """`INT_LIMITS`, with max_seq_len's from LLAMAFORGE_MAX_SEQ_LEN when it is set."""
+    raw = os.environ.get(MAX_SEQ_LEN_ENV, "").strip()
+    if not raw:
+        return INT_LIMITS
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{MAX_SEQ_LEN_ENV}={raw!r}: expected a positive integer")
+    return {**INT_LIMITS, "max_seq_len": int(raw)}
+
+
+def _in_range(value: Any, hi: float, inclusive: bool) -> bool:
+    """Whether ``value`` is a finite number with 0 < value < hi (value <= hi: ``inclusive``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return math.isfinite(value) and (0 < value < hi or (inclusive and value == hi))
 
 
 @dataclass
@@ -55,26 +98,58 @@ class ModelArgs:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
 
-    def validate(self) -> ModelArgs:
-        """Raise ``ValueError`` naming the field if the shapes cannot work."""
-        for name in ("dim", "n_layers", "n_heads", "multiple_of", "max_seq_len"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"ModelArgs.{name} must be positive, got {getattr(self, name)}")
-        if self.dim % self.n_heads:
-            raise ValueError(f"ModelArgs.dim={self.dim} is not divisible by n_heads={self.n_heads}")
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
-        if self.kv_heads <= 0 or self.n_heads % self.kv_heads:
+    def validate(
+        self,
+        source: str = "ModelArgs",
+        *,
+        vocab_from_tokenizer: bool = False,
+        names: dict[str, str] | None = None,
+    ) -> ModelArgs:
+        """Raise ``ValueError`` naming ``source``, the field, its value and what is allowed
+        for a field outside `INT_LIMITS` or `FLOAT_LIMITS` (a NaN or an Inf included) or for
+        shapes that cannot work; ``vocab_from_tokenizer`` accepts vocab_size -1 (params.json's
+        "the tokenizer's size"); ``names`` gives a field the name its file uses (an HF
+        config's hidden_size for dim)."""
+        label = {f: (names or {}).get(f, f) for f in self.__dataclass_fields__}
+        for name, hi in int_limits().items():
+            value = getattr(self, name)
+            if name == "vocab_size" and value == -1 and vocab_from_tokenizer:
+                continue
+            if type(value) is not int or not 1 <= value <= hi:
+                raise ValueError(
+                    f"{source}: {label[name]}={value!r}: expected an integer "
+                    f"1 <= {label[name]} <= {hi}" + _HINTS.get(name, "")
+                )
+        for name, (top, inclusive) in FLOAT_LIMITS.items():
+            value = getattr(self, name)
+            if value is None and name == "ffn_dim_multiplier" or _in_range(value, top, inclusive):
+                continue
             raise ValueError(
-                f"ModelArgs.n_heads={self.n_heads} must be a multiple of n_kv_heads={self.kv_heads}"
+                f"{source}: {label[name]}={value!r}: expected a finite number "
+                f"0 < {label[name]} {'<=' if inclusive else '<'} {top:g}"
             )
-        if self.vocab_size <= 0:
+        return self._check_shapes(source, label)
+
+    def _check_shapes(self, source: str, label: dict[str, str]) -> ModelArgs:
+        """The relations between fields: heads divide dim into even head sizes, key/value
+        heads divide query heads, and the SwiGLU hidden size is in range."""
+        dim, heads, kv = label["dim"], label["n_heads"], label["n_kv_heads"]
+        if self.dim % self.n_heads or self.head_dim % 2:
             raise ValueError(
-                f"ModelArgs.vocab_size={self.vocab_size}: set it, or take it from the tokenizer "
-                "(vocab_size=-1 in params.json means 'the tokenizer's size')"
+                f"{source}: {dim}={self.dim} must split into {heads}={self.n_heads} heads of an "
+                "even size (rotary embeddings rotate pairs)"
             )
-        if self.norm_eps <= 0 or self.rope_theta <= 0:
-            raise ValueError("ModelArgs.norm_eps and rope_theta must be positive")
+        n_kv = self.n_kv_heads
+        if n_kv is not None and (type(n_kv) is not int or n_kv < 1 or self.n_heads % n_kv):
+            raise ValueError(
+                f"{source}: {kv}={n_kv!r}: expected a divisor of {heads}={self.n_heads}"
+            )
+        hidden = self.ffn_hidden_dim
+        if not 1 <= hidden <= MAX_FFN_HIDDEN:
+            raise ValueError(
+                f"{source}: the SwiGLU hidden size {hidden} (from dim, multiple_of and "
+                f"ffn_dim_multiplier) must be 1 to {MAX_FFN_HIDDEN}"
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -90,9 +165,11 @@ class ModelArgs:
     def from_dict(cls, params: dict[str, Any], source: str = "params") -> ModelArgs:
         """Build from a params.json-style dict (Meta's ``max_batch_size`` and our
         ``llamaforge`` block are ignored). Unknown keys and wrong types are a ``ConfigError``
-        (a ``ValueError``) naming ``source`` and the key."""
+        (a ``ValueError``) naming ``source`` and the key, values out of range (`validate`) a
+        ``ValueError`` naming them; vocab_size -1 (the tokenizer's size) is accepted."""
         ignored = _IGNORED_PARAMS | {"llamaforge"}
-        return config.from_dict(cls, {k: v for k, v in params.items() if k not in ignored}, source)
+        args = config.from_dict(cls, {k: v for k, v in params.items() if k not in ignored}, source)
+        return args.validate(source, vocab_from_tokenizer=True)
 
 
 class RMSNorm(nn.Module):

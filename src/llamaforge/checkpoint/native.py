@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import sys
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,47 @@ def read_params(ckpt_dir: str | os.PathLike) -> tuple[ModelArgs, dict[str, Any]]
         args = ModelArgs.from_dict(params, source=str(path))
     except (TypeError, ValueError) as e:
         raise CheckpointError(str(e)) from None
-    return args, params.get("llamaforge", {})
+    extra = params.get("llamaforge", {})
+    if not isinstance(extra, dict):
+        raise CheckpointError(f"{path}: llamaforge={extra!r}: expected a JSON object")
+    return args, extra
+
+
+def load_pickled_tensors(path: Path, *, mmap: bool = True) -> dict[str, torch.Tensor]:
+    """The tensors of a PyTorch pickle (Meta's ``consolidated.*.pth``, HF's
+    ``pytorch_model.bin``, PEFT's ``adapter_model.bin``), read with ``weights_only`` so no
+    code in it runs. A pickle that holds anything but a name -> tensor mapping, or that
+    cannot be read, is a one-line CheckpointError naming the file."""
+    try:
+        with warnings.catch_warnings():  # "Detected pickle protocol 4": harmless
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            try:
+                state = torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+            except RuntimeError as e:
+                if "mmap can only be used" not in str(e):
+                    raise
+                state = torch.load(path, map_location="cpu", weights_only=True)  # legacy format
+    except Exception as e:  # UnpicklingError, a damaged zip's RuntimeError, EOFError, ...
+        raise CheckpointError(
+            f"{path}: refused: {_pickle_reason(e)} (a .pth/.bin pickle is read only when it "
+            "holds plain tensors; safetensors is the safe format)"
+        ) from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not named tensors")
+    for name, t in state.items():
+        if not isinstance(name, str) or not isinstance(t, torch.Tensor):
+            raise CheckpointError(
+                f"{path}: entry {name!r} is a {type(t).__name__}, not a tensor (refused)"
+            )
+    return state
+
+
+def _pickle_reason(e: BaseException) -> str:
+    """The line of torch.load's (many-line) error that says what is wrong."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    boiler = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    useful = [line for line in lines if not line.startswith(boiler)]
+    return (useful or lines or [type(e).__name__])[0]
 
 
 def write_safetensors(
@@ -225,15 +266,45 @@ def read_chat_template(ckpt_dir: str | os.PathLike) -> str | None:
         raise CheckpointError(f"{path}: not UTF-8 text ({e})") from None
 
 
+def read_index(index: Path, *, links_out: bool = False) -> dict[str, str]:
+    """The ``weight_map`` (tensor name -> shard file name) of a safetensors index, each shard
+    named by a relative path that stays inside the index's folder (`shard_path`)."""
+    weight_map = read_json_object(index, CheckpointError).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise CheckpointError(
+            f"{index}: not a safetensors index (expected weight_map: an object of tensor "
+            "name -> shard file name)"
+        )
+    for name, fname in weight_map.items():
+        shard_path(index.parent, fname, f"{index}: weight_map[{name!r}]", links_out=links_out)
+    return weight_map
+
+
+def shard_path(folder: Path, fname: str, where: str, *, links_out: bool = False) -> Path:
+    """``folder/fname`` for a file that an index names: a relative path without ``..`` that,
+    symbolic links followed, stays inside ``folder`` (``links_out``: a link may lead out,
+    as a Hugging Face cache snapshot's links into ``blobs/`` do); anything else is a
+    CheckpointError naming ``where`` (the index entry)."""
+    rel = Path(fname)
+    if not fname or rel.is_absolute() or ".." in rel.parts:
+        raise CheckpointError(
+            f"{where}: shard {fname!r} is not a file name inside {folder} (refused)"
+        )
+    path = folder / rel
+    if not links_out and not path.resolve().is_relative_to(folder.resolve()):
+        raise CheckpointError(
+            f"{where}: shard {fname!r} is a link to {path.resolve()}, outside {folder} (refused)"
+        )
+    return path
+
+
 def _weight_files(ckpt: Path) -> dict[str, list[str]]:
     """File name -> tensor names stored in it."""
     if (ckpt / INDEX_FILE).is_file():
-        try:
-            weight_map = json.loads((ckpt / INDEX_FILE).read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{ckpt / INDEX_FILE}: not a safetensors index ({e})") from None
         files: dict[str, list[str]] = {}
-        for name, fname in weight_map.items():
+        for name, fname in read_index(ckpt / INDEX_FILE).items():
             files.setdefault(fname, []).append(name)
         return files
     if (ckpt / WEIGHTS_FILE).is_file():
@@ -246,8 +317,9 @@ def _open_files(ckpt: Path, device: str = "cpu") -> Iterator[tuple[Path, list[st
     order; a missing or unreadable file is a CheckpointError naming it."""
     for fname, names in _weight_files(ckpt).items():
         path = ckpt / fname
-        if not path.is_file():
-            raise CheckpointError(f"{path}: missing shard listed in {INDEX_FILE}")
+        if not path.is_file():  # a FIFO or a device would block or never end: refused too
+            what = "not a regular file" if path.exists() else "missing shard"
+            raise CheckpointError(f"{path}: {what} listed in {INDEX_FILE}")
         try:
             handle = safe_open(str(path), framework="pt", device=device)
         except Exception as e:  # safetensors raises its own error types on corrupt files
@@ -339,17 +411,23 @@ def read_parts(
 
 
 def open_checkpoint(
-    ckpt_dir: str | os.PathLike, tokenizer: str | os.PathLike | None = None
+    ckpt_dir: str | os.PathLike,
+    tokenizer: str | os.PathLike | None = None,
+    *,
+    force: bool = False,
 ) -> tuple[Path, ModelArgs, Tokenizer | None]:
     """A native checkpoint's directory, its ``ModelArgs`` (vocab_size -1 resolved from the
     tokenizer) and its tokenizer (``tokenizer`` overrides ``ckpt_dir/tokenizer.model``; None
-    when there is none), checked against each other; no tensor is read."""
+    when there is none), checked against each other (`check_tokenizer`: ``force`` uses a
+    tokenizer other than the recorded one, with a warning); no tensor is read."""
     ckpt = Path(ckpt_dir)
     if not ckpt.is_dir():
         raise CheckpointError(f"{ckpt}: no such checkpoint directory")
-    args, _extra = read_params(ckpt)
+    args, extra = read_params(ckpt)
     tok_path = Path(tokenizer) if tokenizer is not None else ckpt / TOKENIZER_FILE
     tok = Tokenizer(tok_path) if tok_path.is_file() or tokenizer is not None else None
+    if tok is not None:
+        check_tokenizer(tok, tok_path, extra, ckpt / PARAMS_FILE, force=force)
     if args.vocab_size <= 0:
         if tok is None:
             raise CheckpointError(f"{ckpt}: params.json has vocab_size=-1 but no tokenizer.model")
@@ -362,6 +440,30 @@ def open_checkpoint(
     return ckpt, args, tok
 
 
+def check_tokenizer(
+    tok: Tokenizer, tok_path: Path, extra: dict[str, Any], params: Path, *, force: bool = False
+) -> None:
+    """Refuse a tokenizer whose sha256 differs from the ``tokenizer_sha256`` that
+    ``params``' llamaforge block records (another tokenizer's ids make the model's outputs
+    garbage, or ids it cannot decode): a CheckpointError naming both files and both hashes,
+    or with ``force`` a warning on stderr. Nothing is checked when no hash is recorded."""
+    recorded = extra.get("tokenizer_sha256")
+    if recorded is None:
+        return
+    if not isinstance(recorded, str):
+        raise CheckpointError(f"{params}: tokenizer_sha256={recorded!r}: expected a hex string")
+    actual = tok.sha256()
+    if actual == recorded:
+        return
+    msg = (
+        f"{tok_path}: tokenizer sha256 {actual} differs from the tokenizer_sha256 {recorded} "
+        f"recorded in {params}"
+    )
+    if not force:
+        raise CheckpointError(f"{msg}: not the model's tokenizer (--force uses it anyway)")
+    print(f"warning: {msg}; using it anyway (--force)", file=sys.stderr)
+
+
 def load(
     ckpt_dir: str | os.PathLike,
     device: str | torch.device = "cpu",
@@ -369,14 +471,16 @@ def load(
     *,
     tokenizer: str | os.PathLike | None = None,
     strict: bool = False,
+    force: bool = False,
 ) -> tuple[Transformer, Tokenizer | None]:
     """Load a native checkpoint: ``(model, tokenizer)`` with the model in eval mode.
 
-    ``dtype`` defaults to the stored one. ``tokenizer`` overrides ``ckpt_dir/tokenizer.model``.
-    Tensors with NaN or Inf values are named in a warning on stderr (its outputs mean
-    nothing); ``strict`` makes them a CheckpointError instead.
+    ``dtype`` defaults to the stored one. ``tokenizer`` overrides ``ckpt_dir/tokenizer.model``;
+    one whose sha256 differs from the recorded one is refused unless ``force`` (then a
+    warning). Tensors with NaN or Inf values are named in a warning on stderr (its outputs
+    mean nothing); ``strict`` makes them a CheckpointError instead.
     """
-    ckpt, args, tok = open_checkpoint(ckpt_dir, tokenizer)
+    ckpt, args, tok = open_checkpoint(ckpt_dir, tokenizer, force=force)
     target_dtype = parse_dtype(dtype)
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:

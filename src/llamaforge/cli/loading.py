@@ -15,7 +15,7 @@ from llamaforge.cli.main import tokenizer_path
 
 
 def add_load_args(p: argparse.ArgumentParser) -> None:
-    """``--ckpt``, ``--tokenizer``, ``--device``, ``--dtype`` and ``--strict``."""
+    """``--ckpt``, ``--tokenizer``, ``--device``, ``--dtype``, ``--strict`` and ``--force``."""
     p.add_argument("--ckpt", required=True, help="native checkpoint directory")
     p.add_argument(
         "--tokenizer", help="tokenizer.model (or its folder) to use instead of the checkpoint's"
@@ -26,6 +26,12 @@ def add_load_args(p: argparse.ArgumentParser) -> None:
         "--strict",
         action="store_true",
         help="refuse a checkpoint with NaN/Inf weights (default: load it with a warning)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="use a tokenizer whose sha256 differs from the one params.json records, with a "
+        "warning (default: refused)",
     )
 
 
@@ -77,16 +83,26 @@ def load_checkpoint(a: argparse.Namespace, tp: int = 1) -> Loaded:
     tok_file = tokenizer_path(a.tokenizer)
     rank = 0
     if tp != 1:
-        model, tok, rank = load_tensor_parallel(a.ckpt, tp, a.device, a.dtype, tok_file, a.strict)
+        model, tok, rank = load_tensor_parallel(
+            a.ckpt, tp, a.device, a.dtype, tok_file, a.strict, a.force
+        )
     else:
-        model, tok = load(a.ckpt, device=device, dtype=a.dtype, tokenizer=tok_file, strict=a.strict)
+        model, tok = load(
+            a.ckpt, device=device, dtype=a.dtype, tokenizer=tok_file, strict=a.strict, force=a.force
+        )
     if tok is None:
         raise ValueError(f"{a.ckpt}: no tokenizer.model in the checkpoint; pass --tokenizer")
     return Loaded(model, tok, device, rank)
 
 
 def load_tensor_parallel(
-    ckpt: str, tp: int, device: str | None, dtype: str | None, tokenizer: Any, strict: bool
+    ckpt: str,
+    tp: int,
+    device: str | None,
+    dtype: str | None,
+    tokenizer: Any,
+    strict: bool,
+    force: bool = False,
 ) -> tuple[Any, Any, int]:
     """``--tp N``: join the torchrun group (left at exit) and load ``ckpt`` split over it;
     returns the model, the tokenizer and this process's rank."""
@@ -97,7 +113,7 @@ def load_tensor_parallel(
     info = D.init(device or "auto")
     atexit.register(D.cleanup)
     model, tok = D.load_tensor_parallel(
-        ckpt, info, tp, dtype=dtype, tokenizer=tokenizer, strict=strict
+        ckpt, info, tp, dtype=dtype, tokenizer=tokenizer, strict=strict, force=force
     )
     return model, tok, info.rank
 

@@ -704,9 +704,17 @@ def read_adapter(
     if weights.is_file():
         from safetensors.torch import load_file
 
-        raw = load_file(str(weights))
+        try:
+            raw = load_file(str(weights))
+        except Exception as e:  # safetensors' own error types on a damaged file
+            raise LoraError(f"{weights}: cannot read safetensors file ({e})") from None
     elif (src / ADAPTER_WEIGHTS_BIN).is_file():
-        raw = torch.load(src / ADAPTER_WEIGHTS_BIN, map_location="cpu", weights_only=True)
+        from llamaforge.checkpoint.native import CheckpointError, load_pickled_tensors
+
+        try:
+            raw = load_pickled_tensors(src / ADAPTER_WEIGHTS_BIN)
+        except CheckpointError as e:
+            raise LoraError(str(e)) from None
     else:
         raise LoraError(f"{src}: no {ADAPTER_WEIGHTS} or {ADAPTER_WEIGHTS_BIN}")
     tensors = {meta_lora_name(k): v for k, v in raw.items()}

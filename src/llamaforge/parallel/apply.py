@@ -271,12 +271,14 @@ def load_tensor_parallel(
     dtype: str | torch.dtype | None = None,
     tokenizer: str | os.PathLike | None = None,
     strict: bool = False,
+    force: bool = False,
 ) -> tuple[nn.Module, Any]:
     """A native checkpoint split over ``tp`` processes for inference (``--tp``): every rank
     builds the model on the meta device, splits it (tensor parallelism without sequence
     parallelism: any length, KV-cache decoding, whole logits on every rank) and reads
     only its own slices from the memory-mapped files. Returns ``(model, tokenizer)``, the
-    model in eval mode, its KV cache sized to this rank's heads."""
+    model in eval mode, its KV cache sized to this rank's heads. ``force``: use a tokenizer
+    other than the one params.json records (`open_checkpoint`)."""
     from llamaforge.checkpoint.native import (
         CheckpointError,
         checked,
@@ -292,7 +294,7 @@ def load_tensor_parallel(
             f"--tp {tp}: run it under torchrun with {tp} processes (torchrun "
             f"--nproc_per_node {tp} -m llamaforge …); this is {info.world_size} process(es)"
         )
-    ckpt, args, tok = open_checkpoint(ckpt_dir, tokenizer)
+    ckpt, args, tok = open_checkpoint(ckpt_dir, tokenizer, force=force)
     check_tp_divisible(args, tp)
     target = parse_dtype(dtype)
     stored = iter_tensors(ckpt)

@@ -2,9 +2,13 @@
 
 ``ROOT/step-NNNNNN/`` holds the DCP shards of the model and the optimizer (every rank
 writes its own), ``.metadata`` and ``state.json``: what the caller passes as ``extra``
-(step, tokens, the loader's position …) plus every rank's RNG state. A checkpoint is
+(step, tokens, the loader's position …) plus every rank's RNG state, the sha256 of every
+other file of the checkpoint and a sha256 of state.json's own content. A checkpoint is
 written into a hidden ``.step-NNNNNN.tmp`` directory that rank 0 renames once every rank
 has finished, so a ``step-N`` directory is always complete; the newest ``keep`` survive.
+Resuming checks those hashes (the ranks share the hashing) and skips a damaged newest
+checkpoint with a warning; a checkpoint written before the hashes were recorded is
+checked for missing and truncated files only.
 
 The checkpointer takes plain values (a directory, a step, a model and an optimizer, a
 dict) and raises its own ``CheckpointerError``; it imports nothing above ``distributed``.
@@ -13,6 +17,7 @@ dict) and raises its own ``CheckpointerError``; it imports nothing above ``distr
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -26,10 +31,12 @@ from typing import Any
 import torch
 
 from llamaforge import parallel as D
-from llamaforge.files import NoSpaceError, is_no_space, read_json_object
+from llamaforge.files import NoSpaceError, is_no_space, read_json_object, sha256_file
 
 CKPT_RE = re.compile(r"^step-(\d{6,})$")
 STATE_FILE = "state.json"
+FILE_HASHES = "sha256"  # state.json: file name -> sha256, for every other file
+STATE_HASH = "state_sha256"  # state.json: the sha256 of its other keys (`_state_digest`)
 
 
 class CheckpointerError(RuntimeError):
@@ -73,11 +80,58 @@ def _read_dcp_metadata(path: Path) -> Any:
         ) from None
 
 
-def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+def _state_digest(state: dict[str, Any]) -> str:
+    """sha256 of state.json's content but its own hash (canonical JSON: sorted keys)."""
+    body = {k: v for k, v in state.items() if k != STATE_HASH}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _hashed_files(path: Path) -> list[str]:
+    """The files of checkpoint ``path`` whose sha256 state.json records: all but itself."""
+    return sorted(p.name for p in path.iterdir() if p.is_file() and p.name != STATE_FILE)
+
+
+def hash_files(path: Path, names: list[str], info: D.DistInfo | None = None) -> dict[str, str]:
+    """File name -> sha256 of ``names`` in ``path``; with ``info`` every rank hashes every
+    world_size-th file and all get the whole map (a collective: every rank must call it)."""
+    rank, world = (info.rank, info.world_size) if info is not None else (0, 1)
+    mine = {name: sha256_file(path / name) for name in names[rank::world]}
+    if world == 1:
+        return mine
+    return {k: v for part in D.all_gather_object(mine) for k, v in part.items()}
+
+
+def _check_hashes(path: Path, state: dict[str, Any], info: D.DistInfo | None) -> None:
+    """Compare state.json's recorded hashes (when it has them) with the files' content."""
+    state_file = path / STATE_FILE
+    if STATE_HASH not in state and FILE_HASHES not in state:
+        return  # written before the hashes were recorded: sizes were checked
+    if state.get(STATE_HASH) != _state_digest(state):
+        raise CheckpointerError(
+            f"{state_file}: its content differs from the sha256 it records (damaged)"
+        )
+    recorded = state.get(FILE_HASHES)
+    if not isinstance(recorded, dict) or not all(isinstance(v, str) for v in recorded.values()):
+        raise CheckpointerError(f"{state_file}: {FILE_HASHES!r} is not a file -> sha256 map")
+    missing = sorted(set(recorded) - set(_hashed_files(path)))
+    if missing:  # also keeps a hostile name ("../x", a FIFO) from being opened
+        raise CheckpointerError(f"{path / missing[0]}: missing (its sha256 is in {state_file})")
+    actual = hash_files(path, sorted(recorded), info)
+    bad = [name for name in sorted(recorded) if actual[name] != recorded[name]]
+    if bad:
+        raise CheckpointerError(
+            f"{path / bad[0]}: content differs from the sha256 recorded in {state_file} "
+            f"(damaged; {len(bad)} file(s) differ)"
+        )
+
+
+def verify_checkpoint(path: str | os.PathLike, info: D.DistInfo | None = None) -> dict[str, Any]:
     """Check that ``path`` is a complete, undamaged checkpoint before trusting it: its
-    ``state.json`` parses (a JSON object with ``step``), its ``.metadata`` reads, and every
-    file ``.metadata`` names exists with at least the bytes it needs. Returns state.json;
-    anything wrong is a CheckpointerError naming the file."""
+    ``state.json`` parses (a JSON object with ``step``), every file's sha256 is the one
+    state.json records (``info``: the ranks share the hashing; then every rank must call
+    it), its ``.metadata`` reads, and every file ``.metadata`` names exists with at least
+    the bytes it needs. Returns state.json; anything wrong is a CheckpointerError naming
+    the file."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointerError(f"{path}: no such checkpoint directory")
@@ -90,13 +144,14 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     for key in ("step", "rng"):
         if key not in state:
             raise CheckpointerError(f"{state_file}: no {key!r} (not a training checkpoint's)")
+    _check_hashes(path, state, info)  # first: a damaged .metadata pickle is never unpickled
     md = _read_dcp_metadata(path)
     need: dict[str, int] = {}
-    for info in (getattr(md, "storage_data", None) or {}).values():
-        rel = getattr(info, "relative_path", None)
+    for stored in (getattr(md, "storage_data", None) or {}).values():
+        rel = getattr(stored, "relative_path", None)
         if rel is None:
             continue
-        end = int(getattr(info, "offset", 0)) + int(getattr(info, "length", 0))
+        end = int(getattr(stored, "offset", 0)) + int(getattr(stored, "length", 0))
         need[rel] = max(need.get(rel, 0), end)
     for rel, size in sorted(need.items()):
         f = path / rel
@@ -165,6 +220,7 @@ class Checkpointer:
         self.keep = keep
         self.info = info
         self.keys = keys
+        self._verified: dict[Path, dict[str, Any]] = {}  # by latest_good: not hashed twice
 
     def _model_state(self, model_sd: dict[str, Any]) -> dict[str, Any]:
         return model_sd if self.keys is None else {k: model_sd[k] for k in sorted(self.keys)}
@@ -183,7 +239,7 @@ class Checkpointer:
         found = self.list()
         for _, path in reversed(found):
             try:
-                verify_checkpoint(path)
+                self._verified = {path: verify_checkpoint(path, self.info)}
             except CheckpointerError as e:
                 if self.info.is_main:
                     print(f"warning: skipping damaged checkpoint {path}: {e}", file=sys.stderr)
@@ -237,9 +293,11 @@ class Checkpointer:
             if is_no_space(e, self.root):  # the previous checkpoints are kept
                 raise NoSpaceError(final) from e
             raise
+        hashes = hash_files(tmp, _hashed_files(tmp), info)  # every rank's share, gathered
         rngs = D.all_gather_object(rng_state())
         if info.is_main:
-            state = {**extra, "world_size": info.world_size, "rng": rngs}
+            state = {**extra, "world_size": info.world_size, "rng": rngs, FILE_HASHES: hashes}
+            state[STATE_HASH] = _state_digest(state)
             with open(tmp / STATE_FILE, "w") as f:
                 f.write(json.dumps(state) + "\n")
                 f.flush()
@@ -272,7 +330,8 @@ class Checkpointer:
         )
 
         path = Path(path)
-        meta = verify_checkpoint(path)
+        verified = self._verified.pop(path, None)
+        meta = verified if verified is not None else verify_checkpoint(path, self.info)
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": self._model_state(model_sd), "optim": optim_sd}
         check_shapes(path, _read_dcp_metadata(path), state)

@@ -24,15 +24,18 @@ from safetensors import safe_open
 
 from llamaforge.checkpoint.native import (
     CHAT_TEMPLATE_FILE,
+    INDEX_FILE,
     CheckpointError,
     checked,
     iter_tensors,
+    load_pickled_tensors,
+    open_checkpoint,
     read_chat_template,
-    read_params,
+    read_index,
     write_safetensors,
 )
-from llamaforge.files import atomic_dir
-from llamaforge.model import ModelArgs
+from llamaforge.files import atomic_dir, read_json_object
+from llamaforge.model import MAX_FFN_HIDDEN, ModelArgs
 from llamaforge.tokenizer import Tokenizer
 
 _GLOBAL = {
@@ -142,83 +145,177 @@ def fit_ffn(dim: int, hidden: int) -> tuple[int, float | None]:
     raise CheckpointError(f"cannot express intermediate_size={hidden} for dim={dim}")
 
 
-def args_from_hf_config(config: dict[str, Any], where: str) -> ModelArgs:
+# Config keys that would change the computation, and the values that leave it LLaMA's: a
+# key absent or at one of these values is fine; anything else is refused by name.
+_ARCHITECTURE = {
+    "hidden_act": ("silu", "swish"),
+    "attention_bias": (False,),
+    "mlp_bias": (False,),
+    "rope_scaling": (None, {}),
+    "quantization_config": (None, {}),
+    "partial_rotary_factor": (None, 1, 1.0),
+    "use_qk_norm": (None, False),
+    "sliding_window": (None,),
+}
+_ARCHITECTURES = ("LlamaForCausalLM", "LlamaModel")
+# ModelArgs' fields by the names a Hugging Face config gives them (for error messages)
+_HF_NAMES = {
+    "dim": "hidden_size",
+    "n_layers": "num_hidden_layers",
+    "n_heads": "num_attention_heads",
+    "n_kv_heads": "num_key_value_heads",
+    "vocab_size": "vocab_size",
+    "norm_eps": "rms_norm_eps",
+    "rope_theta": "rope_theta",
+    "max_seq_len": "max_position_embeddings",
+}
+
+
+def _check_architecture(config: dict[str, Any], where: str) -> None:
+    """Refuse, by name, every config option that makes the model something other than
+    LLaMA (another model type or head, an activation, biases, RoPE scaling, quantisation)."""
     if config.get("model_type") not in ("llama", None):
         raise CheckpointError(
             f"{where}: model_type={config.get('model_type')!r}; only 'llama' is supported"
         )
-    for key in ("attention_bias", "mlp_bias"):
-        if config.get(key):
-            raise CheckpointError(f"{where}: {key}=true is not a LLaMA architecture")
-    scaling = config.get("rope_scaling") or {}
+    arch = config.get("architectures")
+    if arch is not None and (
+        not isinstance(arch, list) or not arch or any(a not in _ARCHITECTURES for a in arch)
+    ):
+        raise CheckpointError(
+            f"{where}: architectures={arch!r}: expected a list of {' or '.join(_ARCHITECTURES)}"
+        )
+    for key, allowed in _ARCHITECTURE.items():
+        value = config.get(key, allowed[0])
+        if not any(value == ok and type(value) is type(ok) for ok in allowed):
+            shown = " or ".join(repr(v) for v in allowed)
+            raise CheckpointError(f"{where}: {key}={value!r} is not supported (LLaMA's is {shown})")
     rope = config.get("rope_parameters") or {}
-    if scaling or rope.get("rope_type", "default") != "default":
-        raise CheckpointError(f"{where}: RoPE scaling ({scaling or rope}) is not supported")
+    if not isinstance(rope, dict) or rope.get("rope_type", "default") != "default":
+        raise CheckpointError(
+            f"{where}: rope_parameters={rope!r} is not supported (only LLaMA's default RoPE)"
+        )
+
+
+def _hf_int(config: dict[str, Any], key: str, where: str, default: int | None = None) -> int:
+    """``config[key]`` as a positive integer (``default`` when absent or null)."""
+    value = config.get(key)
+    if value is None and default is not None:
+        return default
+    if value is None:
+        raise CheckpointError(f"{where}: missing field {key!r}")
+    if type(value) is not int or value < 1:
+        raise CheckpointError(f"{where}: {key}={value!r}: expected a positive integer")
+    return value
+
+
+def _hf_float(config: dict[str, Any], key: str, where: str, default: float) -> float:
+    """``config[key]`` as a number (``default`` when absent or null); its range is
+    `ModelArgs.validate`'s."""
+    value = config.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise CheckpointError(f"{where}: {key}={value!r}: expected a number")
+    return float(value)
+
+
+def args_from_hf_config(config: dict[str, Any], where: str) -> ModelArgs:
+    """The ModelArgs of a Hugging Face Llama ``config.json`` (``where``): an option that
+    changes the architecture is refused by name, a field out of ModelArgs' range names
+    the config's field, its value and the range."""
+    _check_architecture(config, where)
+    dim = _hf_int(config, "hidden_size", where)
+    heads = _hf_int(config, "num_attention_heads", where)
+    hidden = _hf_int(config, "intermediate_size", where)
+    if hidden > MAX_FFN_HIDDEN:
+        raise CheckpointError(
+            f"{where}: intermediate_size={hidden}: expected at most {MAX_FFN_HIDDEN}"
+        )
+    kv = _hf_int(config, "num_key_value_heads", where, default=heads)
+    head_dim = config.get("head_dim")
+    if head_dim is not None and head_dim != dim // heads:
+        raise CheckpointError(
+            f"{where}: head_dim={head_dim!r}, but hidden_size/num_attention_heads is "
+            f"{dim // heads}: only LLaMA's head size is supported"
+        )
     try:
-        dim, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
-        hidden = int(config["intermediate_size"])
         multiple_of, mult = fit_ffn(dim, hidden)
-        kv = int(config.get("num_key_value_heads") or heads)
-        if config.get("head_dim") not in (None, dim // heads):
-            raise CheckpointError(f"{where}: head_dim={config['head_dim']} != hidden/heads")
-        return ModelArgs(
-            dim=dim,
-            n_layers=int(config["num_hidden_layers"]),
-            n_heads=heads,
-            n_kv_heads=None if kv == heads else kv,
-            vocab_size=int(config["vocab_size"]),
-            multiple_of=multiple_of,
-            ffn_dim_multiplier=mult,
-            norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(rope.get("rope_theta") or config.get("rope_theta") or 10000.0),
-            max_seq_len=int(config.get("max_position_embeddings", 2048)),
-        ).validate()
-    except KeyError as e:
-        raise CheckpointError(f"{where}: missing field {e}") from None
+    except CheckpointError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    theta = _hf_float(config, "rope_theta", where, 10000.0)
+    args = ModelArgs(
+        dim=dim,
+        n_layers=_hf_int(config, "num_hidden_layers", where),
+        n_heads=heads,
+        n_kv_heads=None if kv == heads else kv,
+        vocab_size=_hf_int(config, "vocab_size", where),
+        multiple_of=multiple_of,
+        ffn_dim_multiplier=mult,
+        norm_eps=_hf_float(config, "rms_norm_eps", where, 1e-6),
+        rope_theta=_hf_float(config.get("rope_parameters") or {}, "rope_theta", where, theta),
+        max_seq_len=_hf_int(config, "max_position_embeddings", where, default=2048),
+    )
+    try:
+        return args.validate(where, names=_HF_NAMES)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def _hf_weight_files(src: Path) -> list[Path]:
-    index = src / "model.safetensors.index.json"
+    """The weight files of an HF folder: the index's shards, else ``model*.safetensors``,
+    else ``pytorch_model*.bin`` (read as plain tensors only); each a regular file."""
+    index = src / INDEX_FILE
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [src / f for f in dict.fromkeys(weight_map.values())]
-    files = sorted(src.glob("model*.safetensors"))
-    if files:
-        return files
-    bins = sorted(src.glob("pytorch_model*.bin"))
-    if bins:
-        return bins
-    raise CheckpointError(f"{src}: no model*.safetensors or pytorch_model*.bin weights")
+        # a hub snapshot's files are links into the cache's blobs/: links may lead out
+        weight_map = read_index(index, links_out=True)
+        files = [src / f for f in dict.fromkeys(weight_map.values())]
+    else:
+        files = sorted(src.glob("model*.safetensors")) or sorted(src.glob("pytorch_model*.bin"))
+    if not files:
+        raise CheckpointError(f"{src}: no model*.safetensors or pytorch_model*.bin weights")
+    for f in files:
+        if not f.is_file():
+            what = "not a regular file" if f.exists() else "missing"
+            raise CheckpointError(f"{f}: {what} (a weight file of {src})")
+    return files
 
 
 def _iter_hf_file(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
-    else:
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        yield from state.items()
+    if path.suffix != ".safetensors":
+        yield from load_pickled_tensors(path).items()
+        return
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own error types on corrupt files
+        raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from None
+    with handle as f:
+        for name in f.keys():
+            yield name, f.get_tensor(name)
 
 
 def read_hf(
     src: str | os.PathLike, tokenizer: str | os.PathLike | None = None
 ) -> tuple[ModelArgs, Tokenizer | None, Iterator[tuple[str, torch.Tensor]]]:
-    """ModelArgs, tokenizer and a stream of Meta-named tensors from an HF Llama directory."""
+    """ModelArgs, tokenizer and a stream of Meta-named tensors from an HF Llama directory.
+    Tied embeddings (``tie_word_embeddings``) are untied: the output layer is a copy of the
+    embedding, which computes what HF computes (a stored ``lm_head.weight`` that differs
+    from the embedding is refused: transformers would ignore it)."""
     src = Path(src)
     cfg_path = src / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"{src}: no config.json: not a Hugging Face checkpoint")
-    config = json.loads(cfg_path.read_text())
+    config = read_json_object(cfg_path, CheckpointError)
     args = args_from_hf_config(config, str(cfg_path))
     tok_path = Path(tokenizer) if tokenizer else src / "tokenizer.model"
     tok = Tokenizer(tok_path) if tok_path.is_file() or tokenizer else None
-    tied = bool(config.get("tie_word_embeddings", False))
+    tied = config.get("tie_word_embeddings", False)
+    if not isinstance(tied, bool):
+        raise CheckpointError(f"{cfg_path}: tie_word_embeddings={tied!r}: expected true or false")
     files = _hf_weight_files(src)
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
-        seen = set()
-        embedding = None
+        embedding = output = None
         for path in files:
             for hf_name, t in _iter_hf_file(path):
                 name = meta_name_from_hf(hf_name)
@@ -228,16 +325,36 @@ def read_hf(
                     t = permute_from_hf(t, args.n_heads)
                 elif name.endswith("attention.wk.weight"):
                     t = permute_from_hf(t, args.kv_heads)
-                if name == "tok_embeddings.weight":
+                elif name == "tok_embeddings.weight":
                     embedding = t
-                seen.add(name)
+                elif name == "output.weight":
+                    output = t
+                    if tied:
+                        continue  # the embedding is the output layer: yielded at the end
                 yield name, t
-        if "output.weight" not in seen:
-            if not tied or embedding is None:
-                raise CheckpointError(f"{src}: no lm_head.weight and embeddings are not tied")
-            yield "output.weight", embedding  # untie: LLaMA has a separate output layer
+        if tied:
+            yield "output.weight", _untied_output(embedding, output, cfg_path)
+        elif output is None:
+            raise CheckpointError(f"{src}: no lm_head.weight and embeddings are not tied")
 
     return args, tok, tensors()
+
+
+def _untied_output(
+    embedding: torch.Tensor | None, output: torch.Tensor | None, where: Path
+) -> torch.Tensor:
+    """The output layer of a tied checkpoint: its embedding (a stored lm_head that differs
+    is refused, since transformers would silently replace it by the embedding)."""
+    if embedding is None:
+        raise CheckpointError(
+            f"{where}: tie_word_embeddings is true but there is no model.embed_tokens.weight"
+        )
+    if output is not None and not torch.equal(output, embedding):
+        raise CheckpointError(
+            f"{where}: tie_word_embeddings is true but the stored lm_head.weight differs from "
+            "model.embed_tokens.weight (refused: which of them is the model's is unclear)"
+        )
+    return embedding.clone()  # its own storage: safetensors refuses tensors that share it
 
 
 def read_hf_chat_template(src: str | os.PathLike) -> str | None:
@@ -335,12 +452,8 @@ def write_hf(
 ) -> Path:
     """Native checkpoint ``src`` → a transformers ``LlamaForCausalLM`` directory."""
     src, dst = Path(src), Path(dst)
-    args, _ = read_params(src)
-    tok = Tokenizer(src / "tokenizer.model") if (src / "tokenizer.model").is_file() else None
-    if args.vocab_size <= 0:
-        if tok is None:
-            raise CheckpointError(f"{src}: vocab_size=-1 and no tokenizer.model")
-        args.vocab_size = tok.vocab_size
+    # --force also takes a tokenizer that differs from the one params.json records
+    src, args, tok = open_checkpoint(src, force=force)
     if dst.exists() and not force:
         raise CheckpointError(f"{dst}: already exists; pass --force to replace it")
     with atomic_dir(dst, overwrite=force) as tmp:

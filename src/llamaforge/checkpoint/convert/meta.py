@@ -17,7 +17,13 @@ from pathlib import Path
 
 import torch
 
-from llamaforge.checkpoint.native import CheckpointError, checked, iter_tensors, read_params
+from llamaforge.checkpoint.native import (
+    CheckpointError,
+    checked,
+    iter_tensors,
+    load_pickled_tensors,
+    read_params,
+)
 from llamaforge.files import atomic_dir
 from llamaforge.model import ModelArgs
 from llamaforge.tokenizer import Tokenizer
@@ -72,12 +78,7 @@ def read_meta(
     tok_path = Path(tokenizer) if tokenizer else find_meta_tokenizer(src)
     tok = Tokenizer(tok_path) if tok_path else None
     files = meta_shard_files(src)
-    shards = []
-    for f in files:
-        try:
-            shards.append(torch.load(f, map_location="cpu", mmap=True, weights_only=True))
-        except Exception as e:  # a truncated or non-torch file
-            raise CheckpointError(f"{f}: cannot read as a PyTorch checkpoint ({e})") from None
+    shards = [load_pickled_tensors(f) for f in files]
     names = [n for n in shards[0] if n not in _IGNORED]
     for f, shard in zip(files[1:], shards[1:]):
         if [n for n in shard if n not in _IGNORED] != names:
