@@ -21,7 +21,7 @@ from torch.nn.attention import flex_attention as flex_module
 from torch.nn.attention.flex_attention import BlockMask
 
 from llamaforge.model import ModelArgs, build_model, document_mask, rope_cos_sin
-from llamaforge.parallel import apply_activation_checkpointing
+from llamaforge.parallel import apply_activation_checkpointing, unwrapped_name
 from llamaforge.parallel.manual_backward import BlockFunction, use_manual_backward
 from llamaforge.presets import get_preset
 from llamaforge.training.optim import cross_entropy
@@ -67,7 +67,7 @@ def loss_and_grads(model: torch.nn.Module, tokens: torch.Tensor, **kw) -> tuple:
     logits = model(tokens[:, :-1], **kw)
     loss, n = cross_entropy(logits, tokens[:, 1:])
     (loss / n).backward()
-    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    grads = {unwrapped_name(name): p.grad.clone() for name, p in model.named_parameters()}
     return logits.detach(), grads
 
 
@@ -114,7 +114,7 @@ def test_flex_forward_equals_the_dense_mask_and_each_example_alone(device, n_kv_
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n_kv_heads", [None, 2])
-@pytest.mark.parametrize("ac", ["none", "manual"])
+@pytest.mark.parametrize("ac", ["none", "selective", "manual"])
 def test_flex_logits_and_gradients_equal_the_dense_mask(cpu_flex_backward, device, n_kv_heads, ac):
     """The packed step through flex_attention (autograd's, or the hand-written backward's)
     gives the dense block-diagonal mask's logits and gradients."""
@@ -162,6 +162,17 @@ def test_manual_block_gradcheck_fp64_through_flex(cpu_flex_backward):
         return BlockFunction.apply(x, cos, sin, mask, *w, args.head_dim, args.norm_eps, "auto")
 
     assert torch.autograd.gradcheck(f, (x, *weights), fast_mode=True)
+
+
+def test_manual_block_refuses_a_kernel_that_does_not_take_the_mask():
+    args = ModelArgs(dim=16, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=10, multiple_of=8)
+    docs, pos = packed_documents([[2, 3]], 7)
+    weights, x = block_inputs(args, 1, 7, torch.float32)
+    cos, sin = rope_cos_sin(args.head_dim, args.rope_theta, pos)
+    for flex, kernel in ((True, "math"), (False, "flex")):
+        mask = document_mask(docs, flex=flex)
+        with pytest.raises(ValueError, match=f"kernel='{kernel}' with .*a BlockMask takes"):
+            BlockFunction.apply(x, cos, sin, mask, *weights, args.head_dim, args.norm_eps, kernel)
 
 
 class _Saved:

@@ -149,8 +149,9 @@ def document_mask(documents: torch.Tensor, flex: bool | None = None) -> torch.Te
     and serves grouped-query heads without copying keys and values. ``flex=False``: the dense
     boolean (batch, 1, seq, seq) mask, True = attend, for scaled_dot_product_attention.
     ``None`` chooses by device: the BlockMask on CUDA, the dense mask elsewhere — torch's CPU
-    flex_attention has no backward, and without gradients its eager kernel is about ten times
-    slower than SDPA with the dense mask (bench/packed_attention.py).
+    flex_attention has no backward, and without gradients (the 15M preset's packed forward,
+    bench/packed_attention.py) it took about twice the time of SDPA with the dense mask eager
+    and only matched it compiled.
     """
     if documents.dim() != 2 or documents.is_floating_point() or documents.is_complex():
         raise ValueError(
@@ -189,6 +190,8 @@ def attend_flex(
     fn = flex_attention
     if q.is_cuda and not torch.compiler.is_compiling():
         fn = _compiled_flex_attention()
+    if q.device.type == "cpu":  # Inductor's CPU template (torch 2.13) cannot lower the views
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     return fn(q, k, v, block_mask=block_mask, enable_gqa=k.shape[1] != q.shape[1])  # type: ignore[return-value]
 
 
