@@ -50,8 +50,29 @@ VARIANTS = ("ours-full", "ours-lora", "ours-packed", "hf-full", "hf-peft-lora")
 SHARED = Path(os.environ.get("LLAMAFORGE_SHARED_DATA", Path(__file__).parents[2] / "shared/data"))
 
 
-def ours(variant: str, a: argparse.Namespace, device: torch.device, vocab: int):
-    """(step function, model) through the real trainer."""
+def instruct_examples(tok: Tokenizer, max_len: int) -> list:
+    """The shared ShareGPT conversations and self-instruct tasks, tokenized (llama2 template)."""
+    data = InstructDataConfig(
+        paths=[
+            str(SHARED / "instruct/fastchat/dummy_conversation.json"),
+            str(SHARED / "instruct/self-instruct/seed_tasks.jsonl"),
+        ],
+        template="llama2",
+        max_len=max_len,
+        val_fraction=0.0,
+    )
+    return build_dataset(data, tok).train
+
+
+def ours(
+    variant: str,
+    a: argparse.Namespace,
+    device: torch.device,
+    vocab: int,
+    overrides: tuple[str, ...] = (),
+):
+    """(step function, model, optimizer) through the real trainer; ``overrides``: more
+    ``TrainConfig`` settings (``compile=true``, ``activation_checkpointing=manual``)."""
     cfg = load_config(
         TrainConfig,
         None,
@@ -66,6 +87,7 @@ def ours(variant: str, a: argparse.Namespace, device: torch.device, vocab: int):
             f"dtype={a.dtype}",
             "out=/tmp/llamaforge-bench-finetune",
             "compile=false",
+            *overrides,
         ],
     )
     lora = LoraConfig(rank=a.rank, alpha=2 * a.rank, dropout=0.0)
@@ -148,16 +170,7 @@ def main() -> None:
     device = torch.device(a.device)
 
     tok = Tokenizer(SHARED / "tokenizer/llama/tokenizer.model")
-    data = InstructDataConfig(
-        paths=[
-            str(SHARED / "instruct/fastchat/dummy_conversation.json"),
-            str(SHARED / "instruct/self-instruct/seed_tasks.jsonl"),
-        ],
-        template="llama2",
-        max_len=a.max_len,
-        val_fraction=0.0,
-    )
-    examples = build_dataset(data, tok).train
+    examples = instruct_examples(tok, a.max_len)
     padded = PaddedLoader(examples, a.batch, seed=0, device=device)
     batches = {"padded": [next(padded) for _ in range(8)]}
     # packed rows holding about as many real tokens as a padded step

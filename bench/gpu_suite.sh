@@ -17,6 +17,10 @@
 #      (manual) against selective, full and none: 1B (8 x 2048) and 7B (1 x 2048), compiled
 #   7. bench/generate_throughput.py: 1B bf16 single-stream decoding (compiled static cache,
 #      int8, speculative) against HF generate
+#   8. packed rows without a dense mask (flex_attention): tests/test_packed_attention.py on
+#      CUDA (flex against the dense mask: logits, gradients, GQA, the manual backward), then
+#      bench/packed_attention.py, 1B GQA bf16 8 x 2048 packed finetuning steps, dense mask
+#      against document ids, eager and compiled (needs ../shared/data)
 set -uo pipefail
 OUT="${OUT:-gpu-out}"
 mkdir -p "$OUT"
@@ -83,3 +87,15 @@ step train-ac-7B 420 "$PY" bench/train_throughput.py --device cuda --preset 7B -
 step generate-1B 420 "$PY" bench/generate_throughput.py --device cuda --preset 1B --batch 1 \
     --prompt-len 32 --new-tokens 256 --repeats 3 \
     --variants ours-compile ours-int8 ours-spec ours hf
+
+# 8. packed finetuning rows: document-masked attention by flex_attention against the dense
+#    (rows, 1, S, S) mask — correctness on the CUDA kernels, then speed (step, tokens/s)
+step packed-test 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_packed_attention.py
+
+step packed-1B 420 "$PY" bench/packed_attention.py --device cuda --dtype bf16 --preset 1B \
+    --n-kv-heads 4 --max-len 2048 --rows 8 --rounds 2 --steps 3 \
+    --variants dense documents dense-eval flex-eval
+
+step packed-1B-compile 420 "$PY" bench/packed_attention.py --device cuda --dtype bf16 \
+    --preset 1B --n-kv-heads 4 --max-len 2048 --rows 8 --rounds 2 --steps 3 \
+    --variants dense-compile documents-compile dense-eval-compile flex-eval-compile

@@ -25,6 +25,7 @@ from llamaforge.finetune.data import (
     read_examples,
     tokenize_examples,
 )
+from llamaforge.model import document_mask
 from llamaforge.tokenizer import Tokenizer
 
 from .conftest import shared_file
@@ -301,9 +302,10 @@ def test_packed_never_crosses_examples():
     loader = PackedLoader(exs, 6, S, seed=3)
     for _ in range(5):
         x, y, extras = next(loader)
-        pos, mask = extras["positions"], extras["mask"]
-        assert x.shape == y.shape == pos.shape == (6, S)
-        assert mask.shape == (6, 1, S, S) and mask.dtype == torch.bool
+        assert sorted(extras) == ["documents", "positions"]  # ids, no (rows, 1, S, S) mask
+        pos, docs = extras["positions"], extras["documents"]
+        assert x.shape == y.shape == pos.shape == docs.shape == (6, S)
+        mask = document_mask(docs, flex=False)  # what attention sees of the row
         for r in range(6):
             at = 0
             while at < S and x[r, at] != 0:
@@ -313,6 +315,7 @@ def test_packed_never_crosses_examples():
                 assert x[r, at : at + n].tolist() == ex.ids[:-1].tolist()
                 assert y[r, at : at + n].tolist() == ex.labels[1:].tolist()
                 assert pos[r, at : at + n].tolist() == list(range(n))
+                assert (docs[r, at : at + n] == docs[r, at]).all()
                 # block-diagonal causal: attends exactly to itself and earlier positions
                 block = mask[r, 0, at : at + n]
                 expect = torch.zeros(n, S, dtype=torch.bool)
@@ -324,6 +327,28 @@ def test_packed_never_crosses_examples():
         # a target is never the first token of another example
         firsts = {int(e.ids[0]) for e in exs}
         assert not any(int(t) in firsts for t in y.flatten() if t != IGNORE_INDEX)
+
+
+@pytest.mark.parametrize("loader", [PaddedLoader, PackedLoader])
+@pytest.mark.parametrize(
+    "examples, kw, needle",
+    [
+        (0, {}, "no examples to load"),
+        (5, {"global_batch": 3, "world_size": 2}, "global batch 3 is not a positive multiple"),
+        (5, {"rank": 2, "world_size": 2}, r"rank 2 is not in \[0, 2\)"),
+        (5, {"seq_len": 3}, "more than seq_len=3"),
+    ],
+)
+def test_loaders_refuse_what_cannot_be_loaded(loader, examples, kw, needle):
+    """The shared constructor's checks, the same for both loaders."""
+    kw = {"global_batch": 2, "seq_len": 32, **kw}
+    with pytest.raises(InstructDataError, match=needle):
+        loader(synthetic(examples), **kw)
+
+
+def test_packed_loader_needs_seq_len():
+    with pytest.raises(InstructDataError, match="PackedLoader: set seq_len"):
+        PackedLoader(synthetic(3), 2)
 
 
 def test_packed_covers_every_example_once_per_epoch():
@@ -359,7 +384,7 @@ def test_resume_mid_epoch(packed):
         for w, g in zip(want[:2], got[:2]):
             assert torch.equal(w, g)
         if packed:
-            assert torch.equal(want[2]["mask"], got[2]["mask"])
+            assert torch.equal(want[2]["documents"], got[2]["documents"])
             assert torch.equal(want[2]["positions"], got[2]["positions"])
     with pytest.raises(InstructDataError, match="loader state"):
         PaddedLoader(exs, 4, seed=8).load_state_dict(state)
@@ -389,7 +414,8 @@ def test_two_ranks_cover_global_batch(packed):
         assert torch.equal(torch.cat([a[0], b[0]]), whole[0])
         assert torch.equal(torch.cat([a[1], b[1]]), whole[1])
         if packed:
-            assert torch.equal(torch.cat([a[2]["mask"], b[2]["mask"]]), whole[2]["mask"])
+            for key in ("documents", "positions"):
+                assert torch.equal(torch.cat([a[2][key], b[2][key]]), whole[2][key])
     assert r0.state_dict() == r1.state_dict() == one.state_dict()
 
 

@@ -11,14 +11,17 @@ checkpointing, mixed precision — lives outside this file.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from llamaforge import config
 
@@ -213,6 +216,62 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(-2).type_as(x)
 
 
+def document_mask(documents: torch.Tensor, flex: bool | None = None) -> torch.Tensor | BlockMask:
+    """The attention mask of packed rows: position i attends to position j where j <= i and
+    both lie in the same document. ``documents`` (batch, seq) holds an integer id per position
+    (the packed loader's: each example, and the row's padding, a document of its own).
+
+    ``flex=True``: a ``flex_attention`` ``BlockMask`` (causal AND same document), built once
+    and shared by every layer — attention then computes only the blocks a document touches
+    and serves grouped-query heads without copying keys and values. ``flex=False``: the dense
+    boolean (batch, 1, seq, seq) mask, True = attend, for scaled_dot_product_attention.
+    ``None`` chooses by device: the BlockMask on CUDA, the dense mask elsewhere — torch's CPU
+    flex_attention has no backward, and without gradients (the 15M preset's packed forward,
+    bench/packed_attention.py) it took about twice the time of SDPA with the dense mask eager
+    and only matched it compiled.
+    """
+    if documents.dim() != 2 or documents.is_floating_point() or documents.is_complex():
+        raise ValueError(
+            f"documents: expected integer ids of shape (batch, seq), got {documents.dtype} "
+            f"of shape {tuple(documents.shape)}"
+        )
+    bsz, seqlen = documents.shape
+    if not (documents.is_cuda if flex is None else flex):
+        causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=documents.device).tril()
+        return ((documents[:, :, None] == documents[:, None, :]) & causal)[:, None]
+
+    def same_document_causal(
+        b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> torch.Tensor:
+        return (k <= q) & (documents[b, q] == documents[b, k])
+
+    return create_block_mask(
+        same_document_causal, bsz, None, seqlen, seqlen, device=documents.device
+    )
+
+
+@functools.cache
+def _compiled_flex_attention() -> Callable[..., torch.Tensor]:
+    return torch.compile(flex_attention)
+
+
+def attend_flex(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask
+) -> torch.Tensor:
+    """softmax(q·kᵀ/√d, where ``block_mask`` allows)·v by ``flex_attention`` on q (batch,
+    heads, seq, head_dim) and k, v with as many heads or a divisor of them (grouped-query:
+    each key/value head serves its group of query heads, nothing copied).
+
+    Compiled on CUDA — eager flex_attention materialises the scores instead of running the
+    fused kernel — unless already inside a compiled region (a compiled block traces it)."""
+    fn = flex_attention
+    if q.is_cuda and not torch.compiler.is_compiling():
+        fn = _compiled_flex_attention()
+    if q.device.type == "cpu":  # Inductor's CPU template (torch 2.13) cannot lower the views
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    return fn(q, k, v, block_mask=block_mask, enable_gqa=k.shape[1] != q.shape[1])  # type: ignore[return-value]
+
+
 class KVCache:
     """Keys and values of past positions for every layer, (n_layers, batch, kv_heads, max_len,
     head_dim) each: one object for the whole model, so no caller reaches into a layer."""
@@ -256,7 +315,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | None,
+        mask: torch.Tensor | BlockMask | None,
         cache: KVCache | None = None,
         start_pos: int = 0,
     ) -> torch.Tensor:
@@ -268,6 +327,9 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_id, start_pos, k, v)
+        if isinstance(mask, BlockMask):  # packed rows (document_mask): the blocks they touch
+            out = attend_flex(q, k, v, mask)
+            return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
         if self.n_kv_heads != self.n_heads and mask is not None and x.is_cuda:
             # CUDA's kernels take a mask (memory-efficient) or enable_gqa (flash), not both;
             # SDPA would fall back to its slow math kernel, so copy the kv heads instead.
@@ -309,7 +371,7 @@ class TransformerBlock(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | None,
+        mask: torch.Tensor | BlockMask | None,
         cache: KVCache | None = None,
         start_pos: int = 0,
     ) -> torch.Tensor:
@@ -332,7 +394,8 @@ class Transformer(nn.Module):
         tokens: torch.Tensor,
         start_pos: int = 0,
         *,
-        mask: torch.Tensor | None = None,
+        mask: torch.Tensor | BlockMask | None = None,
+        documents: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
         return_hidden: bool = False,
@@ -345,7 +408,10 @@ class Transformer(nn.Module):
         values at slots ``start_pos…``; the chunk attends to everything stored before it.
         ``mask``: boolean, True = attend, broadcastable to (batch, 1, seq, keys) where keys are
         ``start_pos + seq`` with a cache, else ``seq``; it replaces the causal mask (padding,
-        the block-diagonal mask of packed examples, a prefix shared by rows).
+        a prefix shared by rows); a flex_attention ``BlockMask`` runs attention through
+        ``flex_attention`` instead. ``documents``: (batch, seq) document ids of packed rows, in
+        place of ``mask`` — each position attends to the earlier ones of its document, through
+        ``document_mask``'s choice for the device (no cache, ``start_pos`` 0).
         ``positions``: (seq,) or (batch, seq) rotary positions instead of ``start_pos…``
         (packed examples restart at 0); the caller keeps them below ``max_seq_len``.
         ``return_hidden`` returns the final-norm hidden states (batch, seq, dim) instead of
@@ -363,6 +429,20 @@ class Transformer(nn.Module):
                     f"{self.args.max_seq_len}"
                 )
             positions = slots[start_pos:]
+        if documents is not None:
+            if mask is not None or cache is not None or start_pos:
+                raise ValueError(
+                    "documents (packed rows) replaces mask and takes no cache or start_pos; got "
+                    f"mask={'set' if mask is not None else None}, "
+                    f"cache={'set' if cache is not None else None}, start_pos={start_pos}"
+                )
+            if documents.shape != tokens.shape:
+                raise ValueError(
+                    f"documents has shape {tuple(documents.shape)}, expected the tokens' "
+                    f"{tuple(tokens.shape)}"
+                )
+            # one mask per call, shared by every layer
+            mask = document_mask(documents)
         if mask is None and start_pos > 0 and seqlen > 1 and cache is not None:
             # query i (slot start_pos+i) sees keys 0..start_pos+i: right for any chunk.
             mask = slots[None, :] <= slots[start_pos:, None]

@@ -14,11 +14,12 @@
   puts it in the validation split (``val_fraction``) as the pretraining data's hash split
   does; one longer than ``max_len`` positions is truncated or dropped.
 * **Loaders.** ``PaddedLoader`` (one example per row) and ``PackedLoader`` (examples packed
-  into rows of ``seq_len`` with per-example positions and a block-diagonal causal mask). An
-  example of n tokens takes n - 1 positions: inputs ``ids[:-1]``, targets ``labels[1:]``,
-  shifted within the example, so no example predicts or attends to another. Both read the
-  global batch's contiguous ``1 / world_size`` share for their rank, shuffle with a seeded
-  permutation per epoch and resume exactly from ``state_dict()``.
+  into rows of ``seq_len`` with per-example positions and document ids, from which the model
+  builds the block-diagonal causal mask). An example of n tokens takes n - 1 positions:
+  inputs ``ids[:-1]``, targets ``labels[1:]``, shifted within the example, so no example
+  predicts or attends to another. Both (one shared constructor) read the global batch's
+  contiguous ``1 / world_size`` share for their rank, shuffle with a seeded permutation per
+  epoch and resume exactly from ``state_dict()``.
 """
 
 from __future__ import annotations
@@ -547,20 +548,27 @@ def _epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
 
 
 class _Loader:
-    """The shared stream: each epoch is a seeded order of units (examples, or packed rows,
-    whose count may differ between epochs); a step takes ``global_batch`` units, crossing
-    into the next epoch when one runs out, and this rank reads its contiguous share. The
-    state is (epoch, position in epoch), the same on every rank."""
+    """The shared stream over ``examples``: each epoch is a seeded order of units (examples,
+    or packed rows, whose count may differ between epochs); a step takes ``global_batch``
+    units, crossing into the next epoch when one runs out, and this rank reads its contiguous
+    share. The state is (epoch, position in epoch), the same on every rank. Rows hold at most
+    ``seq_len`` positions (``_check_lengths``), padded with ``pad_id``."""
 
     def __init__(
         self,
+        examples: Sequence[TokenizedExample],
         global_batch: int,
-        rank: int,
-        world_size: int,
-        seed: int,
-        shuffle: bool,
-        device: str | torch.device,
+        seq_len: int | None = None,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        pad_id: int = 0,
+        device: str | torch.device = "cpu",
     ) -> None:
+        if not examples:
+            raise InstructDataError("no examples to load")
         if global_batch < 1 or global_batch % world_size:
             raise InstructDataError(
                 f"global batch {global_batch} is not a positive multiple of {world_size} ranks"
@@ -572,6 +580,17 @@ class _Loader:
         self.epoch_index, self.position = 0, 0
         self._cache: dict[int, list[Any]] = {}
         self.real_tokens = 0  # non-padding positions of the last batch (the trainer's count)
+        self.examples, self.seq_len, self.pad_id = list(examples), seq_len, pad_id
+        self._lengths = [e.positions for e in self.examples]
+        self._check_lengths()
+
+    def _check_lengths(self) -> None:
+        """Raise ``InstructDataError`` if an example cannot fit a row."""
+        longest = max(self._lengths)
+        if self.seq_len is not None and longest > self.seq_len:
+            raise InstructDataError(
+                f"an example takes {longest} positions, more than seq_len={self.seq_len}"
+            )
 
     def _units(self, epoch: int) -> list[Any]:
         raise NotImplementedError
@@ -616,7 +635,12 @@ class _Loader:
         return t
 
     def _key(self) -> dict[str, Any]:
-        return {"seed": self.seed, "global_batch": self.global_batch, "shuffle": self.shuffle}
+        return {
+            "seed": self.seed,
+            "global_batch": self.global_batch,
+            "shuffle": self.shuffle,
+            "examples": len(self.examples),
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch_index, "position": self.position, **self._key()}
@@ -634,29 +658,6 @@ class PaddedLoader(_Loader):
     ``seq_len``); yields ``(x, y)`` with y = -100 on padding. Inputs are padded with
     ``pad_id`` (never a target, and causal attention keeps real tokens from seeing it)."""
 
-    def __init__(
-        self,
-        examples: Sequence[TokenizedExample],
-        global_batch: int,
-        *,
-        seq_len: int | None = None,
-        rank: int = 0,
-        world_size: int = 1,
-        seed: int = 0,
-        shuffle: bool = True,
-        pad_id: int = 0,
-        device: str | torch.device = "cpu",
-    ) -> None:
-        super().__init__(global_batch, rank, world_size, seed, shuffle, device)
-        if not examples:
-            raise InstructDataError("no examples to load")
-        longest = max(e.positions for e in examples)
-        if seq_len is not None and longest > seq_len:
-            raise InstructDataError(
-                f"an example takes {longest} positions, more than seq_len={seq_len}"
-            )
-        self.examples, self.seq_len, self.pad_id = list(examples), seq_len, pad_id
-
     def _units(self, epoch: int) -> list[Any]:
         return _epoch_order(len(self.examples), self.seed, epoch, self.shuffle).tolist()
 
@@ -673,7 +674,7 @@ class PaddedLoader(_Loader):
         return self._to(x), self._to(y)
 
     def _key(self) -> dict[str, Any]:
-        return {**super()._key(), "kind": "padded", "examples": len(self.examples)}
+        return {**super()._key(), "kind": "padded"}
 
 
 def pack_rows(
@@ -704,68 +705,47 @@ def pack_rows(
 class PackedLoader(_Loader):
     """Rows of exactly ``seq_len`` positions holding several examples each; ``global_batch``
     counts rows. Yields ``(x, y, extras)``, ``extras = {"positions": (rows, seq_len) long,
-    restarting at 0 at each example, "mask": (rows, 1, seq_len, seq_len) bool, block-diagonal
-    causal, True = may attend}``. Targets are shifted within each example (so an example's
-    first token is never a target and its last never predicts the next example); the row's
-    tail is padding (``pad_id``, y = -100), a block of its own so its rows of the mask are not
-    empty."""
+    restarting at 0 at each example, "documents": (rows, seq_len) long, each position's
+    example in its row}`` — the model's keyword arguments: a position attends to the earlier
+    ones of its example (``model.document_mask``), no dense mask is carried. Targets are
+    shifted within each example (so an example's first token is never a target and its last
+    never predicts the next example); the row's tail is padding (``pad_id``, y = -100), a
+    document of its own so that none of its positions is left without a key."""
 
-    def __init__(
-        self,
-        examples: Sequence[TokenizedExample],
-        global_batch: int,
-        seq_len: int,
-        *,
-        rank: int = 0,
-        world_size: int = 1,
-        seed: int = 0,
-        shuffle: bool = True,
-        pad_id: int = 0,
-        device: str | torch.device = "cpu",
-    ) -> None:
-        super().__init__(global_batch, rank, world_size, seed, shuffle, device)
-        if not examples:
-            raise InstructDataError("no examples to load")
-        self.examples, self.seq_len, self.pad_id = list(examples), seq_len, pad_id
-        self._lengths = [e.positions for e in self.examples]
-        pack_rows(self._lengths, range(len(self.examples)), seq_len)  # checks the lengths
+    def _check_lengths(self) -> None:
+        if self.seq_len is None:
+            raise InstructDataError("PackedLoader: set seq_len, the positions of a packed row")
+        pack_rows(self._lengths, range(len(self.examples)), self.seq_len)
 
     def _units(self, epoch: int) -> list[Any]:
         order = _epoch_order(len(self.examples), self.seed, epoch, self.shuffle).tolist()
-        return pack_rows(self._lengths, order, self.seq_len)
+        return pack_rows(self._lengths, order, self.seq_len)  # type: ignore[arg-type]
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         rows = self._take()
-        S = self.seq_len
+        shape = (len(rows), self.seq_len)
+        x = torch.full(shape, self.pad_id, dtype=torch.long)
+        y = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+        pos = torch.zeros(shape, dtype=torch.long)
+        doc = torch.zeros(shape, dtype=torch.long)
         self.real_tokens = sum(self._lengths[i] for members in rows for i in members)
-        x = torch.full((len(rows), S), self.pad_id, dtype=torch.long)
-        y = torch.full((len(rows), S), IGNORE_INDEX, dtype=torch.long)
-        pos = torch.zeros((len(rows), S), dtype=torch.long)
-        seg = torch.zeros((len(rows), S), dtype=torch.long)  # block id of each position
         for r, members in enumerate(rows):
             at = 0
-            for b, i in enumerate(members):
+            for d, i in enumerate(members):
                 e = self.examples[i]
                 n = e.positions
                 x[r, at : at + n] = torch.from_numpy(e.ids[:-1])
                 y[r, at : at + n] = torch.from_numpy(e.labels[1:])
                 pos[r, at : at + n] = torch.arange(n)
-                seg[r, at : at + n] = b
+                doc[r, at : at + n] = d
                 at += n
-            pos[r, at:] = torch.arange(S - at)
-            seg[r, at:] = len(members)  # padding: its own block
-        causal = torch.ones(S, S, dtype=torch.bool).tril()
-        mask = (seg[:, :, None] == seg[:, None, :]) & causal
-        extras = {"positions": self._to(pos), "mask": self._to(mask[:, None])}
+            pos[r, at:] = torch.arange(shape[1] - at)
+            doc[r, at:] = len(members)  # padding: a document of its own
+        extras = {"positions": self._to(pos), "documents": self._to(doc)}
         return self._to(x), self._to(y), extras
 
     def _key(self) -> dict[str, Any]:
-        return {
-            **super()._key(),
-            "kind": "packed",
-            "examples": len(self.examples),
-            "seq_len": self.seq_len,
-        }
+        return {**super()._key(), "kind": "packed", "seq_len": self.seq_len}
 
 
 def padding_waste(

@@ -27,6 +27,13 @@ mask; anything else (fp32 or a mask on CUDA, other devices) uses a plain matmul-
 implementation that saves the same statistics. Grouped-query attention expands the key/value
 heads for the kernel and sums their gradients back over each group.
 
+Packed rows with a flex_attention ``BlockMask`` (``model.document_mask``) take the model's
+path, ``model.attend_flex`` (the fused kernels on CUDA, grouped-query heads served without
+copies): torch has no public flex_attention backward to call with a saved output and
+log-sum-exp, so the forward keeps flex_attention's own autograd node (``_FlexGraph``), which
+holds the rotated q and k, v, the output and its log-sum-exp, and the backward runs it. q and
+k before RoPE are then not kept: the node's rotated ones take their place, the same bytes.
+
 Under tensor parallelism (DTensor weights: ``distributed.apply_tensor_parallel``) it runs on
 each rank's heads and hidden units with the collectives written in — all-reduces for plain
 column/row-split blocks, and with sequence parallelism (training's layout) all-gathers and
@@ -49,6 +56,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask
+
+from llamaforge.model import attend_flex
 
 __all__ = ["BlockFunction", "use_manual_backward", "attention_forward", "attention_backward"]
 
@@ -102,7 +112,9 @@ def _linear_backward(
 # -- attention with its log-sum-exp ------------------------------------------------------------
 
 
-def _attention_kind(q: torch.Tensor, mask: torch.Tensor | None) -> str:
+def _attention_kind(q: torch.Tensor, mask: torch.Tensor | BlockMask | None) -> str:
+    if isinstance(mask, BlockMask):
+        return "flex"
     if q.device.type == "cpu":
         return "cpu-flash"
     if (
@@ -125,13 +137,50 @@ def _bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     )
 
 
+class _FlexGraph:
+    """flex_attention's autograd graph over detached q, k, v, from the block's forward to its
+    backward: its node keeps the inputs, the output and the log-sum-exp, and its backward (the
+    fused kernel on CUDA) runs from them once — again only while the caller's backward keeps
+    its graph (``retain_graph``, as ``gradcheck`` does)."""
+
+    def __init__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask
+    ) -> None:
+        self.inputs: tuple[torch.Tensor, ...] | None = tuple(
+            t.detach().requires_grad_() for t in (q, k, v)
+        )
+        with torch.enable_grad():  # (an autograd.Function's forward runs without)
+            self.out = attend_flex(*self.inputs, block_mask)
+
+    def backward(self, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.inputs is None:
+            raise RuntimeError(
+                "manual backward: a second backward through flex attention's graph, which the "
+                "first one freed; pass retain_graph=True to the first"
+            )
+        keep = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", bool)()
+        grads = torch.autograd.grad(self.out, self.inputs, grad, retain_graph=keep)
+        if not keep:  # free what flex_attention's node holds as soon as it has run
+            self.inputs = self.out = None  # type: ignore[assignment]
+        return grads
+
+
 def attention_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, kind: str
-) -> tuple[torch.Tensor, torch.Tensor, tuple[Any, ...]]:
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | BlockMask | None,
+    kind: str,
+) -> tuple[torch.Tensor, torch.Tensor | None, tuple[Any, ...]]:
     """softmax(q·kᵀ/√d [+ mask, else causal])·v on (b, h, s, d) with as many heads in k, v
-    as in q. Returns (out, lse (b, h, s) fp32, kernel extras for the backward)."""
+    as in q (kind "flex": a BlockMask, and k, v with their own key/value heads). Returns
+    (out, lse (b, h, s) fp32, kernel extras for the backward); "flex" returns no lse, its
+    extras being the ``_FlexGraph`` that holds it."""
     aten = torch.ops.aten
     causal = mask is None
+    if kind == "flex":
+        graph = _FlexGraph(q, k, v, mask)  # type: ignore[arg-type]
+        return graph.out.detach(), None, (graph,)
     if kind == "cpu-flash":
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, causal, attn_mask=_bias(mask, q.dtype)
@@ -163,14 +212,17 @@ def attention_backward(
     k: torch.Tensor,
     v: torch.Tensor,
     out: torch.Tensor,
-    lse: torch.Tensor,
-    mask: torch.Tensor | None,
+    lse: torch.Tensor | None,
+    mask: torch.Tensor | BlockMask | None,
     kind: str,
     extras: tuple[Any, ...],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) of ``attention_forward``, from its saved output and log-sum-exp."""
+) -> tuple[torch.Tensor, ...]:
+    """(dq, dk, dv) of ``attention_forward``, from its saved output and log-sum-exp ("flex":
+    from the graph in ``extras``, which holds them; q, k, v, out and lse are unused)."""
     aten = torch.ops.aten
     causal = mask is None
+    if kind == "flex":
+        return extras[0].backward(grad)
     if kind == "cpu-flash":
         return aten._scaled_dot_product_flash_attention_for_cpu_backward(
             grad, q, k, v, out, lse, 0.0, causal, attn_mask=_bias(mask, q.dtype)
@@ -200,11 +252,12 @@ def attention_backward(
 class BlockFunction(torch.autograd.Function):
     """out = h + w2(silu(w1·n₂) ⊙ w3·n₂), n₂ = ffn_norm(h); h = x + wo(attn(rope(wq·n₁),
     rope(wk·n₁), wv·n₁)), n₁ = attention_norm(x) — ``TransformerBlock.forward`` without a
-    cache. ``mask``: None (causal) or boolean, broadcastable to (b, 1, s, s), True = attend.
+    cache. ``mask``: None (causal), boolean broadcastable to (b, 1, s, s), True = attend, or a
+    flex_attention ``BlockMask`` (packed rows: ``model.document_mask``).
     The linear layers compute in ``compute_dtype`` (default: the weights'), their weights are
     cast to it where used; x and the norm gains keep their dtypes.
     ``kernel``: the attention implementation, "auto" (the fused kernel of the device where
-    there is one) or "cpu-flash" | "cuda-flash" | "math".
+    there is one; "flex" with a BlockMask) or "cpu-flash" | "cuda-flash" | "math" | "flex".
 
     Tensor parallelism (Megatron's layout) with ``tp_group``: the weights are this rank's
     shards — wq/wk/wv/w1/w3 split by output rows (whole heads, hidden units), wo/w2 by input
@@ -252,8 +305,14 @@ class BlockFunction(torch.autograd.Function):
         n1 = comm.gather(_rms_norm(x, attn_norm, eps)[0].to(cd))
         q, k, v = F.linear(n1, wq.to(cd)), F.linear(n1, wk.to(cd)), F.linear(n1, wv.to(cd))
         del n1
-        qh, kh, vh = _heads(q, k, v, cos, sin, head_dim, n_heads, n_kv)
+        flex = isinstance(mask, BlockMask)  # flex_attention takes the key/value heads as they are
+        qh, kh, vh = _heads(q, k, v, cos, sin, head_dim, n_heads, n_kv, expand=not flex)
         kind = _attention_kind(qh, mask) if kernel == "auto" else kernel
+        if (kind == "flex") != flex:
+            raise ValueError(
+                f"BlockFunction: kernel={kind!r} with {type(mask).__name__} as mask; a "
+                "BlockMask takes kernel 'flex' (or 'auto'), no mask or a boolean one the others"
+            )
         o, lse, extras = attention_forward(qh, kh, vh, mask, kind)
         del qh, kh, vh
         bsz, seqlen = q.shape[:2]
@@ -266,11 +325,14 @@ class BlockFunction(torch.autograd.Function):
         out = h + comm.reduce(F.linear(F.silu(u) * t, w2.to(cd)))
 
         tensors = [x, cos, sin, attn_norm, wq, wk, wv, wo, ffn_norm, w1, w2, w3]
-        tensors += [q, k, v, o, lse, ao, u, t]
-        tensors += [mask] if mask is not None else []
+        # flex: its graph (in extras) holds the rotated q, k and v in place of these
+        tensors += [None, None, None] if flex else [q, k, v]
+        tensors += [o, lse, ao, u, t]
+        has_mask = isinstance(mask, torch.Tensor)  # (a BlockMask lives in flex's graph)
+        tensors += [mask] if has_mask else []
         tensors += [e for e in extras if isinstance(e, torch.Tensor)]
         ctx.save_for_backward(*tensors)
-        ctx.has_mask, ctx.kind, ctx.head_dim, ctx.eps = mask is not None, kind, head_dim, eps
+        ctx.has_mask, ctx.kind, ctx.head_dim, ctx.eps = has_mask, kind, head_dim, eps
         ctx.comm, ctx.cd = comm, cd
         # the kernel's extras: tensors go through save_for_backward, the rest (sizes, and
         # the None a kernel returns for an undefined tensor) is kept as it is
@@ -287,7 +349,7 @@ class BlockFunction(torch.autograd.Function):
         mask = rest.pop(0) if ctx.has_mask else None
         extras = tuple(rest.pop(0) if saved else value for saved, value in ctx.extras)
         eps, head_dim, cd, comm = ctx.eps, ctx.head_dim, ctx.cd, ctx.comm
-        bsz, seqlen = q.shape[:2]  # the whole sequence (x has a slice of it under SP)
+        bsz, seqlen = o.shape[0], o.shape[2]  # the whole sequence (x: a slice of it under SP)
         n_heads, n_kv = wq.shape[0] // head_dim, wk.shape[0] // head_dim
 
         # out = h + w2(m): recompute h, n₂ and m = silu(u)·t
@@ -316,17 +378,18 @@ class BlockFunction(torch.autograd.Function):
         do_flat, dwo = _linear_backward(comm.gather(dh.to(cd)), o_flat, wo)
         del o_flat
         do = do_flat.view(bsz, seqlen, n_heads, head_dim).transpose(1, 2)
-        # attention, from the saved output and log-sum-exp; RoPE recomputed
-        qh, kh, vh = _heads(q, k, v, cos, sin, head_dim, n_heads, n_kv)
-        dqh, dkh, dvh = attention_backward(do, qh, kh, vh, o, lse, mask, ctx.kind, extras)
-        del qh, kh, vh, do, do_flat
-        if n_kv != n_heads:  # each kv head served a group of query heads: sum their gradients
+        # attention, from the saved output and log-sum-exp; RoPE recomputed (flex: its graph)
+        flex = ctx.kind == "flex"
+        heads = (q, k, v) if flex else _heads(q, k, v, cos, sin, head_dim, n_heads, n_kv)
+        dqh, dkh, dvh = attention_backward(do, *heads, o, lse, mask, ctx.kind, extras)
+        del heads, do, do_flat
+        if dkh.shape[1] != n_kv:  # the kernel's copies of each kv head: sum over its group
             dkh = dkh.unflatten(1, (n_kv, -1)).sum(2)
             dvh = dvh.unflatten(1, (n_kv, -1)).sum(2)
         # RoPE is a rotation: its gradient rotates back
-        dq = _rope(dqh.transpose(1, 2), cos, -sin).reshape(q.shape)
-        dk = _rope(dkh.transpose(1, 2), cos, -sin).reshape(k.shape)
-        dv = dvh.transpose(1, 2).reshape(v.shape)
+        dq = _rope(dqh.transpose(1, 2), cos, -sin).flatten(2)
+        dk = _rope(dkh.transpose(1, 2), cos, -sin).flatten(2)
+        dv = dvh.transpose(1, 2).flatten(2)
         del dqh, dkh, dvh
         # q, k, v = wq·n₁, wk·n₁, wv·n₁, n₁ = attention_norm(x)
         n1, y1, r1 = _rms_norm(x, attn_norm, eps)
@@ -356,14 +419,15 @@ def _heads(
     head_dim: int,
     n_heads: int,
     n_kv: int,
+    expand: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The linear outputs as the kernel's (b, heads, s, d) q, k, v: RoPE on q and k, the
-    key/value heads repeated to one per query head."""
+    key/value heads repeated to one per query head (unless not ``expand``)."""
     bsz, seqlen, _ = q.shape
     qh = _rope(q.view(bsz, seqlen, n_heads, head_dim), cos, sin).transpose(1, 2)
     kh = _rope(k.view(bsz, seqlen, n_kv, head_dim), cos, sin).transpose(1, 2)
     vh = v.view(bsz, seqlen, n_kv, head_dim).transpose(1, 2)
-    if n_kv != n_heads:
+    if expand and n_kv != n_heads:
         kh = kh.repeat_interleave(n_heads // n_kv, dim=1)
         vh = vh.repeat_interleave(n_heads // n_kv, dim=1)
     return qh, kh, vh
@@ -498,7 +562,7 @@ def _manual_forward(
     x: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
-    mask: torch.Tensor | None,
+    mask: torch.Tensor | BlockMask | None,
     cache: Any = None,
     start_pos: int = 0,
 ) -> torch.Tensor:
@@ -522,7 +586,7 @@ def _manual_forward(
     # autocast (one process, bf16): the linear layers compute in its dtype, as F.linear would
     cd = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
     wq, wk, wv, wo, w1, w2, w3 = weights
-    if mask is not None and mask.dtype != torch.bool:
+    if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool:
         raise ValueError(f"manual backward: the attention mask must be boolean, got {mask.dtype}")
     with torch.autocast(device, enabled=False):
         out = BlockFunction.apply(
