@@ -80,6 +80,13 @@ def test_a_tokenizer_other_than_the_recorded_one_is_refused_unless_forced(
     assert err.startswith("llamaforge generate: error: ") and err.count("\n") == 1
     assert main([*argv, "--max-new-tokens", "2", "--force", "--seed", "0"]) == 0
     assert "warning:" in capsys.readouterr().err
+    # the evaluation's loader takes the same check and the same --force
+    from llamaforge.eval.lm import LlamaforgeLM
+
+    with pytest.raises(CheckpointError, match="--force"):
+        LlamaforgeLM.from_checkpoint(swapped, device="cpu", progress=False)
+    lm = LlamaforgeLM.from_checkpoint(swapped, device="cpu", progress=False, force=True)
+    assert lm.tokenizer.sha256() == theirs
 
 
 # ----------------------------------------------------------------------------- shard paths

@@ -68,6 +68,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="refuse a checkpoint with NaN/Inf weights (default: load it with a warning)",
     )
     p.add_argument(
+        "--force",
+        action="store_true",
+        help="use a tokenizer whose sha256 differs from the one recorded in params.json "
+        "(a warning instead of an error)",
+    )
+    p.add_argument(
         "--batch-tokens", type=int, default=None, help="scoring batch budget, rows × padded length"
     )
     p.add_argument("--batch-size", type=int, default=None, help="cap on rows per batch")
@@ -310,6 +316,7 @@ def _language_model(a: argparse.Namespace) -> tuple[Any, int]:
             progress=not a.no_progress,
             sample_mode=a.sample_mode,
             strict=a.strict,
+            force=a.force,
         )
         return lm, 0
     from llamaforge.cli.loading import load_tensor_parallel
@@ -317,7 +324,9 @@ def _language_model(a: argparse.Namespace) -> tuple[Any, int]:
 
     gpu = resolve_device(a.device).type == "cuda"
     dtype = a.dtype or ("bfloat16" if gpu else "float32")  # as from_checkpoint
-    model, tok, rank = load_tensor_parallel(a.ckpt, a.tp, a.device, dtype, None, a.strict)
+    model, tok, rank = load_tensor_parallel(
+        a.ckpt, a.tp, a.device, dtype, None, a.strict, a.force
+    )
     lm = LlamaforgeLM(
         model,
         tok,

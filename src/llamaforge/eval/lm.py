@@ -124,15 +124,19 @@ class LlamaforgeLM:
         tokenizer: str | os.PathLike | None = None,
         sample_mode: str = "per_sample",
         strict: bool = False,
+        force: bool = False,
     ) -> LlamaforgeLM:
         """Load a native checkpoint. ``dtype`` defaults to bf16 on a GPU, fp32 on the CPU;
-        ``strict`` refuses one with NaN/Inf weights (`checkpoint.load`)."""
+        ``strict`` refuses one with NaN/Inf weights, ``force`` takes a tokenizer whose hash
+        differs from the recorded one with a warning (`checkpoint.load`)."""
         from llamaforge.checkpoint.native import CheckpointError, load
 
         dev = resolve_device(device)
         if dtype is None:
             dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-        model, tok = load(ckpt_dir, device=dev, dtype=dtype, tokenizer=tokenizer, strict=strict)
+        model, tok = load(
+            ckpt_dir, device=dev, dtype=dtype, tokenizer=tokenizer, strict=strict, force=force
+        )
         if tok is None:
             raise CheckpointError(f"{ckpt_dir}: no tokenizer.model in the checkpoint")
         return cls(

@@ -29,7 +29,11 @@ def _selective_policy() -> Callable[..., Any]:
         "_scaled_dot_product_cudnn_attention",
         "_scaled_dot_product_flash_attention_for_cpu",
     )
-    save = {getattr(aten, n).default for n in names if hasattr(aten, n)}
+    save: set[Any] = {getattr(aten, n).default for n in names if hasattr(aten, n)}
+    # packed rows on CUDA: flex_attention is a higher-order op, saved like the SDPA kernels
+    flex = getattr(getattr(torch, "_higher_order_ops", None), "flex_attention", None)
+    if flex is not None:
+        save.add(flex)
 
     def policy(ctx: Any, func: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
         return CheckpointPolicy.MUST_SAVE if func in save else CheckpointPolicy.PREFER_RECOMPUTE
