@@ -219,6 +219,31 @@ def test_backward_saves_no_dequantised_weight(quantize):
     assert torch.allclose(x.grad, x2.grad, atol=1e-5), (x.grad - x2.grad).abs().max()
 
 
+def test_activation_checkpointing_gives_the_same_adapter_gradients():
+    """``selective`` (the 7B LoRA config's) and ``full`` recompute through the quantised
+    layers' autograd functions: the adapters get the gradients of no checkpointing."""
+    from llamaforge.parallel import apply_activation_checkpointing
+
+    x = tokens()
+    for quantize in ("nf4", "int8"):
+        grads = {}
+        for mode in ("none", "selective", "full"):
+            model = make_model()
+            apply_lora(model, qlora(quantize))
+            init_lora_(model, seed=0)
+            with torch.no_grad():  # B ≠ 0, so A's gradients are not zero either
+                for name, p in model.named_parameters():
+                    if ".lora_B" in name:
+                        p.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+            apply_activation_checkpointing(model, mode)
+            model.train()
+            model(x).float().logsumexp(-1).mean().backward()
+            grads[mode] = [p.grad for p in lora_parameters(model)]
+        assert len(grads["none"]) == 28 and all(g.abs().sum() > 0 for g in grads["none"])
+        for mode in ("selective", "full"):
+            assert all(torch.equal(a, b) for a, b in zip(grads[mode], grads["none"])), mode
+
+
 # -- adapters trained on an NF4 base load in peft --------------------------------------------
 
 peft = pytest.importorskip("peft")

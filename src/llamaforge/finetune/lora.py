@@ -28,7 +28,7 @@ pass by an autograd function that saves only the quantised weight (torchao's
 ``linear_nf4``; ``_Int8BaseLinear``); the adapters stay in the compute dtype. Under FSDP2 the
 base loads with ``load_base_state_dict`` (each full tensor quantised whole, then sharded),
 which the finetuning trainer uses. Tested on the CPU, one process, DDP and FSDP2 over two
-gloo processes (tests/test_qlora.py); torchao's NF4 runs on GPUs too.
+gloo processes (tests/test_qlora.py); not run on a GPU here.
 
 Training (the trainer's order; tested with FSDP2 on two processes in tests/test_lora.py)::
 
