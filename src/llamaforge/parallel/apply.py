@@ -182,9 +182,9 @@ def parallelize(
         # A frozen quantised base is loaded alike on every rank and has no gradient; DDP's
         # broadcast when it wraps would pass it through floats (an NF4Tensor re-quantised)
         quantised = [name for name, p in model.named_parameters() if is_quantised(p)]
-        DDP = nn.parallel.DistributedDataParallel
-        DDP._set_params_and_buffers_to_ignore_for_model(model, quantised)
-        return DDP(model, device_ids=ids)
+        ddp = nn.parallel.DistributedDataParallel
+        ddp._set_params_and_buffers_to_ignore_for_model(model, quantised)
+        return ddp(model, device_ids=ids)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = dp_mesh(mesh, layout)
