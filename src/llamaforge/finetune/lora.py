@@ -18,13 +18,17 @@ to upgrade peft. HF's q/k rows are per-head half-split where Meta's are interlea
 P(W + BA) = PW + (PB)A, so ``lora_B`` of wq/wk is permuted (``permute_to_hf`` with n_heads /
 n_kv_heads) and ``lora_A`` is unchanged.
 
-Quantised base (QLoRA-style): ``quantize="int8"`` stores the frozen base weight of every
-adapted layer (``quantize_scope="all"``: every linear layer of the blocks) as int8 with
-per-output-channel fp32 scales (absmax / 127), dequantised in the forward pass. Tested on
-CPU (tests/test_lora.py); it is plain PyTorch, so it runs on GPUs too. ``"nf4"`` uses
-bitsandbytes' 4-bit NF4 kernels and needs bitsandbytes and a CUDA GPU; it has NOT been run
-(no GPU and no bitsandbytes where this was written). Quantised weights are buffers: FSDP2
-does not shard them (single process or DDP only).
+Quantised base (QLoRA, Dettmers et al. 2023): ``quantize="nf4"`` stores the frozen base
+weight of every adapted layer (``quantize_scope="all"``: every linear layer of the blocks) as
+torchao's ``NF4Tensor`` (4-bit NormalFloat, blocks of 64, double-quantised scales; about
+0.53 bytes a weight) and ``"int8"`` as int8 with per-output-channel fp32 scales (absmax /
+127). Both are frozen parameters, not buffers (DDP does not broadcast them every forward
+pass; FSDP2 shards them), dequantised per call in the forward pass and again in the backward
+pass by an autograd function that saves only the quantised weight (torchao's
+``linear_nf4``; ``_Int8BaseLinear``); the adapters stay in the compute dtype. Under FSDP2 the
+base loads with ``load_base_state_dict`` (each full tensor quantised whole, then sharded),
+which the finetuning trainer uses. Tested on the CPU, one process, DDP and FSDP2 over two
+gloo processes (tests/test_qlora.py); not run on a GPU here.
 
 Training (the trainer's order; tested with FSDP2 on two processes in tests/test_lora.py)::
 
@@ -33,8 +37,8 @@ Training (the trainer's order; tested with FSDP2 on two processes in tests/test_
     model = parallelize(model, ...)             # FSDP2: frozen and trainable params mix
     model = model.to_empty(device=...)
     init_params(model, seed)                    # optional: overwritten below
-    set_model_state_dict(model, base_state, options=StateDictOptions(full_state_dict=True,
-                         strict=False))         # the base; missing keys are the adapters
+    load_base_state_dict(model, base_state)     # the base (set_model_state_dict, quantised
+                                                # layers loaded whole); missing: the adapters
     init_lora_(model, seed)                     # A kaiming-uniform, B = 0, shard-independent
     optimizer = build_optimizer(model, ...)     # takes requires_grad params: the adapters
 
@@ -49,6 +53,7 @@ import json
 import math
 import os
 import re
+import sys
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -63,12 +68,20 @@ from llamaforge.config import setting
 from llamaforge.files import atomic_dir, read_json_object
 from llamaforge.model import ModelArgs
 from llamaforge.parallel import unwrapped_name
+from llamaforge.parallel.apply import is_quantised, shard_of
 
 ATTENTION_TARGETS = ("wq", "wk", "wv", "wo")
 BLOCK_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 ALL_TARGETS = (*BLOCK_TARGETS, "output")
 QUANTIZE_MODES = ("none", "int8", "nf4")
 QUANTIZE_SCOPES = ("adapted", "all")
+# QLoRA's NF4 (Dettmers et al. 2023): one absmax per 64 weights, the absmaxes quantised again
+# to int8 in groups of 256 ("double quantisation")
+NF4_BLOCK, NF4_SCALER_BLOCK = 64, 256
+# ... dequantised to bf16, QLoRA's compute dtype, whatever the model's: bf16 moves the 16
+# NF4 levels and the scales by at most 2⁻⁹ of their value, nothing next to NF4's own error
+# (9 % RMS on Gaussian weights), and it halves the dequantised weight's transient bytes
+NF4_DTYPE = torch.bfloat16
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -129,8 +142,8 @@ class LoraConfig:
     rslora: bool = setting(False, "scale by alpha / sqrt(rank) (rsLoRA, PEFT's use_rslora)")
     quantize: str = setting(
         "none",
-        "storage of the frozen base weights: none, int8 (per-output-channel scales, CPU and "
-        "GPU) or nf4 (bitsandbytes, CUDA only)",
+        "storage of the frozen base weights: none, int8 (per-output-channel scales) or nf4 "
+        "(QLoRA's 4-bit NormalFloat, torchao: pip install 'llamaforge[qlora]')",
     )
     quantize_scope: str = setting(
         "adapted",
@@ -154,6 +167,12 @@ class LoraConfig:
         if self.quantize_scope not in QUANTIZE_SCOPES:
             raise LoraError(
                 f"lora.quantize_scope={self.quantize_scope!r}: expected one of {QUANTIZE_SCOPES}"
+            )
+        if self.merge and self.quantize != "none":
+            raise LoraError(
+                f"lora.merge=true with lora.quantize={self.quantize!r}: the run's merge folds "
+                "the adapters into a float base; train with merge=false and merge the adapter "
+                "afterwards (llamaforge lora merge BASE ADAPTER OUT, on the unquantised base)"
             )
         self.target_names()
         return self
@@ -192,25 +211,60 @@ def _quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-def _bnb_functional() -> Any:
+def _dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return q.to(dtype) * scale.to(dtype)[:, None]
+
+
+class _Int8BaseLinear(torch.autograd.Function):
+    """``x Wᵀ`` for the frozen ``W = q · scale[:, None]``: dequantised for the product in the
+    forward pass and again in the backward pass, so only ``q`` and the scales are saved, never
+    the dequantised matrix (the base is frozen: no weight gradient is computed)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(q, scale)
+        return F.linear(x, _dequantize_int8(q, scale, x.dtype))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        q, scale = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        return grad @ _dequantize_int8(q, scale, grad.dtype), None, None
+
+
+def _torchao_nf4() -> Any:
+    """torchao's NF4 module (``NF4Tensor``, ``to_nf4``, ``linear_nf4``), or a LoraError that
+    says what to install. It is found through the class, which ``torchao.quantization``
+    exports: the module's own path has moved between releases."""
     try:
-        import bitsandbytes.functional as bnb_f
+        from torchao.quantization import NF4Tensor
     except ImportError:
         raise LoraError(
-            "lora.quantize='nf4' needs the bitsandbytes package (pip install bitsandbytes) "
-            "and a CUDA GPU; use quantize='int8' otherwise"
+            "lora.quantize='nf4' needs torchao >= 0.18 (pip install 'llamaforge[qlora]'); "
+            "quantize='int8' needs nothing more"
         ) from None
-    if not torch.cuda.is_available():
-        raise LoraError("lora.quantize='nf4' needs a CUDA GPU; use quantize='int8' otherwise")
-    return bnb_f
+    return sys.modules[NF4Tensor.__module__]
+
+
+def _frozen(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=False)
 
 
 class QuantLinear(nn.Linear):
     """A frozen ``nn.Linear`` whose weight may be stored quantised (``quantize``).
 
-    ``quantize="none"``: the ordinary ``weight`` parameter, frozen. ``"int8"``: ``weight`` is
-    an int8 buffer (same name, so state dicts keep Meta's names) plus ``weight_scale``; a
-    floating-point ``weight`` given to ``load_state_dict`` is quantised on the way in.
+    ``"none"``: the ordinary ``weight`` parameter, frozen. ``"int8"``: ``weight`` is an int8
+    parameter (same name, so state dicts keep Meta's names) plus ``weight_scale`` (fp32, one
+    per output channel). ``"nf4"``: ``weight`` is a torchao ``NF4Tensor`` parameter
+    (QLoRA's 4-bit NormalFloat: one absmax per 64 weights, those double-quantised in groups
+    of 256, dequantised to bf16; ``in × out`` must be a multiple of 64 · 256). Quantised
+    weights are parameters with ``requires_grad=False``, not buffers: DDP does not
+    broadcast them before every forward pass, FSDP2 shards them. The forward pass
+    dequantises per call and the backward pass again (torchao's ``linear_nf4``,
+    ``_Int8BaseLinear``): no dequantised weight is kept for the backward pass. A
+    floating-point ``weight`` given to ``load_state_dict`` is quantised on the way in;
+    under FSDP2 load with ``load_base_state_dict``.
     """
 
     def __init__(
@@ -226,49 +280,76 @@ class QuantLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=False, device="meta", dtype=dtype)
         if quantize not in QUANTIZE_MODES:
             raise LoraError(f"quantize={quantize!r}: expected one of {QUANTIZE_MODES}")
-        if quantize == "nf4":
-            _bnb_functional()
         self.quantize = quantize
         self.compute_dtype = dtype or torch.get_default_dtype()
-        self._nf4_state: Any = None
+        self.base_loaded = weight is not None
         shape = (out_features, in_features)
-        if quantize == "none":
-            if weight is None:  # else the meta placeholder until set_base_weight below
-                empty = torch.empty(shape, device=device, dtype=dtype)
-                self.weight = nn.Parameter(empty, requires_grad=False)
-        else:
-            del self._parameters["weight"]
-            qdtype = torch.int8 if quantize == "int8" else torch.uint8
-            self.register_buffer("weight", torch.empty(shape, dtype=qdtype, device=device))
-            if quantize == "int8":
-                scale = torch.ones(out_features, dtype=torch.float32, device=device)
-                self.register_buffer("weight_scale", scale)
+        if quantize == "nf4":
+            nf4 = _torchao_nf4()
+            if (in_features * out_features) % (NF4_BLOCK * NF4_SCALER_BLOCK):
+                raise LoraError(
+                    f"lora.quantize='nf4': a layer of {shape} has {in_features * out_features} "
+                    f"weights, not a multiple of {NF4_BLOCK * NF4_SCALER_BLOCK} (NF4 blocks of "
+                    f"{NF4_BLOCK}, their scales in groups of {NF4_SCALER_BLOCK}); use 'int8'"
+                )
         if weight is not None:
             self.set_base_weight(weight)
+        elif quantize == "none":
+            self.weight = _frozen(torch.empty(shape, device=device, dtype=dtype))
+        elif quantize == "int8":
+            self.weight = _frozen(torch.empty(shape, dtype=torch.int8, device=device))
+            self.weight_scale = _frozen(torch.ones(out_features, device=device))
+        else:  # a placeholder of the right layout (FSDP2 shards it on the meta device)
+            empty = torch.zeros(shape, device=device, dtype=NF4_DTYPE)
+            self.weight = _frozen(nf4.to_nf4(empty, NF4_BLOCK, NF4_SCALER_BLOCK))
 
     @torch.no_grad()
     def set_base_weight(self, w: torch.Tensor) -> None:
-        """Store the base weight ``w`` (out × in), quantising it if configured."""
+        """Store the base weight ``w`` (the full out × in tensor), quantising it if configured.
+
+        Sharded by FSDP2, the full tensor is quantised and this rank keeps its rows: NF4's
+        double quantisation centres the scales on their mean over the whole tensor, which
+        shards quantised one by one would not share. A new NF4 shard replaces the parameter,
+        which FSDP2 takes up in its ``load_state_dict`` hook: load through
+        ``load_state_dict`` (``load_base_state_dict`` does) rather than calling this."""
         if tuple(w.shape) != (self.out_features, self.in_features):
             raise LoraError(
                 f"base weight of shape {tuple(w.shape)} for a layer of "
                 f"{(self.out_features, self.in_features)}"
             )
+        current = self._parameters.get("weight")
+        sharded = _is_sharded(current)
         if self.quantize == "none":
             if isinstance(w, nn.Parameter):
                 w.requires_grad_(False)
                 self.weight = w
             else:
-                self.weight = nn.Parameter(w.detach(), requires_grad=False)
+                self.weight = _frozen(w.detach())
         elif self.quantize == "int8":
             q, scale = _quantize_int8(w)
-            self.weight, self.weight_scale = q, scale.to(w.device)
+            if sharded:
+                _copy_shard(current, q)
+                _copy_shard(self.weight_scale, scale)
+            else:
+                self.weight, self.weight_scale = _frozen(q), _frozen(scale.to(w.device))
         else:
-            bnb_f = _bnb_functional()
-            packed, state = bnb_f.quantize_4bit(
-                w.detach().to("cuda", self.compute_dtype), quant_type="nf4"
+            nf4 = _torchao_nf4().to_nf4(
+                w.detach().to(NF4_DTYPE).contiguous(), NF4_BLOCK, NF4_SCALER_BLOCK
             )
-            self.weight, self._nf4_state = packed, state
+            if sharded:
+                from torch.distributed.tensor import DTensor
+
+                _check_nf4_shards(current)
+                nf4 = DTensor.from_local(
+                    shard_of(nf4, current),
+                    current.device_mesh,
+                    current.placements,
+                    shape=current.shape,
+                    stride=current.stride(),
+                    run_check=False,
+                )
+            self.weight = _frozen(nf4)
+        self.base_loaded = True
 
     def base_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The (dequantised) base weight in ``dtype`` (default: the compute dtype)."""
@@ -276,28 +357,95 @@ class QuantLinear(nn.Linear):
             return self.weight if dtype is None else self.weight.to(dtype)
         dtype = dtype or self.compute_dtype
         if self.quantize == "int8":
-            return self.weight.to(dtype) * self.weight_scale.to(dtype)[:, None]
-        bnb_f = _bnb_functional()
-        return bnb_f.dequantize_4bit(self.weight, self._nf4_state).to(dtype)
+            return _dequantize_int8(self.weight, self.weight_scale, dtype)
+        return self.weight.get_original_weight().to(dtype)
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quantize == "none":
             return F.linear(x, self.weight)
-        return F.linear(x, self.base_weight(x.dtype))
+        if self.quantize == "int8":
+            return _Int8BaseLinear.apply(x, self.weight, self.weight_scale)
+        return _torchao_nf4().linear_nf4(x, self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base_forward(x)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, *args) -> None:
-        key = prefix + "weight"
+        if self.quantize == "none":
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, *args)
+            return
+        missing_keys, unexpected_keys = args[0], args[1]
+        key, scale_key = prefix + "weight", prefix + "weight_scale"
         w = state_dict.get(key)
-        if self.quantize == "int8" and w is not None and w.is_floating_point():
-            q, scale = _quantize_int8(w)
-            state_dict[key], state_dict[prefix + "weight_scale"] = q, scale
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, *args)
+        if w is None:
+            if not (_is_sharded(self.weight) and self.base_loaded):  # else load_base_state_dict
+                missing_keys.append(key)  # took it out, having loaded it whole
+        elif w is not self.weight:
+            self._load_base(key, w, state_dict.get(scale_key))
+        elif _is_sharded(w) and not self.base_loaded:
+            # torch's set_model_state_dict hands each FSDP2 parameter back to itself after
+            # copying its shard of the full tensor into it: a shard quantised on its own
+            raise LoraError(_SHARDED_LOAD.format(key=key, quantize=self.quantize))
+        if strict:
+            for k in state_dict:
+                name = k[len(prefix) :].split(".", 1)[0] if k.startswith(prefix) else None
+                if name is not None and name not in self._parameters and name not in self._modules:
+                    unexpected_keys.append(k)
+
+    def _load_base(self, key: str, w: torch.Tensor, scale: torch.Tensor | None) -> None:
+        if _is_sharded(w):
+            raise LoraError(_SHARDED_LOAD.format(key=key, quantize=self.quantize))
+        if w.is_floating_point() and not is_quantised(w):
+            self.set_base_weight(w)
+        elif self.quantize == "int8" and w.dtype == torch.int8 and scale is not None:
+            with torch.no_grad():  # an int8 state dict, e.g. this class's own
+                self.weight, self.weight_scale = _frozen(w.clone()), _frozen(scale.float().clone())
+            self.base_loaded = True
+        elif self.quantize == "nf4" and is_quantised(w) and w.is_floating_point():
+            self.weight, self.base_loaded = _frozen(w), True  # an NF4Tensor
+        else:
+            raise LoraError(
+                f"{key}: a {w.dtype} {type(w).__name__} cannot be the base of a "
+                f"quantize={self.quantize!r} layer; expected a floating-point weight"
+                + (" or int8 with its weight_scale" if self.quantize == "int8" else "")
+            )
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, quantize={self.quantize}"
+
+
+_SHARDED_LOAD = (
+    "{key}: a quantize={quantize!r} base sharded by FSDP2 loads from the full tensors with "
+    "llamaforge.finetune.lora.load_base_state_dict (it quantises each whole tensor, then "
+    "keeps this rank's rows); torch's set_model_state_dict would quantise each shard alone"
+)
+
+
+def _is_sharded(t: torch.Tensor | None) -> bool:
+    return hasattr(t, "to_local")  # a DTensor (FSDP2's shard)
+
+
+def _check_nf4_shards(p: Any) -> None:
+    """NF4 shards are torchao's row blocks of whole scale groups, on a 1-D mesh (FSDP2)."""
+    rows, cols = p.shape
+    n = p.device_mesh.size()
+    if p.device_mesh.ndim != 1:
+        raise LoraError(
+            "lora.quantize='nf4' shards over one mesh dimension (FSDP2); HSDP "
+            "(parallel.dp_replicate > 1) is not supported, use DDP or dp_replicate = 1"
+        )
+    group = NF4_BLOCK * NF4_SCALER_BLOCK
+    if rows % n or (rows // n * cols) % group:
+        raise LoraError(
+            f"lora.quantize='nf4': a weight of {(rows, cols)} does not split into {n} FSDP2 "
+            f"shards of whole rows and whole groups of {group} weights; use another number "
+            "of processes, or quantize='int8'"
+        )
+
+
+def _copy_shard(p: torch.Tensor, full: torch.Tensor) -> None:
+    local = p.to_local()  # type: ignore[attr-defined]
+    local.copy_(shard_of(full.to(local.device), p))
 
 
 class LoraLinear(QuantLinear):
@@ -424,6 +572,62 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:
     return adapted
 
 
+def load_base_state_dict(
+    model: nn.Module, state: dict[str, torch.Tensor], options: Any = None
+) -> None:
+    """``set_model_state_dict`` (torch.distributed.checkpoint.state_dict) for a model whose
+    base may be quantised and sharded: what the trainer loads ``init`` with under LoRA.
+
+    ``state``: full tensors under Meta's names; with ``options.broadcast_from_rank0`` only
+    rank 0's are read (the other ranks pass {}). Each quantised layer that FSDP2 sharded takes
+    its full weight, one at a time (broadcast from rank 0 when asked), quantises it whole and
+    keeps its rows (``QuantLinear.set_base_weight``); everything else goes to
+    ``set_model_state_dict`` with ``options`` (default: full state dict, not strict). Without
+    sharding this is ``set_model_state_dict``: the layers quantise the full tensors they get."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    options = options or StateDictOptions(full_state_dict=True, strict=False)
+    sharded = [
+        (unwrapped_name(name) + ".weight", m)
+        for name, m in model.named_modules()
+        if isinstance(m, QuantLinear) and m.quantize != "none" and _is_sharded(m.weight)
+    ]
+    if sharded:
+        state = dict(state)  # the sharded layers' weights are taken out below
+        _load_sharded_bases(sharded, state, bool(options.broadcast_from_rank0))
+    set_model_state_dict(model, state, options=options)
+
+
+def _load_sharded_bases(
+    layers: list[tuple[str, QuantLinear]], state: dict[str, torch.Tensor], broadcast: bool
+) -> None:
+    import torch.distributed as dist
+
+    present = [key in state for key, _ in layers]
+    if broadcast:  # the other ranks learn from rank 0 which weights it has
+        box = [present]
+        dist.broadcast_object_list(box, src=0)
+        present = box[0]
+    for (key, layer), has in zip(layers, present):
+        if not has:
+            continue  # reported missing by the layer's own load (strict) or left as it is
+        shape = (layer.out_features, layer.in_features)
+        device = layer.weight.to_local().device  # type: ignore[attr-defined]
+        if not broadcast:
+            full = state.pop(key)
+        elif dist.get_rank() == 0:
+            full = state.pop(key).to(device, layer.compute_dtype).contiguous()
+        else:
+            full = torch.empty(shape, dtype=layer.compute_dtype, device=device)
+        if broadcast:
+            dist.broadcast(full, src=0)
+        try:
+            layer.load_state_dict({"weight": full}, strict=False)  # FSDP2's hook re-registers
+        except LoraError as e:
+            raise LoraError(f"{key}: {e}") from None
+        del full
+
+
 def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
     """(clean name, module) of every LoRA layer."""
     for name, module in model.named_modules():
@@ -520,7 +724,7 @@ def tensors_sha256(source: nn.Module | str | os.PathLike) -> str:
             name = unwrapped_name(name)
             if ".lora_" in name:
                 continue
-            if name.endswith("weight_scale") or not t.is_floating_point():
+            if name.endswith("weight_scale") or is_quantised(t):
                 raise LoraError(
                     f"tensors_sha256: {name} is quantised; hash the base checkpoint instead"
                 )

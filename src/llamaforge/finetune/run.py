@@ -214,10 +214,11 @@ def lora_hooks(cfg: FinetuneConfig) -> dict[str, Any]:
     the base weights are in (B = 0, so training starts from the base exactly)."""
     if not cfg.lora.enabled:
         return {}
-    from llamaforge.finetune.lora import apply_lora, init_lora_
+    from llamaforge.finetune.lora import apply_lora, init_lora_, load_base_state_dict
 
     return {
         "prepare_model": lambda model: apply_lora(model, cfg.lora),
+        "load_state": load_base_state_dict,  # a quantised base sharded by FSDP2 loads whole
         "after_init": lambda model: init_lora_(model, cfg.seed),
     }
 

@@ -9,6 +9,7 @@ from llamaforge.parallel.apply import (
     full_tensor,
     grad_sync,
     init_params,
+    is_quantised,
     load_tensor_parallel,
     parallelize,
     tp_cache_factory,
@@ -41,6 +42,7 @@ __all__ = [
     "all_gather_object", "all_max_flag", "all_reduce_max", "all_reduce_sum", "all_sum",
     "apply_activation_checkpointing", "apply_tensor_parallel", "barrier", "build_mesh",
     "check_tp_divisible", "cleanup", "full_tensor", "grad_sync", "init", "init_params",
+    "is_quantised",
     "load_tensor_parallel", "make_layout", "parallelize", "print0", "tp_cache_factory",
     "unwrapped_name",
 ]

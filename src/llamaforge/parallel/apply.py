@@ -179,7 +179,12 @@ def parallelize(
         return model
     if layout.data == "ddp":
         ids = [info.device.index] if info.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        # A frozen quantised base is loaded alike on every rank and has no gradient; DDP's
+        # broadcast when it wraps would pass it through floats (an NF4Tensor re-quantised)
+        quantised = [name for name, p in model.named_parameters() if is_quantised(p)]
+        ddp = nn.parallel.DistributedDataParallel
+        ddp._set_params_and_buffers_to_ignore_for_model(model, quantised)
+        return ddp(model, device_ids=ids)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = dp_mesh(mesh, layout)
@@ -211,8 +216,10 @@ def init_params(model: nn.Module, seed: int) -> None:
     process and N processes start from the same weights; no rank ever holds more than one
     full parameter (the largest is the embedding table)."""
     for i, (name, p) in enumerate(model.named_parameters()):
-        std = model.init_std(name)  # type: ignore[operator]
         local = p.to_local() if hasattr(p, "to_local") else p
+        if is_quantised(local):
+            continue  # a frozen quantised base (QLoRA): loaded whole by its owner afterwards
+        std = model.init_std(name)  # type: ignore[operator]
         if std is None:
             local.fill_(1.0)
             continue
@@ -223,6 +230,13 @@ def init_params(model: nn.Module, seed: int) -> None:
             p.copy_(full)
         else:
             local.copy_(shard_of(full, p))
+
+
+def is_quantised(t: torch.Tensor) -> bool:
+    """Whether ``t`` stores its values quantised: an integer tensor (int8 weights) or a
+    tensor subclass that packs them (torchao's NF4Tensor). Such a parameter is frozen base
+    storage that ``init_params`` leaves to the load that follows."""
+    return not t.is_floating_point() or type(t) not in (torch.Tensor, nn.Parameter)
 
 
 def shard_of(full: torch.Tensor, p: Any) -> torch.Tensor:

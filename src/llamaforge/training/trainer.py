@@ -273,17 +273,26 @@ def _split_extras(
 
 
 def load_native_weights(
-    model: torch.nn.Module, ckpt_dir: str, args: ModelArgs, info: D.DistInfo
+    model: torch.nn.Module,
+    ckpt_dir: str,
+    args: ModelArgs,
+    info: D.DistInfo,
+    load_state: Callable[..., Any] | None = None,
 ) -> None:
     """Copy a native checkpoint's weights into ``model`` (sharded or not, with adapters or
     not). A sharded model (FSDP2, tensor parallelism: DTensor parameters) has every rank
     read only its own block of each tensor from the files (``read_parts``), with no
-    collective; otherwise rank 0 reads the files and DDP's other ranks get its weights."""
+    collective; otherwise — and for a quantised base, which quantises whole tensors — rank 0
+    reads the files and the other ranks get its weights. ``load_state``: what takes (model,
+    full state, options=...) instead of torch's ``set_model_state_dict`` (LoRA's, for a
+    quantised base)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     from llamaforge.checkpoint.native import checked, iter_tensors
 
-    if any(_is_dtensor(p) for p in model.parameters()):
+    params = list(model.parameters())
+    quantised = any(D.is_quantised(p.to_local() if _is_dtensor(p) else p) for p in params)
+    if any(_is_dtensor(p) for p in params) and not quantised:
         _load_own_parts(model, ckpt_dir, args)
         return
     broadcast = info.world_size > 1
@@ -291,7 +300,7 @@ def load_native_weights(
     if info.is_main or not broadcast:
         state = dict(checked(iter_tensors(ckpt_dir), args, str(ckpt_dir)))
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast, strict=False)
-    set_model_state_dict(model, state, options=options)
+    (load_state or set_model_state_dict)(model, state, options=options)
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
@@ -442,11 +451,13 @@ class Trainer:
     """One training run. ``all_targets_count``: every target of every batch counts (no
     ignore_index), so the global target count is known without a collective.
     ``prepare_model`` changes the model on the meta device before it is parallelised (e.g.
-    adds LoRA adapters); ``after_init`` runs once the weights are initialised or loaded
-    from ``init``; ``logits_where_trained`` computes the output layer only at positions
-    whose target counts (finetuning, where prompts and padding are most positions). A
-    batch is ``(inputs, targets)`` or ``(inputs, targets, extras)`` with ``extras`` model
-    keyword arguments split with the rows (packing's positions, mask)."""
+    adds LoRA adapters); ``load_state`` loads ``init``'s tensors in place of torch's
+    ``set_model_state_dict`` (see ``load_native_weights``); ``after_init`` runs once the
+    weights are initialised or loaded from ``init``; ``logits_where_trained`` computes the
+    output layer only at positions whose target counts (finetuning, where prompts and
+    padding are most positions). A batch is ``(inputs, targets)`` or ``(inputs, targets,
+    extras)`` with ``extras`` model keyword arguments split with the rows (packing's
+    positions, mask)."""
 
     def __init__(
         self,
@@ -463,6 +474,7 @@ class Trainer:
         stop: StopFlag | None = None,
         prepare_model: Callable[[torch.nn.Module], None] | None = None,
         after_init: Callable[[torch.nn.Module], None] | None = None,
+        load_state: Callable[..., Any] | None = None,
         logits_where_trained: bool = False,
     ) -> None:
         check_config(cfg)
@@ -471,6 +483,7 @@ class Trainer:
         self.loss_fn, self.all_targets_count, self.name = loss_fn, all_targets_count, name
         self.stop_flag = stop or StopFlag()
         self.prepare_model, self.after_init = prepare_model, after_init
+        self.load_state = load_state
         self.logits_where_trained = logits_where_trained
         self.layout = layout_of(cfg, info.world_size)
         self.tp = self.layout.tp
@@ -569,7 +582,7 @@ class Trainer:
         """Random init (sharding-independent), then ``init``'s weights when given."""
         D.init_params(model, self.cfg.seed)
         if self.cfg.init:
-            load_native_weights(model, self.cfg.init, self.args, self.info)
+            load_native_weights(model, self.cfg.init, self.args, self.info, self.load_state)
         if self.after_init is not None:
             self.after_init(model)
 
