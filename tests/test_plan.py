@@ -160,8 +160,8 @@ def test_a_quantised_base_is_priced_per_value(capsys, quantize):
     layers = [(d, d)] * 4 + [(f, d)] * 2 + [(d, f)]  # (rows, columns): wq wk wv wo, w1 w3, w2
     if quantize == "int8":  # a byte a value, an fp32 scale a row
         per_layer = sum(r * c + 4 * r for r, c in layers)
-    else:  # half a byte a value, an fp32 absmax a block of 64
-        per_layer = sum(r * c // 2 + 4 * (r * c // 64) for r, c in layers)
+    else:  # half a byte a value, an int8 scale a block of 64, an fp32 factor per 256 blocks
+        per_layer = sum(r * c // 2 + r * c // 64 + 4 * (r * c // (64 * 256)) for r, c in layers)
     parts = plan["memory"]["parts"]
     assert parts["buffers"] == 32 * per_layer
     embedding_and_output = 2 * args.vocab_size * d

@@ -429,7 +429,7 @@ def test_fsdp2_shards_and_ddp_wraps_the_quantised_base(tmp_path, quantize):
 def test_qlora_finetune_from_the_cli(tmp_path, small_tokenizer_path, capsys):
     """``llamaforge finetune`` with ``lora.quantize=nf4``: the run trains the adapters on the
     NF4 base (the trainer loads it through ``load_base_state_dict``) and writes the adapter;
-    a merge in the run, which would fold them into a float base, is refused up front."""
+    with ``lora.merge`` the export folds the adapter into the float base's files."""
     from llamaforge.cli.main import main
 
     base = tmp_path / "base"
@@ -447,8 +447,8 @@ def test_qlora_finetune_from_the_cli(tmp_path, small_tokenizer_path, capsys):
         "lora.enabled=true", "lora.rank=4", "lora.targets=all", "lora.quantize=nf4",
         "lora.quantize_scope=all", "lora.dropout=0",
     ]  # fmt: skip
-    assert main([*argv, "lora.merge=true"]) == 2
-    assert "lora.merge=true with lora.quantize='nf4'" in capsys.readouterr().err
+    assert main([*argv, "lora.merge=true", f"--out={tmp_path / 'merged'}"]) == 0
+    merged = json.loads((tmp_path / "merged" / "summary.json").read_text())["model"]
     assert main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["adapter"] == str(out / "adapter") and not (out / "model").exists()
@@ -461,3 +461,9 @@ def test_qlora_finetune_from_the_cli(tmp_path, small_tokenizer_path, capsys):
     load_adapter(adapted, out / "adapter", quantize="nf4")
     diff = (logits(adapted.eval(), x) - logits(plain.eval(), x)).abs().max().item()
     assert diff > 1e-3, diff  # two steps at lr 1e-2 moved the adapters
+    # the run's merge folds its adapter into the float base, as QLoRA's users merge
+    float_adapted, _ = llamaforge.load(base)
+    load_adapter(float_adapted, tmp_path / "merged" / "adapter")
+    folded, _ = llamaforge.load(merged)
+    want, got = logits(float_adapted.eval(), x), logits(folded.eval(), x)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -168,12 +168,6 @@ class LoraConfig:
             raise LoraError(
                 f"lora.quantize_scope={self.quantize_scope!r}: expected one of {QUANTIZE_SCOPES}"
             )
-        if self.merge and self.quantize != "none":
-            raise LoraError(
-                f"lora.merge=true with lora.quantize={self.quantize!r}: the run's merge folds "
-                "the adapters into a float base; train with merge=false and merge the adapter "
-                "afterwards (llamaforge lora merge BASE ADAPTER OUT, on the unquantised base)"
-            )
         self.target_names()
         return self
 

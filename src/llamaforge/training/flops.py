@@ -48,12 +48,13 @@ def flops_per_token(
 
 def quantized_weight_bytes(numel: int, rows: int, mode: str) -> int:
     """Bytes of a frozen weight of ``numel`` values in ``rows`` output rows stored as
-    ``int8`` (a byte a value and an fp32 scale a row) or ``nf4`` (half a byte a value and
-    bitsandbytes' fp32 absmax per block of 64 values), as LoRA's quantised base keeps it."""
+    ``int8`` (a byte a value and an fp32 scale a row) or ``nf4`` (torchao's NF4Tensor, as
+    QLoRA: half a byte a value, an int8 scale per block of 64 values, and an fp32 factor
+    per group of 256 blocks), as LoRA's quantised base keeps it."""
     if mode == "int8":
         return numel + 4 * rows
     if mode == "nf4":
-        return -(-numel // 2) + 4 * -(-numel // 64)
+        return -(-numel // 2) + -(-numel // 64) + 4 * -(-numel // (64 * 256))
     raise ValueError(f"quantize={mode!r}: expected int8 or nf4")
 
 

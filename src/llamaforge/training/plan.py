@@ -33,7 +33,7 @@ import torch
 
 from llamaforge.config import ConfigError
 from llamaforge.device import DEVICES, DeviceSpec, device_spec
-from llamaforge.parallel import DistInfo
+from llamaforge.parallel import DistInfo, is_quantised
 from llamaforge.training.flops import (
     AC_FOR_LAYOUT,
     activation_memory,
@@ -162,8 +162,9 @@ def memory_per_gpu(
 ) -> dict[str, Any]:
     """Bytes per GPU by component, from the meta model (``trainer.meta_model()``): what
     trains keeps fp32 weights, gradients and AdamW's two moments, split over the FSDP2 and
-    tensor-parallel ranks; a frozen base (LoRA) its weights only; buffers (a quantised base:
-    ``buffer_bytes`` when the meta model's own do not price it) are not sharded. Working
+    tensor-parallel ranks; a frozen base (LoRA) its weights only, a quantised one its packed
+    storage (``buffer_bytes`` when the meta model's own parameters do not price it), sharded
+    like the rest. Working
     copies: FSDP2's gathered bf16 blocks, or without FSDP2 autocast's bf16 copies of the
     trained weights (cached for the forward pass) and of the frozen ones (kept for the
     backward pass: every block's without activation checkpointing, else one block's)."""
@@ -171,10 +172,22 @@ def memory_per_gpu(
     shards = layout.tp * (layout.dp_shard if layout.data == "fsdp" else 1)
     trainable = [p for p in model.parameters() if p.requires_grad]
     trained_bytes = sum(p.numel() * p.element_size() for p in trainable)
-    frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
-    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    # a quantised layer's frozen tensors (packed weight, scales) are the quantised base
+    quantised = {
+        id(p)
+        for m in model.modules()
+        if any(is_quantised(q) for q in m.parameters(recurse=False))
+        for p in m.parameters(recurse=False)
+        if not p.requires_grad
+    }
+    sizes = {id(p): p.numel() * p.element_size() for p in model.parameters()}
+    frozen = sum(
+        sizes[id(p)] for p in model.parameters() if not p.requires_grad and id(p) not in quantised
+    )
+    base = sum(sizes[i] for i in quantised)
+    base += sum(b.numel() * b.element_size() for b in model.buffers())
     if buffer_bytes is not None:
-        buffers = buffer_bytes(model)
+        base = buffer_bytes(model)
     mode = cfg.activation_checkpointing
     if trainer.fsdp:
         copies = layout_memory(args, tp=layout.tp, mode=mode)["gathered"]
@@ -188,7 +201,7 @@ def memory_per_gpu(
     parts = {
         "weights": trained_bytes // shards,
         "frozen": frozen // shards,
-        "buffers": buffers,
+        "buffers": base // shards,
         "gradients": trained_bytes // shards,
         "optimizer": 2 * trained_bytes // shards,
         "copies": copies,
@@ -341,7 +354,7 @@ def plan_pretrain(cfg: Any, target: Target, preset: str | None = None) -> dict[s
 PART_LABELS = {
     "weights": "weights that train (fp32)",
     "frozen": "frozen weights",
-    "buffers": "buffers (quantised base)",
+    "buffers": "quantised base",
     "gradients": "gradients (fp32)",
     "optimizer": "AdamW states (fp32)",
     "copies": "bf16 working copies",
