@@ -282,7 +282,13 @@ def _register_finetune(subparsers: argparse._SubParsersAction) -> None:
         from llamaforge.config import load_config
         from llamaforge.finetune.run import FinetuneConfig, run_finetune
 
-        run_finetune(load_config(FinetuneConfig, config, overrides))
+        cfg = load_config(FinetuneConfig, config, overrides)
+        if cfg.method != "sft":  # preference tuning (method dpo or simpo)
+            from llamaforge.finetune.preference import run_preference
+
+            run_preference(cfg)
+            return
+        run_finetune(cfg)
 
     def plan(config: str | None, overrides: list[str], a: argparse.Namespace) -> dict[str, Any]:
         from llamaforge.config import load_config
