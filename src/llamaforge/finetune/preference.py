@@ -90,6 +90,7 @@ __all__ = [
     "PreferenceTrainer",
     "adapters_disabled",
     "build_preference_dataset",
+    "preference_accuracy",
     "preference_losses",
     "read_pairs",
     "run_preference",
@@ -724,3 +725,34 @@ def format_preference(summary: dict[str, Any]) -> str:
             f"{a['exact_match']:.1%}, token F1 {b['f1']:.3f} → {a['f1']:.3f}"
         )
     return "\n".join(lines)
+
+
+@torch.no_grad()
+def preference_accuracy(
+    ckpt: str | Path,
+    records: Sequence[PairRecord],
+    template: str,
+    *,
+    per_token: bool = False,
+    batch: int = 32,
+) -> float:
+    """The fraction of ``records`` to whose chosen answer the checkpoint gives the higher
+    log-probability (per token with ``per_token``, SimPO's measure), answers rendered after
+    their prompts with ``template``."""
+    from llamaforge.checkpoint.native import load
+    from llamaforge.device import resolve_device
+
+    model, tok = load(ckpt, device=resolve_device("auto"))
+    model.eval()
+    tpl = load_template(template)
+    max_len = model.args.max_seq_len - 1
+    pairs = [p for r in records if (p := tokenize_pair(tpl, tok, r, max_len, Counter()))]
+    wins = 0
+    device = next(model.parameters()).device
+    for i in range(0, len(pairs), batch):
+        x, y, _ = pair_rows(pairs, list(range(i, min(i + batch, len(pairs)))))
+        logps, lengths = sequence_logps(model, x.to(device), y.to(device), {})
+        if per_token:
+            logps = logps / lengths.clamp(min=1)
+        wins += int((logps[0::2] > logps[1::2]).sum())
+    return wins / max(1, len(pairs))
