@@ -48,11 +48,13 @@ SFT_MODEL = "runs/quickstart-instruct/finetune/model"
 
 
 def _dpo_section() -> FinetuneConfig:
-    """DPO with full finetuning for the 1.3M quickstart model on 2 CPU cores (about 2
-    minutes): 16 pairs a step, 150 steps at a peak lr of 1e-4 (β 0.1), the SFT's template."""
+    """DPO with full finetuning for the 1.3M quickstart model on 2 CPU cores (about a
+    minute): 16 pairs a step, 150 steps at a peak lr of 1e-4, the SFT's template. β 0.5: on
+    the quickstart-instruct model, held-out preference accuracy 94.6 % → 95.4 % (β 0.1:
+    → 94.8 %; 300 steps at β 0.5: → 95.1 %), exact match 61.0 % → 60.2 %."""
     return FinetuneConfig(
         method="dpo",
-        preference=PreferenceSection(beta=0.1),
+        preference=PreferenceSection(beta=0.5),
         data=InstructDataConfig(template="llama2", max_len=128, val_fraction=0.02),
         optim=dataclasses.replace(FinetuneConfig().optim, lr=1e-4),
         steps=150,
