@@ -220,7 +220,7 @@ def _register_quickstart_preference(subparsers: argparse._SubParsersAction) -> N
         description="DPO on the model quickstart-instruct finetuned (run first when there "
         "is none) with preference pairs from the same standard-library facts: the answer "
         "`ast` confirms against a plausible wrong one from the same code. Reports held-out "
-        "preference accuracy and exact match before and after. About 3 minutes on 2 CPU "
+        "preference accuracy and exact match before and after. About a minute on 2 CPU "
         "cores after quickstart-instruct. Any setting is a KEY=VALUE override (e.g. "
         "dpo.steps=50 pairs=800).",
         add_help=False,

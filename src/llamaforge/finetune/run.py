@@ -65,7 +65,7 @@ class FinetuneConfig(TrainConfig):
     data: InstructDataConfig = field(default_factory=InstructDataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     method: Literal["sft", "dpo", "simpo"] = setting(
-        "sft", "sft: instruction finetuning; dpo or simpo: preference pairs (finetune.preference)"
+        "sft", "sft: instruction finetuning; dpo or simpo: preference pairs ([preference] table)"
     )
     preference: PreferenceSection = field(default_factory=PreferenceSection)
     optim: OptimSection = field(default_factory=_finetune_optim)
