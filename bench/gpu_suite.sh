@@ -13,6 +13,8 @@
 #      gradient checkpointing (memory and speed)
 #   5. bench/finetune_throughput.py: LLaMA-7B LoRA against HF transformers + peft, bf16
 #      (tokens/s, peak memory; needs ../shared/data for Meta's tokenizer and the data)
+#   5b. bench/dpo_throughput.py: LLaMA-7B LoRA-DPO step against TRL's DPOTrainer + peft, bf16
+#      (step dpo-7B-lora; tokens/s; needs ../shared/data for Meta's tokenizer and the data)
 #   6. bench/train_throughput.py: activation checkpointing modes, the hand-written backward
 #      (manual) against selective, full and none: 1B (8 x 2048) and 7B (1 x 2048), compiled
 #   7. bench/generate_throughput.py: 1B bf16 single-stream decoding (compiled static cache,
@@ -70,6 +72,10 @@ step train-7B 420 "$PY" bench/train_throughput.py --device cuda --preset 7B --vo
 step finetune-7B-lora 420 "$PY" bench/finetune_throughput.py --device cuda --dtype bf16 \
     --preset 7B --max-len 1024 --batch 4 --rounds 2 --steps 3 \
     --variants ours-lora hf-peft-lora
+
+step dpo-7B-lora 420 "$PY" bench/dpo_throughput.py --device cuda --dtype bf16 \
+    --preset 7B --max-len 1024 --batch 4 --rounds 2 --steps 2 \
+    --variants ours-lora trl-lora
 
 step train-ac-1B 420 "$PY" bench/train_throughput.py --device cuda --preset 1B --vocab-size 32000 \
     --seq-len 2048 --micro-batch 8 --rounds 1 --steps 5 --warmup 2 \

@@ -18,7 +18,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -49,11 +49,25 @@ def _finetune_optim() -> OptimSection:
 
 
 @dataclass
+class PreferenceSection:
+    """Preference tuning (``method`` dpo or simpo; ``finetune.preference``)."""
+
+    beta: float = setting(0.1, "DPO's β (SimPO: its β, 2.0 in the paper)")
+    loss: Literal["sigmoid", "ipo"] = setting("sigmoid", "DPO's loss: sigmoid (DPO) or ipo")
+    label_smoothing: float = setting(0.0, "conservative DPO/SimPO: the chance a label is flipped")
+    gamma: float = setting(0.5, "SimPO's target reward margin γ (the paper: 0.5 to 1.5)")
+
+
+@dataclass
 class FinetuneConfig(TrainConfig):
     """``TrainConfig`` plus instruction data; ``init`` (the base checkpoint) is required."""
 
     data: InstructDataConfig = field(default_factory=InstructDataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    method: Literal["sft", "dpo", "simpo"] = setting(
+        "sft", "sft: instruction finetuning; dpo or simpo: preference pairs ([preference] table)"
+    )
+    preference: PreferenceSection = field(default_factory=PreferenceSection)
     optim: OptimSection = field(default_factory=_finetune_optim)
     epochs: float = setting(3.0, "passes over the training examples (when steps = 0)")
     steps: int = setting(0, "optimizer steps (0: from epochs and batch_size)")
@@ -131,6 +145,11 @@ def base_tokenizer(cfg: FinetuneConfig) -> Tokenizer:
 def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Finetune ``cfg.init`` on ``cfg.data``; returns the summary (with before/after
     evaluations when asked, or the reason they were skipped)."""
+    if cfg.method != "sft":
+        raise ConfigError(
+            f"method={cfg.method!r}: preference tuning runs in "
+            "llamaforge.finetune.preference.run_preference (llamaforge finetune calls it)"
+        )
     tok = base_tokenizer(cfg)
     dataset = build_dataset(cfg.data, tok)
     info = D.init(cfg.device)

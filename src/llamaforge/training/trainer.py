@@ -645,6 +645,15 @@ class Trainer:
             final_ratio=o.final_lr_ratio,
         )
 
+    def target_count(self, y: torch.Tensor) -> float | torch.Tensor:
+        """What a step's summed loss is divided by: the targets of the global batch, all of
+        them (``all_targets_count``) or those that are not -100, counted on the device and
+        summed over the data-parallel ranks. A loss that counts something else (preference
+        pairs) overrides it."""
+        if self.all_targets_count:
+            return float(self.cfg.batch_tokens)
+        return (D.all_sum((y != -100).sum().double()) / self.tp).clamp(min=1.0)
+
     def train_step(
         self,
         x: torch.Tensor,
@@ -665,10 +674,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step) if lr is None else lr
         tp = self.tp  # a tensor group's ranks hold the same batch: every sum counts it tp times
-        if self.all_targets_count:
-            count: float | torch.Tensor = float(cfg.batch_tokens)
-        else:  # masked targets (finetuning): counted on the device, summed over ranks
-            count = (D.all_sum((y != -100).sum().double()) / tp).clamp(min=1.0)
+        count = self.target_count(y)
         scale = self.layout.dp / count
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         xs, ys = x.split(cfg.micro_batch), y.split(cfg.micro_batch)
