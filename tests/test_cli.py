@@ -589,16 +589,21 @@ def test_a_missing_extra_is_one_line_naming_it(tmp_path, small_tokenizer_path):
         f'[[sources]]\nname = "notes"\nkind = "generic"\npaths = ["{tmp_path / "docs.jsonl"}"]\n'
     )
     fill = {"ckpt": ckpt, "tmp": tmp_path, "data": data}
-    cases = [[m, prog, args.format(**fill).split()] for m, prog, args, _ in EXTRA_CASES]
-    proc = subprocess.run(
-        [sys.executable, "-c", BLOCKED_RUN, json.dumps(cases)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for (module, program, _, extra), (status, err) in zip(EXTRA_CASES, json.loads(proc.stdout)):
+    results = []
+    for module, program, argv, _ in EXTRA_CASES:
+        # one process per case: a module another case imported stays in sys.modules, where
+        # the blocking finder cannot hide it (the server would then start and serve)
+        case = [[module, program, argv.format(**fill).split()]]
+        proc = subprocess.run(
+            [sys.executable, "-c", BLOCKED_RUN, json.dumps(case)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results += json.loads(proc.stdout)
+    for (module, program, _, extra), (status, err) in zip(EXTRA_CASES, results, strict=True):
         assert status == 2 and "Traceback" not in err, (module, err)
         assert err.strip().splitlines()[-1] == (
             f"{program}: error: this command needs the '{extra}' extra (no module named "
