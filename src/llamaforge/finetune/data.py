@@ -12,7 +12,9 @@
 * **Examples.** Each conversation is tokenized with a chat template
   (:func:`llamaforge.chat_templates.tokenize_conversation`); a stable hash of its messages
   puts it in the validation split (``val_fraction``) as the pretraining data's hash split
-  does; one longer than ``max_len`` positions is truncated or dropped.
+  does; one longer than ``max_len`` positions is truncated or dropped. Only its first
+  ``max_len + 2`` tokens are worked out (the answers that start later are not rendered), so
+  a conversation of thousands of turns costs the turns that fit.
 * **Loaders.** ``PaddedLoader`` (one example per row) and ``PackedLoader`` (examples packed
   into rows of ``seq_len`` with per-example positions and document ids, from which the model
   builds the block-diagonal causal mask). An example of n tokens takes n - 1 positions:
@@ -455,9 +457,9 @@ def tokenize_examples(
     counts = counts if counts is not None else Counter()
     out = []
     for ex in examples:
-        try:
+        try:  # max_len + 2 ids: the max_len + 1 kept, and one more that tells it was longer
             ids, labels = tokenize_conversation(
-                tpl, tokenizer, ex.messages, train_on_prompt=train_on_prompt
+                tpl, tokenizer, ex.messages, train_on_prompt=train_on_prompt, max_tokens=max_len + 2
             )
         except ChatTemplateError as e:
             if not skip_bad:
