@@ -6,8 +6,12 @@ counts, a conversation of many turns costs the turns that fit in ``max_len``."""
 
 from __future__ import annotations
 
+import gzip
 import json
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 from typing import ClassVar
 
 import pytest
@@ -19,7 +23,10 @@ from llamaforge.chat_templates import (
     tokenize_conversation,
 )
 from llamaforge.finetune.data import (
+    BadRecord,
     Example,
+    InstructDataError,
+    read_examples,
     tokenize_examples,
 )
 from llamaforge.tokenizer import Tokenizer
@@ -41,6 +48,187 @@ def one_line(e: pytest.ExceptionInfo) -> str:
 
 def messages(r) -> list:
     return [e.messages for e in r.examples]
+
+
+# ----------------------------------------------------------------------------- record size
+
+# reads a file with skip_bad in a fresh process and reports how much its peak memory grew
+PEAK = """
+import json, sys
+from llamaforge.finetune.data import read_examples
+
+def peak():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) * 1024
+
+before = peak()
+r = read_examples(sys.argv[1], skip_bad=True)
+print(json.dumps({"grew": peak() - before, "examples": len(r.examples), "skipped": r.skipped}))
+"""
+
+
+def write_with_a_huge_record(path: Path, array: bool, mib: int = 100) -> Path:
+    """GOOD, a record of ``mib`` MiB (written a MiB at a time), GOOD."""
+    with open(path, "wb") as f:
+        f.write(b"[" if array else b"")
+        f.write(GOOD_LINE + (b",\n" if array else b"\n") + b'{"instruction": "')
+        for _ in range(mib):
+            f.write(b"word " * (1 << 18) if array else b"a\\u00e9\\\\" * (1 << 17))
+        f.write(b'", "output": "x"}' + (b",\n" if array else b"\n") + GOOD_LINE)
+        f.write(b"]\n" if array else b"\n")
+    return path
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM (Linux)")
+@pytest.mark.parametrize("array", [False, True], ids=["jsonl", "json-array"])
+def test_a_100_mib_record_is_skipped_without_being_held(tmp_path, array):
+    path = write_with_a_huge_record(tmp_path / f"huge.json{'' if array else 'l'}", array)
+    proc = subprocess.run(
+        [sys.executable, "-c", PEAK, str(path)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    assert out["examples"] == 2 and out["skipped"] == {"too_large": 1}
+    assert out["grew"] < 64 << 20, out  # the 4 MiB default bound and the reader's blocks
+    with pytest.raises(BadRecord) as e:
+        read_examples(path, max_record_bytes=1 << 20)
+    msg = one_line(e)
+    where = f"{path}[1] (line 2)" if array else f"{path}:2"
+    assert msg.startswith(f"{where}: ") and "1048576 bytes (data.max_record_bytes)" in msg
+    assert e.value.reason == "too_large"
+
+
+def test_records_within_the_bound_are_read_and_longer_ones_counted(tmp_path):
+    big = {"instruction": "x" * 300, "output": "y"}
+    rows = [GOOD, big, GOOD]
+    jsonl = tmp_path / "r.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    array = tmp_path / "r.json"
+    array.write_text(json.dumps(rows, indent=2))
+    for path in (jsonl, array):
+        assert len(read_examples(path, max_record_bytes=400).examples) == 3
+        r = read_examples(path, skip_bad=True, max_record_bytes=200)
+        assert len(r.examples) == 2 and r.skipped == Counter({"too_large": 1})
+    with pytest.raises(InstructDataError, match="max_record_bytes=0: expected at least 1"):
+        read_examples(jsonl, max_record_bytes=0)
+
+
+def test_a_huge_row_of_a_saved_dataset_is_a_bad_record(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = {"instruction": ["Add.", "Long." * 100_000, "Sub."], "output": ["2", "x", "1"]}
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "ds"))
+    r = read_examples(tmp_path / "ds", skip_bad=True, max_record_bytes=100_000)
+    assert len(r.examples) == 2 and r.skipped == Counter({"too_large": 1})
+    with pytest.raises(BadRecord, match=r"ds\[row 1\]: the record is longer than 100000 bytes"):
+        read_examples(tmp_path / "ds", max_record_bytes=100_000)
+
+
+# ----------------------------------------------------------------------------- bad bytes
+
+
+@pytest.mark.parametrize("array", [False, True], ids=["jsonl", "json-array"])
+def test_bad_utf8_names_file_line_and_offset_and_is_skipped(tmp_path, array):
+    bad = b'{"instruction": "caf\xe9", "output": "x"}'  # Latin-1, not UTF-8
+    if array:
+        data = b"[\n" + GOOD_LINE + b",\n" + bad + b",\n" + GOOD_LINE + b"\n]\n"
+        where = "bad.json[1] (line 3)"
+    else:
+        data = GOOD_LINE + b"\n" + bad + b"\n" + GOOD_LINE + b"\n"
+        where = "bad.json:2"
+    path = tmp_path / "bad.json"
+    path.write_bytes(data)
+    with pytest.raises(BadRecord) as e:
+        read_examples(path)
+    offset = data.index(b"\xe9")
+    assert one_line(e) == (
+        f"{tmp_path}/{where}: invalid UTF-8 (byte 0xe9 at byte offset {offset} of the file); "
+        "expected UTF-8 text"
+    )
+    r = read_examples(path, skip_bad=True)
+    assert messages(r) == [messages(r)[0]] * 2 and r.skipped == Counter({"bad_utf8": 1})
+
+
+def test_bad_utf8_in_the_first_bytes_is_a_bad_record_too(tmp_path):
+    path = tmp_path / "first.jsonl"
+    path.write_bytes(b'{"instruction": "\xff\xfe", "output": "x"}\n' + GOOD_LINE + b"\n")
+    with pytest.raises(BadRecord, match="first.jsonl:1: invalid UTF-8 .*byte offset 17"):
+        read_examples(path)
+    assert len(read_examples(path, skip_bad=True).examples) == 1
+
+
+def test_a_byte_order_mark_and_any_line_ending_are_read(tmp_path):
+    rows = [GOOD, {"instruction": "Add 1 and 2.", "output": "3"}, GOOD]
+    lines = [json.dumps(r).encode() for r in rows]
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + lines[0] + b"\r\n" + lines[1] + b"\r" + lines[2])
+    array = tmp_path / "bom.json"
+    array.write_bytes(b"\xef\xbb\xbf" + json.dumps(rows, indent=1).encode())
+    for path in (jsonl, array):
+        r = read_examples(path)
+        assert len(r.examples) == 3 and r.format == "alpaca"
+    assert [e.source for e in read_examples(jsonl).examples] == [f"{jsonl}:{n}" for n in (1, 2, 3)]
+
+
+def test_a_compressed_file_is_named_as_such(tmp_path):
+    path = tmp_path / "data.jsonl.gz"
+    path.write_bytes(gzip.compress(GOOD_LINE + b"\n"))
+    with pytest.raises(InstructDataError) as e:
+        read_examples(path)
+    assert one_line(e) == (
+        f"{path}: gzip-compressed; expected JSON or JSON lines text (decompress or convert it "
+        "first)"
+    )
+
+
+# ----------------------------------------------------------------------------- bad JSON
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
+DIGITS = b'{"instruction": "x", "output": "y", "n": 1' + b"9" * 5000 + b"}"
+NO_COMMA = b'{"instruction": "x" "output": "y"}'  # (a bad JSON line was always a bad record)
+
+
+@pytest.mark.parametrize(
+    "line, why, array",
+    [
+        (DEEP, "nested too deeply", False),
+        (DIGITS, "digits", False),
+        (DEEP, "nested too deeply", True),
+        (DIGITS, "digits", True),
+        (NO_COMMA, "Expecting ',' delimiter", True),
+    ],
+    ids=["jsonl-deep", "jsonl-digits", "array-deep", "array-digits", "array-no-comma"],
+)
+def test_json_that_python_cannot_take_is_a_bad_record(tmp_path, line, why, array):
+    path = tmp_path / "hostile.json"
+    if array:  # the element ends where its brackets close
+        path.write_bytes(b"[" + GOOD_LINE + b",\n" + line + b",\n" + GOOD_LINE + b"]")
+    else:
+        path.write_bytes(GOOD_LINE + b"\n" + line + b"\n" + GOOD_LINE + b"\n")
+    with pytest.raises(BadRecord) as e:
+        read_examples(path)
+    assert "malformed JSON" in one_line(e) and why in str(e.value)
+    assert e.value.reason == "malformed_json"
+    r = read_examples(path, skip_bad=True)
+    assert len(r.examples) == 2 and r.skipped == Counter({"malformed_json": 1})
+
+
+@pytest.mark.parametrize(
+    "text, what",
+    [
+        (b"[" + GOOD_LINE + b", " + GOOD_LINE, "line 1: the file ends inside the array"),
+        (b"[" + GOOD_LINE + b"\n\n " + GOOD_LINE + b"]", "line 3: expected ',' or ']'"),
+        (b"[" + GOOD_LINE + b",]", "line 1: expected record 1, found ']'"),
+        (b"[" + GOOD_LINE + b"]\n[]", "line 2: text after the array's closing ']'"),
+    ],
+    ids=["truncated", "no-comma", "trailing-comma", "two-arrays"],
+)
+def test_a_broken_array_is_one_line_naming_the_line(tmp_path, text, what):
+    path = tmp_path / "broken.json"
+    path.write_bytes(text)
+    for skip_bad in (False, True):
+        with pytest.raises(InstructDataError) as e:
+            read_examples(path, skip_bad=skip_bad)
+        assert one_line(e).startswith(f"{path}: {what}")
 
 
 # ----------------------------------------------------------------------------- many turns
