@@ -22,6 +22,7 @@ from llamaforge.chat_templates import (
     ChatTemplate,
     tokenize_conversation,
 )
+from llamaforge.cli.main import main
 from llamaforge.finetune.data import (
     BadRecord,
     Example,
@@ -293,3 +294,52 @@ def test_ids_and_labels_up_to_max_tokens_are_those_of_the_whole(meta_tok, name):
                 tpl, meta_tok, conv, train_on_prompt=train_on_prompt, max_tokens=m
             )
             assert cut == (ids[:m], labels[:m]), m
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, small_tokenizer_path) -> Path:
+    out = tmp_path_factory.mktemp("hostile-ft") / "base"
+    argv = ["init", "--preset", "1M", "--tokenizer", str(small_tokenizer_path), "--out", str(out)]
+    assert main([*argv, "dim=32", "n_layers=1", "n_heads=2", "max_seq_len=128"]) == 0
+    return out
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("epochs=-1", "epochs=-1.0: expected a number > 0"),
+        ("epochs=0", "epochs=0.0: expected a number > 0"),
+        ("epochs=nan", "epochs=nan: expected a number > 0"),
+        ("warmup_ratio=5", "warmup_ratio=5.0: expected a number in [0, 1)"),
+        ("warmup_ratio=-0.1", "warmup_ratio=-0.1: expected a number in [0, 1)"),
+        ("batch_size=0", "batch_size=0: expected a number >= 1"),
+        ("micro_batch=0", "micro_batch=0: expected a number >= 1"),
+        ("steps=-1", "steps=-1: expected a number >= 0"),
+        ("data.val_fraction=1", "data.val_fraction=1.0: expected a number in [0, 1)"),
+        ("data.max_len=0", "data.max_len=0: expected a number >= 1"),
+        ("data.max_record_bytes=0", "data.max_record_bytes=0: expected a number >= 1"),
+        ("optim.lr=-1e-4", "optim.lr=-0.0001: expected a number >= 0"),
+        ("optim.lr=inf", "optim.lr=inf: expected a number >= 0"),
+        ("optim.final_lr_ratio=2", "optim.final_lr_ratio=2.0: expected a number in [0, 1]"),
+        ("optim.clip=-1", "optim.clip=-1.0: expected a number > 0"),
+        ("optim.betas=[0.9, 1.5]", "optim.betas[1]=1.5: expected a number in [0, 1)"),
+        ("gen_max_new_tokens=0", "gen_max_new_tokens=0: expected a number >= 1"),
+        ("data.max_len=256", "data.max_len=256 is longer than the model's context (max_seq_len"),
+        ("model.max_seq_len=64", "data.max_len=128 is longer than the model's context (model"),
+    ],
+)
+def test_settings_out_of_range_are_one_line_before_the_data_is_read(
+    base, tmp_path, capsys, setting, message
+):
+    missing = tmp_path / "not-read.jsonl"  # the settings are checked before the data is read
+    out = tmp_path / "run"
+    argv = ["finetune", f"init={base}", f"data.paths=['{missing}']", "data.max_len=128",
+            "batch_size=4", "micro_batch=4", "gen_eval=0", "device=cpu", "progress=false",
+            f"--out={out}", setting]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"error: {message}" in err, err
+    assert not out.exists()
