@@ -25,10 +25,11 @@ trained on the very tokens it will have to produce after the generation prompt. 
 SentencePiece would merge characters across a boundary (a generation prompt that ends inside
 a word), the prefix check fails with an error instead of training on tokens inference never
 sees; both built-in templates end their prompts at whitespace, a newline or a special token.
-The whole conversation is encoded once; a prefix is encoded again only from its last special
-on (for both built-ins, one turn). Each prefix is a render of its own, so the renders grow
-with the square of the turns: with ``max_tokens`` (finetuning's ``max_len``) the answers that
-start past it are not rendered, which bounds the work by the turns that fit.
+The whole conversation is rendered and encoded once; a prefix is encoded again only from its
+last special on (for both built-ins, one turn). Each prefix is a render of its own, so the
+renders grow with the square of the turns: with ``max_tokens`` (finetuning's ``max_len``) the
+answers that start past it are not rendered, nor the text past the piece that reaches it
+encoded, which bounds that work by the turns that fit.
 
 No turn forgery. Text in a message (its content or any other string in it) never becomes a
 special token: before rendering, each occurrence of ``bos_token``/``eos_token`` in the
@@ -852,20 +853,23 @@ def _cuts(text: str, bos_token: str, eos_token: str) -> Sequence[Span]:
 
 
 def _encode_cut(
-    tokenizer: _Tokenizer, text: str, cuts: Sequence[Span]
+    tokenizer: _Tokenizer, text: str, cuts: Sequence[Span], limit: int | None = None
 ) -> tuple[list[int], list[int]]:
-    """The ids of ``text`` cut at ``cuts`` (see ``encode_text``), and for each cut the number
-    of ids up to its end."""
+    """The ids of ``text`` cut at ``cuts`` (see ``encode_text``), and for each cut encoded the
+    number of ids up to its end; with ``limit``, the pieces after the one that reaches
+    ``limit`` ids are not encoded."""
     ids: list[int] = []
     ends: list[int] = []
     pos = 0
     for start, end, kind in cuts:
+        if limit is not None and len(ids) >= limit:
+            return ids, ends
         if start > pos:
             ids += tokenizer.encode(text[pos:start], bos=False, eos=False)
         ids.append(tokenizer.bos_id if kind == "bos" else tokenizer.eos_id)
         ends.append(len(ids))
         pos = end
-    if pos < len(text):
+    if pos < len(text) and (limit is None or len(ids) < limit):
         ids += tokenizer.encode(text[pos:], bos=False, eos=False)
     return ids, ends
 
@@ -885,24 +889,42 @@ class _PrefixIds:
     """The ids of a rendered conversation, and how many of them a text that starts it encodes
     to: ``encode_text`` of that text is the conversation's ids up to its last cut (when its
     cuts are the conversation's first ones) and its last piece encoded, so only that piece is
-    encoded again (a turn, for templates that end turns with a special)."""
+    encoded again (a turn, for templates that end turns with a special). With ``limit`` the
+    conversation is encoded up to the piece that reaches ``limit`` ids, and a text is
+    checked against those ids as far as they go."""
 
-    def __init__(self, tokenizer: _Tokenizer, text: str, bos_token: str, eos_token: str) -> None:
+    def __init__(
+        self,
+        tokenizer: _Tokenizer,
+        text: str,
+        bos_token: str,
+        eos_token: str,
+        limit: int | None = None,
+    ) -> None:
         self.tokenizer, self.bos_token, self.eos_token = tokenizer, bos_token, eos_token
+        self.limit = limit
         self.cuts = tuple(_cuts(text, bos_token, eos_token))
-        self.ids, self.ends = _encode_cut(tokenizer, text, self.cuts)
+        self.ids, self.ends = _encode_cut(tokenizer, text, self.cuts, limit)
+
+    def _starts(self, at: int, ids: list[int]) -> bool:
+        """Whether ``ids`` are the conversation's from ``at`` on, as far as those go."""
+        n = max(0, min(len(ids), len(self.ids) - at))
+        return self.ids[at : at + n] == ids[:n]
 
     def length(self, prefix: str) -> int | None:
         """``len(encode_text(prefix))`` when those ids start ``self.ids`` (``prefix`` starts
-        the conversation's text), else None."""
+        the conversation's text), else None; ``len(self.ids)`` for a prefix whose cuts go on
+        past the ids encoded (``limit``)."""
         cuts = tuple(_cuts(prefix, self.bos_token, self.eos_token))
-        n = len(cuts)
+        n, known = len(cuts), len(self.ends)
+        if n > known and known < len(self.cuts):  # past the cuts encoded
+            return len(self.ids) if cuts[:known] == self.cuts[:known] else None
         if cuts != self.cuts[:n] or (n < len(self.cuts) and self.cuts[n][0] < len(prefix)):
-            ids = _encode_cut(self.tokenizer, prefix, cuts)[0]  # cut elsewhere: all of it
-            return len(ids) if self.ids[: len(ids)] == ids else None
+            ids = _encode_cut(self.tokenizer, prefix, cuts, self.limit)[0]  # cut elsewhere
+            return len(ids) if self._starts(0, ids) else None
         pos, start = (cuts[-1][1], self.ends[n - 1]) if n else (0, 0)
         tail = self.tokenizer.encode(prefix[pos:], bos=False, eos=False) if prefix[pos:] else []
-        return start + len(tail) if self.ids[start : start + len(tail)] == tail else None
+        return start + len(tail) if self._starts(start, tail) else None
 
 
 def _as_template(template: ChatTemplate | str | Path) -> ChatTemplate:
@@ -917,8 +939,9 @@ def _turn_renders(
 ) -> tuple[RenderedChat, Iterator[tuple[int, RenderedChat, RenderedChat]]]:
     """The whole conversation rendered, and for each assistant message k (lazily, in order)
     ``(k, prompt, conversation up to answer k)``. Each batch of answers is one render job
-    (one trip to a worker), the first with the whole conversation; the batches double, so a
-    caller that stops early renders few prefixes, and one that reads all makes few trips."""
+    (one trip to a worker), the first with the whole conversation, the later ones with the
+    messages up to their last answer; the batches double, so a caller that stops early
+    renders few prefixes, and one that reads all makes few trips."""
 
     def prefixes(batch: list[int]) -> list[tuple[int, bool]]:
         return [p for k in batch for p in ((k, True), (k + 1, False))]
@@ -932,8 +955,8 @@ def _turn_renders(
         while batch:
             yield from zip(batch, out[::2], out[1::2])
             done += len(batch)
-            batch = turns[done : done + 2 * len(batch)]
-            out = tpl._render(messages, prefixes(batch)) if batch else []
+            batch = turns[done : done + 2 * len(batch)]  # (the messages up to its last answer)
+            out = tpl._render(messages[: batch[-1] + 1], prefixes(batch)) if batch else []
 
     return full, answers()
 
@@ -960,7 +983,7 @@ def tokenize_conversation(
         k for k, m in enumerate(messages) if isinstance(m, Mapping) and m.get("role") == "assistant"
     ]
     full_text, answers = _turn_renders(tpl, messages, turns)
-    whole = _PrefixIds(tokenizer, full_text, tpl.bos_token, tpl.eos_token)
+    whole = _PrefixIds(tokenizer, full_text, tpl.bos_token, tpl.eos_token, max_tokens)
     if not turns:
         raise ChatTemplateError("the conversation has no assistant message to train on")
     ids = whole.ids if max_tokens is None else whole.ids[:max_tokens]
@@ -978,7 +1001,10 @@ def tokenize_conversation(
                 "not a prefix of the whole conversation's text (the template renders earlier "
                 "turns differently when later ones follow)"
             )
-        start, end = whole.length(prompt_text), whole.length(turn_text)
+        start = whole.length(prompt_text)
+        if start is not None and start >= len(ids):  # this answer and the later ones lie past
+            break  # max_tokens
+        end = whole.length(turn_text)
         if start is None or end is None:
             raise ChatTemplateError(
                 f"chat template {tpl.name}: around assistant message {k} the tokenizer merges "
@@ -990,7 +1016,5 @@ def tokenize_conversation(
             raise ChatTemplateError(
                 f"chat template {tpl.name}: assistant message {k} renders no tokens"
             )
-        if start >= len(ids):  # this answer and the later ones lie past max_tokens
-            break
         labels[start:end] = ids[start:end]
     return ids, labels
