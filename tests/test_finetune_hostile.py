@@ -315,9 +315,9 @@ def base(tmp_path_factory, small_tokenizer_path) -> Path:
         ("epochs=nan", "epochs=nan: expected a number > 0"),
         ("warmup_ratio=5", "warmup_ratio=5.0: expected a number in [0, 1)"),
         ("warmup_ratio=-0.1", "warmup_ratio=-0.1: expected a number in [0, 1)"),
-        ("batch_size=0", "batch_size=0: expected a number >= 1"),
-        ("micro_batch=0", "micro_batch=0: expected a number >= 1"),
-        ("steps=-1", "steps=-1: expected a number >= 0"),
+        ("batch_size=0", "batch_size=0: expected a number in [1, 1048576]"),
+        ("micro_batch=0", "micro_batch=0: expected a number in [1, 1048576]"),
+        ("steps=-1", "steps=-1: expected a number in [0, 2147483647]"),
         ("data.val_fraction=1", "data.val_fraction=1.0: expected a number in [0, 1)"),
         ("data.max_len=0", "data.max_len=0: expected a number >= 1"),
         ("data.max_record_bytes=0", "data.max_record_bytes=0: expected a number >= 1"),
@@ -327,6 +327,12 @@ def base(tmp_path_factory, small_tokenizer_path) -> Path:
         ("optim.clip=-1", "optim.clip=-1.0: expected a number > 0"),
         ("optim.betas=[0.9, 1.5]", "optim.betas[1]=1.5: expected a number in [0, 1)"),
         ("gen_max_new_tokens=0", "gen_max_new_tokens=0: expected a number >= 1"),
+        ("batch_size=2000000", "batch_size=2000000: expected a number in [1, 1048576]"),
+        ("data.seed=-1", "data.seed=-1: expected a number >= 0"),
+        (
+            "data.overlong='cut'",
+            "override data.overlong: 'cut' is not one of the allowed values 'truncate', 'drop'",
+        ),
         ("data.max_len=256", "data.max_len=256 is longer than the model's context (max_seq_len"),
         ("model.max_seq_len=64", "data.max_len=128 is longer than the model's context (model"),
     ],
@@ -343,3 +349,14 @@ def test_settings_out_of_range_are_one_line_before_the_data_is_read(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"error: {message}" in err, err
     assert not out.exists()
+
+
+def test_epochs_that_would_never_end_are_refused(base, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(GOOD) + "\n" for _ in range(8)))
+    argv = ["finetune", f"init={base}", f"data.paths=['{data}']", "data.max_len=128",
+            "batch_size=4", "micro_batch=4", "gen_eval=0", "device=cpu", "progress=false",
+            f"--out={tmp_path / 'run'}", "epochs=1e300"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error: epochs=1e+300: " in err and "at most 2147483647" in err

@@ -40,7 +40,7 @@ from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -650,7 +650,9 @@ class InstructDataConfig:
     split: str = setting("train", "split of a saved Hugging Face DatasetDict")
     template: str = setting("alpaca", "chat template: alpaca, llama2 or a .jinja file")
     max_len: int = setting(2048, "most positions per example (its tokens minus one)")
-    overlong: str = setting("truncate", "examples longer than max_len: truncate or drop")
+    overlong: Literal["truncate", "drop"] = setting(
+        "truncate", "examples longer than max_len: truncate or drop"
+    )
     val_fraction: float = setting(0.02, "fraction of examples held out, by content hash")
     skip_bad: bool = setting(False, "skip (and count) bad records instead of failing")
     max_record_bytes: int = setting(

@@ -42,6 +42,8 @@ from llamaforge.training.plan import Target
 from llamaforge.training.trainer import OptimSection, TrainConfig, Trainer, model_args, run_training
 
 FULL_LR, LORA_LR = 2e-5, 2e-4
+MAX_STEPS = 2**31 - 1  # optimizer steps of a run, at most
+MAX_BATCH = 1 << 20  # examples (or packed rows) per step, at most
 
 
 def _finetune_optim() -> OptimSection:
@@ -79,9 +81,9 @@ class FinetuneConfig(TrainConfig):
 # allowed, highest, whether the highest is allowed); NaN is in none
 _RANGES: tuple[tuple[str, float, bool, float, bool], ...] = (
     ("epochs", 0, False, math.inf, False),
-    ("steps", 0, True, math.inf, False),
-    ("batch_size", 1, True, math.inf, False),
-    ("micro_batch", 1, True, math.inf, False),
+    ("steps", 0, True, MAX_STEPS, True),
+    ("batch_size", 1, True, MAX_BATCH, True),
+    ("micro_batch", 1, True, MAX_BATCH, True),
     ("warmup_ratio", 0, True, 1, False),
     ("gen_eval", 0, True, math.inf, False),
     ("gen_max_new_tokens", 1, True, math.inf, False),
@@ -91,6 +93,7 @@ _RANGES: tuple[tuple[str, float, bool, float, bool], ...] = (
     ("data.max_len", 1, True, math.inf, False),
     ("data.val_fraction", 0, True, 1, False),
     ("data.max_record_bytes", 1, True, math.inf, False),
+    ("data.seed", 0, True, math.inf, False),
     ("optim.lr", 0, True, math.inf, False),
     ("optim.warmup_steps", 0, True, math.inf, False),
     ("optim.final_lr_ratio", 0, True, 1, True),
@@ -103,9 +106,12 @@ _RANGES: tuple[tuple[str, float, bool, float, bool], ...] = (
 
 
 def _interval(low: float, low_in: bool, high: float, high_in: bool) -> str:
+    def num(x: float) -> str:
+        return str(int(x)) if x == int(x) else f"{x:g}"
+
     if high == math.inf:
-        return f"{'>=' if low_in else '>'} {low:g}"
-    return f"in {'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+        return f"{'>=' if low_in else '>'} {num(low)}"
+    return f"in {'[' if low_in else '('}{num(low)}, {num(high)}{']' if high_in else ')'}"
 
 
 def _setting(cfg: Any, name: str) -> Any:
@@ -188,6 +194,11 @@ def schedule(cfg: FinetuneConfig, units: int) -> tuple[int, int, float]:
     ``epochs`` passes of ``batch_size`` rows; ``optim.warmup_steps`` or ``warmup_ratio`` of
     the steps; ``optim.lr`` or the LoRA / full finetuning default."""
     steps = cfg.steps or max(1, math.ceil(cfg.epochs * units / cfg.batch_size))
+    if steps > MAX_STEPS:
+        raise ConfigError(
+            f"epochs={cfg.epochs:g}: {steps} optimizer steps of batch_size={cfg.batch_size} "
+            f"over {units} rows an epoch; at most {MAX_STEPS}"
+        )
     warmup = cfg.optim.warmup_steps or round(cfg.warmup_ratio * steps)
     lr = cfg.optim.lr or (LORA_LR if cfg.lora.enabled else FULL_LR)
     return steps, warmup, lr
