@@ -26,7 +26,9 @@ from llamaforge.cli.main import main
 from llamaforge.finetune.data import (
     BadRecord,
     Example,
+    InstructDataConfig,
     InstructDataError,
+    build_dataset,
     read_examples,
     tokenize_examples,
 )
@@ -179,6 +181,39 @@ def test_a_compressed_file_is_named_as_such(tmp_path):
         f"{path}: gzip-compressed; expected JSON or JSON lines text (decompress or convert it "
         "first)"
     )
+
+
+def test_a_utf16_file_is_named_as_such(tmp_path):
+    path = tmp_path / "utf16.json"
+    path.write_bytes(json.dumps([GOOD]).encode("utf-16"))  # with its byte order mark
+    with pytest.raises(InstructDataError, match=r"utf16.json: UTF-16 text; expected JSON or J"):
+        read_examples(path, skip_bad=True)
+
+
+def test_half_a_surrogate_pair_is_a_bad_record_not_a_crash(tmp_path, meta_tok):
+    """JSON may escape half a UTF-16 pair (\\ud800), which no tokenizer or hash can encode."""
+    path = tmp_path / "s.jsonl"
+    path.write_text(json.dumps(GOOD) + '\n{"instruction": "a\\ud800b", "output": "x"}\n')
+    with pytest.raises(BadRecord) as e:
+        read_examples(path)
+    assert one_line(e) == (
+        f"{path}:2: field 'instruction' holds \\ud800, half of a UTF-16 pair (not a "
+        "character); expected text"
+    )
+    cfg = InstructDataConfig(paths=[str(path)], skip_bad=True, val_fraction=0.0)
+    report = build_dataset(cfg, meta_tok).report
+    assert report["counts"]["read"] == 1 and report["counts"]["skipped_lone_surrogate"] == 1
+
+
+def test_a_damaged_saved_dataset_is_one_line(tmp_path):
+    pytest.importorskip("datasets")
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    (folder / "dataset_info.json").write_text("{not json")
+    (folder / "state.json").write_text("{not json")
+    with pytest.raises(InstructDataError) as e:
+        read_examples(folder)
+    assert one_line(e).startswith(f"{folder}: not a dataset saved with datasets' save_to_disk (")
 
 
 # ----------------------------------------------------------------------------- bad JSON

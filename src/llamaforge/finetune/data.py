@@ -119,6 +119,7 @@ _STRUCTURE = np.zeros(256, dtype=np.int64)
 _STRUCTURE[[ord("["), ord("{")]], _STRUCTURE[[ord("]"), ord("}")]], _STRUCTURE[ord(",")] = 1, -1, 2
 _BOM = b"\xef\xbb\xbf"
 _PIECE = re.compile(rb"[^\r]+")  # a line of a JSON lines file, between CRs
+_SURROGATE = re.compile("[\ud800-\udfff]")
 # how a file that is not JSON text starts, and what it is
 _MAGIC = {
     b"\x1f\x8b": "gzip-compressed",
@@ -127,6 +128,8 @@ _MAGIC = {
     b"\x28\xb5\x2f\xfd": "zstd-compressed",
     b"PK\x03\x04": "a zip archive",
     b"PAR1": "a Parquet file",
+    b"\xff\xfe": "UTF-16 text",
+    b"\xfe\xff": "UTF-16 text",
 }
 
 
@@ -146,18 +149,19 @@ def _bad_utf8(where: str, byte: int, offset: int) -> BadRecord:
     )
 
 
-def _json_value(text: str, where: str) -> Any:
-    """``json.loads(text)``, or a BadRecord (returned, not raised) naming ``where``."""
+def _json_value(text: str, where: str, expected: str) -> Any:
+    """``json.loads(text)``, or a BadRecord (returned, not raised) naming ``where`` and what
+    was ``expected``."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
         at = f"column {e.colno}" if e.lineno == 1 else f"line {e.lineno} column {e.colno} of it"
-        why = f"{e.msg} at {at}"
+        why = f"{e.msg.removesuffix(' at')} at {at}"  # ("Invalid control character at")
     except RecursionError:
         why = "nested too deeply"
     except ValueError as e:  # e.g. an integer of more digits than int() takes
         why = str(e).split(";")[0]
-    return BadRecord("malformed_json", f"{where}: malformed JSON ({why})")
+    return BadRecord("malformed_json", f"{where}: malformed JSON ({why}); expected {expected}")
 
 
 def _records(path: Path, split: str, max_bytes: int) -> Iterator[tuple[str, Any]]:
@@ -224,7 +228,7 @@ def _json_lines(f: Any, path: Path, offset: int, max_bytes: int) -> Iterator[tup
                         _bad_utf8(where, body[m.start() + e.start], at + m.start() + e.start),
                     )
                 else:
-                    yield where, _json_value(text, where)
+                    yield where, _json_value(text, where, "one JSON object per line")
         n += 1 + body.count(b"\r")
 
 
@@ -366,7 +370,7 @@ class _JsonArray:
                 ) from None
         except (ValueError, RecursionError):
             pass
-        return where, _json_value(text, label)
+        return where, _json_value(text, label, "a JSON object")
 
 
 def _text_bytes(value: Any, limit: int) -> int:
@@ -394,9 +398,10 @@ def _hf_records(path: Path, split: str, max_bytes: int) -> Iterator[tuple[str, A
         ) from None
     try:
         ds = datasets.load_from_disk(str(path))
-    except FileNotFoundError as e:
+    except Exception as e:  # a folder of other files, damaged metadata or arrow files
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InstructDataError(
-            f"{path}: not a dataset saved with datasets' save_to_disk ({e})"
+            f"{path}: not a dataset saved with datasets' save_to_disk ({why})"
         ) from None
     where = str(path)
     if isinstance(ds, datasets.DatasetDict):
@@ -449,6 +454,12 @@ def _text(rec: Mapping[str, Any], key: str, where: str, *, required: bool = True
     if not isinstance(value, str):
         raise BadRecord(
             "wrong_type", f"{where}: field {key!r} is {type(value).__name__}, expected a string"
+        )
+    if m := _SURROGATE.search(value):  # a JSON escape such as \ud800 alone: not text
+        raise BadRecord(
+            "lone_surrogate",
+            f"{where}: field {key!r} holds \\u{ord(m.group()):04x}, half of a UTF-16 pair "
+            "(not a character); expected text",
         )
     return value
 
