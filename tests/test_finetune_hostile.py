@@ -347,7 +347,7 @@ def base(tmp_path_factory, small_tokenizer_path) -> Path:
     [
         ("epochs=-1", "epochs=-1.0: expected a number > 0"),
         ("epochs=0", "epochs=0.0: expected a number > 0"),
-        ("epochs=nan", "epochs=nan: expected a number > 0"),
+        ("epochs=nan", "epochs=nan: expected a finite number > 0"),
         ("warmup_ratio=5", "warmup_ratio=5.0: expected a number in [0, 1)"),
         ("warmup_ratio=-0.1", "warmup_ratio=-0.1: expected a number in [0, 1)"),
         ("batch_size=0", "batch_size=0: expected a number in [1, 1048576]"),
@@ -357,7 +357,7 @@ def base(tmp_path_factory, small_tokenizer_path) -> Path:
         ("data.max_len=0", "data.max_len=0: expected a number >= 1"),
         ("data.max_record_bytes=0", "data.max_record_bytes=0: expected a number >= 1"),
         ("optim.lr=-1e-4", "optim.lr=-0.0001: expected a number >= 0"),
-        ("optim.lr=inf", "optim.lr=inf: expected a number >= 0"),
+        ("optim.lr=inf", "optim.lr=inf: expected a finite number >= 0"),
         ("optim.final_lr_ratio=2", "optim.final_lr_ratio=2.0: expected a number in [0, 1]"),
         ("optim.clip=-1", "optim.clip=-1.0: expected a number > 0"),
         ("optim.betas=[0.9, 1.5]", "optim.betas[1]=1.5: expected a number in [0, 1)"),

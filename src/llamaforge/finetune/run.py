@@ -139,8 +139,10 @@ def check_finetune(cfg: FinetuneConfig) -> None:
             value <= high if high_in else value < high
         )
         if not inside:  # NaN too
+            finite = "" if math.isfinite(value) else "finite "
             raise ConfigError(
-                f"{name}={value!r}: expected a number {_interval(low, low_in, high, high_in)}"
+                f"{name}={value!r}: expected a {finite}number "
+                f"{_interval(low, low_in, high, high_in)}"
             )
     if cfg.batch_tokens:
         raise ConfigError("batch_tokens: finetuning counts examples; set batch_size instead")
