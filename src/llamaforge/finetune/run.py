@@ -115,13 +115,10 @@ def _interval(low: float, low_in: bool, high: float, high_in: bool) -> str:
 
 
 def _setting(cfg: Any, name: str) -> Any:
-    """The value of a dotted setting (``optim.betas[0]``): None when a list is too short."""
+    """The value of a dotted setting (``data.max_len``, ``optim.betas[0]``)."""
     value = cfg
     for part in name.replace("[", ".").replace("]", "").split("."):
-        if part.isdigit():
-            value = value[int(part)] if int(part) < len(value) else None
-        else:
-            value = getattr(value, part)
+        value = value[int(part)] if part.isdigit() else getattr(value, part)
     return value
 
 
