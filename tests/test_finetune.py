@@ -264,6 +264,7 @@ def test_tokens_count_the_real_tokens_of_rows_of_very_different_lengths(
         extra = ["batch_size=8", "micro_batch=4"]
     out = tmp_path / "run"
     argv = args(base, path, out, *extra, "data.max_len=384", "data.val_fraction=0", "steps=2")
+    argv.append("model.max_seq_len=384")  # past the base's 128: on purpose
     argv.append("gen_eval=0")
     assert main(argv) == 0
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

@@ -25,6 +25,11 @@ trained on the very tokens it will have to produce after the generation prompt. 
 SentencePiece would merge characters across a boundary (a generation prompt that ends inside
 a word), the prefix check fails with an error instead of training on tokens inference never
 sees; both built-in templates end their prompts at whitespace, a newline or a special token.
+The whole conversation is rendered and encoded once; a prefix is encoded again only from its
+last special on (for both built-ins, one turn). Each prefix is a render of its own, so the
+renders grow with the square of the turns: with ``max_tokens`` (finetuning's ``max_len``) the
+answers that start past it are not rendered, nor the text past the piece that reaches it
+encoded, which bounds that work by the turns that fit.
 
 No turn forgery. Text in a message (its content or any other string in it) never becomes a
 special token: before rendering, each occurrence of ``bos_token``/``eos_token`` in the
@@ -839,6 +844,36 @@ class _Tokenizer(Protocol):
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]: ...
 
 
+def _cuts(text: str, bos_token: str, eos_token: str) -> Sequence[Span]:
+    """Where ``encode_text`` cuts ``text``: a :class:`RenderedChat` at the specials the
+    template wrote, a plain ``str`` at every ``bos_token``/``eos_token``."""
+    if isinstance(text, RenderedChat):
+        return text.specials
+    return _find_specials(text, bos_token, eos_token)
+
+
+def _encode_cut(
+    tokenizer: _Tokenizer, text: str, cuts: Sequence[Span], limit: int | None = None
+) -> tuple[list[int], list[int]]:
+    """The ids of ``text`` cut at ``cuts`` (see ``encode_text``), and for each cut encoded the
+    number of ids up to its end; with ``limit``, the pieces after the one that reaches
+    ``limit`` ids are not encoded."""
+    ids: list[int] = []
+    ends: list[int] = []
+    pos = 0
+    for start, end, kind in cuts:
+        if limit is not None and len(ids) >= limit:
+            return ids, ends
+        if start > pos:
+            ids += tokenizer.encode(text[pos:start], bos=False, eos=False)
+        ids.append(tokenizer.bos_id if kind == "bos" else tokenizer.eos_id)
+        ends.append(len(ids))
+        pos = end
+    if pos < len(text) and (limit is None or len(ids) < limit):
+        ids += tokenizer.encode(text[pos:], bos=False, eos=False)
+    return ids, ends
+
+
 def encode_text(
     tokenizer: _Tokenizer, text: str, bos_token: str = "<s>", eos_token: str = "</s>"
 ) -> list[int]:
@@ -847,24 +882,83 @@ def encode_text(
     :class:`RenderedChat` is cut only where the template wrote bos/eos (message text is never
     a special token; ``bos_token``/``eos_token`` are not used), a plain ``str`` at every
     ``bos_token``/``eos_token``."""
-    if isinstance(text, RenderedChat):
-        cuts: Sequence[Span] = text.specials
-    else:
-        cuts = _find_specials(text, bos_token, eos_token)
-    ids: list[int] = []
-    pos = 0
-    for start, end, kind in cuts:
-        if start > pos:
-            ids += tokenizer.encode(text[pos:start], bos=False, eos=False)
-        ids.append(tokenizer.bos_id if kind == "bos" else tokenizer.eos_id)
-        pos = end
-    if pos < len(text):
-        ids += tokenizer.encode(text[pos:], bos=False, eos=False)
-    return ids
+    return _encode_cut(tokenizer, text, _cuts(text, bos_token, eos_token))[0]
+
+
+class _PrefixIds:
+    """The ids of a rendered conversation, and how many of them a text that starts it encodes
+    to: ``encode_text`` of that text is the conversation's ids up to its last cut (when its
+    cuts are the conversation's first ones) and its last piece encoded, so only that piece is
+    encoded again (a turn, for templates that end turns with a special). With ``limit`` the
+    conversation is encoded up to the piece that reaches ``limit`` ids, and a text is
+    checked against those ids as far as they go."""
+
+    def __init__(
+        self,
+        tokenizer: _Tokenizer,
+        text: str,
+        bos_token: str,
+        eos_token: str,
+        limit: int | None = None,
+    ) -> None:
+        self.tokenizer, self.bos_token, self.eos_token = tokenizer, bos_token, eos_token
+        self.limit = limit
+        self.cuts = tuple(_cuts(text, bos_token, eos_token))
+        self.ids, self.ends = _encode_cut(tokenizer, text, self.cuts, limit)
+
+    def _starts(self, at: int, ids: list[int]) -> bool:
+        """Whether ``ids`` are the conversation's from ``at`` on, as far as those go."""
+        n = max(0, min(len(ids), len(self.ids) - at))
+        return self.ids[at : at + n] == ids[:n]
+
+    def length(self, prefix: str) -> int | None:
+        """``len(encode_text(prefix))`` when those ids start ``self.ids`` (``prefix`` starts
+        the conversation's text), else None; ``len(self.ids)`` for a prefix whose cuts go on
+        past the ids encoded (``limit``)."""
+        cuts = tuple(_cuts(prefix, self.bos_token, self.eos_token))
+        n, known = len(cuts), len(self.ends)
+        if n > known and known < len(self.cuts):  # past the cuts encoded
+            return len(self.ids) if cuts[:known] == self.cuts[:known] else None
+        if cuts != self.cuts[:n] or (n < len(self.cuts) and self.cuts[n][0] < len(prefix)):
+            ids = _encode_cut(self.tokenizer, prefix, cuts, self.limit)[0]  # cut elsewhere
+            return len(ids) if self._starts(0, ids) else None
+        pos, start = (cuts[-1][1], self.ends[n - 1]) if n else (0, 0)
+        tail = self.tokenizer.encode(prefix[pos:], bos=False, eos=False) if prefix[pos:] else []
+        return start + len(tail) if self._starts(start, tail) else None
 
 
 def _as_template(template: ChatTemplate | str | Path) -> ChatTemplate:
     return template if isinstance(template, ChatTemplate) else load_template(template)
+
+
+_FIRST_TURNS = 32  # answers rendered with the whole conversation; later batches double
+
+
+def _turn_renders(
+    tpl: ChatTemplate, messages: Sequence[Mapping[str, Any]], turns: list[int]
+) -> tuple[RenderedChat, Iterator[tuple[int, RenderedChat, RenderedChat]]]:
+    """The whole conversation rendered, and for each assistant message k (lazily, in order)
+    ``(k, prompt, conversation up to answer k)``. Each batch of answers is one render job
+    (one trip to a worker), the first with the whole conversation, the later ones with the
+    messages up to their last answer; the batches double, so a caller that stops early
+    renders few prefixes, and one that reads all makes few trips."""
+
+    def prefixes(batch: list[int]) -> list[tuple[int, bool]]:
+        return [p for k in batch for p in ((k, True), (k + 1, False))]
+
+    first = turns[:_FIRST_TURNS]
+    full, *renders = tpl._render(messages, [(len(messages), False), *prefixes(first)])
+
+    def answers() -> Iterator[tuple[int, RenderedChat, RenderedChat]]:
+        batch, done = first, 0
+        out = renders
+        while batch:
+            yield from zip(batch, out[::2], out[1::2])
+            done += len(batch)
+            batch = turns[done : done + 2 * len(batch)]  # (the messages up to its last answer)
+            out = tpl._render(messages[: batch[-1] + 1], prefixes(batch)) if batch else []
+
+    return full, answers()
 
 
 def tokenize_conversation(
@@ -873,28 +967,28 @@ def tokenize_conversation(
     messages: Sequence[Mapping[str, Any]],
     *,
     train_on_prompt: bool = False,
+    max_tokens: int | None = None,
 ) -> tuple[list[int], list[int]]:
     """``(ids, labels)`` of a conversation: ``labels[i]`` is ``ids[i]`` where the model is
     trained (every assistant turn, its closing eos included) and -100 elsewhere; the caller
     shifts (inputs ``ids[:-1]``, targets ``labels[1:]``). ``train_on_prompt`` trains on every
-    token. See the module docstring for how turns are found and why."""
+    token. ``max_tokens``: only the first ``max_tokens`` ids and labels are returned (exactly
+    those of the whole), and the answers that start after them are not looked for, so a
+    conversation of many turns costs the turns that fit, not the square of all its turns. See
+    the module docstring for how turns are found and why."""
     tpl = _as_template(template)
-
-    def enc(text: str) -> list[int]:
-        return encode_text(tokenizer, text, tpl.bos_token, tpl.eos_token)
-
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens={max_tokens}: expected at least 1")
     turns = [
         k for k, m in enumerate(messages) if isinstance(m, Mapping) and m.get("role") == "assistant"
     ]
-    prefixes = [(len(messages), False)]
-    for k in turns:  # the prompt of each answer, then the conversation up to it
-        prefixes += [(k, True), (k + 1, False)]
-    full_text, *renders = tpl._render(messages, prefixes)
-    ids = enc(full_text)
+    full_text, answers = _turn_renders(tpl, messages, turns)
+    whole = _PrefixIds(tokenizer, full_text, tpl.bos_token, tpl.eos_token, max_tokens)
     if not turns:
         raise ChatTemplateError("the conversation has no assistant message to train on")
+    ids = whole.ids if max_tokens is None else whole.ids[:max_tokens]
     labels = list(ids) if train_on_prompt else [IGNORE_INDEX] * len(ids)
-    for k, prompt_text, turn_text in zip(turns, renders[::2], renders[1::2]):
+    for k, prompt_text, turn_text in answers:
         if not turn_text.startswith(prompt_text) or len(turn_text) == len(prompt_text):
             raise ChatTemplateError(
                 f"chat template {tpl.name}: rendering assistant message {k} adds nothing after "
@@ -907,9 +1001,11 @@ def tokenize_conversation(
                 "not a prefix of the whole conversation's text (the template renders earlier "
                 "turns differently when later ones follow)"
             )
-        prompt_ids, turn_ids = enc(prompt_text), enc(turn_text)
-        start, end = len(prompt_ids), len(turn_ids)
-        if ids[:start] != prompt_ids or ids[:end] != turn_ids:
+        start = whole.length(prompt_text)
+        if start is not None and start >= len(ids):  # this answer and the later ones lie past
+            break  # max_tokens
+        end = whole.length(turn_text)
+        if start is None or end is None:
             raise ChatTemplateError(
                 f"chat template {tpl.name}: around assistant message {k} the tokenizer merges "
                 "characters across the prompt/answer boundary, so the answer's tokens differ "

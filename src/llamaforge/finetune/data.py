@@ -8,11 +8,20 @@
   files are a JSON array or JSON lines, or a folder written by ``datasets``'
   ``save_to_disk``. The format is detected from the first record's keys unless forced. A bad
   record is an error naming the file and line (or record index) and what was expected; with
-  ``skip_bad`` it is skipped and counted by reason.
+  ``skip_bad`` it is skipped and counted by reason. Memory is bounded per record: files are
+  read in blocks, and a record longer than ``max_record_bytes`` (a JSON line, an element of
+  a JSON array — found by the array's brackets and commas — or a saved dataset's row) is a
+  bad record (``too_large``) that is never held whole. So are a record that is not UTF-8
+  (``bad_utf8``, naming its byte offset in the file) and JSON that Python cannot take
+  (nested past its recursion limit, an integer of thousands of digits). A UTF-8 byte order
+  mark is skipped, lines end at LF, CRLF or CR; a compressed file, or a JSON array whose own
+  structure breaks (a missing comma, a file that ends inside it), is an error.
 * **Examples.** Each conversation is tokenized with a chat template
   (:func:`llamaforge.chat_templates.tokenize_conversation`); a stable hash of its messages
   puts it in the validation split (``val_fraction``) as the pretraining data's hash split
-  does; one longer than ``max_len`` positions is truncated or dropped.
+  does; one longer than ``max_len`` positions is truncated or dropped. Only its first
+  ``max_len + 2`` tokens are worked out (the answers that start later are not rendered), so
+  a conversation of thousands of turns costs the turns that fit.
 * **Loaders.** ``PaddedLoader`` (one example per row) and ``PackedLoader`` (examples packed
   into rows of ``seq_len`` with per-example positions and document ids, from which the model
   builds the block-diagonal causal mask). An example of n tokens takes n - 1 positions:
@@ -26,11 +35,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -100,45 +110,285 @@ class ReadResult:
 
 # -- records ---------------------------------------------------------------------------------
 
+MAX_RECORD_BYTES = 4 << 20  # the default of ``max_record_bytes``
+_BLOCK = 1 << 20  # bytes of a JSON line read at a time, past max_record_bytes
+_ARRAY_BLOCK = 1 << 18  # bytes of a JSON array scanned at a time
+_SLACK = 256  # whitespace after an array element held with it (not counted in its size)
+# each byte's part in JSON's structure: 1 opens, -1 closes, 2 a comma, 0 none
+_STRUCTURE = np.zeros(256, dtype=np.int64)
+_STRUCTURE[[ord("["), ord("{")]], _STRUCTURE[[ord("]"), ord("}")]], _STRUCTURE[ord(",")] = 1, -1, 2
+_BOM = b"\xef\xbb\xbf"
+_PIECE = re.compile(rb"[^\r]+")  # a line of a JSON lines file, between CRs
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# how a file that is not JSON text starts, and what it is
+_MAGIC = {
+    b"\x1f\x8b": "gzip-compressed",
+    b"BZh": "bzip2-compressed",
+    b"\xfd7zXZ\x00": "xz-compressed",
+    b"\x28\xb5\x2f\xfd": "zstd-compressed",
+    b"PK\x03\x04": "a zip archive",
+    b"PAR1": "a Parquet file",
+    b"\xff\xfe": "UTF-16 text",
+    b"\xfe\xff": "UTF-16 text",
+}
 
-def _records(path: Path, split: str) -> Iterator[tuple[str, Any]]:
-    """(where, record) for each record; a malformed JSON line yields a BadRecord as record."""
+
+def _too_large(where: str, max_bytes: int) -> BadRecord:
+    return BadRecord(
+        "too_large",
+        f"{where}: the record is longer than {max_bytes} bytes (data.max_record_bytes), so it "
+        "is not read; raise max_record_bytes to read it, or set skip_bad to skip it",
+    )
+
+
+def _bad_utf8(where: str, byte: int, offset: int) -> BadRecord:
+    return BadRecord(
+        "bad_utf8",
+        f"{where}: invalid UTF-8 (byte 0x{byte:02x} at byte offset {offset} of the file); "
+        "expected UTF-8 text",
+    )
+
+
+def _json_value(text: str, where: str, expected: str) -> Any:
+    """``json.loads(text)``, or a BadRecord (returned, not raised) naming ``where`` and what
+    was ``expected``."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        at = f"column {e.colno}" if e.lineno == 1 else f"line {e.lineno} column {e.colno} of it"
+        why = f"{e.msg.removesuffix(' at')} at {at}"  # ("Invalid control character at")
+    except RecursionError:
+        why = "nested too deeply"
+    except ValueError as e:  # e.g. an integer of more digits than int() takes
+        why = str(e).split(";")[0]
+    return BadRecord("malformed_json", f"{where}: malformed JSON ({why}); expected {expected}")
+
+
+def _records(path: Path, split: str, max_bytes: int) -> Iterator[tuple[str, Any]]:
+    """(where, record) for each record. A record that cannot be read (malformed JSON, invalid
+    UTF-8, longer than ``max_bytes``) is yielded as a BadRecord; one longer than
+    ``max_bytes`` is never held whole."""
     if path.is_dir():
-        yield from _hf_records(path, split)
+        yield from _hf_records(path, split, max_bytes)
         return
-    if not path.is_file():
+    if not path.exists():
         raise InstructDataError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as f:
-        head = f.read(4096).lstrip()
-    if head.startswith("["):
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise InstructDataError(
-                f"{path}: not valid JSON at line {e.lineno} column {e.colno} ({e.msg}); "
-                "expected a JSON array of records or JSON lines"
-            ) from None
-        for i, rec in enumerate(data):
-            yield f"{path}[{i}]", rec
-        return
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
+    if not path.is_file():
+        raise InstructDataError(f"{path}: not a file or a folder; expected JSON or JSON lines")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            for magic, what in _MAGIC.items():
+                if head.startswith(magic):
+                    raise InstructDataError(
+                        f"{path}: {what}; expected JSON or JSON lines text (decompress or "
+                        "convert it first)"
+                    )
+            start = len(_BOM) if head.startswith(_BOM) else 0
+            f.seek(start)
+            first = b""  # the first byte that is not whitespace
+            while not first and (block := f.read(_ARRAY_BLOCK)):
+                first = block.lstrip(b" \t\r\n")[:1]
+            f.seek(start)
+            if first == b"[":
+                yield from _JsonArray(f, path, start, max_bytes)
+            else:
+                yield from _json_lines(f, path, start, max_bytes)
+    except OSError as e:
+        raise InstructDataError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def _json_lines(f: Any, path: Path, offset: int, max_bytes: int) -> Iterator[tuple[str, Any]]:
+    """The records of a JSON lines file, each line read holding at most ``max_bytes`` bytes
+    of it. A line ends at LF or CRLF, or at a CR as in Python's text files (a CR alone is
+    seen within the ``max_bytes`` read at once: a file of CR line ends alone, longer, is
+    one line that is too long)."""
+    n = 0
+    while line := f.readline(max_bytes + 1):
+        at, offset = offset, offset + len(line)
+        if len(line) > max_bytes and not line.endswith(b"\n"):
+            while line and not line.endswith(b"\n"):  # the rest of the line, not kept
+                line = f.readline(_BLOCK)
+                offset += len(line)
+            n += 1
+            yield f"{path}:{n}", _too_large(f"{path}:{n}", max_bytes)
+            continue
+        body = line[:-1] if line.endswith(b"\n") else line
+        body = body[:-1] if body.endswith(b"\r") else body
+        cr = prev = 0  # the CRs before the piece, counted up to prev
+        for m in _PIECE.finditer(body):
+            cr, prev = cr + body.count(b"\r", prev, m.start()), m.start()
+            where = f"{path}:{n + 1 + cr}"
+            if m.group().strip():
+                try:
+                    text = m.group().decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield (
+                        where,
+                        _bad_utf8(where, body[m.start() + e.start], at + m.start() + e.start),
+                    )
+                else:
+                    yield where, _json_value(text, where, "one JSON object per line")
+        n += 1 + body.count(b"\r")
+
+
+class _JsonArray:
+    """The records of a file holding one JSON array, read in blocks of bytes. Where each
+    element ends is found by the file's structure alone (the brackets and commas outside
+    strings, counted a block at a time with numpy), so an element is held only while it is
+    at most ``max_bytes`` long (a longer one is skipped unread, a bad record), and one that
+    is not UTF-8 or not JSON is a bad record too. Text that breaks the array's own structure
+    (a missing comma, a file that ends inside the array) is an error naming its line."""
+
+    def __init__(self, f: Any, path: Path, offset: int, max_bytes: int) -> None:
+        self.f, self.path, self.max = f, path, max_bytes
+        self.line, self.offset = 1, offset  # of the next byte to be consumed
+        self.depth, self.in_string, self.backslashes = 0, 0, 0  # (odd or even) after a block
+        self.index = 0
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.at: tuple[int, int] | None = None  # line and offset of the element's first byte
+
+    def _fail(self, what: str) -> InstructDataError:
+        return InstructDataError(
+            f"{self.path}: line {self.line}: {what}; expected a JSON array of records "
+            "(or JSON lines)"
+        )
+
+    def _escaped(self, a: np.ndarray) -> np.ndarray:
+        """The positions in ``a`` that a backslash escapes (after an odd run of them)."""
+        at = np.flatnonzero(a == 0x5C)
+        carry, self.backslashes = self.backslashes, 0
+        if not len(at):
+            return np.array([0] if carry else [], dtype=np.int64)
+        cut = np.flatnonzero(np.diff(at) != 1)
+        starts, ends = at[np.r_[0, cut + 1]], at[np.r_[cut, len(at) - 1]]
+        runs = ends - starts + 1
+        if starts[0] == 0:
+            runs[0] += carry
+        escaped = ends[runs % 2 == 1] + 1
+        if escaped.size and escaped[-1] == len(a):  # the next block's first byte
+            escaped, self.backslashes = escaped[:-1], 1
+        return np.r_[0, escaped] if carry and starts[0] != 0 else escaped
+
+    def _marks(self, block: bytes) -> list[int]:
+        """Where in ``block`` the array opens, each comma between its elements, and where
+        the array closes; the state (depth, inside a string, escaping) goes on to the next."""
+        a = np.frombuffer(block, dtype=np.uint8)
+        quotes = np.flatnonzero(a == 0x22)
+        escaped = self._escaped(a)
+        if escaped.size:
+            quotes = quotes[~np.isin(quotes, escaped)]
+        kind = _STRUCTURE[a]
+        at = np.flatnonzero(kind)
+        outside = (np.searchsorted(quotes, at) + self.in_string) % 2 == 0
+        self.in_string = (len(quotes) + self.in_string) % 2
+        at = at[outside]
+        kind = kind[at]
+        delta = np.where(kind == 2, 0, kind)
+        after = self.depth + np.cumsum(delta)
+        before = after - delta
+        self.depth = int(after[-1]) if len(after) else self.depth
+        ends = ((delta == 1) & (before == 0)) | ((delta == -1) & (after == 0))
+        return at[ends | ((kind == 2) & (before == 1))].tolist()
+
+    def _consume(self, piece: bytes, keep: bool) -> None:
+        """Move past ``piece``; with ``keep`` it is part of the element (from its first byte
+        that is not whitespace)."""
+        kept = piece
+        if keep and self.at is None:
+            kept = piece.lstrip()
+            lead = len(piece) - len(kept)
+            if kept:
+                self.at = (self.line + piece.count(b"\n", 0, lead), self.offset + lead)
+        if keep and self.at is not None:
+            self.size += len(kept)
+            if self.size <= self.max + _SLACK:
+                self.parts.append(kept)
+            else:
+                self.parts.clear()
+        self.line += piece.count(b"\n")
+        self.offset += len(piece)
+
+    def _after_the_array(self, rest: bytes) -> None:
+        """An error for text after the array's closing bracket (whitespace is fine)."""
+        text = rest.lstrip()
+        if text:
+            self.line += rest.count(b"\n", 0, len(rest) - len(text))
+            raise self._fail("text after the array's closing ']'")
+
+    def __iter__(self) -> Iterator[tuple[str, Any]]:
+        opened = closed = False
+        while block := self.f.read(_ARRAY_BLOCK):
+            if closed:
+                self._after_the_array(block)
                 continue
-            try:
-                yield f"{path}:{n}", json.loads(line)
-            except json.JSONDecodeError as e:
-                yield (
-                    f"{path}:{n}",
-                    BadRecord(
-                        "malformed_json",
-                        f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})"
-                        "; expected one JSON object per line",
-                    ),
-                )
+            pos = 0
+            for m in self._marks(block):
+                if opened:
+                    self._consume(block[pos:m], keep=True)
+                    closed = block[m] in b"]}"
+                    if record := self._element(closed):
+                        yield record
+                else:
+                    self._consume(block[:m], keep=False)
+                opened = True
+                self._consume(block[m : m + 1], keep=False)
+                pos = m + 1
+                if closed:
+                    self._after_the_array(block[pos:])
+                    break
+            else:
+                self._consume(block[pos:], keep=True)
+        if not closed:
+            raise self._fail(f"the file ends inside the array, in record {self.index}")
+
+    def _element(self, closing: bool) -> tuple[str, Any] | None:
+        """The element just read (None for the end of an empty array)."""
+        i, at, size, data = self.index, self.at, self.size, b"".join(self.parts)
+        self.index, self.at, self.size, self.parts = i + 1, None, 0, []
+        if at is None:
+            if closing and i == 0:
+                return None
+            raise self._fail(f"expected record {i}, found {']' if closing else ','!r}")
+        where = f"{self.path}[{i}]"
+        label = f"{where} (line {at[0]})"
+        data = data.rstrip(b" \t\r\n")
+        if size > self.max + _SLACK or len(data) > self.max:
+            return where, _too_large(label, self.max)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return where, _bad_utf8(label, data[e.start], at[1] + e.start)
+        try:
+            return where, json.loads(text)
+        except json.JSONDecodeError as e:
+            if e.msg == "Extra data":  # two values: the comma between them is missing
+                self.line = at[0] + text.count("\n", 0, e.pos)
+                raise self._fail(
+                    f"expected ',' or ']' after record {i}, found {text[e.pos]!r}"
+                ) from None
+        except (ValueError, RecursionError):
+            pass
+        return where, _json_value(text, label, "a JSON object")
 
 
-def _hf_records(path: Path, split: str) -> Iterator[tuple[str, Any]]:
+def _text_bytes(value: Any, limit: int) -> int:
+    """The UTF-8 bytes of the strings in ``value`` (nested), counted until past ``limit``."""
+    if isinstance(value, str):
+        return len(value) if value.isascii() else len(value.encode("utf-8", "replace"))
+    if not isinstance(value, (Mapping, list, tuple)):
+        return 0
+    items = value.items() if isinstance(value, Mapping) else value
+    total = 0
+    for item in items:
+        total += _text_bytes(item, limit - total)
+        if total > limit:
+            break
+    return total
+
+
+def _hf_records(path: Path, split: str, max_bytes: int) -> Iterator[tuple[str, Any]]:
     try:
         import datasets
     except ImportError:  # pragma: no cover
@@ -148,9 +398,10 @@ def _hf_records(path: Path, split: str) -> Iterator[tuple[str, Any]]:
         ) from None
     try:
         ds = datasets.load_from_disk(str(path))
-    except FileNotFoundError as e:
+    except Exception as e:  # a folder of other files, damaged metadata or arrow files
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InstructDataError(
-            f"{path}: not a dataset saved with datasets' save_to_disk ({e})"
+            f"{path}: not a dataset saved with datasets' save_to_disk ({why})"
         ) from None
     where = str(path)
     if isinstance(ds, datasets.DatasetDict):
@@ -160,7 +411,8 @@ def _hf_records(path: Path, split: str) -> Iterator[tuple[str, Any]]:
             )
         ds, where = ds[split], f"{path}/{split}"
     for i, row in enumerate(ds):
-        yield f"{where}[row {i}]", row
+        at = f"{where}[row {i}]"
+        yield at, _too_large(at, max_bytes) if _text_bytes(row, max_bytes) > max_bytes else row
 
 
 # -- formats ---------------------------------------------------------------------------------
@@ -202,6 +454,12 @@ def _text(rec: Mapping[str, Any], key: str, where: str, *, required: bool = True
     if not isinstance(value, str):
         raise BadRecord(
             "wrong_type", f"{where}: field {key!r} is {type(value).__name__}, expected a string"
+        )
+    if m := _SURROGATE.search(value):  # a JSON escape such as \ud800 alone: not text
+        raise BadRecord(
+            "lone_surrogate",
+            f"{where}: field {key!r} holds \\u{ord(m.group()):04x}, half of a UTF-16 pair "
+            "(not a character); expected text",
         )
     return value
 
@@ -350,16 +608,24 @@ _CONVERTERS = {
 
 
 def read_examples(
-    path: str | Path, format: str = "auto", *, skip_bad: bool = False, split: str = "train"
+    path: str | Path,
+    format: str = "auto",
+    *,
+    skip_bad: bool = False,
+    split: str = "train",
+    max_record_bytes: int = MAX_RECORD_BYTES,
 ) -> ReadResult:
-    """The conversations of one file (or ``save_to_disk`` folder, its ``split``)."""
+    """The conversations of one file (or ``save_to_disk`` folder, its ``split``); a record
+    longer than ``max_record_bytes`` is a bad record, never read whole."""
     path = Path(path)
     if format != "auto" and format not in _CONVERTERS:
         raise InstructDataError(
             f"unknown format {format!r}; expected 'auto' or one of {list(FORMATS)}"
         )
+    if type(max_record_bytes) is not int or max_record_bytes < 1:
+        raise InstructDataError(f"max_record_bytes={max_record_bytes!r}: expected at least 1")
     result = ReadResult([], Counter(), "" if format == "auto" else format)
-    for where, rec in _records(path, split):
+    for where, rec in _records(path, split, max_record_bytes):
         try:
             if isinstance(rec, BadRecord):
                 raise rec
@@ -395,9 +661,14 @@ class InstructDataConfig:
     split: str = setting("train", "split of a saved Hugging Face DatasetDict")
     template: str = setting("alpaca", "chat template: alpaca, llama2 or a .jinja file")
     max_len: int = setting(2048, "most positions per example (its tokens minus one)")
-    overlong: str = setting("truncate", "examples longer than max_len: truncate or drop")
+    overlong: Literal["truncate", "drop"] = setting(
+        "truncate", "examples longer than max_len: truncate or drop"
+    )
     val_fraction: float = setting(0.02, "fraction of examples held out, by content hash")
     skip_bad: bool = setting(False, "skip (and count) bad records instead of failing")
+    max_record_bytes: int = setting(
+        MAX_RECORD_BYTES, "longest record read (a JSON line or array element), in bytes"
+    )
     train_on_prompt: bool = setting(False, "train on prompt tokens too, not only answers")
     packing: bool = setting(False, "pack several examples per row of seq_len tokens")
     seed: int = setting(0, "seed of the per-epoch shuffles")
@@ -455,9 +726,9 @@ def tokenize_examples(
     counts = counts if counts is not None else Counter()
     out = []
     for ex in examples:
-        try:
+        try:  # max_len + 2 ids: the max_len + 1 kept, and one more that tells it was longer
             ids, labels = tokenize_conversation(
-                tpl, tokenizer, ex.messages, train_on_prompt=train_on_prompt
+                tpl, tokenizer, ex.messages, train_on_prompt=train_on_prompt, max_tokens=max_len + 2
             )
         except ChatTemplateError as e:
             if not skip_bad:
@@ -506,7 +777,13 @@ def build_dataset(cfg: InstructDataConfig, tokenizer: Any) -> InstructDataset:
     val_ex: list[Example] = []
     files = {}
     for p in cfg.paths:
-        r = read_examples(p, cfg.format, skip_bad=cfg.skip_bad, split=cfg.split)
+        r = read_examples(
+            p,
+            cfg.format,
+            skip_bad=cfg.skip_bad,
+            split=cfg.split,
+            max_record_bytes=cfg.max_record_bytes,
+        )
         files[str(p)] = {
             "format": r.format,
             "examples": len(r.examples),

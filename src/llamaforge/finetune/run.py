@@ -42,6 +42,8 @@ from llamaforge.training.plan import Target
 from llamaforge.training.trainer import OptimSection, TrainConfig, Trainer, model_args, run_training
 
 FULL_LR, LORA_LR = 2e-5, 2e-4
+MAX_STEPS = 2**31 - 1  # optimizer steps of a run, at most
+MAX_BATCH = 1 << 20  # examples (or packed rows) per step, at most
 
 
 def _finetune_optim() -> OptimSection:
@@ -89,11 +91,104 @@ class FinetuneConfig(TrainConfig):
     out: str = setting("runs/finetune", "run directory")
 
 
-def resolve(cfg: FinetuneConfig, units: int, world_size: int) -> FinetuneConfig:
-    """Derive batch_tokens, steps and warmup from ``units`` rows an epoch
-    (``units_per_epoch``); errors name the setting."""
+# the range of each number a finetuning run takes: (setting, lowest, whether the lowest is
+# allowed, highest, whether the highest is allowed); NaN is in none
+_RANGES: tuple[tuple[str, float, bool, float, bool], ...] = (
+    ("epochs", 0, False, math.inf, False),
+    ("steps", 0, True, MAX_STEPS, True),
+    ("batch_size", 1, True, MAX_BATCH, True),
+    ("micro_batch", 1, True, MAX_BATCH, True),
+    ("warmup_ratio", 0, True, 1, False),
+    ("gen_eval", 0, True, math.inf, False),
+    ("gen_max_new_tokens", 1, True, math.inf, False),
+    ("eval_shots", -1, True, math.inf, False),
+    ("eval_limit", 0, True, math.inf, False),
+    ("eval_memory_gib", 0, True, math.inf, False),
+    ("data.max_len", 1, True, math.inf, False),
+    ("data.val_fraction", 0, True, 1, False),
+    ("data.max_record_bytes", 1, True, math.inf, False),
+    ("data.seed", 0, True, math.inf, False),
+    ("optim.lr", 0, True, math.inf, False),
+    ("optim.warmup_steps", 0, True, math.inf, False),
+    ("optim.final_lr_ratio", 0, True, 1, True),
+    ("optim.weight_decay", 0, True, math.inf, False),
+    ("optim.eps", 0, False, math.inf, False),
+    ("optim.clip", 0, False, math.inf, False),
+    ("optim.betas[0]", 0, True, 1, False),
+    ("optim.betas[1]", 0, True, 1, False),
+)
+
+
+def _interval(low: float, low_in: bool, high: float, high_in: bool) -> str:
+    def num(x: float) -> str:
+        return str(int(x)) if x == int(x) else f"{x:g}"
+
+    if high == math.inf:
+        return f"{'>=' if low_in else '>'} {num(low)}"
+    return f"in {'[' if low_in else '('}{num(low)}, {num(high)}{']' if high_in else ')'}"
+
+
+def _setting(cfg: Any, name: str) -> Any:
+    """The value of a dotted setting (``data.max_len``, ``optim.betas[0]``)."""
+    value = cfg
+    for part in name.replace("[", ".").replace("]", "").split("."):
+        value = value[int(part)] if part.isdigit() else getattr(value, part)
+    return value
+
+
+def check_finetune(cfg: FinetuneConfig) -> None:
+    """Raise ConfigError naming the first setting out of its range (``_RANGES``; the setting,
+    its value and the range), or ``data.max_len`` past the context of ``init``; the training
+    core's own checks (``check_config``) follow. Nothing is read but init's params.json."""
+    from llamaforge.training.trainer import check_config
+
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError(f"optim.betas={cfg.optim.betas}: expected two numbers")
+    for name, low, low_in, high, high_in in _RANGES:
+        value = _setting(cfg, name)
+        inside = (low <= value if low_in else low < value) and (
+            value <= high if high_in else value < high
+        )
+        if not inside:  # NaN too
+            finite = "" if math.isfinite(value) else "finite "
+            raise ConfigError(
+                f"{name}={value!r}: expected a {finite}number "
+                f"{_interval(low, low_in, high, high_in)}"
+            )
     if cfg.batch_tokens:
         raise ConfigError("batch_tokens: finetuning counts examples; set batch_size instead")
+    if cfg.lora.enabled:
+        cfg.lora.validate()
+    check_config(dataclasses.replace(cfg, steps=max(1, cfg.steps)))  # steps=0: from epochs
+    check_context(cfg)
+
+
+def check_context(cfg: FinetuneConfig) -> None:
+    """A ConfigError when ``data.max_len`` is longer than the context the model has: init's
+    params.json ``max_seq_len``, unless ``model.max_seq_len`` extends it on purpose."""
+    from llamaforge.checkpoint.native import PARAMS_FILE, read_params
+
+    if not cfg.init or not (Path(cfg.init) / PARAMS_FILE).is_file():
+        return  # base_tokenizer and the plan name what is missing
+    trained = read_params(cfg.init)[0].max_seq_len
+    context = cfg.model.max_seq_len or trained
+    if cfg.data.max_len > context:
+        which = (
+            f"model.max_seq_len={context}"
+            if cfg.model.max_seq_len
+            else f"max_seq_len={trained} of {Path(cfg.init) / PARAMS_FILE}"
+        )
+        raise ConfigError(
+            f"data.max_len={cfg.data.max_len} is longer than the model's context ({which}); "
+            f"set data.max_len <= {context}, or model.max_seq_len to train past the context "
+            "init was trained for"
+        )
+
+
+def resolve(cfg: FinetuneConfig, units: int, world_size: int) -> FinetuneConfig:
+    """Derive batch_tokens, steps and warmup from ``units`` rows an epoch
+    (``units_per_epoch``), after ``check_finetune``; errors name the setting."""
+    check_finetune(cfg)
     rows = cfg.micro_batch * world_size
     if cfg.batch_size <= 0 or cfg.batch_size % rows:
         raise ConfigError(
@@ -102,8 +197,6 @@ def resolve(cfg: FinetuneConfig, units: int, world_size: int) -> FinetuneConfig:
         )
     steps, warmup, lr = schedule(cfg, units)
     optim = dataclasses.replace(cfg.optim, warmup_steps=warmup, lr=lr)
-    if cfg.lora.enabled:
-        cfg.lora.validate()
     return dataclasses.replace(
         cfg, steps=steps, batch_tokens=cfg.batch_size * cfg.data.max_len, optim=optim
     )
@@ -114,6 +207,11 @@ def schedule(cfg: FinetuneConfig, units: int) -> tuple[int, int, float]:
     ``epochs`` passes of ``batch_size`` rows; ``optim.warmup_steps`` or ``warmup_ratio`` of
     the steps; ``optim.lr`` or the LoRA / full finetuning default."""
     steps = cfg.steps or max(1, math.ceil(cfg.epochs * units / cfg.batch_size))
+    if steps > MAX_STEPS:
+        raise ConfigError(
+            f"epochs={cfg.epochs:g}: {steps} optimizer steps of batch_size={cfg.batch_size} "
+            f"over {units} rows an epoch; at most {MAX_STEPS}"
+        )
     warmup = cfg.optim.warmup_steps or round(cfg.warmup_ratio * steps)
     lr = cfg.optim.lr or (LORA_LR if cfg.lora.enabled else FULL_LR)
     return steps, warmup, lr
@@ -151,6 +249,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             "llamaforge.finetune.preference.run_preference (llamaforge finetune calls it)"
         )
     tok = base_tokenizer(cfg)
+    check_finetune(cfg)  # before the data is read
     dataset = build_dataset(cfg.data, tok)
     info = D.init(cfg.device)
     try:
@@ -253,6 +352,7 @@ def plan_finetune(
     from llamaforge.presets import get_preset
     from llamaforge.training.plan import NoData, planned_model, planning_info, training_plan
 
+    check_finetune(cfg)
     planned, source = planned_model(cfg, preset)
     tok = Tokenizer(Path(cfg.init) / "tokenizer.model") if planned.init else None
     dataset = None
@@ -483,7 +583,14 @@ def held_out_conversations(cfg: FinetuneConfig, dataset: InstructDataset) -> lis
     wanted = {e.source for e in dataset.val[: cfg.gen_eval]}
     found: dict[str, list[dict[str, str]]] = {}
     for p in cfg.data.paths:
-        for ex in read_examples(p, cfg.data.format, skip_bad=True, split=cfg.data.split).examples:
+        read = read_examples(
+            p,
+            cfg.data.format,
+            skip_bad=True,
+            split=cfg.data.split,
+            max_record_bytes=cfg.data.max_record_bytes,
+        )
+        for ex in read.examples:
             if ex.source in wanted:
                 found[ex.source] = [dict(m) for m in ex.messages]
     return [found[e.source] for e in dataset.val[: cfg.gen_eval] if e.source in found]
