@@ -395,3 +395,24 @@ def test_epochs_that_would_never_end_are_refused(base, tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "error: epochs=1e+300: " in err and "at most 2147483647" in err
+
+
+def test_a_template_over_its_time_limit_stops_the_run_even_with_skip_bad(tmp_path, meta_tok):
+    """A template slow for one conversation is slow for all: skipping each after its time
+    limit would take hours, so the run stops with one line instead."""
+    slow = ChatTemplate(
+        "slow",
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+        "{{ messages[0]['content'] }}",
+        time_limit=0.5,
+    )
+    examples = read_examples(_write_good(tmp_path)).examples
+    with pytest.raises(InstructDataError) as e:
+        tokenize_examples(examples, meta_tok, slow, max_len=64, skip_bad=True)
+    assert "time_limit" in one_line(e) and str(tmp_path / "good.jsonl") in one_line(e)
+
+
+def _write_good(tmp_path: Path) -> Path:
+    path = tmp_path / "good.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n")
+    return path

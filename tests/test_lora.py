@@ -255,7 +255,6 @@ def test_adapter_roundtrip_and_other_base_is_an_error(tmp_path):
         ({"targets": []}, r"lora.targets=\[\]"),
         ({"quantize": "int4"}, "lora.quantize='int4'"),
         ({"quantize_scope": "some"}, "lora.quantize_scope='some'"),
-        ({"quantize": "int8", "merge": True}, "lora.merge=true with lora.quantize='int8'"),
     ],
 )
 def test_bad_config_values_are_named(kwargs, message):

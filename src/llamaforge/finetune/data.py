@@ -49,6 +49,7 @@ from llamaforge.chat_templates import (
     IGNORE_INDEX,
     ChatTemplate,
     ChatTemplateError,
+    ChatTemplateLimitError,
     load_template,
     tokenize_conversation,
 )
@@ -730,6 +731,8 @@ def tokenize_examples(
             ids, labels = tokenize_conversation(
                 tpl, tokenizer, ex.messages, train_on_prompt=train_on_prompt, max_tokens=max_len + 2
             )
+        except ChatTemplateLimitError as e:  # slow for one, likely slow for all: stop
+            raise InstructDataError(f"{ex.source}: {e}") from None
         except ChatTemplateError as e:
             if not skip_bad:
                 raise InstructDataError(f"{ex.source}: {e}") from None

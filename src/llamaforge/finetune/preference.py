@@ -59,6 +59,7 @@ from llamaforge.chat_templates import (
 from llamaforge.config import ConfigError
 from llamaforge.files import atomic_write
 from llamaforge.finetune.data import (
+    MAX_RECORD_BYTES,
     BadRecord,
     InstructDataError,
     TokenizedExample,
@@ -205,10 +206,16 @@ _PAIR_CONVERTERS = {"strings": _from_strings, "messages": _from_messages, "hh": 
 
 
 def read_pairs(
-    path: str | Path, format: str = "auto", *, skip_bad: bool = False, split: str = "train"
+    path: str | Path,
+    format: str = "auto",
+    *,
+    skip_bad: bool = False,
+    split: str = "train",
+    max_record_bytes: int = MAX_RECORD_BYTES,
 ) -> tuple[list[PairRecord], Counter[str], str]:
     """The preference pairs of one file (or ``save_to_disk`` folder), the records skipped
-    by reason and the format."""
+    by reason and the format; a record longer than ``max_record_bytes`` is a bad record,
+    never read whole (as for the instruction readers)."""
     if format != "auto" and format not in _PAIR_CONVERTERS:
         raise InstructDataError(
             f"unknown preference format {format!r}; expected 'auto' or one of {list(PAIR_FORMATS)}"
@@ -216,7 +223,7 @@ def read_pairs(
     fmt = "" if format == "auto" else format
     pairs: list[PairRecord] = []
     skipped: Counter[str] = Counter()
-    for where, rec in _records(Path(path), split):
+    for where, rec in _records(Path(path), split, max_record_bytes):
         try:
             if isinstance(rec, BadRecord):
                 raise rec
@@ -307,7 +314,9 @@ def build_preference_dataset(cfg: FinetuneConfig, tokenizer: Any) -> PreferenceD
     val_records: list[PairRecord] = []
     for p in d.paths:
         fmt = d.format if d.format in PAIR_FORMATS else "auto"
-        pairs, skipped, found = read_pairs(p, fmt, skip_bad=d.skip_bad, split=d.split)
+        pairs, skipped, found = read_pairs(
+            p, fmt, skip_bad=d.skip_bad, split=d.split, max_record_bytes=d.max_record_bytes
+        )
         files[str(p)] = {"format": found, "pairs": len(pairs), "skipped": dict(skipped)}
         counts.update({f"skipped_{k}": v for k, v in skipped.items()})
         counts["read"] += len(pairs)
@@ -379,10 +388,13 @@ class PreferenceLoader(_Loader):
         offset: int = 0,
         device: str | torch.device = "cpu",
     ) -> None:
-        super().__init__(global_batch, rank, world_size, seed, shuffle, device)
         if not pairs:
             raise InstructDataError("no preference pairs to load")
-        self.pairs, self.pad_id, self.offset = list(pairs), pad_id, offset
+        super().__init__(  # the base's examples: one per pair (the chosen answer's row)
+            [p.chosen for p in pairs], global_batch, None, rank=rank, world_size=world_size,
+            seed=seed, shuffle=shuffle, pad_id=pad_id, device=device,
+        )  # fmt: skip
+        self.pairs, self.offset = list(pairs), offset
 
     def _units(self, epoch: int) -> list[Any]:
         return _epoch_order(len(self.pairs), self.seed, epoch, self.shuffle).tolist()
