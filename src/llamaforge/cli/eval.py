@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from llamaforge.cli.loading import add_trust_args
 from llamaforge.eval.base import EvalError
 from llamaforge.eval.hub import default_data_dir, local_data_dir
 
@@ -62,17 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on GPU)"
     )
-    p.add_argument(
-        "--strict",
-        action="store_true",
-        help="refuse a checkpoint with NaN/Inf weights (default: load it with a warning)",
-    )
-    p.add_argument(
-        "--force",
-        action="store_true",
-        help="use a tokenizer whose sha256 differs from the one recorded in params.json "
-        "(a warning instead of an error)",
-    )
+    add_trust_args(p)
     p.add_argument(
         "--batch-tokens", type=int, default=None, help="scoring batch budget, rows × padded length"
     )

@@ -22,6 +22,11 @@ def add_load_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
     p.add_argument("--dtype", help="float32, bfloat16, float16 (default: as stored)")
+    add_trust_args(p)
+
+
+def add_trust_args(p: argparse.ArgumentParser) -> None:
+    """``--strict`` and ``--force``: how much of a damaged or mismatched checkpoint to take."""
     p.add_argument(
         "--strict",
         action="store_true",
