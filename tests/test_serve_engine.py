@@ -1,7 +1,7 @@
-"""The serving engine in-process (no HTTP): continuous batching with chunked prefill, slot
-reuse and row moves gives, at temperature 0, exactly the text of `generate_completions`, for
-every request of a batch busier than the cache; seeds make sampling reproducible; the cache
-is empty again afterwards."""
+"""The serving engine in-process (no HTTP): continuous batching with chunked prefill over a
+paged KV cache gives, at temperature 0, exactly the text of `generate_completions`, for
+every request of a batch busier than ``max_batch``; seeds make sampling reproducible; every
+block is released afterwards."""
 
 from __future__ import annotations
 
@@ -67,20 +67,20 @@ def run_all(engine: Engine, jobs: list[tuple[list[int], SamplingParams]]) -> lis
     return outs
 
 
+def check_idle(engine: Engine) -> None:
+    """Nothing admitted, every block released, the accounting consistent."""
+    s = engine.scheduler
+    assert engine.stats.kv_used == 0 and not s.running and not s.prefilling and not s.waiting
+    assert engine.blocks.used == 0 and engine.stats.kv_blocks_used == 0
+    engine.blocks.check()
+
+
 def test_greedy_batch_equals_generate(loaded):
     model, tok = loaded
-    # 3 slots for 7 requests (waiting, slot reuse), prefill chunks of 5 tokens (several
-    # steps per prompt while others decode), different lengths (rows retire and move)
-    engine = Engine(model, tok, max_batch=3, prefill_chunk=5)
-    calls = {"move": 0, "swap": 0}
-    for name in calls:  # count the row moves and swaps the batch needs (a real cache)
-        method = getattr(engine.cache, name)
-
-        def counted(*args, _m=method, _n=name):
-            calls[_n] += 1
-            return _m(*args)
-
-        setattr(engine.cache, name, counted)
+    # 3 rows for 7 requests (waiting, block reuse), prefill chunks of 5 tokens (several
+    # steps per prompt while others decode, several prompts in one forward), different
+    # lengths (rows retire mid-batch), blocks of 4 positions (many block boundaries)
+    engine = Engine(model, tok, max_batch=3, prefill_chunk=5, block_size=4)
     lengths = [30, 7, 20, 45, 3, 25]
     jobs = [
         (tok.encode(p), SamplingParams(max_tokens=n, temperature=0.0))
@@ -98,9 +98,7 @@ def test_greedy_batch_equals_generate(loaded):
         assert "".join(x.text for x in o) == ref.text
         assert o[-1].completion_tokens == len(ref.tokens) + (ref.finish_reason == "eos")
         assert o[-1].finish_reason == ("stop" if ref.finish_reason == "eos" else "length")
-    assert engine.stats.kv_used == 0 and not engine._running and not engine._prefilling
-    assert engine._free == set(range(3))
-    assert calls["move"] > 0 and calls["swap"] > 0, calls
+    check_idle(engine)
 
 
 def test_stop_strings_and_streamed_deltas(loaded):
@@ -163,7 +161,7 @@ def test_refusals(loaded):
         engine.submit([1], SamplingParams(max_tokens=1), print)
 
 
-def test_cancel_frees_the_slot(loaded):
+def test_cancel_releases_the_blocks(loaded):
     model, tok = loaded
     engine = Engine(model, tok, max_batch=2)
     outs: list[Output] = []
@@ -175,8 +173,8 @@ def test_cancel_frees_the_slot(loaded):
     engine.cancel(rid)
     engine._drain()
     engine.step()
-    assert engine.stats.running == 0 and engine.stats.kv_used == 0
-    assert engine._free == {0, 1}
+    assert engine.stats.running == 0
+    check_idle(engine)
 
 
 def test_non_finite_logits_are_an_error_and_the_engine_goes_on(l2c_ckpt):
@@ -254,11 +252,11 @@ def test_submit_refuses_what_the_engine_cannot_take(loaded):
     engine.submit([1], SamplingParams(max_tokens=1, seed=2**64 - 1), print)  # torch takes it
 
 
-def test_a_request_failing_in_the_engine_fails_alone_and_frees_its_slot(loaded):
+def test_a_request_failing_in_the_engine_fails_alone_and_releases_its_blocks(loaded):
     """Requests whose admission raises (their seed set out of torch's range after submit
     checked it: what any bug in admitting one request looks like), admitted beside a good
-    one, get an error each; the good requests get their text, every slot is free again, and
-    more such requests than slots leave an engine that serves."""
+    one, get an error each; the good requests get their text, every block is free again, and
+    more such requests than rows leave an engine that serves."""
     model, tok = loaded
     engine = Engine(model, tok, max_batch=2)
     prompts = [tok.encode(p) for p in PROMPTS[:2]]
@@ -282,7 +280,8 @@ def test_a_request_failing_in_the_engine_fails_alone_and_frees_its_slot(loaded):
         assert engine.health() is None
     finally:
         engine.stop()
-    assert engine._free == {0, 1} and engine.stats.running == 0
+    assert engine.stats.running == 0
+    check_idle(engine)
 
 
 def test_health_reports_a_wedged_engine_and_a_stopped_one(loaded):

@@ -56,7 +56,6 @@ def test_prefix_match_shares_blocks_and_never_the_last_tokens_block():
     assert len(a.hashes) == 2 and bm.cached == 2
     b = BlockTable()
     assert bm.match(b, prompt) == 8 and b.blocks == a.blocks[:2]  # shared, refcount 2
-    assert bm.queries == 20 and bm.hits == 8
     bm.free(a)
     assert bm.used == 2  # b still holds the shared blocks
     bm.free(b)

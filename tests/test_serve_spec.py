@@ -1,7 +1,7 @@
 """Speculative decoding in the server (``Engine(draft=...)``, ``serve --draft``): with a
 draft that is the model itself, its int8 copy, a perturbed copy or an unrelated small model,
 greedy text, tokens, finish reasons and logprobs equal the engine's without a draft, in a
-busy batch with row moves, with stop strings, with max_tokens or the context ending in the
+busy batch over the paged cache, with stop strings, with max_tokens or the context ending in the
 middle of an accepted run, and with a request arriving mid-stream; the acceptance counters
 reach /metrics and /health of a real server process."""
 
@@ -24,7 +24,14 @@ from llamaforge.serve.engine import Engine, Output, SamplingParams
 
 from .conftest import tiny_model
 from .test_serve import ServerProcess
-from .test_serve_engine import PROMPTS, _one_thread, l2c_ckpt, loaded, run_all  # noqa: F401
+from .test_serve_engine import (  # noqa: F401
+    PROMPTS,
+    _one_thread,
+    check_idle,
+    l2c_ckpt,
+    loaded,
+    run_all,
+)
 
 
 def perturbed(model: Transformer, scale: float = 0.05) -> Transformer:
@@ -90,15 +97,10 @@ def greedy_jobs(tok, stop: str | None = None) -> list[tuple[list[int], SamplingP
     return jobs
 
 
-def check_idle(engine: Engine) -> None:
-    assert engine.stats.kv_used == 0 and not engine._running and not engine._prefilling
-    assert engine._free == set(range(engine.max_batch))
-
-
 def test_greedy_with_any_draft_equals_no_draft(loaded, drafts):  # noqa: F811
     model, tok = loaded
-    # 3 slots for 6 requests, prefill chunks of 5 tokens: waiting, slot reuse, row moves and
-    # swaps (of the draft's cache too), rows retiring mid-step
+    # 3 rows for 6 requests, prefill chunks of 5 tokens: waiting, block reuse (the draft's
+    # paged cache follows the same block tables), rows retiring mid-step
     plain = Engine(model, tok, max_batch=3, prefill_chunk=5)
     ref_texts = [summary(o) for o in run_all(plain, greedy_jobs(tok))]
     first = ref_texts[0].text

@@ -1,41 +1,45 @@
 """The serving engine: one scheduler thread owns the model and batches continuously.
 
-Each step of the scheduler
+Memory is paged (`serve.kv_cache`): a pool of fixed-size KV blocks, a block table per
+request that grows as its tokens arrive and is released when it ends, fails, is cancelled
+or preempted, and prefix caching (a request whose prompt starts with the blocks of an
+earlier one takes them and prefills only the rest). `serve.scheduler` decides each step's
+work; `serve.runner.ModelRunner` runs a batch's forward over the block tables. Each step
   1. takes new requests and cancellations from the HTTP side,
-  2. admits waiting requests into free cache slots and prefills their prompts in chunks,
-     within a per-step token budget (a long prompt takes several steps; running requests
-     keep decoding meanwhile),
-  3. decodes every running request by one token in one batched forward,
-  4. retires finished requests and frees their slots.
-
-The KV cache (`SlotCache`) is a fixed budget: ``max_batch`` slots of ``max_seq_len``
-positions each. Running (decoding) requests occupy slots ``0..n-1``, so a decode step works on
-the views ``k[layer, :n, :, :L]`` (L: the longest position + 1) with a per-row mask; a request
-that retires is replaced by the last running row (one row copy). Requests still prefilling sit
-in other slots and move to slot ``n`` when their prompt is in. When every slot is taken, new
-requests wait; `Engine.submit` refuses one beyond ``max_queue`` waiting (`QueueFull`).
+  2. reserves every decoding request a slot for its next token, preempting the newest
+     requests when the pool is short (they recompute their tokens later and resume),
+  3. prefills, in one forward, chunks of several requests' prompts within a per-step token
+     budget (a long prompt takes several steps; running requests keep decoding meanwhile),
+     admitting waiting requests while the budget, ``max_batch`` and the pool allow,
+  4. decodes every running request by one token in one batched forward,
+  5. retires finished requests and releases their blocks.
+`Engine.submit` refuses a request beyond ``max_queue`` waiting (`QueueFull`), and one that
+alone could not fit in the pool (`ContextLengthExceeded`).
 
 Every request has its own sampling parameters and its own ``torch.Generator`` (seeded from
 ``seed``). Text is followed as `generate.generate_completions` follows it (the same
 `_TextTracker`, stop strings and eos), so at temperature 0 the text equals
-``llamaforge generate``'s; streamed deltas hold back an incomplete UTF-8 sequence and any tail
-that may become a stop string, so the deltas add up to the final text exactly.
+``llamaforge generate``'s, with or without a prefix-cache hit or a preemption; streamed
+deltas hold back an incomplete UTF-8 sequence and any tail that may become a stop string,
+so the deltas add up to the final text exactly. A preempted request keeps its text, its
+streaming state and its generator: its recompute ends with the logits of its pending
+token, from which it samples as its decode step would have.
 
 Speculative decoding (``draft=``: a smaller model with the same vocabulary): the draft has a
-`SlotCache` of its own with the same slots, prefilled with the same chunks, and its rows move
-with the model's. Each decode step then speculates for every running row: the draft proposes
-``draft_k`` tokens per row (k batched one-token steps), the model scores each row's pending
-token and its k proposals in one batched forward of k+1 positions per row, and each row keeps
-its longest accepted prefix plus one token of the model's own (`generate.verify_drafted`:
-greedy agreement, or the rejection rule of speculative sampling at temperature > 0). The kept
-tokens go through the same text, stop, max_tokens and eos checks one at a time, the first
-finishing one ends the request, and a row's length simply becomes its accepted length: the
-positions written past it are overwritten later and hidden by the mask meanwhile (both caches
-have ``draft_k`` spare positions per slot for proposals past the context). With more than
-``draft_max_batch`` rows running, a step decodes plainly and the draft only reads the new
-tokens into its cache, so that speculation can resume at any step. Greedy text is
-the same as without a draft; sampled text has the same distribution, but a seed gives other
-tokens than without a draft (the draft consumes random numbers too).
+`PagedKVCache` of its own over the same block tables, filled by the same prefill forwards.
+Each decode step then speculates for every running row: the draft proposes ``draft_k``
+tokens per row (k batched one-token steps), the model scores each row's pending token and
+its k proposals in one batched forward of k+1 positions per row, and each row keeps its
+longest accepted prefix plus one token of the model's own (`generate.verify_drafted`:
+greedy agreement, or the rejection rule of speculative sampling at temperature > 0). The
+kept tokens go through the same text, stop, max_tokens and eos checks one at a time, the
+first finishing one ends the request, and a row's length simply becomes its accepted
+length: the positions written past it (each row reserves ``draft_k`` lookahead slots) are
+overwritten later and hidden by the mask meanwhile. With more than ``draft_max_batch`` rows
+running, a step decodes plainly and the draft only reads the new tokens into its cache, so
+that speculation can resume at any step. Greedy text is the same as without a draft;
+sampled text has the same distribution, but a seed gives other tokens than without a draft
+(the draft consumes random numbers too).
 """
 
 from __future__ import annotations
@@ -53,7 +57,10 @@ from typing import Any
 import torch
 
 from llamaforge.inference.generate import _TextTracker, check_sampling, sample, verify_drafted
-from llamaforge.model import ModelArgs, Transformer
+from llamaforge.model import Transformer
+from llamaforge.serve.kv_cache import BlockManager, PagedKVCache, blocks_for
+from llamaforge.serve.runner import ModelRunner
+from llamaforge.serve.scheduler import Scheduler, Seq, StepPlan
 from llamaforge.tokenizer import Tokenizer
 
 __all__ = [
@@ -64,7 +71,6 @@ __all__ = [
     "Output",
     "QueueFull",
     "SamplingParams",
-    "SlotCache",
     "TokenInfo",
 ]
 
@@ -135,88 +141,12 @@ class Output:
         return self.finish_reason is not None or self.error is not None
 
 
-class SlotCache:
-    """KV cache of ``slots`` rows × ``max_len`` positions for every layer, with the
-    ``update(layer, start_pos, k, v)`` interface the model calls.
-
-    Two modes, set before each forward: `prefill` (one row, a chunk at ``start_pos``, as the
-    model's own KVCache) and `decode` (rows ``0..n-1``, one new token each at its own
-    position, or s tokens each at their own positions when verifying a draft's proposals: a
-    per-row scatter, and the views up to the longest position)."""
-
-    def __init__(
-        self, args: ModelArgs, slots: int, max_len: int, dtype: torch.dtype, device: torch.device
-    ) -> None:
-        shape = (args.n_layers, slots, args.kv_heads, max_len, args.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.slots, self.max_len = slots, max_len
-        self._row = 0
-        self._rows: torch.Tensor | None = None
-        self._pos: torch.Tensor | None = None
-        self._n = 0
-        self._width = 0
-
-    @property
-    def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
-
-    def prefill(self, row: int) -> None:
-        self._rows = None
-        self._row = row
-
-    def decode(self, pos: torch.Tensor) -> None:
-        """Rows ``0..len(pos)-1``, each writing one token at ``pos[i]`` ((n,) positions), or
-        ``s`` tokens at ``pos[i, :]`` ((n, s) positions)."""
-        pos = pos.reshape(len(pos), -1)
-        self._rows = torch.arange(len(pos), device=pos.device).repeat_interleave(pos.shape[1])
-        self._pos = pos.reshape(-1)
-        self._n = len(pos)
-        self._width = int(pos.max()) + 1
-
-    def update(
-        self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._rows is None:
-            r, end = self._row, start_pos + k.shape[2]
-            self.k[layer, r : r + 1, :, start_pos:end] = k
-            self.v[layer, r : r + 1, :, start_pos:end] = v
-            return self.k[layer, r : r + 1, :, :end], self.v[layer, r : r + 1, :, :end]
-        n = self._n
-        # (n, heads, s, head_dim) -> one (heads, head_dim) entry per (row, position)
-        heads, dim = k.shape[1], k.shape[3]
-        self.k[layer, self._rows, :, self._pos] = k.transpose(1, 2).reshape(-1, heads, dim)
-        self.v[layer, self._rows, :, self._pos] = v.transpose(1, 2).reshape(-1, heads, dim)
-        return self.k[layer, :n, :, : self._width], self.v[layer, :n, :, : self._width]
-
-    def move(self, src: int, dst: int, length: int) -> None:
-        """Copy row ``src``'s first ``length`` positions into row ``dst``."""
-        if src != dst and length > 0:
-            self.k[:, dst, :, :length] = self.k[:, src, :, :length]
-            self.v[:, dst, :, :length] = self.v[:, src, :, :length]
-
-    def swap(self, a: int, la: int, b: int, lb: int) -> None:
-        """Exchange rows ``a`` (``la`` positions used) and ``b`` (``lb``)."""
-        n = max(la, lb)
-        if a == b or n == 0:
-            return
-        for t in (self.k, self.v):
-            tmp = t[:, a, :, :n].clone()
-            t[:, a, :, :n] = t[:, b, :, :n]
-            t[:, b, :, :n] = tmp
-
-
-@dataclass
-class _Request:
-    id: int
-    prompt: list[int]
+@dataclass(kw_only=True, eq=False)  # identity: lists find this very request
+class _Request(Seq):
     params: SamplingParams
     emit: Callable[[Output], None]
     stream: bool = True
     arrival: float = field(default_factory=time.monotonic)
-    slot: int = -1
-    cached: int = 0  # prompt/generated tokens whose keys and values are in the cache
-    generated: list[int] = field(default_factory=list)  # the text's tokens (no eos)
     n_generated: int = 0  # every sampled token, eos included
     pending: int | None = None  # the sampled token not yet fed to the model
     text: str = ""
@@ -237,8 +167,15 @@ class EngineStats:
         self.waiting = 0
         self.running = 0
         self.prefilling = 0
-        self.kv_used = 0  # positions in use
-        self.kv_total = 0
+        self.kv_used = 0  # token positions with keys and values in the cache
+        self.kv_total = 0  # positions the pool holds
+        self.kv_blocks_used = 0
+        self.kv_blocks_total = 0
+        self.kv_blocks_cached = 0  # blocks keyed by their tokens (prefix caching)
+        self.kv_bytes_held = 0  # bytes of the blocks in use (the draft's cache included)
+        self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
+        self.prefix_hits = 0  # of those, tokens found there (not prefilled)
+        self.preemptions = 0
         self.generated_tokens = 0
         self.prompt_tokens = 0
         self.steps = 0
@@ -250,6 +187,16 @@ class EngineStats:
     @property
     def acceptance_rate(self) -> float | None:
         return self.spec_accepted / self.spec_drafted if self.spec_drafted else None
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        """Fraction of the prompt tokens looked up that the prefix cache held."""
+        return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
+
+    @property
+    def kv_bytes_per_token(self) -> float:
+        """Bytes of KV cache held per token in use (0 when none is)."""
+        return self.kv_bytes_held / self.kv_used if self.kv_used else 0.0
 
     def record_tokens(self, n: int) -> None:
         now = time.monotonic()
@@ -288,11 +235,15 @@ class Engine:
     """Continuous batching over one model. `submit` and `cancel` are thread-safe; the model
     runs only in the engine's thread (`start`/`stop`).
 
+    The KV pool holds ``num_blocks`` blocks of ``block_size`` positions (default: room for
+    ``max_batch`` requests of ``max_seq_len`` positions, as a cache of fixed slots would
+    hold); ``prefix_cache`` shares the blocks of common prompt prefixes between requests.
+
     Whatever one request raises (while admitted, prefilled or decoded) fails that request
-    alone: it is answered with an error Output and its slot is freed. An exception in a
-    batched forward fails the requests in that batch. The thread itself goes on until `stop`;
-    `health` says when it has ended or has made no progress for ``stall_timeout`` seconds
-    while requests wait."""
+    alone: it is answered with an error Output and its blocks are released. An exception in
+    a batched forward fails the requests in that batch. The thread itself goes on until
+    `stop`; `health` says when it has ended or has made no progress for ``stall_timeout``
+    seconds while requests wait."""
 
     def __init__(
         self,
@@ -307,6 +258,9 @@ class Engine:
         draft_k: int = 4,
         draft_max_batch: int | None = None,
         stall_timeout: float = 60.0,
+        num_blocks: int | None = None,
+        block_size: int = 16,
+        prefix_cache: bool = True,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch {max_batch}: must be at least 1")
@@ -316,6 +270,8 @@ class Engine:
         self.max_seq_len = min(max_seq_len or model_len, model_len)
         if self.max_seq_len < 2:
             raise ValueError(f"max_seq_len {self.max_seq_len}: must be at least 2")
+        if block_size < 1:
+            raise ValueError(f"block_size {block_size}: must be at least 1")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.prefill_chunk, self.max_queue = max_batch, prefill_chunk, max_queue
         # the activations' dtype and device: the embedding's (an int8-quantised model keeps
@@ -327,29 +283,34 @@ class Engine:
             raise ValueError(f"draft_max_batch {draft_max_batch}: must be at least 1")
         # speculate while at most this many rows decode (larger batches are compute-bound)
         self.draft_max_batch = draft_max_batch or max_batch
-        self.draft_cache: SlotCache | None = None
         if draft is not None:
             check_draft(model, draft, draft_k)
-            dw = draft.tok_embeddings.weight
-            self.draft_cache = SlotCache(
-                draft.args, max_batch, self.max_seq_len + draft_k, dw.dtype, self.device
-            )
-        # with a draft, draft_k spare positions per slot: a row near the end of its context
-        # still verifies k proposals (those past the context are never emitted)
-        slot_len = self.max_seq_len + self.draft_k
-        self.cache = SlotCache(model.args, max_batch, slot_len, weight.dtype, self.device)
+        if num_blocks is None:  # a slot cache's budget: max_batch full contexts
+            num_blocks = max_batch * blocks_for(self.max_seq_len + self.draft_k, block_size)
+        self.blocks = BlockManager(num_blocks, block_size, prefix_cache=prefix_cache)
+        self.scheduler = Scheduler(
+            self.blocks,
+            max_batch=max_batch,
+            prefill_chunk=prefill_chunk,
+            draft_k=self.draft_k,
+            draft_max_batch=self.draft_max_batch,
+        )
+        self.cache = PagedKVCache(model.args, num_blocks, block_size, weight.dtype, self.device)
+        self.runner = ModelRunner(model, self.cache)
+        self.draft_runner: ModelRunner | None = None
+        if draft is not None:
+            dtype = draft.tok_embeddings.weight.dtype
+            cache = PagedKVCache(draft.args, num_blocks, block_size, dtype, self.device)
+            self.draft_runner = ModelRunner(draft, cache)
         self.stats = EngineStats()
-        self.stats.kv_total = max_batch * self.max_seq_len
+        self.stats.kv_total = num_blocks * block_size
+        self.stats.kv_blocks_total = num_blocks
         self.stats.draft_k = self.draft_k
         self._ids = itertools.count(1)
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._waiting: deque[_Request] = deque()
-        self._prefilling: list[_Request] = []
-        self._running: list[_Request] = []  # running[i].slot == i
-        self._free = set(range(max_batch))
         self._queued = 0  # submitted, not yet admitted (read by submit from other threads)
         self._closed = False  # the thread has ended: submit refuses (under _lock)
         self._lock = threading.Lock()
@@ -368,8 +329,8 @@ class Engine:
     ) -> int:
         """Queue a request; ``emit`` is called from the engine thread with each Output (as
         tokens come when ``stream``, else once at the end). Raises ValueError for a request
-        that cannot run (ContextLengthExceeded: too long), QueueFull when too many wait,
-        EngineStopped once the engine's thread has ended."""
+        that cannot run (ContextLengthExceeded: too long for the context or the KV pool),
+        QueueFull when too many wait, EngineStopped once the engine's thread has ended."""
         params.check()
         if not prompt:
             raise ValueError("the prompt is empty")
@@ -382,7 +343,21 @@ class Engine:
                 f"the prompt has {len(prompt)} tokens and max_tokens is {params.max_tokens}: "
                 f"together more than the context of {self.max_seq_len} tokens"
             )
-        req = _Request(next(self._ids), list(prompt), params, emit, stream=stream)
+        need = self.scheduler.needed(len(prompt), params.max_tokens)
+        if need > self.blocks.num_blocks:
+            raise ContextLengthExceeded(
+                f"the prompt has {len(prompt)} tokens and max_tokens is {params.max_tokens}: "
+                f"together they need {need} KV blocks of {self.blocks.block_size} positions, "
+                f"more than the pool's {self.blocks.num_blocks}"
+            )
+        req = _Request(
+            id=next(self._ids),
+            prompt=list(prompt),
+            params=params,
+            emit=emit,
+            stream=stream,
+            match_prefix=not params.prompt_logprobs,  # those need every prompt position
+        )
         with self._lock:  # the thread closes under the lock: nothing queued is left unanswered
             if self._closed:
                 raise EngineStopped("the engine has stopped")
@@ -414,8 +389,12 @@ class Engine:
 
     @property
     def kv_nbytes(self) -> int:
-        """Bytes of the KV caches (the draft's included)."""
+        """Bytes of the KV pools (the draft's included)."""
         return sum(c.nbytes for c in self._caches())
+
+    def _caches(self) -> list[PagedKVCache]:
+        runners = [self.runner] + ([self.draft_runner] if self.draft_runner else [])
+        return [r.cache for r in runners]
 
     @property
     def alive(self) -> bool:
@@ -428,9 +407,10 @@ class Engine:
             return "the engine thread has stopped"
         stalled = time.monotonic() - self._beat
         if (self._busy or self._queued) and stalled > self.stall_timeout:
+            s = self.scheduler
             return (
                 f"the engine has made no progress for {stalled:.1f} s ({self._queued} requests "
-                f"waiting, {len(self._running) + len(self._prefilling)} running)"
+                f"waiting, {len(s.running) + len(s.prefilling)} running)"
             )
         return None
 
@@ -450,9 +430,9 @@ class Engine:
 
     def _turn(self) -> None:
         """Take new work, then one step (or a short wait when there is none). An exception
-        outside one request's own work (a batched forward) fails the requests in flight."""
+        outside one request's own work fails the requests in flight."""
         self._drain()
-        if not (self._waiting or self._prefilling or self._running):
+        if not self.scheduler.busy:
             self._busy, self._beat = False, time.monotonic()
             self._update_stats()  # cancellations may have emptied the batch
             self._wake.wait(0.5)
@@ -483,11 +463,12 @@ class Engine:
             except queue.Empty:
                 break
             if kind == "add":
-                self._waiting.append(item)
+                self.scheduler.add(item)
             else:
                 cancelled.add(item)
         if cancelled:
-            for req in [*self._waiting, *self._prefilling, *self._running]:
+            s = self.scheduler
+            for req in [*s.waiting, *s.prefilling, *s.running]:
                 if req.id in cancelled:
                     self._drop(req)
 
@@ -496,12 +477,10 @@ class Engine:
             self._queued -= 1
 
     def _fail_all(self, message: str, waiting: bool = False) -> None:
-        victims = self._prefilling + self._running + (list(self._waiting) if waiting else [])
-        for req in [*self._prefilling, *reversed(self._running)]:  # the last row: no moves
+        s = self.scheduler
+        victims = s.prefilling + s.running + (list(s.waiting) if waiting else [])
+        for req in victims:
             self._drop(req)
-        if waiting:
-            for req in list(self._waiting):
-                self._drop(req)
         for req in victims:
             self._send(req, Output("", [], error=message))
         self._update_stats()
@@ -510,44 +489,56 @@ class Engine:
     def step(self) -> bool:
         """One scheduler step (the engine thread calls it; tests may too, with no thread);
         whether it made progress (admitted, prefilled or decoded anything)."""
-        admitted = self._admit()
-        busy = bool(self._prefilling or self._running)
-        self._prefill()
-        if self._running:
-            if self.draft is not None and len(self._running) <= self.draft_max_batch:
-                self._speculate()
+        plan = self.scheduler.schedule()
+        for req in plan.preempted:
+            self._preempted(req)  # type: ignore[arg-type]
+        for req in plan.admitted:
+            self._admitted(req)  # type: ignore[arg-type]
+        if plan.prefill:
+            self._prefill(plan)
+        rows: list[_Request] = [r for r in plan.decode if r in self.scheduler.running]  # type: ignore[misc]
+        if rows:
+            if plan.speculate:
+                self._speculate(rows)
             else:
-                self._decode()
+                self._decode(rows)
         self.stats.steps += 1
         self._update_stats()
-        return admitted or busy
+        return bool(plan.admitted or plan.prefill or plan.decode)
 
     def _update_stats(self) -> None:
-        s = self.stats
+        s, sched, bm = self.stats, self.scheduler, self.blocks
         s.waiting, s.running, s.prefilling = (
-            len(self._waiting),
-            len(self._running),
-            len(self._prefilling),
+            len(sched.waiting),
+            len(sched.running),
+            len(sched.prefilling),
         )
-        s.kv_used = sum(r.cached for r in self._running) + sum(r.cached for r in self._prefilling)
+        s.kv_used = sum(r.cached for r in sched.running) + sum(r.cached for r in sched.prefilling)
+        s.kv_blocks_used, s.kv_blocks_cached = bm.used, bm.cached
+        s.kv_bytes_held = bm.used * sum(c.bytes_per_block for c in self._caches())
+        s.prefix_queries, s.prefix_hits = bm.queries, bm.hits
+        s.preemptions = sched.preemptions
 
-    def _admit(self) -> bool:
-        """Give waiting requests free slots; whether any left the queue."""
-        admitted = False
-        while self._waiting and self._free:
-            req = self._waiting.popleft()
-            self._dequeued()
-            admitted = True
-            req.slot = max(self._free)  # low slots are where running rows live
-            self._free.discard(req.slot)
-            try:
-                self._open(req)
-            except Exception as e:
-                self._fail(req, e)
-                continue
-            self._prefilling.append(req)
-            self.stats.prompt_tokens += len(req.prompt)
-        return admitted
+    def _admitted(self, req: _Request) -> None:
+        """A request left the queue: the first time, what it needs before its prefill."""
+        if req.admitted > 1:
+            return
+        self._dequeued()
+        try:
+            self._open(req)
+        except Exception as e:
+            self._fail(req, e)
+            return
+        self.stats.prompt_tokens += len(req.prompt)
+
+    def _preempted(self, req: _Request) -> None:
+        """``req`` lost its blocks: its prompt's logprobs, if still being collected, start
+        over with its recompute (which then takes no cached prefix)."""
+        if req.n_generated == 0 and req.prompt_lp is not None:
+            req.prompt_lp = [TokenInfo(req.prompt[0])]
+        else:
+            req.match_prefix = True
+        log.debug("engine: request %d preempted (%d tokens to recompute)", req.id, req.target)
 
     def _open(self, req: _Request) -> None:
         """What a request needs before its prefill: its text tracker and generator."""
@@ -561,39 +552,42 @@ class Engine:
         if req.params.prompt_logprobs:
             req.prompt_lp = [TokenInfo(req.prompt[0])]
 
-    def _prefill(self) -> None:
-        budget = self.prefill_chunk
-        for req in list(self._prefilling):
-            if budget <= 0:
-                break
-            end = min(len(req.prompt), req.cached + budget)
-            budget -= end - req.cached
+    def _prefill(self, plan: StepPlan) -> None:
+        """Every planned chunk in one forward (each of the draft's too); a request whose
+        prompt is in starts decoding."""
+        chunks = [(r, a, b) for r, a, b in plan.prefill if r in self.scheduler.prefilling]
+        if not chunks:
+            return
+        rows: list[_Request] = [c[0] for c in chunks]  # type: ignore[misc]
+        tokens = [r.tokens()[a:b] for r, a, b in chunks]
+        starts = [a for _, a, _ in chunks]
+        tables = [r.table.blocks for r in rows]
+        try:
+            keep = [r.prompt_lp is not None and r.n_generated == 0 for r in rows]
+            logits = self.runner.prefill(tokens, starts, tables, keep_all=keep)
+            if self.draft_runner is not None:
+                self.draft_runner.prefill(tokens, starts, tables, logits=False)
+        except Exception as e:
+            for req in rows:
+                self._fail(req, e)
+            return
+        for (_, start, end), req, out in zip(chunks, rows, logits):
             try:
-                self._prefill_chunk(req, end)
+                self._prefilled(req, out, start, end)
             except Exception as e:
                 self._fail(req, e)
 
-    def _prefill_chunk(self, req: _Request, end: int) -> None:
-        """Prefill ``req``'s prompt up to ``end``; a finished prompt starts decoding."""
-        start = req.cached
-        chunk = torch.tensor([req.prompt[start:end]], dtype=torch.long, device=self.device)
-        self.cache.prefill(req.slot)
-        full = req.params.prompt_logprobs
-        logits = self.model(chunk, start, cache=self.cache, last_only=not full)[0].float()
-        if self.draft is not None:
-            assert self.draft_cache is not None
-            self.draft_cache.prefill(req.slot)
-            # explicit positions: a draft with a shorter context still drafts (badly)
-            positions = torch.arange(start, end, device=self.device)
-            self.draft(chunk, start, positions=positions, cache=self.draft_cache, last_only=True)
+    def _prefilled(self, req: _Request, logits: torch.Tensor, start: int, end: int) -> None:
+        """``req``'s tokens up to ``end`` are in the cache, with ``logits`` for
+        ``start..end-1`` (or the last); when all are, sample its next token."""
         req.cached = end
-        if full:
+        self.scheduler.commit(req)
+        if req.prompt_lp is not None and req.n_generated == 0:
             self._prompt_logprobs(req, logits, start, end)
-        if end < len(req.prompt):
+        if end < req.target:
             return
-        self._prefilling.remove(req)
-        self._to_running(req)
-        if req.params.max_tokens == 0:
+        self.scheduler.started(req)
+        if req.n_generated == 0 and req.params.max_tokens == 0:
             req.finish = "length"
             self._finish(req)
             return
@@ -618,50 +612,27 @@ class Engine:
             tops = [list(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
         req.prompt_lp += [TokenInfo(t, c, top) for t, c, top in zip(nxt, chosen, tops)]
 
-    def _to_running(self, req: _Request) -> None:
-        target = len(self._running)
-        if req.slot != target:
-            other = next((r for r in self._prefilling if r.slot == target), None)
-            if other is not None:
-                for cache in self._caches():
-                    cache.swap(req.slot, req.cached, target, other.cached)
-                other.slot = req.slot
-            else:
-                for cache in self._caches():
-                    cache.move(req.slot, target, req.cached)
-                self._free.add(req.slot)
-                self._free.discard(target)
-            req.slot = target
-        self._running.append(req)
-
-    def _caches(self) -> list[SlotCache]:
-        return [self.cache] if self.draft_cache is None else [self.cache, self.draft_cache]
-
-    def _forward_rows(
-        self, model: Transformer, cache: SlotCache, tokens: torch.Tensor, pos: torch.Tensor
-    ) -> torch.Tensor:
-        """Logits (n, s, vocab) of running rows ``0..n-1``: ``tokens`` (n, s) at positions
-        ``pos`` (n, s), each attending to its row's cache up to its own position."""
-        cache.decode(pos)
-        width = int(pos.max()) + 1
-        keys = torch.arange(width, device=self.device)
-        mask = (keys[None, None, :] <= pos[:, :, None])[:, None]  # (n, 1, s, width)
-        return model(tokens, 0, mask=mask, positions=pos, cache=cache)
-
-    def _decode(self) -> None:
-        rows = self._running
+    def _decode(self, rows: list[_Request]) -> None:
+        """One token for every row in one batched forward (the draft's cache reads the same
+        tokens when there is a draft: it is not speculating this step)."""
         tokens = torch.tensor([[r.pending] for r in rows], dtype=torch.long, device=self.device)
-        pos = torch.tensor([[r.cached] for r in rows], dtype=torch.long, device=self.device)
-        logits = self._forward_rows(self.model, self.cache, tokens, pos)[:, -1].float()
-        if self.draft_cache is not None:  # not speculating now: the draft's cache keeps up
-            self._forward_rows(self.draft, self.draft_cache, tokens, pos)
+        starts = [r.cached for r in rows]
+        tables = [r.table.blocks for r in rows]
+        try:
+            logits = self.runner.decode(tokens, starts, tables)[:, -1].float()
+            if self.draft_runner is not None:
+                self.draft_runner.decode(tokens, starts, tables)
+        except Exception as e:
+            for req in rows:
+                self._fail(req, e)
+            return
         # a NaN or +inf anywhere makes the row's max non-finite: one small reduction
         finite = torch.isfinite(logits.amax(dim=-1)).tolist()
         greedy = logits.argmax(dim=-1).tolist()
-        batch = list(rows)
-        for req in batch:  # first: a row retiring below moves the others' new positions too
+        for req in rows:
             req.cached += 1
-        for i, req in enumerate(batch):
+            self.scheduler.commit(req)
+        for i, req in enumerate(rows):
             if not finite[i]:
                 self._error(req, "the model's logits are NaN or Inf: no text can be generated")
                 continue
@@ -670,63 +641,69 @@ class Engine:
             except Exception as e:
                 self._fail(req, e)
 
-    def _speculate(self) -> None:
-        """One speculative step for every running row (see the module's docstring)."""
-        assert self.draft is not None and self.draft_cache is not None
-        rows = list(self._running)
+    def _speculate(self, rows: list[_Request]) -> None:
+        """One speculative step for every row (see the module's docstring)."""
+        assert self.draft_runner is not None
         k, dev = self.draft_k, self.device
-        base_host = [r.cached for r in rows]
-        base = torch.tensor(base_host, dtype=torch.long, device=dev)
+        base = [r.cached for r in rows]
+        tables = [r.table.blocks for r in rows]
         proposal = [torch.tensor([r.pending for r in rows], dtype=torch.long, device=dev)]
         draft_logits = []
         failed: dict[int, str] = {}  # row -> its error
         for j in range(k):  # the draft proposes k tokens per row, one batched step each
-            dl = self._forward_rows(
-                self.draft, self.draft_cache, proposal[-1][:, None], (base + j)[:, None]
-            )[:, -1].float()
+            starts = [b + j for b in base]
+            dl = self.draft_runner.decode(proposal[-1][:, None], starts, tables)[:, -1].float()
             draft_logits.append(dl)
             proposal.append(self._propose(rows, dl, failed))
         tokens = torch.stack(proposal, dim=1)  # (n, k+1): the pending token, then k drafted
-        steps = torch.arange(k + 1, device=dev)
-        verify = self._forward_rows(self.model, self.cache, tokens, base[:, None] + steps)
-        verify = verify.float()  # (n, k+1, vocab)
+        verify = self.runner.decode(tokens, base, tables).float()  # (n, k+1, vocab)
         drafted = tokens[:, 1:]
         results = self._verify(rows, verify, torch.stack(draft_logits, dim=1), drafted, failed)
-        # Rows that kept all k proposals: the draft never ran its last one; add it (at
-        # base + k). The other rows write a token their cache gets anyway: their next
-        # pending token at its position (or, for a failed row, the current one again).
-        if any(not isinstance(r, str) and r[0] == k for r in results):
-            last = drafted[:, -1].tolist()
-            fill, at = [], []
-            for i, r in enumerate(results):
-                if isinstance(r, str):
-                    fill.append(rows[i].pending)
-                    at.append(base_host[i])
-                elif r[0] == k:
-                    fill.append(last[i])
-                    at.append(base_host[i] + k)
-                else:
-                    fill.append(r[1][-1])
-                    at.append(base_host[i] + r[0] + 1)
-            self._forward_rows(
-                self.draft,
-                self.draft_cache,
-                torch.tensor(fill, dtype=torch.long, device=dev)[:, None],
-                torch.tensor(at, dtype=torch.long, device=dev)[:, None],
-            )
-        # every row's new length first: a row retiring below moves the others' rows
+        self._catch_up_draft(rows, results, drafted, base, tables)
+        # every row's new length first (its blocks then hold only kept tokens below it)
         for i, r in enumerate(results):
             if not isinstance(r, str):
-                rows[i].cached = base_host[i] + r[0] + 1
+                rows[i].cached = base[i] + r[0] + 1
+                self.scheduler.commit(rows[i])
         for i, req in enumerate(rows):
             r = results[i]
             if isinstance(r, str):
                 self._error(req, r)
                 continue
             try:
-                self._keep(req, r[1], base_host[i], verify[i])
+                self._keep(req, r[1], base[i], verify[i])
             except Exception as e:
                 self._fail(req, e)
+
+    def _catch_up_draft(
+        self,
+        rows: list[_Request],
+        results: list[tuple[int, list[int]] | str],
+        drafted: torch.Tensor,
+        base: list[int],
+        tables: list[list[int]],
+    ) -> None:
+        """Rows that kept all k proposals: the draft never ran its last one; add it (at
+        base + k). The other rows write a token their cache gets anyway: their next pending
+        token at its position (or, for a failed row, the current one again)."""
+        k = self.draft_k
+        if not any(not isinstance(r, str) and r[0] == k for r in results):
+            return
+        assert self.draft_runner is not None
+        last = drafted[:, -1].tolist()
+        fill, at = [], []
+        for i, r in enumerate(results):
+            if isinstance(r, str):
+                fill.append(rows[i].pending)
+                at.append(base[i])
+            elif r[0] == k:
+                fill.append(last[i])
+                at.append(base[i] + k)
+            else:
+                fill.append(r[1][-1])
+                at.append(base[i] + r[0] + 1)
+        tokens = torch.tensor(fill, dtype=torch.long, device=self.device)[:, None]
+        self.draft_runner.decode(tokens, at, tables)
 
     def _verify(
         self,
@@ -867,8 +844,7 @@ class Engine:
         self._send(req, out)
 
     def _finish(self, req: _Request) -> None:
-        if req in self._running:
-            self._retire(req)
+        self.scheduler.remove(req)
         self._flush(req, final=True)
 
     def _internal(self, req: _Request, e: Exception) -> str:
@@ -885,31 +861,10 @@ class Engine:
         self._send(req, Output("", [], error=message))
 
     def _drop(self, req: _Request) -> None:
-        """Take ``req`` out of the scheduler, wherever it is, and free its slot."""
-        if req in self._running:
-            self._retire(req)
-        elif req in self._prefilling:
-            self._prefilling.remove(req)
-            self._free.add(req.slot)
-        elif req in self._waiting:
-            self._waiting.remove(req)
+        """Take ``req`` out of the scheduler, wherever it is, and release its blocks."""
+        if req.admitted == 0 and req in self.scheduler.waiting:
             self._dequeued()
-        elif req.slot >= 0:  # failed while being admitted
-            self._free.add(req.slot)
-        req.slot = -1
-
-    def _retire(self, req: _Request) -> None:
-        """Free ``req``'s slot, moving the last running row into it."""
-        i = self._running.index(req)
-        last = self._running.pop()
-        if last is not req:
-            for cache in self._caches():
-                cache.move(last.slot, i, last.cached)
-            last.slot = i
-            self._running[i] = last
-        freed = len(self._running)
-        self._free.add(freed)
-        req.slot = -1
+        self.scheduler.remove(req)
 
     def _send(self, req: _Request, out: Output) -> None:
         try:

@@ -125,10 +125,10 @@ class BlockManager:
 
     def match(self, table: BlockTable, tokens: Sequence[int]) -> int:
         """Give an empty ``table`` the longest cached run of full blocks that starts
-        ``tokens`` (never the block holding the last token); the number of tokens found."""
+        ``tokens`` (never the block holding the last token); the number of tokens found.
+        The hit counters are the caller's to `record` (a match may be undone)."""
         if table.blocks:
             raise ValueError(f"match: the table already holds {len(table.blocks)} blocks")
-        self.queries += len(tokens)
         if not self.prefix_cache:
             return 0
         usable = (len(tokens) - 1) // self.block_size
@@ -139,9 +139,12 @@ class BlockManager:
             self._ref(block)
             table.blocks.append(block)
             table.hashes.append(h)
-        found = len(table.blocks) * self.block_size
+        return len(table.blocks) * self.block_size
+
+    def record(self, queried: int, found: int) -> None:
+        """Count a prefix lookup of ``queried`` tokens that found ``found`` of them."""
+        self.queries += queried
         self.hits += found
-        return found
 
     def allocate(self, table: BlockTable, tokens: int) -> bool:
         """Grow ``table`` to hold ``tokens`` positions; False (nothing taken) when the pool
