@@ -7,12 +7,29 @@ for the pool refused."""
 
 from __future__ import annotations
 
+import copy
+import random
+import threading
+import time
+
 import pytest
 import torch
 
+from llamaforge.inference.generate import generate_completions
+from llamaforge.inference.quantize import quantize_int8
+from llamaforge.serve.engine import ContextLengthExceeded, Engine, Output, SamplingParams
 from llamaforge.serve.kv_cache import BlockManager, BlockTable, PagedKVCache
 
 from .conftest import tiny_model
+from .test_serve_engine import (  # noqa: F401  (module fixtures)
+    PROMPTS,
+    _one_thread,
+    _text,
+    check_idle,
+    l2c_ckpt,
+    loaded,
+    run_all,
+)
 
 # ---------------------------------------------------------------- the block manager
 
@@ -143,3 +160,162 @@ def test_paged_attention_equals_the_models_own_cache():
                 got[i].append(logits[i])
     for i in range(2):
         torch.testing.assert_close(torch.cat(got[i]), want[i], rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- the engine on them
+
+LONG = "Once upon a time, there was a little girl named Lily. She loved to play in the park"
+
+
+def _generate(model, tok, prompt: str, n: int) -> str:
+    (ref,) = generate_completions(model, tok, [prompt], max_new_tokens=n, temperature=0.0)
+    return ref.text
+
+
+def _greedy(tok, prompt: str, n: int):
+    return tok.encode(prompt), SamplingParams(max_tokens=n, temperature=0.0)
+
+
+def test_prefix_cache_hits_give_generates_text(loaded):  # noqa: F811
+    """The same request twice, then requests sharing a long prefix with other tails: the
+    later ones take cached blocks (hits counted) and their greedy text is still `generate`'s
+    and the text of an engine without the prefix cache; blocks of 4 put many boundaries in
+    every prompt."""
+    model, tok = loaded
+    tails = ["", " and", " Lily ran to get it. She", " but then"]
+    prompts = [LONG + t for t in tails]
+    want = [_generate(model, tok, p, 24) for p in prompts]
+    off = Engine(model, tok, max_batch=2, block_size=4, prefix_cache=False)
+    engine = Engine(model, tok, max_batch=2, block_size=4)
+    texts = [_text(run_all(engine, [_greedy(tok, prompts[0], 24)])[0])]
+    assert engine.stats.prefix_hits == 0 and engine.stats.kv_blocks_cached > 0
+    for p in prompts:  # the first again (a full hit but its last block), then the others
+        texts.append(_text(run_all(engine, [_greedy(tok, p, 24)])[0]))
+    assert texts == [want[0], *want]
+    n = len(tok.encode(prompts[0]))
+    assert engine.stats.prefix_hits >= (n - 1) // 4 * 4  # the second run took all it could
+    assert 0 < engine.stats.prefix_hit_rate < 1
+    # two at once after a third shares their prefix: both take it in one step
+    both = run_all(engine, [_greedy(tok, prompts[2], 24), _greedy(tok, prompts[3], 24)])
+    assert [_text(o) for o in both] == want[2:]
+    assert [_text(o) for o in run_all(off, [_greedy(tok, p, 24) for p in prompts])] == want
+    assert off.stats.prefix_hits == 0 and off.stats.kv_blocks_cached == 0
+    check_idle(engine)
+    check_idle(off)
+
+
+def test_meta_tokenizer_across_block_boundaries(meta_tokenizer_path):
+    """Meta's tokenizer (multi-byte UTF-8 in the prompt) and a model of its vocabulary:
+    prompts longer than many blocks of 4, prefilled in chunks of 7 with a prefix hit, give
+    `generate`'s greedy text."""
+    from llamaforge.tokenizer import Tokenizer
+
+    tok = Tokenizer(meta_tokenizer_path)
+    model = tiny_model(tok.vocab_size, seed=2).eval()
+    prompts = [
+        "Les élèves ont étudié le théorème de Gödel — 数学 is fun — and then",
+        "Les élèves ont étudié le théorème de Gödel — 数学 is fun — but later",
+    ]
+    engine = Engine(model, tok, max_batch=2, block_size=4, prefill_chunk=7)
+    got = [_text(run_all(engine, [_greedy(tok, p, 20)])[0]) for p in prompts]
+    assert got == [_generate(model, tok, p, 20) for p in prompts]
+    assert engine.stats.prefix_hits > 0
+    check_idle(engine)
+
+
+def test_a_pool_too_small_for_all_preempts_and_every_request_finishes(loaded):  # noqa: F811
+    """Six requests, each fitting the pool alone but not all together: requests are
+    preempted (their blocks released, their tokens recomputed later) and each still gets
+    `generate`'s greedy text, streamed deltas included; with the prefix cache on and off."""
+    model, tok = loaded
+    lengths = [40, 35, 30, 45, 25, 38]
+    jobs = [_greedy(tok, p, n) for p, n in zip(PROMPTS, lengths)]
+    want = [_generate(model, tok, p, n) for p, n in zip(PROMPTS, lengths)]
+    for prefix_cache in (True, False):
+        engine = Engine(
+            model, tok, max_batch=4, block_size=4, num_blocks=22, prefix_cache=prefix_cache
+        )
+        outs = run_all(engine, jobs)
+        assert [_text(o) for o in outs] == want
+        assert all(o[-1].finish_reason and not o[-1].error for o in outs)
+        assert engine.stats.preemptions > 0
+        check_idle(engine)
+
+
+def test_preemption_with_a_draft(loaded):  # noqa: F811
+    """Speculative decoding over the paged cache with a pool too small for all: the draft's
+    cache follows the same tables through preemptions; the text equals the plain engine's."""
+    model, tok = loaded
+    lengths = [30, 20, 40, 25]
+    jobs = [_greedy(tok, p, n) for p, n in zip(PROMPTS, lengths)]
+    want = [_generate(model, tok, p, n) for p, n in zip(PROMPTS, lengths)]
+    draft = quantize_int8(copy.deepcopy(model))
+    engine = Engine(model, tok, max_batch=3, block_size=4, num_blocks=20, draft=draft, draft_k=3)
+    outs = run_all(engine, jobs)
+    assert [_text(o) for o in outs] == want
+    assert engine.stats.preemptions > 0 and engine.stats.spec_accepted > 0
+    check_idle(engine)
+
+
+def test_a_request_too_big_for_the_pool_is_refused(loaded):  # noqa: F811
+    model, tok = loaded
+    engine = Engine(model, tok, max_batch=2, block_size=4, num_blocks=4)
+    with pytest.raises(ContextLengthExceeded, match="5 KV blocks of 4 positions, more than the"):
+        engine.submit([1] * 10, SamplingParams(max_tokens=10), print)
+    (o,) = run_all(engine, [([1] * 10, SamplingParams(max_tokens=7, temperature=0.0))])
+    assert o[-1].finish_reason == "length" and o[-1].completion_tokens == 7
+    check_idle(engine)
+
+
+def test_threaded_load_with_cancellations_returns_every_block(loaded):  # noqa: F811
+    """Many requests from several threads against the engine's own thread, a pool that
+    forces preemption, a third of them cancelled mid-way: every other one finishes, and
+    afterwards no block is held and the accounting is consistent."""
+    model, tok = loaded
+    engine = Engine(model, tok, max_batch=6, block_size=4, num_blocks=40, prefill_chunk=16)
+    rng = random.Random(0)
+    jobs = []
+    for i in range(36):
+        prompt = tok.encode(rng.choice(PROMPTS) + rng.choice(["", " and", " the"]))
+        temperature = rng.choice([0.0, 1.0])
+        jobs.append((prompt, SamplingParams(rng.randint(4, 40), temperature, seed=i)))
+    done: dict[int, threading.Event] = {}
+    outs: dict[int, list[Output]] = {}
+    lock = threading.Lock()
+
+    def client(part: list[tuple[list[int], SamplingParams]], cancel_every: int) -> None:
+        for j, (prompt, params) in enumerate(part):
+            got: list[Output] = []
+            event = threading.Event()
+
+            def emit(out: Output, got=got, event=event) -> None:
+                got.append(out)
+                if out.finished:
+                    event.set()
+
+            rid = engine.submit(prompt, params, emit)
+            with lock:
+                outs[rid], done[rid] = got, event
+            if j % cancel_every == 0:
+                time.sleep(0.01)
+                engine.cancel(rid)
+                with lock:
+                    del done[rid]
+
+    engine.start()
+    try:
+        threads = [threading.Thread(target=client, args=(jobs[i::3], 3)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        for rid, event in list(done.items()):
+            assert event.wait(60), f"request {rid} was never answered"
+            assert outs[rid][-1].finish_reason and not outs[rid][-1].error, outs[rid][-1]
+        deadline = time.monotonic() + 30
+        while engine.scheduler.busy and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        engine.stop()
+    assert len(done) == 24 and engine.stats.preemptions > 0
+    check_idle(engine)
