@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import random
+import re
 import threading
 import time
 
@@ -319,3 +320,60 @@ def test_threaded_load_with_cancellations_returns_every_block(loaded):  # noqa: 
         engine.stop()
     assert len(done) == 24 and engine.stats.preemptions > 0
     check_idle(engine)
+
+
+# ------------------------------------------------------------------ a real server process
+
+
+def test_serve_process_pool_flags_and_metrics(l2c_ckpt, loaded):  # noqa: F811
+    """``serve --kv-cache-gb G --block-size 4``: the pool holds as many blocks as G GiB
+    does, a repeated prompt hits the prefix cache with the same text, and /metrics reports
+    the pool, the hit rate and the bytes held per token."""
+    import httpx
+    import openai
+
+    from llamaforge.serve.kv_cache import block_nbytes
+
+    from .test_serve import ServerProcess, idle
+
+    model, tok = loaded
+    gb = 0.002
+    blocks = int(gb * 2**30 // block_nbytes(model.args, 4, torch.float32))
+    srv = ServerProcess("--ckpt", str(l2c_ckpt), "--kv-cache-gb", str(gb), "--block-size", "4")
+    try:
+        assert f"KV pool {blocks} blocks x 4 positions" in srv.banner, srv.banner
+        c = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x", max_retries=0, timeout=60)
+        kw = dict(model="aidreams260K", prompt=LONG, max_tokens=20, temperature=0)
+        texts = [c.completions.create(**kw).choices[0].text for _ in range(2)]
+        assert texts == [_generate(model, tok, LONG, 20)] * 2
+        idle(srv)
+        m = httpx.get(f"{srv.url}/metrics").text
+
+        def value(name: str) -> float:
+            found = re.search(rf"^{name} (\S+)$", m, re.M)
+            assert found, (name, m)
+            return float(found.group(1))
+
+        assert value("llamaforge_kv_cache_blocks_total") == blocks
+        assert value("llamaforge_kv_cache_blocks_used") == 0
+        assert value("llamaforge_kv_cache_blocks_cached") > 0
+        assert value("llamaforge_prefix_cache_hits_total") > 0
+        assert 0 < value("llamaforge_prefix_cache_hit_ratio") < 1
+        assert value("llamaforge_kv_cache_bytes_per_token") == 0  # nothing running
+        assert value("llamaforge_preemptions_total") == 0
+    finally:
+        srv.stop()
+
+
+def test_cli_pool_refusals(l2c_ckpt, capsys):  # noqa: F811
+    from llamaforge.cli.main import main
+
+    base = ["serve", "--ckpt", str(l2c_ckpt)]
+    for flags, said in (
+        (["--num-blocks", "0"], "--num-blocks 0: must be >= 1"),
+        (["--block-size", "0"], "--block-size 0: must be >= 1"),
+        (["--kv-cache-gb", "-1"], "--kv-cache-gb -1.0: must be a number of GiB > 0"),
+        (["--kv-cache-gb", "1e-9"], "--kv-cache-gb 1e-09: less than one block"),
+    ):
+        assert main(base + flags) == 2, flags
+        assert said in capsys.readouterr().err, flags

@@ -26,9 +26,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="serve a checkpoint over an OpenAI-compatible HTTP API",
         description="Serve a checkpoint with OpenAI's /v1/completions, /v1/chat/completions "
         "and /v1/models (streaming as Server-Sent Events), /health, /metrics (Prometheus), "
-        "/tokenize and /detokenize. One scheduler batches every request continuously; the KV "
-        "cache holds --max-batch sequences of --max-seq-len positions, requests beyond them "
-        "wait, and more than --max-queue waiting are refused with 429. Binds to 127.0.0.1 "
+        "/tokenize and /detokenize. One scheduler batches every request continuously: up to "
+        "--max-batch requests run at once, their prompts prefilled together in chunks of "
+        "--prefill-chunk tokens per step between decode steps; the KV cache is a pool of "
+        "blocks of --block-size positions (--kv-cache-gb or --num-blocks; default: room for "
+        "--max-batch requests of --max-seq-len positions) taken as tokens arrive, prompts "
+        "that start alike share their cached blocks (--no-prefix-cache turns that off), and "
+        "when the pool runs out the newest request is preempted and resumed later. Requests "
+        "beyond --max-batch wait, and more than --max-queue waiting are refused with 429. "
+        "Binds to 127.0.0.1 "
         "unless --host says otherwise. --draft DIR decodes speculatively: a smaller checkpoint "
         "with the same tokenizer proposes --draft-k tokens per request and step, the model "
         "checks them in one forward (greedy text is unchanged; sampling keeps the model's "
@@ -95,19 +101,39 @@ def _add_limit_args(s: argparse.ArgumentParser) -> None:
 
 
 def _add_scheduler_args(s: argparse.ArgumentParser) -> None:
-    """The KV cache's slots and positions, the prefill chunk, the queue, and when to
-    speculate."""
+    """The batch, the context, the KV pool and its blocks, the prefill chunk, the queue, and
+    when to speculate."""
     s.add_argument(
         "--max-batch",
         type=int,
         default=8,
-        help="sequences decoded together = KV-cache slots (default 8)",
+        help="requests running (prefilling or decoding) at once (default 8)",
     )
     s.add_argument(
         "--max-seq-len",
         type=int,
         default=None,
-        help="positions per slot: prompt + completion (default: the model's max_seq_len)",
+        help="positions per request: prompt + completion (default: the model's max_seq_len)",
+    )
+    pool = s.add_mutually_exclusive_group()
+    pool.add_argument(
+        "--kv-cache-gb",
+        type=float,
+        metavar="G",
+        help="size the KV pool to G GiB (the draft's cache included); default: room for "
+        "--max-batch requests of --max-seq-len positions",
+    )
+    pool.add_argument("--num-blocks", type=int, metavar="N", help="size the KV pool to N blocks")
+    s.add_argument(
+        "--block-size",
+        type=int,
+        default=16,
+        help="positions per KV block: the unit of allocation and prefix sharing (default 16)",
+    )
+    s.add_argument(
+        "--no-prefix-cache",
+        action="store_true",
+        help="do not share the cached blocks of prompts that start alike",
     )
     s.add_argument(
         "--prefill-chunk",
@@ -137,6 +163,12 @@ def _check_args(a: argparse.Namespace) -> None:
     for flag in ("max_batch", "prefill_chunk", "max_queue", "max_body_bytes"):
         if getattr(a, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(a, flag)}: must be >= 1")
+    if a.block_size < 1:
+        raise ValueError(f"--block-size {a.block_size}: must be >= 1")
+    if a.num_blocks is not None and a.num_blocks < 1:
+        raise ValueError(f"--num-blocks {a.num_blocks}: must be >= 1")
+    if a.kv_cache_gb is not None and not 0 < a.kv_cache_gb < float("inf"):
+        raise ValueError(f"--kv-cache-gb {a.kv_cache_gb}: must be a number of GiB > 0")
     if a.max_seq_len is not None and a.max_seq_len < 2:
         raise ValueError(f"--max-seq-len {a.max_seq_len}: must be >= 2")
     for flag in ("header_timeout", "body_timeout", "keep_alive", "stall_timeout"):
@@ -189,6 +221,9 @@ def _server(a: argparse.Namespace, loaded: Loaded, draft: Any) -> Any:
         draft=draft,
         draft_k=a.draft_k,
         draft_max_batch=a.draft_max_batch,
+        num_blocks=_num_blocks(a, loaded.model, draft),
+        block_size=a.block_size,
+        prefix_cache=not a.no_prefix_cache,
         **({"stall_timeout": a.stall_timeout} if a.stall_timeout is not None else {}),
     )
     return Server(
@@ -200,6 +235,27 @@ def _server(a: argparse.Namespace, loaded: Loaded, draft: Any) -> Any:
         chat_stops=stops,
         max_body_bytes=a.max_body_bytes,
     )
+
+
+def _num_blocks(a: argparse.Namespace, model: Any, draft: Any) -> int | None:
+    """The KV pool's blocks: --num-blocks, or as many as --kv-cache-gb holds (the model's
+    and the draft's keys and values per block), or None (the engine's default)."""
+    from llamaforge.serve.kv_cache import block_nbytes
+
+    if a.kv_cache_gb is None:
+        return a.num_blocks
+    per_block = sum(
+        block_nbytes(m.args, a.block_size, m.tok_embeddings.weight.dtype)
+        for m in (model, draft)
+        if m is not None
+    )
+    n = int(a.kv_cache_gb * 2**30 // per_block)
+    if n < 1:
+        raise ValueError(
+            f"--kv-cache-gb {a.kv_cache_gb}: less than one block of {a.block_size} positions "
+            f"({per_block} bytes)"
+        )
+    return n
 
 
 def _bind(host: str, port: int) -> Any:
@@ -239,8 +295,10 @@ def _serve(a: argparse.Namespace) -> int:
     spec = f", draft {Path(a.draft).name} k={a.draft_k}" if draft is not None else ""
     print(
         f"llamaforge serve: {srv.model_name} on http://{a.host}:{sock.getsockname()[1]} "
-        f"({loaded.device}, {a.max_batch} slots x {engine.max_seq_len} positions, KV cache "
-        f"{kv:.1f} MiB{spec}{', API key required' if api_key else ''}, at most "
+        f"({loaded.device}, {a.max_batch} rows of up to {engine.max_seq_len} positions, KV "
+        f"pool {engine.blocks.num_blocks} blocks x {a.block_size} positions = {kv:.1f} MiB"
+        f"{', no prefix cache' if a.no_prefix_cache else ''}"
+        f"{spec}{', API key required' if api_key else ''}, at most "
         f"{limits.max_connections} connections)",
         flush=True,
     )

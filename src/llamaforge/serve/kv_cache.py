@@ -42,7 +42,7 @@ import torch
 
 from llamaforge.model import ModelArgs
 
-__all__ = ["BlockManager", "BlockTable", "PagedKVCache", "blocks_for"]
+__all__ = ["BlockManager", "BlockTable", "PagedKVCache", "block_nbytes", "blocks_for"]
 
 
 def blocks_for(tokens: int, block_size: int) -> int:
@@ -58,6 +58,12 @@ def _root(extra: Hashable) -> bytes:
 def _chain(parent: bytes, tokens: Sequence[int]) -> bytes:
     """The hash of a block of ``tokens`` after the blocks hashed into ``parent``."""
     return hashlib.sha256(parent + b"," + ",".join(map(str, tokens)).encode()).digest()
+
+
+def block_nbytes(args: ModelArgs, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one block's keys and values over every layer of a model with ``args``."""
+    per_token = 2 * args.n_layers * args.kv_heads * args.head_dim
+    return per_token * block_size * torch.empty((), dtype=dtype).element_size()
 
 
 @dataclass

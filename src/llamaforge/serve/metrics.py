@@ -50,15 +50,40 @@ class ServeMetrics:
                 lambda: stats.running + stats.prefilling,
             ),
             "llamaforge_kv_cache_usage_ratio": (
-                "fraction of the KV cache's positions in use",
-                lambda: stats.kv_used / max(stats.kv_total, 1),
+                "fraction of the KV pool's blocks in use",
+                lambda: stats.kv_blocks_used / max(stats.kv_blocks_total, 1),
             ),
-            "llamaforge_kv_cache_positions": ("KV cache size in positions", lambda: stats.kv_total),
+            "llamaforge_kv_cache_positions": ("KV pool size in positions", lambda: stats.kv_total),
+            "llamaforge_kv_cache_tokens": (
+                "token positions whose keys and values the running requests hold",
+                lambda: stats.kv_used,
+            ),
+            "llamaforge_kv_cache_blocks_used": (
+                "KV blocks held by requests",
+                lambda: stats.kv_blocks_used,
+            ),
+            "llamaforge_kv_cache_blocks_total": (
+                "KV blocks in the pool",
+                lambda: stats.kv_blocks_total,
+            ),
+            "llamaforge_kv_cache_blocks_cached": (
+                "KV blocks keyed by their tokens for prefix caching (in use or evictable)",
+                lambda: stats.kv_blocks_cached,
+            ),
+            "llamaforge_kv_cache_bytes_per_token": (
+                "bytes of KV cache held per token in use (the draft's cache included)",
+                lambda: stats.kv_bytes_per_token,
+            ),
+            "llamaforge_prefix_cache_hit_ratio": (
+                "fraction of looked-up prompt tokens found in the prefix cache",
+                lambda: stats.prefix_hit_rate,
+            ),
             "llamaforge_tokens_per_second": (
                 "tokens generated per second over the last 10 s",
                 stats.tokens_per_second,
             ),
         }
+        r.register(_EngineCounters(stats))
         if stats.draft_k:
             gauges["llamaforge_spec_acceptance_ratio"] = (
                 "fraction of the draft's proposed tokens the model accepted",
@@ -88,4 +113,30 @@ class _SpecCounters:
             "llamaforge_spec_accepted_tokens",
             "proposed tokens the model accepted (speculative decoding)",
             value=self.stats.spec_accepted,
+        )
+
+
+class _EngineCounters:
+    """The prefix cache's and the scheduler's counters, read from the engine's stats at each
+    scrape."""
+
+    def __init__(self, stats: EngineStats) -> None:
+        self.stats = stats
+
+    def collect(self):  # noqa: ANN201 - prometheus_client's collector protocol
+        s = self.stats
+        yield CounterMetricFamily(
+            "llamaforge_prefix_cache_queries",
+            "prompt tokens looked up in the prefix cache",
+            value=s.prefix_queries,
+        )
+        yield CounterMetricFamily(
+            "llamaforge_prefix_cache_hits",
+            "looked-up prompt tokens found in the prefix cache (not prefilled)",
+            value=s.prefix_hits,
+        )
+        yield CounterMetricFamily(
+            "llamaforge_preemptions",
+            "requests preempted when the KV pool ran out (recomputed later)",
+            value=s.preemptions,
         )
