@@ -745,7 +745,7 @@ class Engine:
         (k+1, vocab) are the model's for each."""
         for j, token in enumerate(new):
             req.cached = base + j + 1  # as plain decoding would have it
-            if self._take(req, token, logits[j : j + 1], flush=False):
+            if self._follow(req, token, logits[j : j + 1], flush=False):
                 return
         req.cached = base + len(new)
         req.pending = new[-1]
@@ -763,7 +763,7 @@ class Engine:
             if i in failed or p.temperature <= 0 or not bool(torch.isfinite(logits[i]).all()):
                 continue
             try:
-                nxt[i] = sample(logits[i : i + 1], p.temperature, p.top_p, None, req.generator)[0]
+                nxt[i] = self._sample(req, logits[i : i + 1])
             except Exception as e:
                 failed[i] = self._internal(req, e)
         return nxt
@@ -771,17 +771,21 @@ class Engine:
     def _accept(self, req: _Request, logits: torch.Tensor, greedy: int | None = None) -> None:
         """Sample the next token from ``logits`` (1, vocab), follow the text, emit, and
         retire the request when it is done."""
+        self._follow(req, self._sample(req, logits, greedy), logits)
+
+    def _sample(self, req: _Request, logits: torch.Tensor, greedy: int | None = None) -> int:
+        """One row's next token from its ``logits`` (1, vocab) with its own settings and
+        generator (``greedy``: the argmax when already known). The one place a row is
+        sampled (the model's tokens and the draft's proposals)."""
         p = req.params
         if p.temperature <= 0:
-            token = greedy if greedy is not None else int(logits.argmax(dim=-1))
-        else:
-            token = int(sample(logits, p.temperature, p.top_p, None, req.generator)[0])
-        self._take(req, token, logits)
+            return greedy if greedy is not None else int(logits.argmax(dim=-1))
+        return int(sample(logits, p.temperature, p.top_p, None, req.generator)[0])
 
-    def _take(self, req: _Request, token: int, logits: torch.Tensor, flush: bool = True) -> bool:
+    def _follow(self, req: _Request, token: int, logits: torch.Tensor, flush: bool = True) -> bool:
         """Follow ``token``, generated from ``logits`` (1, vocab): its logprobs, the text,
         stop strings, eos and limits; finish the request when it is done (True), else emit
-        the new text (``flush``)."""
+        the new text (``flush``). The one place a row's text is followed."""
         p = req.params
         if req.first_token_at is None:
             req.first_token_at = time.monotonic()
