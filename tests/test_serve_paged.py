@@ -377,3 +377,30 @@ def test_cli_pool_refusals(l2c_ckpt, capsys):  # noqa: F811
     ):
         assert main(base + flags) == 2, flags
         assert said in capsys.readouterr().err, flags
+
+
+def test_several_prompts_prefill_in_one_forward(loaded):  # noqa: F811
+    """Four waiting prompts of different lengths within the step's budget: one step admits
+    them all and prefills them in a single forward of the model (rows padded to the longest,
+    each with its own mask and positions), and their text is still `generate`'s."""
+    model, tok = loaded
+    engine = Engine(model, tok, max_batch=4, block_size=4)
+    jobs = [_greedy(tok, p, 12) for p in PROMPTS[:4]]
+    outs: list[list[Output]] = [[] for _ in jobs]
+    for (prompt, params), o in zip(jobs, outs):
+        engine.submit(prompt, params, o.append)
+    calls = []
+    hook = model.register_forward_hook(lambda m, args, out: calls.append(args[0].shape))
+    try:
+        engine._drain()
+        engine.step()
+    finally:
+        hook.remove()
+    longest = max(len(p) for p, _ in jobs)
+    assert calls == [torch.Size([4, longest])] and len(engine.scheduler.running) == 4
+    for _ in range(100):
+        if all(o[-1].finished for o in outs):
+            break
+        engine.step()
+    assert [_text(o) for o in outs] == [_generate(model, tok, p, 12) for p in PROMPTS[:4]]
+    check_idle(engine)
