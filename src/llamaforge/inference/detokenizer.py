@@ -242,7 +242,7 @@ class TextFollower:
         if not self.stop:
             return False
         # a stop string wholly in the old stable text would have been found before
-        start = max(0, old - self._reach + 1)
+        start = max(0, old - max(self._reach - 1, 0))
         tail = self.detokenizer.text_since(start)
         hits = [i for i in (tail.find(s) for s in self.stop) if i >= 0]
         if not hits:
