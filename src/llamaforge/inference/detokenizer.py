@@ -5,14 +5,15 @@ prompt's own text (``completion_text``): decoding the completion alone would dro
 leading space of its first piece, which SentencePiece strips from the first piece of a text.
 
 `IncrementalDetokenizer` keeps that text up to date one token at a time. Each step decodes
-only a small window: the tokens since the last *commit point* and the chunk before it, and
-the text they add is the window's text minus the text of the window without them (the
-offsets of vLLM's detokenizer and Hugging Face's ``TextStreamer``). That difference equals
-the full decoding's because SentencePiece decodes piece by piece, except that
+only a small window: the tokens since the last *commit point* and a few committed ones before
+it (at most about 12 ids), and the text they add is the window's text minus the text of the
+window without them (the offsets of vLLM's detokenizer and Hugging Face's ``TextStreamer``).
+That difference equals the full decoding's because SentencePiece decodes piece by piece,
+except that
 
 * it strips the leading space of the first piece that is not a control piece (``<s>``,
-  ``</s>``): a window therefore always starts with such a piece in its committed part, or
-  with nothing but control pieces before it;
+  ``</s>``): the committed part of a window therefore always holds such a piece, unless
+  nothing but control pieces come before the window;
 * runs of byte-fallback pieces (``<0xE4>``) are decoded together as UTF-8, each byte of an
   incomplete or invalid sequence as U+FFFD: a commit point is never inside a character that
   later bytes may complete (at most the last 3 tokens are held back as *pending*).
@@ -34,6 +35,8 @@ __all__ = ["IncrementalDetokenizer", "TextFollower", "completion_text"]
 # prompt tokens decoded before the completion's first one (more when they are control pieces
 # or continuation bytes): enough for SentencePiece's leading-space rule and a split character
 _LOOK_BACK = 4
+# ids a window may grow to before it moves on (which costs one more decoding)
+_WINDOW = 8
 
 
 def completion_text(
@@ -130,7 +133,9 @@ class IncrementalDetokenizer:
             self._window_text = decode(ids[: self._read])
             return self._commit(end)
         self._stable += new
-        if any(not self.tokenizer.is_control(t) for t in ids[self._read : end]):
+        if end - self._start > _WINDOW and any(
+            not self.tokenizer.is_control(t) for t in ids[self._read : end]
+        ):
             # the chunk just committed starts the next window: it holds a non-control piece
             self._start = self._read
             self._window_text = decode(ids[self._start : end])
