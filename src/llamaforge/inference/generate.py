@@ -279,7 +279,9 @@ def generate_completions(
     ``top_k``, ``stop``, ``stop_at_eos``, ``seed``, ``echo``, ``bos``, ``truncate``,
     ``on_text``).
 
-    ``on_text(row, delta)`` receives text as it is produced. A prompt that does not leave
+    ``on_text(row, delta)`` receives text as it is produced, less what may still change (an
+    incomplete UTF-8 character, a tail that may begin a stop string): the deltas add up to
+    the completion's text. A prompt that does not leave
     room for a single new token in the model's context raises ``ValueError``, unless
     ``truncate`` keeps its last tokens.
     """
