@@ -62,14 +62,16 @@ def test_stop_strings_of_the_builtins():
     assert stop_strings(load_template("alpaca")) == ["### Instruction:"]
 
 
-def test_stream_holds_back_whitespace_and_stop_prefixes():
+def test_stream_trims_leading_and_holds_back_trailing_whitespace():
+    # the deltas come from TextFollower.delta, already free of stop-string prefixes
     out: list[str] = []
-    s = _Stream(out.append, ["### Instruction:"])
-    for delta in [" ", " Hi", " there\n", "\n#", "#"]:
+    s = _Stream(out.append)
+    for delta in [" ", " \n", "Hi", " there\n", "\n"]:
         s(0, delta)
-    assert "".join(out) == "Hi there"
-    s(0, "x")  # not a stop after all: everything held comes out
+    assert out == ["Hi", " there"]
+    s(0, "##x")  # more text after the whitespace: the held whitespace comes out with it
     assert "".join(out) == "Hi there\n\n##x"
+    s(0, " \n")
     s.finish("Hi there\n\n##x")
     assert "".join(out) == "Hi there\n\n##x"
 

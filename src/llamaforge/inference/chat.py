@@ -123,32 +123,33 @@ def stop_strings(template: ChatTemplate) -> list[str]:
 
 
 class _Stream:
-    """Forwards streamed text, holding back leading and trailing whitespace and any tail that
-    may be the start of a stop string (the generator cuts a stop string only once it is
-    complete), so what is streamed is exactly the reply ``send`` returns."""
+    """Forwards streamed text without its leading whitespace and holding back trailing
+    whitespace, so what is streamed is exactly the reply ``send`` returns (stripped). The
+    deltas it gets are already safe (`TextFollower.delta`: no incomplete character, no tail
+    that may become a stop string)."""
 
-    def __init__(self, on_text: Callable[[str], None], stops: Sequence[str]) -> None:
-        self.on_text, self.stops = on_text, stops
-        self.text, self.emitted = "", 0
+    def __init__(self, on_text: Callable[[str], None]) -> None:
+        self.on_text = on_text
+        self.started, self.held, self.emitted = False, "", 0
 
     def __call__(self, _row: int, delta: str) -> None:
-        self.text += delta
-        text = self.text.lstrip()
-        safe = len(text)
-        for stop in self.stops:
-            for k in range(min(len(stop) - 1, len(text)), 0, -1):
-                if text.endswith(stop[:k]):
-                    safe = min(safe, len(text) - k)
-                    break
-        self._emit(text[:safe].rstrip())
+        if not self.started:
+            delta = delta.lstrip()
+            self.started = bool(delta)
+        text = self.held + delta
+        body = text.rstrip()
+        self.held = text[len(body) :]
+        self._emit(body)
 
     def finish(self, final: str) -> None:
-        self._emit(final)
+        """Hand out what ``final`` (the reply) has beyond what was streamed."""
+        if len(final) > self.emitted:
+            self._emit(final[self.emitted :])
 
     def _emit(self, text: str) -> None:
-        if len(text) > self.emitted:
-            self.on_text(text[self.emitted :])
-            self.emitted = len(text)
+        if text:
+            self.on_text(text)
+            self.emitted += len(text)
 
 
 class ChatSession:
@@ -235,7 +236,7 @@ class ChatSession:
         ids, history = self._fit(user)
         users = [sum(m["role"] == "user" for m in h) for h in (self.history, history)]
         self.dropped_turns += users[0] - users[1]
-        stream = _Stream(on_text, self.stops) if on_text is not None else None
+        stream = _Stream(on_text) if on_text is not None else None
         (completion,) = generate_completions(
             self.model,
             self.tokenizer,

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from llamaforge.inference.detokenizer import IncrementalDetokenizer, TextFollower, completion_text
 from llamaforge.model import KVCache, ModelArgs, Transformer
 from llamaforge.tokenizer import Tokenizer
 
@@ -92,26 +93,28 @@ def sample(
 
 
 class _TextTracker:
-    """Decodes one row's completion incrementally, for streaming and stop strings."""
+    """The serving engine's text of a row: ``text(generated)`` is ``completion_text`` of the
+    prompt and ``generated``, followed incrementally while ``generated`` only grows (kept
+    for the engine until it uses `TextFollower`)."""
 
     def __init__(self, tokenizer: Tokenizer, prompt: list[int]) -> None:
         self.tokenizer, self.prompt = tokenizer, prompt
-        # Decoding the completion alone would drop the leading space of its first piece.
-        self.prefix = tokenizer.decode(prompt)
-        self.emitted = 0
+        self._start()
+        self.prefix = self._detok.prompt_text
+
+    def _start(self) -> None:
+        self._detok = IncrementalDetokenizer(self.tokenizer, self.prompt)
+        self._seen, self._last = 0, -1
 
     def text(self, generated: list[int]) -> str:
-        full = self.tokenizer.decode(self.prompt + generated)
-        if full.startswith(self.prefix):
-            return full[len(self.prefix) :]
-        return self.tokenizer.decode(generated)
-
-    def delta(self, text: str, final: bool) -> str:
-        # Hold back an incomplete UTF-8 sequence (byte-fallback pieces decode to U+FFFD).
-        stable = text if final else text.rstrip("\ufffd")
-        out = stable[self.emitted :]
-        self.emitted = max(self.emitted, len(stable))
-        return out
+        n = self._seen
+        if len(generated) < n or (n and generated[n - 1] != self._last):
+            self._start()  # not a continuation of the ids seen so far: start again
+        for token in generated[self._seen :]:
+            self._detok.add(token)
+        self._seen = len(generated)
+        self._last = generated[-1] if generated else -1
+        return self._detok.text
 
 
 @torch.inference_mode()
@@ -194,20 +197,21 @@ def _logprobs_of(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 class _Row:
     """One prompt's completion as its tokens arrive: the tokens kept and their
-    log-probabilities, its text (decoded as it grows only when stop strings or ``on_text``
-    need it) and why it ended (``finish``, None while it goes on). ``room`` is how many
-    tokens the context leaves after the prompt."""
+    log-probabilities, its text (followed as it grows by a `TextFollower` only when stop
+    strings or ``on_text`` need it, else decoded once at the end) and why it ended
+    (``finish``, None while it goes on). ``room`` is how many tokens the context leaves after
+    the prompt."""
 
     def __init__(
         self, tokenizer: Tokenizer, prompt: list[int], o: GenerationOptions, room: int, index: int
     ) -> None:
-        self.tracker, self.prompt, self.o = _TextTracker(tokenizer, prompt), prompt, o
+        self.tokenizer, self.prompt, self.o = tokenizer, prompt, o
         self.room, self.index = room, index
         self.eos = tokenizer.eos_id if o.stop_at_eos else None
-        self.follow_text = bool(o.stop) or o.on_text is not None  # else decode once at the end
+        follow = bool(o.stop) or o.on_text is not None
+        self.follower = TextFollower(tokenizer, prompt, o.stop) if follow else None
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
-        self.text = ""
         self.finish: str | None = None
 
     def add(self, token: int, logprob: float) -> None:
@@ -219,20 +223,18 @@ class _Row:
             return
         self.tokens.append(token)
         self.logprobs.append(logprob)
-        if self.follow_text:
-            self.text = self.tracker.text(self.tokens)
-        hit = min((self.text.find(s) for s in self.o.stop if s in self.text), default=-1)
-        if hit >= 0:
-            self.text, self.finish = self.text[:hit], "stop"
+        if self.follower is not None and self.follower.add(token):
+            self.finish = "stop"
         elif len(self.tokens) >= self.o.max_new_tokens:
             self.finish = "length"
         elif len(self.tokens) >= self.room:
             self.finish = "context"
 
     def emit(self) -> None:
-        """Hand ``on_text`` the text made since its last call (all of it once finished)."""
-        if self.o.on_text is not None:
-            delta = self.tracker.delta(self.text, final=self.finish is not None)
+        """Hand ``on_text`` the text made since its last call that is safe to stream (all of
+        it once finished)."""
+        if self.o.on_text is not None and self.follower is not None:
+            delta = self.follower.delta(final=self.finish is not None)
             if delta:
                 self.o.on_text(self.index, delta)
 
@@ -240,9 +242,13 @@ class _Row:
         reason = self.finish or (
             "length" if len(self.tokens) >= self.o.max_new_tokens else "context"
         )
-        text = self.text if reason == "stop" else self.tracker.text(self.tokens)
+        if self.follower is not None:
+            prefix, text = self.follower.prompt_text, self.follower.text
+        else:
+            prefix = self.tokenizer.decode(self.prompt)
+            text = completion_text(self.tokenizer, self.prompt, self.tokens, prefix)
         if self.o.echo:
-            text, tokens = self.tracker.prefix + text, self.prompt + self.tokens
+            text, tokens = prefix + text, self.prompt + self.tokens
         else:
             tokens = self.tokens
         return Completion(text, tokens, self.prompt, reason, self.logprobs)
@@ -273,7 +279,9 @@ def generate_completions(
     ``top_k``, ``stop``, ``stop_at_eos``, ``seed``, ``echo``, ``bos``, ``truncate``,
     ``on_text``).
 
-    ``on_text(row, delta)`` receives text as it is produced. A prompt that does not leave
+    ``on_text(row, delta)`` receives text as it is produced, less what may still change (an
+    incomplete UTF-8 character, a tail that may begin a stop string): the deltas add up to
+    the completion's text. A prompt that does not leave
     room for a single new token in the model's context raises ``ValueError``, unless
     ``truncate`` keeps its last tokens.
     """
