@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import pytest
 
 from llamaforge.inference.detokenizer import IncrementalDetokenizer, TextFollower
-from llamaforge.inference.generate import _TextTracker, generate_completions
+from llamaforge.inference.generate import generate_completions
 from llamaforge.tokenizer import Tokenizer, TokenizerError
 
 from .conftest import shared_file, tiny_model
@@ -197,16 +197,6 @@ def test_bad_input(tok):
     d.add(-1)
     d.add(tok.encode("Hi", bos=False)[0])
     assert d.text == tok.decode([tok.bos_id, *tok.encode("Hi", bos=False)[:1]])
-
-
-def test_text_tracker_follows_growing_and_replaced_completions(tok):
-    # the serving engine's interface (kept until it uses TextFollower)
-    prompt, ids = [tok.bos_id], tok.encode(MULTILINGUAL, bos=False)
-    tracker = _TextTracker(tok, prompt)
-    for n in range(1, len(ids) + 1):
-        assert tracker.text(ids[:n]) == reference(tok, prompt, ids[:n])
-    other = tok.encode("Something else", bos=False)
-    assert tracker.text(other) == reference(tok, prompt, other)
 
 
 def test_generate_streams_exactly_the_text_cut_at_a_spanning_stop(small_tokenizer):

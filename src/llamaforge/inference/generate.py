@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from llamaforge.inference.detokenizer import IncrementalDetokenizer, TextFollower, completion_text
+from llamaforge.inference.detokenizer import TextFollower, completion_text
 from llamaforge.model import KVCache, ModelArgs, Transformer
 from llamaforge.tokenizer import Tokenizer
 
@@ -90,31 +90,6 @@ def sample(
     if top_p < 1.0:
         return sample_top_p(probs, top_p, generator).squeeze(-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
-
-
-class _TextTracker:
-    """The serving engine's text of a row: ``text(generated)`` is ``completion_text`` of the
-    prompt and ``generated``, followed incrementally while ``generated`` only grows (kept
-    for the engine until it uses `TextFollower`)."""
-
-    def __init__(self, tokenizer: Tokenizer, prompt: list[int]) -> None:
-        self.tokenizer, self.prompt = tokenizer, prompt
-        self._start()
-        self.prefix = self._detok.prompt_text
-
-    def _start(self) -> None:
-        self._detok = IncrementalDetokenizer(self.tokenizer, self.prompt)
-        self._seen, self._last = 0, -1
-
-    def text(self, generated: list[int]) -> str:
-        n = self._seen
-        if len(generated) < n or (n and generated[n - 1] != self._last):
-            self._start()  # not a continuation of the ids seen so far: start again
-        for token in generated[self._seen :]:
-            self._detok.add(token)
-        self._seen = len(generated)
-        self._last = generated[-1] if generated else -1
-        return self._detok.text
 
 
 @torch.inference_mode()

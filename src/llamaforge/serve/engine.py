@@ -18,7 +18,8 @@ alone could not fit in the pool (`ContextLengthExceeded`).
 
 Every request has its own sampling parameters and its own ``torch.Generator`` (seeded from
 ``seed``). Text is followed as `generate.generate_completions` follows it (the same
-`_TextTracker`, stop strings and eos), so at temperature 0 the text equals
+`inference.detokenizer.TextFollower`: incremental, stop strings matched on the tail; eos),
+so at temperature 0 the text equals
 ``llamaforge generate``'s, with or without a prefix-cache hit or a preemption; streamed
 deltas hold back an incomplete UTF-8 sequence and any tail that may become a stop string,
 so the deltas add up to the final text exactly. A preempted request keeps its text, its
@@ -56,7 +57,8 @@ from typing import Any
 
 import torch
 
-from llamaforge.inference.generate import _TextTracker, check_sampling, sample, verify_drafted
+from llamaforge.inference.detokenizer import TextFollower
+from llamaforge.inference.generate import check_sampling, sample, verify_drafted
 from llamaforge.model import Transformer
 from llamaforge.serve.kv_cache import BlockManager, PagedKVCache, blocks_for
 from llamaforge.serve.runner import ModelRunner
@@ -149,13 +151,11 @@ class _Request(Seq):
     arrival: float = field(default_factory=time.monotonic)
     n_generated: int = 0  # every sampled token, eos included
     pending: int | None = None  # the sampled token not yet fed to the model
-    text: str = ""
-    emitted: int = 0
     finish: str | None = None
     prompt_lp: list[TokenInfo] | None = None
     new_tokens: list[TokenInfo] = field(default_factory=list)
     generator: torch.Generator | None = None
-    tracker: _TextTracker | None = None
+    follower: TextFollower | None = None  # the text, its stop strings and what was streamed
     first_token_at: float | None = None
 
 
@@ -541,8 +541,8 @@ class Engine:
         log.debug("engine: request %d preempted (%d tokens to recompute)", req.id, req.target)
 
     def _open(self, req: _Request) -> None:
-        """What a request needs before its prefill: its text tracker and generator."""
-        req.tracker = _TextTracker(self.tokenizer, req.prompt)
+        """What a request needs before its prefill: its text follower and generator."""
+        req.follower = TextFollower(self.tokenizer, req.prompt, req.params.stop)
         if req.params.seed is not None:
             req.generator = torch.Generator(device=self.device)
             req.generator.manual_seed(req.params.seed)
@@ -804,11 +804,9 @@ class Engine:
         else:
             req.generated.append(token)
             req.pending = token
-            assert req.tracker is not None
-            req.text = req.tracker.text(req.generated)
-            hit = min((req.text.find(s) for s in p.stop if s in req.text), default=-1)
-            if hit >= 0:
-                req.text, req.finish = req.text[:hit], "stop"
+            assert req.follower is not None
+            if req.follower.add(token):
+                req.finish = "stop"
             elif len(req.generated) >= p.max_tokens or req.cached + 1 >= self.max_seq_len:
                 req.finish = "length"
         if req.finish is not None:
@@ -821,18 +819,8 @@ class Engine:
     def _flush(self, req: _Request, final: bool) -> None:
         if not (final or req.stream):
             return
-        text = req.text
-        if not final:
-            text = text.rstrip("\ufffd")
-            safe = len(text)
-            for s in req.params.stop:
-                for k in range(min(len(s) - 1, len(text)), 0, -1):
-                    if text.endswith(s[:k]):
-                        safe = min(safe, len(text) - k)
-                        break
-            text = text[:safe]
-        delta = text[req.emitted :] if len(text) > req.emitted else ""
-        req.emitted = max(req.emitted, len(text))
+        assert req.follower is not None
+        delta = req.follower.delta(final)
         first = req.prompt_lp is not None
         if not (delta or req.new_tokens or final or first):
             return
