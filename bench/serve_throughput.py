@@ -163,7 +163,8 @@ def wait_ready(url: str, proc: subprocess.Popen, path: str, timeout: float = 600
 
 
 def our_env(threads: int | None = None) -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    path = [str(REPO / "src"), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
     if threads is not None:
         env["LLAMAFORGE_THREADS"] = str(threads)
     return env
@@ -645,6 +646,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--seconds", type=float, default=30.0, help="per cell (row x workload x clients)"
     )
+    warm_help = "seconds per row and workload, the largest client count, before measuring"
+    p.add_argument("--warmup", type=float, default=3.0, help=warm_help)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--prefix-tokens", type=int, default=512, help="shared-prefix workload")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="llama.cpp's threads")
@@ -743,8 +746,9 @@ def measure(
     proc, url = row.start()
     try:
         for w in row.workloads:
-            warm = Cell(row.name, w, 1)
-            asyncio.run(drive(url, warm, min(3.0, a.seconds), a.max_tokens, prompts[w], None))
+            if a.warmup > 0:
+                warm = Cell(row.name, w, max(a.clients))
+                asyncio.run(drive(url, warm, a.warmup, a.max_tokens, prompts[w], None))
             for n in a.clients:
                 cell = Cell(row.name, w, n)
                 asyncio.run(
