@@ -214,9 +214,15 @@ def start_llama_server(
     cmd = [str(binary), "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--parallel", str(slots), "--ctx-size", str(n_ctx * slots), "--threads", str(threads)]
     cmd += ["--threads-batch", str(threads), "--alias", "bench", "--cont-batching"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = gguf.with_suffix(".log").open("w")  # its output, shown if it fails
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    wait_ready(url, proc, "/health")
+    try:
+        wait_ready(url, proc, "/health")
+    except RuntimeError as e:
+        stop(proc)
+        tail = gguf.with_suffix(".log").read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"llama-server: {e}; its output ends:\n{tail}") from None
     return proc, url
 
 
@@ -420,6 +426,7 @@ async def drive(
                 await one_request(http, url, body, cell)
             except (httpx.HTTPError, json.JSONDecodeError, KeyError, TypeError) as e:
                 cell.error(f"{type(e).__name__}: {e}")
+                await asyncio.sleep(0.1)  # a server gone: no busy loop
 
     t0 = time.monotonic()
     limits = httpx.Limits(max_connections=cell.clients + 4)
@@ -463,7 +470,9 @@ def llama_gguf(ckpt: Path, tmp: Path, gguf_type: str, quantize: Path | None, thr
     f32 = to_gguf(ckpt, tmp / "model-f32.gguf", "f32")
     out = tmp / f"model-{gguf_type}.gguf"
     cmd = [str(quantize), str(f32), str(out), gguf_type.upper(), str(threads)]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr[-2000:]}")
     f32.unlink()
     return out
 
@@ -477,25 +486,34 @@ def bytes_per_position(params: dict, dtype: str | None) -> int:
     return 2 * params["n_layers"] * kv_heads * head_dim * elem
 
 
-def decode_weight_bytes(ckpt: Path, dtype: str | None, quantize: str | None) -> int:
-    """Bytes of weights one decode step reads: every tensor but the embedding table (whose
-    rows are gathered), at the served width (1 byte for int8 linear layers)."""
-    total = 0
+def tensors(ckpt: Path) -> list[tuple[str, int, int, str]]:
+    """(name, elements, dimensions, safetensors dtype) of every weight, from the headers."""
+    out = []
     for f in sorted(ckpt.glob("*.safetensors")):
         with f.open("rb") as fh:
             header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
         for name, t in header.items():
-            if name == "__metadata__" or "tok_embeddings" in name:
-                continue
-            numel = 1
-            for d in t["shape"]:
-                numel *= d
-            width = {"F32": 4, "BF16": 2, "F16": 2}.get(t["dtype"], 4)
-            if dtype in ("bfloat16", "float16"):
-                width = 2
-            if quantize and len(t["shape"]) == 2:
-                width = 1
-            total += numel * width
+            if name != "__metadata__":
+                numel = 1
+                for d in t["shape"]:
+                    numel *= d
+                out.append((name, numel, len(t["shape"]), t["dtype"]))
+    return out
+
+
+def decode_weight_bytes(ckpt: Path, dtype: str | None, quantize: str | None) -> int:
+    """Bytes of weights one decode step reads: every tensor but the embedding table (whose
+    rows are gathered), at the served width (1 byte for int8 linear layers)."""
+    total = 0
+    for name, numel, dims, stored in tensors(ckpt):
+        if "tok_embeddings" in name:
+            continue
+        width = {"F32": 4, "BF16": 2, "F16": 2}.get(stored, 4)
+        if dtype in ("bfloat16", "float16"):
+            width = 2
+        if quantize and dims == 2:
+            width = 1
+        total += numel * width
     return total
 
 
@@ -773,6 +791,13 @@ def measure(
     return cells
 
 
+def estimate_minutes(a: argparse.Namespace, names: list[str]) -> float:
+    """Rough wall time: each cell's seconds plus its last requests, warm-ups, starts."""
+    workloads = [1 if n == "llamaforge-no-prefix-cache" else len(a.workloads) for n in names]
+    cells = sum(workloads) * len(a.clients)
+    return (cells * (a.seconds + 3) + sum(workloads) * (a.warmup + 3) + 20 * len(names)) / 60
+
+
 def report(a: argparse.Namespace, cells: list[dict], info: dict[str, str], extra: dict) -> str:
     """The markdown: how it was run, one table per workload, prefix caching, KV memory."""
     out = [
@@ -828,14 +853,20 @@ def main() -> None:
             extra["bound"] = {n: n * bw / w for n in a.clients}
             print(extra["gpu"] + "; " + extra["bound_note"], flush=True)
         probe = KvProbe(bpp, a.kv_bytes_metric, a.kv_tokens_metric)
+        n_params = sum(numel for _, numel, _, _ in tensors(ckpt))
+        print(f"about {estimate_minutes(a, names):.0f} min of measurement", file=sys.stderr)
         for row in build_rows(a, names, ckpt, ctx, tmp):
-            cells += measure(a, row, prompts, probe)
+            try:
+                cells += measure(a, row, prompts, probe)
+            except RuntimeError as e:  # a server that would not start: the others still run
+                print(f"row {row.name} failed: {e}", file=sys.stderr)
         extra["kv_names"] = probe.names_seen
     info = {
         "machine": machine(),
         "versions": versions(a.llama_server if "llama.cpp" in names else None),
         "date": datetime.date.today().isoformat(),
-        "weights": f"{a.ckpt or 'random ' + a.preset}, {ctx} positions per request",
+        "weights": f"{a.ckpt or 'random ' + a.preset} ({n_params / 1e6:.1f}M parameters with "
+        f"the embedding), {ctx} positions per request",
         "precision": (
             f"ours {a.quantize or a.dtype or 'as stored'}"
             + (f", llama.cpp {a.gguf_type}" if "llama.cpp" in names else "")
