@@ -3,7 +3,8 @@
 Each server is started on 127.0.0.1 in turn (a row); for each workload and client count
 (default 1, 8, 32) that many clients send streaming completions back to back for --seconds
 (greedy, --max-tokens each). Per cell: aggregate generated tokens/s, p50/p99 time to first
-token, p50/p99 per-token latency (the gaps between a stream's token chunks), request p99
+token, p50/p99 per-token latency (the gaps between a stream's text chunks: one token each,
+except with speculative decoding, whose chunks hold the tokens of a step), request p99
 and errors; for our rows also the KV-cache bytes held per token in use, read from /metrics
 about once a second. Prints markdown tables ready for BENCHMARKS.md, with the ratios against
 llama.cpp measured in the same run, the machine and the date.
@@ -32,10 +33,12 @@ f32 for --gguf-type f32 (our fp32 peer); for q8_0 (the peer of --quantize int8 o
 the f32 GGUF is quantised by llama.cpp's own `llama-quantize` (found beside --llama-server,
 or --llama-quantize PATH; else `llamaforge convert --dtype q8_0`, said on stderr).
 
-    python bench/serve_throughput.py --preset 15M --seconds 30 --threads 2 \\
-        --llama-server PATH/llama-server                                    # fp32 / f32
-    python bench/serve_throughput.py --preset 15M --seconds 30 --threads 2 \\
-        --llama-server PATH/llama-server --quantize int8-bf16 --gguf-type q8_0
+    python bench/serve_throughput.py --preset 15M --threads 2 --llama-server PATH/llama-server \\
+        --workloads short mixed                                               # fp32 / f32
+    python bench/serve_throughput.py --preset 15M --threads 2 --llama-server PATH/llama-server \\
+        --workloads short mixed --quantize int8-bf16 --gguf-type q8_0         # int8 / q8_0
+    python bench/serve_throughput.py --preset 15M --threads 2 --llama-server PATH/llama-server \\
+        --workloads shared-prefix               # with and without our prefix cache, llama.cpp
     python bench/serve_throughput.py --preset 1B --device cuda --dtype bfloat16 \\
         --rows llamaforge --workloads short --clients 1 8 32 128 --ctx 256
 
@@ -854,7 +857,7 @@ def main() -> None:
             print(extra["gpu"] + "; " + extra["bound_note"], flush=True)
         probe = KvProbe(bpp, a.kv_bytes_metric, a.kv_tokens_metric)
         n_params = sum(numel for _, numel, _, _ in tensors(ckpt))
-        print(f"about {estimate_minutes(a, names):.0f} min of measurement", file=sys.stderr)
+        print(f"about {estimate_minutes(a, names):.1f} min of measurement", file=sys.stderr)
         for row in build_rows(a, names, ckpt, ctx, tmp):
             try:
                 cells += measure(a, row, prompts, probe)
