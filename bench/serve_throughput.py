@@ -458,7 +458,7 @@ def make_checkpoint(preset: str, out: Path, ctx: int, dtype: str | None) -> Path
 def to_gguf(ckpt: Path, out: Path, dtype: str = "f32") -> Path:
     cmd = [sys.executable, "-m", "llamaforge", "convert", "--from", "native", "--to", "gguf"]
     cmd += [str(ckpt), str(out), "--dtype", dtype, "--quiet"]
-    subprocess.run(cmd, check=True, env=our_env())
+    subprocess.run(cmd, check=True, env=our_env(), stdout=subprocess.DEVNULL)
     return out
 
 
