@@ -244,9 +244,11 @@ def stop(proc: subprocess.Popen) -> None:
 @dataclass
 class KvProbe:
     """What to read from our /metrics: explicit names (--kv-bytes-metric, --kv-tokens-metric)
-    or, by default, the first KV metric whose name says bytes held and tokens in use; without
-    a bytes metric, the whole cache (``llamaforge_kv_cache_positions`` x ``bytes_per_position``)
-    counts as held, which is what today's slot cache allocates at start."""
+    or, by default, ``llamaforge_kv_cache_bytes_per_token`` and ``llamaforge_kv_cache_tokens``
+    (the paged engine's), else the first KV metric whose name says bytes held or tokens in use
+    (tokens: ``usage_ratio x positions`` at worst); without a bytes metric, the whole cache
+    (``llamaforge_kv_cache_positions`` x ``bytes_per_position``) counts as held, which is what
+    today's slot cache allocates at start."""
 
     bytes_per_position: int
     bytes_metric: str | None = None
@@ -278,7 +280,7 @@ class KvProbe:
             r"kv\w*(tokens|positions)_?(used|in_use|held)"
             r"|kv\w*(used|in_use|held)_?(tokens|positions)"
         )
-        name = self.tokens_metric or _find(m, pattern)
+        name = self.tokens_metric or _find(m, r"^llamaforge_kv_cache_tokens$|" + pattern)
         if name in m:
             return m[name]
         ratio, positions = (
