@@ -23,17 +23,39 @@
 #      CUDA (flex against the dense mask: logits, gradients, GQA, the manual backward), then
 #      bench/packed_attention.py, 1B GQA bf16 8 x 2048 packed finetuning steps, dense mask
 #      against document ids, eager and compiled (needs ../shared/data)
+#   9. bench/serve_throughput.py: `llamaforge serve` on CUDA, random 1B and 7B weights in
+#      bf16, 1/8/32/128 streaming clients (short prompts, 64 new tokens): tokens/s, time to
+#      first token, per-token latency, and the memory-bandwidth bound (clients x the card's
+#      measured copy bandwidth / the bytes of weights one decode step reads). No llama.cpp peer
+#      here (its CUDA build is not on the machine). Needs Meta's tokenizer (see below) and the
+#      `serve` extra: fastapi, uvicorn and pydantic are not in the GPU image, so carry their
+#      wheels in .whl/ (or $SERVE_WHEELS), downloaded where pip works, from the repo root:
+#        echo /.whl/ >>.git/info/exclude
+#        python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#          --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+#          -d .whl fastapi==0.165.0 starlette==1.10.0 pydantic==2.14.4 pydantic_core==2.50.5 \
+#          uvicorn==0.55.0 annotated-types==0.8.0 typing-inspection==0.4.5 annotated-doc==0.0.7 \
+#          opentelemetry-api==1.45.3 typing_extensions==4.16.0
+#      and name .whl in the call's carry (3 MB).
+# ../shared/data does not travel to a lent machine: a copy of what a step needs under the
+# checkout's shared/data (e.g. shared/data/tokenizer/llama/tokenizer.model) is used instead.
 set -uo pipefail
 OUT="${OUT:-gpu-out}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python3}"
+if [[ -z "${LLAMAFORGE_SHARED_DATA:-}" && ! -d ../shared/data && -d shared/data ]]; then
+    export LLAMAFORGE_SHARED_DATA="$PWD/shared/data"
+fi
+
+wanted() {  # ONLY="env train-ac-1B ..." runs just those steps (the suite exceeds one lease)
+    [[ -z "${ONLY:-}" || " $ONLY " == *" $1 "* ]]
+}
 
 step() {  # step NAME SECONDS COMMAND...
     local name=$1 limit=$2
     shift 2
-    # ONLY="env train-ac-1B ..." runs just those steps (the whole suite exceeds one lease)
-    if [[ -n "${ONLY:-}" && " $ONLY " != *" $name "* ]]; then return 0; fi
+    wanted "$name" || return 0
     echo "== $name (limit ${limit}s)" | tee -a "$OUT/summary.txt"
     local t0=$SECONDS
     timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
@@ -105,3 +127,31 @@ step packed-1B 420 "$PY" bench/packed_attention.py --device cuda --dtype bf16 --
 step packed-1B-compile 420 "$PY" bench/packed_attention.py --device cuda --dtype bf16 \
     --preset 1B --n-kv-heads 4 --max-len 2048 --rows 8 --rounds 2 --steps 3 \
     --variants dense-compile documents-compile dense-eval-compile flex-eval-compile
+
+# 9. serving on CUDA: our server alone, bf16 random weights, 128 slots of 256 positions (7B:
+#    16 GiB of KV beside 13.5 GB of weights); the warm-up runs 128 clients so that every batch
+#    size is met before measuring. The tables (and the bound) are at the end of each log.
+serve_deps() {  # fastapi, uvicorn and pydantic from carried wheels when the image lacks them
+    "$PY" -c "import fastapi, uvicorn, pydantic" 2>/dev/null && return 0
+    local wheels="${SERVE_WHEELS:-.whl}"
+    if ! ls "$wheels"/*.whl >/dev/null 2>&1; then
+        echo "== serve-*: no fastapi/uvicorn here and no wheels in $wheels: skipped" |
+            tee -a "$OUT/summary.txt"
+        return 1
+    fi
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/serve-site "$wheels"/*.whl ||
+        { echo "== serve-*: the wheels in $wheels did not install: skipped" |
+            tee -a "$OUT/summary.txt"; return 1; }
+    export PYTHONPATH="$PYTHONPATH:/tmp/serve-site"
+}
+
+if { wanted serve-1B || wanted serve-7B; } && serve_deps; then
+    for size in 1B 7B; do
+        limit=300
+        [[ $size == 7B ]] && limit=540
+        step "serve-$size" $limit "$PY" bench/serve_throughput.py --preset $size --device cuda \
+            --dtype bfloat16 --rows llamaforge --workloads short --clients 1 8 32 128 \
+            --seconds 15 --warmup 15 --ctx 256 --json "$OUT/serve-$size.json"
+    done
+fi
