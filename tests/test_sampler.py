@@ -86,6 +86,36 @@ def test_supports_are_metas_top_k_and_top_p_rule():
     assert {int(sample_top_p(probs4, 0.4, g)) for _ in range(50)} == {1}
 
 
+def test_supports_whatever_the_nucleus_width():
+    """Distributions from peaked to flat over 5000 tokens, so that the rule's cut falls
+    within the 64 likeliest tokens, within 1024, or beyond (on the CPU the sampler looks
+    at those heads first), and top-k with ties at the k-th logit spilling past a head:
+    always Meta's support, float32 rounding included."""
+    vocab, rows, logits = 5000, [], []
+    for i, scale in enumerate((12.0, 6.0, 3.0, 1.5, 0.5, 0.1)):
+        for p in (0.5, 0.9, 0.999):
+            rows.append(RowSampling(1.0, top_p=p))
+            logits.append(_logits(1, vocab, 20 + i, scale)[0])
+    tied = _logits(3, vocab, 30).round()  # integer logits: large groups of equal values
+    for k in (50, 900, 1500):
+        for t in range(3):
+            rows.append(RowSampling(1.0, top_k=k))
+            logits.append(tied[t])
+    logits = torch.stack(logits)
+    probs = filtered_probs(logits, rows)
+    sizes = []
+    for i, r in enumerate(rows):
+        want = _metas_support(logits[i], r)
+        assert set(probs[i].nonzero()[:, 0].tolist()) == want, (i, r)
+        sizes.append(len(want))
+    assert min(sizes) < 64 and any(64 < s < 1024 for s in sizes) and max(sizes) > 1024
+    g = _gen(21)
+    seeded = [RowSampling(r.temperature, r.top_p, r.top_k, generator=g) for r in rows]
+    for _ in range(5):
+        for i, o in enumerate(sample_batch(logits, seeded).to_host()):
+            assert probs[i, o.token] > 0
+
+
 def test_a_seeded_row_ignores_the_rest_of_the_batch():
     """A row with its own generator draws the same tokens alone, at any position, next to
     greedy, filtered and unseeded rows, on a real model's logits."""

@@ -12,7 +12,7 @@ without one share torch's default generator) and takes the token where that numb
 its cumulative distribution: the inverse-CDF rule, summed in float64 so that the draw is
 exact to far below the float32 probabilities. A seeded row therefore gives the same tokens
 whatever else is in the batch and wherever it sits; rows that filter walk their distribution
-in sorted order (ties kept in vocabulary order), the others in vocabulary order.
+in descending order, the others in vocabulary order.
 
 Two hooks shape the distribution before any of that: ``allowed`` (bool (n, vocab): False
 tokens are never chosen, greedy included) and ``bias`` (float (n, vocab), added to the
@@ -30,6 +30,8 @@ import torch
 
 # Token ids travel back to the host inside one float32 tensor: exact below 2**24.
 _MAX_VOCAB = 2**24
+# On the CPU, the top-k/top-p rule first looks at this many likeliest tokens (`_nucleus`).
+_HEADS = (64, 1024)
 _ERRORS = (
     None,
     "the model's logits are NaN or Inf: no text can be generated",
@@ -195,19 +197,56 @@ def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, x, right=True)[:, 0].clamp_(max=weights.shape[-1] - 1)
 
 
+def _head(
+    scaled: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor, width: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Meta's rule on the ``width`` likeliest tokens of each row of ``scaled`` (m, V): their
+    kept probabilities in descending order (the others 0; not renormalised), their token
+    ids, and whether the rule keeps no token outside them (m,) (bool)."""
+    vocab = scaled.shape[1]
+    if width < vocab:
+        ordered, ids = torch.topk(scaled, width, dim=-1)
+    else:  # each row sorted on its own: its ties keep one order whatever the batch (on a
+        # GPU, stable to be sure; on the CPU a stable sort costs twice as much)
+        stable = scaled.device.type != "cpu"
+        ordered, ids = torch.sort(scaled, dim=-1, descending=True, stable=stable)
+    last = ordered[:, -1]
+    in_head = top_k <= width  # a top-k cut that lies within the head
+    kth = ordered.gather(-1, (top_k.clamp(max=width) - 1)[:, None])
+    # The probabilities as Meta's code computes them (softmax over the whole row, top-k cut
+    # first), so that the cumulative sums below are its own, rounding included.
+    cut = in_head[:, None] & (scaled < kth)
+    probs = torch.softmax(scaled.masked_fill(cut, float("-inf")), dim=-1).gather(-1, ids)
+    mass = probs.cumsum(dim=-1)
+    kept = probs.masked_fill(mass - probs > top_p[:, None], 0.0)
+    # A token outside the head is cut when the head holds the whole top-k (no tie with the
+    # k-th beyond it), or when the mass before it, the head's, is over top_p.
+    covered = (in_head & (last < kth[:, 0])) | (mass[:, -1] > top_p)
+    return kept, ids, covered | (width >= vocab)
+
+
 def _nucleus(
     scaled: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Meta's rule on tempered logits ``scaled`` (m, V) with per-row ``top_p`` (m,) (above 1:
-    no cut) and ``top_k`` (m,) (V: none): the kept probabilities in descending order (not
-    renormalised; the others 0) and the token id at each sorted place. Tokens tied at the
-    k-th logit are all kept, as ``_tempered_probs`` keeps them."""
-    ordered, ids = torch.sort(scaled, dim=-1, descending=True, stable=True)
-    kth = ordered.gather(-1, (top_k - 1)[:, None])
-    ordered = ordered.masked_fill(ordered < kth, float("-inf"))
-    probs = torch.softmax(ordered, dim=-1)
-    before = probs.cumsum(dim=-1) - probs
-    return probs.masked_fill(before > top_p[:, None], 0.0), ids
+    """Meta's rule on tempered logits ``scaled`` (m, V) with per-row ``top_p`` (m,) (inf: no
+    cut) and ``top_k`` (m,) (V: none), as ``sample_top_p`` and ``_tempered_probs`` had it
+    (tokens tied at the k-th logit all kept): the kept probabilities in descending order
+    (not renormalised; the others 0) and the token id at each place. On a GPU the rows are
+    sorted whole; on the CPU, where sorting dominates and reading a flag back costs nothing,
+    only the rows whose cut reaches past the 64, then 1024, likeliest tokens are."""
+    vocab = scaled.shape[1]
+    heads = [w for w in _HEADS if w < vocab] if scaled.device.type == "cpu" else []
+    kept, ids, covered = _head(scaled, top_p, top_k, heads[0] if heads else vocab)
+    todo = (~covered).nonzero()[:, 0] if heads else None
+    for width in heads[1:] + [vocab]:
+        if todo is None or len(todo) == 0:
+            break
+        part, part_ids, covered = _head(scaled[todo], top_p[todo], top_k[todo], width)
+        grow = (0, width - kept.shape[1])  # zero probabilities: never drawn
+        kept, ids = torch.nn.functional.pad(kept, grow), torch.nn.functional.pad(ids, grow)
+        kept[todo], ids[todo] = part, part_ids
+        todo = todo[~covered]
+    return kept, ids
 
 
 @dataclass
@@ -359,10 +398,15 @@ def filtered_probs(
     if not plan.sampled:
         return probs
     picked = [rows[i] for i in plan.sampled]
-    top_p, top_k = _filter_settings(picked, vocab, logits.device)
-    kept, ids = _nucleus(_tempered(_subset(scores, plan.sampled, n), picked), top_p, top_k)
-    cut = torch.zeros_like(kept).scatter_(-1, ids, kept)
-    probs[_to_device(plan.sampled, torch.long, logits.device)] = cut / cut.sum(-1, keepdim=True)
+    scaled = _tempered(_subset(scores, plan.sampled, n), picked)
+    cut = torch.softmax(scaled, dim=-1)
+    if plan.filtered:
+        at = _to_device(plan.filtered, torch.long, logits.device)
+        top_p, top_k = _filter_settings([picked[j] for j in plan.filtered], vocab, logits.device)
+        kept, ids = _nucleus(scaled[at], top_p, top_k)
+        part = scores.new_zeros(len(plan.filtered), vocab).scatter_add_(-1, ids, kept)
+        cut[at] = part / part.sum(dim=-1, keepdim=True)
+    probs[_to_device(plan.sampled, torch.long, logits.device)] = cut
     return probs
 
 
