@@ -58,6 +58,9 @@ def test_greedy_rows_are_the_argmax_in_a_mixed_batch():
     assert [out[0].token, out[4].token] == [best[0], best[4]]
     assert [o.token for o in sample_batch(logits, [RowSampling(0.0)] * 6).to_host()] == best
     assert sample(logits, 0.0).tolist() == best
+    # a temperature too small for a float32 quotient samples as greedy, not from NaN
+    tiny = [RowSampling(1e-40, generator=_gen(1)), RowSampling(1e-40, top_p=0.5, top_k=3)]
+    assert [o.token for o in sample_batch(logits[:2], tiny).to_host()] == best[:2]
 
 
 def test_supports_are_metas_top_k_and_top_p_rule():

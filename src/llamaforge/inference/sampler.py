@@ -90,8 +90,9 @@ class SampledToken:
 class SampleResult:
     """What `sample_batch` computed, still on the device: ``tokens`` (n,), their
     log-probabilities ``logprobs`` (n,), ``status`` (n,) (0: fine, else an index into the
-    errors), and for the rows ``top_rows`` (host list) that asked, ``top_ids`` and
-    ``top_logprobs`` (len(top_rows), K) of their K likeliest tokens (K: the most asked)."""
+    errors), and for the rows ``top_rows`` (host list) that asked for ``top_counts`` (host
+    list) likeliest tokens, ``top_ids`` and ``top_logprobs`` (len(top_rows), K) of their K
+    likeliest (K: the most asked)."""
 
     tokens: torch.Tensor
     logprobs: torch.Tensor
@@ -251,7 +252,7 @@ def _nucleus(
 
 @dataclass
 class _Plan:
-    """Which rows sample and how, as index and setting tensors on the device."""
+    """Which rows sample and how (host lists, known without asking the device)."""
 
     sampled: list[int]  # rows with temperature > 0
     plain: list[int]  # of those (positions in ``sampled``), the ones that do not filter
@@ -273,7 +274,10 @@ def _subset(t: torch.Tensor, idx: list[int], total: int) -> torch.Tensor:
 
 
 def _tempered(scores: torch.Tensor, rows: Sequence[RowSampling]) -> torch.Tensor:
-    temps = _to_device([r.temperature for r in rows], torch.float32, scores.device)
+    """``scores`` divided by each row's temperature (at least 1e-30, so that a float32
+    quotient stays finite: below that, sampling is greedy anyway)."""
+    floors = [max(r.temperature, 1e-30) for r in rows]
+    temps = _to_device(floors, torch.float32, scores.device)
     return scores / temps[:, None]
 
 
@@ -290,20 +294,21 @@ def _draw(scores: torch.Tensor, rows: Sequence[RowSampling], plan: _Plan) -> tor
     m, vocab = scores.shape
     scaled = _tempered(scores, rows)
     u = _uniforms(rows, scores.device)
-    if not plan.filtered:
-        return _inverse_cdf(torch.softmax(scaled, dim=-1), u)
     tokens = torch.empty(m, dtype=torch.long, device=scores.device)
-    if plan.plain:
-        at = _to_device(plan.plain, torch.long, scores.device)
-        tokens[at] = _inverse_cdf(torch.softmax(scaled[at], dim=-1), u[at])
-    picked = [rows[j] for j in plan.filtered]
-    top_p, top_k = _filter_settings(picked, vocab, scores.device)
-    if len(plan.filtered) == m:
-        kept, ids = _nucleus(scaled, top_p, top_k)
-        return ids.gather(-1, _inverse_cdf(kept, u)[:, None])[:, 0]
-    at = _to_device(plan.filtered, torch.long, scores.device)
-    kept, ids = _nucleus(scaled[at], top_p, top_k)
-    tokens[at] = ids.gather(-1, _inverse_cdf(kept, u[at])[:, None])[:, 0]
+    for group in (plan.plain, plan.filtered):
+        if not group:
+            continue
+        at = None if len(group) == m else _to_device(group, torch.long, scores.device)
+        part, part_u = (scaled, u) if at is None else (scaled[at], u[at])
+        if group is plan.plain:
+            drawn = _inverse_cdf(torch.softmax(part, dim=-1), part_u)
+        else:
+            top_p, top_k = _filter_settings([rows[j] for j in group], vocab, scores.device)
+            kept, ids = _nucleus(part, top_p, top_k)
+            drawn = ids.gather(-1, _inverse_cdf(kept, part_u)[:, None])[:, 0]
+        if at is None:
+            return drawn
+        tokens[at] = drawn
     return tokens
 
 
@@ -328,7 +333,7 @@ def _choose(
     return tokens, torch.isfinite(best)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def choose(
     logits: torch.Tensor,
     rows: Sequence[RowSampling],
@@ -348,7 +353,7 @@ def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return raw.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(raw, dim=-1)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def sample_batch(
     logits: torch.Tensor,
     rows: Sequence[RowSampling],
@@ -378,7 +383,7 @@ def sample_batch(
     return result
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def filtered_probs(
     logits: torch.Tensor,
     rows: Sequence[RowSampling],
