@@ -230,7 +230,7 @@ def _nucleus(
     scaled: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Meta's rule on tempered logits ``scaled`` (m, V) with per-row ``top_p`` (m,) (inf: no
-    cut) and ``top_k`` (m,) (V: none), as ``sample_top_p`` and ``_tempered_probs`` had it
+    cut) and ``top_k`` (m,) (V: none), as the sampler of Meta's code with a top-k cut first
     (tokens tied at the k-th logit all kept): the kept probabilities in descending order
     (not renormalised; the others 0) and the token id at each place. On a GPU the rows are
     sorted whole; on the CPU, where sorting dominates and reading a flag back costs nothing,
