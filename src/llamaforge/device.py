@@ -46,6 +46,7 @@ DEVICES: tuple[DeviceSpec, ...] = (
     DeviceSpec("V100", 125e12, 300, 32),  # fp16 tensor cores; no bf16
 )
 
+
 def device_spec(device_name: str) -> DeviceSpec | None:
     """The table row whose name occurs in ``device_name`` (case-insensitive), if any."""
     lowered = device_name.lower()

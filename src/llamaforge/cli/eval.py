@@ -315,9 +315,7 @@ def _language_model(a: argparse.Namespace) -> tuple[Any, int]:
 
     gpu = resolve_device(a.device).type == "cuda"
     dtype = a.dtype or ("bfloat16" if gpu else "float32")  # as from_checkpoint
-    model, tok, rank = load_tensor_parallel(
-        a.ckpt, a.tp, a.device, dtype, None, a.strict, a.force
-    )
+    model, tok, rank = load_tensor_parallel(a.ckpt, a.tp, a.device, dtype, None, a.strict, a.force)
     lm = LlamaforgeLM(
         model,
         tok,

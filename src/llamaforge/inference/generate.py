@@ -9,7 +9,6 @@ Meta's ``sample_top_p`` nucleus rule. Each row stops at eos, at a stop string, a
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +16,8 @@ from typing import Any
 import torch
 
 from llamaforge.inference.detokenizer import TextFollower, completion_text
+from llamaforge.inference.sampler import RowSampling, check_sampling, choose, draw, filtered_probs
+from llamaforge.inference.sampler import logprobs_of as _logprobs_of
 from llamaforge.model import KVCache, ModelArgs, Transformer
 from llamaforge.tokenizer import Tokenizer
 
@@ -56,24 +57,11 @@ class GenerationOptions:
 
 
 def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Nucleus sampling exactly as Meta's ``sample_top_p``: keep the smallest prefix of the
-    sorted distribution whose mass before each token is at most ``p``, renormalise, draw."""
-    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
-    probs_sum = torch.cumsum(probs_sort, dim=-1)
-    probs_sort[probs_sum - probs_sort > p] = 0.0
-    probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
-    choice = torch.multinomial(probs_sort, num_samples=1, generator=generator)
-    return torch.gather(probs_idx, -1, choice)
-
-
-def _tempered_probs(logits: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
-    """Probabilities (n, vocab) of ``logits`` / ``temperature`` (> 0), all but the ``top_k``
-    largest (None: all kept) at zero."""
-    logits = logits.float() / temperature
-    if top_k is not None and 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.softmax(logits, dim=-1)
+    """Nucleus sampling as Meta's ``sample_top_p``, from probabilities (n, vocab): keep the
+    smallest prefix of the sorted distribution whose mass before each token is at most
+    ``p``, renormalise, draw. Token ids (n, 1); `sampler.choose` does the work."""
+    rows = [RowSampling(1.0, p, None, generator)] * probs.shape[0]
+    return choose(probs.float().log(), rows)[:, None]
 
 
 def sample(
@@ -83,25 +71,9 @@ def sample(
     top_k: int | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Next token ids (batch,) from last-position logits (batch, vocab)."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    probs = _tempered_probs(logits, temperature, top_k)
-    if top_p < 1.0:
-        return sample_top_p(probs, top_p, generator).squeeze(-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
-
-
-@torch.inference_mode()
-def check_sampling(temperature: float, top_p: float, top_k: int | None = None) -> None:
-    """Raise ValueError naming the first sampling setting that cannot work: temperature
-    must be finite and >= 0 (0: greedy), top_p in (0, 1], top_k None (off) or >= 1."""
-    if not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature {temperature}: must be a finite number >= 0 (0: greedy)")
-    if not 0.0 < top_p <= 1.0:  # also refuses nan
-        raise ValueError(f"top_p {top_p}: must be in (0, 1] (1: no nucleus cut)")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k {top_k}: must be at least 1 (leave it unset for no top-k)")
+    """Next token ids (batch,) from last-position logits (batch, vocab), every row with the
+    same settings and drawing from ``generator`` in row order (`sampler.choose`)."""
+    return choose(logits, [RowSampling(temperature, top_p, top_k, generator)] * logits.shape[0])
 
 
 def check_utf8(text: str, what: str) -> None:
@@ -163,11 +135,6 @@ def _check_finite(logits: torch.Tensor, where: str) -> None:
             f"the model's logits {where} are NaN or Inf (non-finite weights or activations): "
             "no text can be generated from it"
         )
-
-
-def _logprobs_of(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities (n,) of ``tokens`` (n,) under ``logits`` (n, vocab)."""
-    return torch.log_softmax(logits.float(), -1).gather(-1, tokens[:, None])[:, 0]
 
 
 class _Row:
@@ -362,20 +329,6 @@ def forward_static(
     cache.positions = positions
     mask = torch.arange(cache.max_len, device=positions.device) <= positions[:, None]
     return model(tokens, 0, mask=mask, positions=positions, cache=cache)
-
-
-def _filtered_probs(
-    logits: torch.Tensor, temperature: float, top_p: float, top_k: int | None
-) -> torch.Tensor:
-    """The distribution ``sample`` draws from (temperature > 0), as probabilities (n, vocab):
-    top-k, then Meta's nucleus rule, renormalised."""
-    probs = _tempered_probs(logits, temperature, top_k)
-    if top_p < 1.0:
-        probs_sort, idx = torch.sort(probs, dim=-1, descending=True)
-        probs_sort[probs_sort.cumsum(-1) - probs_sort > top_p] = 0.0
-        probs = torch.zeros_like(probs).scatter_(-1, idx, probs_sort)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
 
 
 @dataclass
@@ -591,17 +544,18 @@ def rejection_sample(
     min(1, p_i / q_i); at the first rejection draw from max(0, p - q) renormalised, and
     after k acceptances from the model's next distribution. Returns (accepted, [token])."""
     temperature, top_p, top_k, generator = sampling
-    p = _filtered_probs(verify, temperature, top_p, top_k)  # (k+1, vocab)
-    q = _filtered_probs(draft_logits, temperature, top_p, top_k)  # (k, vocab)
+    rows = [RowSampling(temperature, top_p, top_k)]
+    p = filtered_probs(verify, rows * verify.shape[0])  # (k+1, vocab)
+    q = filtered_probs(draft_logits, rows * draft_logits.shape[0])  # (k, vocab)
     k = drafted.shape[0]
     idx = torch.arange(k, device=drafted.device)
     ratio = p[idx, drafted] / q[idx, drafted]
     u = torch.rand(k, device=drafted.device, generator=generator)
     rejected = (u > ratio).nonzero()
     if len(rejected) == 0:
-        return k, torch.multinomial(p[k], 1, generator=generator)
+        return k, draw(p[k : k + 1], generator)
     n = int(rejected[0, 0])
     residual = (p[n] - q[n]).clamp(min=0)
     if float(residual.sum()) <= 0:  # p == q at this position: any draw from p is right
         residual = p[n]
-    return n, torch.multinomial(residual / residual.sum(), 1, generator=generator)
+    return n, draw(residual[None], generator)

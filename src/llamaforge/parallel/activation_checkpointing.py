@@ -13,7 +13,6 @@ from torch import nn
 AC_MODES = ("none", "full", "selective", "manual")
 
 
-
 def _selective_policy() -> Callable[..., Any]:
     """Keep what is expensive to recompute: the matmul outputs (every linear layer) and
     the attention kernels' outputs; recompute the element-wise rest (norms, RoPE, SiLU,

@@ -132,7 +132,6 @@ def _enable_async_tp(tp_mesh: Any, compiled: bool) -> None:
     inductor_config._micro_pipeline_tp = True
 
 
-
 # prefixes that activation checkpointing, torch.compile, FSDP1 and DDP add to names
 _WRAPPER_PARTS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
 

@@ -52,13 +52,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from llamaforge.inference.detokenizer import TextFollower
-from llamaforge.inference.generate import check_sampling, sample, verify_drafted
+from llamaforge.inference.generate import check_sampling, verify_drafted
+from llamaforge.inference.sampler import RowSampling, SampledToken, logprobs_of, sample_batch
 from llamaforge.model import Transformer
 from llamaforge.serve.kv_cache import BlockManager, PagedKVCache, blocks_for
 from llamaforge.serve.runner import ModelRunner
@@ -155,6 +156,7 @@ class _Request(Seq):
     prompt_lp: list[TokenInfo] | None = None
     new_tokens: list[TokenInfo] = field(default_factory=list)
     generator: torch.Generator | None = None
+    sampling: RowSampling | None = None  # the row's settings for the batched sampler
     follower: TextFollower | None = None  # the text, its stop strings and what was streamed
     first_token_at: float | None = None
 
@@ -549,7 +551,9 @@ class Engine:
         elif req.params.temperature > 0:
             req.generator = torch.Generator(device=self.device)
             req.generator.seed()
-        if req.params.prompt_logprobs:
+        p = req.params
+        req.sampling = RowSampling(p.temperature, p.top_p, None, req.generator, p.logprobs)
+        if p.prompt_logprobs:
             req.prompt_lp = [TokenInfo(req.prompt[0])]
 
     def _prefill(self, plan: StepPlan) -> None:
@@ -591,11 +595,7 @@ class Engine:
             req.finish = "length"
             self._finish(req)
             return
-        last = logits[-1:]
-        if not bool(torch.isfinite(last).all()):
-            self._error(req, "the model's logits are NaN or Inf: no text can be generated")
-            return
-        self._accept(req, last)
+        self._accept([req], logits[-1:])
 
     def _prompt_logprobs(self, req: _Request, logits: torch.Tensor, start: int, end: int) -> None:
         assert req.prompt_lp is not None
@@ -626,20 +626,10 @@ class Engine:
             for req in rows:
                 self._fail(req, e)
             return
-        # a NaN or +inf anywhere makes the row's max non-finite: one small reduction
-        finite = torch.isfinite(logits.amax(dim=-1)).tolist()
-        greedy = logits.argmax(dim=-1).tolist()
         for req in rows:
             req.cached += 1
             self.scheduler.commit(req)
-        for i, req in enumerate(rows):
-            if not finite[i]:
-                self._error(req, "the model's logits are NaN or Inf: no text can be generated")
-                continue
-            try:
-                self._accept(req, logits[i : i + 1], greedy[i])
-            except Exception as e:
-                self._fail(req, e)
+        self._accept(rows, logits)
 
     def _speculate(self, rows: list[_Request]) -> None:
         """One speculative step for every row (see the module's docstring)."""
@@ -743,60 +733,70 @@ class Engine:
         """Follow a row's kept tokens ``new`` (its accepted proposals and the model's own),
         one at a time as plain decoding would, until one finishes the request; ``logits``
         (k+1, vocab) are the model's for each."""
-        for j, token in enumerate(new):
+        for j, info in enumerate(self._kept(req, new, logits)):
             req.cached = base + j + 1  # as plain decoding would have it
-            if self._follow(req, token, logits[j : j + 1], flush=False):
+            if self._follow(req, info, flush=False):
                 return
         req.cached = base + len(new)
         req.pending = new[-1]
         self._flush(req, final=False)
 
+    def _kept(self, req: _Request, new: list[int], logits: torch.Tensor) -> list[TokenInfo]:
+        """The kept tokens ``new`` of a speculative step as the client sees them, their
+        logprobs (when asked for) under the model's ``logits`` (k+1, vocab)."""
+        k = req.params.logprobs
+        if k is None:
+            return [TokenInfo(t) for t in new]
+        rows = logits[: len(new)].float()
+        ids = torch.tensor(new, device=rows.device)
+        chosen = logprobs_of(rows, ids).tolist()
+        tops: list[list[tuple[int, float]]] = [[] for _ in new]
+        if k > 0:
+            vals, idx = torch.log_softmax(rows, dim=-1).topk(k, dim=-1)
+            tops = [list(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
+        return [TokenInfo(t, c, top) for t, c, top in zip(new, chosen, tops)]
+
     def _propose(
         self, rows: list[_Request], logits: torch.Tensor, failed: dict[int, str]
     ) -> torch.Tensor:
-        """The draft's next token (n,) for each row from its logits (n, vocab): greedy, or
-        sampled with the row's own settings and generator (a row whose sampling raises goes
-        into ``failed`` and proposes the greedy token meanwhile)."""
-        nxt = logits.argmax(dim=-1)
-        for i, req in enumerate(rows):
-            p = req.params
-            if i in failed or p.temperature <= 0 or not bool(torch.isfinite(logits[i]).all()):
+        """The draft's next token (n,) for each row from its logits (n, vocab), each row
+        sampled with its own settings and generator (greedy at temperature 0); a row that
+        cannot be sampled goes into ``failed`` and proposes token 0 meanwhile."""
+        sampling = [replace(r.sampling, logprobs=None) for r in rows]  # type: ignore[type-var]
+        picks = sample_batch(logits, sampling)
+        for i, pick in enumerate(picks.to_host()):  # a greedy row's draft is only checked
+            if pick.error is not None and i not in failed and rows[i].params.temperature > 0:
+                failed[i] = f"the draft model's logits: {pick.error}"
+        return picks.tokens
+
+    def _accept(self, rows: list[_Request], logits: torch.Tensor) -> None:
+        """Sample every row's next token from its ``logits`` (one row each, (n, vocab)) in one
+        batched call, with one transfer to the host, then follow each row's text, emit, and
+        retire the rows that are done. The one place the model's tokens are sampled."""
+        picks = sample_batch(logits, [r.sampling for r in rows]).to_host()  # type: ignore[misc]
+        for req, pick in zip(rows, picks):
+            if pick.error is not None:
+                self._error(req, f"the model's logits: {pick.error}: no text can be generated")
                 continue
             try:
-                nxt[i] = self._sample(req, logits[i : i + 1])
+                self._follow(req, self._info(req, pick))
             except Exception as e:
-                failed[i] = self._internal(req, e)
-        return nxt
+                self._fail(req, e)
 
-    def _accept(self, req: _Request, logits: torch.Tensor, greedy: int | None = None) -> None:
-        """Sample the next token from ``logits`` (1, vocab), follow the text, emit, and
-        retire the request when it is done."""
-        self._follow(req, self._sample(req, logits, greedy), logits)
+    def _info(self, req: _Request, pick: SampledToken) -> TokenInfo:
+        """What the client sees of a sampled token: its logprob and top tokens if asked."""
+        if req.params.logprobs is None:
+            return TokenInfo(pick.token)
+        return TokenInfo(pick.token, pick.logprob, pick.top)
 
-    def _sample(self, req: _Request, logits: torch.Tensor, greedy: int | None = None) -> int:
-        """One row's next token from its ``logits`` (1, vocab) with its own settings and
-        generator (``greedy``: the argmax when already known). The one place a row is
-        sampled (the model's tokens and the draft's proposals)."""
-        p = req.params
-        if p.temperature <= 0:
-            return greedy if greedy is not None else int(logits.argmax(dim=-1))
-        return int(sample(logits, p.temperature, p.top_p, None, req.generator)[0])
-
-    def _follow(self, req: _Request, token: int, logits: torch.Tensor, flush: bool = True) -> bool:
-        """Follow ``token``, generated from ``logits`` (1, vocab): its logprobs, the text,
-        stop strings, eos and limits; finish the request when it is done (True), else emit
-        the new text (``flush``). The one place a row's text is followed."""
-        p = req.params
+    def _follow(self, req: _Request, info: TokenInfo, flush: bool = True) -> bool:
+        """Follow a generated token (``info``: its id, and its logprobs when asked for): the
+        text, stop strings, eos and limits; finish the request when it is done (True), else
+        emit the new text (``flush``). The one place a row's text is followed."""
+        p, token = req.params, info.id
         if req.first_token_at is None:
             req.first_token_at = time.monotonic()
         self.stats.record_tokens(1)
-        info = TokenInfo(token)
-        if p.logprobs is not None:
-            lp = torch.log_softmax(logits[0], dim=-1)
-            info.logprob = float(lp[token])
-            if p.logprobs > 0:
-                vals, idx = lp.topk(p.logprobs)
-                info.top = list(zip(idx.tolist(), vals.tolist()))
         req.new_tokens.append(info)  # eos too: it was generated (usage, logprobs)
         req.n_generated += 1
         if token == self.tokenizer.eos_id:

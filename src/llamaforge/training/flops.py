@@ -129,7 +129,6 @@ PUE = 1.1  # the paper's datacenter power usage effectiveness (SPEC §1.10)
 KG_CO2_PER_KWH = 0.385  # US national average used by the paper
 
 
-
 def carbon(gpu_hours: float, watts: float, pue: float = PUE) -> dict[str, float]:
     """The paper's estimate: Wh = GPU-h × power × PUE; tCO2eq = MWh × 0.385."""
     mwh = gpu_hours * watts * pue / 1e6

@@ -80,4 +80,3 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         return run_training(trainer, tokenizer=tok, epochs=sampler.epochs)
     finally:
         D.cleanup()
-
