@@ -64,7 +64,17 @@ class TorchrunServer(ServerProcess):
         pid = self.proc.pid
         self.ranks = [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
         assert len(self.ranks) == 2, self.ranks
-        assert httpx.get(f"{self.url}/health", timeout=30).status_code == 200
+        deadline = time.monotonic() + timeout  # the socket listens once uvicorn has started
+        while True:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"never healthy: {''.join(self.stderr)[-3000:]}")
+            time.sleep(0.2)
 
     def end(self, sig: signal.Signals, timeout: float = 60) -> str:
         """Send ``sig`` to torchrun; once it has exited, check that both ranks have ended
