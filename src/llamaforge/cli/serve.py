@@ -42,6 +42,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "Stop it with Ctrl-C.",
     )
     add_load_args(s)
+    s.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        metavar="N",
+        help="tensor parallelism: split the model over N processes (run under torchrun "
+        "--nproc_per_node N; rank 0 serves HTTP, every rank runs each forward; --kv-cache-gb "
+        "is per process)",
+    )
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free)")
     _add_scheduler_args(s)
@@ -158,6 +167,13 @@ def _add_scheduler_args(s: argparse.ArgumentParser) -> None:
 
 def _check_args(a: argparse.Namespace) -> None:
     check_draft_k(a)
+    if a.tp < 1:
+        raise ValueError(f"--tp {a.tp}: must be >= 1")
+    if a.tp != 1 and a.quantize:
+        raise ValueError(
+            f"--tp {a.tp} with --quantize {a.quantize}: int8 weights do not split over "
+            "processes; serve them on one process, or split the model without --quantize"
+        )
     if a.draft_max_batch is not None and a.draft_max_batch < 1:
         raise ValueError(f"--draft-max-batch {a.draft_max_batch}: must be at least 1")
     for flag in ("max_batch", "prefill_chunk", "max_queue", "max_body_bytes"):
@@ -182,11 +198,14 @@ def _check_args(a: argparse.Namespace) -> None:
 
 
 def _load(a: argparse.Namespace) -> tuple[Loaded, Any]:
-    """The model and, with --draft, its draft (checked against it), quantised as asked."""
+    """The model and, with --draft, its draft (checked against it), quantised as asked;
+    with --tp, this rank's share of the model (the draft, whole, on rank 0 only)."""
     from llamaforge.serve.engine import check_draft
 
-    loaded = load_checkpoint(a)
-    draft = load_draft(a, loaded, check=lambda model, d: check_draft(model, d, a.draft_k))
+    loaded = load_checkpoint(a, tp=a.tp)
+    draft = None
+    if loaded.rank == 0:
+        draft = load_draft(a, loaded, check=lambda model, d: check_draft(model, d, a.draft_k))
     quantize(a.quantize, loaded.model, draft)
     context = loaded.model.args.max_seq_len
     if a.max_seq_len is not None and a.max_seq_len > context:
@@ -241,11 +260,12 @@ def _num_blocks(a: argparse.Namespace, model: Any, draft: Any) -> int | None:
     """The KV pool's blocks: --num-blocks, or as many as --kv-cache-gb holds (the model's
     and the draft's keys and values per block), or None (the engine's default)."""
     from llamaforge.serve.kv_cache import block_nbytes
+    from llamaforge.serve.tp import kv_args
 
     if a.kv_cache_gb is None:
         return a.num_blocks
-    per_block = sum(
-        block_nbytes(m.args, a.block_size, m.tok_embeddings.weight.dtype)
+    per_block = sum(  # under --tp, this rank's heads
+        block_nbytes(kv_args(m), a.block_size, m.tok_embeddings.weight.dtype)
         for m in (model, draft)
         if m is not None
     )
@@ -286,11 +306,23 @@ def _serve(a: argparse.Namespace) -> int:
     }  # fmt: skip
     limits = Limits(**given, max_connections=max_connections)
     loaded, draft = _load(a)
+    group = None
+    if a.tp != 1:
+        from llamaforge.serve.tp import control_group
+
+        group = control_group()
+        if loaded.rank != 0:
+            return _work(loaded.model, group)
     srv = _server(a, loaded, draft)
     api_key = a.api_key or os.environ.get("LLAMAFORGE_API_KEY") or None
     app = create_app(srv, api_key=api_key)
     sock = _bind(a.host, a.port)
     engine = srv.engine
+    runner = None
+    if group is not None:
+        from llamaforge.serve.tp import BroadcastRunner
+
+        engine.runner = runner = BroadcastRunner(engine.runner, group)
     kv = engine.kv_nbytes / 2**20
     spec = f", draft {Path(a.draft).name} k={a.draft_k}" if draft is not None else ""
     print(
@@ -298,7 +330,8 @@ def _serve(a: argparse.Namespace) -> int:
         f"({loaded.device}, {a.max_batch} rows of up to {engine.max_seq_len} positions, KV "
         f"pool {engine.blocks.num_blocks} blocks x {a.block_size} positions = {kv:.1f} MiB"
         f"{', no prefix cache' if a.no_prefix_cache else ''}"
-        f"{spec}{', API key required' if api_key else ''}, at most "
+        f"{spec}{', API key required' if api_key else ''}"
+        f"{f', split over {a.tp} processes (KV pool per process)' if a.tp != 1 else ''}, at most "
         f"{limits.max_connections} connections)",
         flush=True,
     )
@@ -308,6 +341,8 @@ def _serve(a: argparse.Namespace) -> int:
         if stopped:
             return
         stopped.append(True)
+        if runner is not None:
+            runner.close()  # the workers' loop ends
         if draft is not None:
             st = engine.stats
             print_acceptance(st.spec_accepted, st.spec_drafted, a.draft_k)
@@ -315,6 +350,19 @@ def _serve(a: argparse.Namespace) -> int:
 
     _run_uvicorn(uvicorn_config(app, limits, backlog, a.log_level), sock, report)
     return 0
+
+
+def _work(model: Any, group: Any) -> int:
+    """A worker rank of --tp: run rank 0's forwards until it stops (it prints nothing).
+    torchrun passes Ctrl-C and SIGTERM to every rank: a worker ignores them and ends with
+    rank 0, which finishes its requests first (torchrun kills what is left after 30 s)."""
+    import signal
+
+    from llamaforge.serve.tp import serve_worker
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return serve_worker(model, group)
 
 
 def _run_uvicorn(config: Any, sock: Any, report: Callable[[], None]) -> None:

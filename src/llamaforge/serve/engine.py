@@ -64,6 +64,7 @@ from llamaforge.model import Transformer
 from llamaforge.serve.kv_cache import BlockManager, PagedKVCache, blocks_for
 from llamaforge.serve.runner import ModelRunner
 from llamaforge.serve.scheduler import Scheduler, Seq, StepPlan
+from llamaforge.serve.tp import kv_args
 from llamaforge.tokenizer import Tokenizer
 
 __all__ = [
@@ -297,7 +298,7 @@ class Engine:
             draft_k=self.draft_k,
             draft_max_batch=self.draft_max_batch,
         )
-        self.cache = PagedKVCache(model.args, num_blocks, block_size, weight.dtype, self.device)
+        self.cache = PagedKVCache(kv_args(model), num_blocks, block_size, weight.dtype, self.device)
         self.runner = ModelRunner(model, self.cache)
         self.draft_runner: ModelRunner | None = None
         if draft is not None:
