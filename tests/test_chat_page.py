@@ -133,10 +133,16 @@ def test_page_streams_the_greedy_answer_and_keeps_the_conversation(server, brows
     WebDriverWait(browser, WAIT).until(lambda d: state(d) == "idle")
     options = browser.find_elements(By.CSS_SELECTOR, "#model option")
     assert [o.get_attribute("value") for o in options] == ["page"]
-    fill(browser, "temperature", "0")
     fill(browser, "max-tokens", "24")
     fill(browser, "system", SYSTEM)
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+
+    fill(browser, "temperature", "5")  # refused in the page: nothing sent, the text kept
+    browser.find_element(By.ID, "input").send_keys("x", Keys.ENTER)
+    assert "temperature" in status(browser) and not browser.find_elements(By.CLASS_NAME, "msg")
+    assert browser.find_element(By.ID, "input").get_property("value") == "x"
+    fill(browser, "input", "")
+    fill(browser, "temperature", "0")
 
     first = "Hello <script>alert(1)</script> & <b>you</b>"
     got = ask(browser, first)
@@ -162,7 +168,7 @@ def test_stop_cancels_the_request_on_the_server(server, browser):
     open_page(browser, server.url)
     WebDriverWait(browser, WAIT).until(lambda d: state(d) == "idle")
     fill(browser, "temperature", "0")
-    fill(browser, "max-tokens", "900")
+    fill(browser, "max-tokens", "")  # blank: to the end of the context
     finished = metric(server, 'llamaforge_request_latency_seconds_count{endpoint="chat"}')
     cached = metric(server, "llamaforge_kv_cache_blocks_cached")
     browser.find_element(By.ID, "input").send_keys("Tell me a long story", Keys.ENTER)
@@ -182,8 +188,8 @@ def test_stop_cancels_the_request_on_the_server(server, browser):
     assert idle(server, timeout=30)["running"] == 0
     assert metric(server, "llamaforge_kv_cache_blocks_used") == 0
     assert metric(server, 'llamaforge_request_latency_seconds_count{endpoint="chat"}') == finished
-    # its full blocks stay cached by their tokens: 900 tokens generated to the end would
-    # have filled at least 899 // 16 - 1 = 55 blocks of their own
+    # its full blocks stay cached by their tokens: an answer to the end of the context (over
+    # 900 tokens) would have filled at least 899 // 16 - 1 = 55 blocks of its own
     assert 0 < metric(server, "llamaforge_kv_cache_blocks_cached") - cached < 55
     # the stopped answer stays in the conversation, and the page goes on
     fill(browser, "max-tokens", "4")
