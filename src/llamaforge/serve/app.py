@@ -3,8 +3,9 @@
 Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``,
 ``GET /health``, ``GET /metrics`` (Prometheus text), ``POST /tokenize``, ``POST /detokenize``
 and ``GET /tokenizer_info`` (the remote-tokenizer endpoints lm-eval's ``local-completions``
-uses). Streaming is Server-Sent Events as OpenAI sends them; errors are OpenAI's JSON
-``{"error": {"message", "type", "param", "code"}}`` with the HTTP status, also mid-stream.
+uses), and ``GET /``, a chat page for the browser (serve/static/chat.html). Streaming is
+Server-Sent Events as OpenAI sends them; errors are OpenAI's JSON ``{"error": {"message",
+"type", "param", "code"}}`` with the HTTP status, also mid-stream.
 
 The engine thread talks to the event loop with ``loop.call_soon_threadsafe``; a client that
 disconnects (a closed stream, a dropped non-streaming request) cancels its requests, which
@@ -18,14 +19,18 @@ in a handler is logged and answered as a 500 for that request alone.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import hmac
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from importlib import resources
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -70,14 +75,15 @@ def _no_constant(name: str) -> Any:
 
 
 class _Auth:
-    """ASGI middleware: ``Authorization: Bearer KEY`` on every path but /health, compared in
-    constant time; anything else is a 401 in OpenAI's shape."""
+    """ASGI middleware: ``Authorization: Bearer KEY`` on every path but /health and / (the
+    chat page, which asks for the key), compared in constant time; anything else is a 401 in
+    OpenAI's shape."""
 
     def __init__(self, app: Any, api_key: str) -> None:
         self.app, self.expected = app, f"Bearer {api_key}".encode()
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http" or scope.get("path") == "/health":
+        if scope["type"] != "http" or scope.get("path") in ("/health", "/"):
             return await self.app(scope, receive, send)
         given = b""
         for name, value in scope.get("headers", ()):
@@ -740,6 +746,35 @@ def _add_info_routes(app: FastAPI, srv: Server, manage_engine: bool) -> None:
         )
 
 
+def _add_page_route(app: FastAPI) -> None:
+    """``GET /``: the chat page (serve/static/chat.html). Its Content-Security-Policy lets
+    its own inline script and style run (by their hashes) and nothing else: the page loads
+    nothing from elsewhere and talks to this server alone."""
+    page = (resources.files("llamaforge.serve") / "static" / "chat.html").read_text("utf-8")
+
+    def hashes(tag: str) -> str:
+        blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", page, re.S)
+        digests = (base64.b64encode(hashlib.sha256(b.encode()).digest()) for b in blocks)
+        return " ".join(f"'sha256-{d.decode()}'" for d in digests)
+
+    csp = (
+        f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; "
+        "connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; "
+        "frame-ancestors 'none'"
+    )
+    headers = {
+        "Content-Security-Policy": csp,
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+        "Cache-Control": "no-cache",
+    }
+    body = page.encode()
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page() -> Response:
+        return Response(body, media_type="text/html; charset=utf-8", headers=headers)
+
+
 def create_app(srv: Server, *, api_key: str | None = None, manage_engine: bool = True) -> Any:
     """The ASGI app; ``manage_engine`` starts the engine's thread with the app and stops it
     at shutdown."""
@@ -768,4 +803,5 @@ def create_app(srv: Server, *, api_key: str | None = None, manage_engine: bool =
     ):
         app.add_api_route(path, _counted(srv, endpoint, fn), methods=["POST"])
     _add_info_routes(app, srv, manage_engine)
+    _add_page_route(app)
     return _Auth(app, api_key) if api_key else app
