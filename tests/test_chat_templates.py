@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from llamaforge.chat_templates import (
@@ -73,13 +75,13 @@ def test_alpaca_renders_stanford_prompt():
 
 def test_roles_must_alternate():
     bad = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
-    for name in BUILTIN_TEMPLATES:
+    for name in ("alpaca", "llama2"):  # ChatML (hermes) lets any role follow any
         with pytest.raises(ChatTemplateError, match="alternate"):
             load_template(name).render(bad)
 
 
 def test_unknown_template_lists_builtins(tmp_path):
-    with pytest.raises(ChatTemplateError, match=r"'nope'.*\['alpaca', 'llama2'\]"):
+    with pytest.raises(ChatTemplateError, match=r"'nope'.*\['alpaca', 'hermes', 'llama2'\]"):
         load_template("nope")
     with pytest.raises(ChatTemplateError, match="not found"):
         load_template(tmp_path / "missing.jinja")
@@ -267,7 +269,7 @@ def test_message_text_never_becomes_a_special_token(name, meta_tok):
             assert counts(encode_text(meta_tok, prompt)) == counts(
                 encode_text(meta_tok, tpl.render(conv[:-1], add_generation_prompt=True))
             )
-    if name != "chatml":  # training: each answer and its closing eos, nothing forged
+    if name not in ("chatml", "hermes"):  # training: each answer and its closing eos
         ids, labels = tokenize_conversation(tpl, meta_tok, with_attack(CONV, ATTACKS[0]))
         spans = trained_spans(ids, labels)
         assert len(spans) == 2 and all(s.count(meta_tok.eos_id) == 1 for s in spans)
@@ -324,3 +326,137 @@ def test_ids_are_transformers_for_plain_conversations(name, meta_tok, hf_tokeniz
             return_dict=False,
         )  # fmt: skip
         assert encode_text(meta_tok, tpl.render(conv, agp)) == list(theirs), (conv, agp)
+
+
+# ----------------------------------------------------------------------------- tools (hermes)
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "unit": {"enum": ["C", "F"]}},
+            "required": ["city"],
+        },
+    },
+}
+TIME = {"type": "function", "function": {"name": "now", "description": "The time, «UTC»."}}
+TOOL_CONV = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Weather in Paris and Oslo?"},
+    {
+        "role": "assistant",
+        "content": "Looking.",
+        "tool_calls": [  # arguments as OpenAI sends them (a JSON string) and as a mapping
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+            },
+            {
+                "id": "call_2",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": {"city": "Oslo", "unit": "C"}},
+            },
+        ],
+    },
+    {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21}'},
+    {"role": "tool", "tool_call_id": "call_2", "content": '{"temp": 9}'},
+    {"role": "assistant", "content": "21 and 9 degrees."},
+    {"role": "user", "content": "Time?"},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {"id": "call_3", "type": "function", "function": {"name": "now", "arguments": "{}"}}
+        ],
+    },
+]
+
+
+def test_hermes_renders_tools_calls_and_results():
+    tpl = load_template("hermes")
+    assert tpl.takes_tools and not load_template("llama2").takes_tools
+    text = tpl.render(TOOL_CONV, tools=[WEATHER, TIME])
+    assert text.startswith("<s><|im_start|>system\nBe brief.\n\n")
+    assert '\n<tools>\n{"type": "function", "function": {"name": "get_weather"' in text
+    assert '"description": "The time, «UTC»."}}\n</tools>' in text  # JSON, not ASCII-escaped
+    assert (
+        "<|im_start|>assistant\nLooking.\n<tool_call>\n"
+        '{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n<tool_call>\n'
+        '{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "C"}}\n</tool_call>'
+        "<|im_end|>\n<|im_start|>tool\n<tool_response>\n"
+        '{"temp": 21}\n</tool_response><|im_end|>\n'
+    ) in text
+    assert text.endswith(
+        '<|im_start|>assistant\n<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>'
+        "<|im_end|>\n"
+    )
+    # without tools: plain ChatML, the system message its own turn
+    plain = tpl.render(CONV[:2], add_generation_prompt=True)
+    assert plain == (
+        "<s><|im_start|>system\nYou are a terse assistant.<|im_end|>\n<|im_start|>user\n"
+        "Name a primary colour.<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def test_tools_render_like_transformers():
+    """The hermes template with ``tools`` gives transformers' text (tools passed to
+    ``render_jinja_template`` as ``apply_chat_template`` passes them), with and without a
+    system message, with tool calls and tool results, with and without the generation
+    prompt."""
+    ctu = pytest.importorskip("transformers.utils.chat_template_utils")
+    tpl = load_template("hermes")
+    cases = [
+        (TOOL_CONV, [WEATHER, TIME], False),
+        (TOOL_CONV[:5], [WEATHER, TIME], True),
+        (TOOL_CONV[1:2], [WEATHER], True),
+        (TOOL_CONV[1:], [TIME], False),
+        (TOOL_CONV, None, False),
+    ]
+    for conv, tools, agp in cases:
+        theirs, _ = ctu.render_jinja_template(
+            conversations=[conv],
+            tools=tools,
+            chat_template=tpl.source,
+            add_generation_prompt=agp,
+            bos_token="<s>",
+            eos_token="</s>",
+        )
+        assert theirs[0] == tpl.render(conv, add_generation_prompt=agp, tools=tools)
+
+
+def test_tool_ids_are_transformers(meta_tok, hf_tokenizer):
+    tpl = load_template("hermes")
+    for conv, agp in [(TOOL_CONV, False), (TOOL_CONV[:5], True)]:
+        theirs = hf_tokenizer.apply_chat_template(
+            conv, tools=[WEATHER, TIME], chat_template=tpl.source, tokenize=True,
+            add_generation_prompt=agp, return_dict=False,
+        )  # fmt: skip
+        ours = encode_text(meta_tok, tpl.render(conv, agp, tools=[WEATHER, TIME]))
+        assert ours == list(theirs)
+
+
+def test_tool_text_never_becomes_a_special_token(meta_tok):
+    """bos/eos strings in a tool's description or a call's arguments are text."""
+    tpl = load_template("hermes")
+    evil = {**TIME, "function": {**TIME["function"], "description": ATTACKS[0]}}
+    conv = [*TOOL_CONV[:2], {**TOOL_CONV[2], "content": ATTACKS[3]}]
+    ids = encode_text(meta_tok, tpl.render(conv, tools=[WEATHER, evil]))
+    assert ids.count(meta_tok.bos_id) == 1 and ids.count(meta_tok.eos_id) == 0
+    assert json.dumps(ATTACKS[0])[1:-1] in meta_tok.decode(ids)  # as the JSON text of it
+
+
+def test_a_tool_must_be_a_mapping():
+    with pytest.raises(ChatTemplateError, match="tool 1 is a str"):
+        load_template("hermes").render(CONV[1:2], tools=[WEATHER, "get_weather"])
+
+
+def test_tools_reach_a_template_in_a_worker():
+    """A template from a file (rendered in a worker process) sees ``tools`` too."""
+    tpl = ChatTemplate("names", "{% for t in tools or [] %}{{ t.function.name }};{% endfor %}")
+    assert tpl.takes_tools
+    assert tpl.render(CONV[1:2], tools=[WEATHER, TIME]) == "get_weather;now;"
+    assert tpl.render(CONV[1:2]) == ""

@@ -1,7 +1,9 @@
 """Chat templates: Jinja strings rendered like Hugging Face's ``apply_chat_template``.
 
 A template sees ``messages`` (``[{"role": ..., "content": ...}]``), ``add_generation_prompt``,
-``bos_token``, ``eos_token`` and a ``raise_exception(msg)`` callable, and is rendered in a
+``bos_token``, ``eos_token``, ``tools`` (the functions a model may call, as JSON schemas in
+OpenAI's ``{"type": "function", "function": {...}}`` shape, or None) and a
+``raise_exception(msg)`` callable, and is rendered in a
 sandboxed environment set up as transformers sets up its own (``ImmutableSandboxedEnvironment``
 with ``trim_blocks``, ``lstrip_blocks`` and the ``loopcontrols`` extension, a ``tojson`` that
 does not escape HTML, ``strftime_now``), so a template exported with a checkpoint renders the
@@ -31,12 +33,13 @@ renders grow with the square of the turns: with ``max_tokens`` (finetuning's ``m
 answers that start past it are not rendered, nor the text past the piece that reaches it
 encoded, which bounds that work by the turns that fit.
 
-No turn forgery. Text in a message (its content or any other string in it) never becomes a
-special token: before rendering, each occurrence of ``bos_token``/``eos_token`` in the
-messages is replaced by a private-use character that occurs nowhere in them (nor in the
-template); the specials found in the rendered text are therefore the template's own, and the
-characters are turned back into the original text inside the pieces SentencePiece encodes as
-plain text (``"</s>"`` in a message is ``▁</``, ``s``, ``>``, as in Meta's own chat code).
+No turn forgery. Text in a message (its content or any other string in it) or in ``tools``
+never becomes a special token: before rendering, each occurrence of ``bos_token``/
+``eos_token`` in the messages and tools is replaced by a private-use character that occurs
+nowhere in them (nor in the template); the specials found in the rendered text are therefore
+the template's own, and the characters are turned back into the original text inside the
+pieces SentencePiece encodes as plain text (``"</s>"`` in a message is ``▁</``, ``s``, ``>``,
+as in Meta's own chat code).
 ``render`` returns a :class:`RenderedChat` (a ``str``) that carries where those specials are,
 and ``encode_text`` cuts it only there; a plain ``str`` (a raw completion prompt) is still cut
 at every bos/eos string. For conversations without such text, the ids are exactly HF's
@@ -149,7 +152,97 @@ LLAMA2 = (
     "{% endif %}{% endfor %}"
 )
 
-BUILTIN_TEMPLATES: dict[str, str] = {"alpaca": ALPACA, "llama2": LLAMA2}
+# ChatML turns with tool calls in the format of NousResearch's Hermes models (the format, not
+# their template: this one is written here). Every marker is plain text, so any tokenizer
+# spells it (with a LLaMA SentencePiece vocabulary "<|im_end|>" is a few pieces, and
+# "<tool_call>" too); Llama 3.1's tool format needs special tokens LLaMA-1/2 vocabularies
+# lack (<|python_tag|>, <|eom_id|>), and its calls are bare JSON with no opening marker, which
+# a streaming parser cannot tell from an answer that starts with "{". The system turn lists
+# ``tools`` (each as JSON, one a line, inside <tools></tools>); an assistant message renders its
+# content and then each of its ``tool_calls`` as <tool_call>\n{"name": ..., "arguments": ...}
+# \n</tool_call> (``arguments`` a JSON string, as OpenAI sends it, is written as it is; a
+# mapping, as transformers' examples give it, as JSON); a ``tool`` message is a turn of its
+# own with the result inside <tool_response></tool_response>. bos_token opens the text; turns
+# end with "<|im_end|>\n" and no eos (the server stops at "<|im_end|>": see
+# inference.chat.stop_strings). The generation prompt is "<|im_start|>assistant\n".
+HERMES = r"""{{- bos_token -}}
+{%- if messages and messages[0]['role'] == 'system' -%}
+    {%- set system_message = messages[0]['content'] -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set system_message = '' -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- if tools -%}
+    {{- '<|im_start|>system
+' -}}
+    {%- if system_message -%}
+        {{- system_message + '
+
+' -}}
+    {%- endif -%}
+    {{- 'You can call functions. Their JSON schemas are listed in <tools></tools>:
+<tools>' -}}
+    {%- for tool in tools -%}
+        {{- '
+' + (tool | tojson) -}}
+    {%- endfor -%}
+    {{- '
+</tools>
+
+To call one, write its name and arguments as a JSON object inside '
+        '<tool_call></tool_call>:
+<tool_call>
+{"name": <function name>, "arguments": '
+        '<arguments as a JSON object>}
+</tool_call><|im_end|>
+' -}}
+{%- elif system_message -%}
+    {{- '<|im_start|>system
+' + system_message + '<|im_end|>
+' -}}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if message['role'] == 'assistant' -%}
+        {{- '<|im_start|>assistant
+' + (message['content'] or '') -}}
+        {%- for call in message['tool_calls'] or [] -%}
+            {%- set fn = call['function'] if call['function'] is defined else call -%}
+            {%- if message['content'] or not loop.first -%}
+                {{- '
+' -}}
+            {%- endif -%}
+            {{- '<tool_call>
+{"name": ' + (fn['name'] | tojson) + ', "arguments": ' -}}
+            {%- if fn['arguments'] is string -%}
+                {{- fn['arguments'] -}}
+            {%- else -%}
+                {{- fn['arguments'] | tojson -}}
+            {%- endif -%}
+            {{- '}
+</tool_call>' -}}
+        {%- endfor -%}
+        {{- '<|im_end|>
+' -}}
+    {%- elif message['role'] == 'tool' -%}
+        {{- '<|im_start|>tool
+<tool_response>
+' + message['content'] -}}
+        {{- '
+</tool_response><|im_end|>
+' -}}
+    {%- else -%}
+        {{- '<|im_start|>' + message['role'] + '
+' + message['content'] + '<|im_end|>
+' -}}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- '<|im_start|>assistant
+' -}}
+{%- endif -%}"""
+
+BUILTIN_TEMPLATES: dict[str, str] = {"alpaca": ALPACA, "hermes": HERMES, "llama2": LLAMA2}
 
 
 # sources rendered in this process: their work is linear in the conversation
@@ -357,11 +450,12 @@ def _strings(value: Any) -> Iterator[str]:
 
 
 def _mark(
-    messages: list[dict[str, Any]], bos: str, eos: str, source: str
+    messages: list[Any], bos: str, eos: str, source: str
 ) -> tuple[list[Any], dict[int, str], int]:
-    """``messages`` with each bos/eos string in them replaced by a private-use character found
-    nowhere in them, in the template or in the specials; the ``str.translate`` table that
-    turns those characters back; the messages' size in characters."""
+    """``messages`` (a list of anything: messages, tools) with each bos/eos string in them
+    replaced by a private-use character found nowhere in them, in the template or in the
+    specials; the ``str.translate`` table that turns those characters back; the messages' size
+    in characters."""
     specials = [s for s in dict.fromkeys((bos, eos)) if s]
     used = set(_PRIVATE_USE.findall(source + bos + eos))
     size, found = 0, False
@@ -395,19 +489,21 @@ def _mark(
 def _render_one(
     template: jinja2.Template,
     messages: list[Any],
+    tools: list[Any] | None,
     add_generation_prompt: bool,
     bos: str,
     eos: str,
     restore: dict[int, str],
     max_chars: int,
 ) -> tuple[str, list[Span]]:
-    """The text of ``messages`` (marked by ``_mark``) and the specials the template wrote;
-    stops as soon as the output passes ``max_chars``."""
+    """The text of ``messages`` and ``tools`` (marked by ``_mark``) and the specials the
+    template wrote; stops as soon as the output passes ``max_chars``."""
     chunks, size = [], 0
     token = _max_built.set(max_chars)
     try:
         for chunk in template.generate(
             messages=messages,
+            tools=tools,
             add_generation_prompt=add_generation_prompt,
             bos_token=bos,
             eos_token=eos,
@@ -471,10 +567,13 @@ def _render_job(template: jinja2.Template, job: dict[str, Any]) -> Iterator[dict
     (and ``limit``), and no more."""
     bos, eos = job["bos"], job["eos"]
     try:
-        messages, restore, size = _mark(job["messages"], bos, eos, job["source"])
+        marked, restore, size = _mark([job["messages"], job["tools"]], bos, eos, job["source"])
+        messages, tools = marked
         max_chars = job["max_output_chars"] + 4 * size
         for n, agp in job["prefixes"]:
-            text, specials = _render_one(template, messages[:n], agp, bos, eos, restore, max_chars)
+            text, specials = _render_one(
+                template, messages[:n], tools, agp, bos, eos, restore, max_chars
+            )
             yield {"text": text, "specials": specials}
     except Exception as e:
         failure = _describe(e, job["memory_limit"])
@@ -718,13 +817,16 @@ def _worker_main() -> None:
 # ----------------------------------------------------------------------------- templates
 
 
-def _plain(name: str, messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+def _plain(
+    name: str, messages: Sequence[Mapping[str, Any]], what: str = "message"
+) -> list[dict[str, Any]]:
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, Mapping):
+            expected = "with 'role' and 'content'" if what == "message" else "(a JSON schema)"
             raise ChatTemplateError(
-                f"chat template {name}: message {i} is a {type(m).__name__}; expected a "
-                "mapping with 'role' and 'content'"
+                f"chat template {name}: {what} {i} is a {type(m).__name__}; expected a "
+                f"mapping {expected}"
             )
         out.append(dict(m))
     return out
@@ -761,26 +863,41 @@ class ChatTemplate:
         # compiles in a worker (which checks it now: errors come at load, not at first use)
         local = None
         try:
-            _parse(self.source)
+            tree = _parse(self.source)
             if self.source in _TRUSTED:
                 local = _compile(self.source)
         except _Failure as e:
             raise ChatTemplateError(f"chat template {self.name}: {e}") from None
         object.__setattr__(self, "_local", local)
+        # a walk of the syntax tree (jinja2.meta would compile it: see _compile)
+        names = tree.find_all(jinja2.nodes.Name)
+        object.__setattr__(self, "_tools", any(n.name == "tools" for n in names))
         if local is None:
             self._render([], [])
 
+    @property
+    def takes_tools(self) -> bool:
+        """Whether the template reads the ``tools`` variable (renders functions to call)."""
+        return bool(self._tools)  # type: ignore[attr-defined]
+
     def render(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = False
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = False,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> RenderedChat:
-        """The template's text for ``messages``: a :class:`RenderedChat`, the ``str`` that
-        knows which bos/eos strings the template wrote. A ``raise_exception`` in the template
-        (e.g. roles that do not alternate), any other error in it or a limit it runs over is
-        a ChatTemplateError (ChatTemplateLimitError for the limits)."""
-        return self._render(messages, [(len(messages), add_generation_prompt)])[0]
+        """The template's text for ``messages`` (and ``tools``, the functions the model may
+        call, as transformers passes them): a :class:`RenderedChat`, the ``str`` that knows
+        which bos/eos strings the template wrote. A ``raise_exception`` in the template (e.g.
+        roles that do not alternate), any other error in it or a limit it runs over is a
+        ChatTemplateError (ChatTemplateLimitError for the limits)."""
+        return self._render(messages, [(len(messages), add_generation_prompt)], tools)[0]
 
     def _render(
-        self, messages: Sequence[Mapping[str, Any]], prefixes: list[tuple[int, bool]]
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        prefixes: list[tuple[int, bool]],
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> list[RenderedChat]:
         """``messages[:n]`` rendered for each ``(n, add_generation_prompt)`` of ``prefixes``
         (one trip to the worker for all)."""
@@ -789,6 +906,7 @@ class ChatTemplate:
             "bos": self.bos_token,
             "eos": self.eos_token,
             "messages": _plain(self.name, messages),
+            "tools": None if tools is None else _plain(self.name, tools, "tool"),
             "prefixes": prefixes,
             "time_limit": self.time_limit,
             "max_output_chars": self.max_output_chars,
@@ -815,7 +933,8 @@ class ChatTemplate:
 def load_template(
     name_or_path: str | Path, bos_token: str = "<s>", eos_token: str = "</s>"
 ) -> ChatTemplate:
-    """A built-in template by name (``alpaca``, ``llama2``) or a Jinja file by path."""
+    """A built-in template by name (``alpaca``, ``hermes``, ``llama2``) or a Jinja file by
+    path."""
     key = str(name_or_path)
     if key in BUILTIN_TEMPLATES:
         return ChatTemplate(key, BUILTIN_TEMPLATES[key], bos_token, eos_token)
