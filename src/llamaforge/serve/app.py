@@ -60,6 +60,13 @@ from llamaforge.serve.protocol import (
     TokenizeRequest,
     validation_error,
 )
+from llamaforge.serve.tools import (
+    AnswerReader,
+    ToolChoice,
+    ToolError,
+    answer_message,
+    finish_reason,
+)
 from llamaforge.tokenizer import Tokenizer
 
 DEFAULT_MAX_BODY = 1 << 20
@@ -519,9 +526,15 @@ async def completions(srv: Server, request: Request) -> Response:
     return JSONResponse({**base, "choices": choices, "usage": usage})
 
 
-def render_chat(srv: Server, messages: list[Any], generation_prompt: bool = True) -> list[int]:
-    """``messages`` rendered with the chat template and encoded (in a worker thread: see
-    `Server.off_loop`); a conversation the template refuses is a 400."""
+def render_chat(
+    srv: Server,
+    messages: list[Any],
+    generation_prompt: bool = True,
+    tools: list[dict[str, Any]] | None = None,
+) -> list[int]:
+    """``messages`` (and ``tools``) rendered with the chat template and encoded (in a worker
+    thread: see `Server.off_loop`); a conversation the template refuses, or tools for a
+    template that does not render them, is a 400."""
     if srv.template is None:
         raise APIError(
             400,
@@ -530,16 +543,30 @@ def render_chat(srv: Server, messages: list[Any], generation_prompt: bool = True
             param="messages",
             code="no_chat_template",
         )
+    if tools is not None and not srv.template.takes_tools:
+        raise APIError(
+            400,
+            f"tools: the chat template {srv.template.name} does not render tools; start the "
+            "server with --template hermes or a template that reads tools",
+            param="tools",
+            code="tools_not_supported",
+        )
     msgs = []
     for i, m in enumerate(messages):
-        text = m.text()
-        try:
-            check_utf8(text, f"messages.{i}.content")
-        except ValueError as e:
-            raise APIError(400, str(e), param=f"messages.{i}.content") from None
-        msgs.append({"role": "system" if m.role == "developer" else m.role, "content": text})
+        msg = m.plain()
+        for what, text in (("content", msg["content"]), ("", json.dumps(msg, ensure_ascii=False))):
+            param = f"messages.{i}" + (f".{what}" if what else "")
+            try:
+                check_utf8(text, param)
+            except ValueError as e:
+                raise APIError(400, str(e), param=param) from None
+        msgs.append(msg)
     try:
-        rendered = srv.template.render(msgs, add_generation_prompt=generation_prompt)
+        check_utf8(json.dumps(tools, ensure_ascii=False), "tools")
+    except ValueError as e:
+        raise APIError(400, str(e), param="tools") from None
+    try:
+        rendered = srv.template.render(msgs, add_generation_prompt=generation_prompt, tools=tools)
     except ChatTemplateError as e:
         raise APIError(400, str(e), param="messages") from None
     return encode_text(srv.tok, rendered, srv.template.bos_token, srv.template.eos_token)
@@ -580,17 +607,48 @@ def _chat_delta(
     }
 
 
+def _tool_choice(req: ChatRequest) -> ToolChoice | None:
+    """The request's tools and tool_choice (see serve.tools); a 400 when they cannot go
+    together."""
+    try:
+        return ToolChoice.of(req.tool_dicts(), req.tool_choice_value())
+    except ToolError as e:
+        param = str(e).split(":", 1)[0]
+        raise APIError(400, str(e), param=param, code="invalid_value") from None
+
+
+def _tool_chunks(
+    srv: Server, req: ChatRequest, reader: AnswerReader, out: Output
+) -> list[dict[str, Any]]:
+    """The streamed choices of ``out`` for an answer read for tool calls: its content and
+    calls as `AnswerReader` lets them go (the logprobs with the first)."""
+    lp = srv.chat_logprobs(out.tokens) if req.logprobs else None
+    deltas = reader.deltas(out.text, out.finished)
+    if lp and not deltas:
+        deltas = [{"content": ""}]
+    chosen = [_chat_delta(d, lp if k == 0 else None) for k, d in enumerate(deltas)]
+    if out.finished:
+        chosen.append(_chat_delta({}, None, reader.finish_reason(out.finish_reason)))
+    return chosen
+
+
 async def chat_completions(srv: Server, request: Request) -> Response:
     req = await srv.parse(request, ChatRequest)
     srv.check_model(req.model)
-    prompt = await srv.off_loop(render_chat, srv, req.messages)
+    tools = _tool_choice(req)
+    rendered = tools.rendered if tools is not None else None
+    prompt = await srv.off_loop(render_chat, srv, req.messages, True, rendered)
     params = _chat_params(srv, req, prompt)
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     q, ids = await srv.run(request, [prompt], params, param, req.stream)
     base = {**_response_base(srv, "chatcmpl", "chat.completion"), "system_fingerprint": None}
+    names = tools.names if tools is not None and tools.parse else None
     if req.stream:
+        reader = AnswerReader(names) if names is not None else None
 
         def chunk_choices(_i: int, out: Output) -> list[dict[str, Any]]:
+            if reader is not None:
+                return _tool_chunks(srv, req, reader, out)
             lp = srv.chat_logprobs(out.tokens) if req.logprobs else None
             chosen = [_chat_delta({"content": out.text}, lp)] if out.text or lp else []
             if out.finished:
@@ -610,11 +668,16 @@ async def chat_completions(srv: Server, request: Request) -> Response:
         )
     outs = (await srv.collect(request, q, ids, "chat"))[0]
     infos = [t for o in outs for t in o.tokens]
+    text, finish = "".join(o.text for o in outs), outs[-1].finish_reason
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if names is not None:
+        message.update(answer_message(text, names))
+        finish = finish_reason(finish, len(message.get("tool_calls", ())))
     choice = {
         "index": 0,
-        "message": {"role": "assistant", "content": "".join(o.text for o in outs)},
+        "message": message,
         "logprobs": {"content": srv.chat_logprobs(infos)} if req.logprobs else None,
-        "finish_reason": outs[-1].finish_reason,
+        "finish_reason": finish,
     }
     usage = srv.usage(len(prompt), outs[-1].completion_tokens)
     return JSONResponse({**base, "choices": [choice], "usage": usage})

@@ -4,8 +4,12 @@ Types are strict, as OpenAI's API declares them: ``"5"`` is not an integer, ``"y
 boolean, ``1`` is a number but ``true`` is not; NaN and infinities are refused. Every number
 has the range the engine can take (``seed`` is a signed 64-bit integer, as OpenAI's). Fields
 OpenAI defines that this server does not implement are accepted only with a value that changes
-nothing (``logit_bias: {}``, ``tools: []``, ``response_format: {"type": "text"}``, penalties
-of 0, ``n`` of 1 …); any other value is a 400 naming the field (`Body.check`). Fields that
+nothing (``logit_bias: {}``, ``functions: []``, ``response_format: {"type": "text"}``,
+penalties of 0, ``n`` of 1 …); any other value is a 400 naming the field (`Body.check`).
+``tools`` are OpenAI's function tools (``{"type": "function", "function": {"name",
+"description", "parameters", "strict"}}``, names unique), ``tool_choice`` ``"none"``,
+``"auto"``, ``"required"`` or a named function among them; messages may be assistant messages
+with ``tool_calls`` and ``role: "tool"`` messages with a ``tool_call_id``. Fields that
 never change the output (``user``, ``store``, ``metadata`` …) and unknown fields are ignored:
 clients send extra ones.
 """
@@ -221,13 +225,54 @@ Content = Annotated[
 ]
 
 
+FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"  # OpenAI's rule for a function's name
+
+
+class CalledFunction(Body):
+    name: StrictStr
+    arguments: StrictStr  # JSON text, as the model wrote it
+
+
+class MessageToolCall(Body):
+    id: StrictStr
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class Message(Body):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Content = None
-    tool_calls: Any = None
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: StrictStr | None = None
     function_call: Any = None
 
-    UNSUPPORTED = {"tool_calls": (_empty, "[]"), "function_call": (_unset, "null")}
+    UNSUPPORTED = {"function_call": (_unset, "null")}
+
+    def check(self) -> None:
+        super().check()
+        if self.tool_calls and self.role != "assistant":
+            raise APIError(
+                400, f"tool_calls: only in an assistant message (this one is {self.role!r})",
+                param="tool_calls",
+            )  # fmt: skip
+        if self.role == "tool" and self.tool_call_id is None:
+            raise APIError(
+                400, "tool_call_id: a tool message needs the id of the call it answers",
+                param="tool_call_id",
+            )  # fmt: skip
+
+    def plain(self) -> dict[str, Any]:
+        """The message as a chat template sees it: ``role`` (developer as system),
+        ``content`` as text, and ``tool_calls`` / ``tool_call_id`` when it has them."""
+        out: dict[str, Any] = {
+            "role": "system" if self.role == "developer" else self.role,
+            "content": self.text(),
+        }
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
     def text(self) -> str:
         if self.content is None:
@@ -248,14 +293,41 @@ def check_messages(messages: list[Message]) -> None:
             raise
 
 
+class FunctionDefinition(Body):
+    name: Annotated[StrictStr, Field(pattern=FUNCTION_NAME)]
+    description: StrictStr | None = None
+    parameters: dict[str, Any] | None = None
+    strict: StrictBool | None = None
+
+
+class Tool(Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionChoice(Body):
+    name: StrictStr
+
+
+class NamedToolChoice(Body):
+    type: Literal["function"]
+    function: FunctionChoice
+
+
+ToolChoice = Annotated[
+    Literal["none", "auto", "required"] | NamedToolChoice | None,
+    _one_of('"none", "auto", "required" or {"type": "function", "function": {"name": ...}}'),
+]
+
+
 class ChatRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
     max_tokens: Annotated[StrictInt, Field(ge=1, le=MAX_TOKENS)] | None = None
     max_completion_tokens: Annotated[StrictInt, Field(ge=1, le=MAX_TOKENS)] | None = None
     logprobs: StrictBool = False
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
-    tools: Any = None
-    tool_choice: Any = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice = None
     functions: Any = None
     function_call: Any = None
     response_format: Any = None
@@ -268,8 +340,6 @@ class ChatRequest(_Sampling):
 
     UNSUPPORTED = {
         **_Sampling.UNSUPPORTED,
-        "tools": (_empty, "[]"),
-        "tool_choice": (_no_choice, '"none", "auto"'),
         "functions": (_empty, "[]"),
         "function_call": (_no_choice, '"none", "auto"'),
         "response_format": (lambda v: v is None or v == {"type": "text"}, '{"type": "text"}'),
@@ -285,6 +355,21 @@ class ChatRequest(_Sampling):
         check_messages(self.messages)
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs: needs logprobs=true", param="top_logprobs")
+        names = [t.function.name for t in self.tools or []]
+        twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+        if twice is not None:
+            raise APIError(400, f"tools: the function {twice!r} is given twice", param="tools")
+
+    def tool_dicts(self) -> list[dict[str, Any]] | None:
+        """``tools`` as plain JSON (what a chat template sees), unset fields left out."""
+        if self.tools is None:
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
+
+    def tool_choice_value(self) -> Any:
+        """``tool_choice`` as plain JSON."""
+        c = self.tool_choice
+        return c.model_dump() if isinstance(c, NamedToolChoice) else c
 
 
 class TokenizeRequest(Body):
