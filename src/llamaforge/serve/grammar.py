@@ -54,10 +54,20 @@ class GrammarSpec:
 
 
 class Grammar:
-    """A compiled grammar: shared by every request that asked for the same spec."""
+    """A compiled grammar: shared by every request that asked for the same spec; ``banned``
+    the tokens masked besides what the grammar rules out (for JSON: the tokens holding a
+    control character, which xgrammar 0.2's masks let into strings through the
+    tokenizer's byte tokens, though JSON forbids them unescaped)."""
 
-    def __init__(self, spec: GrammarSpec, compiled: xgr.CompiledGrammar, vocab_size: int):
+    def __init__(
+        self,
+        spec: GrammarSpec,
+        compiled: xgr.CompiledGrammar,
+        vocab_size: int,
+        banned: list[int] | None = None,
+    ) -> None:
         self.spec, self.compiled, self.vocab_size = spec, compiled, vocab_size
+        self.banned = banned or []
 
     def matcher(self) -> RowMatcher:
         return RowMatcher(self)
@@ -105,6 +115,20 @@ def _token_pieces(tokenizer: Tokenizer, vocab_size: int) -> list[str]:
     return pieces + [f"<unused_{i}>" for i in range(n, vocab_size)]
 
 
+def _control_tokens(tokenizer: Tokenizer, vocab_size: int) -> list[int]:
+    """The tokens whose text holds a control character (below U+0020)."""
+    out = []
+    for i in range(min(len(tokenizer), vocab_size)):
+        if tokenizer.is_control(i) or tokenizer.is_unknown(i):
+            continue
+        if tokenizer.is_byte(i):
+            if int(tokenizer.id_to_piece(i)[3:5], 16) < 0x20:
+                out.append(i)
+        elif any(ord(c) < 0x20 for c in tokenizer.id_to_piece(i)):
+            out.append(i)
+    return out
+
+
 class GrammarCompiler:
     """Compiles `GrammarSpec`s for one tokenizer and model vocabulary (thread-safe; the
     compiled grammars are cached by spec)."""
@@ -119,6 +143,7 @@ class GrammarCompiler:
             add_prefix_space=True,
         )
         self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+        self._control = _control_tokens(tokenizer, vocab_size)
         self._cache: dict[GrammarSpec, Grammar] = {}
         self._max_cached = max_cached
         self._lock = threading.Lock()
@@ -136,7 +161,8 @@ class GrammarCompiler:
         except Exception as e:  # xgrammar's errors: RuntimeError, InvalidJSONError, …
             msg = f"{spec.param}: cannot compile the {_what(spec)}: {_line(e)}"
             raise GrammarError(msg) from None
-        grammar = Grammar(spec, compiled, self.vocab_size)
+        banned = self._control if spec.kind in ("json_object", "json_schema") else None
+        grammar = Grammar(spec, compiled, self.vocab_size, banned)
         with self._lock:
             if len(self._cache) >= self._max_cached:
                 self._cache.pop(next(iter(self._cache)))

@@ -169,6 +169,10 @@ class LogitsState:
             for j, i in enumerate(grammar):
                 rows[i].matcher.fill(bits, j)  # type: ignore[union-attr]
             allowed[torch.tensor(grammar)] = unpack_bitmask(bits, self.vocab)
+            for i in grammar:
+                banned = rows[i].matcher.grammar.banned  # type: ignore[union-attr]
+                if banned:
+                    allowed[i, banned] = False
         for i in early:
             allowed[i, rows[i].early_stops] = False  # type: ignore[union-attr]
         return allowed.to(logits.device, non_blocking=True)

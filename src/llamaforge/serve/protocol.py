@@ -255,7 +255,7 @@ def response_format_spec(rf: Any) -> GrammarSpec | None:
         )
     if "name" in js and not isinstance(js["name"], str):
         raise _format_error("must be a string", "response_format.json_schema.name")
-    return GrammarSpec("json_schema", json.dumps(schema, sort_keys=True), "response_format")
+    return GrammarSpec("json_schema", json.dumps(schema), "response_format")
 
 
 class CompletionRequest(_Sampling):
