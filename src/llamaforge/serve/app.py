@@ -30,6 +30,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from importlib import resources
 from typing import Any, TypeVar
 
@@ -42,6 +43,7 @@ from starlette.requests import ClientDisconnect
 from llamaforge.chat_templates import ChatTemplate, ChatTemplateError, encode_text
 from llamaforge.inference.generate import check_utf8
 from llamaforge.serve.engine import (
+    SEED_RANGE,
     ContextLengthExceeded,
     Engine,
     EngineStopped,
@@ -50,6 +52,7 @@ from llamaforge.serve.engine import (
     SamplingParams,
     TokenInfo,
 )
+from llamaforge.serve.grammar import Grammar, GrammarCompiler, GrammarError, GrammarSpec
 from llamaforge.serve.metrics import ServeMetrics
 from llamaforge.serve.protocol import (
     APIError,
@@ -63,6 +66,7 @@ from llamaforge.serve.protocol import (
 from llamaforge.tokenizer import Tokenizer
 
 DEFAULT_MAX_BODY = 1 << 20
+GRAMMAR_TIMEOUT = 10.0  # seconds a schema, regex or grammar may take to compile
 RENDER_THREADS = 4  # chat templates and prompt encoding, off the event loop
 
 log = logging.getLogger(__name__)
@@ -119,6 +123,8 @@ class Server:
         self.eos_piece = tokenizer.id_to_piece(tokenizer.eos_id)
         self._pieces: dict[int, str] = {}
         self._workers = ThreadPoolExecutor(RENDER_THREADS, thread_name_prefix="llamaforge-render")
+        self._grammars: GrammarCompiler | None = None
+        self.grammar_timeout = GRAMMAR_TIMEOUT
 
     async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` in a worker thread: the event loop serves other clients meanwhile."""
@@ -203,18 +209,49 @@ class Server:
             raise APIError(400, str(e), param=what) from None
         return self.tok.encode(prompt, bos=True)
 
+    # -- structured output ------------------------------------------------------------
+
+    def _compile(self, spec: GrammarSpec) -> Grammar:
+        if self._grammars is None:  # built on first use (a pass over the vocabulary)
+            self._grammars = GrammarCompiler(self.tok, self.engine.model.args.vocab_size)
+        return self._grammars.compile(spec)
+
+    async def grammar(self, spec: GrammarSpec | None) -> Grammar | None:
+        """``spec`` compiled in a worker thread (never the engine's), within
+        ``grammar_timeout`` seconds; a 400 naming the field when it cannot be."""
+        if spec is None:
+            return None
+        if self.engine.draft is not None:
+            raise APIError(
+                400,
+                f"{spec.param}: not supported with speculative decoding (this server runs a "
+                "draft model)",
+                param=spec.param,
+            )
+        try:
+            return await asyncio.wait_for(self.off_loop(self._compile, spec), self.grammar_timeout)
+        except GrammarError as e:
+            raise APIError(400, str(e), param=spec.param, code="invalid_grammar") from None
+        except asyncio.TimeoutError:
+            raise APIError(
+                400,
+                f"{spec.param}: compiling it took over {self.grammar_timeout:g} s",
+                param=spec.param,
+                code="invalid_grammar",
+            ) from None
+
     # -- running requests -------------------------------------------------------------
 
     async def run(
         self,
         request: Request,
         prompts: list[list[int]],
-        params: SamplingParams,
+        params: list[SamplingParams],
         param: str,
         stream: bool,
     ) -> tuple[asyncio.Queue[tuple[int, Output]], list[int]]:
-        """Submit one engine request per prompt; their Outputs arrive on the queue as
-        ``(index, output)``."""
+        """Submit one engine request per prompt (``params[i]`` for ``prompts[i]``); their
+        Outputs arrive on the queue as ``(index, output)``."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()
 
@@ -223,8 +260,8 @@ class Server:
 
         ids: list[int] = []
         try:
-            for i, prompt in enumerate(prompts):
-                ids.append(self.engine.submit(prompt, params, emitter(i), stream=stream))
+            for i, (prompt, p) in enumerate(zip(prompts, params)):
+                ids.append(self.engine.submit(prompt, p, emitter(i), stream=stream))
         except QueueFull as e:
             self.cancel(ids)
             raise APIError(
@@ -238,7 +275,8 @@ class Server:
             raise APIError(400, str(e), param=param, code="context_length_exceeded") from None
         except ValueError as e:
             self.cancel(ids)
-            raise APIError(400, str(e), code="invalid_value") from None
+            param = next((f for f in SHAPING_FIELDS if str(e).startswith(f)), None)
+            raise APIError(400, str(e), param=param, code="invalid_value") from None
         return q, ids
 
     def cancel(self, ids: list[int]) -> None:
@@ -413,6 +451,58 @@ def _event_stream(
 
 # ------------------------------------------------------------------------- the handlers
 
+SHAPING_FIELDS = (
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "logit_bias",
+    "min_tokens",
+    "stop_token_ids",
+    "response_format",
+)
+
+
+async def _shaping(
+    srv: Server, req: CompletionRequest | ChatRequest, max_tokens: int
+) -> dict[str, Any]:
+    """The request's penalties, bias, token limits and grammar as SamplingParams fields."""
+    if req.min_tokens > max_tokens:
+        raise APIError(
+            400,
+            f"min_tokens {req.min_tokens}: more than max_tokens {max_tokens}",
+            param="min_tokens",
+        )
+    return {
+        "presence_penalty": req.presence_penalty or 0.0,
+        "frequency_penalty": req.frequency_penalty or 0.0,
+        "repetition_penalty": req.repetition_penalty or 1.0,
+        "logit_bias": req.logit_bias_ids(),
+        "min_tokens": req.min_tokens,
+        "stop_token_ids": list(req.stop_token_ids or ()),
+        "grammar": await srv.grammar(req.grammar_spec()),
+    }
+
+
+def _choices(srv: Server, params: SamplingParams, n: int, prompts: int) -> list[SamplingParams]:
+    """``params`` for each of ``n`` choices of each of ``prompts`` prompts (OpenAI's order:
+    a prompt's choices together); choice j of a seeded request is seeded ``seed + j``."""
+    if n * prompts > srv.engine.max_queue:
+        raise APIError(
+            400,
+            f"n: {n} choices of {prompts} prompts are {n * prompts} requests; this server "
+            f"takes at most {srv.engine.max_queue} at once (--max-queue)",
+            param="n",
+        )
+    out = []
+    for _ in range(prompts):
+        for j in range(n):
+            seed = params.seed
+            if seed is not None and j:
+                seed = (seed + j - SEED_RANGE[0]) % (SEED_RANGE[1] - SEED_RANGE[0] + 1)
+                seed += SEED_RANGE[0]
+            out.append(replace(params, seed=seed))
+    return out
+
 
 def _completion_prompts(srv: Server, req: CompletionRequest) -> tuple[list[list[int]], list[str]]:
     """The prompts as token ids and as text (token prompts decoded), each checked (in a
@@ -489,19 +579,24 @@ async def completions(srv: Server, request: Request) -> Response:
     if req.max_tokens == 0 and not req.echo:
         raise APIError(400, "max_tokens: 0 needs echo=true", param="max_tokens")
     longest = max(len(ids) for ids in prompts)
+    max_tokens = _max_tokens(req.max_tokens, longest, srv.engine.max_seq_len)
     params = SamplingParams(
-        max_tokens=_max_tokens(req.max_tokens, longest, srv.engine.max_seq_len),
+        max_tokens=max_tokens,
         temperature=req.temperature,
         top_p=req.top_p,
         stop=req.stops(),
         seed=req.seed,
         logprobs=req.logprobs,
         prompt_logprobs=req.echo and req.logprobs is not None,
+        **await _shaping(srv, req, max_tokens),
     )
-    q, ids = await srv.run(request, prompts, params, "max_tokens", req.stream)
-    base = _response_base(srv, "cmpl", "text_completion")
-    completion = _Completion(srv, req, prompt_texts)
+    n = req.n or 1
+    every = _choices(srv, params, n, len(prompts))
     n_prompt = sum(len(x) for x in prompts)
+    prompts = [p for p in prompts for _ in range(n)]
+    q, ids = await srv.run(request, prompts, every, "max_tokens", req.stream)
+    base = _response_base(srv, "cmpl", "text_completion")
+    completion = _Completion(srv, req, [t for t in prompt_texts for _ in range(n)])
     if req.stream:
         return _event_stream(
             srv,
@@ -545,7 +640,7 @@ def render_chat(srv: Server, messages: list[Any], generation_prompt: bool = True
     return encode_text(srv.tok, rendered, srv.template.bos_token, srv.template.eos_token)
 
 
-def _chat_params(srv: Server, req: ChatRequest, prompt: list[int]) -> SamplingParams:
+async def _chat_params(srv: Server, req: ChatRequest, prompt: list[int]) -> SamplingParams:
     context = srv.engine.max_seq_len
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else None
     if requested is None:
@@ -558,22 +653,27 @@ def _chat_params(srv: Server, req: ChatRequest, prompt: list[int]) -> SamplingPa
             code="context_length_exceeded",
         )
     k = req.top_logprobs or 0
+    max_tokens = _max_tokens(requested, len(prompt), context)
     return SamplingParams(
-        max_tokens=_max_tokens(requested, len(prompt), context),
+        max_tokens=max_tokens,
         temperature=req.temperature,
         top_p=req.top_p,
         stop=[*req.stops(), *srv.chat_stops],
         seed=req.seed,
         logprobs=k if req.logprobs else None,
+        **await _shaping(srv, req, max_tokens),
     )
 
 
 def _chat_delta(
-    delta: dict[str, Any], lp: list[dict[str, Any]] | None = None, finish: str | None = None
+    delta: dict[str, Any],
+    lp: list[dict[str, Any]] | None = None,
+    finish: str | None = None,
+    index: int = 0,
 ) -> dict[str, Any]:
     """One streamed chat choice."""
     return {
-        "index": 0,
+        "index": index,
         "delta": delta,
         "logprobs": {"content": lp} if lp is not None else None,
         "finish_reason": finish,
@@ -584,17 +684,19 @@ async def chat_completions(srv: Server, request: Request) -> Response:
     req = await srv.parse(request, ChatRequest)
     srv.check_model(req.model)
     prompt = await srv.off_loop(render_chat, srv, req.messages)
-    params = _chat_params(srv, req, prompt)
+    params = await _chat_params(srv, req, prompt)
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-    q, ids = await srv.run(request, [prompt], params, param, req.stream)
+    n = req.n or 1
+    every = _choices(srv, params, n, 1)
+    q, ids = await srv.run(request, [prompt] * n, every, param, req.stream)
     base = {**_response_base(srv, "chatcmpl", "chat.completion"), "system_fingerprint": None}
     if req.stream:
 
-        def chunk_choices(_i: int, out: Output) -> list[dict[str, Any]]:
+        def chunk_choices(i: int, out: Output) -> list[dict[str, Any]]:
             lp = srv.chat_logprobs(out.tokens) if req.logprobs else None
-            chosen = [_chat_delta({"content": out.text}, lp)] if out.text or lp else []
+            chosen = [_chat_delta({"content": out.text}, lp, None, i)] if out.text or lp else []
             if out.finished:
-                chosen.append(_chat_delta({}, None, out.finish_reason))
+                chosen.append(_chat_delta({}, None, out.finish_reason, i))
             return chosen
 
         return _event_stream(
@@ -606,18 +708,22 @@ async def chat_completions(srv: Server, request: Request) -> Response:
             include_usage=_include_usage(req),
             prompt_tokens=len(prompt),
             choices=chunk_choices,
-            opening=[_chat_delta({"role": "assistant", "content": ""})],
+            opening=[_chat_delta({"role": "assistant", "content": ""}, index=i) for i in range(n)],
         )
-    outs = (await srv.collect(request, q, ids, "chat"))[0]
+    all_outs = await srv.collect(request, q, ids, "chat")
+    choices = [_chat_choice(srv, req, i, outs) for i, outs in enumerate(all_outs)]
+    usage = srv.usage(len(prompt), sum(outs[-1].completion_tokens for outs in all_outs))
+    return JSONResponse({**base, "choices": choices, "usage": usage})
+
+
+def _chat_choice(srv: Server, req: ChatRequest, index: int, outs: list[Output]) -> dict[str, Any]:
     infos = [t for o in outs for t in o.tokens]
-    choice = {
-        "index": 0,
+    return {
+        "index": index,
         "message": {"role": "assistant", "content": "".join(o.text for o in outs)},
         "logprobs": {"content": srv.chat_logprobs(infos)} if req.logprobs else None,
         "finish_reason": outs[-1].finish_reason,
     }
-    usage = srv.usage(len(prompt), outs[-1].completion_tokens)
-    return JSONResponse({**base, "choices": [choice], "usage": usage})
 
 
 def _tokenize_text(srv: Server, req: TokenizeRequest) -> list[int]:

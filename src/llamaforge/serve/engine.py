@@ -61,7 +61,9 @@ from llamaforge.inference.detokenizer import TextFollower
 from llamaforge.inference.generate import check_sampling, verify_drafted
 from llamaforge.inference.sampler import RowSampling, SampledToken, logprobs_of, sample_batch
 from llamaforge.model import Transformer
+from llamaforge.serve.grammar import Grammar
 from llamaforge.serve.kv_cache import BlockManager, PagedKVCache, blocks_for
+from llamaforge.serve.logits import LogitsState, RowLogits, Shaping
 from llamaforge.serve.runner import ModelRunner
 from llamaforge.serve.scheduler import Scheduler, Seq, StepPlan
 from llamaforge.serve.tp import kv_args
@@ -104,9 +106,29 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's and the k likeliest
     prompt_logprobs: bool = False  # the prompt's token logprobs too (echo)
+    presence_penalty: float = 0.0  # OpenAI's, in [-2, 2]
+    frequency_penalty: float = 0.0  # OpenAI's, in [-2, 2]
+    repetition_penalty: float = 1.0  # HF's / CTRL's, > 0 (1: none)
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> [-100, 100]
+    min_tokens: int = 0  # eos and stop_token_ids masked until this many tokens
+    stop_token_ids: Sequence[int] = ()  # tokens that end the request (not in its text)
+    grammar: Grammar | None = None  # structured output (`serve.grammar`)
+
+    def shaping(self) -> Shaping:
+        """The logits settings (`serve.logits`)."""
+        return Shaping(
+            self.presence_penalty,
+            self.frequency_penalty,
+            self.repetition_penalty,
+            self.logit_bias,
+            self.min_tokens,
+            tuple(self.stop_token_ids),
+            self.grammar,
+        )
 
     def check(self) -> None:
         """Raise ValueError naming the first setting the engine cannot take."""
+        self._check_shaping()
         if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
             raise ValueError(f"max_tokens {self.max_tokens!r}: must be an integer >= 0")
         check_sampling(self.temperature, self.top_p)
@@ -118,6 +140,30 @@ class SamplingParams:
             raise ValueError(f"seed {self.seed!r}: must be an integer in {SEED_RANGE[0]}..2**64-1")
         if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(f"stop {self.stop!r}: must be a sequence of non-empty strings")
+
+    def _check_shaping(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and -2.0 <= v <= 2.0):
+                raise ValueError(f"{name} {v!r}: must be a number in [-2, 2]")
+        r = self.repetition_penalty
+        if not (isinstance(r, (int, float)) and 0.0 < r <= 2.0):
+            raise ValueError(f"repetition_penalty {r!r}: must be a number in (0, 2] (1: none)")
+        for t, b in self.logit_bias.items():
+            if not (isinstance(b, (int, float)) and -100.0 <= b <= 100.0):
+                raise ValueError(f"logit_bias {b!r} for token {t}: must be in [-100, 100]")
+        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise ValueError(f"min_tokens {self.min_tokens!r}: must be an integer >= 0")
+
+    def check_tokens(self, vocab: int) -> None:
+        """Raise ValueError naming a token id (``logit_bias``, ``stop_token_ids``) outside
+        the vocabulary of ``vocab`` tokens."""
+        for name, ids in (("logit_bias", self.logit_bias), ("stop_token_ids", self.stop_token_ids)):
+            bad = next((t for t in ids if not (isinstance(t, int) and 0 <= t < vocab)), None)
+            if bad is not None:
+                raise ValueError(
+                    f"{name}: token id {bad!r} is outside the vocabulary (0..{vocab - 1})"
+                )
 
 
 @dataclass
@@ -159,6 +205,7 @@ class _Request(Seq):
     generator: torch.Generator | None = None
     sampling: RowSampling | None = None  # the row's settings for the batched sampler
     follower: TextFollower | None = None  # the text, its stop strings and what was streamed
+    logits: RowLogits | None = None  # penalties, bias, masks (None: none)
     first_token_at: float | None = None
 
 
@@ -305,6 +352,7 @@ class Engine:
             dtype = draft.tok_embeddings.weight.dtype
             cache = PagedKVCache(draft.args, num_blocks, block_size, dtype, self.device)
             self.draft_runner = ModelRunner(draft, cache)
+        self.logits_state = LogitsState(model.args.vocab_size, self.device, tokenizer.eos_id)
         self.stats = EngineStats()
         self.stats.kv_total = num_blocks * block_size
         self.stats.kv_blocks_total = num_blocks
@@ -335,6 +383,7 @@ class Engine:
         that cannot run (ContextLengthExceeded: too long for the context or the KV pool),
         QueueFull when too many wait, EngineStopped once the engine's thread has ended."""
         params.check()
+        self._check_shaping(params)
         if not prompt:
             raise ValueError("the prompt is empty")
         vocab = self.model.args.vocab_size
@@ -370,6 +419,27 @@ class Engine:
             self._inbox.put(("add", req))
         self._wake.set()
         return req.id
+
+    def _check_shaping(self, params: SamplingParams) -> None:
+        """Raise ValueError for logits settings the engine cannot take: token ids outside
+        the vocabulary, or any of them with a draft (its verification does not apply them)."""
+        params.check_tokens(self.model.args.vocab_size)
+        if self.draft is None or not params.shaping().active:
+            return
+        s, names = params.shaping(), []
+        if s.grammar is not None:
+            names.append("response_format")
+        names += [n for n in ("presence_penalty", "frequency_penalty") if getattr(s, n)]
+        if s.repetition_penalty != 1.0:
+            names.append("repetition_penalty")
+        if s.logit_bias:
+            names.append("logit_bias")
+        if s.min_tokens:
+            names.append("min_tokens")
+        raise ValueError(
+            f"{', '.join(names)}: not supported with speculative decoding (this server runs "
+            "a draft model)"
+        )
 
     def cancel(self, request_id: int) -> None:
         self._inbox.put(("cancel", request_id))
@@ -554,6 +624,7 @@ class Engine:
             req.generator.seed()
         p = req.params
         req.sampling = RowSampling(p.temperature, p.top_p, None, req.generator, p.logprobs)
+        req.logits = self.logits_state.open(p.shaping(), req.prompt)
         if p.prompt_logprobs:
             req.prompt_lp = [TokenInfo(req.prompt[0])]
 
@@ -774,7 +845,11 @@ class Engine:
         """Sample every row's next token from its ``logits`` (one row each, (n, vocab)) in one
         batched call, with one transfer to the host, then follow each row's text, emit, and
         retire the rows that are done. The one place the model's tokens are sampled."""
-        picks = sample_batch(logits, [r.sampling for r in rows]).to_host()  # type: ignore[misc]
+        shaped = [r.logits for r in rows]
+        allowed, bias = self.logits_state.shape(shaped, logits)
+        result = sample_batch(logits, [r.sampling for r in rows], allowed=allowed, bias=bias)  # type: ignore[misc]
+        self.logits_state.count(shaped, result.tokens)
+        picks = result.to_host()
         for req, pick in zip(rows, picks):
             if pick.error is not None:
                 self._error(req, f"the model's logits: {pick.error}: no text can be generated")
@@ -800,13 +875,16 @@ class Engine:
         self.stats.record_tokens(1)
         req.new_tokens.append(info)  # eos too: it was generated (usage, logprobs)
         req.n_generated += 1
-        if token == self.tokenizer.eos_id:
+        matcher = req.logits.matcher if req.logits is not None else None
+        if token == self.tokenizer.eos_id or token in p.stop_token_ids:
             req.finish = "stop"
+        elif matcher is not None and not matcher.accept(token):
+            raise RuntimeError(f"the grammar refused token {token}, which its mask allowed")
         else:
             req.generated.append(token)
             req.pending = token
             assert req.follower is not None
-            if req.follower.add(token):
+            if req.follower.add(token) or (matcher is not None and matcher.done):
                 req.finish = "stop"
             elif len(req.generated) >= p.max_tokens or req.cached + 1 >= self.max_seq_len:
                 req.finish = "length"
@@ -837,6 +915,7 @@ class Engine:
         self._send(req, out)
 
     def _finish(self, req: _Request) -> None:
+        self.logits_state.close(req.logits)
         self.scheduler.remove(req)
         self._flush(req, final=True)
 
@@ -855,6 +934,7 @@ class Engine:
 
     def _drop(self, req: _Request) -> None:
         """Take ``req`` out of the scheduler, wherever it is, and release its blocks."""
+        self.logits_state.close(req.logits)
         if req.admitted == 0 and req in self.scheduler.waiting:
             self._dequeued()
         self.scheduler.remove(req)
