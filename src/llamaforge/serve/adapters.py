@@ -70,6 +70,7 @@ __all__ = [
     "AdapterRegistry",
     "LoadedAdapter",
     "MultiLoraLinear",
+    "check_name",
     "parse_lora_arg",
 ]
 

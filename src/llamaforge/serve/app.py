@@ -43,6 +43,7 @@ from llamaforge.serve.adapters import (
     AdapterInUse,
     AdapterNotFound,
     LoadedAdapter,
+    check_name,
 )
 from llamaforge.serve.engine import (
     ContextLengthExceeded,
@@ -718,6 +719,10 @@ async def load_lora_adapter(srv: Server, request: Request) -> Response:
     name, path = await _adapter_body(srv, request, ("lora_name", "lora_path"))
     registry = srv.engine.adapters
     assert registry is not None
+    try:
+        check_name(name)
+    except ValueError as e:
+        raise APIError(400, f"lora_name: {e}", param="lora_name") from None
     if name == srv.model_name:
         raise APIError(409, f"lora_name {name!r} is the base model's name", param="lora_name")
     try:
