@@ -157,6 +157,21 @@ def test_one_batch_mixes_two_adapters_and_the_base(l2c_ckpt, made, expected):  #
     assert registry.rank == 8  # rank 4 padded to 8 in the stacks
 
 
+def test_speculative_decoding_with_a_base_draft_keeps_the_adapters_text(
+    l2c_ckpt,  # noqa: F811
+    made,
+    expected,
+):
+    """The draft (no adapter) proposes, the adapted model verifies k+1 positions per row."""
+    draft, _ = llamaforge.load(l2c_ckpt)
+    engine, _ = served(l2c_ckpt, made, "a1", "a2", draft=draft, draft_k=3, max_batch=6)
+    jobs = [(p, name) for p in PROMPTS[:2] for name in (None, "a1", "a2")]
+    texts = run(engine, jobs)
+    for (prompt, name), text in zip(jobs, texts):
+        assert text == expected[name or "base"][PROMPTS.index(prompt)], (prompt, name)
+    assert engine.stats.spec_drafted > 0
+
+
 def test_the_prefix_cache_is_not_shared_across_adapters(l2c_ckpt, made, expected):  # noqa: F811
     engine, registry = served(l2c_ckpt, made, "a1", block_size=4)
     long = PROMPTS[2]  # 10 tokens: two full blocks to share
@@ -272,6 +287,7 @@ def test_http_models_names_and_the_load_endpoints(server, made, expected):
     models = {m.id: m for m in client.models.list().data}
     assert set(models) == {base, "a1"}
     assert models["a1"].parent == base and models[base].parent is None  # type: ignore[attr-defined]
+    assert client.models.retrieve("a1").parent == base  # type: ignore[attr-defined]
 
     def greedy(model: str, i: int = 0) -> openai.types.Completion:
         return client.completions.create(

@@ -109,6 +109,7 @@ class AdapterBatch:
         self.slots: torch.Tensor | None = None  # their slots
         self.flat_rows: torch.Tensor | None = None  # the same for kept positions, flattened
         self.flat_slots: torch.Tensor | None = None
+        self.every_row = False  # every row has an adapter: no gather or scatter of rows
 
     def bind(self, slots: Sequence[int] | None, keep: torch.Tensor | None = None) -> None:
         """The next forward's rows: ``slots[i]`` is row i's adapter slot (-1: the base).
@@ -122,6 +123,7 @@ class AdapterBatch:
         assert slots is not None
         dev = self.device
         self.rows = torch.tensor(active, dtype=torch.long, device=dev)
+        self.every_row = len(active) == len(slots)
         self.slots = torch.tensor([slots[i] for i in active], dtype=torch.long, device=dev)
         self.flat_rows = self.flat_slots = None
         if keep is not None:
@@ -164,15 +166,18 @@ class MultiLoraLinear(nn.Module):
                     f"a forward of {x.shape[0]} rows, {b.n_rows} bound: bind the rows' adapters"
                 )
             rows, slots = b.rows, b.slots
-            xs = x.index_select(0, rows)
+            xs = x if b.every_row else x.index_select(0, rows)
         else:  # the output layer over kept positions, (n, dim)
             if b.flat_rows is None:
                 raise RuntimeError("a forward over kept positions: bind them (keep) first")
             rows, slots = b.flat_rows, b.flat_slots
-            xs = x.index_select(0, rows)[:, None]
+            xs = (x if b.every_row else x.index_select(0, rows))[:, None]
         assert slots is not None
         low = torch.bmm(xs.to(a_stack.dtype), a_stack.index_select(0, slots).transpose(1, 2))
-        delta = torch.bmm(low, b_stack.index_select(0, slots).transpose(1, 2))
+        up = b_stack.index_select(0, slots).transpose(1, 2)
+        if b.every_row and y.dtype == low.dtype:  # y += low @ up, row by row, in place
+            return y.view(low.shape[0], -1, y.shape[-1]).baddbmm_(low, up).view(y.shape)
+        delta = torch.bmm(low, up)
         return y.index_add_(0, rows, delta.reshape(-1, *y.shape[1:]).to(y.dtype))
 
     @torch.no_grad()
