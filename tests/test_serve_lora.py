@@ -190,6 +190,43 @@ def test_the_prefix_cache_is_not_shared_across_adapters(l2c_ckpt, made, expected
     assert engine.blocks.hits == hits
 
 
+def test_loading_while_requests_run_changes_none_of_them(l2c_ckpt, made, expected):  # noqa: F811
+    """a2 loads (wrapping the output layer, which a1 leaves alone, and growing every stack
+    to rank 8) while the engine's thread decodes a1 and base requests: none fails or
+    changes; a2's requests then run as its merged checkpoint."""
+    import threading
+
+    engine, registry = served(l2c_ckpt, made, "a1", max_batch=6)
+    engine.start()
+    try:
+        outs: list[list] = [[] for _ in range(6)]
+        done = threading.Event()
+        params = SamplingParams(max_tokens=N, temperature=0.0)
+
+        def emit(i: int):
+            def put(out) -> None:
+                outs[i].append(out)
+                if all(o and o[-1].finished for o in outs):
+                    done.set()
+
+            return put
+
+        jobs = [(p, name) for p in PROMPTS[:3] for name in (None, "a1")]
+        for i, (prompt, name) in enumerate(jobs):
+            ids = engine.tokenizer.encode(prompt, bos=True)
+            engine.submit(ids, params, emit(i), adapter=name)
+        registry.load("a2", made["a2"], confined=False)
+        assert done.wait(120)
+        for (prompt, name), o in zip(jobs, outs):
+            assert o[-1].error is None, o[-1].error
+            text = "".join(x.text for x in o)
+            assert text == expected[name or "base"][PROMPTS.index(prompt)], (prompt, name)
+    finally:
+        engine.stop()
+    again = Engine(engine.model, engine.tokenizer, adapters=registry)
+    assert run(again, [(PROMPTS[1], "a2")]) == [expected["a2"][1]]
+
+
 def test_an_adapter_for_another_base_is_refused_naming_both_hashes(l2c_ckpt, made):  # noqa: F811
     _, registry = served(l2c_ckpt, made)
     with pytest.raises(LoraError) as e:

@@ -435,16 +435,18 @@ class AdapterRegistry:
         deltas: dict[str, tuple[torch.Tensor, torch.Tensor]],
     ) -> LoadedAdapter:
         """Give the checked adapter a slot in every layer's stack (under the lock), then
-        publish it. Layers it targets that no adapter did before are wrapped now."""
+        publish it. Layers it targets that no adapter did before are wrapped now, and put
+        in the model only once their stacks hold every slot a forward may ask for."""
         free = [i for i, a in enumerate(self._slots) if a is None]
         slot = free[0] if free else len(self._slots)
         n_slots = max(len(self._slots), slot + 1)
         rank = max(self._rank, cfg.rank)
-        for module in deltas:
-            if module not in self._layers:
-                self._layers[module] = self._wrap(module)
-        for module, layer in self._layers.items():
+        new = {m: self._wrap(m) for m in deltas if m not in self._layers}
+        for module, layer in {**self._layers, **new}.items():
             layer.with_slot(slot, n_slots, rank, deltas.get(module))
+        for module, layer in new.items():
+            _swap(self.model, module, layer)
+            self._layers[module] = layer
         adapter = LoadedAdapter(
             name, src, slot, ("lora", next(_keys)), cfg.rank, cfg.alpha, cfg.target_names()
         )
@@ -457,14 +459,11 @@ class AdapterRegistry:
         return adapter
 
     def _wrap(self, module: str) -> MultiLoraLinear:
+        """A new wrapper of the model's layer ``module`` (not yet in the model)."""
         base = self.model.get_submodule(module)
-        if isinstance(base, MultiLoraLinear):
-            return base
-        if not hasattr(base, "in_features"):
+        if isinstance(base, MultiLoraLinear) or not hasattr(base, "in_features"):
             raise LoraError(f"layer {module} is a {type(base).__name__}: no LoRA can be served")
-        layer = MultiLoraLinear(base, self.batch, self.dtype)
-        _swap(self.model, module, layer)
-        return layer
+        return MultiLoraLinear(base, self.batch, self.dtype)
 
     def layers(self) -> Iterator[tuple[str, MultiLoraLinear]]:
         """The wrapped layers, by module name."""
