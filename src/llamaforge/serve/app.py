@@ -41,7 +41,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from llamaforge.chat_templates import ChatTemplate, ChatTemplateError, encode_text
+from llamaforge.finetune.lora import LoraError
 from llamaforge.inference.generate import check_utf8
+from llamaforge.serve.adapters import (
+    AdapterConflict,
+    AdapterForbidden,
+    AdapterInUse,
+    AdapterNotFound,
+    LoadedAdapter,
+    check_name,
+)
 from llamaforge.serve.engine import (
     SEED_RANGE,
     ContextLengthExceeded,
@@ -61,6 +70,7 @@ from llamaforge.serve.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
+    shown,
     validation_error,
 )
 from llamaforge.tokenizer import Tokenizer
@@ -170,14 +180,38 @@ class Server:
         req.check()
         return req
 
-    def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.model_name:
-            raise APIError(
-                404,
-                f"the model {name!r} does not exist; this server serves {self.model_name!r}",
-                param="model",
-                code="model_not_found",
-            )
+    def check_model(self, name: str | None) -> str | None:
+        """The LoRA adapter a request's ``model`` names (None: the base); a 404 for a name
+        that is neither the base nor a loaded adapter."""
+        if name is None or name == self.model_name:
+            return None
+        adapters = self.engine.adapters
+        if adapters is not None and name in adapters:
+            return name
+        raise self.model_not_found(name)
+
+    def model_not_found(self, name: str) -> APIError:
+        names = [self.model_name]
+        if self.engine.adapters is not None:
+            names += [a.name for a in self.engine.adapters.adapters()]
+        return APIError(
+            404,
+            f"the model {name!r} does not exist; this server serves {', '.join(map(repr, names))}",
+            param="model",
+            code="model_not_found",
+        )
+
+    def model_card(self, adapter: LoadedAdapter | None = None) -> dict[str, Any]:
+        """/v1/models' entry for the base or a LoRA adapter (its ``parent``: the base)."""
+        return {
+            "id": adapter.name if adapter is not None else self.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "llamaforge",
+            "root": self.model_name,
+            "parent": self.model_name if adapter is not None else None,
+            "max_model_len": self.engine.max_seq_len,
+        }
 
     # -- tokens as text ---------------------------------------------------------------
 
@@ -249,9 +283,10 @@ class Server:
         params: list[SamplingParams],
         param: str,
         stream: bool,
+        adapter: str | None = None,
     ) -> tuple[asyncio.Queue[tuple[int, Output]], list[int]]:
-        """Submit one engine request per prompt (``params[i]`` for ``prompts[i]``); their
-        Outputs arrive on the queue as ``(index, output)``."""
+        """Submit one engine request per prompt (``params[i]`` for ``prompts[i]``, with the
+        LoRA ``adapter``, if named); their Outputs arrive on the queue as ``(index, output)``."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()
 
@@ -261,7 +296,12 @@ class Server:
         ids: list[int] = []
         try:
             for i, (prompt, p) in enumerate(zip(prompts, params)):
-                ids.append(self.engine.submit(prompt, p, emitter(i), stream=stream))
+                ids.append(
+                    self.engine.submit(prompt, p, emitter(i), stream=stream, adapter=adapter)
+                )
+        except AdapterNotFound:  # unloaded since check_model
+            self.cancel(ids)
+            raise self.model_not_found(adapter or "") from None
         except QueueFull as e:
             self.cancel(ids)
             raise APIError(
@@ -376,10 +416,14 @@ def _max_tokens(requested: int | None, prompt_len: int, context: int) -> int:
     return requested if requested is not None else max(context - prompt_len, 0)
 
 
-def _response_base(srv: Server, prefix: str, kind: str) -> dict[str, Any]:
-    """The fields every response and chunk of one request repeats."""
+def _response_base(
+    srv: Server, prefix: str, kind: str, adapter: str | None = None
+) -> dict[str, Any]:
+    """The fields every response and chunk of one request repeats (``model``: the LoRA
+    adapter's name when it ran with one)."""
     rid = f"{prefix}-{uuid.uuid4().hex}"
-    return {"id": rid, "object": kind, "created": int(time.time()), "model": srv.model_name}
+    model = adapter or srv.model_name
+    return {"id": rid, "object": kind, "created": int(time.time()), "model": model}
 
 
 def _include_usage(req: CompletionRequest | ChatRequest) -> bool:
@@ -574,7 +618,7 @@ class _Completion:
 
 async def completions(srv: Server, request: Request) -> Response:
     req = await srv.parse(request, CompletionRequest)
-    srv.check_model(req.model)
+    adapter = srv.check_model(req.model)
     prompts, prompt_texts = await srv.off_loop(_completion_prompts, srv, req)
     if req.max_tokens == 0 and not req.echo:
         raise APIError(400, "max_tokens: 0 needs echo=true", param="max_tokens")
@@ -594,8 +638,8 @@ async def completions(srv: Server, request: Request) -> Response:
     every = _choices(srv, params, n, len(prompts))
     n_prompt = sum(len(x) for x in prompts)
     prompts = [p for p in prompts for _ in range(n)]
-    q, ids = await srv.run(request, prompts, every, "max_tokens", req.stream)
-    base = _response_base(srv, "cmpl", "text_completion")
+    q, ids = await srv.run(request, prompts, every, "max_tokens", req.stream, adapter)
+    base = _response_base(srv, "cmpl", "text_completion", adapter)
     completion = _Completion(srv, req, [t for t in prompt_texts for _ in range(n)])
     if req.stream:
         return _event_stream(
@@ -682,14 +726,15 @@ def _chat_delta(
 
 async def chat_completions(srv: Server, request: Request) -> Response:
     req = await srv.parse(request, ChatRequest)
-    srv.check_model(req.model)
+    adapter = srv.check_model(req.model)
     prompt = await srv.off_loop(render_chat, srv, req.messages)
     params = await _chat_params(srv, req, prompt)
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     n = req.n or 1
     every = _choices(srv, params, n, 1)
-    q, ids = await srv.run(request, [prompt] * n, every, param, req.stream)
-    base = {**_response_base(srv, "chatcmpl", "chat.completion"), "system_fingerprint": None}
+    q, ids = await srv.run(request, [prompt] * n, every, param, req.stream, adapter)
+    chat_base = _response_base(srv, "chatcmpl", "chat.completion", adapter)
+    base = {**chat_base, "system_fingerprint": None}
     if req.stream:
 
         def chunk_choices(i: int, out: Output) -> list[dict[str, Any]]:
@@ -759,6 +804,67 @@ async def detokenize(srv: Server, request: Request) -> Response:
     return JSONResponse({"prompt": await srv.off_loop(srv.tok.decode, req.tokens)})
 
 
+async def _adapter_body(srv: Server, request: Request, fields: tuple[str, ...]) -> list[str]:
+    """The string ``fields`` of a load/unload body (vLLM's names), or a 400 naming one;
+    a 404 when the server serves no adapters."""
+    if srv.engine.adapters is None:
+        raise APIError(
+            404,
+            "this server serves no LoRA adapters: start it with --lora NAME=DIR or --lora-dir DIR",
+            code="lora_disabled",
+        )
+    body = await srv.read_json(request)
+    if not isinstance(body, dict):
+        raise APIError(400, "the body must be a JSON object", code="invalid_json")
+    values = []
+    for f in fields:
+        v = body.get(f)
+        if not isinstance(v, str) or not v:
+            raise APIError(400, f"{f}: expected a non-empty string, got {shown(v)}", param=f)
+        values.append(v)
+    return values
+
+
+async def load_lora_adapter(srv: Server, request: Request) -> Response:
+    """``POST /v1/load_lora_adapter {"lora_name", "lora_path"}``: read and check the adapter
+    in a worker thread, then serve it under its name (a path only under --lora-dir)."""
+    name, path = await _adapter_body(srv, request, ("lora_name", "lora_path"))
+    registry = srv.engine.adapters
+    assert registry is not None
+    try:
+        check_name(name)
+    except ValueError as e:
+        raise APIError(400, f"lora_name: {e}", param="lora_name") from None
+    if name == srv.model_name:
+        raise APIError(409, f"lora_name {name!r} is the base model's name", param="lora_name")
+    try:
+        adapter = await srv.off_loop(registry.load, name, path)
+    except AdapterForbidden as e:
+        raise APIError(403, str(e), param="lora_path", code="lora_path_forbidden") from None
+    except AdapterNotFound as e:
+        raise APIError(404, str(e), param="lora_path", code="lora_path_not_found") from None
+    except AdapterConflict as e:
+        raise APIError(409, str(e), param="lora_name", code="lora_conflict") from None
+    except (LoraError, ValueError, OSError) as e:  # not an adapter for this base, or unreadable
+        raise APIError(400, str(e), param="lora_path", code="invalid_lora") from None
+    return JSONResponse(srv.model_card(adapter))
+
+
+async def unload_lora_adapter(srv: Server, request: Request) -> Response:
+    """``POST /v1/unload_lora_adapter {"lora_name"}``: stop serving the adapter; a 409
+    while requests run with it."""
+    (name,) = await _adapter_body(srv, request, ("lora_name",))
+    registry = srv.engine.adapters
+    assert registry is not None
+    try:
+        registry.unload(name)
+    except AdapterInUse as e:
+        raise APIError(409, str(e), param="lora_name", code="lora_in_use") from None
+    except AdapterNotFound as e:
+        raise APIError(404, str(e), param="lora_name", code="model_not_found") from None
+    return JSONResponse({"id": name, "object": "model", "deleted": True})
+
+
 async def _api_error(_request: Request, e: APIError) -> Response:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
@@ -802,21 +908,18 @@ def _add_info_routes(app: FastAPI, srv: Server, manage_engine: bool) -> None:
 
     @app.get("/v1/models")
     async def models() -> Response:
-        card = {
-            "id": srv.model_name,
-            "object": "model",
-            "created": srv.created,
-            "owned_by": "llamaforge",
-            "max_model_len": srv.engine.max_seq_len,
-        }
-        return JSONResponse({"object": "list", "data": [card]})
+        adapters = srv.engine.adapters.adapters() if srv.engine.adapters is not None else []
+        cards = [srv.model_card()] + [srv.model_card(a) for a in adapters]
+        return JSONResponse({"object": "list", "data": cards})
 
     @app.get("/v1/models/{name}")
     async def model(name: str) -> Response:
-        srv.check_model(name)
-        return JSONResponse(
-            {"id": name, "object": "model", "created": srv.created, "owned_by": "llamaforge"}
-        )
+        if srv.check_model(name) is None:
+            return JSONResponse(srv.model_card())
+        found = [a for a in srv.engine.adapters.adapters() if a.name == name]  # type: ignore[union-attr]
+        if not found:
+            raise srv.model_not_found(name)
+        return JSONResponse(srv.model_card(found[0]))
 
     @app.get("/health")
     async def health() -> Response:
@@ -906,6 +1009,8 @@ def create_app(srv: Server, *, api_key: str | None = None, manage_engine: bool =
         ("/v1/chat/completions", "chat", chat_completions),
         ("/tokenize", "tokenize", tokenize),
         ("/detokenize", "detokenize", detokenize),
+        ("/v1/load_lora_adapter", "load_lora_adapter", load_lora_adapter),
+        ("/v1/unload_lora_adapter", "unload_lora_adapter", unload_lora_adapter),
     ):
         app.add_api_route(path, _counted(srv, endpoint, fn), methods=["POST"])
     _add_info_routes(app, srv, manage_engine)

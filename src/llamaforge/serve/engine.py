@@ -61,6 +61,7 @@ from llamaforge.inference.detokenizer import TextFollower
 from llamaforge.inference.generate import check_sampling, verify_drafted
 from llamaforge.inference.sampler import RowSampling, SampledToken, logprobs_of, sample_batch
 from llamaforge.model import Transformer
+from llamaforge.serve.adapters import AdapterLease, AdapterNotFound, AdapterRegistry
 from llamaforge.serve.grammar import Grammar
 from llamaforge.serve.kv_cache import BlockManager, PagedKVCache, blocks_for
 from llamaforge.serve.logits import LogitsState, RowLogits, Shaping
@@ -207,6 +208,12 @@ class _Request(Seq):
     follower: TextFollower | None = None  # the text, its stop strings and what was streamed
     logits: RowLogits | None = None  # penalties, bias, masks (None: none)
     first_token_at: float | None = None
+    lease: AdapterLease | None = None  # the LoRA adapter it runs with, held until it ends
+
+    @property
+    def adapter(self) -> int:
+        """The row's LoRA slot for the runner (-1: the base)."""
+        return self.lease.slot if self.lease is not None else -1
 
 
 class EngineStats:
@@ -311,6 +318,7 @@ class Engine:
         num_blocks: int | None = None,
         block_size: int = 16,
         prefix_cache: bool = True,
+        adapters: AdapterRegistry | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch {max_batch}: must be at least 1")
@@ -347,6 +355,11 @@ class Engine:
         )
         self.cache = PagedKVCache(kv_args(model), num_blocks, block_size, weight.dtype, self.device)
         self.runner = ModelRunner(model, self.cache)
+        if adapters is not None and adapters.model is not model:
+            raise ValueError("the adapter registry is for another model than the engine's")
+        self.adapters = adapters
+        if adapters is not None:
+            self.runner.lora = adapters.batch
         self.draft_runner: ModelRunner | None = None
         if draft is not None:
             dtype = draft.tok_embeddings.weight.dtype
@@ -377,11 +390,14 @@ class Engine:
         params: SamplingParams,
         emit: Callable[[Output], None],
         stream: bool = True,
+        adapter: str | None = None,
     ) -> int:
         """Queue a request; ``emit`` is called from the engine thread with each Output (as
-        tokens come when ``stream``, else once at the end). Raises ValueError for a request
-        that cannot run (ContextLengthExceeded: too long for the context or the KV pool),
-        QueueFull when too many wait, EngineStopped once the engine's thread has ended."""
+        tokens come when ``stream``, else once at the end); ``adapter``: the name of a LoRA
+        adapter of ``adapters`` to run it with (None: the base). Raises ValueError for a
+        request that cannot run (ContextLengthExceeded: too long for the context or the KV
+        pool), AdapterNotFound for an adapter not loaded, QueueFull when too many wait,
+        EngineStopped once the engine's thread has ended."""
         params.check()
         self._check_shaping(params)
         if not prompt:
@@ -410,13 +426,22 @@ class Engine:
             stream=stream,
             match_prefix=not params.prompt_logprobs,  # those need every prompt position
         )
-        with self._lock:  # the thread closes under the lock: nothing queued is left unanswered
-            if self._closed:
-                raise EngineStopped("the engine has stopped")
-            if self._queued >= self.max_queue:
-                raise QueueFull(f"{self._queued} requests are waiting (limit {self.max_queue})")
-            self._queued += 1
-            self._inbox.put(("add", req))
+        if adapter is not None:
+            if self.adapters is None:
+                raise AdapterNotFound(f"no adapter named {adapter!r}: this engine serves none")
+            req.lease = self.adapters.lease(adapter)
+            req.table.extra = req.lease.key  # its KV blocks are shared with its own kind only
+        try:
+            with self._lock:  # the thread closes under the lock: nothing queued is unanswered
+                if self._closed:
+                    raise EngineStopped("the engine has stopped")
+                if self._queued >= self.max_queue:
+                    raise QueueFull(f"{self._queued} requests are waiting (limit {self.max_queue})")
+                self._queued += 1
+                self._inbox.put(("add", req))
+        except Exception:
+            self._release(req)
+            raise
         self._wake.set()
         return req.id
 
@@ -640,7 +665,8 @@ class Engine:
         tables = [r.table.blocks for r in rows]
         try:
             keep = [r.prompt_lp is not None and r.n_generated == 0 for r in rows]
-            logits = self.runner.prefill(tokens, starts, tables, keep_all=keep)
+            slots = self._slots(rows)
+            logits = self.runner.prefill(tokens, starts, tables, keep_all=keep, adapters=slots)
             if self.draft_runner is not None:
                 self.draft_runner.prefill(tokens, starts, tables, logits=False)
         except Exception as e:
@@ -691,7 +717,7 @@ class Engine:
         starts = [r.cached for r in rows]
         tables = [r.table.blocks for r in rows]
         try:
-            logits = self.runner.decode(tokens, starts, tables)[:, -1].float()
+            logits = self.runner.decode(tokens, starts, tables, self._slots(rows))[:, -1].float()
             if self.draft_runner is not None:
                 self.draft_runner.decode(tokens, starts, tables)
         except Exception as e:
@@ -718,7 +744,7 @@ class Engine:
             draft_logits.append(dl)
             proposal.append(self._propose(rows, dl, failed))
         tokens = torch.stack(proposal, dim=1)  # (n, k+1): the pending token, then k drafted
-        verify = self.runner.decode(tokens, base, tables).float()  # (n, k+1, vocab)
+        verify = self.runner.decode(tokens, base, tables, self._slots(rows)).float()
         drafted = tokens[:, 1:]
         results = self._verify(rows, verify, torch.stack(draft_logits, dim=1), drafted, failed)
         self._catch_up_draft(rows, results, drafted, base, tables)
@@ -917,7 +943,17 @@ class Engine:
     def _finish(self, req: _Request) -> None:
         self.logits_state.close(req.logits)
         self.scheduler.remove(req)
+        self._release(req)
         self._flush(req, final=True)
+
+    def _slots(self, rows: list[_Request]) -> list[int] | None:
+        """The rows' LoRA slots for the runner (None: the engine serves no adapters)."""
+        return [r.adapter for r in rows] if self.adapters is not None else None
+
+    def _release(self, req: _Request) -> None:
+        """``req`` has ended: let go of its adapter (once)."""
+        if req.lease is not None:
+            req.lease.release()
 
     def _internal(self, req: _Request, e: Exception) -> str:
         """Log what ``req`` raised; the message its client gets."""
@@ -938,6 +974,7 @@ class Engine:
         if req.admitted == 0 and req in self.scheduler.waiting:
             self._dequeued()
         self.scheduler.remove(req)
+        self._release(req)
 
     def _send(self, req: _Request, out: Output) -> None:
         try:
