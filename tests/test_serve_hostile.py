@@ -93,11 +93,12 @@ COMPLETIONS = [  # (body, param): each a 400 naming param
     (greedy("x", temperature=True), "temperature"),
     (greedy("x", top_p=0), "top_p"),
     (greedy("x", logprobs=6), "logprobs"),
-    (greedy("x", n=2), "n"),
+    (greedy("x", n=0), "n"),
     (greedy("x", best_of=3), "best_of"),
     (greedy("x", suffix="the end"), "suffix"),
-    (greedy("x", logit_bias={"50": 100}), "logit_bias"),
-    (greedy("x", presence_penalty=0.5), "presence_penalty"),
+    (greedy("x", logit_bias={"50": 101}), "logit_bias.50"),
+    (greedy("x", logit_bias={"x": 1}), "logit_bias"),
+    (greedy("x", presence_penalty=2.5), "presence_penalty"),
     (greedy("x", frequency_penalty="0"), "frequency_penalty"),
     (greedy("x", stop=["a", "b", "c", "d", "e"]), "stop"),
     (greedy("x", stop=[1]), "stop"),
@@ -113,8 +114,8 @@ COMPLETIONS = [  # (body, param): each a 400 naming param
 CHAT = [
     (chat(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
     (chat(tool_choice="required"), "tool_choice"),
-    (chat(response_format={"type": "json_object"}), "response_format"),
-    (chat(logit_bias={"1": 5}), "logit_bias"),
+    (chat(response_format={"type": "xml"}), "response_format.type"),
+    (chat(logit_bias={"1": "5"}), "logit_bias.1"),
     (chat(logprobs="true"), "logprobs"),
     (chat(top_logprobs=2), "top_logprobs"),
     (chat(max_completion_tokens=0), "max_completion_tokens"),
@@ -494,7 +495,7 @@ async def hostile(c: httpx.AsyncClient, port: int, kind: str) -> None:
         body = {
             "seed": greedy("Once", seed=2**64),
             "type": greedy("Once", max_tokens="5"),
-            "unsupported": greedy("Once", logit_bias={"7": 100}),
+            "unsupported": greedy("Once", logit_bias={"7": 1000}),
             "oversize": {"prompt": "z" * (2 << 20)},
         }[kind]
         r = await c.post("/v1/completions", json=body)

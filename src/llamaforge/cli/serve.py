@@ -72,8 +72,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="largest request body; larger ones get 413 (default 1 MiB)",
     )
     s.add_argument("--log-level", default="warning", help="uvicorn's log level (default warning)")
+    _add_lora_args(s)
     _add_limit_args(s)
     s.set_defaults(func=_serve)
+
+
+def _add_lora_args(s: argparse.ArgumentParser) -> None:
+    """LoRA adapters served by name over the base (llamaforge/serve/adapters.py)."""
+    s.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="serve the PEFT adapter DIR (as 'llamaforge finetune' writes it, for this base: "
+        "its recorded weights sha256 is checked) as the model NAME; repeatable. Requests for "
+        "different adapters and the base run in the same batches",
+    )
+    s.add_argument(
+        "--lora-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="allow POST /v1/load_lora_adapter to load adapters from under DIR (symlinks "
+        "followed; a relative lora_path is taken under the first DIR); repeatable. Without "
+        "it adapters load only at start (--lora). /v1/unload_lora_adapter refuses (409) an "
+        "adapter that requests are running with",
+    )
 
 
 def _add_limit_args(s: argparse.ArgumentParser) -> None:
@@ -195,6 +219,27 @@ def _check_args(a: argparse.Namespace) -> None:
         raise ValueError(f"--max-connections {a.max_connections}: must be >= 1")
     if not 0 <= a.port <= 65535:
         raise ValueError(f"--port {a.port}: must be in 0..65535")
+    for d in a.lora_dir:
+        if not os.path.isdir(d):
+            raise ValueError(f"--lora-dir {d!r}: not a directory")
+
+
+def _adapters(a: argparse.Namespace, model: Any, model_name: str) -> Any:
+    """The adapter registry over ``model`` with every --lora loaded (each checked against
+    the base), or None when neither --lora nor --lora-dir is given."""
+    from llamaforge.serve.adapters import AdapterRegistry, parse_lora_arg
+
+    if not (a.lora or a.lora_dir):
+        return None
+    given = [parse_lora_arg(v) for v in a.lora]
+    registry = AdapterRegistry(
+        model, base_dir=a.ckpt, allowed_dirs=a.lora_dir, reserved=[model_name]
+    )
+    for name, path in given:
+        if not os.path.isdir(path):
+            raise ValueError(f"--lora {name}={path}: not a directory")
+        registry.load(name, path, confined=False)
+    return registry
 
 
 def _load(a: argparse.Namespace) -> tuple[Loaded, Any]:
@@ -230,6 +275,7 @@ def _server(a: argparse.Namespace, loaded: Loaded, draft: Any) -> Any:
         if a.template is not None:
             raise
         template_error = str(e)
+    model_name = a.model_name or Path(a.ckpt).resolve().name
     engine = Engine(
         loaded.model,
         loaded.tok,
@@ -243,12 +289,13 @@ def _server(a: argparse.Namespace, loaded: Loaded, draft: Any) -> Any:
         num_blocks=_num_blocks(a, loaded.model, draft),
         block_size=a.block_size,
         prefix_cache=not a.no_prefix_cache,
+        adapters=_adapters(a, loaded.model, model_name),
         **({"stall_timeout": a.stall_timeout} if a.stall_timeout is not None else {}),
     )
     return Server(
         engine,
         loaded.tok,
-        model_name=a.model_name or Path(a.ckpt).resolve().name,
+        model_name=model_name,
         template=template,
         template_error=template_error,
         chat_stops=stops,
@@ -325,6 +372,9 @@ def _serve(a: argparse.Namespace) -> int:
         engine.runner = runner = BroadcastRunner(engine.runner, group)
     kv = engine.kv_nbytes / 2**20
     spec = f", draft {Path(a.draft).name} k={a.draft_k}" if draft is not None else ""
+    if engine.adapters is not None:
+        names = [x.name for x in engine.adapters.adapters()]
+        spec += f", LoRA adapters {names}" + (f" (--lora-dir {a.lora_dir})" if a.lora_dir else "")
     print(
         f"llamaforge serve: {srv.model_name} on http://{a.host}:{sock.getsockname()[1]} "
         f"({loaded.device}, {a.max_batch} rows of up to {engine.max_seq_len} positions, KV "

@@ -30,6 +30,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from importlib import resources
 from typing import Any, TypeVar
 
@@ -40,8 +41,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from llamaforge.chat_templates import ChatTemplate, ChatTemplateError, encode_text
+from llamaforge.finetune.lora import LoraError
 from llamaforge.inference.generate import check_utf8
+from llamaforge.serve.adapters import (
+    AdapterConflict,
+    AdapterForbidden,
+    AdapterInUse,
+    AdapterNotFound,
+    LoadedAdapter,
+    check_name,
+)
 from llamaforge.serve.engine import (
+    SEED_RANGE,
     ContextLengthExceeded,
     Engine,
     EngineStopped,
@@ -50,6 +61,7 @@ from llamaforge.serve.engine import (
     SamplingParams,
     TokenInfo,
 )
+from llamaforge.serve.grammar import Grammar, GrammarCompiler, GrammarError, GrammarSpec
 from llamaforge.serve.metrics import ServeMetrics
 from llamaforge.serve.protocol import (
     APIError,
@@ -58,6 +70,7 @@ from llamaforge.serve.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
+    shown,
     validation_error,
 )
 from llamaforge.serve.tools import (
@@ -70,6 +83,7 @@ from llamaforge.serve.tools import (
 from llamaforge.tokenizer import Tokenizer
 
 DEFAULT_MAX_BODY = 1 << 20
+GRAMMAR_TIMEOUT = 10.0  # seconds a schema, regex or grammar may take to compile
 RENDER_THREADS = 4  # chat templates and prompt encoding, off the event loop
 
 log = logging.getLogger(__name__)
@@ -126,6 +140,8 @@ class Server:
         self.eos_piece = tokenizer.id_to_piece(tokenizer.eos_id)
         self._pieces: dict[int, str] = {}
         self._workers = ThreadPoolExecutor(RENDER_THREADS, thread_name_prefix="llamaforge-render")
+        self._grammars: GrammarCompiler | None = None
+        self.grammar_timeout = GRAMMAR_TIMEOUT
 
     async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` in a worker thread: the event loop serves other clients meanwhile."""
@@ -171,14 +187,38 @@ class Server:
         req.check()
         return req
 
-    def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.model_name:
-            raise APIError(
-                404,
-                f"the model {name!r} does not exist; this server serves {self.model_name!r}",
-                param="model",
-                code="model_not_found",
-            )
+    def check_model(self, name: str | None) -> str | None:
+        """The LoRA adapter a request's ``model`` names (None: the base); a 404 for a name
+        that is neither the base nor a loaded adapter."""
+        if name is None or name == self.model_name:
+            return None
+        adapters = self.engine.adapters
+        if adapters is not None and name in adapters:
+            return name
+        raise self.model_not_found(name)
+
+    def model_not_found(self, name: str) -> APIError:
+        names = [self.model_name]
+        if self.engine.adapters is not None:
+            names += [a.name for a in self.engine.adapters.adapters()]
+        return APIError(
+            404,
+            f"the model {name!r} does not exist; this server serves {', '.join(map(repr, names))}",
+            param="model",
+            code="model_not_found",
+        )
+
+    def model_card(self, adapter: LoadedAdapter | None = None) -> dict[str, Any]:
+        """/v1/models' entry for the base or a LoRA adapter (its ``parent``: the base)."""
+        return {
+            "id": adapter.name if adapter is not None else self.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "llamaforge",
+            "root": self.model_name,
+            "parent": self.model_name if adapter is not None else None,
+            "max_model_len": self.engine.max_seq_len,
+        }
 
     # -- tokens as text ---------------------------------------------------------------
 
@@ -210,18 +250,50 @@ class Server:
             raise APIError(400, str(e), param=what) from None
         return self.tok.encode(prompt, bos=True)
 
+    # -- structured output ------------------------------------------------------------
+
+    def _compile(self, spec: GrammarSpec) -> Grammar:
+        if self._grammars is None:  # built on first use (a pass over the vocabulary)
+            self._grammars = GrammarCompiler(self.tok, self.engine.model.args.vocab_size)
+        return self._grammars.compile(spec)
+
+    async def grammar(self, spec: GrammarSpec | None) -> Grammar | None:
+        """``spec`` compiled in a worker thread (never the engine's), within
+        ``grammar_timeout`` seconds; a 400 naming the field when it cannot be."""
+        if spec is None:
+            return None
+        if self.engine.draft is not None:
+            raise APIError(
+                400,
+                f"{spec.param}: not supported with speculative decoding (this server runs a "
+                "draft model)",
+                param=spec.param,
+            )
+        try:
+            return await asyncio.wait_for(self.off_loop(self._compile, spec), self.grammar_timeout)
+        except GrammarError as e:
+            raise APIError(400, str(e), param=spec.param, code="invalid_grammar") from None
+        except asyncio.TimeoutError:
+            raise APIError(
+                400,
+                f"{spec.param}: compiling it took over {self.grammar_timeout:g} s",
+                param=spec.param,
+                code="invalid_grammar",
+            ) from None
+
     # -- running requests -------------------------------------------------------------
 
     async def run(
         self,
         request: Request,
         prompts: list[list[int]],
-        params: SamplingParams,
+        params: list[SamplingParams],
         param: str,
         stream: bool,
+        adapter: str | None = None,
     ) -> tuple[asyncio.Queue[tuple[int, Output]], list[int]]:
-        """Submit one engine request per prompt; their Outputs arrive on the queue as
-        ``(index, output)``."""
+        """Submit one engine request per prompt (``params[i]`` for ``prompts[i]``, with the
+        LoRA ``adapter``, if named); their Outputs arrive on the queue as ``(index, output)``."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()
 
@@ -230,8 +302,13 @@ class Server:
 
         ids: list[int] = []
         try:
-            for i, prompt in enumerate(prompts):
-                ids.append(self.engine.submit(prompt, params, emitter(i), stream=stream))
+            for i, (prompt, p) in enumerate(zip(prompts, params)):
+                ids.append(
+                    self.engine.submit(prompt, p, emitter(i), stream=stream, adapter=adapter)
+                )
+        except AdapterNotFound:  # unloaded since check_model
+            self.cancel(ids)
+            raise self.model_not_found(adapter or "") from None
         except QueueFull as e:
             self.cancel(ids)
             raise APIError(
@@ -245,7 +322,8 @@ class Server:
             raise APIError(400, str(e), param=param, code="context_length_exceeded") from None
         except ValueError as e:
             self.cancel(ids)
-            raise APIError(400, str(e), code="invalid_value") from None
+            param = next((f for f in SHAPING_FIELDS if str(e).startswith(f)), None)
+            raise APIError(400, str(e), param=param, code="invalid_value") from None
         return q, ids
 
     def cancel(self, ids: list[int]) -> None:
@@ -345,10 +423,14 @@ def _max_tokens(requested: int | None, prompt_len: int, context: int) -> int:
     return requested if requested is not None else max(context - prompt_len, 0)
 
 
-def _response_base(srv: Server, prefix: str, kind: str) -> dict[str, Any]:
-    """The fields every response and chunk of one request repeats."""
+def _response_base(
+    srv: Server, prefix: str, kind: str, adapter: str | None = None
+) -> dict[str, Any]:
+    """The fields every response and chunk of one request repeats (``model``: the LoRA
+    adapter's name when it ran with one)."""
     rid = f"{prefix}-{uuid.uuid4().hex}"
-    return {"id": rid, "object": kind, "created": int(time.time()), "model": srv.model_name}
+    model = adapter or srv.model_name
+    return {"id": rid, "object": kind, "created": int(time.time()), "model": model}
 
 
 def _include_usage(req: CompletionRequest | ChatRequest) -> bool:
@@ -419,6 +501,62 @@ def _event_stream(
 
 
 # ------------------------------------------------------------------------- the handlers
+
+SHAPING_FIELDS = (
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "logit_bias",
+    "min_tokens",
+    "stop_token_ids",
+    "response_format",
+)
+
+
+async def _shaping(
+    srv: Server,
+    req: CompletionRequest | ChatRequest,
+    max_tokens: int,
+    grammar: GrammarSpec | None = None,
+) -> dict[str, Any]:
+    """The request's penalties, bias, token limits and grammar (``grammar``, a tool
+    choice's, or the request's own) as SamplingParams fields."""
+    if req.min_tokens > max_tokens:
+        raise APIError(
+            400,
+            f"min_tokens {req.min_tokens}: more than max_tokens {max_tokens}",
+            param="min_tokens",
+        )
+    return {
+        "presence_penalty": req.presence_penalty or 0.0,
+        "frequency_penalty": req.frequency_penalty or 0.0,
+        "repetition_penalty": req.repetition_penalty or 1.0,
+        "logit_bias": req.logit_bias_ids(),
+        "min_tokens": req.min_tokens,
+        "stop_token_ids": list(req.stop_token_ids or ()),
+        "grammar": await srv.grammar(grammar or req.grammar_spec()),
+    }
+
+
+def _choices(srv: Server, params: SamplingParams, n: int, prompts: int) -> list[SamplingParams]:
+    """``params`` for each of ``n`` choices of each of ``prompts`` prompts (OpenAI's order:
+    a prompt's choices together); choice j of a seeded request is seeded ``seed + j``."""
+    if n * prompts > srv.engine.max_queue:
+        raise APIError(
+            400,
+            f"n: {n} choices of {prompts} prompts are {n * prompts} requests; this server "
+            f"takes at most {srv.engine.max_queue} at once (--max-queue)",
+            param="n",
+        )
+    out = []
+    for _ in range(prompts):
+        for j in range(n):
+            seed = params.seed
+            if seed is not None and j:
+                seed = (seed + j - SEED_RANGE[0]) % (SEED_RANGE[1] - SEED_RANGE[0] + 1)
+                seed += SEED_RANGE[0]
+            out.append(replace(params, seed=seed))
+    return out
 
 
 def _completion_prompts(srv: Server, req: CompletionRequest) -> tuple[list[list[int]], list[str]]:
@@ -491,24 +629,29 @@ class _Completion:
 
 async def completions(srv: Server, request: Request) -> Response:
     req = await srv.parse(request, CompletionRequest)
-    srv.check_model(req.model)
+    adapter = srv.check_model(req.model)
     prompts, prompt_texts = await srv.off_loop(_completion_prompts, srv, req)
     if req.max_tokens == 0 and not req.echo:
         raise APIError(400, "max_tokens: 0 needs echo=true", param="max_tokens")
     longest = max(len(ids) for ids in prompts)
+    max_tokens = _max_tokens(req.max_tokens, longest, srv.engine.max_seq_len)
     params = SamplingParams(
-        max_tokens=_max_tokens(req.max_tokens, longest, srv.engine.max_seq_len),
+        max_tokens=max_tokens,
         temperature=req.temperature,
         top_p=req.top_p,
         stop=req.stops(),
         seed=req.seed,
         logprobs=req.logprobs,
         prompt_logprobs=req.echo and req.logprobs is not None,
+        **await _shaping(srv, req, max_tokens),
     )
-    q, ids = await srv.run(request, prompts, params, "max_tokens", req.stream)
-    base = _response_base(srv, "cmpl", "text_completion")
-    completion = _Completion(srv, req, prompt_texts)
+    n = req.n or 1
+    every = _choices(srv, params, n, len(prompts))
     n_prompt = sum(len(x) for x in prompts)
+    prompts = [p for p in prompts for _ in range(n)]
+    q, ids = await srv.run(request, prompts, every, "max_tokens", req.stream, adapter)
+    base = _response_base(srv, "cmpl", "text_completion", adapter)
+    completion = _Completion(srv, req, [t for t in prompt_texts for _ in range(n)])
     if req.stream:
         return _event_stream(
             srv,
@@ -572,7 +715,9 @@ def render_chat(
     return encode_text(srv.tok, rendered, srv.template.bos_token, srv.template.eos_token)
 
 
-def _chat_params(srv: Server, req: ChatRequest, prompt: list[int]) -> SamplingParams:
+async def _chat_params(
+    srv: Server, req: ChatRequest, prompt: list[int], grammar: GrammarSpec | None = None
+) -> SamplingParams:
     context = srv.engine.max_seq_len
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else None
     if requested is None:
@@ -585,22 +730,27 @@ def _chat_params(srv: Server, req: ChatRequest, prompt: list[int]) -> SamplingPa
             code="context_length_exceeded",
         )
     k = req.top_logprobs or 0
+    max_tokens = _max_tokens(requested, len(prompt), context)
     return SamplingParams(
-        max_tokens=_max_tokens(requested, len(prompt), context),
+        max_tokens=max_tokens,
         temperature=req.temperature,
         top_p=req.top_p,
         stop=[*req.stops(), *srv.chat_stops],
         seed=req.seed,
         logprobs=k if req.logprobs else None,
+        **await _shaping(srv, req, max_tokens, grammar),
     )
 
 
 def _chat_delta(
-    delta: dict[str, Any], lp: list[dict[str, Any]] | None = None, finish: str | None = None
+    delta: dict[str, Any],
+    lp: list[dict[str, Any]] | None = None,
+    finish: str | None = None,
+    index: int = 0,
 ) -> dict[str, Any]:
     """One streamed chat choice."""
     return {
-        "index": 0,
+        "index": index,
         "delta": delta,
         "logprobs": {"content": lp} if lp is not None else None,
         "finish_reason": finish,
@@ -617,42 +767,63 @@ def _tool_choice(req: ChatRequest) -> ToolChoice | None:
         raise APIError(400, str(e), param=param, code="invalid_value") from None
 
 
+def _tool_spec(req: ChatRequest, tools: ToolChoice) -> GrammarSpec | None:
+    """The grammar of a required or named tool_choice (in a worker thread: it builds a
+    grammar from the functions' schemas); a 400 naming what cannot be."""
+    try:
+        spec = tools.spec()
+    except ToolError as e:
+        raise APIError(400, str(e), param="tools", code="invalid_grammar") from None
+    if spec is not None and req.grammar_spec() is not None:
+        raise APIError(
+            400,
+            f"tool_choice: {shown(req.tool_choice_value())} constrains the answer to a tool "
+            "call; it cannot be combined with response_format, guided_regex or guided_grammar",
+            param="tool_choice",
+        )
+    return spec
+
+
 def _tool_chunks(
-    srv: Server, req: ChatRequest, reader: AnswerReader, out: Output
+    srv: Server, req: ChatRequest, reader: AnswerReader, index: int, out: Output
 ) -> list[dict[str, Any]]:
-    """The streamed choices of ``out`` for an answer read for tool calls: its content and
-    calls as `AnswerReader` lets them go (the logprobs with the first)."""
+    """The streamed choices of ``out`` for choice ``index``, an answer read for tool calls:
+    its content and calls as `AnswerReader` lets them go (the logprobs with the first)."""
     lp = srv.chat_logprobs(out.tokens) if req.logprobs else None
     deltas = reader.deltas(out.text, out.finished)
     if lp and not deltas:
         deltas = [{"content": ""}]
-    chosen = [_chat_delta(d, lp if k == 0 else None) for k, d in enumerate(deltas)]
+    chosen = [_chat_delta(d, lp if k == 0 else None, None, index) for k, d in enumerate(deltas)]
     if out.finished:
-        chosen.append(_chat_delta({}, None, reader.finish_reason(out.finish_reason)))
+        chosen.append(_chat_delta({}, None, reader.finish_reason(out.finish_reason), index))
     return chosen
 
 
 async def chat_completions(srv: Server, request: Request) -> Response:
     req = await srv.parse(request, ChatRequest)
-    srv.check_model(req.model)
+    adapter = srv.check_model(req.model)
     tools = _tool_choice(req)
     rendered = tools.rendered if tools is not None else None
     prompt = await srv.off_loop(render_chat, srv, req.messages, True, rendered)
-    params = _chat_params(srv, req, prompt)
+    spec = await srv.off_loop(_tool_spec, req, tools) if tools is not None else None
+    params = await _chat_params(srv, req, prompt, spec)
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-    q, ids = await srv.run(request, [prompt], params, param, req.stream)
-    base = {**_response_base(srv, "chatcmpl", "chat.completion"), "system_fingerprint": None}
+    n = req.n or 1
+    every = _choices(srv, params, n, 1)
+    q, ids = await srv.run(request, [prompt] * n, every, param, req.stream, adapter)
+    chat_base = _response_base(srv, "chatcmpl", "chat.completion", adapter)
+    base = {**chat_base, "system_fingerprint": None}
     names = tools.names if tools is not None and tools.parse else None
     if req.stream:
-        reader = AnswerReader(names) if names is not None else None
+        readers = [AnswerReader(names) for _ in range(n)] if names is not None else None
 
-        def chunk_choices(_i: int, out: Output) -> list[dict[str, Any]]:
-            if reader is not None:
-                return _tool_chunks(srv, req, reader, out)
+        def chunk_choices(i: int, out: Output) -> list[dict[str, Any]]:
+            if readers is not None:
+                return _tool_chunks(srv, req, readers[i], i, out)
             lp = srv.chat_logprobs(out.tokens) if req.logprobs else None
-            chosen = [_chat_delta({"content": out.text}, lp)] if out.text or lp else []
+            chosen = [_chat_delta({"content": out.text}, lp, None, i)] if out.text or lp else []
             if out.finished:
-                chosen.append(_chat_delta({}, None, out.finish_reason))
+                chosen.append(_chat_delta({}, None, out.finish_reason, i))
             return chosen
 
         return _event_stream(
@@ -664,23 +835,34 @@ async def chat_completions(srv: Server, request: Request) -> Response:
             include_usage=_include_usage(req),
             prompt_tokens=len(prompt),
             choices=chunk_choices,
-            opening=[_chat_delta({"role": "assistant", "content": ""})],
+            opening=[_chat_delta({"role": "assistant", "content": ""}, index=i) for i in range(n)],
         )
-    outs = (await srv.collect(request, q, ids, "chat"))[0]
+    all_outs = await srv.collect(request, q, ids, "chat")
+    choices = [_chat_choice(srv, req, i, outs, names) for i, outs in enumerate(all_outs)]
+    usage = srv.usage(len(prompt), sum(outs[-1].completion_tokens for outs in all_outs))
+    return JSONResponse({**base, "choices": choices, "usage": usage})
+
+
+def _chat_choice(
+    srv: Server,
+    req: ChatRequest,
+    index: int,
+    outs: list[Output],
+    names: frozenset[str] | None = None,
+) -> dict[str, Any]:
+    """One choice of a whole answer; with ``names`` (tools in use), read for tool calls."""
     infos = [t for o in outs for t in o.tokens]
     text, finish = "".join(o.text for o in outs), outs[-1].finish_reason
     message: dict[str, Any] = {"role": "assistant", "content": text}
     if names is not None:
         message.update(answer_message(text, names))
         finish = finish_reason(finish, len(message.get("tool_calls", ())))
-    choice = {
-        "index": 0,
+    return {
+        "index": index,
         "message": message,
         "logprobs": {"content": srv.chat_logprobs(infos)} if req.logprobs else None,
         "finish_reason": finish,
     }
-    usage = srv.usage(len(prompt), outs[-1].completion_tokens)
-    return JSONResponse({**base, "choices": [choice], "usage": usage})
 
 
 def _tokenize_text(srv: Server, req: TokenizeRequest) -> list[int]:
@@ -714,6 +896,67 @@ async def detokenize(srv: Server, request: Request) -> Response:
     if bad is not None:
         raise APIError(400, f"tokens: id {bad} is outside 0..{vocab - 1}", param="tokens")
     return JSONResponse({"prompt": await srv.off_loop(srv.tok.decode, req.tokens)})
+
+
+async def _adapter_body(srv: Server, request: Request, fields: tuple[str, ...]) -> list[str]:
+    """The string ``fields`` of a load/unload body (vLLM's names), or a 400 naming one;
+    a 404 when the server serves no adapters."""
+    if srv.engine.adapters is None:
+        raise APIError(
+            404,
+            "this server serves no LoRA adapters: start it with --lora NAME=DIR or --lora-dir DIR",
+            code="lora_disabled",
+        )
+    body = await srv.read_json(request)
+    if not isinstance(body, dict):
+        raise APIError(400, "the body must be a JSON object", code="invalid_json")
+    values = []
+    for f in fields:
+        v = body.get(f)
+        if not isinstance(v, str) or not v:
+            raise APIError(400, f"{f}: expected a non-empty string, got {shown(v)}", param=f)
+        values.append(v)
+    return values
+
+
+async def load_lora_adapter(srv: Server, request: Request) -> Response:
+    """``POST /v1/load_lora_adapter {"lora_name", "lora_path"}``: read and check the adapter
+    in a worker thread, then serve it under its name (a path only under --lora-dir)."""
+    name, path = await _adapter_body(srv, request, ("lora_name", "lora_path"))
+    registry = srv.engine.adapters
+    assert registry is not None
+    try:
+        check_name(name)
+    except ValueError as e:
+        raise APIError(400, f"lora_name: {e}", param="lora_name") from None
+    if name == srv.model_name:
+        raise APIError(409, f"lora_name {name!r} is the base model's name", param="lora_name")
+    try:
+        adapter = await srv.off_loop(registry.load, name, path)
+    except AdapterForbidden as e:
+        raise APIError(403, str(e), param="lora_path", code="lora_path_forbidden") from None
+    except AdapterNotFound as e:
+        raise APIError(404, str(e), param="lora_path", code="lora_path_not_found") from None
+    except AdapterConflict as e:
+        raise APIError(409, str(e), param="lora_name", code="lora_conflict") from None
+    except (LoraError, ValueError, OSError) as e:  # not an adapter for this base, or unreadable
+        raise APIError(400, str(e), param="lora_path", code="invalid_lora") from None
+    return JSONResponse(srv.model_card(adapter))
+
+
+async def unload_lora_adapter(srv: Server, request: Request) -> Response:
+    """``POST /v1/unload_lora_adapter {"lora_name"}``: stop serving the adapter; a 409
+    while requests run with it."""
+    (name,) = await _adapter_body(srv, request, ("lora_name",))
+    registry = srv.engine.adapters
+    assert registry is not None
+    try:
+        registry.unload(name)
+    except AdapterInUse as e:
+        raise APIError(409, str(e), param="lora_name", code="lora_in_use") from None
+    except AdapterNotFound as e:
+        raise APIError(404, str(e), param="lora_name", code="model_not_found") from None
+    return JSONResponse({"id": name, "object": "model", "deleted": True})
 
 
 async def _api_error(_request: Request, e: APIError) -> Response:
@@ -759,21 +1002,18 @@ def _add_info_routes(app: FastAPI, srv: Server, manage_engine: bool) -> None:
 
     @app.get("/v1/models")
     async def models() -> Response:
-        card = {
-            "id": srv.model_name,
-            "object": "model",
-            "created": srv.created,
-            "owned_by": "llamaforge",
-            "max_model_len": srv.engine.max_seq_len,
-        }
-        return JSONResponse({"object": "list", "data": [card]})
+        adapters = srv.engine.adapters.adapters() if srv.engine.adapters is not None else []
+        cards = [srv.model_card()] + [srv.model_card(a) for a in adapters]
+        return JSONResponse({"object": "list", "data": cards})
 
     @app.get("/v1/models/{name}")
     async def model(name: str) -> Response:
-        srv.check_model(name)
-        return JSONResponse(
-            {"id": name, "object": "model", "created": srv.created, "owned_by": "llamaforge"}
-        )
+        if srv.check_model(name) is None:
+            return JSONResponse(srv.model_card())
+        found = [a for a in srv.engine.adapters.adapters() if a.name == name]  # type: ignore[union-attr]
+        if not found:
+            raise srv.model_not_found(name)
+        return JSONResponse(srv.model_card(found[0]))
 
     @app.get("/health")
     async def health() -> Response:
@@ -863,6 +1103,8 @@ def create_app(srv: Server, *, api_key: str | None = None, manage_engine: bool =
         ("/v1/chat/completions", "chat", chat_completions),
         ("/tokenize", "tokenize", tokenize),
         ("/detokenize", "detokenize", detokenize),
+        ("/v1/load_lora_adapter", "load_lora_adapter", load_lora_adapter),
+        ("/v1/unload_lora_adapter", "unload_lora_adapter", unload_lora_adapter),
     ):
         app.add_api_route(path, _counted(srv, endpoint, fn), methods=["POST"])
     _add_info_routes(app, srv, manage_engine)

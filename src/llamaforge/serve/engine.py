@@ -61,7 +61,10 @@ from llamaforge.inference.detokenizer import TextFollower
 from llamaforge.inference.generate import check_sampling, verify_drafted
 from llamaforge.inference.sampler import RowSampling, SampledToken, logprobs_of, sample_batch
 from llamaforge.model import Transformer
+from llamaforge.serve.adapters import AdapterLease, AdapterNotFound, AdapterRegistry
+from llamaforge.serve.grammar import Grammar
 from llamaforge.serve.kv_cache import BlockManager, PagedKVCache, blocks_for
+from llamaforge.serve.logits import LogitsState, RowLogits, Shaping
 from llamaforge.serve.runner import ModelRunner
 from llamaforge.serve.scheduler import Scheduler, Seq, StepPlan
 from llamaforge.serve.tp import kv_args
@@ -104,9 +107,29 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's and the k likeliest
     prompt_logprobs: bool = False  # the prompt's token logprobs too (echo)
+    presence_penalty: float = 0.0  # OpenAI's, in [-2, 2]
+    frequency_penalty: float = 0.0  # OpenAI's, in [-2, 2]
+    repetition_penalty: float = 1.0  # HF's / CTRL's, > 0 (1: none)
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> [-100, 100]
+    min_tokens: int = 0  # eos and stop_token_ids masked until this many tokens
+    stop_token_ids: Sequence[int] = ()  # tokens that end the request (not in its text)
+    grammar: Grammar | None = None  # structured output (`serve.grammar`)
+
+    def shaping(self) -> Shaping:
+        """The logits settings (`serve.logits`)."""
+        return Shaping(
+            self.presence_penalty,
+            self.frequency_penalty,
+            self.repetition_penalty,
+            self.logit_bias,
+            self.min_tokens,
+            tuple(self.stop_token_ids),
+            self.grammar,
+        )
 
     def check(self) -> None:
         """Raise ValueError naming the first setting the engine cannot take."""
+        self._check_shaping()
         if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
             raise ValueError(f"max_tokens {self.max_tokens!r}: must be an integer >= 0")
         check_sampling(self.temperature, self.top_p)
@@ -118,6 +141,30 @@ class SamplingParams:
             raise ValueError(f"seed {self.seed!r}: must be an integer in {SEED_RANGE[0]}..2**64-1")
         if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(f"stop {self.stop!r}: must be a sequence of non-empty strings")
+
+    def _check_shaping(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and -2.0 <= v <= 2.0):
+                raise ValueError(f"{name} {v!r}: must be a number in [-2, 2]")
+        r = self.repetition_penalty
+        if not (isinstance(r, (int, float)) and 0.0 < r <= 2.0):
+            raise ValueError(f"repetition_penalty {r!r}: must be a number in (0, 2] (1: none)")
+        for t, b in self.logit_bias.items():
+            if not (isinstance(b, (int, float)) and -100.0 <= b <= 100.0):
+                raise ValueError(f"logit_bias {b!r} for token {t}: must be in [-100, 100]")
+        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise ValueError(f"min_tokens {self.min_tokens!r}: must be an integer >= 0")
+
+    def check_tokens(self, vocab: int) -> None:
+        """Raise ValueError naming a token id (``logit_bias``, ``stop_token_ids``) outside
+        the vocabulary of ``vocab`` tokens."""
+        for name, ids in (("logit_bias", self.logit_bias), ("stop_token_ids", self.stop_token_ids)):
+            bad = next((t for t in ids if not (isinstance(t, int) and 0 <= t < vocab)), None)
+            if bad is not None:
+                raise ValueError(
+                    f"{name}: token id {bad!r} is outside the vocabulary (0..{vocab - 1})"
+                )
 
 
 @dataclass
@@ -159,7 +206,14 @@ class _Request(Seq):
     generator: torch.Generator | None = None
     sampling: RowSampling | None = None  # the row's settings for the batched sampler
     follower: TextFollower | None = None  # the text, its stop strings and what was streamed
+    logits: RowLogits | None = None  # penalties, bias, masks (None: none)
     first_token_at: float | None = None
+    lease: AdapterLease | None = None  # the LoRA adapter it runs with, held until it ends
+
+    @property
+    def adapter(self) -> int:
+        """The row's LoRA slot for the runner (-1: the base)."""
+        return self.lease.slot if self.lease is not None else -1
 
 
 class EngineStats:
@@ -264,6 +318,7 @@ class Engine:
         num_blocks: int | None = None,
         block_size: int = 16,
         prefix_cache: bool = True,
+        adapters: AdapterRegistry | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch {max_batch}: must be at least 1")
@@ -300,11 +355,17 @@ class Engine:
         )
         self.cache = PagedKVCache(kv_args(model), num_blocks, block_size, weight.dtype, self.device)
         self.runner = ModelRunner(model, self.cache)
+        if adapters is not None and adapters.model is not model:
+            raise ValueError("the adapter registry is for another model than the engine's")
+        self.adapters = adapters
+        if adapters is not None:
+            self.runner.lora = adapters.batch
         self.draft_runner: ModelRunner | None = None
         if draft is not None:
             dtype = draft.tok_embeddings.weight.dtype
             cache = PagedKVCache(draft.args, num_blocks, block_size, dtype, self.device)
             self.draft_runner = ModelRunner(draft, cache)
+        self.logits_state = LogitsState(model.args.vocab_size, self.device, tokenizer.eos_id)
         self.stats = EngineStats()
         self.stats.kv_total = num_blocks * block_size
         self.stats.kv_blocks_total = num_blocks
@@ -329,12 +390,16 @@ class Engine:
         params: SamplingParams,
         emit: Callable[[Output], None],
         stream: bool = True,
+        adapter: str | None = None,
     ) -> int:
         """Queue a request; ``emit`` is called from the engine thread with each Output (as
-        tokens come when ``stream``, else once at the end). Raises ValueError for a request
-        that cannot run (ContextLengthExceeded: too long for the context or the KV pool),
-        QueueFull when too many wait, EngineStopped once the engine's thread has ended."""
+        tokens come when ``stream``, else once at the end); ``adapter``: the name of a LoRA
+        adapter of ``adapters`` to run it with (None: the base). Raises ValueError for a
+        request that cannot run (ContextLengthExceeded: too long for the context or the KV
+        pool), AdapterNotFound for an adapter not loaded, QueueFull when too many wait,
+        EngineStopped once the engine's thread has ended."""
         params.check()
+        self._check_shaping(params)
         if not prompt:
             raise ValueError("the prompt is empty")
         vocab = self.model.args.vocab_size
@@ -361,15 +426,45 @@ class Engine:
             stream=stream,
             match_prefix=not params.prompt_logprobs,  # those need every prompt position
         )
-        with self._lock:  # the thread closes under the lock: nothing queued is left unanswered
-            if self._closed:
-                raise EngineStopped("the engine has stopped")
-            if self._queued >= self.max_queue:
-                raise QueueFull(f"{self._queued} requests are waiting (limit {self.max_queue})")
-            self._queued += 1
-            self._inbox.put(("add", req))
+        if adapter is not None:
+            if self.adapters is None:
+                raise AdapterNotFound(f"no adapter named {adapter!r}: this engine serves none")
+            req.lease = self.adapters.lease(adapter)
+            req.table.extra = req.lease.key  # its KV blocks are shared with its own kind only
+        try:
+            with self._lock:  # the thread closes under the lock: nothing queued is unanswered
+                if self._closed:
+                    raise EngineStopped("the engine has stopped")
+                if self._queued >= self.max_queue:
+                    raise QueueFull(f"{self._queued} requests are waiting (limit {self.max_queue})")
+                self._queued += 1
+                self._inbox.put(("add", req))
+        except Exception:
+            self._release(req)
+            raise
         self._wake.set()
         return req.id
+
+    def _check_shaping(self, params: SamplingParams) -> None:
+        """Raise ValueError for logits settings the engine cannot take: token ids outside
+        the vocabulary, or any of them with a draft (its verification does not apply them)."""
+        params.check_tokens(self.model.args.vocab_size)
+        if self.draft is None or not params.shaping().active:
+            return
+        s, names = params.shaping(), []
+        if s.grammar is not None:
+            names.append("response_format")
+        names += [n for n in ("presence_penalty", "frequency_penalty") if getattr(s, n)]
+        if s.repetition_penalty != 1.0:
+            names.append("repetition_penalty")
+        if s.logit_bias:
+            names.append("logit_bias")
+        if s.min_tokens:
+            names.append("min_tokens")
+        raise ValueError(
+            f"{', '.join(names)}: not supported with speculative decoding (this server runs "
+            "a draft model)"
+        )
 
     def cancel(self, request_id: int) -> None:
         self._inbox.put(("cancel", request_id))
@@ -554,6 +649,7 @@ class Engine:
             req.generator.seed()
         p = req.params
         req.sampling = RowSampling(p.temperature, p.top_p, None, req.generator, p.logprobs)
+        req.logits = self.logits_state.open(p.shaping(), req.prompt)
         if p.prompt_logprobs:
             req.prompt_lp = [TokenInfo(req.prompt[0])]
 
@@ -569,7 +665,8 @@ class Engine:
         tables = [r.table.blocks for r in rows]
         try:
             keep = [r.prompt_lp is not None and r.n_generated == 0 for r in rows]
-            logits = self.runner.prefill(tokens, starts, tables, keep_all=keep)
+            slots = self._slots(rows)
+            logits = self.runner.prefill(tokens, starts, tables, keep_all=keep, adapters=slots)
             if self.draft_runner is not None:
                 self.draft_runner.prefill(tokens, starts, tables, logits=False)
         except Exception as e:
@@ -620,7 +717,7 @@ class Engine:
         starts = [r.cached for r in rows]
         tables = [r.table.blocks for r in rows]
         try:
-            logits = self.runner.decode(tokens, starts, tables)[:, -1].float()
+            logits = self.runner.decode(tokens, starts, tables, self._slots(rows))[:, -1].float()
             if self.draft_runner is not None:
                 self.draft_runner.decode(tokens, starts, tables)
         except Exception as e:
@@ -647,7 +744,7 @@ class Engine:
             draft_logits.append(dl)
             proposal.append(self._propose(rows, dl, failed))
         tokens = torch.stack(proposal, dim=1)  # (n, k+1): the pending token, then k drafted
-        verify = self.runner.decode(tokens, base, tables).float()  # (n, k+1, vocab)
+        verify = self.runner.decode(tokens, base, tables, self._slots(rows)).float()
         drafted = tokens[:, 1:]
         results = self._verify(rows, verify, torch.stack(draft_logits, dim=1), drafted, failed)
         self._catch_up_draft(rows, results, drafted, base, tables)
@@ -774,7 +871,11 @@ class Engine:
         """Sample every row's next token from its ``logits`` (one row each, (n, vocab)) in one
         batched call, with one transfer to the host, then follow each row's text, emit, and
         retire the rows that are done. The one place the model's tokens are sampled."""
-        picks = sample_batch(logits, [r.sampling for r in rows]).to_host()  # type: ignore[misc]
+        shaped = [r.logits for r in rows]
+        allowed, bias = self.logits_state.shape(shaped, logits)
+        result = sample_batch(logits, [r.sampling for r in rows], allowed=allowed, bias=bias)  # type: ignore[misc]
+        self.logits_state.count(shaped, result.tokens)
+        picks = result.to_host()
         for req, pick in zip(rows, picks):
             if pick.error is not None:
                 self._error(req, f"the model's logits: {pick.error}: no text can be generated")
@@ -800,13 +901,16 @@ class Engine:
         self.stats.record_tokens(1)
         req.new_tokens.append(info)  # eos too: it was generated (usage, logprobs)
         req.n_generated += 1
-        if token == self.tokenizer.eos_id:
+        matcher = req.logits.matcher if req.logits is not None else None
+        if token == self.tokenizer.eos_id or token in p.stop_token_ids:
             req.finish = "stop"
+        elif matcher is not None and not matcher.accept(token):
+            raise RuntimeError(f"the grammar refused token {token}, which its mask allowed")
         else:
             req.generated.append(token)
             req.pending = token
             assert req.follower is not None
-            if req.follower.add(token):
+            if req.follower.add(token) or (matcher is not None and matcher.done):
                 req.finish = "stop"
             elif len(req.generated) >= p.max_tokens or req.cached + 1 >= self.max_seq_len:
                 req.finish = "length"
@@ -837,8 +941,19 @@ class Engine:
         self._send(req, out)
 
     def _finish(self, req: _Request) -> None:
+        self.logits_state.close(req.logits)
         self.scheduler.remove(req)
+        self._release(req)
         self._flush(req, final=True)
+
+    def _slots(self, rows: list[_Request]) -> list[int] | None:
+        """The rows' LoRA slots for the runner (None: the engine serves no adapters)."""
+        return [r.adapter for r in rows] if self.adapters is not None else None
+
+    def _release(self, req: _Request) -> None:
+        """``req`` has ended: let go of its adapter (once)."""
+        if req.lease is not None:
+            req.lease.release()
 
     def _internal(self, req: _Request, e: Exception) -> str:
         """Log what ``req`` raised; the message its client gets."""
@@ -855,9 +970,11 @@ class Engine:
 
     def _drop(self, req: _Request) -> None:
         """Take ``req`` out of the scheduler, wherever it is, and release its blocks."""
+        self.logits_state.close(req.logits)
         if req.admitted == 0 and req in self.scheduler.waiting:
             self._dequeued()
         self.scheduler.remove(req)
+        self._release(req)
 
     def _send(self, req: _Request, out: Output) -> None:
         try:

@@ -4,12 +4,13 @@ Types are strict, as OpenAI's API declares them: ``"5"`` is not an integer, ``"y
 boolean, ``1`` is a number but ``true`` is not; NaN and infinities are refused. Every number
 has the range the engine can take (``seed`` is a signed 64-bit integer, as OpenAI's). Fields
 OpenAI defines that this server does not implement are accepted only with a value that changes
-nothing (``logit_bias: {}``, ``functions: []``, ``response_format: {"type": "text"}``,
-penalties of 0, ``n`` of 1 …); any other value is a 400 naming the field (`Body.check`).
-``tools`` are OpenAI's function tools (``{"type": "function", "function": {"name",
-"description", "parameters", "strict"}}``, names unique), ``tool_choice`` ``"none"``,
-``"auto"``, ``"required"`` or a named function among them; messages may be assistant messages
-with ``tool_calls`` and ``role: "tool"`` messages with a ``tool_call_id``. Fields that
+nothing (``functions: []``, ``best_of`` of 1 …); any other value is a 400 naming the field
+(`Body.check`). Extensions (vLLM's names): ``repetition_penalty``, ``min_tokens``,
+``stop_token_ids``, ``guided_regex`` and ``guided_grammar``. ``tools`` are OpenAI's function
+tools (``{"type": "function", "function": {"name", "description", "parameters",
+"strict"}}``, names unique), ``tool_choice`` ``"none"``, ``"auto"``, ``"required"`` or a
+named function among them; messages may be assistant messages with ``tool_calls`` and
+``role: "tool"`` messages with a ``tool_call_id``. Fields that
 never change the output (``user``, ``store``, ``metadata`` …) and unknown fields are ignored:
 clients send extra ones.
 """
@@ -31,6 +32,8 @@ from pydantic import (
     WrapValidator,
 )
 from pydantic_core import PydanticCustomError
+
+from llamaforge.serve.grammar import GrammarSpec
 
 INT64 = (-(2**63), 2**63 - 1)
 MAX_TOKENS = 2**31 - 1  # far beyond any context; keeps error messages short
@@ -123,15 +126,13 @@ def _one(v: Any) -> bool:
     return v is None or (type(v) is int and v == 1)
 
 
-def _zero(v: Any) -> bool:
-    return v is None or (type(v) in (int, float) and v == 0)
-
-
 Prompt = Annotated[
     StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]],
     _one_of("a string, a list of strings, a list of token ids or a list of token-id lists"),
 ]
 Stop = Annotated[StrictStr | list[StrictStr] | None, _one_of("a string or a list of strings")]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+MAX_N = 128
 
 
 class Body(BaseModel):
@@ -171,25 +172,51 @@ class _Sampling(Body):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
-    n: Any = None
-    frequency_penalty: Any = None
-    presence_penalty: Any = None
-    logit_bias: Any = None
-
-    UNSUPPORTED = {
-        "n": (_one, "1"),
-        "frequency_penalty": (_zero, "0"),
-        "presence_penalty": (_zero, "0"),
-        "logit_bias": (_empty, "{}"),
-    }
+    n: Annotated[StrictInt, Field(ge=1, le=MAX_N)] | None = None
+    frequency_penalty: Penalty | None = None
+    presence_penalty: Penalty | None = None
+    logit_bias: dict[StrictStr, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=2.0)] | None = None  # extension
+    min_tokens: Annotated[StrictInt, Field(ge=0, le=MAX_TOKENS)] = 0  # extension
+    stop_token_ids: list[Annotated[StrictInt, Field(ge=0)]] | None = None  # extension
+    response_format: Any = None
+    guided_regex: StrictStr | None = None  # extension
+    guided_grammar: StrictStr | None = None  # extension: EBNF (xgrammar's dialect)
 
     def check(self) -> None:
         super().check()
+        self.logit_bias_ids()
+        self.grammar_spec()
         if self.stream_options is not None and not self.stream:
             raise APIError(
                 400, "stream_options: only allowed with stream=true", param="stream_options"
             )
         self.stops()
+
+    def logit_bias_ids(self) -> dict[int, float]:
+        """``logit_bias`` with its keys as token ids (a key not a decimal integer: a 400)."""
+        out = {}
+        for key, value in (self.logit_bias or {}).items():
+            if not (key.isascii() and key.isdigit()) or len(key) > 9:
+                raise APIError(
+                    400, f"logit_bias: key {shown(key)} is not a token id", param="logit_bias"
+                )
+            out[int(key)] = value
+        return out
+
+    def grammar_spec(self) -> GrammarSpec | None:
+        """What the output is constrained to (``response_format``, ``guided_regex`` or
+        ``guided_grammar``: at most one), or None."""
+        spec = response_format_spec(self.response_format)
+        given = ["response_format"] if spec is not None else []
+        given += [n for n in ("guided_regex", "guided_grammar") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise APIError(400, f"{given[1]}: give only one of {', '.join(given)}", param=given[1])
+        if self.guided_regex is not None:
+            return GrammarSpec("regex", self.guided_regex, "guided_regex")
+        if self.guided_grammar is not None:
+            return GrammarSpec("grammar", self.guided_grammar, "guided_grammar")
+        return spec
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -198,6 +225,41 @@ class _Sampling(Body):
         if any(not s for s in stops):
             raise APIError(400, "stop: an empty stop sequence", param="stop")
         return stops
+
+
+def _format_error(message: str, param: str = "response_format") -> APIError:
+    return APIError(400, f"{param}: {message}", param=param, code="invalid_value")
+
+
+def response_format_spec(rf: Any) -> GrammarSpec | None:
+    """OpenAI's ``response_format`` as a `GrammarSpec` (None for text or none); a 400 naming
+    what is wrong."""
+    if rf is None:
+        return None
+    if not isinstance(rf, dict) or not isinstance(rf.get("type"), str):
+        raise _format_error(f'must be an object with a "type" (got {shown(rf)})')
+    kind = rf["type"]
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return GrammarSpec("json_object")
+    if kind != "json_schema":
+        raise _format_error(
+            f'type {shown(kind)}: expected "text", "json_object" or "json_schema"',
+            "response_format.type",
+        )
+    js = rf.get("json_schema")
+    if not isinstance(js, dict):
+        raise _format_error("an object is expected", "response_format.json_schema")
+    schema = js.get("schema", {})
+    if not isinstance(schema, dict):
+        raise _format_error(
+            f"must be a JSON schema object (got {shown(schema)})",
+            "response_format.json_schema.schema",
+        )
+    if "name" in js and not isinstance(js["name"], str):
+        raise _format_error("must be a string", "response_format.json_schema.name")
+    return GrammarSpec("json_schema", json.dumps(schema), "response_format")
 
 
 class CompletionRequest(_Sampling):
@@ -330,7 +392,6 @@ class ChatRequest(_Sampling):
     tool_choice: ToolChoice = None
     functions: Any = None
     function_call: Any = None
-    response_format: Any = None
     modalities: Any = None
     audio: Any = None
     prediction: Any = None
@@ -342,7 +403,6 @@ class ChatRequest(_Sampling):
         **_Sampling.UNSUPPORTED,
         "functions": (_empty, "[]"),
         "function_call": (_no_choice, '"none", "auto"'),
-        "response_format": (lambda v: v is None or v == {"type": "text"}, '{"type": "text"}'),
         "modalities": (lambda v: v is None or v == ["text"], '["text"]'),
         "audio": (_unset, "null"),
         "prediction": (_unset, "null"),

@@ -11,10 +11,15 @@ of short prefill rows write to the cache's scratch block and are masked out.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from llamaforge.model import Transformer
 from llamaforge.serve.kv_cache import PagedKVCache, blocks_for
+
+if TYPE_CHECKING:
+    from llamaforge.serve.adapters import AdapterBatch
 
 __all__ = ["ModelRunner"]
 
@@ -25,6 +30,8 @@ class ModelRunner:
     def __init__(self, model: Transformer, cache: PagedKVCache) -> None:
         self.model, self.cache = model, cache
         self.device = model.tok_embeddings.weight.device
+        # LoRA adapters served per row (serve.adapters): each forward binds its rows' slots
+        self.lora: AdapterBatch | None = None
 
     def prefill(
         self,
@@ -33,11 +40,12 @@ class ModelRunner:
         tables: list[list[int]],
         keep_all: list[bool] | None = None,
         logits: bool = True,
+        adapters: list[int] | None = None,
     ) -> list[torch.Tensor]:
         """Run every row's chunk (``chunks[i]`` at positions ``starts[i]…``) in one forward,
         rows padded to the longest; each row's logits, (its chunk's length, vocab) where
         ``keep_all[i]`` else (1, vocab) for its last token, or nothing when not ``logits``
-        (a draft only filling its cache)."""
+        (a draft only filling its cache). ``adapters``: each row's LoRA slot (-1: none)."""
         n, s = len(chunks), max(len(c) for c in chunks)
         tokens = torch.zeros(n, s, dtype=torch.long)
         pos = torch.zeros(n, s, dtype=torch.long)
@@ -56,6 +64,8 @@ class ModelRunner:
         dev = self.device
         tokens, pos, valid = tokens.to(dev), pos.to(dev), valid.to(dev)
         mask = self._bind(pos, valid, tables, top)
+        if self.lora is not None:
+            self.lora.bind(adapters, keep if logits else None)
         if not logits:
             self.model(tokens, 0, mask=mask, positions=pos, cache=self.cache, return_hidden=True)
             return []
@@ -63,14 +73,21 @@ class ModelRunner:
         return list(out.float().split(keep.sum(dim=1).tolist()))
 
     def decode(
-        self, tokens: torch.Tensor, starts: list[int], tables: list[list[int]]
+        self,
+        tokens: torch.Tensor,
+        starts: list[int],
+        tables: list[list[int]],
+        adapters: list[int] | None = None,
     ) -> torch.Tensor:
         """Logits (rows, s, vocab) of ``tokens`` (rows, s), row i's at positions
-        ``starts[i]…``, each attending to its row's cache up to its own position."""
+        ``starts[i]…``, each attending to its row's cache up to its own position;
+        ``adapters``: each row's LoRA slot (-1: none)."""
         s = tokens.shape[1]
         start = torch.tensor(starts, dtype=torch.long, device=self.device)
         pos = start[:, None] + torch.arange(s, device=self.device)
         mask = self._bind(pos, None, tables, max(starts) + s)
+        if self.lora is not None:
+            self.lora.bind(adapters)
         return self.model(tokens, 0, mask=mask, positions=pos, cache=self.cache)
 
     def _bind(

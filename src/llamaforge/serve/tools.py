@@ -36,6 +36,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from llamaforge.serve.grammar import GrammarError, GrammarSpec, check_schema
+
 __all__ = [
     "CLOSE",
     "OPEN",
@@ -276,10 +278,18 @@ class ToolChoice:
             )
         return cls(plain, True, names, forced[:1])
 
-    def grammar(self) -> str | None:
-        """The EBNF grammar (xgrammar's dialect) the answer must follow, or None: see
-        `tool_grammar`."""
-        return tool_grammar(self.forced) if self.forced else None
+    def spec(self) -> GrammarSpec | None:
+        """The grammar the answer must follow (`tool_grammar` as a `GrammarSpec` of kind
+        "grammar", its ``param`` "tool_choice"), or None when it is free. Parameters with a
+        schema keyword the grammar engine cannot enforce are a ToolError naming it."""
+        if not self.forced:
+            return None
+        for fn in self.forced:
+            try:
+                check_schema(fn.get("parameters") or {}, f"tools: {fn.get('name')}.parameters")
+            except GrammarError as e:
+                raise ToolError(str(e)) from None
+        return GrammarSpec("grammar", tool_grammar(self.forced), "tool_choice")
 
 
 def _shown(value: Any) -> str:
