@@ -121,9 +121,9 @@ CHAT = [
     (chat(max_completion_tokens=0), "max_completion_tokens"),
     (chat(modalities=["text", "audio"]), "modalities"),
     ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.tool_call_id"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages.0.content"),
-    ({"messages": [{"role": "assistant", "tool_calls": [{"id": "1"}]}]}, "messages.0.tool_calls"),
+    ({"messages": [{"role": "assistant", "tool_calls": "f"}]}, "messages.0.tool_calls"),
     ({"messages": []}, "messages"),
 ]
 OTHERS = [

@@ -17,7 +17,7 @@ generated text, whole or as it streams, into content and `ToolCall`s:
   one delta, its arguments in the next, as OpenAI's deltas carry them): a call already sent
   is never taken back;
 - whitespace between the content and a call, between calls and after the last one is not
-  content (the template writes a newline there).
+  content (the template writes a newline there); around a block that is not a call, it is.
 
 ``tool_choice`` ("auto" when tools are given): ``"auto"`` renders the tools and parses the
 answer; ``"none"`` renders no tools (the model is not told of them) and parses nothing:
@@ -125,6 +125,7 @@ class ToolCallParser:
         self.names = None if names is None else frozenset(names)
         self.buf = ""  # text not yet released
         self.inside = False  # in a block: after <tool_call>, before </tool_call>
+        self.gap = ""  # the whitespace before the block: content unless the block is a call
         self.after_call = False  # the last thing released was a call
         self.calls = 0
 
@@ -149,7 +150,7 @@ class ToolCallParser:
                 self.inside = False
                 call = _as_call(block, self.names)
                 if call is None:
-                    out += self._content(OPEN + block + CLOSE)
+                    out += self._content(self.gap + OPEN + block + CLOSE)
                 else:
                     self.calls += 1
                     self.after_call = True
@@ -162,12 +163,14 @@ class ToolCallParser:
                 out += self._content(self.buf[:keep])
                 self.buf = self.buf[keep:]
                 return out
-            out += self._content(self.buf[:start].rstrip())
+            before = self.buf[:start]
+            out += self._content(before.rstrip())
+            self.gap = before[len(before.rstrip()) :]
             self.buf, self.inside = self.buf[start + len(OPEN) :], True
 
     def finish(self) -> list[Piece]:
         """The rest, at the end of the answer: held text, and a block left open, as content."""
-        rest = (OPEN if self.inside else "") + self.buf
+        rest = (self.gap + OPEN if self.inside else "") + self.buf
         self.buf, self.inside = "", False
         return self._content(rest)
 
