@@ -376,7 +376,7 @@ class NamedToolChoice(Body):
     function: FunctionChoice
 
 
-ToolChoice = Annotated[
+ToolChoiceField = Annotated[
     Literal["none", "auto", "required"] | NamedToolChoice | None,
     _one_of('"none", "auto", "required" or {"type": "function", "function": {"name": ...}}'),
 ]
@@ -389,7 +389,7 @@ class ChatRequest(_Sampling):
     logprobs: StrictBool = False
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
     tools: list[Tool] | None = None
-    tool_choice: ToolChoice = None
+    tool_choice: ToolChoiceField = None
     functions: Any = None
     function_call: Any = None
     modalities: Any = None
