@@ -16,13 +16,19 @@ in place, and the embedding and norms stay as they are.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from llamaforge.model import Transformer
 
-__all__ = ["Int8Linear", "quantize_int8"]
+__all__ = ["QUANTIZE_KINDS", "Int8Linear", "int8_converter", "is_quantized", "quantize_int8"]
+
+#: ``--quantize``'s kinds: int8 weights; "int8-bf16" also runs fp32 activations through the
+#: CPU kernel in bf16 (`Int8Linear.cpu_bf16_compute`).
+QUANTIZE_KINDS = ("int8", "int8-bf16")
 
 
 def _cpu_kernel_available() -> bool:
@@ -57,8 +63,11 @@ class Int8Linear(nn.Module):
         if linear.bias is not None:
             raise ValueError("Int8Linear has no bias; LLaMA's linear layers have none")
         w = linear.weight.detach().float()
-        scales = (w.abs().amax(dim=1) / 127.0).clamp(min=torch.finfo(torch.float32).tiny)
-        q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        # max|w| of each row without a |w| temporary; one full-size temporary below, rounded
+        # and clamped in place (a loader converting layer by layer holds no more than this)
+        peak = torch.maximum(w.amax(dim=1), w.amin(dim=1).neg())
+        scales = (peak / 127.0).clamp(min=torch.finfo(torch.float32).tiny)
+        q = (w / scales[:, None]).round_().clamp_(-127, 127).to(torch.int8)
         return cls(q, scales.to(linear.weight.dtype))
 
     @property
@@ -108,6 +117,28 @@ def _use_cpu_kernel() -> bool:
     return _CPU_KERNEL
 
 
+def int8_converter(kind: str) -> Callable[[nn.Linear], Int8Linear]:
+    """The conversion of one ``nn.Linear`` to ``Int8Linear`` that ``--quantize kind`` asks
+    for (``kind`` in `QUANTIZE_KINDS`; anything else is a ValueError naming it): what
+    `quantize_int8` applies to a whole model and a loader to each layer as it is read."""
+    if kind not in QUANTIZE_KINDS:
+        raise ValueError(f"quantize={kind!r}: expected one of {', '.join(QUANTIZE_KINDS)}")
+    cpu_bf16_compute = kind == "int8-bf16"
+
+    def convert(linear: nn.Linear) -> Int8Linear:
+        layer = Int8Linear.from_linear(linear)
+        layer.cpu_bf16_compute = cpu_bf16_compute
+        return layer
+
+    return convert
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether ``model`` holds int8 layers and no ``nn.Linear`` left to convert."""
+    kinds = {type(m) for m in model.modules()}
+    return Int8Linear in kinds and nn.Linear not in kinds
+
+
 def quantize_int8(model: Transformer, *, cpu_bf16_compute: bool = False) -> Transformer:
     """Replace every ``nn.Linear`` of ``model`` (attention, feed-forward and output layer)
     by an ``Int8Linear`` with per-output-channel scales, in place, and return ``model``.
@@ -121,15 +152,14 @@ def quantize_int8(model: Transformer, *, cpu_bf16_compute: bool = False) -> Tran
     if not isinstance(model, Transformer):
         raise TypeError(f"quantize_int8 expects a llamaforge Transformer, got {type(model)}")
     targets = [
-        (parent, name, child)
+        (parent, name)
         for parent in model.modules()
         for name, child in parent.named_children()
         if type(child) is nn.Linear
     ]
     if not targets:
         raise ValueError("quantize_int8: the model has no nn.Linear layers (already quantised?)")
-    for parent, name, child in targets:
-        layer = Int8Linear.from_linear(child)
-        layer.cpu_bf16_compute = cpu_bf16_compute
-        setattr(parent, name, layer)
+    convert = int8_converter("int8-bf16" if cpu_bf16_compute else "int8")
+    for parent, name in targets:  # each full-precision layer is dropped once converted
+        setattr(parent, name, convert(getattr(parent, name)))
     return model
