@@ -549,10 +549,14 @@ def _put(
 
 
 def non_finite(tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
-    """Names of the floating-point tensors holding a NaN or an Inf (one reduction each)."""
-    return [
-        name for name, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())
-    ]
+    """Names of the floating-point tensors holding a NaN or an Inf: one reduction each (the
+    minimum and maximum, which a NaN or an Inf reaches), no temporary of the tensor's size."""
+    bad = []
+    for name, t in tensors:
+        if t.is_floating_point() and t.numel():
+            if not bool(torch.isfinite(torch.stack(torch.aminmax(t))).all()):
+                bad.append(name)
+    return bad
 
 
 def iter_tensors(ckpt_dir: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:

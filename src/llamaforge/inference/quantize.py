@@ -42,6 +42,7 @@ def _cpu_kernel_available() -> bool:
 
 
 _CPU_KERNEL: bool | None = None  # probed on first use
+_BLOCK_BYTES = 4 << 20  # fp32 bytes of the rows `Int8Linear.from_linear` converts at a time
 
 
 class Int8Linear(nn.Module):
@@ -62,13 +63,19 @@ class Int8Linear(nn.Module):
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
         if linear.bias is not None:
             raise ValueError("Int8Linear has no bias; LLaMA's linear layers have none")
-        w = linear.weight.detach().float()
-        # max|w| of each row without a |w| temporary; one full-size temporary below, rounded
-        # and clamped in place (a loader converting layer by layer holds no more than this)
-        peak = torch.maximum(w.amax(dim=1), w.amin(dim=1).neg())
+        w = linear.weight.detach()
+        # max|w| of each row, exact in w's dtype, without a |w| temporary
+        peak = torch.maximum(w.amax(dim=1), w.amin(dim=1).neg()).float()
         scales = (peak / 127.0).clamp(min=torch.finfo(torch.float32).tiny)
-        q = (w / scales[:, None]).round_().clamp_(-127, 127).to(torch.int8)
-        return cls(q, scales.to(linear.weight.dtype))
+        q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+        # in blocks of rows: the fp32 temporaries stay small and of one size, so a loader
+        # converting layer by layer holds the int8 weights and little else (one whole-matrix
+        # temporary per layer fragments the CPU allocator's heap: hundreds of MB at 110M)
+        rows = max(1, _BLOCK_BYTES // (4 * w.shape[1]))
+        for i in range(0, w.shape[0], rows):
+            block = w[i : i + rows].float() / scales[i : i + rows, None]
+            q[i : i + rows] = block.round_().clamp_(-127, 127)
+        return cls(q, scales.to(w.dtype))
 
     @property
     def weight(self) -> torch.Tensor:
