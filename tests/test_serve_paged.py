@@ -404,3 +404,35 @@ def test_several_prompts_prefill_in_one_forward(loaded):  # noqa: F811
         engine.step()
     assert [_text(o) for o in outs] == [_generate(model, tok, p, 12) for p in PROMPTS[:4]]
     check_idle(engine)
+
+
+def test_requests_with_one_prefix_at_once_compute_it_once(loaded):  # noqa: F811
+    """Four requests with one long prompt submitted together (an ``n``-choices request, or a
+    burst sharing a system prompt): the first prefills it, the others wait for its blocks and
+    take them from the prefix cache instead of computing the same tokens beside it; the
+    prompt's tokens are computed once, not four times, and every text is `generate`'s."""
+    model, tok = loaded
+    prompts = [LONG + t for t in ["", "", " and", " but then"]]
+    engine = Engine(model, tok, max_batch=4, block_size=4)
+    jobs = [_greedy(tok, p, 12) for p in prompts]
+    outs: list[list[Output]] = [[] for _ in jobs]
+    for (prompt, params), o in zip(jobs, outs):
+        engine.submit(prompt, params, o.append)
+    computed = []
+    hook = model.register_forward_hook(
+        lambda m, args, out: computed.append(args[0].numel()) if args[0].shape[1] > 1 else None
+    )
+    try:
+        for _ in range(200):
+            engine._drain()
+            if all(o and o[-1].finished for o in outs):
+                break
+            engine.step()
+    finally:
+        hook.remove()
+    n = len(tok.encode(LONG))
+    shared = (n - 1) // 4 * 4  # what each follower can take: full blocks before its last token
+    assert engine.stats.prefix_hits >= 3 * shared
+    assert sum(computed) < 2 * n  # padded prefill rows included
+    assert [_text(o) for o in outs] == [_generate(model, tok, p, 12) for p in prompts]
+    check_idle(engine)

@@ -8,8 +8,9 @@
 
 Saving writes everything into a hidden sibling directory and renames it into place, so a
 crash never leaves a directory that loads as if complete. Loading builds the model on the
-meta device and assigns tensors read one at a time from the memory-mapped files, so the
-weights are never held twice.
+meta device and assigns tensors read one at a time from the memory-mapped files, each cast
+(``dtype``) or converted to int8 (``quantize``) as it is read, so the weights are never
+held twice.
 
 The checkpoint's identity is ``weights_sha256``: the sha256 of each weight file's bytes,
 combined over the files. It is computed once, when the checkpoint is written, and recorded
@@ -24,15 +25,17 @@ import json
 import os
 import sys
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from llamaforge.files import atomic_dir, read_json_object, sha256_file
+from llamaforge.inference.quantize import int8_converter
 from llamaforge.model import ModelArgs, Transformer
 from llamaforge.tokenizer import Tokenizer
 
@@ -320,23 +323,34 @@ def _open_files(ckpt: Path, device: str = "cpu") -> Iterator[tuple[Path, list[st
         if not path.is_file():  # a FIFO or a device would block or never end: refused too
             what = "not a regular file" if path.exists() else "missing shard"
             raise CheckpointError(f"{path}: {what} listed in {INDEX_FILE}")
-        try:
-            handle = safe_open(str(path), framework="pt", device=device)
-        except Exception as e:  # safetensors raises its own error types on corrupt files
-            raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from None
-        with handle as f:
+        with _open(path, device) as f:
             yield path, names or list(f.keys()), f
 
 
+def _open(path: Path, device: str) -> Any:
+    """``safe_open`` of one weight file; one that cannot be read is a CheckpointError."""
+    try:
+        return safe_open(str(path), framework="pt", device=device)
+    except Exception as e:  # safetensors raises its own error types on corrupt files
+        raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from None
+
+
 def _stored(ckpt: Path, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(name, tensor)`` of every stored tensor, read one at a time onto ``device``."""
-    for path, names, f in _open_files(ckpt, str(device)):
+    """``(name, tensor)`` of every stored tensor, read one at a time onto ``device``.
+
+    Each tensor comes through a handle of its own: a handle maps its whole file, and the
+    pages a tensor was read from stay in the process (its resident memory) for as long as
+    the mapping lives. So a tensor that is converted (another dtype, int8) and dropped takes
+    its pages with it, and converting a checkpoint as it is read never holds the file."""
+    for path, names, _ in _open_files(ckpt, "cpu"):
         for name in names:
-            try:
-                t = f.get_tensor(name)
-            except Exception as e:
-                raise CheckpointError(f"{path}: cannot read tensor {name} ({e})") from None
+            with _open(path, str(device)) as f:
+                try:
+                    t = f.get_tensor(name)
+                except Exception as e:
+                    raise CheckpointError(f"{path}: cannot read tensor {name} ({e})") from None
             yield name, t
+            del t  # not held while the next one is read
 
 
 def weight_files(ckpt_dir: str | os.PathLike) -> list[str]:
@@ -472,23 +486,36 @@ def load(
     tokenizer: str | os.PathLike | None = None,
     strict: bool = False,
     force: bool = False,
+    quantize: str | None = None,
 ) -> tuple[Transformer, Tokenizer | None]:
     """Load a native checkpoint: ``(model, tokenizer)`` with the model in eval mode.
 
     ``dtype`` defaults to the stored one. ``tokenizer`` overrides ``ckpt_dir/tokenizer.model``;
     one whose sha256 differs from the recorded one is refused unless ``force`` (then a
     warning). Tensors with NaN or Inf values are named in a warning on stderr (its outputs
-    mean nothing); ``strict`` makes them a CheckpointError instead.
+    mean nothing); ``strict`` makes them a CheckpointError instead. ``quantize`` ("int8" or
+    "int8-bf16", `QUANTIZE_KINDS`): int8 linear layers, the same as `quantize_int8` on the
+    loaded model.
+
+    The model is filled one tensor at a time, each cast to ``dtype`` on ``device`` as it is
+    read and each linear layer converted to int8 as soon as its weight is in, so memory
+    peaks at the model as loaded plus about one tensor in its stored and its loaded dtype,
+    never the full-precision model and the converted one together.
     """
     ckpt, args, tok = open_checkpoint(ckpt_dir, tokenizer, force=force)
     target_dtype = parse_dtype(dtype)
+    convert = int8_converter(quantize) if quantize is not None else None
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
-    state: dict[str, torch.Tensor] = {}
+    with torch.device("meta"):
+        model = Transformer(args)
+    bad: list[str] = []
     for name, t in checked(_stored(ckpt, dev), args, str(ckpt), params=str(ckpt / PARAMS_FILE)):
-        state[name] = t.to(target_dtype) if target_dtype is not None else t
-    bad = non_finite(state.items())
+        t = t.to(target_dtype) if target_dtype is not None else t
+        bad += non_finite([(name, t)])
+        _put(model, name, t, convert)
+        del t  # the last reference to a converted layer's full-precision weight
     if bad:
         shown = ", ".join(bad[:5]) + (" …" if len(bad) > 5 else "")
         msg = f"{ckpt}: {len(bad)} tensor(s) with NaN or Inf values: {shown}"
@@ -498,17 +525,38 @@ def load(
             f"warning: {msg}; the model's outputs are not meaningful (--strict refuses it)",
             file=sys.stderr,
         )
-    with torch.device("meta"):
-        model = Transformer(args)
-    model.load_state_dict(state, assign=True)
     return model.eval(), tok
 
 
+def _put(
+    model: nn.Module,
+    name: str,
+    t: torch.Tensor,
+    convert: Callable[[nn.Linear], nn.Module] | None,
+) -> None:
+    """Assign tensor ``name`` of a model built on the meta device (as ``load_state_dict``'s
+    ``assign`` does); with ``convert``, an ``nn.Linear`` whose parameters are all in is
+    replaced by ``convert(layer)`` at once."""
+    owner_name, _, leaf = name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    owner.load_state_dict({leaf: t}, strict=False, assign=True)
+    if convert is None or type(owner) is not nn.Linear:
+        return
+    if any(p.is_meta for p in owner.parameters()):
+        return
+    parent_name, _, child = owner_name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, convert(owner))
+
+
 def non_finite(tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
-    """Names of the floating-point tensors holding a NaN or an Inf (one reduction each)."""
-    return [
-        name for name, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())
-    ]
+    """Names of the floating-point tensors holding a NaN or an Inf: one reduction each (the
+    minimum and maximum, which a NaN or an Inf reaches), no temporary of the tensor's size."""
+    bad = []
+    for name, t in tensors:
+        if t.is_floating_point() and t.numel():
+            if not bool(torch.isfinite(torch.stack(torch.aminmax(t))).all()):
+                bad.append(name)
+    return bad
 
 
 def iter_tensors(ckpt_dir: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
@@ -546,6 +594,7 @@ def checked(
             )
         seen.add(name)
         yield name, t
+        del t  # not held while the next one is read
     missing = sorted(set(expected) - seen)
     if missing:
         shown = ", ".join(missing[:5]) + (" …" if len(missing) > 5 else "")

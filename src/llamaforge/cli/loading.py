@@ -80,7 +80,9 @@ class Loaded(NamedTuple):
 def load_checkpoint(a: argparse.Namespace, tp: int = 1) -> Loaded:
     """The model and tokenizer that `add_load_args`' arguments name, split over ``tp``
     torchrun processes when ``tp`` > 1; a checkpoint without a tokenizer (and no
-    ``--tokenizer``) is an error."""
+    ``--tokenizer``) is an error. On one process, ``--quantize`` (where the command has it)
+    converts each linear layer to int8 as its weight is read, and ``--dtype`` casts each
+    tensor as it is read: the full-precision model is never held (`native.load`)."""
     from llamaforge.checkpoint.native import load
     from llamaforge.device import resolve_device
 
@@ -93,7 +95,13 @@ def load_checkpoint(a: argparse.Namespace, tp: int = 1) -> Loaded:
         )
     else:
         model, tok = load(
-            a.ckpt, device=device, dtype=a.dtype, tokenizer=tok_file, strict=a.strict, force=a.force
+            a.ckpt,
+            device=device,
+            dtype=a.dtype,
+            tokenizer=tok_file,
+            strict=a.strict,
+            force=a.force,
+            quantize=getattr(a, "quantize", None),
         )
     if tok is None:
         raise ValueError(f"{a.ckpt}: no tokenizer.model in the checkpoint; pass --tokenizer")
@@ -131,8 +139,9 @@ def check_draft_k(a: argparse.Namespace) -> None:
 def load_draft(
     a: argparse.Namespace, loaded: Loaded, check: Callable[[Any, Any], None] | None = None
 ) -> Any:
-    """``--draft DIR`` (None without it) on the model's device, in its dtype; ``check(model,
-    draft)``'s ValueError becomes one naming --draft. A warning on stderr when its
+    """``--draft DIR`` (None without it) on the model's device, in its dtype, int8 with
+    ``--quantize`` (converted as read); ``check(model, draft)``'s ValueError becomes one
+    naming --draft. A warning on stderr when its
     tokenizer.model differs from the model's (the output stays the model's, but few
     drafted tokens are accepted)."""
     if not a.draft:
@@ -140,7 +149,9 @@ def load_draft(
     from llamaforge.checkpoint.native import load
 
     dtype = loaded.model.tok_embeddings.weight.dtype
-    draft, _ = load(a.draft, device=loaded.device, dtype=dtype)
+    draft, _ = load(
+        a.draft, device=loaded.device, dtype=dtype, quantize=getattr(a, "quantize", None)
+    )
     if check is not None:
         try:
             check(loaded.model, draft)
@@ -158,13 +169,15 @@ def load_draft(
 
 
 def quantize(kind: str | None, *models: Any) -> None:
-    """``--quantize int8|int8-bf16``: int8 weights for every model given (None skipped)."""
+    """``--quantize int8|int8-bf16``: int8 weights for every model given that is not int8
+    yet (None skipped). `load_checkpoint` and `load_draft` convert as they read, so this
+    converts only models loaded otherwise (``--tp``), after loading them whole."""
     if not kind:
         return
-    from llamaforge.inference.quantize import quantize_int8
+    from llamaforge.inference.quantize import is_quantized, quantize_int8
 
     for m in models:
-        if m is not None:
+        if m is not None and not is_quantized(m):
             quantize_int8(m, cpu_bf16_compute=kind == "int8-bf16")
 
 

@@ -16,13 +16,19 @@ in place, and the embedding and norms stay as they are.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from llamaforge.model import Transformer
 
-__all__ = ["Int8Linear", "quantize_int8"]
+__all__ = ["QUANTIZE_KINDS", "Int8Linear", "int8_converter", "is_quantized", "quantize_int8"]
+
+#: ``--quantize``'s kinds: int8 weights; "int8-bf16" also runs fp32 activations through the
+#: CPU kernel in bf16 (`Int8Linear.cpu_bf16_compute`).
+QUANTIZE_KINDS = ("int8", "int8-bf16")
 
 
 def _cpu_kernel_available() -> bool:
@@ -36,6 +42,7 @@ def _cpu_kernel_available() -> bool:
 
 
 _CPU_KERNEL: bool | None = None  # probed on first use
+_BLOCK_BYTES = 4 << 20  # fp32 bytes of the rows `Int8Linear.from_linear` converts at a time
 
 
 class Int8Linear(nn.Module):
@@ -56,10 +63,19 @@ class Int8Linear(nn.Module):
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
         if linear.bias is not None:
             raise ValueError("Int8Linear has no bias; LLaMA's linear layers have none")
-        w = linear.weight.detach().float()
-        scales = (w.abs().amax(dim=1) / 127.0).clamp(min=torch.finfo(torch.float32).tiny)
-        q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
-        return cls(q, scales.to(linear.weight.dtype))
+        w = linear.weight.detach()
+        # max|w| of each row, exact in w's dtype, without a |w| temporary
+        peak = torch.maximum(w.amax(dim=1), w.amin(dim=1).neg()).float()
+        scales = (peak / 127.0).clamp(min=torch.finfo(torch.float32).tiny)
+        q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+        # in blocks of rows: the fp32 temporaries stay small and of one size, so a loader
+        # converting layer by layer holds the int8 weights and little else (one whole-matrix
+        # temporary per layer fragments the CPU allocator's heap: hundreds of MB at 110M)
+        rows = max(1, _BLOCK_BYTES // (4 * w.shape[1]))
+        for i in range(0, w.shape[0], rows):
+            block = w[i : i + rows].float() / scales[i : i + rows, None]
+            q[i : i + rows] = block.round_().clamp_(-127, 127)
+        return cls(q, scales.to(w.dtype))
 
     @property
     def weight(self) -> torch.Tensor:
@@ -108,6 +124,28 @@ def _use_cpu_kernel() -> bool:
     return _CPU_KERNEL
 
 
+def int8_converter(kind: str) -> Callable[[nn.Linear], Int8Linear]:
+    """The conversion of one ``nn.Linear`` to ``Int8Linear`` that ``--quantize kind`` asks
+    for (``kind`` in `QUANTIZE_KINDS`; anything else is a ValueError naming it): what
+    `quantize_int8` applies to a whole model and a loader to each layer as it is read."""
+    if kind not in QUANTIZE_KINDS:
+        raise ValueError(f"quantize={kind!r}: expected one of {', '.join(QUANTIZE_KINDS)}")
+    cpu_bf16_compute = kind == "int8-bf16"
+
+    def convert(linear: nn.Linear) -> Int8Linear:
+        layer = Int8Linear.from_linear(linear)
+        layer.cpu_bf16_compute = cpu_bf16_compute
+        return layer
+
+    return convert
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether ``model`` holds int8 layers and no ``nn.Linear`` left to convert."""
+    kinds = {type(m) for m in model.modules()}
+    return Int8Linear in kinds and nn.Linear not in kinds
+
+
 def quantize_int8(model: Transformer, *, cpu_bf16_compute: bool = False) -> Transformer:
     """Replace every ``nn.Linear`` of ``model`` (attention, feed-forward and output layer)
     by an ``Int8Linear`` with per-output-channel scales, in place, and return ``model``.
@@ -121,15 +159,14 @@ def quantize_int8(model: Transformer, *, cpu_bf16_compute: bool = False) -> Tran
     if not isinstance(model, Transformer):
         raise TypeError(f"quantize_int8 expects a llamaforge Transformer, got {type(model)}")
     targets = [
-        (parent, name, child)
+        (parent, name)
         for parent in model.modules()
         for name, child in parent.named_children()
         if type(child) is nn.Linear
     ]
     if not targets:
         raise ValueError("quantize_int8: the model has no nn.Linear layers (already quantised?)")
-    for parent, name, child in targets:
-        layer = Int8Linear.from_linear(child)
-        layer.cpu_bf16_compute = cpu_bf16_compute
-        setattr(parent, name, layer)
+    convert = int8_converter("int8-bf16" if cpu_bf16_compute else "int8")
+    for parent, name in targets:  # each full-precision layer is dropped once converted
+        setattr(parent, name, convert(getattr(parent, name)))
     return model

@@ -163,12 +163,14 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def _admit(self, plan: StepPlan, budget: int) -> None:
-        """Admit waiting requests, first come first served, while they fit."""
+        """Admit waiting requests, first come first served, while they fit; one whose first
+        block is being computed by a prefilling request waits for it (`_follows`)."""
         blocks = self.blocks
-        while self.waiting and budget > 0:
-            if len(self.running) + len(self.prefilling) >= self.max_batch:
+        for seq in list(self.waiting):
+            if budget <= 0 or len(self.running) + len(self.prefilling) >= self.max_batch:
                 return
-            seq = self.waiting[0]
+            if self._follows(seq):
+                continue
             tokens = seq.tokens()
             found = blocks.match(seq.table, tokens) if seq.match_prefix else 0
             end = min(seq.target, found + budget)
@@ -178,10 +180,24 @@ class Scheduler:
                 return
             if seq.match_prefix:
                 blocks.record(len(tokens), found)
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             seq.cached = found
             seq.admitted += 1
             self.prefilling.append(seq)
             plan.admitted.append(seq)
             plan.prefill.append((seq, found, end))
             budget -= end - found
+
+    def _follows(self, seq: Seq) -> bool:
+        """Whether ``seq`` should wait for a prefilling request that starts with the same
+        block (the ``n`` choices of one prompt, a burst of requests with one system prompt):
+        once that one's blocks are computed and cached, ``seq`` takes them instead of
+        computing the same tokens beside it."""
+        bs = self.blocks.block_size
+        if not (self.blocks.prefix_cache and seq.match_prefix) or len(seq.prompt) <= bs:
+            return False
+        head = seq.prompt[:bs]
+        return any(
+            o.match_prefix and o.table.extra == seq.table.extra and o.prompt[:bs] == head
+            for o in self.prefilling
+        )
