@@ -239,7 +239,7 @@ def test_missing_template_is_a_clear_error(capsys, monkeypatch, ckpts, command):
     out, err = capsys.readouterr()
     assert status == 2 and out == ""
     assert str(ckpts["plain"]) in err and "no chat template" in err
-    assert "--template alpaca|llama2|FILE" in err and "Traceback" not in err
+    assert "--template alpaca|llama2|hermes|FILE" in err and "Traceback" not in err
 
 
 def test_generate_template_without_chat_is_refused(capsys, ckpts):

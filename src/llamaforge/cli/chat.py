@@ -24,7 +24,7 @@ def add_template_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--template",
         metavar="NAME|FILE",
-        help="chat template: alpaca, llama2 or a .jinja file (default: the checkpoint's "
+        help="chat template: alpaca, llama2, hermes or a .jinja file (default: the checkpoint's "
         "chat_template.jinja)",
     )
     p.add_argument("--system", metavar="TEXT", help="system message")

@@ -62,7 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--template",
         metavar="NAME|FILE",
-        help="chat template: alpaca, llama2 or a .jinja file (default: the checkpoint's)",
+        help="chat template: alpaca, llama2, hermes or a .jinja file (default: the checkpoint's)",
     )
     s.add_argument("--model-name", help="the model id clients use (default: the folder's name)")
     s.add_argument(

@@ -660,7 +660,7 @@ class InstructDataConfig:
     )
     format: str = setting("auto", f"record format: auto or one of {', '.join(FORMATS)}")
     split: str = setting("train", "split of a saved Hugging Face DatasetDict")
-    template: str = setting("alpaca", "chat template: alpaca, llama2 or a .jinja file")
+    template: str = setting("alpaca", "chat template: alpaca, llama2, hermes or a .jinja file")
     max_len: int = setting(2048, "most positions per example (its tokens minus one)")
     overlong: Literal["truncate", "drop"] = setting(
         "truncate", "examples longer than max_len: truncate or drop"

@@ -91,7 +91,7 @@ def resolve_template(
     where = f"checkpoint {ckpt_dir}" if ckpt_dir is not None else "this model"
     raise ChatTemplateError(
         f"{where} has no chat template ({'no chat_template.jinja' if ckpt_dir else 'none given'}); "
-        "pass --template alpaca|llama2|FILE (template= in Python), or finetune a checkpoint "
+        "pass --template alpaca|llama2|hermes|FILE (template= in Python), or finetune a checkpoint "
         "that saves one"
     )
 
