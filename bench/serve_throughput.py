@@ -681,6 +681,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dtype", help="init --dtype and serve --dtype (e.g. bfloat16)")
     p.add_argument("--quantize", choices=["int8", "int8-bf16"], help="llamaforge serve --quantize")
     p.add_argument("--gguf-type", default="f32", help="llama.cpp's weights (f32, f16, q8_0)")
+    p.add_argument(
+        "--serve-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="one more argument for every `llamaforge serve` row (repeat it: --serve-arg=--compile)",
+    )
     p.add_argument("--llama-server", type=Path, help="llama.cpp's C++ llama-server binary")
     p.add_argument("--llama-quantize", type=Path, help="default: beside --llama-server")
     p.add_argument("--draft", type=Path, help="also measure `serve --draft DIR` (speculative)")
@@ -739,6 +746,7 @@ def build_rows(
     for flag in ("quantize", "device", "dtype"):
         if getattr(a, flag):
             base += (f"--{flag}", getattr(a, flag))
+    base += tuple(a.serve_arg)
     extra = {
         "llamaforge": base,
         "llamaforge-no-prefix-cache": (*base, "--no-prefix-cache"),
