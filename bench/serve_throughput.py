@@ -686,7 +686,7 @@ def parse_args() -> argparse.Namespace:
         action="append",
         default=[],
         metavar="ARG",
-        help="one more argument for every `llamaforge serve` row (repeat it: --serve-arg=--compile)",
+        help="an argument for every `llamaforge serve` row (repeatable: --serve-arg=--compile)",
     )
     p.add_argument("--llama-server", type=Path, help="llama.cpp's C++ llama-server binary")
     p.add_argument("--llama-quantize", type=Path, help="default: beside --llama-server")
