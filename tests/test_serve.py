@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -44,9 +45,11 @@ class ServerProcess:
         env: dict[str, str] | None = None,
         timeout: float = 180,
         open_files: int | None = None,
+        launcher: Sequence[str] = (sys.executable, "-m", "llamaforge", "serve"),
     ):
-        """``open_files``: the server's open-file limit (soft and hard)."""
-        cmd = [sys.executable, "-m", "llamaforge", "serve", "--port", "0", *args]
+        """``open_files``: the server's open-file limit (soft and hard); ``launcher``: the
+        command before ``--port 0`` and ``args`` (torchrun's, for ``--tp``)."""
+        cmd = [*launcher, "--port", "0", *args]
         # one CPU thread: the test models are tiny (see test_serve_engine._one_thread)
         full_env = {
             **os.environ,
@@ -77,7 +80,7 @@ class ServerProcess:
         m = re.search(r"http://127\.0\.0\.1:(\d+)", self.banner)
         if not m:
             self.stop()
-            raise RuntimeError(f"server did not start: {line} {''.join(self.stderr)[-2000:]}")
+            raise RuntimeError(f"server did not start: {line} {''.join(self.stderr)[-3000:]}")
         self.port = int(m.group(1))
         self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + timeout

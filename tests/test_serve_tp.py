@@ -12,7 +12,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -40,41 +39,12 @@ class TorchrunServer(ServerProcess):
 
     def __init__(self, *args: str, timeout: float = 180):  # noqa: D107
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-        cmd = [*launcher, "--nproc_per_node", "2", "-m", "llamaforge", "serve", "--tp", "2"]
-        env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "LLAMAFORGE_THREADS": "1"}
-        self.proc = subprocess.Popen(
-            [*cmd, "--port", "0", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**env, "OMP_NUM_THREADS": "1"},
-        )
-        self.stderr: list[str] = []
-        threading.Thread(target=self._drain_stderr, daemon=True).start()
-        line: list[str] = []
-        reader = threading.Thread(target=lambda: line.append(self.proc.stdout.readline()))
-        reader.start()
-        reader.join(timeout)
-        self.banner = line[0] if line else ""
-        m = re.search(r"http://127\.0\.0\.1:(\d+)", self.banner)
-        if not m:
-            self.stop()
-            raise RuntimeError(f"server did not start: {line} {''.join(self.stderr)[-3000:]}")
-        self.url = f"http://127.0.0.1:{m.group(1)}"
+        launcher += ["--nproc_per_node", "2", "-m", "llamaforge", "serve", "--tp", "2"]
+        env = {"OMP_NUM_THREADS": "1"}
+        super().__init__(*args, env=env, timeout=timeout, launcher=launcher)
         pid = self.proc.pid
         self.ranks = [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
         assert len(self.ranks) == 2, self.ranks
-        deadline = time.monotonic() + timeout  # the socket listens once uvicorn has started
-        while True:
-            try:
-                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"never healthy: {''.join(self.stderr)[-3000:]}")
-            time.sleep(0.2)
 
     def end(self, sig: signal.Signals, timeout: float = 60) -> str:
         """Send ``sig`` to torchrun; once it has exited, check that both ranks have ended
@@ -200,6 +170,8 @@ def test_tp_refusals(chat_ckpt, capsys):  # noqa: F811
     assert "--tp 0: must be >= 1" in capsys.readouterr().err
     assert main(["serve", "--ckpt", ckpt, "--tp", "2", "--quantize", "int8"]) == 2
     assert "--quantize int8: int8 weights do not split" in capsys.readouterr().err
+    assert main(["serve", "--ckpt", ckpt, "--tp", "2", "--lora-dir", ckpt]) == 2
+    assert "--lora/--lora-dir: LoRA adapters are served on one process" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -198,6 +198,11 @@ def _check_args(a: argparse.Namespace) -> None:
             f"--tp {a.tp} with --quantize {a.quantize}: int8 weights do not split over "
             "processes; serve them on one process, or split the model without --quantize"
         )
+    if a.tp != 1 and (a.lora or a.lora_dir):
+        raise ValueError(
+            f"--tp {a.tp} with --lora/--lora-dir: LoRA adapters are served on one process "
+            "only (the other ranks would not hold them)"
+        )
     if a.draft_max_batch is not None and a.draft_max_batch < 1:
         raise ValueError(f"--draft-max-batch {a.draft_max_batch}: must be at least 1")
     for flag in ("max_batch", "prefill_chunk", "max_queue", "max_body_bytes"):

@@ -105,6 +105,11 @@ def _receive(group: Any) -> tuple[str, tuple[Any, ...]]:
     return box[0]
 
 
+def _no_adapters(adapters: list[int] | None) -> None:
+    if adapters is not None and any(a >= 0 for a in adapters):
+        raise ValueError("LoRA adapters are not served with --tp (the workers hold none)")
+
+
 class BroadcastRunner:
     """Rank 0's runner under ``--tp``: every call goes to the workers (`serve_worker`) over
     ``group``, then runs on ``runner``. Other public methods of the runner are broadcast
@@ -128,14 +133,22 @@ class BroadcastRunner:
         tables: list[list[int]],
         keep_all: list[bool] | None = None,
         logits: bool = True,
+        adapters: list[int] | None = None,
     ) -> list[torch.Tensor]:
-        """`ModelRunner.prefill` on every rank; rank 0's logits."""
+        """`ModelRunner.prefill` on every rank; rank 0's logits (no LoRA adapters: the
+        command refuses ``--lora`` with ``--tp``)."""
+        _no_adapters(adapters)
         return self._call("prefill", chunks, starts, tables, keep_all, logits)
 
     def decode(
-        self, tokens: torch.Tensor, starts: list[int], tables: list[list[int]]
+        self,
+        tokens: torch.Tensor,
+        starts: list[int],
+        tables: list[list[int]],
+        adapters: list[int] | None = None,
     ) -> torch.Tensor:
         """`ModelRunner.decode` on every rank; rank 0's logits."""
+        _no_adapters(adapters)
         return self._call("decode", tokens, starts, tables)
 
     def __getattr__(self, name: str) -> Any:
