@@ -59,7 +59,7 @@ import torch
 from llamaforge.inference.generate import _TextTracker, check_sampling, sample, verify_drafted
 from llamaforge.model import Transformer
 from llamaforge.serve.kv_cache import BlockManager, PagedKVCache, blocks_for
-from llamaforge.serve.runner import ModelRunner
+from llamaforge.serve.runner import CompiledRunner, ModelRunner, make_runner
 from llamaforge.serve.scheduler import Scheduler, Seq, StepPlan
 from llamaforge.tokenizer import Tokenizer
 
@@ -261,6 +261,7 @@ class Engine:
         num_blocks: int | None = None,
         block_size: int = 16,
         prefix_cache: bool = True,
+        compile: bool = False,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch {max_batch}: must be at least 1")
@@ -296,12 +297,14 @@ class Engine:
             draft_max_batch=self.draft_max_batch,
         )
         self.cache = PagedKVCache(model.args, num_blocks, block_size, weight.dtype, self.device)
-        self.runner = ModelRunner(model, self.cache)
+        widest = blocks_for(self.max_seq_len + self.draft_k, block_size)
+        sizes = {"compile": compile, "max_batch": max_batch, "max_blocks": widest}
+        self.runner = make_runner(model, self.cache, **sizes)
         self.draft_runner: ModelRunner | None = None
         if draft is not None:
             dtype = draft.tok_embeddings.weight.dtype
             cache = PagedKVCache(draft.args, num_blocks, block_size, dtype, self.device)
-            self.draft_runner = ModelRunner(draft, cache)
+            self.draft_runner = make_runner(draft, cache, **sizes)
         self.stats = EngineStats()
         self.stats.kv_total = num_blocks * block_size
         self.stats.kv_blocks_total = num_blocks
@@ -386,6 +389,18 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+
+    def warm_up(self) -> float:
+        """With ``compile``: compile every decode shape now (the model's one-token steps and,
+        with a draft, its k + 1-token verifications while speculating; the draft's steps),
+        so that no request waits for a compilation; the seconds it took (0 without)."""
+        seconds = 0.0
+        if isinstance(self.runner, CompiledRunner):
+            verify = {self.draft_k + 1: self.draft_max_batch} if self.draft_k else {}
+            seconds += self.runner.warm_up({1: self.max_batch, **verify})
+        if isinstance(self.draft_runner, CompiledRunner):
+            seconds += self.draft_runner.warm_up({1: self.max_batch})
+        return seconds
 
     @property
     def kv_nbytes(self) -> int:
