@@ -51,6 +51,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32], help="concurrent requests")
     p.add_argument("--steps", type=int, default=32, help="decode steps timed (default 32)")
     p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens (default 64)")
+    p.add_argument(
+        "--max-seq-len", type=int, help="the engine's context (default: the model's, as serve)"
+    )
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
     p.add_argument("--quantize", choices=["int8", "int8-bf16"], help="int8 weights")
     p.add_argument("--device", default="cpu")
@@ -121,11 +124,12 @@ def main() -> None:
         f"# serve engine step: preset {a.preset} (dim {args.dim}, {args.n_layers} layers, vocab "
         f"{args.vocab_size}), {a.device} ({platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads), torch {torch.__version__}, prompt "
-        f"{a.prompt_len} tokens, {a.steps} steps timed{', ' + a.quantize if a.quantize else ''}"
+        f"{a.prompt_len} tokens, {a.steps} steps timed, context "
+        f"{a.max_seq_len or args.max_seq_len}{', ' + a.quantize if a.quantize else ''}"
     )
     print("\n| variant | rows | ms/step | tokens/s | first pass s | graphs |")
     print("|---|---:|---:|---:|---:|---:|")
-    max_seq_len = min(args.max_seq_len, a.prompt_len + 2 * a.steps + 32)
+    max_seq_len = a.max_seq_len or args.max_seq_len
     for rows in a.rows:
         jobs = prompts(tok, rows, a.prompt_len)
         engines, first, graphs = {}, {}, {}

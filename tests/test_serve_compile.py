@@ -103,7 +103,7 @@ def test_compiled_int8_and_draft(loaded):  # noqa: F811
     assert texts(run_all(engine, greedy_jobs(tok, lengths))) == ref
     assert engine.runner.shapes == {(1, 1, engine.runner.max_blocks)}
     ref = texts(run_all(Engine(model, tok, **kw), greedy_jobs(tok, lengths)))
-    engine = Engine(model, tok, compile=True, draft=perturbed(model), draft_k=2, **kw)
+    engine = Engine(model, tok, compile=True, draft=perturbed(model, 0.5), draft_k=2, **kw)
     before = graphs()
     assert texts(run_all(engine, greedy_jobs(tok, lengths))) == ref
     assert 0 < engine.stats.spec_accepted < engine.stats.spec_drafted

@@ -238,6 +238,8 @@ class Engine:
     The KV pool holds ``num_blocks`` blocks of ``block_size`` positions (default: room for
     ``max_batch`` requests of ``max_seq_len`` positions, as a cache of fixed slots would
     hold); ``prefix_cache`` shares the blocks of common prompt prefixes between requests.
+    ``compile`` runs the decode forwards (the draft's too) through `serve.runner.CompiledRunner`
+    (static shapes per batch bucket; CUDA graphs on a GPU); `warm_up` compiles them all.
 
     Whatever one request raises (while admitted, prefilled or decoded) fails that request
     alone: it is answered with an error Output and its blocks are released. An exception in
@@ -394,12 +396,13 @@ class Engine:
         """With ``compile``: compile every decode shape now (the model's one-token steps and,
         with a draft, its k + 1-token verifications while speculating; the draft's steps),
         so that no request waits for a compilation; the seconds it took (0 without)."""
-        seconds = 0.0
-        if isinstance(self.runner, CompiledRunner):
-            verify = {self.draft_k + 1: self.draft_max_batch} if self.draft_k else {}
-            seconds += self.runner.warm_up({1: self.max_batch, **verify})
+        seconds, k, rows = 0.0, self.draft_k, range(1, self.max_batch + 1)
+        if isinstance(self.runner, CompiledRunner):  # speculating up to draft_max_batch rows
+            spec = self.draft_max_batch if k else 0
+            steps = [(n, k + 1 if n <= spec else 1) for n in rows]
+            seconds += self.runner.warm_up(steps)
         if isinstance(self.draft_runner, CompiledRunner):
-            seconds += self.draft_runner.warm_up({1: self.max_batch})
+            seconds += self.draft_runner.warm_up((n, 1) for n in rows)
         return seconds
 
     @property

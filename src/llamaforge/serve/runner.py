@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -221,18 +221,18 @@ class CompiledRunner(ModelRunner):
         return self._step(self.model, self.cache, tokens, rows)
 
     @torch.inference_mode()
-    def warm_up(self, lengths: dict[int, int] | None = None) -> float:
-        """Compile every bucket of steps of ``s`` tokens per row and up to ``lengths[s]``
-        rows (default: ``{1: max_batch}``, plain decoding; a draft's k + 1 tokens verify its
-        proposals), running padding rows only (they write to the scratch block); the seconds
-        it took."""
+    def warm_up(self, steps: Iterable[tuple[int, int]] | None = None) -> float:
+        """Compile the bucket of every step in ``steps``, (rows, tokens per row) pairs
+        (default: 1 to ``max_batch`` rows of one token, plain decoding; a draft's k + 1
+        tokens verify its proposals), at every width, running padding rows only (they write
+        to the scratch block); the seconds it took."""
         t0 = time.perf_counter()
-        for s, most in (lengths or {1: self.batches[-1]}).items():
-            for batch in self.batches[: self.batches.index(_bucket(most, self.batches)) + 1]:
-                for width in self.widths:
-                    tokens = torch.zeros(batch, s, dtype=torch.long, device=self.device)
-                    rows = self._rows([], [], width, batch)
-                    self._run(tokens, rows)
+        steps = steps if steps is not None else ((n, 1) for n in self.batches)
+        shapes = {(_bucket(n, self.batches), s) for n, s in steps}
+        for batch, s in sorted(shapes):
+            for width in self.widths:
+                tokens = torch.zeros(batch, s, dtype=torch.long, device=self.device)
+                self._run(tokens, self._rows([], [], width, batch))
         if self.graphs:
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - t0
