@@ -161,6 +161,7 @@ def make_engine(model, tok: Tokenizer, variant: str, rows: int, max_seq_len: int
         tok,
         max_batch=rows,
         max_seq_len=max_seq_len,
+        prefill_chunk=rows * max_seq_len,  # every prompt in one step: one batch size
         compile=variant != "eager",
         prefix_cache=False,
     )
