@@ -9,12 +9,12 @@ compiled. Each variant first runs the whole workload once untimed, so that the c
 have every shape they meet compiled before the timed passes (the same requests again).
 
 Variants (--variants): eager (`ModelRunner`), compiled (`CompiledRunner` as `serve
---compile` runs it: torch.compile on the CPU, CUDA graphs on a GPU, every block table padded
-to the longest a request can hold, one graph per batch bucket), and compiled-pow2 (the same
-with tables padded to a power of two of blocks: less attention work on short contexts, a
-graph per batch bucket and width). --quantize int8 / int8-bf16 runs every variant on int8
-weights. The timed passes of the variants alternate (--repeat rounds, medians printed), so
-that a machine busy with other work slows them alike.
+--compile` runs it: torch.compile on the CPU, CUDA graphs on a GPU, block tables padded to
+an eighth of the longest times a power of two: up to four widths per batch bucket), and
+compiled-full (every table padded to the longest a request can hold: one graph per batch
+bucket, but attention over the whole context at every step). --quantize int8 / int8-bf16
+runs every variant on int8 weights. The timed passes of the variants alternate (--repeat
+rounds, medians printed), so that a machine busy with other work slows them alike.
 
     python bench/serve_engine_step.py                                 # 15M, 1 8 32 rows
     python bench/serve_engine_step.py --rows 8 --steps 32 --variants eager compiled
@@ -41,7 +41,7 @@ from llamaforge.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LLAMAFORGE_SHARED_DATA", REPO.parent / "shared" / "data"))
-VARIANTS = ["eager", "compiled", "compiled-pow2"]
+VARIANTS = ["eager", "compiled", "compiled-full"]
 
 
 def parse_args() -> argparse.Namespace:
@@ -165,11 +165,12 @@ def make_engine(model, tok: Tokenizer, variant: str, rows: int, max_seq_len: int
         compile=variant != "eager",
         prefix_cache=False,
     )
-    if variant == "compiled-pow2":  # block tables padded to a power of two of blocks
+    if variant == "compiled-full":  # every block table padded to the longest
         runner = engine.runner
         assert isinstance(runner, CompiledRunner)
+        widest = runner.max_blocks
         engine.runner = CompiledRunner(
-            model, engine.cache, max_batch=rows, max_blocks=runner.max_blocks, min_blocks=1
+            model, engine.cache, max_batch=rows, max_blocks=widest, min_blocks=widest
         )
     return engine
 

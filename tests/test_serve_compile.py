@@ -53,9 +53,10 @@ def test_buckets_and_refusals(loaded):  # noqa: F811
         batch_buckets(0)
     model, _ = loaded
     cache = PagedKVCache(model.args, 8, 16, torch.float32, torch.device("cpu"))
+    assert CompiledRunner(model, cache, max_batch=6, max_blocks=32).widths == [4, 8, 16, 32]
+    runner = CompiledRunner(model, cache, max_batch=6, max_blocks=5, min_blocks=5)
+    assert runner.widths == [5]  # one width: the whole table
     runner = CompiledRunner(model, cache, max_batch=6, max_blocks=5)
-    assert runner.widths == [5]  # default: the whole table, one width
-    runner = CompiledRunner(model, cache, max_batch=6, max_blocks=5, min_blocks=1)
     assert runner.widths == [1, 2, 4, 5]
     assert runner.bucket(3, 3) == (4, 4) and runner.bucket(6, 5) == (6, 5)
     with pytest.raises(ValueError, match="7 rows over 1 blocks.*at most 6 rows and 5 blocks"):
@@ -75,10 +76,7 @@ def test_compiled_greedy_equals_eager_with_bounded_graphs(loaded):  # noqa: F811
     ref = texts(run_all(Engine(model, tok, **kw), greedy_jobs(tok, lengths)))
     engine = Engine(model, tok, compile=True, **kw)
     runner = engine.runner
-    assert isinstance(runner, CompiledRunner) and runner.widths == [2]
-    runner = engine.runner = CompiledRunner(  # two widths: tables of 1 and 2 blocks
-        model, engine.cache, max_batch=2, max_blocks=2, min_blocks=1
-    )
+    assert isinstance(runner, CompiledRunner) and runner.widths == [1, 2]
     before = graphs()
     assert texts(run_all(engine, greedy_jobs(tok, lengths))) == ref
     check_idle(engine)
@@ -96,12 +94,12 @@ def test_compiled_int8_and_draft(loaded):  # noqa: F811
     draft."""
     model, tok = loaded
     lengths = [30, 12]
-    kw = dict(max_batch=1, prefill_chunk=16)
+    kw = dict(max_batch=1, prefill_chunk=16, block_size=64)  # every context in one block
     q = quantize_int8(copy.deepcopy(model))
     ref = texts(run_all(Engine(q, tok, **kw), greedy_jobs(tok, lengths)))
     engine = Engine(q, tok, compile=True, **kw)
     assert texts(run_all(engine, greedy_jobs(tok, lengths))) == ref
-    assert engine.runner.shapes == {(1, 1, engine.runner.max_blocks)}
+    assert engine.runner.shapes == {(1, 1, 1)}
     ref = texts(run_all(Engine(model, tok, **kw), greedy_jobs(tok, lengths)))
     engine = Engine(model, tok, compile=True, draft=perturbed(model, 0.5), draft_k=2, **kw)
     before = graphs()
@@ -110,8 +108,7 @@ def test_compiled_int8_and_draft(loaded):  # noqa: F811
     check_idle(engine)
     draft = engine.draft_runner
     assert isinstance(draft, CompiledRunner) and isinstance(engine.runner, CompiledRunner)
-    assert engine.runner.shapes == {(1, 3, engine.runner.max_blocks)}
-    assert draft.shapes == {(1, 1, draft.max_blocks)}
+    assert engine.runner.shapes == {(1, 3, 1)} and draft.shapes == {(1, 1, 1)}
     assert graphs() - before == 2
     assert type(Engine(model, tok, **kw).runner) is ModelRunner  # eager unless asked
 
