@@ -21,7 +21,6 @@ inside the compiled graph. Prefill stays eager (its shapes vary with the prompts
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Iterable
 
@@ -31,8 +30,6 @@ from llamaforge.model import Transformer
 from llamaforge.serve.kv_cache import PagedKVCache, blocks_for
 
 __all__ = ["CompiledRunner", "ModelRunner", "batch_buckets", "make_runner", "paged_inputs"]
-
-log = logging.getLogger(__name__)
 
 
 def paged_inputs(
