@@ -172,6 +172,10 @@ def test_tp_refusals(chat_ckpt, capsys):  # noqa: F811
     assert "--quantize int8: int8 weights do not split" in capsys.readouterr().err
     assert main(["serve", "--ckpt", ckpt, "--tp", "2", "--lora-dir", ckpt]) == 2
     assert "--lora/--lora-dir: LoRA adapters are served on one process" in capsys.readouterr().err
+    assert main(["serve", "--ckpt", ckpt, "--tp", "2", "--compile"]) == 2
+    assert "--compile: the compiled decode step runs on one process" in capsys.readouterr().err
+    assert main(["serve", "--ckpt", ckpt, "--compile", "--lora-dir", ckpt]) == 2
+    assert "--compile with --lora/--lora-dir" in capsys.readouterr().err
 
 
 @pytest.mark.slow

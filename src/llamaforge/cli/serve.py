@@ -56,6 +56,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_scheduler_args(s)
     add_speed_args(s, per_request=True)
     s.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decode step (CUDA graphs on a GPU) at static shapes, the rows "
+        "padded to 1, 2, 4, ... --max-batch; every shape is compiled before serving starts "
+        "(the time is printed; minutes on a CPU); prefill stays eager; works with --quantize "
+        "and --draft (the draft's steps are compiled too)",
+    )
+    s.add_argument(
         "--api-key",
         help="require 'Authorization: Bearer KEY' (default: $LLAMAFORGE_API_KEY, else none)",
     )
@@ -198,6 +206,15 @@ def _check_args(a: argparse.Namespace) -> None:
             f"--tp {a.tp} with --quantize {a.quantize}: int8 weights do not split over "
             "processes; serve them on one process, or split the model without --quantize"
         )
+    if a.tp != 1 and a.compile:
+        raise ValueError(
+            f"--tp {a.tp} with --compile: the compiled decode step runs on one process only"
+        )
+    if a.compile and (a.lora or a.lora_dir):
+        raise ValueError(
+            "--compile with --lora/--lora-dir: the rows' adapters change the decode step "
+            "each step; serve adapters without --compile"
+        )
     if a.tp != 1 and (a.lora or a.lora_dir):
         raise ValueError(
             f"--tp {a.tp} with --lora/--lora-dir: LoRA adapters are served on one process "
@@ -295,6 +312,7 @@ def _server(a: argparse.Namespace, loaded: Loaded, draft: Any) -> Any:
         block_size=a.block_size,
         prefix_cache=not a.no_prefix_cache,
         adapters=_adapters(a, loaded.model, model_name),
+        compile=a.compile,
         **({"stall_timeout": a.stall_timeout} if a.stall_timeout is not None else {}),
     )
     return Server(
@@ -366,6 +384,10 @@ def _serve(a: argparse.Namespace) -> int:
         if loaded.rank != 0:
             return _work(loaded.model, group)
     srv = _server(a, loaded, draft)
+    if a.compile:
+        print("llamaforge serve: compiling the decode step...", file=sys.stderr, flush=True)
+        seconds = srv.engine.warm_up()
+        print(f"llamaforge serve: compiled in {seconds:.1f} s", file=sys.stderr, flush=True)
     api_key = a.api_key or os.environ.get("LLAMAFORGE_API_KEY") or None
     app = create_app(srv, api_key=api_key)
     sock = _bind(a.host, a.port)

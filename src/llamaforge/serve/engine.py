@@ -65,7 +65,7 @@ from llamaforge.serve.adapters import AdapterLease, AdapterNotFound, AdapterRegi
 from llamaforge.serve.grammar import Grammar
 from llamaforge.serve.kv_cache import BlockManager, PagedKVCache, blocks_for
 from llamaforge.serve.logits import LogitsState, RowLogits, Shaping
-from llamaforge.serve.runner import ModelRunner
+from llamaforge.serve.runner import CompiledRunner, ModelRunner, make_runner
 from llamaforge.serve.scheduler import Scheduler, Seq, StepPlan
 from llamaforge.serve.tp import kv_args
 from llamaforge.tokenizer import Tokenizer
@@ -295,6 +295,8 @@ class Engine:
     The KV pool holds ``num_blocks`` blocks of ``block_size`` positions (default: room for
     ``max_batch`` requests of ``max_seq_len`` positions, as a cache of fixed slots would
     hold); ``prefix_cache`` shares the blocks of common prompt prefixes between requests.
+    ``compile`` runs the decode forwards (the draft's too) through `serve.runner.CompiledRunner`
+    (static shapes per batch bucket; CUDA graphs on a GPU); `warm_up` compiles them all.
 
     Whatever one request raises (while admitted, prefilled or decoded) fails that request
     alone: it is answered with an error Output and its blocks are released. An exception in
@@ -319,6 +321,7 @@ class Engine:
         block_size: int = 16,
         prefix_cache: bool = True,
         adapters: AdapterRegistry | None = None,
+        compile: bool = False,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch {max_batch}: must be at least 1")
@@ -354,9 +357,16 @@ class Engine:
             draft_max_batch=self.draft_max_batch,
         )
         self.cache = PagedKVCache(kv_args(model), num_blocks, block_size, weight.dtype, self.device)
-        self.runner = ModelRunner(model, self.cache)
         if adapters is not None and adapters.model is not model:
             raise ValueError("the adapter registry is for another model than the engine's")
+        if adapters is not None and compile:
+            raise ValueError(
+                "compile with LoRA adapters: the rows' adapters change the decode step's shapes "
+                "each step; serve adapters without compiling"
+            )
+        widest = blocks_for(self.max_seq_len + self.draft_k, block_size)
+        sizes = {"compile": compile, "max_batch": max_batch, "max_blocks": widest}
+        self.runner = make_runner(model, self.cache, **sizes)
         self.adapters = adapters
         if adapters is not None:
             self.runner.lora = adapters.batch
@@ -364,7 +374,7 @@ class Engine:
         if draft is not None:
             dtype = draft.tok_embeddings.weight.dtype
             cache = PagedKVCache(draft.args, num_blocks, block_size, dtype, self.device)
-            self.draft_runner = ModelRunner(draft, cache)
+            self.draft_runner = make_runner(draft, cache, **sizes)
         self.logits_state = LogitsState(model.args.vocab_size, self.device, tokenizer.eos_id)
         self.stats = EngineStats()
         self.stats.kv_total = num_blocks * block_size
@@ -484,6 +494,19 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+
+    def warm_up(self) -> float:
+        """With ``compile``: compile every decode shape now (the model's one-token steps and,
+        with a draft, its k + 1-token verifications while speculating; the draft's steps),
+        so that no request waits for a compilation; the seconds it took (0 without)."""
+        seconds, k, rows = 0.0, self.draft_k, range(1, self.max_batch + 1)
+        if isinstance(self.runner, CompiledRunner):  # speculating up to draft_max_batch rows
+            spec = self.draft_max_batch if k else 0
+            steps = [(n, k + 1 if n <= spec else 1) for n in rows]
+            seconds += self.runner.warm_up(steps)
+        if isinstance(self.draft_runner, CompiledRunner):
+            seconds += self.draft_runner.warm_up((n, 1) for n in rows)
+        return seconds
 
     @property
     def kv_nbytes(self) -> int:

@@ -244,8 +244,6 @@ class PagedKVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.num_blocks, self.block_size = num_blocks, block_size
         self.scratch = num_blocks  # the block padding writes to
-        flat = (args.n_layers, (num_blocks + 1) * block_size, args.kv_heads, args.head_dim)
-        self._k_flat, self._v_flat = self.k.view(flat), self.v.view(flat)
         self._tables: torch.Tensor | None = None
         self._slots: torch.Tensor | None = None
 
@@ -272,8 +270,12 @@ class PagedKVCache:
         if self._tables is None or self._slots is None:
             raise RuntimeError("PagedKVCache.update before bind")
         heads, dim = k.shape[1], k.shape[3]
-        self._k_flat[layer].index_copy_(0, self._slots, k.transpose(1, 2).reshape(-1, heads, dim))
-        self._v_flat[layer].index_copy_(0, self._slots, v.transpose(1, 2).reshape(-1, heads, dim))
+        # indexing the pool itself, not a view of it: a compiled step then writes in place
+        # (through a view, Inductor copied each layer out and back at every step)
+        blocks, offsets = self._slots // self.block_size, self._slots % self.block_size
+        at = (torch.full_like(blocks, layer), blocks, offsets)
+        self.k.index_put_(at, k.transpose(1, 2).reshape(-1, heads, dim))
+        self.v.index_put_(at, v.transpose(1, 2).reshape(-1, heads, dim))
         rows = self._tables.shape[0]
         keys = self.k[layer][self._tables].view(rows, -1, heads, dim).transpose(1, 2)
         values = self.v[layer][self._tables].view(rows, -1, heads, dim).transpose(1, 2)
