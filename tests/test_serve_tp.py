@@ -162,6 +162,28 @@ def test_tp2_speculates_with_a_draft_on_rank_0_and_ends_on_sigterm(chat_ckpt, lo
     assert m and int(m.group(2)) > 0 and int(m.group(1)) > 0, err[-2000:]
 
 
+@pytest.mark.slow
+def test_tp2_ranks_end_when_torchrun_is_killed(chat_ckpt):  # noqa: F811
+    """torchrun killed without its clean-up (SIGKILL, the OOM killer): neither rank outlives
+    it (they would keep the port and their memory for ever): rank 0 stops as on SIGTERM,
+    the worker is killed."""
+    two = TorchrunServer("--ckpt", str(chat_ckpt))
+    two.proc.kill()
+    two.proc.wait(30)
+    deadline = time.monotonic() + 60
+    while any(Path(f"/proc/{r}").exists() and _alive(r) for r in two.ranks):
+        assert time.monotonic() < deadline, f"ranks outlived torchrun: {two.ranks}"
+        time.sleep(0.2)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, ended but not yet reaped, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
 def test_tp_refusals(chat_ckpt, capsys):  # noqa: F811
     ckpt = str(chat_ckpt)
     assert main(["serve", "--ckpt", ckpt, "--tp", "2", "--port", "0"]) == 2

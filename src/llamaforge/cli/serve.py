@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -375,6 +376,10 @@ def _serve(a: argparse.Namespace) -> int:
         if getattr(a, k) is not None
     }  # fmt: skip
     limits = Limits(**given, max_connections=max_connections)
+    if a.tp != 1:  # rank 0 stops its server as on Ctrl-C if torchrun dies
+        from llamaforge.parallel.process import die_with_parent
+
+        die_with_parent(signal.SIGTERM)
     loaded, draft = _load(a)
     group = None
     if a.tp != 1:
@@ -433,12 +438,12 @@ def _work(model: Any, group: Any) -> int:
     """A worker rank of --tp: run rank 0's forwards until it stops (it prints nothing).
     torchrun passes Ctrl-C and SIGTERM to every rank: a worker ignores them and ends with
     rank 0, which finishes its requests first (torchrun kills what is left after 30 s)."""
-    import signal
-
+    from llamaforge.parallel.process import die_with_parent
     from llamaforge.serve.tp import serve_worker
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    die_with_parent(signal.SIGKILL)  # it ignores SIGTERM; nothing of its own to save
     return serve_worker(model, group)
 
 

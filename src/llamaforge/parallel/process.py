@@ -4,7 +4,9 @@ NCCL on CUDA, Gloo on CPU; anything else is a single process with no group at al
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -96,3 +98,16 @@ def print0(*args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("file", sys.stderr)
         kwargs.setdefault("flush", True)
         print(*args, **kwargs)
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Linux: have the kernel send ``sig`` to this process when its parent (torchrun) ends,
+    so a rank never outlives a launcher killed without its own clean-up (SIGKILL, the OOM
+    killer): a server rank would otherwise keep its port and its memory forever. Elsewhere,
+    nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1  # <linux/prctl.h>
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(sig), 0, 0, 0)
+    if os.getppid() == 1:  # the parent ended before the call
+        os.kill(os.getpid(), sig)
