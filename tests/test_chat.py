@@ -164,7 +164,7 @@ def test_llamaforge_chat_one_shot(small_tokenizer, ckpts):
     )
     assert same == reply
     assert llamaforge.chat(ckpts["plain"], "hello", template="llama2", device="cpu", **kw)
-    with pytest.raises(ChatTemplateError, match=r"plain.*--template alpaca\|llama2\|FILE"):
+    with pytest.raises(ChatTemplateError, match=r"plain.*--template alpaca\|llama2\|hermes\|FILE"):
         llamaforge.chat(ckpts["plain"], "hello", device="cpu", **kw)
     with pytest.raises(ValueError, match="end with a user message"):
         llamaforge.chat(ckpts["with"], messages[:-1], device="cpu", **kw)
