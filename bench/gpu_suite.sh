@@ -35,8 +35,9 @@
 #          --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
 #          -d .whl fastapi==0.165.0 starlette==1.10.0 pydantic==2.14.4 pydantic_core==2.50.5 \
 #          uvicorn==0.55.0 annotated-types==0.8.0 typing-inspection==0.4.5 annotated-doc==0.0.7 \
-#          opentelemetry-api==1.45.3 typing_extensions==4.16.0
-#      and name .whl in the call's carry (3 MB).
+#          opentelemetry-api==1.45.3 typing_extensions==4.16.0 xgrammar==0.2.9
+#      and name .whl in the call's carry (xgrammar: the server imports it for structured
+#      output; whether its own dependencies are all in the GPU image is untested).
 # ../shared/data does not travel to a lent machine: a copy of what a step needs under the
 # checkout's shared/data (e.g. shared/data/tokenizer/llama/tokenizer.model) is used instead.
 set -uo pipefail
