@@ -29,7 +29,12 @@ def count_params(args: ModelArgs) -> dict[str, int]:
 
 
 def flops_per_token(
-    args: ModelArgs, seq_len: int | None = None, *, trained: int | None = None, adapters: int = 0
+    args: ModelArgs,
+    seq_len: int | None = None,
+    *,
+    trained: int | None = None,
+    adapters: int = 0,
+    weights: int | None = None,
 ) -> int:
     """Training FLOPs per token, 6N + 12·L·d·T (PaLM appendix B) when every weight trains.
 
@@ -39,10 +44,11 @@ def flops_per_token(
     gradient, which only the ``trained`` ones (default: all N) compute: 4N + 2·trained,
     so a frozen base (LoRA) is not counted as work it skips. The last term is attention's
     QKᵀ and AV over a context of T tokens (no causal discount, as PaLM and torchtitan
-    count it).
+    count it). ``weights``: N when the model is not ``model.py``'s (an ablation block, its
+    biases and tied output counted by ``Trainer``'s ``trained_params``); default LLaMA's.
     """
     t = seq_len or args.max_seq_len
-    n = count_params(args)["non_embedding"] + adapters
+    n = (count_params(args)["non_embedding"] if weights is None else weights) + adapters
     return 4 * n + 2 * (n if trained is None else trained) + 12 * args.n_layers * args.dim * t
 
 

@@ -14,11 +14,15 @@ native checkpoint for ``llamaforge.load``), ``loss.png`` and ``summary.json``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from llamaforge import parallel as D
 from llamaforge.config import setting
+from llamaforge.model import ModelArgs
 from llamaforge.training.trainer import TrainConfig
 
 
@@ -38,8 +42,11 @@ class PretrainConfig(TrainConfig):
     out: str = setting("runs/pretrain", "run directory")
 
 
-def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
-    """Train per ``cfg``; returns the summary (last step, loss, val_loss, stopped, paths)."""
+def run_pretrain(
+    cfg: PretrainConfig, model_fn: Callable[[ModelArgs], torch.nn.Module] | None = None
+) -> dict[str, Any]:
+    """Train per ``cfg``; returns the summary (last step, loss, val_loss, stopped, paths).
+    ``model_fn``: another module than the LLaMA Transformer (``Trainer``'s)."""
     from llamaforge.data.mixture import (
         MixtureLoader,
         MixtureSampler,
@@ -75,7 +82,14 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
             else []
         )
         trainer = Trainer(
-            cfg, info, args=args, seq_len=seq_len, loader=loader, val_batches=val, name="pretrain"
+            cfg,
+            info,
+            args=args,
+            seq_len=seq_len,
+            loader=loader,
+            val_batches=val,
+            name="pretrain",
+            model_fn=model_fn,
         )
         return run_training(trainer, tokenizer=tok, epochs=sampler.epochs)
     finally:

@@ -431,20 +431,43 @@ class _Loop:
 
 
 def trained_params(model: torch.nn.Module, base: set[str]) -> dict[str, int]:
-    """``flops_per_token``'s ``trained`` (parameters that get a gradient, the input
-    embedding table aside) and ``adapters`` (parameters not in ``base``, the names of the
-    plain model's) of a model on any device (a DTensor counts its global shape)."""
-    trained = adapters = 0
+    """``flops_per_token``'s counts for a model on any device (a DTensor counts its global
+    shape): ``weights`` (the parameters in ``base``, the plain model's names, that take
+    part in a matmul), ``trained`` (parameters that get a gradient) and ``adapters``
+    (parameters not in ``base``). Lookup tables take no matmul: the model's ``lookups``
+    names them (default: the input embedding table)."""
+    lookups = getattr(model, "lookups", {"tok_embeddings.weight"})
+    weights = trained = adapters = 0
     for name, p in model.named_parameters():
         name = D.unwrapped_name(name)
-        if p.requires_grad and name != "tok_embeddings.weight":
-            trained += p.numel()
-        if name not in base:
+        if name in lookups:
+            continue
+        trained += p.numel() if p.requires_grad else 0
+        if name in base:
+            weights += p.numel()
+        else:
             adapters += p.numel()
-    return {"trained": trained, "adapters": adapters}
+    return {"weights": weights, "trained": trained, "adapters": adapters}
 
 
 # -- the trainer ----------------------------------------------------------------------------
+
+
+def _check_model_fn(cfg: TrainConfig, tp: int) -> None:
+    """What a model other than ``model.py``'s (``Trainer(model_fn=...)``) cannot do: be
+    written as a native (Meta-named) checkpoint, run the hand-written LLaMA block backward,
+    or take LLaMA's tensor-parallel plan."""
+    if cfg.save_model:
+        raise ConfigError(
+            "save_model=true: a native checkpoint holds model.py's LLaMA, and this run trains "
+            "another model (model_fn); set save_model=false (its DCP checkpoints still resume)"
+        )
+    if cfg.activation_checkpointing == "manual" or tp > 1:
+        raise ConfigError(
+            f"activation_checkpointing={cfg.activation_checkpointing}, parallel.tp={tp}: the "
+            "hand-written backward and tensor parallelism are LLaMA's block's; another model "
+            "(model_fn) takes none/selective/full checkpointing and tp=1"
+        )
 
 
 class Trainer:
@@ -455,9 +478,11 @@ class Trainer:
     ``set_model_state_dict`` (see ``load_native_weights``); ``after_init`` runs once the
     weights are initialised or loaded from ``init``; ``logits_where_trained`` computes the
     output layer only at positions whose target counts (finetuning, where prompts and
-    padding are most positions). A batch is ``(inputs, targets)`` or ``(inputs, targets,
-    extras)`` with ``extras`` model keyword arguments split with the rows (packing's
-    positions, mask)."""
+    padding are most positions); ``model_fn`` builds another module than ``model.py``'s
+    Transformer from the args (the ablation blocks, ``science/blocks.py``), with the same
+    ``init_std``/``num_params`` and a ``forward(tokens)``. A batch is ``(inputs,
+    targets)`` or ``(inputs, targets, extras)`` with ``extras`` model keyword arguments
+    split with the rows (packing's positions, mask)."""
 
     def __init__(
         self,
@@ -476,6 +501,7 @@ class Trainer:
         after_init: Callable[[torch.nn.Module], None] | None = None,
         load_state: Callable[..., Any] | None = None,
         logits_where_trained: bool = False,
+        model_fn: Callable[[ModelArgs], torch.nn.Module] | None = None,
     ) -> None:
         check_config(cfg)
         self.cfg, self.info, self.args, self.seq_len = cfg, info, args, seq_len
@@ -485,8 +511,11 @@ class Trainer:
         self.prepare_model, self.after_init = prepare_model, after_init
         self.load_state = load_state
         self.logits_where_trained = logits_where_trained
+        self.model_fn = model_fn
         self.layout = layout_of(cfg, info.world_size)
         self.tp = self.layout.tp
+        if model_fn is not None:
+            _check_model_fn(cfg, self.tp)
         if self.tp > 1:
             try:
                 D.check_tp_divisible(args, self.tp, seq_len)
@@ -569,7 +598,11 @@ class Trainer:
         """The model on the meta device (nothing allocated) with ``prepare_model`` applied;
         sets ``n_params`` and ``flops_per_token`` (which counts what trains: a frozen base
         skips its weight gradients). ``build`` starts here, and so does a plan."""
-        model: torch.nn.Module = build_model(self.args, device="meta", init=False)
+        if self.model_fn is None:
+            model: torch.nn.Module = build_model(self.args, device="meta", init=False)
+        else:
+            with torch.device("meta"):
+                model = self.model_fn(self.args)
         self.n_params = model.num_params()  # type: ignore[operator]
         base = {name for name, _ in model.named_parameters()}
         if self.prepare_model is not None:
@@ -953,6 +986,8 @@ class Trainer:
             "wall_seconds": wall,
             "device": device_name(self.device),
             "world_size": info.world_size,
+            "params": self.n_params,
+            "flops_per_token": self.flops_per_token,
             "device_hours": device_hours,
             "carbon": carbon(device_hours, watts) if watts else None,
             "model": str(model_dir) if model_dir else None,
