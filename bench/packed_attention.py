@@ -30,7 +30,6 @@ self-instruct examples (needs ../shared/data or LLAMAFORGE_SHARED_DATA).
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -42,6 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from finetune_throughput import SHARED, instruct_examples, ours  # noqa: E402
 
+from llamaforge.device import cpu_model  # noqa: E402
 from llamaforge.finetune.data import PackedLoader  # noqa: E402
 from llamaforge.model import build_model, document_mask  # noqa: E402
 from llamaforge.presets import get_preset  # noqa: E402
@@ -57,15 +57,7 @@ Batch = tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
 def device_label(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {torch.get_num_threads()} threads"
+    return f"{cpu_model()}, {torch.get_num_threads()} threads"
 
 
 def with_dense_mask(batch: Batch) -> Batch:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -40,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from llamaforge.device import cpu_model
 
 VARIANTS = ("nf4", "int8", "bf16")
 RANK = 8
@@ -60,16 +61,6 @@ def _reset_peak() -> bool:
     except OSError:
         return False
     return True
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 @torch.no_grad()
@@ -188,7 +179,7 @@ def main() -> None:
     if a.child:
         print(json.dumps(child(a.child, a.layers[0], a.seq)))
         return
-    print(f"CPU: {_cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}", flush=True)
+    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__}", flush=True)
     print(
         "| base | blocks measured | peak RSS of the step (GiB) | predicted (GiB) | RSS after "
         "build (GiB) | build peak (GiB) | step time (s) |\n|---|---|---:|---:|---:|---:|---:|",

@@ -92,6 +92,19 @@ def device_name(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (``platform``'s description elsewhere), for
+    naming the machine beside a measurement."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device_peak_flops(device: torch.device, override: float = 0.0) -> float | None:
     """Per-device peak for MFU: ``override`` when set, else the GPU table (None: unknown)."""
     if override > 0:

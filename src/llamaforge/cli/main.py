@@ -30,6 +30,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("llamaforge.cli.convert", "convert"),
     ("llamaforge.cli.data", "data prepare/stats/show"),
     ("llamaforge.cli.tokenizer", "tokenizer train/encode/decode"),
+    ("llamaforge.cli.experiment", "experiment run/report"),
 )
 
 # usage, configuration and input errors: one line on stderr, exit status 2
