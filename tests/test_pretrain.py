@@ -17,39 +17,17 @@ import pytest
 import llamaforge
 from llamaforge.cli.main import main as cli_main
 from llamaforge.config import ConfigError, load_config
-from llamaforge.data.prepare import load_data_config, prepare
 from llamaforge.training.checkpointer import list_checkpoints
 from llamaforge.training.pretrain import PretrainConfig, run_pretrain
 from llamaforge.training.trainer import TrainingError
 
-from .conftest import REPO
-
-WORDS = "the fox ran to a green tree and the dog sat by the red door while birds sang".split()
+from .conftest import REPO, story_corpus
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     """A small prepared corpus with its own 300-piece tokenizer."""
-    root = tmp_path_factory.mktemp("pretrain_data")
-    rows = []
-    for i in range(600):
-        words = [WORDS[(i * 7 + j * (i % 5 + 1)) % len(WORDS)] for j in range(12 + i % 9)]
-        rows.append({"text": f"Story {i}: " + " ".join(words) + "."})
-    (root / "stories.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    config = root / "data.toml"
-    config.write_text(f"""
-tokenizer = "{root / "out" / "tokenizer.model"}"
-tokenizer_vocab_size = 300
-output = "{root / "out"}"
-val_fraction = 0.1
-workers = 1
-[[sources]]
-name = "stories"
-kind = "generic"
-paths = ["{root / "stories.jsonl"}"]
-""")
-    prepare(load_data_config(config), progress=False, log=lambda s: None)
-    return root / "out"
+    return story_corpus(tmp_path_factory.mktemp("pretrain_data"), rows=600)
 
 
 def overrides(corpus: Path, out: Path, *extra: str) -> list[str]:

@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from llamaforge.config import load_config
-from llamaforge.data.prepare import load_data_config, prepare
 from llamaforge.model import ModelArgs, Transformer, build_model
 from llamaforge.parallel import DistInfo
 from llamaforge.science.blocks import (
@@ -32,6 +31,8 @@ from llamaforge.training.checkpointer import list_checkpoints
 from llamaforge.training.flops import count_params, flops_per_token
 from llamaforge.training.pretrain import PretrainConfig, run_pretrain
 from llamaforge.training.trainer import TrainConfig, Trainer, model_args
+
+from .conftest import story_corpus
 
 # -- helpers --------------------------------------------------------------------------------
 
@@ -450,32 +451,11 @@ def test_switch_values_and_dict_round_trip():
 
 # -- 5. end to end: a variant pretrains, reports its FLOPs and resumes ---------------------
 
-WORDS = "the fox ran to a green tree and the dog sat by the red door while birds sang".split()
-
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    """A small prepared corpus with its own 300-piece tokenizer (as tests/test_pretrain.py)."""
-    root = tmp_path_factory.mktemp("blocks_data")
-    rows = []
-    for i in range(400):
-        words = [WORDS[(i * 7 + j * (i % 5 + 1)) % len(WORDS)] for j in range(12 + i % 9)]
-        rows.append({"text": f"Story {i}: " + " ".join(words) + "."})
-    (root / "stories.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    config = root / "data.toml"
-    config.write_text(f"""
-tokenizer = "{root / "out" / "tokenizer.model"}"
-tokenizer_vocab_size = 300
-output = "{root / "out"}"
-val_fraction = 0.1
-workers = 1
-[[sources]]
-name = "stories"
-kind = "generic"
-paths = ["{root / "stories.jsonl"}"]
-""")
-    prepare(load_data_config(config), progress=False, log=lambda s: None)
-    return root / "out"
+    """A small prepared corpus with its own 300-piece tokenizer."""
+    return story_corpus(tmp_path_factory.mktemp("blocks_data"), rows=400)
 
 
 def pretrain_cfg(corpus: Path, out: Path, *extra: str) -> PretrainConfig:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llamaforge.model import ModelArgs, RMSNorm, apply_rope, rope_cos_sin
+from llamaforge.model import ModelArgs, RMSNorm, Transformer, apply_rope, rope_cos_sin
 
 
 @dataclass(frozen=True)
@@ -236,14 +236,7 @@ class VariantTransformer(nn.Module):
             return std / math.sqrt(2 * self.args.n_layers)
         return std
 
-    @torch.no_grad()
-    def init_weights(self, std: float = 0.02) -> None:
-        for name, p in self.named_parameters():
-            p_std = self.init_std(name, std)
-            if p_std is None:
-                nn.init.ones_(p)
-            else:
-                nn.init.normal_(p, mean=0.0, std=p_std)
+    init_weights = Transformer.init_weights  # per init_std, from the global RNG
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         """Every parameter; ``exclude_embedding``: the lookup tables

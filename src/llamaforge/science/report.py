@@ -14,8 +14,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from llamaforge.science.blocks import GPT2, LADDER, LLAMA
-from llamaforge.science.study import Cell, Size, StudyConfig, finite, load_results
+from llamaforge.science.blocks import GPT2, LADDER
+from llamaforge.science.study import Size, StudyConfig, finite, load_results
 
 # what each rung of the ladder is expected to do, and where the expectation comes from
 RUNG_CLAIMS = {
@@ -169,24 +169,9 @@ def stable_up_to(by_lr: dict[float, Any]) -> float | None:
 
 
 def scaling_runs(sc: StudyConfig, results: dict[str, Any]) -> list[tuple[Size, dict[str, Any]]]:
-    out = []
-    for size in sc.scaling_sizes:
-        cell = Cell(
-            corpus=sc.corpora[0],
-            arch=LLAMA,
-            size=size,
-            lr=sc.scaling_lr,
-            seed=0,
-            tokens=sc.scaling_tokens,
-            batch_tokens=sc.batch_tokens,
-            seq_len=sc.seq_len,
-            evals=sc.scaling_evals,
-            eval_batches=sc.eval_batches,
-        )
-        r = results.get(cell.key())
-        if r is not None and r["curve"]:
-            out.append((size, r))
-    return out
+    """The finished scaling runs with a validation curve, by size."""
+    runs = [(size, results.get(sc.scaling_cell(size).key())) for size in sc.scaling_sizes]
+    return [(size, r) for size, r in runs if r is not None and r["curve"]]
 
 
 def loss_at(curve: list[dict[str, float]], x: float, key: str, scale: float = 1.0) -> float | None:

@@ -119,6 +119,21 @@ class StudyConfig:
             eval_batches=self.eval_batches,
         )
 
+    def scaling_cell(self, size: Size) -> Cell:
+        """LLaMA's block at ``size`` on the first corpus, validated along the run."""
+        return Cell(
+            corpus=self.corpora[0],
+            arch=LLAMA,
+            size=size,
+            lr=self.scaling_lr,
+            seed=0,
+            tokens=self.scaling_tokens,
+            batch_tokens=self.batch_tokens,
+            seq_len=self.seq_len,
+            evals=self.scaling_evals,
+            eval_batches=self.eval_batches,
+        )
+
 
 FULL = StudyConfig()
 SHORT = StudyConfig(
@@ -155,20 +170,7 @@ def sweep_cells(sc: StudyConfig, experiments: Iterable[str]) -> list[tuple[str, 
             for lr in sc.norm_lrs:
                 out.append(("norm", position, sc.cell(sc.corpora[0], arch, sc.ladder_size, lr, 0)))
     if "scaling" in experiments:
-        for size in sc.scaling_sizes:
-            cell = Cell(
-                corpus=sc.corpora[0],
-                arch=LLAMA,
-                size=size,
-                lr=sc.scaling_lr,
-                seed=0,
-                tokens=sc.scaling_tokens,
-                batch_tokens=sc.batch_tokens,
-                seq_len=sc.seq_len,
-                evals=sc.scaling_evals,
-                eval_batches=sc.eval_batches,
-            )
-            out.append(("scaling", size.label, cell))
+        out += [("scaling", size.label, sc.scaling_cell(size)) for size in sc.scaling_sizes]
     return out
 
 
