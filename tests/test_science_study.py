@@ -21,6 +21,7 @@ from llamaforge.science.report import (
     difference,
     loss_at,
     stable_up_to,
+    tokens_to_reach,
     verdict,
 )
 from llamaforge.science.study import FULL, SHORT, Size, best_lr, seed_cells, sweep_cells
@@ -229,3 +230,11 @@ def test_bad_requests_exit_2_with_the_reason(tmp_path):
     assert missing.returncode == 2 and "nowhere" in missing.stderr
     empty = _experiment("report", "--out", str(tmp_path / "none"), cwd=tmp_path)
     assert empty.returncode == 2 and "none" in empty.stderr
+
+
+def test_tokens_to_reach_interpolates_the_first_crossing():
+    curve = [{"tokens": t, "val_loss": v} for t, v in ((100, 5.0), (1000, 4.0), (10000, 3.0))]
+    assert tokens_to_reach(curve, 4.5) == pytest.approx(10**2.5)
+    assert tokens_to_reach(curve, 3.0) == pytest.approx(10000)
+    assert tokens_to_reach(curve, 5.5) == 100  # already there at the first evaluation
+    assert tokens_to_reach(curve, 2.9) is None

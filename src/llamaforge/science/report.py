@@ -64,6 +64,13 @@ def verdict(delta: float, se: float, expect: str) -> str:
     return "not reproduced (worse)" if worse else "within noise"
 
 
+def rule(a: Stat, b: Stat, expect: str) -> str:
+    """`verdict` on b against a, once both have at least two seeds (a spread to judge by)."""
+    if min(a.n, b.n) < 2:
+        return "pending (one seed)"
+    return verdict(*difference(a, b), expect)
+
+
 # -- the ladder --------------------------------------------------------------------------
 
 
@@ -114,7 +121,7 @@ def ladder_table(sc: StudyConfig, rows: list[dict[str, Any]]) -> list[str]:
         if prev is not None and prev["stat"] and row["stat"]:
             d, se = difference(prev["stat"], row["stat"])
             delta = f"{d:+.4f} ± {se:.4f}"
-            ruling = verdict(d, se, RUNG_CLAIMS[row["name"]][0])
+            ruling = rule(prev["stat"], row["stat"], RUNG_CLAIMS[row["name"]][0])
         out.append(
             f"| {row['name']} | {_int(row['params'])} | {_int(row['flops'])} | {sweep} | "
             f"{_g(row['best_lr'])} | {row['stat'] or '—'} | {delta or '—'} | {ruling or '—'} |"
@@ -293,7 +300,7 @@ def claims(sc: StudyConfig, results: dict[str, Any]) -> list[str]:
             if prev["stat"] and row["stat"]:
                 d, se = difference(prev["stat"], row["stat"])
                 measured = f"{corpus}: Δ loss {d:+.4f} ± {se:.4f}"
-                ruling = verdict(d, se, expect)
+                ruling = rule(prev["stat"], row["stat"], expect)
             else:
                 measured, ruling = f"{corpus}: not run", "—"
             out.append(f"| {row['name']}: {expect} | {source} | {measured} | {ruling} |")
@@ -312,8 +319,12 @@ def norm_claim(sc: StudyConfig, results: dict[str, Any]) -> str:
     }
     if best["pre"] is not None and best["post"] is not None:
         measured += f"; best loss {best['pre']:.4f} (pre) and {best['post']:.4f} (post)"
-    if pre is None or post is None:
-        ruling = "—" if pre is None else "reproduced"
+    if any(r is None for by_lr in rows.values() for r in by_lr.values()):
+        ruling = "pending (cells not run)"
+    elif pre is None or post is None:
+        ruling = "not reproduced" if pre is None and post is not None else "reproduced"
+        if pre is None and post is None:
+            ruling = "neither trains at the lowest lr"
     elif pre > post:
         ruling = "reproduced"
     elif pre == post:
@@ -455,6 +466,44 @@ def scaling_table(sc: StudyConfig, results: dict[str, Any]) -> list[str]:
         "|---:|---|---:|",
     ]
     out += [f"| {c:.2e} | {label} | {loss:.4f} |" for c, label, loss in compute_optimal(runs)]
+    return out + ["", *reach_table(runs)]
+
+
+def tokens_to_reach(curve: list[dict[str, float]], target: float) -> float | None:
+    """The training tokens at which the curve first gets down to ``target`` (interpolated
+    in log tokens between evaluations); None if it never does."""
+    pts = [(p["tokens"], p["val_loss"]) for p in curve if math.isfinite(p["val_loss"])]
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if y0 > target >= y1 and x0 > 0:
+            t = (y0 - target) / (y0 - y1)
+            return math.exp(math.log(x0) + t * (math.log(x1) - math.log(x0)))
+    return pts[0][0] if pts and pts[0][1] <= target else None
+
+
+def reach_table(runs: list[tuple[Size, dict[str, Any]]]) -> list[str]:
+    """The paper's trade: each smaller model's final loss as a target, and what every size
+    spent to reach it — training FLOPs — against what it costs per generated token
+    afterwards (forward FLOPs, a third of the training FLOPs per token)."""
+    out = [
+        "Reaching the same loss (the paper's argument: a smaller model trained longer is "
+        "cheaper to serve):",
+        "",
+        "| target loss | size | tokens to reach it | training FLOPs | inference FLOPs/token |",
+        "|---:|---|---:|---:|---:|",
+    ]
+    by_size = sorted(runs, key=lambda sr: sr[1]["params"])
+    for _, target_run in by_size[:-1]:
+        target = target_run["curve"][-1]["val_loss"]
+        for size, r in by_size:
+            tokens = tokens_to_reach(r["curve"], target)
+            if tokens is None:
+                out.append(f"| {target:.4f} | {size.label} | not reached | — | — |")
+                continue
+            fpt = r["flops_per_token"]
+            out.append(
+                f"| {target:.4f} | {size.label} | {tokens:,.0f} | {tokens * fpt:.2e} | "
+                f"{fpt // 3:,} |"
+            )
     return out
 
 
