@@ -388,3 +388,15 @@ def test_learning_rate_schedule_is_warmup_then_cosine_to_ten_percent():
     assert lr(10_000) == pytest.approx(3e-5) and lr(50_000) == pytest.approx(3e-5)
     steps = [lr(s) for s in range(2000, 10_001, 500)]
     assert all(a > b for a, b in zip(steps, steps[1:]))
+
+
+def test_every_validation_loss_reaches_metrics_jsonl(corpus, tmp_path):
+    """A validation step that is not a logging step still writes its row (it used to be
+    computed and dropped: eval_every=3 with log_every=2 kept only step 6's)."""
+    cfg = cfg_of(corpus, tmp_path / "run", "eval_every=3", "log_every=2", "steps=7")
+    summary = run_pretrain(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    validated = [r["step"] for r in rows if r.get("val_loss") is not None]
+    assert validated == [3, 6, 7]
+    assert rows[-1]["val_loss"] == summary["val_loss"]
+    assert {r["step"] for r in rows} == {2, 3, 4, 6, 7}

@@ -886,7 +886,7 @@ class Trainer:
         row = self._metrics_row(loop, lr, finite)
         if validate:
             loop.val_loss = row["val_loss"] = self.validate()
-        if loop.writer is not None and log:
+        if loop.writer is not None and (log or validate):  # every validation loss is kept
             loop.writer.write(row)
         if loop.bar is not None:
             loop.bar.update(1)
