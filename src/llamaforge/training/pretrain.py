@@ -7,7 +7,7 @@ checkpoints, per-step JSON metrics.
     torchrun --nproc_per_node 8 -m llamaforge pretrain CONFIG [key=value ...]
     python -m llamaforge pretrain …   (the same as llamaforge pretrain …)
 
-Outputs under ``out``: ``config.json``, ``metrics.jsonl`` (one line per logged step),
+Outputs under ``out``: ``config.json``, ``metrics.jsonl`` (a line per logged or validated step),
 ``checkpoints/step-NNNNNN`` (DCP shards + ``state.json``) and, at the end, ``model/`` (a
 native checkpoint for ``llamaforge.load``), ``loss.png`` and ``summary.json``.
 """
