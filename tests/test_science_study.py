@@ -17,6 +17,7 @@ import pytest
 from llamaforge.science.blocks import GPT2, LADDER, LLAMA
 from llamaforge.science.report import (
     Stat,
+    achievable,
     compute_optimal,
     difference,
     loss_at,
@@ -119,34 +120,22 @@ def test_stability_is_the_largest_lr_before_the_first_failure():
 
 def test_compute_optimal_size_follows_the_lower_envelope():
     # a small model that is ahead early and a large one that overtakes it later
-    small = {
-        "flops_per_token": 1,
-        "curve": [{"tokens": t, "val_loss": 5 - 0.5 * math.log10(t)} for t in (1e3, 1e4, 1e5, 1e6)],
-    }
-    large = {
-        "flops_per_token": 10,
-        "curve": [
-            {"tokens": t, "val_loss": 5.5 - 0.9 * math.log10(t)} for t in (1e2, 1e3, 1e4, 1e5)
-        ],
-    }
+    def curve(tokens, a, b):
+        return [{"tokens": t, "val_loss": a - b * math.log10(t)} for t in tokens]
+
+    small = {"flops_per_token": 1, "curve": curve((1e3, 1e4, 1e5, 1e6), 5, 0.5)}
+    large = {"flops_per_token": 10, "curve": curve((1e2, 1e3, 1e4, 1e5), 5.5, 0.9)}
     assert loss_at(small["curve"], 10**3.5, "tokens") == pytest.approx(5 - 0.5 * 3.5)
     assert loss_at(small["curve"], 10, "tokens") is None
+    assert achievable(small, 10) is None  # before its first evaluation
+    assert achievable(small, 1e7) == (pytest.approx(2.0), True)  # past its end: its last loss
     opt = compute_optimal([(Size(8, 1, 1), small), (Size(64, 1, 1), large)], budgets=6)
-    labels = [label for _, label, _ in opt]
+    labels = [label for _, label, _, _ in opt]
     assert labels[0] == "d8·L1" and labels[-1] == "d64·L1"
     assert labels == sorted(labels, key=lambda s: s != "d8·L1")  # one switch, small → large
-    assert all(
-        loss
-        == min(
-            v
-            for v in (
-                loss_at(small["curve"], c, "flops", 1),
-                loss_at(large["curve"], c, "flops", 10),
-            )
-            if v is not None
-        )
-        for c, _, loss in opt
-    )
+    for c, _, loss, ended in opt:
+        a, b = achievable(small, c), achievable(large, c)
+        assert (loss, ended) == min(x for x in (a, b) if x is not None)
 
 
 # -- the short study, end to end from the CLI -----------------------------------------------

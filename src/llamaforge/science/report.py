@@ -192,12 +192,23 @@ def loss_at(curve: list[dict[str, float]], x: float, key: str, scale: float = 1.
     return None
 
 
+def achievable(r: dict[str, Any], flops: float) -> tuple[float, bool] | None:
+    """The loss run ``r`` reached within ``flops`` training FLOPs, and whether its run had
+    already ended there (then its last loss: what the budget surely buys, a bound on what a
+    longer run of that size would reach); None before its first evaluation."""
+    fpt, curve = r["flops_per_token"], r["curve"]
+    if flops >= curve[-1]["tokens"] * fpt:
+        return curve[-1]["val_loss"], True
+    loss = loss_at(curve, flops, "flops", fpt)
+    return None if loss is None else (loss, False)
+
+
 def compute_optimal(
     runs: list[tuple[Size, dict[str, Any]]], budgets: int = 8
-) -> list[tuple[float, str, float]]:
+) -> list[tuple[float, str, float, bool]]:
     """Chinchilla's method 1 on these runs: at each of ``budgets`` FLOP budgets (log-spaced
-    between where every run has a point and the largest run's end), the size whose curve is
-    lowest there: (FLOPs, size, loss)."""
+    from where every run has a point to the largest run's end), the size with the lowest
+    `achievable` loss: (FLOPs, size, loss, whether that size's run had ended)."""
     if not runs:
         return []
     lo = max(r["curve"][0]["tokens"] * r["flops_per_token"] for _, r in runs)
@@ -205,14 +216,10 @@ def compute_optimal(
     out = []
     for i in range(budgets):
         c = lo * (hi / lo) ** (i / max(1, budgets - 1))
-        losses = [
-            (loss, size.label)
-            for size, r in runs
-            if (loss := loss_at(r["curve"], c, "flops", r["flops_per_token"])) is not None
-        ]
-        if losses:
-            best = min(losses)
-            out.append((c, best[1], best[0]))
+        reached = [(a, size.label) for size, r in runs if (a := achievable(r, c)) is not None]
+        if reached:
+            (loss, ended), label = min(reached)
+            out.append((c, label, loss, ended))
     return out
 
 
@@ -360,9 +367,9 @@ def scaling_claims(sc: StudyConfig, results: dict[str, Any]) -> list[str]:
     ]
     opt = compute_optimal(runs)
     if opt:
-        sizes = " → ".join(dict.fromkeys(label for _, label, _ in opt))
+        sizes = " → ".join(dict.fromkeys(label for _, label, _, _ in opt))
         order = [s.label for s, _ in sorted(runs, key=lambda sr: sr[1]["params"])]
-        labels = [label for _, label, _ in opt]
+        labels = [label for _, label, _, _ in opt]
         grows = all(order.index(a) <= order.index(b) for a, b in zip(labels, labels[1:]))
         ruling = "reproduced" if grows and labels[0] != labels[-1] else "not reproduced"
         rows.append(
@@ -465,7 +472,11 @@ def scaling_table(sc: StudyConfig, results: dict[str, Any]) -> list[str]:
         "| training FLOPs | best size | its loss |",
         "|---:|---|---:|",
     ]
-    out += [f"| {c:.2e} | {label} | {loss:.4f} |" for c, label, loss in compute_optimal(runs)]
+    out += [
+        f"| {c:.2e} | {label}{' (its run ended below this budget: its last loss)' if ended else ''}"
+        f" | {loss:.4f} |"
+        for c, label, loss, ended in compute_optimal(runs)
+    ]
     return out + ["", *reach_table(runs)]
 
 
