@@ -197,8 +197,11 @@ def achievable(r: dict[str, Any], flops: float) -> tuple[float, bool] | None:
     already ended there (then its last loss: what the budget surely buys, a bound on what a
     longer run of that size would reach); None before its first evaluation."""
     fpt, curve = r["flops_per_token"], r["curve"]
-    if flops >= curve[-1]["tokens"] * fpt:
+    end = curve[-1]["tokens"] * fpt
+    if flops > end * (1 + 1e-9):  # past its end (not at it, up to rounding)
         return curve[-1]["val_loss"], True
+    if flops >= end:
+        return curve[-1]["val_loss"], False
     loss = loss_at(curve, flops, "flops", fpt)
     return None if loss is None else (loss, False)
 
