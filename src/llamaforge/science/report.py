@@ -15,7 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from llamaforge.science.blocks import GPT2, LADDER
-from llamaforge.science.study import Size, StudyConfig, finite, load_results
+from llamaforge.science.study import (
+    Size,
+    StudyConfig,
+    finite,
+    load_results,
+    unigram_baseline,
+)
 
 # what each rung of the ladder is expected to do, and where the expectation comes from
 RUNG_CLAIMS = {
@@ -133,6 +139,8 @@ def ladder_table(sc: StudyConfig, rows: list[dict[str, Any]]) -> list[str]:
 def _loss(r: dict[str, Any] | None) -> str:
     if r is None:
         return "not run"
+    if r.get("failed"):  # it trained, to no better than token frequencies
+        return f"collapsed ({r['val_loss']:.4f})"
     return "diverged" if not finite(r) else f"{r['val_loss']:.4f}"
 
 
@@ -229,17 +237,42 @@ def compute_optimal(
 # -- the page -----------------------------------------------------------------------------
 
 
-def load(out: Path) -> tuple[StudyConfig, dict[str, Any]]:
-    """The study's config (study.json) and finished results."""
+# a run ending within this many nats of the unigram baseline learned (next to) nothing but
+# token frequencies: it *collapsed*, the small-scale form of a diverged run
+COLLAPSE_MARGIN = 0.1
+
+
+def load(out: Path) -> tuple[StudyConfig, dict[str, Any], dict[str, float]]:
+    """The study's config (study.json), its finished results and each prepared corpus's
+    `unigram_baseline`; a result that diverged or ended within `COLLAPSE_MARGIN` of its
+    corpus's baseline is marked failed (``finite`` is then False for it)."""
     raw = json.loads((out / "study.json").read_text())
     sizes = {"ladder_size": Size(**raw["ladder_size"])}
     sizes["scaling_sizes"] = tuple(Size(**s) for s in raw["scaling_sizes"])
     tuples = {k: tuple(v) for k, v in raw.items() if isinstance(v, list) and k != "scaling_sizes"}
     sc = StudyConfig(**{**raw, **tuples, **sizes})
-    return sc, load_results(out)
+    baselines = {
+        corpus: unigram_baseline(sc, out / "data" / corpus)
+        for corpus in sc.corpora
+        if (out / "data" / corpus / "mixture.json").exists()
+    }
+    results = load_results(out)
+    for r in results.values():
+        base = baselines.get(r["cell"]["corpus"], math.inf)
+        if finite(r) and r["val_loss"] >= base - COLLAPSE_MARGIN:
+            r["diverged"], r["failed"] = True, "collapsed to the unigram level"
+    return sc, results, baselines
 
 
-def plots(sc: StudyConfig, results: dict[str, Any], folder: Path) -> list[str]:
+def _plotted(r: dict[str, Any]) -> float:
+    """A run's final loss; ln V (a uniform guess) when it was not finite."""
+    v = r.get("val_loss")
+    return v if v is not None and math.isfinite(v) else math.log(2048)
+
+
+def plots(
+    sc: StudyConfig, results: dict[str, Any], folder: Path, baselines: dict[str, float]
+) -> list[str]:
     """ladder.png, norm.png and scaling.png in ``folder``; returns the names written."""
     import matplotlib
 
@@ -266,12 +299,14 @@ def plots(sc: StudyConfig, results: dict[str, Any], folder: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(6, 4))
     for pos, by_lr in norm_rows(sc, results).items():
         xs = [lr for lr, r in by_lr.items() if r]
-        ys = [r["val_loss"] if finite(r) else math.log(2048) for r in by_lr.values() if r]
-        ax.plot(xs, ys, "o-", label=f"{pos}-norm (diverged: plotted at ln V)")
+        ys = [_plotted(r) for r in by_lr.values() if r]
+        ax.plot(xs, ys, "o-", label=f"{pos}-norm")
+    if sc.corpora[0] in baselines:
+        ax.axhline(baselines[sc.corpora[0]], ls="--", c="grey", label="unigram baseline")
     ax.set_xscale("log")
     ax.set_xlabel("peak learning rate")
     ax.set_ylabel("validation loss")
-    ax.set_title("GPT-2 block: pre- vs post-LayerNorm")
+    ax.set_title("GPT-2 block: pre- vs post-LayerNorm (non-finite: at ln V)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(folder / "norm.png", dpi=110)
@@ -322,7 +357,7 @@ def claims(sc: StudyConfig, results: dict[str, Any]) -> list[str]:
 def norm_claim(sc: StudyConfig, results: dict[str, Any]) -> str:
     rows = norm_rows(sc, results)
     pre, post = stable_up_to(rows["pre"]), stable_up_to(rows["post"])
-    measured = f"trains up to lr {_g(pre)} (pre) and {_g(post)} (post)"
+    measured = f"no collapse up to lr {_g(pre)} (pre) and {_g(post)} (post)"
     best = {
         pos: min((r["val_loss"] for r in by_lr.values() if r and finite(r)), default=None)
         for pos, by_lr in rows.items()
@@ -430,9 +465,17 @@ def _cores() -> int:
     return os.cpu_count() or 1
 
 
-def results_section(sc: StudyConfig, results: dict[str, Any], out: Path) -> str:
+def results_section(
+    sc: StudyConfig, results: dict[str, Any], out: Path, baselines: dict[str, float]
+) -> str:
     """The generated part of the page (between the markers)."""
-    lines = ["## Setup", "", *setup_section(sc, results, out), ""]
+    base = ", ".join(f"{c} {v:.4f}" for c, v in baselines.items())
+    lines = ["## Setup", "", *setup_section(sc, results, out)]
+    lines += [
+        f"- **Unigram baselines** (the loss of predicting token frequencies; a run ending "
+        f"within {COLLAPSE_MARGIN} of it *collapsed*): {base}.",
+        "",
+    ]
     lines += ["## The claims", "", *claims(sc, results), ""]
     for corpus in sc.corpora:
         lines += [f"## The ablation ladder: {corpus}", ""]
@@ -525,11 +568,11 @@ def write_page(out: Path, page: Path) -> Path:
     """Write the results into ``page`` between its markers (the text around them is kept;
     a new page gets a title and the markers) and the plots into ``page``'s science/
     folder; returns the page."""
-    sc, results = load(out)
+    sc, results, baselines = load(out)
     if not results:
         raise ValueError(f"{out}: no finished cells (run `llamaforge experiment run` first)")
-    plots(sc, results, page.parent / "science")
-    body = f"{START}\n{results_section(sc, results, out)}\n{END}"
+    plots(sc, results, page.parent / "science", baselines)
+    body = f"{START}\n{results_section(sc, results, out, baselines)}\n{END}"
     text = (
         page.read_text() if page.exists() else f"# The paper's claims, measured\n\n{START}\n{END}\n"
     )

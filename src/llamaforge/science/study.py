@@ -288,6 +288,22 @@ def _reroot(p: str, root: Path) -> str:
     return str(root / p[len(prefix) :]) if p.startswith(prefix) else p
 
 
+def unigram_baseline(sc: StudyConfig, data_dir: Path) -> float:
+    """The loss on the study's validation batches of a model that knows only the training
+    tokens' frequencies: a run that ends no better has learned nothing (it *failed*)."""
+    import numpy as np
+
+    from llamaforge.data.mixture import open_sources, validation_batches
+    from llamaforge.demos.quickstart import unigram_cross_entropy
+
+    sources, _ = open_sources(data_dir, "train")
+    train = np.concatenate([a for s in sources for a in s.arrays])
+    batch = sc.batch_tokens // sc.seq_len
+    val = validation_batches(data_dir, sc.seq_len, batch, sc.eval_batches)
+    targets = np.concatenate([y.numpy().ravel() for _, y in val])
+    return unigram_cross_entropy(train, targets, VOCAB)
+
+
 # -- one cell ----------------------------------------------------------------------------------
 
 
