@@ -197,6 +197,7 @@ def test_the_short_study_runs_skips_resumes_and_reports(tmp_path):
     for rung, _ in LADDER:
         assert f"| {rung} |" in text
     assert "| pre-norm is more stable than post-norm |" in text
+    assert "- **Unigram baselines** (" in text and "stdlib " in text
     assert all(
         (page.parent / "science" / f).stat().st_size > 1000
         for f in ("ladder.png", "norm.png", "scaling.png")
