@@ -275,6 +275,7 @@ def plots(
 ) -> list[str]:
     """ladder.png, norm.png and scaling.png in ``folder``; returns the names written."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -323,6 +324,7 @@ def plots(
         a2.plot([t * r["flops_per_token"] for t in toks], loss, "o-", ms=3, label=label)
     for ax, xlabel in ((a1, "training tokens"), (a2, "training FLOPs")):
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel(xlabel)
         ax.set_ylabel("validation loss")
         ax.legend()
