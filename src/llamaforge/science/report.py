@@ -16,10 +16,13 @@ from typing import Any
 
 from llamaforge.science.blocks import GPT2, LADDER
 from llamaforge.science.study import (
+    EXPERIMENTS,
     Size,
     StudyConfig,
     finite,
     load_results,
+    seed_cells,
+    sweep_cells,
     unigram_baseline,
 )
 
@@ -257,6 +260,9 @@ def load(out: Path) -> tuple[StudyConfig, dict[str, Any], dict[str, float]]:
         if (out / "data" / corpus / "mixture.json").exists()
     }
     results = load_results(out)
+    planned = sweep_cells(sc, EXPERIMENTS) + seed_cells(sc, results, EXPERIMENTS)
+    keys = {cell.key() for _, _, cell in planned}  # cells of other budgets are not this study's
+    results = {k: r for k, r in results.items() if k in keys}
     for r in results.values():
         base = baselines.get(r["cell"]["corpus"], math.inf)
         if finite(r) and r["val_loss"] >= base - COLLAPSE_MARGIN:
