@@ -21,7 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "ladder from GPT-2's block to LLaMA's (lr sweep, then seeds at the best lr), pre- "
         "against post-norm over learning rates, and three LLaMA sizes on one token stream. "
         "Stop it at any time; the next run skips finished cells and resumes the others "
-        "from their checkpoints. The published study takes about 1.5 hours on 2 cores.",
+        "from their checkpoints. The published study (docs/science.md) took about 1 h 50 min on 2 "
+        "cores.",
     )
     run.add_argument("--out", default="runs/science", help="study folder (default runs/science)")
     run.add_argument(
