@@ -448,7 +448,7 @@ def setup_section(sc: StudyConfig, results: dict[str, Any], out: Path) -> list[s
     sessions = log.read_text().strip().splitlines() if log.exists() else []
     return [
         f"- **Cells**: {len(runs)} finished training runs, {wall / 3600:.2f} h of run time in "
-        "all. Sessions of `llamaforge experiment run`: "
+        "all. Sessions of the runner (`run_study`, behind `llamaforge experiment run`): "
         + ("; ".join(sessions) if sessions else "none logged")
         + ".",
         f"- **Machine**: {cpu_model()}, {_cores()} cores, one thread per run, "
